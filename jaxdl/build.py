@@ -1,0 +1,138 @@
+"""From a resolved config to everything a step needs: model, task, optimizer, state.
+
+The phases run in the order of DESIGN.md: model init -> optional pretrained restore ->
+LoRA adapters -> partition plan -> optimizer over the trainable part -> TrainState.
+Pure construction: nothing here writes files (the trainer does that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from jaxdl import lora, partition, tasks
+from jaxdl.models import create_model
+from jaxdl.optim import make_optimizer, opt_state_slots
+from jaxdl.state import TrainState
+
+
+@dataclasses.dataclass
+class Setup:
+    model: nn.Module
+    task: tasks.Task
+    tx: optax.GradientTransformation
+    state: TrainState
+    plan: dict[str, partition.LeafPlan]
+    plan_rows: list[dict]
+    init_report: dict | None
+    lora_cfg: dict | None
+    batch_spec: dict[str, tuple[tuple[int, ...], Any]]  # per-example shapes the model was built for
+
+
+def lora_config(cfg: ml_collections.ConfigDict) -> dict | None:
+    return None if cfg.lora is None else dict(cfg.lora)
+
+
+def sample_input(example_spec: Mapping[str, tuple], input_key: str, batch: int = 1) -> jax.Array:
+    shape, dtype = example_spec[input_key]
+    return jnp.zeros((batch, *shape), dtype)
+
+
+def init_variables(model: nn.Module, sample: jax.Array, seed: int) -> dict:
+    """Fresh model variables, computed once under jit (cheap for big models)."""
+    rngs = {"params": jax.random.PRNGKey(seed), "dropout": jax.random.PRNGKey(seed + 1)}
+    variables = jax.jit(lambda r, x: model.init(r, x, train=False))(rngs, sample)
+    return jax.tree.map(np.asarray, dict(variables))
+
+
+def build(
+    cfg: ml_collections.ConfigDict,
+    *,
+    kind: str,
+    example_spec: Mapping[str, tuple],
+    num_classes: int,
+    total_steps: int,
+    restore_fn=None,
+) -> Setup:
+    """Build model, task, optimizer and initial TrainState for ``cfg``.
+
+    ``restore_fn(init_from, variables) -> (variables, report)`` loads pretrained weights
+    (`jaxdl.checkpoint.restore_pretrained`); it is called only when init_from is set.
+    """
+    model = create_model(cfg.model)
+    task = tasks.make_task(kind, cfg.loss, num_classes)
+    if task.input_key not in example_spec:
+        raise ValueError(
+            f"data.source: a {kind} task needs batches with {task.input_key!r}, the data has "
+            f"{sorted(example_spec)}. Fix: pair the model with a matching data source."
+        )
+    variables = init_variables(model, sample_input(example_spec, task.input_key), cfg.seed)
+
+    init_report = None
+    if cfg.init_from.checkpoint:
+        if restore_fn is None:
+            from jaxdl.checkpoint import restore_pretrained as restore_fn
+        init_from = cfg.init_from.to_dict()
+        init_from["step"] = None if init_from["step"] < 0 else init_from["step"]
+        variables, init_report = restore_fn(init_from, variables)
+
+    params = {"params": variables["params"]}
+    model_state = {k: v for k, v in variables.items() if k != "params"}
+    lora_cfg = lora_config(cfg)
+    if lora_cfg is not None:
+        params["lora"] = lora.init_adapters(
+            jax.random.PRNGKey(cfg.seed + 2),
+            params,
+            rank=int(lora_cfg["rank"]),
+            targets=lora_cfg["targets"],
+        )
+
+    rules = partition.default_rules(lora=lora_cfg is not None) if cfg.partition is None else [
+        (regex, dict(fields)) for regex, fields in cfg.partition
+    ]
+    plan = partition.make_plan(params, rules)
+    trainable, frozen = partition.split(params, plan)
+
+    def lr_mults(step):
+        return partition.lr_mult_tree(plan, trainable, step)
+
+    tx = make_optimizer(
+        cfg.optimizer,
+        total_steps,
+        lr_mults=lr_mults,
+        wd_mults=partition.wd_mult_tree(plan, trainable),
+    )
+    trainable = jax.tree.map(jnp.asarray, trainable)
+    state = TrainState(
+        step=jnp.zeros([], jnp.int32),
+        params=trainable,
+        frozen=jax.tree.map(jnp.asarray, frozen),
+        model_state=jax.tree.map(jnp.asarray, model_state),
+        opt_state=tx.init(trainable),
+        rng=jax.random.PRNGKey(cfg.seed + 3),
+    )
+    rows = partition.plan_rows(
+        plan,
+        params,
+        base_lr=float(cfg.optimizer.learning_rate),
+        opt_state_slots=opt_state_slots(cfg.optimizer),
+    )
+    return Setup(
+        model=model,
+        task=task,
+        tx=tx,
+        state=state,
+        plan=plan,
+        plan_rows=rows,
+        init_report=init_report,
+        lora_cfg=lora_cfg,
+        batch_spec=dict(example_spec),
+    )

@@ -1,0 +1,279 @@
+"""Orbax checkpoints of a training run: async save, keep-last-K, a separate best copy, resume.
+
+Layout (**contract**)::
+
+    WORKDIR/checkpoints/<step>/        latest K steps (Orbax CheckpointManager)
+        state/    the TrainState (StandardSave); without `frozen` when save_frozen=False
+        data/     the data iterator state (JsonSave), absent when there is none
+        config/   the resolved config (JsonSave)
+    WORKDIR/checkpoints_best/<step>/   the best step by `best_metric`, same items
+
+The best copy has its own manager (max_to_keep=1), so keeping the best never deletes the
+latest and rotating the latest never deletes the best. Orbax writes each step into
+``<step>.orbax-checkpoint-tmp`` and renames it when complete, so a killed save leaves only
+that tmp dir, which `Checkpointer` removes at start. Reading helpers (`load_variables`,
+`restore_pretrained`, ...) live in `jaxdl.restore` and are re-exported here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxdl.restore import (
+    check_safe,
+    format_report,
+    leaf_paths,
+    load_params,
+    load_variables,
+    orbax_errors,
+    restore_pretrained,
+    state_metadata,
+)
+from jaxdl.state import TrainState
+
+__all__ = [
+    "Checkpointer",
+    "format_report",
+    "load_params",
+    "load_variables",
+    "remove_tmp_dirs",
+    "restore_pretrained",
+]
+
+TMP_SUFFIX = ocp.path.step.TMP_DIR_SUFFIX  # ".orbax-checkpoint-tmp"
+
+
+def remove_tmp_dirs(ckpt_dir: Path) -> list[str]:
+    """Delete the unfinished ``<step>.orbax-checkpoint-tmp`` dirs of a killed save.
+
+    Orbax 0.12.8 only does this when ``cleanup_tmp_directories=True`` and then lazily, on
+    the next save; we do it now so a resumed run starts from a clean directory.
+    """
+    if not ckpt_dir.is_dir() or jax.process_index() != 0:
+        return []
+    removed = []
+    for entry in ckpt_dir.iterdir():
+        if TMP_SUFFIX not in entry.name:
+            continue
+        if entry.is_symlink() or not entry.is_dir():
+            entry.unlink()
+        else:
+            shutil.rmtree(entry)
+        removed.append(entry.name)
+    return sorted(removed)
+
+
+def _json_checked(value: Any, key: str) -> Any:
+    """Fail at save time, not in Orbax's background thread, on a non-JSON value."""
+    try:
+        json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"{key}: expected a JSON-serializable dict, found {type(value).__name__} ({err}). "
+            "Fix: convert it to plain dicts, lists, numbers and strings."
+        ) from err
+    return value
+
+
+def _abstract(leaf: Any) -> Any:
+    """Template leaf -> what Orbax restores into: same shape, dtype and placement."""
+    if isinstance(leaf, jax.Array):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+    return leaf  # numpy arrays restore as numpy; ShapeDtypeStructs pass through
+
+
+def _fit_errors(target: TrainState, saved: Mapping[str, Any]) -> list[str]:
+    """Leaves of ``target`` that the saved state cannot fill, as phrases naming them."""
+    want = {p: tuple(x.shape) for p, x in leaf_paths(target).items()}
+    have = {p: tuple(m.shape) for p, m in leaf_paths(saved).items()}
+    out = []
+    wrong = [f"{p} checkpoint {have[p]} vs state {want[p]}"
+             for p in sorted(want.keys() & have.keys()) if want[p] != have[p]]
+    if wrong:
+        out.append("shape mismatch: " + ", ".join(wrong))
+    if missing := sorted(want.keys() - have.keys()):
+        out.append("not in the checkpoint: " + ", ".join(missing))
+    if extra := sorted(have.keys() - want.keys()):
+        out.append("in the checkpoint, not in the state: " + ", ".join(extra))
+    return out
+
+
+class Checkpointer:
+    """Async Orbax checkpointing of a TrainState plus data-iterator state and config."""
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        max_to_keep: int = 3,
+        best_metric: str | None = None,
+        best_mode: str = "max",
+        save_frozen: bool = True,
+    ):
+        if not isinstance(max_to_keep, int) or max_to_keep < 1:
+            raise ValueError(
+                f"keep_checkpoints: expected an int >= 1, found {max_to_keep!r}. "
+                "Fix: keep at least the latest checkpoint."
+            )
+        if best_mode not in ("max", "min"):
+            raise ValueError(f"best_mode: expected 'max' or 'min', found {best_mode!r}.")
+        self.directory = Path(workdir) / "checkpoints"
+        self.best_directory = Path(workdir) / "checkpoints_best"
+        self.best_metric, self.best_mode, self.save_frozen = best_metric, best_mode, save_frozen
+        for d in (self.directory, self.best_directory):
+            remove_tmp_dirs(d)
+        self._manager = ocp.CheckpointManager(
+            self.directory.absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        )
+        self._best_manager = None
+        self._best_value: float | None = None
+        if best_metric:
+            # best_fn makes Orbax itself keep the better one, even if our tracking restarts;
+            # a best copy saved under another metric counts as the worst.
+            worst = -math.inf if best_mode == "max" else math.inf
+            self._best_manager = ocp.CheckpointManager(
+                self.best_directory.absolute(),
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=1,
+                    best_fn=lambda m: float(m.get(best_metric, worst)),
+                    best_mode=best_mode,
+                    create=True,
+                ),
+            )
+            self._best_value = self._saved_best()
+
+    def _saved_best(self) -> float | None:
+        step = self._best_manager.latest_step()
+        metrics = self._best_manager.metrics(step) if step is not None else None
+        value = (metrics or {}).get(self.best_metric)
+        return None if value is None else float(value)
+
+    def latest_step(self) -> int | None:
+        """The newest complete step in WORKDIR/checkpoints (None when there is none)."""
+        return self._manager.latest_step()
+
+    @property
+    def best_value(self) -> float | None:
+        """The best `best_metric` value saved so far (None before the first)."""
+        return self._best_value
+
+    def _improves(self, metrics: Mapping[str, Any] | None) -> float | None:
+        if self._best_manager is None or not metrics or self.best_metric not in metrics:
+            return None
+        value = float(metrics[self.best_metric])
+        if math.isnan(value):
+            return None
+        best = self._best_value
+        if best is None or (value > best if self.best_mode == "max" else value < best):
+            return value
+        return None
+
+    def save(
+        self,
+        step: int,
+        state: TrainState,
+        *,
+        data_state: dict | None,
+        config: dict,
+        metrics: dict | None = None,
+        force: bool = False,
+    ) -> None:
+        """Start an async save of ``state`` at ``step``; returns once arrays are on the host.
+
+        A step already saved (e.g. the step a run resumed from) is left as it is. When
+        ``metrics[best_metric]`` improves on the best so far, the step is also saved to
+        WORKDIR/checkpoints_best.
+        """
+        step = int(step)
+        if not self.save_frozen:
+            state = state.replace(frozen={})
+        items = {
+            "state": ocp.args.StandardSave(state),
+            "config": ocp.args.JsonSave(_json_checked(config, "config")),
+        }
+        if data_state is not None:
+            items["data"] = ocp.args.JsonSave(_json_checked(data_state, "data_state"))
+        if step not in self._manager.all_steps():
+            self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        value = self._improves(metrics)
+        if value is not None and step not in self._best_manager.all_steps():
+            self._best_manager.save(
+                step,
+                args=ocp.args.Composite(**items),
+                metrics={self.best_metric: value},
+                force=True,
+            )
+            self._best_value = value
+
+    def restore(
+        self, template: TrainState, step: int | None = None
+    ) -> tuple[TrainState, dict | None]:
+        """Restore ``step`` (None = latest) into the structure, dtypes and placement of
+        ``template`` (real arrays or ShapeDtypeStructs with shardings).
+
+        Returns (state, data_state or None). If the checkpoint was saved without the frozen
+        tree, ``template.frozen`` is kept.
+        """
+        self.wait()
+        steps = list(self._manager.all_steps())
+        if step is None:
+            step = self._manager.latest_step()
+        if step is None:
+            raise ValueError(
+                f"resume: no checkpoint found at {self.directory} (expected "
+                "WORKDIR/checkpoints/<step>). Fix: train from scratch or use the workdir of "
+                "the run to resume."
+            )
+        if step not in steps:
+            raise ValueError(
+                f"resume: step {step} not found in {self.directory}; available steps: "
+                f"{sorted(steps)}. Fix: use one of these or None for the latest."
+            )
+        step_dir = self.directory / str(step)
+        check_safe(step_dir)
+        saved = state_metadata(step_dir)
+        has_frozen = bool(jax.tree_util.tree_leaves(saved.get("frozen")))
+        target = template if has_frozen else template.replace(frozen={})
+        if errors := _fit_errors(target, saved):
+            raise ValueError(
+                f"resume: checkpoint {step_dir} does not fit the train state: "
+                f"{'; '.join(errors)}. Fix: resume with the config that wrote it "
+                "(model, optimizer, partition, lora), or use a new workdir."
+            )
+        items = {"state": ocp.args.StandardRestore(jax.tree.map(_abstract, target))}
+        if (step_dir / "data").is_dir():
+            items["data"] = ocp.args.JsonRestore()
+        with orbax_errors(step_dir):
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        state = restored["state"]
+        if not has_frozen:
+            state = state.replace(frozen=template.frozen)
+        return state, restored["data"] if "data" in items else None
+
+    def wait(self) -> None:
+        """Block until every started save is on disk (raises a failed save's error)."""
+        self._manager.wait_until_finished()
+        if self._best_manager is not None:
+            self._best_manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish pending saves and release Orbax's threads."""
+        self._manager.close()
+        if self._best_manager is not None:
+            self._best_manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,271 @@
+"""Configs: Python files with ``get_config()``, dotted overrides, strict validation.
+
+An experiment file returns a partial ``ml_collections.ConfigDict``; it is laid over
+`default_config()`, so every run's resolved config (written to ``config.json``) names every
+knob. A key that the defaults do not know is an error, except inside ``model`` (whose
+options belong to the model class and are checked by `jaxdl.models.create_model`).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+# Sections whose keys are free-form: each is validated by the component that reads it.
+_OPEN_SECTIONS = ("model",)
+# Keys whose value is a free-form structure (lists of rules, dicts of options).
+_FREE_VALUES = ("partition", "lora", "mesh", "tasks", "data.transforms", "data.train_transforms")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every config key jaxdl knows, with its default."""
+    c = ml_collections.ConfigDict()
+    c.seed = 42
+    c.model = ml_collections.ConfigDict({"name": "mlp", "num_classes": 10})
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "digits"
+    c.data.batch_size = 32
+    c.data.eval_batch_size = 0  # 0: same as batch_size
+    c.data.data_dir = ""  # "": ~/.cache/jaxdl/tfds or $JAXDL_DATA_DIR
+    c.data.val_fraction = 0.1
+    c.data.image_size = 0  # 0: the source's native size
+    c.data.channels = 0  # 0: the source's native channels
+    c.data.transforms = []  # eval-time (deterministic) transforms, e.g. ["normalize(unit)"]
+    c.data.train_transforms = []  # extra training-only augmentation
+    c.data.num_workers = 0
+    c.data.prefetch = 2
+    c.data.skip_bad_files = False
+    c.data.seq_len = 128
+    c.data.max_bytes = 0  # 0: the source's default cap
+    c.data.train_split = "train"
+    c.data.eval_split = "val"
+    c.data.test_split = "test"
+    c.data.shape = []  # synthetic sources: example shape
+    c.data.num_examples = 0  # synthetic sources: 0 = default size
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.name = "softmax_cross_entropy"  # | "mse" | "sigmoid_cross_entropy"
+    c.loss.label_smoothing = 0.0
+    c.loss.l1 = 0.0
+    c.loss.l2 = 0.0
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adam"  # sgd | momentum | adam | adamw | rmsprop
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.momentum = 0.9
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.schedule = "constant"  # constant | step | exponential | cosine | warmup_cosine
+    c.optimizer.warmup_steps = 0
+    c.optimizer.decay_steps = 0  # 0: the run's total steps
+    c.optimizer.decay_rate = 0.1  # step/exponential decay factor
+    c.optimizer.step_every = 0  # step decay period in steps (0: a third of the run)
+    c.optimizer.end_lr_fraction = 0.0  # cosine floor, as a fraction of learning_rate
+    c.optimizer.grad_clip_norm = 0.0  # 0: no clipping
+    c.optimizer.accumulate_steps = 1  # >1: optax.MultiSteps gradient accumulation
+
+    c.num_steps = 0  # exactly one of num_steps / num_epochs is > 0
+    c.num_epochs = 0
+    c.log_every = 50
+    c.eval_every = 0  # 0: once per epoch
+    c.checkpoint_every = 0  # 0: only at the end
+    c.keep_checkpoints = 3
+    c.best_metric = "val_accuracy"  # "" disables the best copy
+    c.early_stopping = ml_collections.ConfigDict({"patience": 0, "min_delta": 0.0})
+    c.folds = 0
+
+    c.init_from = ml_collections.ConfigDict()
+    c.init_from.checkpoint = ""
+    c.init_from.step = -1  # -1: latest
+    c.init_from.rename = []
+    c.init_from.reinit = []
+    c.init_from.strict = True
+
+    c.partition = None  # list of (regex, {"trainable", "lr_mult", "wd_mult", "unfreeze_at"})
+    c.lora = None  # {"rank", "alpha", "targets"}
+    c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
+    c.tasks = None  # multi-task fine-tuning: list of {"name", overrides...}
+    return c
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Load ``path`` (a .py with get_config() or a config.json), apply overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config: no file at {path}. Fix: pass experiments/NAME.py.")
+    if path.suffix == ".json":
+        user = json.loads(path.read_text())
+    else:
+        user = _get_config_from_module(path)
+    cfg = merge_config(default_config(), user)
+    for item in overrides:
+        apply_override(cfg, item)
+    validate(cfg)
+    return cfg
+
+
+def _get_config_from_module(path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(f"jaxdl_config_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"--config: {path} defines no get_config(). Fix: add one returning a dict.")
+    return module.get_config()
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, ml_collections.ConfigDict):
+        return value.to_dict()
+    return value
+
+
+def merge_config(base: ml_collections.ConfigDict, user: Mapping[str, Any], prefix: str = ""):
+    """Lay ``user`` over ``base``; unknown keys raise with the known ones listed."""
+    for key, value in _to_plain(user).items():
+        name = f"{prefix}{key}"
+        if key not in base:
+            if prefix.rstrip(".") in _OPEN_SECTIONS:
+                base[key] = value
+                continue
+            raise ValueError(
+                f"config.{name}: unknown key. Expected one of {sorted(base.keys())}. "
+                "Fix: check the spelling against jaxdl.config.default_config()."
+            )
+        current = base[key]
+        if isinstance(current, ml_collections.ConfigDict) and name not in _FREE_VALUES:
+            if not isinstance(value, Mapping | ml_collections.ConfigDict):
+                raise ValueError(f"config.{name}: expected a dict, found {value!r}.")
+            merge_config(current, value, prefix=f"{name}.")
+        else:
+            base[key] = _check_type(name, current, value)
+    return base
+
+
+def _check_type(name: str, current: Any, value: Any) -> Any:
+    """Values keep the default's type (ints widen to floats); free-form values pass."""
+    if current is None or name in _FREE_VALUES or value is None:
+        return value
+    if isinstance(current, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(current, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(current, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(current, str):
+        ok = isinstance(value, str)
+    elif isinstance(current, list | tuple):
+        ok = isinstance(value, list | tuple)
+        value = list(value) if ok else value
+    else:
+        ok = True
+    if not ok:
+        raise ValueError(
+            f"config.{name}: expected {type(current).__name__}, found {value!r} "
+            f"({type(value).__name__}). Fix: give a {type(current).__name__} value."
+        )
+    return value
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """'--config.a.b=VALUE' or 'a.b=VALUE' -> ('a.b', 'VALUE')."""
+    body = text.removeprefix("--").removeprefix("config.")
+    if "=" not in body:
+        raise ValueError(f"{text}: expected --config.KEY=VALUE. Fix: add '=VALUE'.")
+    key, raw = body.split("=", 1)
+    return key, raw
+
+
+def apply_override(cfg: ml_collections.ConfigDict, text: str) -> None:
+    """Apply one '--config.KEY=VALUE', parsing VALUE to the type the key already has."""
+    key, raw = parse_override(text)
+    *parents, leaf = key.split(".")
+    node = cfg
+    for i, part in enumerate(parents):
+        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+            raise ValueError(
+                f"config.{key}: unknown key ('{'.'.join(parents[: i + 1])}' is not a section). "
+                "Fix: check the spelling against jaxdl.config.default_config()."
+            )
+        node = node[part]
+    section = ".".join(parents)
+    if leaf not in node and section not in _OPEN_SECTIONS:
+        raise ValueError(
+            f"config.{key}: unknown key. Expected one of {sorted(node.keys())}. "
+            "Fix: check the spelling against jaxdl.config.default_config()."
+        )
+    current = node[leaf] if leaf in node else None
+    value = _parse_value(key, current, raw)
+    if isinstance(current, ml_collections.ConfigDict) and key not in _FREE_VALUES:
+        raise ValueError(f"config.{key}: is a section; override one of its keys instead.")
+    if leaf in node and isinstance(node[leaf], ml_collections.ConfigDict):
+        node[leaf] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+    else:
+        node[leaf] = _check_type(key, current, value)
+
+
+def _parse_value(key: str, current: Any, raw: str) -> Any:
+    if isinstance(current, str):
+        return raw
+    if isinstance(current, bool):
+        if raw.lower() in ("true", "1", "yes"):
+            return True
+        if raw.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"config.{key}: expected bool (true/false), found {raw!r}.")
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        if current is None:
+            return raw  # an open-section string option, e.g. model.activation=gelu
+        kind = type(current).__name__
+        raise ValueError(
+            f"config.{key}: expected {kind}, found {raw!r}. Fix: pass a {kind} literal."
+        ) from None
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Cross-field checks that no single key can make."""
+    if (cfg.num_steps > 0) == (cfg.num_epochs > 0):
+        raise ValueError(
+            f"config: expected exactly one of num_steps / num_epochs > 0, found "
+            f"num_steps={cfg.num_steps}, num_epochs={cfg.num_epochs}. Fix: set one of them."
+        )
+    for key in ("data.batch_size", "log_every", "optimizer.accumulate_steps"):
+        if cfg[key.split(".")[0]] is not None and _get(cfg, key) < 1:
+            raise ValueError(f"config.{key}: expected >= 1, found {_get(cfg, key)}.")
+    if cfg.optimizer.learning_rate <= 0:
+        raise ValueError(
+            f"config.optimizer.learning_rate: expected > 0, found {cfg.optimizer.learning_rate}."
+        )
+    if cfg.lora is not None:
+        lora = dict(cfg.lora)
+        missing = {"rank", "alpha", "targets"} - lora.keys()
+        extra = lora.keys() - {"rank", "alpha", "targets"}
+        if missing or extra:
+            raise ValueError(
+                f"config.lora: expected keys rank, alpha, targets; missing {sorted(missing)}, "
+                f"unknown {sorted(extra)}."
+            )
+
+
+def _get(cfg: ml_collections.ConfigDict, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+    """The resolved config as canonical JSON (what config.json holds)."""
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=list)

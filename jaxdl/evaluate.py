@@ -1,0 +1,56 @@
+"""Evaluate a trained workdir: rebuild from config.json, restore the latest checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from jaxdl import config as config_lib
+from jaxdl import steps
+from jaxdl.build import Setup, build
+from jaxdl.data import Data, build_data
+
+
+def restore_run(workdir: str | Path, step: int | None = None) -> tuple[Any, Setup, Data]:
+    """(config, setup with the restored state, data) of a trained workdir."""
+    from jaxdl.checkpoint import Checkpointer
+
+    workdir = Path(workdir)
+    config_path = workdir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"--workdir: no config.json in {workdir}. Fix: pass the --workdir of a `jaxdl train` run."
+        )
+    cfg = config_lib.load_config(config_path)
+    data = build_data(cfg.data, seed=cfg.seed, num_classes=cfg.model.get("num_classes"))
+    setup = build(
+        cfg,
+        kind=data.kind,
+        example_spec=data.example_spec,
+        num_classes=data.num_classes,
+        total_steps=max(cfg.num_steps, 1),
+    )
+    ckpt = Checkpointer(workdir, save_frozen=setup.lora_cfg is None)
+    step = step if step is not None else ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(
+            f"--workdir: no checkpoint in {workdir / 'checkpoints'}. Fix: train the run first."
+        )
+    setup.state, _ = ckpt.restore(setup.state, step)
+    ckpt.close()
+    return cfg, setup, data
+
+
+def evaluate_workdir(workdir: str | Path, split: str = "test") -> dict[str, float]:
+    from jaxdl.trainer import _eval_batches, evaluate_split
+
+    cfg, setup, data = restore_run(workdir)
+    if split not in data.split_sizes:
+        raise ValueError(
+            f"--split: expected one of {sorted(data.split_sizes)}, found {split!r}."
+        )
+    eval_step = steps.make_eval_step(setup.model, setup.task, lora_cfg=setup.lora_cfg)
+    batch_size = cfg.data.eval_batch_size or cfg.data.batch_size
+    batches = _eval_batches(data, split, batch_size, data.example_spec, data.num_classes)
+    metrics = evaluate_split(eval_step, setup.state, batches, data.kind)
+    return {"split": split, "step": int(setup.state.step), **metrics}

@@ -1,0 +1,58 @@
+"""Model registry: a config's ``model.name`` -> a Flax Linen module.
+
+Every registered model is a Linen module whose ``__call__(x, *, train: bool = False)``
+returns logits (float32). Dropout draws from the "dropout" RNG stream; BatchNorm keeps
+its statistics in the "batch_stats" collection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str):
+    """Decorator: register a module class (or a factory returning one) under `name`."""
+
+    def wrap(factory):
+        assert name not in _MODELS, f"model {name!r} registered twice"
+        _MODELS[name] = factory
+        return factory
+
+    return wrap
+
+
+def model_names() -> list[str]:
+    return sorted(_MODELS)
+
+
+def _accepted_fields(factory) -> set[str] | None:
+    if isinstance(factory, type) and dataclasses.is_dataclass(factory):
+        return {f.name for f in dataclasses.fields(factory) if f.init} - {"parent", "name"}
+    return None  # a plain factory function checks its own keyword arguments
+
+
+def create_model(model_cfg: Mapping[str, Any]) -> nn.Module:
+    """Build the module named by ``model_cfg["name"]`` with the remaining keys as fields."""
+    cfg = dict(model_cfg)
+    name = cfg.pop("name", None)
+    if name not in _MODELS:
+        raise ValueError(
+            f"model.name: expected one of {model_names()}, found {name!r}. "
+            "Fix: set --config.model.name to a registered model."
+        )
+    factory = _MODELS[name]
+    accepted = _accepted_fields(factory)
+    if accepted is not None:
+        unknown = sorted(set(cfg) - accepted)
+        if unknown:
+            raise ValueError(
+                f"model.{unknown[0]}: model {name!r} has no such option; "
+                f"expected one of {sorted(accepted)}. Fix: remove or rename it."
+            )
+    return factory(**cfg)

@@ -1,0 +1,399 @@
+"""Reading jaxdl checkpoints: find a step, check it, load variables, pretrained surgery.
+
+A jaxdl checkpoint step is ``WORKDIR/checkpoints/<step>/`` with the Orbax items ``state``
+(the TrainState), ``config`` and optionally ``data`` (see `jaxdl.checkpoint`). Everything
+here reads as host numpy arrays, so a checkpoint written on 8 devices loads on 1: the
+caller places the arrays. Paths are the variable-tree keys joined by "/", e.g.
+``params/backbone/Conv_0/kernel``.
+
+`restore_pretrained` is the fine-tuning entry point: it maps checkpoint leaves onto a
+freshly initialised model (rename rules, re-initialised heads), reports what happened, and
+in strict mode refuses any leaf that is neither loaded nor explicitly re-initialised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from jaxdl import tree as tree_lib
+
+STATE_PARTS = ("params", "frozen", "model_state")
+_CATEGORIES = (
+    "loaded",
+    "renamed",
+    "reinitialized",
+    "missing",
+    "unexpected",
+    "ignored",
+    "shape_mismatch",
+    "dtype_cast",
+)
+
+
+# ---- locating and checking a step directory -----------------------------------------------
+
+
+def step_key(config_key: str) -> str:
+    """"init_from.checkpoint" -> "init_from.step" (the key named in step errors)."""
+    return config_key.rsplit(".", 1)[0] + ".step" if "." in config_key else "step"
+
+
+def list_steps(ckpt_dir: Path) -> list[int]:
+    """Finalized steps in an Orbax manager directory (tmp dirs of killed saves excluded)."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def resolve_step_dir(
+    path: str | os.PathLike, step: int | None, *, config_key: str = "checkpoint"
+) -> tuple[Path, int]:
+    """A workdir, its checkpoints/ folder or one step folder -> (step dir, step).
+
+    ``step`` None (or < 0) means the latest finalized step.
+    """
+    root = Path(path).expanduser()
+    expected = "(expected WORKDIR/checkpoints/<step>)"
+    fix = f"Fix: set {config_key} to a training workdir, its checkpoints/ folder or a step folder."
+    if not root.exists():
+        raise FileNotFoundError(f"{config_key}: no checkpoint found at {root} {expected}. {fix}")
+    step = None if step is None or int(step) < 0 else int(step)
+    if root.name.isdigit() and (root / "state").is_dir():
+        if step is not None and step != int(root.name):
+            raise ValueError(
+                f"{step_key(config_key)}: asked for step {step} but {config_key} is the step "
+                f"folder {root}. Fix: point {config_key} at its parent or drop the step."
+            )
+        return root, int(root.name)
+    ckpt_dir = root / "checkpoints" if (root / "checkpoints").is_dir() else root
+    steps = list_steps(ckpt_dir)
+    if not steps:
+        raise ValueError(
+            f"{config_key}: no checkpoint found at {ckpt_dir} {expected}: no complete step "
+            f"folder there. {fix}"
+        )
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise ValueError(
+            f"{step_key(config_key)}: step {step} not found in {ckpt_dir}; available steps: "
+            f"{steps}. Fix: use one of these, or -1/None for the latest."
+        )
+    return ckpt_dir / str(step), step
+
+
+def check_safe(step_dir: Path) -> None:
+    """Refuse a step dir holding symlinks or entries resolving outside it (read nothing)."""
+    root = Path(os.path.realpath(step_dir))
+    if os.path.islink(step_dir):
+        raise ValueError(
+            f"checkpoint {step_dir}: is a symbolic link (to {os.readlink(step_dir)}); expected "
+            "a real directory. Fix: copy the real checkpoint files in place of the link."
+        )
+    for dirpath, dirnames, filenames in os.walk(step_dir, followlinks=False):
+        for name in dirnames + filenames:
+            entry = Path(dirpath) / name
+            real = Path(os.path.realpath(entry))
+            if os.path.islink(entry) or not real.is_relative_to(root):
+                raise ValueError(
+                    f"checkpoint {step_dir}: entry {entry} is a symbolic link or resolves to "
+                    f"{real}, outside the checkpoint; refusing to read it. Fix: replace it "
+                    "with the real file, or use a checkpoint you wrote yourself."
+                )
+
+
+@contextlib.contextmanager
+def orbax_errors(step_dir: Path) -> Iterator[None]:
+    """Re-raise Orbax / tensorstore read failures as one ValueError naming the directory."""
+    try:
+        yield
+    except Exception as err:  # tensorstore, JSON and OS errors all mean the same to a user
+        detail = " ".join(str(err).split())[:300]
+        raise ValueError(
+            f"checkpoint {step_dir}: cannot be read, it is corrupt or incomplete "
+            f"({type(err).__name__}: {detail}). Fix: use another step (available: "
+            f"{list_steps(step_dir.parent)}) or delete this step folder."
+        ) from err
+
+
+def key_str(key: Any) -> str:
+    """A jax tree-path key (dict key, sequence index, attribute) as a path component."""
+    for attr in ("key", "idx", "name"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def leaf_paths(tree: Any) -> dict[str, Any]:
+    """Any pytree (TrainState, NamedTuples, Orbax metadata) -> {"a/0/b": leaf}."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {"/".join(key_str(k) for k in path): leaf for path, leaf in flat}
+
+
+def state_metadata(step_dir: Path) -> dict:
+    """The saved TrainState's tree of Orbax ArrayMetadata (shape, dtype), nothing read."""
+    with orbax_errors(step_dir):
+        handler = ocp.PyTreeCheckpointHandler()
+        try:
+            return dict(handler.metadata(epath.Path(step_dir / "state")).tree)
+        finally:
+            handler.close()
+
+
+def read_json(step_dir: Path, item: str) -> Any:
+    """A JsonSave item of the step ("config", "data"), or None when the step has none."""
+    if not (step_dir / item).is_dir():
+        return None
+    with orbax_errors(step_dir):
+        checkpointer = ocp.Checkpointer(ocp.JsonCheckpointHandler())
+        try:
+            return checkpointer.restore(epath.Path(step_dir / item))
+        finally:
+            checkpointer.close()
+
+
+def _read_state_numpy(step_dir: Path) -> dict[str, dict]:
+    """params / frozen / model_state of the saved TrainState as numpy (opt_state not read)."""
+    meta = state_metadata(step_dir)
+    if not all(part in meta for part in STATE_PARTS):
+        raise ValueError(
+            f"checkpoint {step_dir}: expected a jaxdl TrainState with {list(STATE_PARTS)}, "
+            f"found items {sorted(meta)}. Fix: point at a checkpoint written by jaxdl."
+        )
+    parts = {k: meta[k] for k in STATE_PARTS if jax.tree_util.tree_leaves(meta[k])}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), parts)
+    with orbax_errors(step_dir):
+        checkpointer = ocp.PyTreeCheckpointer()
+        try:
+            out = checkpointer.restore(
+                epath.Path(step_dir / "state"),
+                args=ocp.args.PyTreeRestore(
+                    item=parts, restore_args=restore_args, partial_restore=True
+                ),
+            )
+        finally:
+            checkpointer.close()
+    return {k: dict(out.get(k) or {}) for k in STATE_PARTS}
+
+
+# ---- whole model variables -----------------------------------------------------------------
+
+
+def _overlay(base: Mapping, top: Mapping) -> dict:
+    """``base`` with every leaf of ``top`` put over it (by path)."""
+    flat = tree_lib.flatten(base)
+    flat.update(tree_lib.flatten(top))
+    return tree_lib.unflatten(flat)
+
+
+def _load(
+    path: str | os.PathLike, step: int | None, config_key: str, seen: tuple[Path, ...] = ()
+) -> tuple[dict, Path, int]:
+    step_dir, step = resolve_step_dir(path, step, config_key=config_key)
+    check_safe(step_dir)
+    if step_dir.resolve() in seen:
+        raise ValueError(
+            f"{config_key}: LoRA checkpoints name each other as base in a loop: "
+            f"{[str(s) for s in seen]}. Fix: point init_from.checkpoint at a full checkpoint."
+        )
+    parts = _read_state_numpy(step_dir)
+    params = dict(parts["params"])
+    adapters = params.pop("lora", None)
+    merged = tree_lib.merge(params, parts["frozen"])
+    model_state = parts["model_state"]
+    if adapters is not None:
+        cfg = read_json(step_dir, "config") or {}
+        init_from = cfg.get("init_from") or {}
+        if not tree_lib.flatten(parts["frozen"]):
+            # Saved with save_frozen=False: the base weights live in the run it started from.
+            if not init_from.get("checkpoint"):
+                raise ValueError(
+                    f"checkpoint {step_dir}: holds LoRA adapters without the frozen base "
+                    "params and its config has no init_from.checkpoint naming the base. Fix: "
+                    "load a checkpoint saved with its frozen params."
+                )
+            base, _, _ = _load(
+                init_from["checkpoint"],
+                init_from.get("step"),
+                "init_from.checkpoint",
+                (*seen, step_dir.resolve()),
+            )
+            merged = _overlay({"params": base.get("params", {})}, merged)
+            model_state = _overlay({k: v for k, v in base.items() if k != "params"}, model_state)
+        lora_cfg = cfg.get("lora") or {}
+        if "rank" not in lora_cfg or "alpha" not in lora_cfg:
+            raise ValueError(
+                f"checkpoint {step_dir}: holds LoRA adapters but its config has lora="
+                f"{lora_cfg!r}, expected lora.rank and lora.alpha. Fix: restore its config."
+            )
+        from jaxdl import lora  # only LoRA checkpoints need it
+
+        merged = lora.apply(merged, adapters, rank=lora_cfg["rank"], alpha=lora_cfg["alpha"])
+    variables = {**merged, **model_state}
+    return jax.tree.map(np.asarray, variables), step_dir, step
+
+
+def load_variables(
+    path: str | os.PathLike, step: int | None = None, *, config_key: str = "checkpoint"
+) -> dict:
+    """Model variables ``{"params": ..., "batch_stats"?: ...}`` of a checkpoint, as numpy.
+
+    ``path``: a workdir, its checkpoints/ folder or a step folder; ``step`` None = latest.
+    Trainable and frozen params are merged; LoRA adapters are folded into their kernels
+    (loading the base checkpoint named by the run's init_from when frozen params were not
+    saved). ``config_key`` is the config key that error messages name.
+    """
+    return _load(path, step, config_key)[0]
+
+
+def load_params(path: str | os.PathLike, step: int | None = None) -> dict:
+    """``load_variables(path, step)["params"]``: the model params as numpy arrays."""
+    return load_variables(path, step)["params"]
+
+
+# ---- pretrained restore with surgery -------------------------------------------------------
+
+
+def _compile(patterns: Any, key: str) -> list[re.Pattern]:
+    try:
+        return [re.compile(p) for p in patterns]
+    except (re.error, TypeError) as err:
+        raise ValueError(
+            f"{key}: expected a list of regexes, found {patterns!r} ({err}). Fix: use e.g. "
+            "['params/head/.*']."
+        ) from err
+
+
+def _rename_rules(rules: Any) -> list[tuple[re.Pattern, str]]:
+    pairs = list(rules or [])
+    if not all(isinstance(r, (list, tuple)) and len(r) == 2 for r in pairs):
+        raise ValueError(
+            f"init_from.rename: expected a list of (regex, replacement) pairs, found {pairs!r}. "
+            "Fix: e.g. [('params/encoder/(.*)', r'params/backbone/\\1')]."
+        )
+    regexes = _compile([r[0] for r in pairs], "init_from.rename")
+    return [(rx, str(r[1])) for rx, r in zip(regexes, pairs, strict=True)]
+
+
+def _renamed(ckpt: dict[str, Any], rules: list[tuple[re.Pattern, str]]) -> tuple[dict, dict]:
+    """Apply the first matching rename rule to each checkpoint path -> (leaves, old->new)."""
+    out: dict[str, Any] = {}
+    renamed: dict[str, str] = {}
+    for old, value in ckpt.items():
+        new = next((rx.sub(repl, old) for rx, repl in rules if rx.search(old)), old)
+        if new in out:
+            raise ValueError(
+                f"init_from.rename: two checkpoint leaves map to {new!r} (one is {old!r}). "
+                "Fix: make the rename rules map distinct paths to distinct targets."
+            )
+        out[new] = value
+        if new != old:
+            renamed[old] = new
+    return out, renamed
+
+
+def _shape(x: Any) -> list[int]:
+    return [int(d) for d in np.shape(x)]
+
+
+def restore_pretrained(init_from: Mapping, variables: dict) -> tuple[dict, dict]:
+    """Load a checkpoint's weights into freshly initialised ``variables``.
+
+    init_from: {"checkpoint": path, "step": int | None, "rename": [(regex, repl)],
+    "reinit": [regex], "strict": bool}. Rename rules (first ``re.search`` match, applied
+    with ``re.sub``) map checkpoint paths to model paths; model leaves whose path
+    ``re.fullmatch``es a reinit regex keep their fresh init. Loaded leaves are numpy,
+    cast to the model's dtype. Returns (variables, report); the report is JSON-able.
+    """
+    source = init_from.get("checkpoint")
+    if not source:
+        raise ValueError(
+            "init_from.checkpoint: expected a checkpoint path, found "
+            f"{source!r}. Fix: set init_from.checkpoint=WORKDIR of the pretrained run."
+        )
+    rules = _rename_rules(init_from.get("rename"))
+    reinit = _compile(list(init_from.get("reinit") or []), "init_from.reinit")
+    strict = bool(init_from.get("strict", True))
+    loaded_vars, step_dir, step = _load(source, init_from.get("step"), "init_from.checkpoint")
+    ckpt, renamed = _renamed(tree_lib.flatten(loaded_vars), rules)
+    model = tree_lib.flatten(variables)
+
+    def covered(path: str) -> bool:
+        return any(rx.fullmatch(path) for rx in reinit)
+
+    report: dict[str, Any] = {"source": str(step_dir), "step": step}
+    report.update({k: [] for k in _CATEGORIES})
+    report["renamed"] = renamed
+    out: dict[str, Any] = {}
+    for path, fresh in model.items():
+        out[path] = fresh
+        if covered(path):
+            report["reinitialized"].append(path)
+        elif path not in ckpt:
+            report["missing"].append(path)
+        elif _shape(ckpt[path]) != _shape(fresh):
+            report["shape_mismatch"].append([path, _shape(ckpt[path]), _shape(fresh)])
+        else:
+            value, dtype = ckpt[path], np.dtype(fresh.dtype)
+            if value.dtype != dtype:
+                report["dtype_cast"].append([path, str(value.dtype), str(dtype)])
+            out[path] = value.astype(dtype, copy=False)
+            report["loaded"].append(path)
+    for path in sorted(ckpt.keys() - model.keys()):
+        report["ignored" if covered(path) else "unexpected"].append(path)
+
+    problems = _problems(report)
+    if strict and problems:
+        first = (report["shape_mismatch"] or [[None]])[0][0] or (
+            report["missing"] + report["unexpected"]
+        )[0]
+        hint = re.escape(first.rsplit("/", 1)[0]) + "/.*"
+        raise ValueError(
+            f"init_from.checkpoint: {step_dir} (step {step}) does not fit the model: "
+            f"{'; '.join(problems)}. Fix: add these paths to init_from.reinit (e.g. "
+            f"'{hint}') or set init_from.strict=False."
+        )
+    return tree_lib.unflatten(out), report
+
+
+def _problems(report: Mapping[str, Any]) -> list[str]:
+    """Strict-mode offences, one phrase per category, every path listed."""
+    out = []
+    if report["shape_mismatch"]:
+        items = ", ".join(f"{p} checkpoint {tuple(c)} vs model {tuple(m)}"
+                          for p, c, m in report["shape_mismatch"])
+        out.append(f"{len(report['shape_mismatch'])} shape mismatch: {items}")
+    if report["missing"]:
+        out.append(f"{len(report['missing'])} missing from the checkpoint: "
+                   + ", ".join(report["missing"]))
+    if report["unexpected"]:
+        out.append(f"{len(report['unexpected'])} unexpected (in the checkpoint, not the model): "
+                   + ", ".join(report["unexpected"]))
+    return out
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """The init report as a table: one row per category with its count and paths."""
+    lines = [f"init_from {report['source']} (step {report['step']})"]
+    for name in _CATEGORIES:
+        entries = report.get(name) or []
+        if name == "renamed":
+            shown = [f"{old} -> {new}" for old, new in dict(entries).items()]
+        elif name in ("shape_mismatch", "dtype_cast"):
+            shown = [f"{e[0]} {tuple(e[1]) if name == 'shape_mismatch' else e[1]} -> "
+                     f"{tuple(e[2]) if name == 'shape_mismatch' else e[2]}" for e in entries]
+        else:
+            shown = [] if name == "loaded" else list(entries)
+        lines.append(f"  {name:<15}{len(entries):>6}")
+        lines.extend(f"{'':>23}{s}" for s in shown)
+    return "\n".join(lines)

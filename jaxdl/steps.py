@@ -1,0 +1,183 @@
+"""The jitted train and eval steps: pure functions of (state, batch).
+
+``train_step(state, batch) -> (state, metrics)`` differentiates only ``state.params`` (the
+trainable leaves, LoRA adapters included); frozen leaves are constants to it, so they get
+neither gradients nor optimizer state. Dropout keys are ``fold_in(state.rng, state.step)``,
+so a step's randomness depends on nothing but the state: resumed runs repeat bitwise.
+
+Research code uses these directly::
+
+    train_step = make_train_step(model, task, tx)
+    state, metrics = train_step(state, batch)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxdl import losses, lora, tree
+from jaxdl.state import TrainState
+from jaxdl.tasks import Batch, Metrics, Task
+
+StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+
+
+def model_params(
+    params: Mapping[str, Any], frozen: Mapping[str, Any], lora_cfg: Mapping | None
+) -> dict:
+    """The model's full "params" collection from trainable + frozen (+ LoRA) parts."""
+    plain = {k: v for k, v in params.items() if k != "lora"}
+    full = tree.merge(plain, frozen) if frozen else dict(plain)
+    if "lora" in params:
+        assert lora_cfg is not None, "state holds LoRA adapters but no lora config was given"
+        full = lora.apply(full, params["lora"], rank=lora_cfg["rank"], alpha=lora_cfg["alpha"])
+    return full.get("params", {})
+
+
+def _apply(model: nn.Module, variables, x, *, train: bool, rng=None, mutable=()):
+    rngs = {"dropout": rng} if rng is not None else None
+    if mutable:
+        return model.apply(variables, x, train=train, rngs=rngs, mutable=list(mutable))
+    return model.apply(variables, x, train=train, rngs=rngs), {}
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    model: nn.Module,
+    task: Task,
+    tx: optax.GradientTransformation,
+    lora_cfg: Mapping | None = None,
+    l1: float = 0.0,
+    l2: float = 0.0,
+) -> tuple[TrainState, Metrics]:
+    """One optimizer step. Metrics: loss, the task's metrics, grad_norm, finite (1/0)."""
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+        variables = {"params": model_params(params, state.frozen, lora_cfg), **state.model_state}
+        outputs, new_model_state = _apply(
+            model, variables, batch[task.input_key], train=True, rng=rng,
+            mutable=tuple(state.model_state),
+        )
+        loss, metrics = task.loss(outputs, batch)
+        penalty = 0.0
+        plain = {k: v for k, v in params.items() if k != "lora"}
+        if l1:
+            penalty += l1 * losses.l1_penalty(plain)
+        if l2:
+            penalty += l2 * losses.l2_penalty(plain)
+        return loss + penalty, (loss, metrics, new_model_state)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (_, (loss, metrics, new_model_state)), grads = grad_fn(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        model_state=new_model_state or state.model_state,
+    )
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    return new_state, {"loss": loss, **metrics, "grad_norm": grad_norm, "finite": finite}
+
+
+def eval_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    model: nn.Module,
+    task: Task,
+    lora_cfg: Mapping | None = None,
+) -> Metrics:
+    """Masked metric sums over one padded eval batch (BatchNorm uses running statistics)."""
+    variables = {"params": model_params(state.params, state.frozen, lora_cfg), **state.model_state}
+    outputs, _ = _apply(model, variables, batch[task.input_key], train=False)
+    return task.eval_sums(outputs, batch)
+
+
+BatchSpec = Mapping[str, tuple[tuple[int, ...], Any]]  # key -> (per-example shape, dtype)
+
+
+def check_batch(batch: Batch, spec: BatchSpec) -> None:
+    """Refuse a batch the model was not built for (a cheap host check on shapes only).
+
+    Without it a wrong shape either fails deep inside Flax or, worse, silently retraces
+    the step for the new shape.
+    """
+    for key, (shape, dtype) in spec.items():
+        if key not in batch:
+            raise ValueError(
+                f"batch: expected key {key!r} (the model was built for {sorted(spec)}), found "
+                f"keys {sorted(batch)}. Fix: feed batches from the same data config."
+            )
+        found = tuple(batch[key].shape[1:])
+        if found != tuple(shape):
+            raise ValueError(
+                f"batch[{key!r}]: expected per-example shape {tuple(shape)} (what the model was "
+                f"built for), found {found} (batch shape {tuple(batch[key].shape)}). Fix: resize "
+                "the inputs or rebuild the model for this shape."
+            )
+        if jnp.dtype(batch[key].dtype) != jnp.dtype(dtype):
+            raise ValueError(
+                f"batch[{key!r}]: expected dtype {jnp.dtype(dtype)}, found {batch[key].dtype}. "
+                "Fix: cast the inputs in the data pipeline."
+            )
+
+
+def _checked(fn, spec: BatchSpec | None):
+    if spec is None:
+        return fn
+
+    @functools.wraps(fn)
+    def wrapper(state, batch):
+        check_batch(batch, spec)
+        return fn(state, batch)
+
+    return wrapper
+
+
+def make_train_step(
+    model: nn.Module,
+    task: Task,
+    tx: optax.GradientTransformation,
+    *,
+    batch_spec: BatchSpec | None = None,
+    **kwargs,
+) -> StepFn:
+    """`train_step` with everything but (state, batch) bound; jitted once, state donated.
+
+    With ``batch_spec`` each call first checks the batch's shapes on the host.
+    """
+    step = functools.partial(train_step, model=model, task=task, tx=tx, **kwargs)
+    return _checked(jax.jit(step, donate_argnums=0), batch_spec)
+
+
+def make_eval_step(
+    model: nn.Module, task: Task, *, batch_spec: BatchSpec | None = None, **kwargs
+) -> Callable[[TrainState, Batch], Metrics]:
+    step = jax.jit(functools.partial(eval_step, model=model, task=task, **kwargs))
+    return _checked(step, batch_spec)
+
+
+def make_predict(model: nn.Module, lora_cfg: Mapping | None = None):
+    """predict(state, x) -> outputs (logits), eval mode."""
+
+    def predict(state: TrainState, x: jax.Array) -> jax.Array:
+        variables = {
+            "params": model_params(state.params, state.frozen, lora_cfg),
+            **state.model_state,
+        }
+        return _apply(model, variables, x, train=False)[0]
+
+    return jax.jit(predict)

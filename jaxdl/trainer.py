@@ -1,0 +1,286 @@
+"""The fit loop: one function that reads top to bottom in phases.
+
+workdir -> data -> model/state (+ pretrained restore, partition plan) -> resume ->
+loop (train step, logs, eval, early stop, checkpoints) -> test -> summary.
+
+Host work stays off the hot path: step metrics stay on the device until a log point,
+batches are prefetched to the device, and the host validates only the first batch of
+each split.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxdl import config as config_lib
+from jaxdl import partition, steps
+from jaxdl import tree as tree_lib
+from jaxdl.build import Setup, build
+from jaxdl.data import build_data, prefetch_to_device, validate_batch
+from jaxdl.logging import MetricLogger, params_sha256, plot_curves, read_metrics, write_json
+from jaxdl.tasks import finalize
+
+# Keys a resumed run may change: extending a run is the point of resuming it.
+_RESUMABLE_CHANGES = {"num_steps", "num_epochs", "log_every"}
+
+
+class NonFiniteLossError(ValueError):
+    pass
+
+
+def prepare_workdir(workdir: Path, cfg: ml_collections.ConfigDict) -> None:
+    """Create the workdir, or refuse one that holds a different run's config."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "config.json"
+    new = json.loads(config_lib.to_json(cfg))
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = _config_diff(old, new) - _RESUMABLE_CHANGES
+        if diff:
+            keys = sorted(diff)
+            raise ValueError(
+                f"--workdir: {workdir} holds another run (config differs at {keys[:6]}). "
+                "Fix: use a new --workdir, or the same config to resume."
+            )
+    write_json(path, new)
+
+
+def _config_diff(old: Mapping, new: Mapping, prefix: str = "") -> set[str]:
+    diff = set()
+    for key in old.keys() | new.keys():
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            diff |= _config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diff.add(f"{prefix}{key}")
+    return diff
+
+
+def evaluate_split(eval_step, state, batches: Iterable[Mapping], kind: str) -> dict[str, float]:
+    """Sum masked metrics over a split on the device, then one transfer."""
+    sums = None
+    for batch in batches:
+        out = eval_step(state, batch)
+        sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+    assert sums is not None, "empty evaluation split"
+    return finalize(jax.device_get(sums), kind)
+
+
+def _eval_batches(data, split: str, batch_size: int, spec, num_classes: int):
+    """The split's batches, the first one validated on the host."""
+    for i, batch in enumerate(data.eval_iter(split, batch_size)):
+        if i == 0:
+            validate_batch(batch, spec, num_classes, split=split)
+        yield batch
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+def full_params(state, setup: Setup) -> dict:
+    """The model's parameters as numpy (LoRA merged), for hashing and export."""
+    params = steps.model_params(state.params, state.frozen, setup.lora_cfg)
+    return jax.tree.map(np.asarray, jax.device_get(params))
+
+
+def train(
+    cfg: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    progress: bool = True,
+    echo=print,
+) -> dict[str, Any]:
+    """Train (or resume) the run described by ``cfg`` in ``workdir``; return the summary."""
+    start_time = time.time()
+    workdir = Path(workdir)
+    is_writer = jax.process_index() == 0
+    prepare_workdir(workdir, cfg)
+
+    # ---- data ---------------------------------------------------------------------------
+    data = build_data(cfg.data, seed=cfg.seed, num_classes=cfg.model.get("num_classes"))
+    batch_size = cfg.data.batch_size
+    eval_batch_size = cfg.data.eval_batch_size or batch_size
+    steps_per_epoch = data.steps_per_epoch(batch_size)
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"data.batch_size: expected at most {data.split_sizes['train']} (the train split), "
+            f"found {batch_size}. Fix: lower data.batch_size."
+        )
+    total_steps = cfg.num_steps or cfg.num_epochs * steps_per_epoch
+    eval_every = cfg.eval_every or steps_per_epoch
+
+    # ---- model, pretrained restore, partition plan, optimizer, state ----------------------
+    from jaxdl.checkpoint import Checkpointer
+
+    setup = build(
+        cfg,
+        kind=data.kind,
+        example_spec=data.example_spec,
+        num_classes=data.num_classes,
+        total_steps=total_steps,
+    )
+    if is_writer:
+        write_json(workdir / "partition_plan.json", {"groups": setup.plan_rows})
+        echo(partition.format_table(setup.plan_rows))
+        if setup.init_report is not None:
+            from jaxdl.checkpoint import format_report
+
+            write_json(workdir / "init_report.json", setup.init_report)
+            echo(format_report(setup.init_report))
+    kwargs = {"lora_cfg": setup.lora_cfg, "batch_spec": setup.batch_spec}
+    train_step = steps.make_train_step(
+        setup.model, setup.task, setup.tx, l1=cfg.loss.l1, l2=cfg.loss.l2, **kwargs
+    )
+    eval_step = steps.make_eval_step(setup.model, setup.task, **kwargs)
+
+    # ---- resume ---------------------------------------------------------------------------
+    ckpt = Checkpointer(
+        workdir,
+        max_to_keep=cfg.keep_checkpoints,
+        best_metric=cfg.best_metric or None,
+        best_mode="min" if "loss" in cfg.best_metric or "bits" in cfg.best_metric else "max",
+        save_frozen=setup.lora_cfg is None,
+    )
+    state = setup.state
+    train_iter = data.train_iter(batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers)
+    start_step = ckpt.latest_step() or 0
+    if start_step:
+        state, data_state = ckpt.restore(state, start_step)
+        if data_state is not None:
+            train_iter.set_state(data_state)
+        echo(f"resumed from step {start_step} in {workdir / 'checkpoints'}")
+    batches = prefetch_to_device(train_iter, size=cfg.data.prefetch)
+    logger = MetricLogger(workdir, enabled=is_writer, resume_step=start_step)
+
+    # ---- loop -----------------------------------------------------------------------------
+    history = [r for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "val"]
+    stopper = EarlyStopping(cfg.early_stopping.patience, cfg.early_stopping.min_delta,
+                            cfg.best_metric or "val_loss", history)
+    pending: list[dict] = []
+    last_checked = start_step
+    bar = _progress(total_steps, start_step, progress and is_writer)
+    window_start, window_step = time.time(), start_step
+    step = start_step
+    config_dict = json.loads(config_lib.to_json(cfg))
+    while step < total_steps and not stopper.should_stop:
+        batch = next(batches)
+        if step == start_step:
+            validate_batch(batch, data.example_spec, data.num_classes, split="train")
+        state, metrics = train_step(state, batch)
+        pending.append(metrics)
+        step += 1
+        at_eval = step % eval_every == 0 or step == total_steps
+        at_ckpt = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or at_eval
+        if step % cfg.log_every == 0 or at_eval or at_ckpt:
+            means = _flush(pending, last_checked, step)
+            pending, last_checked = [], step
+            elapsed = time.time() - window_start
+            rate = (step - window_step) * batch_size / max(elapsed, 1e-9)
+            window_start, window_step = time.time(), step
+            unit = "tokens_per_s" if data.kind == "lm" else "examples_per_s"
+            if data.kind == "lm":
+                rate *= data.example_spec["inputs"][0][0]
+            means[unit] = rate
+            logger.log(step, "train", means)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in means.items() if k != "finite"})
+        val_metrics = None
+        if at_eval and cfg.data.eval_split in data.split_sizes:
+            val_metrics = evaluate_split(
+                eval_step, state,
+                _eval_batches(data, cfg.data.eval_split, eval_batch_size, data.example_spec,
+                              data.num_classes),
+                data.kind,
+            )
+            logger.log(step, "val", val_metrics)
+            stopper.update({f"val_{k}": v for k, v in val_metrics.items()})
+        if at_ckpt or stopper.should_stop or step == total_steps:
+            best = {f"val_{k}": v for k, v in (val_metrics or {}).items()}
+            ckpt.save(step, state, data_state=batches.get_state(), config=config_dict,
+                      metrics=best or None)
+        bar.update(1)
+    bar.close()
+    ckpt.wait()
+
+    # ---- test and summary -----------------------------------------------------------------
+    test_split = cfg.data.test_split if cfg.data.test_split in data.split_sizes else (
+        cfg.data.eval_split
+    )
+    test_metrics = evaluate_split(
+        eval_step, state,
+        _eval_batches(data, test_split, eval_batch_size, data.example_spec, data.num_classes),
+        data.kind,
+    )
+    logger.log(step, "test", test_metrics)
+    logger.close()
+    ckpt.close()
+    final = full_params(state, setup)
+    summary = {
+        "test_split": test_split,
+        "test_loss": test_metrics["loss"],
+        "params": tree_lib.num_params(final),
+        "trainable_params": tree_lib.num_params(jax.device_get(state.params)),
+        "steps": int(step),
+        "epochs": step / steps_per_epoch,
+        "stopped_early": stopper.should_stop,
+        "wall_s": time.time() - start_time,
+        "params_sha256": params_sha256(final),
+    }
+    if data.kind == "lm":
+        summary["test_bits_per_byte"] = test_metrics["bits_per_byte"]
+        summary["test_perplexity"] = test_metrics["perplexity"]
+    else:
+        summary["test_accuracy"] = test_metrics["accuracy"]
+    if is_writer:
+        write_json(workdir / "summary.json", summary)
+        plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
+    return summary
+
+
+def _flush(pending: list[dict], first_step: int, last_step: int) -> dict[str, float]:
+    """Fetch the device-side metrics of steps (first_step, last_step]; stop on NaN/Inf."""
+    host = jax.device_get(pending)
+    finite = np.array([m["finite"] for m in host])
+    if not finite.all():
+        bad = first_step + 1 + int(np.argmin(finite))
+        raise NonFiniteLossError(
+            f"loss: expected finite values, found NaN/Inf at step {bad} (steps "
+            f"{first_step + 1}..{last_step} checked; parameters after step {first_step} were not "
+            "saved). Fix: lower optimizer.learning_rate or set optimizer.grad_clip_norm."
+        )
+    keys = [k for k in host[0] if k != "finite"]
+    return {k: float(np.mean([m[k] for m in host])) for k in keys}
+
+
+class EarlyStopping:
+    """Stop when ``metric`` has not improved by ``min_delta`` for ``patience`` evaluations."""
+
+    def __init__(self, patience: int, min_delta: float, metric: str, history: list[dict]):
+        self.patience, self.min_delta, self.metric = patience, min_delta, metric
+        self.minimize = "loss" in metric or "bits" in metric
+        self.best: float | None = None
+        self.bad_evals = 0
+        self.should_stop = False
+        for record in history:  # replay a resumed run's evaluations
+            self.update({f"val_{k}": v for k, v in record.items()})
+
+    def update(self, metrics: Mapping[str, float]) -> None:
+        if self.patience <= 0 or self.metric not in metrics:
+            return
+        value = metrics[self.metric]
+        sign = -1.0 if self.minimize else 1.0
+        if self.best is None or sign * (value - self.best) > self.min_delta:
+            self.best, self.bad_evals = value, 0
+        else:
+            self.bad_evals += 1
+            self.should_stop = self.bad_evals >= self.patience

@@ -1,0 +1,87 @@
+"""Config loading: defaults, overrides parsed to the key's type, unknown keys refused."""
+
+import pytest
+
+from jaxdl import config as config_lib
+
+EXPERIMENT = "experiments/digits_mlp.py"
+
+
+def test_experiment_is_laid_over_defaults():
+    cfg = config_lib.load_config(EXPERIMENT)
+    assert cfg.model.name == "mlp"
+    assert cfg.num_epochs == 20
+    assert cfg.optimizer.b2 == 0.999  # from the defaults
+    assert cfg.model.hidden == (512, 256, 128)
+
+
+def test_overrides_take_the_key_type():
+    cfg = config_lib.load_config(
+        EXPERIMENT,
+        [
+            "--config.optimizer.learning_rate=3e-4",
+            "--config.data.batch_size=64",
+            "--config.loss.name=mse",
+            "--config.data.skip_bad_files=true",
+            "--config.model.activation=gelu",
+            "--config.model.hidden=(32,16)",
+            "--config.lora={'rank': 4, 'alpha': 8.0, 'targets': '.*kernel'}",
+        ],
+    )
+    assert cfg.optimizer.learning_rate == pytest.approx(3e-4)
+    assert cfg.data.batch_size == 64 and isinstance(cfg.data.batch_size, int)
+    assert cfg.loss.name == "mse"
+    assert cfg.data.skip_bad_files is True
+    assert cfg.model.activation == "gelu"
+    assert tuple(cfg.model.hidden) == (32, 16)
+    assert cfg.lora["rank"] == 4
+
+
+def test_int_widens_to_float():
+    cfg = config_lib.load_config(EXPERIMENT, ["--config.optimizer.learning_rate=1"])
+    assert cfg.optimizer.learning_rate == 1.0 and isinstance(cfg.optimizer.learning_rate, float)
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("--config.nonexistent=1", ["config.nonexistent", "unknown key"]),
+        ("--config.data.nonexistent=1", ["config.data.nonexistent", "unknown key"]),
+        ("--config.data.batch_size=abc", ["config.data.batch_size", "expected int", "'abc'"]),
+        ("--config.data.batch_size=1.5", ["config.data.batch_size", "expected int", "1.5"]),
+        ("--config.num_epochs", ["expected --config.KEY=VALUE"]),
+        ("--config.data.skip_bad_files=maybe", ["skip_bad_files", "expected bool"]),
+    ],
+)
+def test_bad_overrides_name_the_field(override, words):
+    with pytest.raises(ValueError) as err:
+        config_lib.load_config(EXPERIMENT, [override])
+    message = str(err.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_unknown_key_in_a_config_file(tmp_path):
+    path = tmp_path / "bad.py"
+    path.write_text("def get_config():\n    return {'optimizer': {'lerning_rate': 0.1}}\n")
+    with pytest.raises(ValueError, match=r"config\.optimizer\.lerning_rate: unknown key"):
+        config_lib.load_config(path)
+
+
+def test_steps_or_epochs_exactly_one():
+    with pytest.raises(ValueError, match="exactly one of num_steps / num_epochs"):
+        config_lib.load_config(EXPERIMENT, ["--config.num_steps=10"])
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError, match="--config: no file at"):
+        config_lib.load_config("experiments/nope.py")
+
+
+def test_json_round_trip(tmp_path):
+    cfg = config_lib.load_config(EXPERIMENT, ["--config.model.hidden=(8,)"])
+    path = tmp_path / "config.json"
+    path.write_text(config_lib.to_json(cfg))
+    again = config_lib.load_config(path)
+    assert config_lib.to_json(again) == config_lib.to_json(cfg)

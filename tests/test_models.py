@@ -1,0 +1,196 @@
+"""Registered models: exact parameter counts, shapes, names, dropout and BatchNorm modes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdl.models import create_model
+from jaxdl.models.resnet import ResNet18, ResNet50
+from jaxdl.tree import flatten, num_params
+
+
+def _shapes(model, shape):
+    """Variables as ShapeDtypeStructs: counts parameters without computing (fast for 224)."""
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))
+
+
+def _init(model, shape, seed=0):
+    x = jax.random.normal(jax.random.key(seed + 1), shape)
+    return model.init(jax.random.key(seed), x), x
+
+
+def test_mlp_param_count_and_names():
+    model = create_model({"name": "mlp", "num_classes": 10})
+    variables = _shapes(model, (1, 64))
+    expected = 64 * 512 + 512 + 512 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10
+    assert num_params(variables) == expected == 198_794
+    assert set(flatten(variables)) == {
+        f"params/{layer}/{p}"
+        for layer in ("hidden_0", "hidden_1", "hidden_2", "head")
+        for p in ("kernel", "bias")
+    }
+
+
+def test_simple_cnn_param_count_on_digits():
+    model = create_model({"name": "simple_cnn", "num_classes": 10})
+    # 8x8 -> pool -> 4x4 -> pool -> 2x2, so fc sees 2*2*128 features.
+    expected = (3 * 3 * 1 * 64 + 64) + (3 * 3 * 64 * 128 + 128) + (2 * 2 * 128 * 128 + 128)
+    expected += 128 * 10 + 10
+    assert num_params(_shapes(model, (1, 8, 8, 1))) == expected == 141_450
+
+
+def test_simple_cnn_param_count_matches_article_at_224():
+    model = create_model({"name": "simple_cnn", "num_classes": 10})
+    variables = _shapes(model, (1, 224, 224, 3))
+    # The article's fc(128*56*56 -> 128): 224 -> 112 -> 56 through the two 2x2 pools.
+    assert variables["params"]["fc"]["kernel"].shape == (128 * 56 * 56, 128)
+    expected = (3 * 3 * 3 * 64 + 64) + (3 * 3 * 64 * 128 + 128) + (128 * 56 * 56 * 128 + 128)
+    expected += 128 * 10 + 10
+    assert num_params(variables) == expected == 51_457_290
+
+
+@pytest.mark.parametrize(
+    "depth, partial, expected", [(18, ResNet18, 11_689_512), (50, ResNet50, 25_557_032)]
+)
+def test_resnet_param_count_matches_torchvision(depth, partial, expected):
+    variables = _shapes(create_model({"name": "resnet", "num_classes": 1000, "depth": depth}),
+                        (1, 224, 224, 3))  # fmt: skip
+    assert num_params(variables["params"]) == expected
+    assert num_params(_shapes(partial(num_classes=1000), (1, 224, 224, 3))["params"]) == expected
+    # BatchNorm running statistics live outside params: a mean and a var per BN scale.
+    bn_scales = sum(v.size for k, v in flatten(variables["params"]).items() if "bn" in k
+                    and k.endswith("scale"))  # fmt: skip
+    assert num_params(variables["batch_stats"]) == 2 * bn_scales
+    assert variables["params"]["head"]["kernel"].shape == (2048 if depth == 50 else 512, 1000)
+
+
+def test_resnet_depth_given_as_string_from_a_cli_flag():
+    a = _shapes(create_model({"name": "resnet", "num_classes": 10, "depth": "18"}), (1, 32, 32, 3))
+    b = _shapes(create_model({"name": "resnet", "num_classes": 10, "depth": 18}), (1, 32, 32, 3))
+    assert num_params(a) == num_params(b)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_rnn_param_counts(cell):
+    model = create_model({"name": "rnn", "num_classes": 10, "cell": cell, "num_layers": 2})
+    f, h = 8, 128  # digits 8x8x1 read as 8 steps of 8 features
+    if cell == "lstm":  # 4 gates; input kernels without bias, recurrent kernels with bias
+        layer = lambda n_in: 4 * n_in * h + 4 * (h * h + h)
+    else:  # 3 gates; input kernels with bias, recurrent without, except the candidate's
+        layer = lambda n_in: 3 * (n_in * h + h) + 3 * h * h + h
+    variables = _shapes(model, (1, 8, 8, 1))
+    assert num_params(variables) == layer(f) + layer(h) + h * 10 + 10
+    assert {k.split("/")[1] for k in flatten(variables)} == {f"{cell}_0", f"{cell}_1", "head"}
+
+
+def test_rnn_reads_image_rows_as_time_steps():
+    model = create_model({"name": "rnn", "num_classes": 3, "hidden": 16})
+    variables, x = _init(model, (2, 8, 4, 2))
+    np.testing.assert_allclose(
+        model.apply(variables, x), model.apply(variables, x.reshape(2, 8, 8)), rtol=1e-6
+    )
+    # Only the past reaches the last hidden state, and every row does reach it.
+    assert not np.allclose(model.apply(variables, x), model.apply(variables, x.at[:, 0].add(1.0)))
+
+
+@pytest.mark.parametrize(
+    "cfg, shape",
+    [
+        ({"name": "mlp"}, (3, 8, 8, 1)),
+        ({"name": "simple_cnn", "features": (4, 8), "hidden": 16}, (3, 8, 8, 1)),
+        ({"name": "simple_cnn", "features": (4, 8), "hidden": 16}, (3, 32, 32, 3)),
+        ({"name": "resnet", "depth": "tiny", "small_inputs": True}, (3, 8, 8, 1)),
+        ({"name": "resnet", "depth": "tiny"}, (3, 32, 32, 3)),
+        ({"name": "resnet", "depth": 50, "num_filters": 4, "small_inputs": True}, (3, 8, 8, 3)),
+        ({"name": "rnn", "cell": "gru", "hidden": 16}, (3, 8, 8, 1)),
+    ],
+)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_output_shape_dtype_and_head(cfg, shape, dtype):
+    model = create_model({**cfg, "num_classes": 7, "dtype": dtype})
+    variables, x = _init(model, shape)
+    logits = model.apply(variables, x)
+    assert logits.shape == (3, 7) and logits.dtype == jnp.float32
+    assert np.isfinite(logits).all()
+    assert set(variables["params"]["head"]) == {"kernel", "bias"}
+    # Compute dtype changes; parameters stay float32 for the optimizer.
+    assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    cfg = {"name": "mlp", "num_classes": 5, "hidden": (32,)}
+    model32, model16 = create_model(cfg), create_model({**cfg, "dtype": jnp.bfloat16})
+    variables, x = _init(model32, (4, 16))
+    out32, out16 = model32.apply(variables, x), model16.apply(variables, x)
+    assert not np.array_equal(out32, out16)  # bf16 really was used
+    np.testing.assert_allclose(out16, out32, atol=0.05)
+
+
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh", "gelu"])
+def test_mlp_activation_by_name(activation):
+    model = create_model({"name": "mlp", "num_classes": 2, "hidden": (3,), "activation": activation})
+    variables, x = _init(model, (2, 4))
+    p = variables["params"]
+    fn = {"relu": jax.nn.relu, "sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh, "gelu": jax.nn.gelu}
+    h = fn[activation](x @ p["hidden_0"]["kernel"] + p["hidden_0"]["bias"])
+    expected = h @ p["head"]["kernel"] + p["head"]["bias"]
+    np.testing.assert_allclose(model.apply(variables, x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_changes_outputs_only_in_train_mode():
+    model = create_model({"name": "mlp", "num_classes": 4, "hidden": (64,), "dropout_rate": 0.5})
+    variables, x = _init(model, (2, 16))
+    eval_a = model.apply(variables, x)
+    eval_b = model.apply(variables, x, rngs={"dropout": jax.random.key(5)})
+    np.testing.assert_array_equal(eval_a, eval_b)
+    train_a = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
+    train_b = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
+    train_a2 = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
+    assert not np.allclose(train_a, eval_a) and not np.allclose(train_a, train_b)
+    np.testing.assert_array_equal(train_a, train_a2)  # the key alone decides the mask
+
+
+def test_batchnorm_updates_stats_in_train_and_uses_them_in_eval():
+    model = create_model(
+        {"name": "resnet", "num_classes": 3, "depth": "tiny", "small_inputs": True}
+    )
+    variables, x = _init(model, (4, 8, 8, 1))
+    x = x * 3.0 + 2.0  # far from the initial running mean 0 / var 1
+    old = variables["batch_stats"]["stem_bn"]
+    _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    new = updates["batch_stats"]["stem_bn"]
+    # momentum 0.9: new = 0.9 * old + 0.1 * batch statistic of the stem conv output.
+    conv = jax.lax.conv_general_dilated(
+        x, variables["params"]["stem_conv"]["kernel"], (1, 1), "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )  # fmt: skip
+    np.testing.assert_allclose(new["mean"], 0.1 * conv.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        new["var"], 0.9 * old["var"] + 0.1 * conv.var(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6
+    )
+    # Eval normalises with the running stats: one example's logits do not depend on the
+    # rest of the batch, and they change when the stored stats change.
+    trained = {**variables, **updates}
+    full = model.apply(trained, x)
+    np.testing.assert_allclose(model.apply(trained, x[:1]), full[:1], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(model.apply(variables, x[:1]), full[:1])
+    train_out = model.apply(trained, x, train=True, mutable=["batch_stats"])[0]
+    train_one = model.apply(trained, x[:1], train=True, mutable=["batch_stats"])[0]
+    assert not np.allclose(train_out[:1], train_one)  # train mode uses batch statistics
+
+
+@pytest.mark.parametrize(
+    "cfg, field",
+    [
+        ({"name": "mlp", "activation": "swishy"}, "model.activation"),
+        ({"name": "rnn", "cell": "vanilla"}, "model.cell"),
+        ({"name": "resnet", "depth": 20}, "model.depth"),
+        ({"name": "simple_cnn", "widht": 3}, "model.widht"),
+        ({"name": "mlp", "depth": 18}, "model.depth"),
+        ({"name": "resnt"}, "model.name"),
+    ],
+)
+def test_bad_config_raises_value_error_naming_the_field(cfg, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        create_model({**cfg, "num_classes": 10})

@@ -1,0 +1,195 @@
+"""The GPT-style decoder: parameter counts, causality, KV cache, variants, FLOPs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdl.models import create_model
+from jaxdl.models.transformer import (
+    SIZES,
+    Transformer,
+    apply_rope,
+    count_params,
+    flops_per_token,
+    transformer_spec,
+)
+from jaxdl.tree import flatten, num_params
+
+TOKENS = jax.random.randint(jax.random.key(1), (2, 12), 0, 256, dtype=jnp.int32)
+
+
+def init(model, x=TOKENS, seed=0):
+    return model.init(jax.random.key(seed), x)["params"]
+
+
+def test_tiny_parameter_count_by_hand():
+    d, hidden, vocab, max_len, layers = 32, 4 * 32, 256, 64, 2
+    per_block = (
+        2 * (2 * d)  # ln1, ln2: scale + bias
+        + 4 * (d * d + d)  # query, key, value, out
+        + (d * hidden + hidden) + (hidden * d + d)  # fc1, fc2
+    )
+    expected = vocab * d + max_len * d + layers * per_block + 2 * d  # + ln_f
+    assert expected == 35_712
+    model = create_model({"name": "transformer", "size": "tiny"})
+    assert num_params(init(model)) == expected
+
+
+def test_gpt2_124m_parameter_count():
+    model = Transformer(size="gpt2-124m")
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    assert num_params(shapes["params"]) == 124_439_808
+    assert shapes["params"]["embed"]["embedding"].shape == (50257, 768)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(size="small"),
+        dict(size="tiny", positions="rope", mlp="swiglu"),
+        dict(size="tiny", num_layers=3, embed_dim=48, num_heads=4, mlp_ratio=2, vocab_size=100),
+    ],
+)
+def test_count_formula_matches_tree(fields):
+    model = Transformer(**fields)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    assert num_params(shapes["params"]) == count_params(model.spec)
+
+
+def test_named_size_counts():
+    assert count_params(transformer_spec({"name": "transformer", "size": "small"})) == 842_496
+    assert count_params(Transformer(size="1b").spec) == 1_213_321_216
+    assert count_params(Transformer(size="1b", vocab_size=50257).spec) == 1_315_723_264
+
+
+def test_flops_per_token_gpt2():
+    # N without the position table: 124,439,808 - 1024 * 768 = 123,653,376.
+    # 6 N + 12 L T d = 741,920,256 + 12 * 12 * 1024 * 768 = 855,166,464.
+    assert flops_per_token({"name": "transformer", "size": "gpt2-124m"}) == 855_166_464.0
+    assert flops_per_token(Transformer(size="tiny"), seq_len=32) == 6 * 33_664 + 12 * 2 * 32 * 32
+
+
+def test_lora_visible_layer_names():
+    paths = flatten(init(Transformer(size="tiny", mlp="swiglu")))
+    for name in ["query", "key", "value", "out"]:
+        assert paths[f"block_1/attn/{name}/kernel"].shape == (32, 32)
+    assert paths["block_0/mlp/fc1/kernel"].shape == (32, 128)
+    assert paths["block_0/mlp/gate/kernel"].shape == (32, 128)
+    assert paths["block_0/mlp/fc2/kernel"].shape == (128, 32)
+    assert "ln_f/scale" in paths and "pos_embed" in paths
+
+
+def test_unknown_size_and_choices():
+    with pytest.raises(ValueError, match=r"model\.size: .*'gpt2-124m'.*'tiny'.*found 'huge'"):
+        init(Transformer(size="huge"))
+    with pytest.raises(ValueError, match=r"model\.mlp: expected one of \['gelu', 'swiglu'\]"):
+        init(Transformer(size="tiny", mlp="relu"))
+    with pytest.raises(ValueError, match=r"model\.num_heads: expected a divisor"):
+        init(Transformer(size="tiny", num_heads=3))
+    with pytest.raises(ValueError, match=r"model\.max_len=64 tokens, found 65"):
+        init(Transformer(size="tiny"), jnp.zeros((1, 65), jnp.int32))
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_causal(positions):
+    model = Transformer(size="tiny", positions=positions)
+    params = init(model)
+    t = 7
+    changed = TOKENS.at[:, t].set((TOKENS[:, t] + 1) % 256)
+    a = model.apply({"params": params}, TOKENS)
+    b = model.apply({"params": params}, changed)
+    np.testing.assert_array_equal(a[:, :t], b[:, :t])
+    assert np.all(np.abs(a[:, t:] - b[:, t:]).max(axis=-1) > 1e-6)
+
+
+def test_kv_cache_matches_full_forward():
+    model = Transformer(size="tiny", positions="rope", mlp="swiglu")
+    params = init(model)
+    full = model.apply({"params": params}, TOKENS)
+
+    decoder = model.clone(decode=True)
+    cache = decoder.init(jax.random.key(0), TOKENS[:, :1])["cache"]
+    assert cache["block_0"]["attn"]["cached_key"].shape == (2, 64, 2, 16)
+    step = jax.jit(lambda cache, chunk: decoder.apply(
+        {"params": params, "cache": cache}, chunk, mutable=["cache"]))
+    pieces = []
+    for chunk in [TOKENS[:, :5], TOKENS[:, 5:6], TOKENS[:, 6:9], TOKENS[:, 9:10], TOKENS[:, 10:]]:
+        logits, state = step(cache, chunk)
+        cache = state["cache"]
+        pieces.append(logits)
+    assert int(cache["cache_index"]) == 12
+    np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=2e-5, rtol=1e-5)
+
+
+def test_bf16_keeps_float32_params():
+    model = Transformer(size="tiny", dtype="bfloat16")
+    params = init(model)
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype("float32")}
+    logits = model.apply({"params": params}, TOKENS)
+    assert logits.dtype == jnp.float32
+    reference = Transformer(size="tiny").apply({"params": params}, TOKENS)
+    assert float(jnp.abs(logits - reference).max()) < 0.05  # bf16 rounding, same function
+    assert float(jnp.abs(logits - reference).max()) > 0  # but really computed in bf16
+
+
+def test_rope_and_swiglu_variants_differ():
+    outputs = {}
+    for positions, mlp in [("learned", "gelu"), ("rope", "gelu"), ("learned", "swiglu")]:
+        model = Transformer(size="tiny", positions=positions, mlp=mlp)
+        outputs[positions, mlp] = model.apply({"params": init(model)}, TOKENS)
+        assert outputs[positions, mlp].shape == (2, 12, 256)
+    base = outputs["learned", "gelu"]
+    assert float(jnp.abs(outputs["rope", "gelu"] - base).max()) > 1e-3
+    assert float(jnp.abs(outputs["learned", "swiglu"] - base).max()) > 1e-3
+
+
+def test_rope_scores_depend_on_relative_position_only():
+    q = jax.random.normal(jax.random.key(2), (1, 1, 1, 8))
+    k = jax.random.normal(jax.random.key(3), (1, 1, 1, 8))
+
+    def score(m, n):
+        return jnp.vdot(apply_rope(q, jnp.array([m])), apply_rope(k, jnp.array([n])))
+
+    np.testing.assert_allclose(score(5, 2), score(13, 10), rtol=1e-5)
+    assert abs(float(score(5, 2) - score(5, 4))) > 1e-4
+    np.testing.assert_allclose(jnp.linalg.norm(apply_rope(q, jnp.array([9]))), jnp.linalg.norm(q),
+                               rtol=1e-6)
+
+
+def test_scan_layers_equals_unrolled_blocks():
+    unrolled = Transformer(size="tiny")
+    params = init(unrolled)
+    blocks = [params[f"block_{i}"] for i in range(SIZES["tiny"]["num_layers"])]
+    stacked = {k: v for k, v in params.items() if not k.startswith("block_")}
+    stacked["blocks"] = jax.tree.map(lambda *leaves: jnp.stack(leaves), *blocks)
+    scanned = Transformer(size="tiny", scan_layers=True)
+    assert jax.tree.structure(init(scanned)) == jax.tree.structure(stacked)
+    np.testing.assert_allclose(
+        scanned.apply({"params": stacked}, TOKENS),
+        unrolled.apply({"params": params}, TOKENS),
+        atol=1e-5,
+    )
+
+
+def test_remat_same_loss_and_grads():
+    plain = Transformer(size="tiny")
+    params = init(plain)
+
+    def loss(model, p):
+        return model.apply({"params": p}, TOKENS).mean()
+
+    remat = Transformer(size="tiny", remat=True)
+    g_plain = jax.jit(jax.grad(lambda p: loss(plain, p)))(params)
+    g_remat = jax.jit(jax.grad(lambda p: loss(remat, p)))(params)
+    for path, value in flatten(g_plain).items():
+        np.testing.assert_allclose(flatten(g_remat)[path], value, atol=1e-6, err_msg=path)
+
+
+def test_dropout_only_in_training():
+    model = Transformer(size="tiny", dropout_rate=0.5)
+    params = init(model)
+    eval_a = model.apply({"params": params}, TOKENS)
+    np.testing.assert_array_equal(eval_a, model.apply({"params": params}, TOKENS))
+    train = model.apply({"params": params}, TOKENS, train=True, rngs={"dropout": jax.random.key(4)})
+    assert float(jnp.abs(train - eval_a).max()) > 1e-3
