@@ -1,6 +1,6 @@
 """The article's 5.2.2 SimpleCNN (conv 64 -> conv 128 -> fc 128 -> 10) on digits.
 
-    jaxdl train --config experiments/digits_cnn.py --workdir runs/digits_cnn
+jaxdl train --config experiments/digits_cnn.py --workdir runs/digits_cnn
 """
 
 import ml_collections

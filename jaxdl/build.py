@@ -95,9 +95,11 @@ def build(
             targets=lora_cfg["targets"],
         )
 
-    rules = partition.default_rules(lora=lora_cfg is not None) if cfg.partition is None else [
-        (regex, dict(fields)) for regex, fields in cfg.partition
-    ]
+    rules = (
+        partition.default_rules(lora=lora_cfg is not None)
+        if cfg.partition is None
+        else [(regex, dict(fields)) for regex, fields in cfg.partition]
+    )
     plan = partition.make_plan(params, rules)
     trainable, frozen = partition.split(params, plan)
 

@@ -18,6 +18,7 @@ that tmp dir, which `Checkpointer` removes at start. Reading helpers (`load_vari
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -96,8 +97,11 @@ def _fit_errors(target: TrainState, saved: Mapping[str, Any]) -> list[str]:
     want = {p: tuple(x.shape) for p, x in leaf_paths(target).items()}
     have = {p: tuple(m.shape) for p, m in leaf_paths(saved).items()}
     out = []
-    wrong = [f"{p} checkpoint {have[p]} vs state {want[p]}"
-             for p in sorted(want.keys() & have.keys()) if want[p] != have[p]]
+    wrong = [
+        f"{p} checkpoint {have[p]} vs state {want[p]}"
+        for p in sorted(want.keys() & have.keys())
+        if want[p] != have[p]
+    ]
     if wrong:
         out.append("shape mismatch: " + ", ".join(wrong))
     if missing := sorted(want.keys() - have.keys()):
@@ -137,6 +141,7 @@ class Checkpointer:
         )
         self._best_manager = None
         self._best_value: float | None = None
+        self._warned = False
         if best_metric:
             # best_fn makes Orbax itself keep the better one, even if our tracking restarts;
             # a best copy saved under another metric counts as the worst.
@@ -168,7 +173,18 @@ class Checkpointer:
         return self._best_value
 
     def _improves(self, metrics: Mapping[str, Any] | None) -> float | None:
-        if self._best_manager is None or not metrics or self.best_metric not in metrics:
+        if self._best_manager is None or not metrics:
+            return None
+        if self.best_metric not in metrics:
+            # Not an error: the brief's contract is "if metrics has best_metric"; say it once.
+            if not self._warned:
+                logging.warning(
+                    "best_metric: %r is not among the eval metrics %s; no best copy is kept. "
+                    "Fix: set best_metric to one of them.",
+                    self.best_metric,
+                    sorted(metrics),
+                )
+                self._warned = True
             return None
         value = float(metrics[self.best_metric])
         if math.isnan(value):
@@ -203,9 +219,9 @@ class Checkpointer:
         }
         if data_state is not None:
             items["data"] = ocp.args.JsonSave(_json_checked(data_state, "data_state"))
+        value = self._improves(metrics)
         if step not in self._manager.all_steps():
             self._manager.save(step, args=ocp.args.Composite(**items), force=force)
-        value = self._improves(metrics)
         if value is not None and step not in self._best_manager.all_steps():
             self._best_manager.save(
                 step,

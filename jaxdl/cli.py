@@ -12,8 +12,13 @@ import json
 import sys
 from collections.abc import Sequence
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-               PermissionError)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,6 +52,26 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default="runs/demo")
     demo.add_argument("--task", choices=["digits"], default="digits")
     demo.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    export = sub.add_parser("export", help="serialize a trained workdir with jax.export")
+    export.add_argument("--workdir", required=True)
+    export.add_argument("--out", required=True, help="MODEL.jaxexport (+ MODEL.jaxexport.json)")
+    export.add_argument(
+        "--platform",
+        action="append",
+        dest="platforms",
+        help="cpu, cuda, rocm, tpu; repeat for several (default: cpu)",
+    )
+    export.add_argument("--quantize", choices=["int8"], default=None)
+    export.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    predict = sub.add_parser("predict", help="run an exported model on image (or text) files")
+    predict.add_argument("model", help="MODEL.jaxexport")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT")
+    predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("--max-new-tokens", type=int, default=64, help="language models")
+    predict.add_argument("--json", action="store_true", help="print the results as JSON")
+    predict.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -71,8 +96,9 @@ def run(argv: Sequence[str]) -> int:
         if args.folds:
             from jaxdl.crossval import cross_validate
 
-            summary = cross_validate(cfg, args.workdir, folds=args.folds,
-                                     progress=not args.no_progress)
+            summary = cross_validate(
+                cfg, args.workdir, folds=args.folds, progress=not args.no_progress
+            )
         else:
             summary = train(cfg, args.workdir, progress=not args.no_progress)
         print(json.dumps(summary, indent=2))
@@ -84,6 +110,23 @@ def run(argv: Sequence[str]) -> int:
         from jaxdl.demo import run_demo
 
         run_demo(args.workdir, task=args.task)
+    elif args.command == "export":
+        from jaxdl.export import export_workdir
+
+        meta = export_workdir(
+            args.workdir, args.out, platforms=args.platforms or ["cpu"], quantize=args.quantize
+        )
+        print(
+            f"wrote {args.out} ({meta['artifact_bytes']:,} bytes, platforms "
+            f"{','.join(meta['platforms'])}) and {args.out}.json"
+        )
+    elif args.command == "predict":
+        from jaxdl.export import format_predictions, predict_files
+
+        results = predict_files(
+            args.model, args.inputs, top_k=args.top_k, max_new_tokens=args.max_new_tokens
+        )
+        print(json.dumps(results, indent=2) if args.json else format_predictions(results))
     return 0
 
 

@@ -119,7 +119,9 @@ def _get_config_from_module(path: Path) -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-        raise ValueError(f"--config: {path} defines no get_config(). Fix: add one returning a dict.")
+        raise ValueError(
+            f"--config: {path} defines no get_config(). Fix: add one returning a dict."
+        )
     return module.get_config()
 
 

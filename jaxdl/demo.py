@@ -41,14 +41,23 @@ def run_digits(workdir: Path) -> list[dict]:
     for name in ("digits_mlp", "digits_cnn"):
         print(f"\n== {name}: training on scikit-learn digits ==")
         summary = train(_experiment_config(name), workdir / name)
-        rows.append({
-            "model": name,
-            "test_accuracy": summary["test_accuracy"],
-            "params": summary["params"],
-            "wall_s": summary["wall_s"],
-        })
-    table = format_table(rows, [("model", "model", ""), ("test_accuracy", "test acc", ".4f"),
-                                ("params", "params", ","), ("wall_s", "time (s)", ".1f")])
+        rows.append(
+            {
+                "model": name,
+                "test_accuracy": summary["test_accuracy"],
+                "params": summary["params"],
+                "wall_s": summary["wall_s"],
+            }
+        )
+    table = format_table(
+        rows,
+        [
+            ("model", "model", ""),
+            ("test_accuracy", "test acc", ".4f"),
+            ("params", "params", ","),
+            ("wall_s", "time (s)", ".1f"),
+        ],
+    )
     print("\n" + table)
     write_json(workdir / "summary.json", {"task": "digits", "rows": rows})
     return rows

@@ -19,7 +19,8 @@ def restore_run(workdir: str | Path, step: int | None = None) -> tuple[Any, Setu
     config_path = workdir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(
-            f"--workdir: no config.json in {workdir}. Fix: pass the --workdir of a `jaxdl train` run."
+            f"--workdir: no config.json in {workdir}. "
+            "Fix: pass the --workdir of a `jaxdl train` run."
         )
     cfg = config_lib.load_config(config_path)
     data = build_data(cfg.data, seed=cfg.seed, num_classes=cfg.model.get("num_classes"))
@@ -46,9 +47,7 @@ def evaluate_workdir(workdir: str | Path, split: str = "test") -> dict[str, floa
 
     cfg, setup, data = restore_run(workdir)
     if split not in data.split_sizes:
-        raise ValueError(
-            f"--split: expected one of {sorted(data.split_sizes)}, found {split!r}."
-        )
+        raise ValueError(f"--split: expected one of {sorted(data.split_sizes)}, found {split!r}.")
     eval_step = steps.make_eval_step(setup.model, setup.task, lora_cfg=setup.lora_cfg)
     batch_size = cfg.data.eval_batch_size or cfg.data.batch_size
     batches = _eval_batches(data, split, batch_size, data.example_spec, data.num_classes)

@@ -149,8 +149,9 @@ def generate(
 @functools.partial(
     jax.jit, static_argnames=("module", "max_new_tokens", "top_k", "top_p", "greedy")
 )
-def _generate(module, params, cache, prompt, rng, temperature, *, max_new_tokens, top_k, top_p,
-              greedy):
+def _generate(
+    module, params, cache, prompt, rng, temperature, *, max_new_tokens, top_k, top_p, greedy
+):
     batch, length = prompt.shape
     sample = functools.partial(
         sample_logits, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy

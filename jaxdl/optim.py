@@ -46,9 +46,7 @@ def make_schedule(opt_cfg: Mapping[str, Any], total_steps: int) -> Schedule:
             0.0, lr, warmup_steps=warmup, decay_steps=max(decay_steps, warmup + 1), end_value=end
         )
     else:
-        raise ValueError(
-            f"optimizer.schedule: expected one of {list(SCHEDULES)}, found {name!r}."
-        )
+        raise ValueError(f"optimizer.schedule: expected one of {list(SCHEDULES)}, found {name!r}.")
     if warmup and name != "warmup_cosine":
         schedule = optax.join_schedules(
             [optax.linear_schedule(0.0, lr, warmup), schedule], boundaries=[warmup]
@@ -93,7 +91,7 @@ def scale_by_step_tree(mults: MultTree) -> optax.GradientTransformation:
 
 
 def add_weight_decay(rate: float, wd_mults: Any | None) -> optax.GradientTransformation:
-    """Decoupled weight decay, ``rate * wd_mult * param``; skipped for 1-D leaves (biases, norms)."""
+    """Weight decay ``rate * wd_mult * param``; 1-D leaves (biases, norms) are not decayed."""
 
     def init_fn(params):
         del params

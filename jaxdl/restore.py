@@ -44,7 +44,7 @@ _CATEGORIES = (
 
 
 def step_key(config_key: str) -> str:
-    """"init_from.checkpoint" -> "init_from.step" (the key named in step errors)."""
+    """ "init_from.checkpoint" -> "init_from.step" (the key named in step errors)."""
     return config_key.rsplit(".", 1)[0] + ".step" if "." in config_key else "step"
 
 
@@ -312,8 +312,12 @@ def restore_pretrained(init_from: Mapping, variables: dict) -> tuple[dict, dict]
     init_from: {"checkpoint": path, "step": int | None, "rename": [(regex, repl)],
     "reinit": [regex], "strict": bool}. Rename rules (first ``re.search`` match, applied
     with ``re.sub``) map checkpoint paths to model paths; model leaves whose path
-    ``re.fullmatch``es a reinit regex keep their fresh init. Loaded leaves are numpy,
-    cast to the model's dtype. Returns (variables, report); the report is JSON-able.
+    ``re.fullmatch``es a reinit regex keep their fresh init (checkpoint leaves with no model
+    leaf that match one are "ignored", not "unexpected"). Loaded leaves are numpy, cast to
+    the model's dtype. Returns (variables, report); the report is JSON-able.
+
+    Strict (default): any missing, unexpected or shape-mismatched leaf not covered by reinit
+    raises one ValueError listing them all.
     """
     source = init_from.get("checkpoint")
     if not source:
@@ -351,17 +355,18 @@ def restore_pretrained(init_from: Mapping, variables: dict) -> tuple[dict, dict]
             report["loaded"].append(path)
     for path in sorted(ckpt.keys() - model.keys()):
         report["ignored" if covered(path) else "unexpected"].append(path)
+    for key in ("loaded", "reinitialized", "missing", "shape_mismatch", "dtype_cast"):
+        report[key].sort()
 
     problems = _problems(report)
     if strict and problems:
-        first = (report["shape_mismatch"] or [[None]])[0][0] or (
-            report["missing"] + report["unexpected"]
-        )[0]
-        hint = re.escape(first.rsplit("/", 1)[0]) + "/.*"
+        offending = [e[0] for e in report["shape_mismatch"]] + report["missing"]
+        hint = re.escape((offending + report["unexpected"])[0].rsplit("/", 1)[0]) + "/.*"
         raise ValueError(
             f"init_from.checkpoint: {step_dir} (step {step}) does not fit the model: "
             f"{'; '.join(problems)}. Fix: add these paths to init_from.reinit (e.g. "
-            f"'{hint}') or set init_from.strict=False."
+            f"'{hint}'), map renamed layers with init_from.rename, or set "
+            "init_from.strict=False."
         )
     return tree_lib.unflatten(out), report
 
@@ -370,15 +375,19 @@ def _problems(report: Mapping[str, Any]) -> list[str]:
     """Strict-mode offences, one phrase per category, every path listed."""
     out = []
     if report["shape_mismatch"]:
-        items = ", ".join(f"{p} checkpoint {tuple(c)} vs model {tuple(m)}"
-                          for p, c, m in report["shape_mismatch"])
+        items = ", ".join(
+            f"{p} checkpoint {tuple(c)} vs model {tuple(m)}" for p, c, m in report["shape_mismatch"]
+        )
         out.append(f"{len(report['shape_mismatch'])} shape mismatch: {items}")
     if report["missing"]:
-        out.append(f"{len(report['missing'])} missing from the checkpoint: "
-                   + ", ".join(report["missing"]))
+        out.append(
+            f"{len(report['missing'])} missing from the checkpoint: " + ", ".join(report["missing"])
+        )
     if report["unexpected"]:
-        out.append(f"{len(report['unexpected'])} unexpected (in the checkpoint, not the model): "
-                   + ", ".join(report["unexpected"]))
+        out.append(
+            f"{len(report['unexpected'])} unexpected (in the checkpoint, not the model): "
+            + ", ".join(report["unexpected"])
+        )
     return out
 
 
@@ -389,9 +398,10 @@ def format_report(report: Mapping[str, Any]) -> str:
         entries = report.get(name) or []
         if name == "renamed":
             shown = [f"{old} -> {new}" for old, new in dict(entries).items()]
-        elif name in ("shape_mismatch", "dtype_cast"):
-            shown = [f"{e[0]} {tuple(e[1]) if name == 'shape_mismatch' else e[1]} -> "
-                     f"{tuple(e[2]) if name == 'shape_mismatch' else e[2]}" for e in entries]
+        elif name == "shape_mismatch":
+            shown = [f"{p}  checkpoint {tuple(c)} vs model {tuple(m)}" for p, c, m in entries]
+        elif name == "dtype_cast":
+            shown = [f"{p}  {src} -> {dst}" for p, src, dst in entries]
         else:
             shown = [] if name == "loaded" else list(entries)
         lines.append(f"  {name:<15}{len(entries):>6}")

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdl import losses, lora, tree
+from jaxdl import lora, losses, tree
 from jaxdl.state import TrainState
 from jaxdl.tasks import Batch, Metrics, Task
 
@@ -65,7 +65,11 @@ def train_step(
     def loss_fn(params):
         variables = {"params": model_params(params, state.frozen, lora_cfg), **state.model_state}
         outputs, new_model_state = _apply(
-            model, variables, batch[task.input_key], train=True, rng=rng,
+            model,
+            variables,
+            batch[task.input_key],
+            train=True,
+            rng=rng,
             mutable=tuple(state.model_state),
         )
         loss, metrics = task.loss(outputs, batch)

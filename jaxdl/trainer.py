@@ -100,15 +100,19 @@ def train(
     *,
     progress: bool = True,
     echo=print,
+    fold: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume) the run described by ``cfg`` in ``workdir``; return the summary."""
+    """Train (or resume) the run described by ``cfg`` in ``workdir``; return the summary.
+
+    ``fold=(i, k)`` trains on k-1 stratified folds of train+val and validates on fold i.
+    """
     start_time = time.time()
     workdir = Path(workdir)
     is_writer = jax.process_index() == 0
     prepare_workdir(workdir, cfg)
 
     # ---- data ---------------------------------------------------------------------------
-    data = build_data(cfg.data, seed=cfg.seed, num_classes=cfg.model.get("num_classes"))
+    data = build_data(cfg.data, seed=cfg.seed, num_classes=cfg.model.get("num_classes"), fold=fold)
     batch_size = cfg.data.batch_size
     eval_batch_size = cfg.data.eval_batch_size or batch_size
     steps_per_epoch = data.steps_per_epoch(batch_size)
@@ -165,8 +169,12 @@ def train(
 
     # ---- loop -----------------------------------------------------------------------------
     history = [r for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "val"]
-    stopper = EarlyStopping(cfg.early_stopping.patience, cfg.early_stopping.min_delta,
-                            cfg.best_metric or "val_loss", history)
+    stopper = EarlyStopping(
+        cfg.early_stopping.patience,
+        cfg.early_stopping.min_delta,
+        cfg.best_metric or "val_loss",
+        history,
+    )
     pending: list[dict] = []
     last_checked = start_step
     bar = _progress(total_steps, start_step, progress and is_writer)
@@ -197,27 +205,35 @@ def train(
         val_metrics = None
         if at_eval and cfg.data.eval_split in data.split_sizes:
             val_metrics = evaluate_split(
-                eval_step, state,
-                _eval_batches(data, cfg.data.eval_split, eval_batch_size, data.example_spec,
-                              data.num_classes),
+                eval_step,
+                state,
+                _eval_batches(
+                    data, cfg.data.eval_split, eval_batch_size, data.example_spec, data.num_classes
+                ),
                 data.kind,
             )
             logger.log(step, "val", val_metrics)
             stopper.update({f"val_{k}": v for k, v in val_metrics.items()})
         if at_ckpt or stopper.should_stop or step == total_steps:
             best = {f"val_{k}": v for k, v in (val_metrics or {}).items()}
-            ckpt.save(step, state, data_state=batches.get_state(), config=config_dict,
-                      metrics=best or None)
+            ckpt.save(
+                step,
+                state,
+                data_state=batches.get_state(),
+                config=config_dict,
+                metrics=best or None,
+            )
         bar.update(1)
     bar.close()
     ckpt.wait()
 
     # ---- test and summary -----------------------------------------------------------------
-    test_split = cfg.data.test_split if cfg.data.test_split in data.split_sizes else (
-        cfg.data.eval_split
+    test_split = (
+        cfg.data.test_split if cfg.data.test_split in data.split_sizes else (cfg.data.eval_split)
     )
     test_metrics = evaluate_split(
-        eval_step, state,
+        eval_step,
+        state,
         _eval_batches(data, test_split, eval_batch_size, data.example_spec, data.num_classes),
         data.kind,
     )

@@ -84,7 +84,11 @@ def test_round_trip_is_bitwise_with_adam_state_and_data_state(tmp_path):
     assert restored_data == data_state
     ckpt.close()
     assert step_dirs(tmp_path / "checkpoints" / "7") == [
-        "_CHECKPOINT_METADATA", "commit_success.txt", "config", "data", "state"
+        "_CHECKPOINT_METADATA",
+        "commit_success.txt",
+        "config",
+        "data",
+        "state",
     ]
 
 
@@ -105,8 +109,13 @@ def test_best_is_kept_apart_and_never_deletes_latest(tmp_path):
     accuracies = {1: 0.5, 2: 0.7, 3: 0.6, 4: 0.4}
     with Checkpointer(tmp_path, max_to_keep=1, best_metric="val_accuracy") as ckpt:
         for step, acc in accuracies.items():
-            ckpt.save(step, make_state(step), data_state=None, config=CONFIG,
-                      metrics={"val_accuracy": acc, "val_loss": 1 - acc})
+            ckpt.save(
+                step,
+                make_state(step),
+                data_state=None,
+                config=CONFIG,
+                metrics={"val_accuracy": acc, "val_loss": 1 - acc},
+            )
         assert ckpt.best_value == 0.7
     assert step_dirs(tmp_path / "checkpoints") == ["4"]
     assert step_dirs(tmp_path / "checkpoints_best") == ["2"]
@@ -119,6 +128,9 @@ def test_best_is_kept_apart_and_never_deletes_latest(tmp_path):
     with Checkpointer(tmp_path, best_metric="val_loss", best_mode="min") as ckpt:
         ckpt.save(6, make_state(6), data_state=None, config=CONFIG, metrics={"val_loss": 0.1})
     assert step_dirs(tmp_path / "checkpoints") == ["5", "6"]
+    assert step_dirs(tmp_path / "checkpoints_best") == ["6"]
+    with Checkpointer(tmp_path, best_metric="val_acc") as ckpt:  # absent: no best copy
+        ckpt.save(7, make_state(7), data_state=None, config=CONFIG, metrics={"val_accuracy": 1})
     assert step_dirs(tmp_path / "checkpoints_best") == ["6"]
 
 
@@ -164,8 +176,14 @@ def test_restore_names_leaves_that_do_not_fit_and_missing_steps(tmp_path):
             ckpt.restore(make_state())
         ckpt.save(2, make_state(), data_state=None, config=CONFIG)
         bad = make_state()
-        bad = bad.replace(params={"params": {**bad.params["params"], "head": {
-            "kernel": jnp.zeros((3, 5)), "bias": jnp.zeros(5)}}})
+        bad = bad.replace(
+            params={
+                "params": {
+                    **bad.params["params"],
+                    "head": {"kernel": jnp.zeros((3, 5)), "bias": jnp.zeros(5)},
+                }
+            }
+        )
         with pytest.raises(ValueError) as err:
             ckpt.restore(bad)
         msg = str(err.value)
@@ -180,6 +198,7 @@ def largest_file(root: Path) -> Path:
     return max(files, key=lambda p: p.stat().st_size)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_corrupt_checkpoint_raises_value_error_naming_the_dir(tmp_path):
     with Checkpointer(tmp_path) as ckpt:
         ckpt.save(1, make_state(), data_state=None, config=CONFIG)
@@ -220,8 +239,10 @@ def test_leftover_tmp_dirs_are_ignored_and_removed_at_start(tmp_path):
     tmp_dir = tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp"
     (tmp_dir / "state").mkdir(parents=True)
     (tmp_dir / "state" / "_METADATA").write_text("{")
-    assert load_params(tmp_path)["head"]["bias"].tolist() == load_variables_of(
-        make_state(1))["head"]["bias"].tolist()
+    assert (
+        load_params(tmp_path)["head"]["bias"].tolist()
+        == load_variables_of(make_state(1))["head"]["bias"].tolist()
+    )
     with Checkpointer(tmp_path) as ckpt:
         assert ckpt.latest_step() == 1
         assert step_dirs(tmp_path / "checkpoints") == ["1"]
@@ -233,7 +254,10 @@ def test_killed_writer_leaves_a_resumable_latest_step(tmp_path):
     env.pop("XLA_FLAGS", None)
     child = subprocess.Popen(
         [sys.executable, str(REPO / "tests" / "_ckpt_writer.py"), str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        text=True,
     )
     try:
         assert child.stdout.readline().strip() == "ready"

@@ -1,5 +1,6 @@
 """Registered models: exact parameter counts, shapes, names, dropout and BatchNorm modes."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +18,7 @@ def _shapes(model, shape):
 
 def _init(model, shape, seed=0):
     x = jax.random.normal(jax.random.key(seed + 1), shape)
-    return model.init(jax.random.key(seed), x), x
+    return jax.jit(model.init)(jax.random.key(seed), x), x
 
 
 def test_mlp_param_count_and_names():
@@ -86,33 +87,42 @@ def test_rnn_param_counts(cell):
 
 def test_rnn_reads_image_rows_as_time_steps():
     model = create_model({"name": "rnn", "num_classes": 3, "hidden": 16})
+    forward = jax.jit(model.apply)
     variables, x = _init(model, (2, 8, 4, 2))
-    np.testing.assert_allclose(
-        model.apply(variables, x), model.apply(variables, x.reshape(2, 8, 8)), rtol=1e-6
-    )
-    # Only the past reaches the last hidden state, and every row does reach it.
-    assert not np.allclose(model.apply(variables, x), model.apply(variables, x.at[:, 0].add(1.0)))
+    logits = forward(variables, x)
+    np.testing.assert_allclose(logits, forward(variables, x.reshape(2, 8, 8)), rtol=1e-6)
+    # The first row reaches the final hidden state through all 8 steps.
+    assert not np.allclose(logits, forward(variables, x.at[:, 0].add(1.0)))
 
 
 @pytest.mark.parametrize(
     "cfg, shape",
     [
         ({"name": "mlp"}, (3, 8, 8, 1)),
-        ({"name": "simple_cnn", "features": (4, 8), "hidden": 16}, (3, 8, 8, 1)),
-        ({"name": "simple_cnn", "features": (4, 8), "hidden": 16}, (3, 32, 32, 3)),
+        ({"name": "simple_cnn"}, (3, 8, 8, 1)),
+        ({"name": "simple_cnn"}, (3, 32, 32, 3)),
+        ({"name": "simple_cnn"}, (3, 7, 9, 2)),  # odd sizes: pooling floors
         ({"name": "resnet", "depth": "tiny", "small_inputs": True}, (3, 8, 8, 1)),
-        ({"name": "resnet", "depth": "tiny"}, (3, 32, 32, 3)),
-        ({"name": "resnet", "depth": 50, "num_filters": 4, "small_inputs": True}, (3, 8, 8, 3)),
-        ({"name": "rnn", "cell": "gru", "hidden": 16}, (3, 8, 8, 1)),
+        ({"name": "resnet", "depth": 18}, (3, 32, 32, 3)),
+        ({"name": "resnet", "depth": 50, "small_inputs": True}, (3, 8, 8, 3)),
+        ({"name": "rnn", "cell": "lstm"}, (3, 5, 4)),
+        ({"name": "rnn", "cell": "gru", "num_layers": 2}, (3, 8, 8, 1)),
     ],
 )
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_output_shape_dtype_and_head(cfg, shape, dtype):
+    # Abstract evaluation traces the full forward pass without compiling it.
     model = create_model({**cfg, "num_classes": 7, "dtype": dtype})
-    variables, x = _init(model, shape)
-    logits = model.apply(variables, x)
-    assert logits.shape == (3, 7) and logits.dtype == jnp.float32
-    assert np.isfinite(logits).all()
+    variables = _shapes(model, shape)
+    for train in (False, True):
+        logits = jax.eval_shape(
+            lambda v, x, train=train: model.apply(
+                v, x, train=train, mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)}
+            )[0],
+            variables,
+            jax.ShapeDtypeStruct(shape, jnp.float32),
+        )
+        assert logits.shape == (3, 7) and logits.dtype == jnp.float32
     assert set(variables["params"]["head"]) == {"kernel", "bias"}
     # Compute dtype changes; parameters stay float32 for the optimizer.
     assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
@@ -129,7 +139,9 @@ def test_bfloat16_compute_stays_close_to_float32():
 
 @pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh", "gelu"])
 def test_mlp_activation_by_name(activation):
-    model = create_model({"name": "mlp", "num_classes": 2, "hidden": (3,), "activation": activation})
+    model = create_model(
+        {"name": "mlp", "num_classes": 2, "hidden": (3,), "activation": activation}
+    )
     variables, x = _init(model, (2, 4))
     p = variables["params"]
     fn = {"relu": jax.nn.relu, "sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh, "gelu": jax.nn.gelu}
@@ -152,13 +164,17 @@ def test_dropout_changes_outputs_only_in_train_mode():
 
 
 def test_batchnorm_updates_stats_in_train_and_uses_them_in_eval():
-    model = create_model(
-        {"name": "resnet", "num_classes": 3, "depth": "tiny", "small_inputs": True}
+    cfg = {"name": "resnet", "depth": "tiny", "num_filters": 4, "small_inputs": True}
+    model = create_model({**cfg, "num_classes": 3})
+    # One compiled forward per mode, all on one batch shape (eager Flax compiles op by op).
+    forward = jax.jit(
+        lambda v, x, train: model.apply(v, x, train=train, mutable=["batch_stats"]),
+        static_argnums=2,
     )
     variables, x = _init(model, (4, 8, 8, 1))
     x = x * 3.0 + 2.0  # far from the initial running mean 0 / var 1
     old = variables["batch_stats"]["stem_bn"]
-    _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    _, updates = forward(variables, x, True)
     new = updates["batch_stats"]["stem_bn"]
     # momentum 0.9: new = 0.9 * old + 0.1 * batch statistic of the stem conv output.
     conv = jax.lax.conv_general_dilated(
@@ -169,15 +185,18 @@ def test_batchnorm_updates_stats_in_train_and_uses_them_in_eval():
     np.testing.assert_allclose(
         new["var"], 0.9 * old["var"] + 0.1 * conv.var(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6
     )
-    # Eval normalises with the running stats: one example's logits do not depend on the
-    # rest of the batch, and they change when the stored stats change.
+    # Eval normalises with the running stats: example 0's logits ignore the rest of the
+    # batch, and they change when the stored stats change. Train mode uses batch stats.
     trained = {**variables, **updates}
-    full = model.apply(trained, x)
-    np.testing.assert_allclose(model.apply(trained, x[:1]), full[:1], rtol=1e-5, atol=1e-6)
-    assert not np.allclose(model.apply(variables, x[:1]), full[:1])
-    train_out = model.apply(trained, x, train=True, mutable=["batch_stats"])[0]
-    train_one = model.apply(trained, x[:1], train=True, mutable=["batch_stats"])[0]
-    assert not np.allclose(train_out[:1], train_one)  # train mode uses batch statistics
+    others_changed = x.at[1:].multiply(-2.0)
+    evaluated, eval_updates = forward(trained, x, False)
+    chex.assert_trees_all_equal(eval_updates, {"batch_stats": trained["batch_stats"]})
+    np.testing.assert_allclose(
+        forward(trained, others_changed, False)[0][0], evaluated[0], rtol=1e-5, atol=1e-6
+    )
+    assert not np.allclose(forward(variables, x, False)[0][0], evaluated[0])
+    train_a, train_b = forward(trained, x, True)[0], forward(trained, others_changed, True)[0]
+    assert not np.allclose(train_a[0], train_b[0])
 
 
 @pytest.mark.parametrize(

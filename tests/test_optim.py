@@ -18,8 +18,9 @@ def opt_cfg(**kw):
 
 def test_schedules_at_known_steps():
     lr = 0.1
-    step = make_schedule(opt_cfg(learning_rate=lr, schedule="step", step_every=10,
-                                 decay_rate=0.5), 100)
+    step = make_schedule(
+        opt_cfg(learning_rate=lr, schedule="step", step_every=10, decay_rate=0.5), 100
+    )
     assert [float(step(s)) for s in (0, 9, 10, 25)] == pytest.approx([0.1, 0.1, 0.05, 0.025])
     cosine = make_schedule(opt_cfg(learning_rate=lr, schedule="cosine"), 100)
     assert float(cosine(0)) == pytest.approx(lr)

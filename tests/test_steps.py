@@ -22,8 +22,9 @@ def make_setup(spec=SPEC, num_classes=4, **overrides):
         for p in parents:
             node = node[p]
         node[leaf] = value
-    return build(cfg, kind="classification", example_spec=spec, num_classes=num_classes,
-                 total_steps=10)
+    return build(
+        cfg, kind="classification", example_spec=spec, num_classes=num_classes, total_steps=10
+    )
 
 
 def batch_of(n=8, seed=0, features=3, num_classes=4):
@@ -35,8 +36,13 @@ def batch_of(n=8, seed=0, features=3, num_classes=4):
 
 
 def test_one_sgd_step_equals_hand_computed_update():
-    setup = make_setup(**{"model": {"name": "mlp", "num_classes": 4, "hidden": ()},
-                          "optimizer.name": "sgd", "optimizer.learning_rate": 0.1})
+    setup = make_setup(
+        **{
+            "model": {"name": "mlp", "num_classes": 4, "hidden": ()},
+            "optimizer.name": "sgd",
+            "optimizer.learning_rate": 0.1,
+        }
+    )
     w = np.asarray(setup.state.params["params"]["head"]["kernel"])
     b = np.asarray(setup.state.params["params"]["head"]["bias"])
     batch = batch_of()
@@ -50,17 +56,21 @@ def test_one_sgd_step_equals_hand_computed_update():
 
     train_step = steps.make_train_step(setup.model, setup.task, setup.tx)
     state, metrics = train_step(setup.state, batch)
-    np.testing.assert_allclose(state.params["params"]["head"]["kernel"], expected_w, rtol=1e-5,
-                               atol=1e-6)
-    np.testing.assert_allclose(state.params["params"]["head"]["bias"], expected_b, rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        state.params["params"]["head"]["kernel"], expected_w, rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        state.params["params"]["head"]["bias"], expected_b, rtol=1e-5, atol=1e-6
+    )
     assert float(metrics["loss"]) == pytest.approx(expected_loss, rel=1e-5)
     assert int(state.step) == 1
 
 
 def test_no_retrace_over_many_steps_and_bitwise_determinism():
-    setup = make_setup(**{"model": {"name": "mlp", "num_classes": 4, "hidden": (16,),
-                                    "dropout_rate": 0.5}})
+    setup = make_setup(
+        **{"model": {"name": "mlp", "num_classes": 4, "hidden": (16,), "dropout_rate": 0.5}}
+    )
+
     def step_fn(state, batch):
         return steps.train_step(state, batch, model=setup.model, task=setup.task, tx=setup.tx)
 
@@ -83,8 +93,12 @@ def test_no_retrace_over_many_steps_and_bitwise_determinism():
 
 
 def test_dropout_key_depends_on_step():
-    setup = make_setup(**{"model": {"name": "mlp", "num_classes": 4, "hidden": (64,),
-                                    "dropout_rate": 0.5}, "optimizer.learning_rate": 1e-9})
+    setup = make_setup(
+        **{
+            "model": {"name": "mlp", "num_classes": 4, "hidden": (64,), "dropout_rate": 0.5},
+            "optimizer.learning_rate": 1e-9,
+        }
+    )
     train_step = steps.make_train_step(setup.model, setup.task, setup.tx)
     batch = batch_of()
     state, m1 = train_step(setup.state, batch)
@@ -93,9 +107,12 @@ def test_dropout_key_depends_on_step():
 
 
 def test_frozen_leaves_get_no_gradient_and_no_optimizer_state():
-    setup = make_setup(**{"model": {"name": "mlp", "num_classes": 4, "hidden": (8,)},
-                          "partition": [("params/head/.*", {"trainable": True}),
-                                        (".*", {"trainable": False})]})
+    setup = make_setup(
+        **{
+            "model": {"name": "mlp", "num_classes": 4, "hidden": (8,)},
+            "partition": [("params/head/.*", {"trainable": True}), (".*", {"trainable": False})],
+        }
+    )
     assert set(tree.flatten(setup.state.params)) == {"params/head/kernel", "params/head/bias"}
     opt_leaves = jax.tree.leaves(setup.state.opt_state)
     head_size = 8 * 4 + 4
@@ -110,17 +127,23 @@ def test_frozen_leaves_get_no_gradient_and_no_optimizer_state():
 
 def test_batchnorm_statistics_update_in_training_and_serve_evaluation():
     spec = {"image": ((8, 8, 1), jnp.float32), "label": ((), jnp.int32)}
-    setup = make_setup(spec, **{"model": {"name": "resnet", "num_classes": 4, "depth": "tiny",
-                                          "small_inputs": True}})
+    setup = make_setup(
+        spec,
+        **{"model": {"name": "resnet", "num_classes": 4, "depth": "tiny", "small_inputs": True}},
+    )
     rng = np.random.default_rng(0)
-    batch = {"image": rng.normal(2.0, 1.0, (8, 8, 8, 1)).astype(np.float32),
-             "label": rng.integers(0, 4, 8).astype(np.int32)}
+    batch = {
+        "image": rng.normal(2.0, 1.0, (8, 8, 8, 1)).astype(np.float32),
+        "label": rng.integers(0, 4, 8).astype(np.int32),
+    }
     before = jax.tree.map(np.array, setup.state.model_state)
     train_step = steps.make_train_step(setup.model, setup.task, setup.tx)
     state, _ = train_step(setup.state, batch)
     after = jax.tree.map(np.asarray, state.model_state)
-    changed = [not np.array_equal(a, b) for a, b in
-               zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True)]
+    changed = [
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True)
+    ]
     assert all(changed)
     eval_batch = {**batch, "mask": np.ones(8, np.float32)}
     eval_step = steps.make_eval_step(setup.model, setup.task)
@@ -132,7 +155,8 @@ def test_batchnorm_statistics_update_in_training_and_serve_evaluation():
 
 def test_wrong_batch_shape_is_a_clear_error():
     setup = make_setup(**{"model": {"name": "mlp", "num_classes": 4, "hidden": ()}})
-    train_step = steps.make_train_step(setup.model, setup.task, setup.tx,
-                                       batch_spec=setup.batch_spec)
+    train_step = steps.make_train_step(
+        setup.model, setup.task, setup.tx, batch_spec=setup.batch_spec
+    )
     with pytest.raises(ValueError, match=r"batch\['image'\]: expected per-example shape \(3,\)"):
         train_step(setup.state, batch_of(features=5))

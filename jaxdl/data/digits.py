@@ -2,9 +2,10 @@
 
 Built offline on first use by a `tfds.core.GeneratorBasedBuilder` into
 ``<data_dir>/jaxdl_digits/1.0.0/`` in array_record format (tfds 4.9.10 builds and reads
-array_record without TensorFlow), then read with `tfds.data_source` like any other TFDS
-dataset. The train/val/test split (70/10/20, stratified) is fixed by `SPLIT_SEED`, not by
-the run seed, so every run sees the same test set: 1,257 / 180 / 360 examples.
+array_record without TensorFlow), read back through the builder's `as_data_source` (what
+`tfds.data_source` calls) and held in memory. The train/val/test split (70/10/20,
+stratified) is fixed by `SPLIT_SEED`, not by the run seed, so every run sees the same
+test set: 1,257 / 180 / 360 examples.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from collections.abc import Mapping
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxdl.data.sources import ArrayImageDecode, Source, image_size, opt, resolve_data_dir
+from jaxdl.data.sources import (
+    ArrayImageDecode,
+    InMemoryRecords,
+    Source,
+    image_size,
+    opt,
+    resolve_data_dir,
+)
 
 SPLIT_SEED = 0
 VAL_FRACTION, TEST_FRACTION = 0.1, 0.2
@@ -28,10 +36,13 @@ def split_indices() -> dict[str, np.ndarray]:
 
     y = load_digits().target
     idx = np.arange(len(y))
-    rest, test = train_test_split(idx, test_size=TEST_FRACTION, stratify=y,
-                                  random_state=SPLIT_SEED)
-    train, val = train_test_split(rest, test_size=VAL_FRACTION / (1 - TEST_FRACTION),
-                                  stratify=y[rest], random_state=SPLIT_SEED)
+    rest, test = train_test_split(idx, test_size=TEST_FRACTION, stratify=y, random_state=SPLIT_SEED)
+    train, val = train_test_split(
+        rest,
+        test_size=VAL_FRACTION / (1 - TEST_FRACTION),
+        stratify=y[rest],
+        random_state=SPLIT_SEED,
+    )
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
@@ -49,11 +60,13 @@ class JaxdlDigits(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description="scikit-learn's 8x8 handwritten digits (UCI), pixel values 0..16.",
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
-                "label": tfds.features.ClassLabel(names=[str(d) for d in range(10)]),
-                "id": tfds.features.Scalar(dtype=np.int32),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
+                    "label": tfds.features.ClassLabel(names=[str(d) for d in range(10)]),
+                    "id": tfds.features.Scalar(dtype=np.int32),
+                }
+            ),
             supervised_keys=("image", "label"),
         )
 
@@ -75,19 +88,25 @@ def prepare_digits(data_dir: str) -> JaxdlDigits:
     builder = JaxdlDigits(data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
         builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+        )
     return builder
 
 
 def digits_source(cfg: Mapping) -> Source:
-    """The "digits" source, prepared on first use in data.data_dir."""
+    """The "digits" source, prepared on first use in data.data_dir, read into memory
+    (115 KB; tfds's per-record deserialization would otherwise dominate a step)."""
     builder = prepare_digits(resolve_data_dir(cfg))
     splits = builder.as_data_source()
-    decode = ArrayImageDecode(scale=PIXEL_MAX, image_size=image_size(cfg),
-                              channels=opt(cfg, "channels"))
+    decode = ArrayImageDecode(
+        scale=PIXEL_MAX, image_size=image_size(cfg), channels=opt(cfg, "channels")
+    )
     return Source(
-        "classification", {name: splits[name] for name in ("train", "val", "test")}, decode, 10,
+        "classification",
+        {name: InMemoryRecords(splits[name]) for name in ("train", "val", "test")},
+        decode,
+        10,
         [str(d) for d in range(10)],
-        {"source": "digits", "input": "image", "pixel_scale": PIXEL_MAX},
+        {"source": "digits", "input": "image", **decode.describe()},
         split_names={"train": "train", "val": "val", "test": "test"},
     )

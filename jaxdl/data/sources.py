@@ -1,8 +1,8 @@
 """Data sources: `data.source` spec -> random-access records per split, and their decoder.
 
 Every source yields a `Source`: for each split a random-access sequence of raw records
-(``len`` and ``[i]``, what grain calls a data source) plus one grain ``Map`` that turns a
-record into a canonical example:
+(``len`` and ``[i]``, what grain calls a data source) plus one picklable callable that
+turns a record into a canonical example:
 
     classification: {"image": float32 [H, W, C] in [0, 1], "label": int32 []}
     lm:             {"inputs": int32 [T], "targets": int32 [T]}
@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import grain
 import numpy as np
 
 from jaxdl.data.transforms import resize_image
@@ -59,10 +58,10 @@ class Source:
 
     kind: str  # "classification" | "lm"
     splits: dict[str, Sequence]
-    decode: grain.transforms.Map
+    decode: Callable[[Any], dict[str, np.ndarray]]
     num_classes: int | None
     class_names: list[str] | None
-    description: dict  # how a record becomes an example, for Data.preprocessing
+    description: dict  # JSON: how a record becomes an example, for Data.preprocessing
     split_names: dict[str, str] = dataclasses.field(default_factory=dict)
     skipped_files: list[str] = dataclasses.field(default_factory=list)
 
@@ -103,6 +102,20 @@ class Concat:
         return self.parts[part][i - int(self.offsets[part])]
 
 
+class InMemoryRecords:
+    """All records of a small source held as stacked numpy arrays (one read at build)."""
+
+    def __init__(self, records: Sequence):
+        rows = list(records.__getitems__(list(range(len(records)))))
+        self.arrays = {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return {k: v[i] for k, v in self.arrays.items()}
+
+
 # ---- decoding arrays -----------------------------------------------------------------------
 
 
@@ -120,22 +133,35 @@ def convert_channels(image: np.ndarray, channels: int | None) -> np.ndarray:
         return (image @ luma)[..., None].astype(np.float32)
     if have == channels:
         return image
-    raise ValueError(f"data.channels: cannot convert {have}-channel images to {channels}. "
-                     "Fix: set data.channels to 1, 3 or 0 (native).")
+    raise ValueError(
+        f"data.channels: cannot convert {have}-channel images to {channels}. "
+        "Fix: set data.channels to 1, 3 or 0 (native)."
+    )
 
 
-class ArrayImageDecode(grain.transforms.Map):
+class ArrayImageDecode:
     """Record with an image array -> {"image": float32 [0, 1] HWC, "label": int32}.
 
     `scale` is the pixel maximum (255 for uint8, 16 for digits, 1 for floats).
     """
 
-    def __init__(self, *, scale: float, image_key: str = "image", label_key: str = "label",
-                 image_size: tuple[int, int] | None = None, channels: int | None = None):
+    def __init__(
+        self,
+        *,
+        scale: float,
+        image_key: str = "image",
+        label_key: str = "label",
+        image_size: tuple[int, int] | None = None,
+        channels: int | None = None,
+    ):
         self.scale, self.image_key, self.label_key = float(scale), image_key, label_key
         self.image_size, self.channels = image_size, channels
 
-    def map(self, record: Mapping) -> dict[str, np.ndarray]:
+    def describe(self) -> dict[str, Any]:
+        size = list(self.image_size) if self.image_size else None
+        return {"pixel_scale": self.scale, "channels": self.channels, "image_size": size}
+
+    def __call__(self, record: Mapping) -> dict[str, np.ndarray]:
         image = np.asarray(record[self.image_key])
         if image.ndim == 2:
             image = image[..., None]
@@ -146,10 +172,10 @@ class ArrayImageDecode(grain.transforms.Map):
         return {"image": image, "label": np.asarray(record[self.label_key], np.int32)}
 
 
-class Identity(grain.transforms.Map):
+class Identity:
     """Records that are already examples (text windows, synthetic tokens)."""
 
-    def map(self, record):
+    def __call__(self, record):
         return record
 
 
@@ -196,16 +222,28 @@ def synthetic_source(kind: str, cfg: Mapping, *, seed: int, num_classes: int | N
         classes = int(num_classes or 10)
         make = lambda count, off: SyntheticImages(count, shape, classes, seed, off)
         splits = {"train": make(n, 0), "val": make(n_eval, n), "test": make(n_eval, n + n_eval)}
-        return Source("classification", splits, ArrayImageDecode(scale=1.0), classes,
-                      None, {"source": "synthetic:images", "input": "image"})
+        return Source(
+            "classification",
+            splits,
+            ArrayImageDecode(scale=1.0),
+            classes,
+            None,
+            {"source": "synthetic:images", "input": "image"},
+        )
     if kind == "tokens":
         shape = opt(cfg, "shape")
         seq_len = int(shape[0]) if shape else int(opt(cfg, "seq_len", 128))
         vocab = int(num_classes or 256)
         make = lambda count, off: SyntheticTokens(count, seq_len, vocab, seed, off)
         splits = {"train": make(n, 0), "val": make(n_eval, n), "test": make(n_eval, n + n_eval)}
-        return Source("lm", splits, Identity(), vocab, None,
-                      {"source": "synthetic:tokens", "tokenizer": None, "vocab_size": vocab})
+        return Source(
+            "lm",
+            splits,
+            Identity(),
+            vocab,
+            None,
+            {"source": "synthetic:tokens", "tokenizer": None, "vocab_size": vocab},
+        )
     raise ValueError(f"data.source: expected one of {VALID_SOURCES}, found 'synthetic:{kind}'.")
 
 
@@ -224,9 +262,11 @@ def _resolve_split(wanted: str, known: set[str], *, role: str, name: str) -> str
                 return alt
     if role == "test":
         return None
-    raise ValueError(f"data.{role}_split: TFDS dataset {name!r} has splits {sorted(known)}, found "
-                     f"{wanted!r}. Fix: set data.{role}_split to one of them or a slice like "
-                     "'train[:90%]'.")
+    raise ValueError(
+        f"data.{role}_split: TFDS dataset {name!r} has splits {sorted(known)}, found "
+        f"{wanted!r}. Fix: set data.{role}_split to one of them or a slice like "
+        "'train[:90%]'."
+    )
 
 
 def tfds_source(name: str, cfg: Mapping, *, num_classes: int | None) -> Source:
@@ -237,14 +277,20 @@ def tfds_source(name: str, cfg: Mapping, *, num_classes: int | None) -> Source:
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-        raise ValueError(f"data.source: TFDS has no dataset {name!r} (found 'tfds:{name}'). "
-                         "Fix: check the name with `tfds.list_builders()`.") from None
+        raise ValueError(
+            f"data.source: TFDS has no dataset {name!r} (found 'tfds:{name}'). "
+            "Fix: check the name with `tfds.list_builders()`."
+        ) from None
     except ValueError as err:
-        raise ValueError(f"data.source: cannot open TFDS dataset {name!r}: "
-                         f"{str(err).splitlines()[0]}") from None
+        raise ValueError(
+            f"data.source: cannot open TFDS dataset {name!r}: {str(err).splitlines()[0]}"
+        ) from None
     known = set(builder.info.splits.keys())
-    wanted = {"train": opt(cfg, "train_split", "train"), "val": opt(cfg, "eval_split", "val"),
-              "test": opt(cfg, "test_split", "test")}
+    wanted = {
+        "train": opt(cfg, "train_split", "train"),
+        "val": opt(cfg, "eval_split", "val"),
+        "test": opt(cfg, "test_split", "test"),
+    }
     # Our split names are the configured ones (the trainer looks splits up by them).
     roles = {"train": "train", "val": "eval", "test": "test"}
     names: dict[str, str] = {}
@@ -252,43 +298,59 @@ def tfds_source(name: str, cfg: Mapping, *, num_classes: int | None) -> Source:
         resolved = _resolve_split(split, known, role=roles[ours], name=name)
         if resolved is not None:
             names["train" if ours == "train" else split] = resolved
-    prepare = (f"tfds build {name} --data_dir {data_dir} --file_format array_record")
+    prepare = f"tfds build {name} --data_dir {data_dir} --file_format array_record"
     try:
         records = builder.as_data_source(split=list(names.values()))
     except (NotImplementedError, ValueError, AssertionError, FileNotFoundError) as err:
         if not builder.is_prepared():
             raise FileNotFoundError(
                 f"data.source: TFDS dataset {name!r} is not prepared in {builder.data_dir} "
-                f"(data.data_dir={data_dir}). Fix: run `{prepare}`.") from None
-        raise ValueError(f"data.source: TFDS dataset {name!r} in {builder.data_dir} is not in "
-                         f"array_record format ({str(err).splitlines()[0]}). Fix: run "
-                         f"`{prepare}`.") from None
-    splits = dict(zip(names, records))
+                f"(data.data_dir={data_dir}). Fix: run `{prepare}`."
+            ) from None
+        raise ValueError(
+            f"data.source: TFDS dataset {name!r} in {builder.data_dir} is not in "
+            f"array_record format ({str(err).splitlines()[0]}). Fix: run "
+            f"`{prepare}`."
+        ) from None
+    splits = dict(zip(names, records, strict=True))
 
     features = builder.info.features
     image_key, label_key = builder.info.supervised_keys or ("image", "label")
     if image_key not in features or label_key not in features:
-        raise ValueError(f"data.source: jaxdl reads TFDS image classification datasets with "
-                         f"features ({image_key!r}, {label_key!r}); {name!r} has "
-                         f"{sorted(features.keys())}.")
+        raise ValueError(
+            f"data.source: jaxdl reads TFDS image classification datasets with "
+            f"features ({image_key!r}, {label_key!r}); {name!r} has "
+            f"{sorted(features.keys())}."
+        )
     image_feature, label_feature = features[image_key], features[label_key]
     size = image_size(cfg)
     if size is None and None in tuple(image_feature.shape[:2]):
-        raise ValueError(f"data.image_size: TFDS dataset {name!r} has images of varying size "
-                         f"{image_feature.shape}; found data.image_size unset. Fix: set "
-                         "data.image_size, e.g. 224.")
+        raise ValueError(
+            f"data.image_size: TFDS dataset {name!r} has images of varying size "
+            f"{image_feature.shape}; found data.image_size unset. Fix: set "
+            "data.image_size, e.g. 224."
+        )
     classes = getattr(label_feature, "num_classes", None)
     if classes is None and num_classes is None:
-        raise ValueError(f"model.num_classes: TFDS dataset {name!r} has no ClassLabel feature "
-                         f"{label_key!r}; found no model.num_classes. Fix: set model.num_classes.")
+        raise ValueError(
+            f"model.num_classes: TFDS dataset {name!r} has no ClassLabel feature "
+            f"{label_key!r}; found no model.num_classes. Fix: set model.num_classes."
+        )
     scale = 255.0 if np.dtype(image_feature.np_dtype) == np.uint8 else 1.0
-    decode = ArrayImageDecode(scale=scale, image_key=image_key, label_key=label_key,
-                              image_size=size,
-                              channels=opt(cfg, "channels"))
+    decode = ArrayImageDecode(
+        scale=scale,
+        image_key=image_key,
+        label_key=label_key,
+        image_size=size,
+        channels=opt(cfg, "channels"),
+    )
     return Source(
-        "classification", splits, decode, classes,
+        "classification",
+        splits,
+        decode,
+        classes,
         list(label_feature.names) if classes is not None else None,
-        {"source": f"tfds:{name}", "input": "image", "pixel_scale": scale},
+        {"source": f"tfds:{name}", "input": "image", **decode.describe()},
         split_names=names,
     )
 

@@ -19,8 +19,8 @@ gives a square image so that batches stack).
 
 Every image op sees ``example["image"]``: float32 HWC with values in [0, 1] (sources
 decode to that range; `normalize` comes last). Random ops draw only from the
-``np.random.Generator`` they are handed, which grain seeds from (seed, element index), so
-augmentation is reproducible and resumable.
+``np.random.Generator`` they are handed, seeded from (seed, epoch, position), so
+augmentation is reproducible and resumable (see batches.py for the seeding).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-import grain
 import numpy as np
 from PIL import Image
 
@@ -50,8 +49,10 @@ def _size2(size: int | Sequence[int]) -> tuple[int, int]:
 
 def _per_channel(image: np.ndarray, fn) -> np.ndarray:
     """Apply a Pillow float ("F" mode) operation to each channel of a [H, W, C] array."""
-    planes = [np.asarray(fn(Image.fromarray(np.ascontiguousarray(image[..., c]))))
-              for c in range(image.shape[-1])]
+    planes = [
+        np.asarray(fn(Image.fromarray(np.ascontiguousarray(image[..., c]))))
+        for c in range(image.shape[-1])
+    ]
     return np.stack(planes, axis=-1).astype(np.float32)
 
 
@@ -75,8 +76,9 @@ class Op:
 
     def describe(self) -> dict[str, Any]:
         """JSON description (for export): {"name": ..., **arguments}."""
-        args = {k: list(v) if isinstance(v, tuple) else v
-                for k, v in dataclasses.asdict(self).items()}
+        args = {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
         return {"name": self.name, **args}
 
 
@@ -98,10 +100,12 @@ class CenterCrop(Op):
         img = ex["image"]
         (h, w), (H, W) = self.size, img.shape[:2]
         if h > H or w > W:
-            raise ValueError(f"data.transforms: center_crop({h}, {w}) needs images at least that "
-                             f"large, found {H}x{W}. Fix: resize first or crop smaller.")
+            raise ValueError(
+                f"data.transforms: center_crop({h}, {w}) needs images at least that "
+                f"large, found {H}x{W}. Fix: resize first or crop smaller."
+            )
         top, left = (H - h) // 2, (W - w) // 2
-        return {**ex, "image": img[top:top + h, left:left + w]}
+        return {**ex, "image": img[top : top + h, left : left + w]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,8 +177,9 @@ class RandomScale(Op):
         cx, cy = W / 2, H / 2
         # Pillow's affine maps output (x, y) to input (a x + b y + c, d x + e y + f).
         coeffs = (inv, 0.0, cx - cx * inv, 0.0, inv, cy - cy * inv)
-        warp = lambda im: im.transform((W, H), Image.Transform.AFFINE, coeffs,
-                                       resample=Image.Resampling.BILINEAR)
+        warp = lambda im: im.transform(
+            (W, H), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR
+        )
         return {**ex, "image": _per_channel(img, warp)}
 
 
@@ -192,7 +197,8 @@ class Normalize(Op):
             raise ValueError(
                 f"data.transforms: normalize has {len(self.mean)} channel means, the images have "
                 f"{img.shape[-1]} channels. Fix: set data.channels={len(self.mean)} or give "
-                f"normalize(mean=..., std=...) with {img.shape[-1]} values.")
+                f"normalize(mean=..., std=...) with {img.shape[-1]} values."
+            )
         mean = np.asarray(self.mean, np.float32)
         std = np.asarray(self.std, np.float32)
         return {**ex, "image": ((img - mean) / std).astype(np.float32)}
@@ -219,8 +225,10 @@ _PRESETS = {
 def _make_normalize(preset: str | None = None, *, mean=None, std=None) -> Normalize:
     if preset is not None:
         if preset not in _PRESETS or mean is not None or std is not None:
-            raise ValueError(f"data.transforms: normalize expects one of {sorted(_PRESETS)} or "
-                             f"mean=..., std=..., found preset={preset!r} mean={mean} std={std}.")
+            raise ValueError(
+                f"data.transforms: normalize expects one of {sorted(_PRESETS)} or "
+                f"mean=..., std=..., found preset={preset!r} mean={mean} std={std}."
+            )
         mean, std = _PRESETS[preset]
     if mean is None or std is None:
         raise ValueError("data.transforms: normalize needs a preset or both mean and std.")
@@ -232,8 +240,9 @@ def _make_normalize(preset: str | None = None, *, mean=None, std=None) -> Normal
 _FACTORIES = {
     "resize": lambda size: Resize(_size2(size)),
     "center_crop": lambda size: CenterCrop(_size2(size)),
-    "random_resized_crop": lambda size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3): (
-        RandomResizedCrop(_size2(size), tuple(map(float, scale)), tuple(map(float, ratio)))),
+    "random_resized_crop": lambda size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3): RandomResizedCrop(
+        _size2(size), tuple(map(float, scale)), tuple(map(float, ratio))
+    ),
     "random_flip": lambda p=0.5: RandomFlip(float(p)),
     "random_rotation": lambda degrees: RandomRotation(float(degrees)),
     "random_scale": lambda scale=(0.9, 1.1): RandomScale(tuple(map(float, scale))),
@@ -254,11 +263,16 @@ def _parse_string(spec: str) -> tuple[str, list, dict]:
             return call.id, [], {}
         if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name):
             raise ValueError("not a call")
-        return (call.func.id, [_literal(a) for a in call.args],
-                {k.arg: _literal(k.value) for k in call.keywords})
+        return (
+            call.func.id,
+            [_literal(a) for a in call.args],
+            {k.arg: _literal(k.value) for k in call.keywords},
+        )
     except (SyntaxError, ValueError) as err:
-        raise ValueError(f"data.transforms: cannot parse {spec!r} ({err}); expected the form "
-                         "'name' or 'name(arg, key=value)', e.g. 'resize(224)'.") from None
+        raise ValueError(
+            f"data.transforms: cannot parse {spec!r} ({err}); expected the form "
+            "'name' or 'name(arg, key=value)', e.g. 'resize(224)'."
+        ) from None
 
 
 def parse_transform(spec: str | Sequence | Mapping) -> Op:
@@ -273,11 +287,15 @@ def parse_transform(spec: str | Sequence | Mapping) -> Op:
     elif isinstance(spec, Sequence) and len(spec) == 2 and isinstance(spec[1], Mapping):
         name, args, kwargs = spec[0], [], dict(spec[1])
     else:
-        raise ValueError(f"data.transforms: expected a string like 'resize(224)', a (name, "
-                         f"kwargs) pair or a dict with 'name', found {spec!r}.")
+        raise ValueError(
+            f"data.transforms: expected a string like 'resize(224)', a (name, "
+            f"kwargs) pair or a dict with 'name', found {spec!r}."
+        )
     if name not in _FACTORIES:
-        raise ValueError(f"data.transforms: unknown transform {name!r} in {spec!r}; valid: "
-                         f"{', '.join(sorted(_FACTORIES))}.")
+        raise ValueError(
+            f"data.transforms: unknown transform {name!r} in {spec!r}; valid: "
+            f"{', '.join(sorted(_FACTORIES))}."
+        )
     try:
         return _FACTORIES[name](*args, **kwargs)
     except TypeError as err:
@@ -290,31 +308,33 @@ def parse_transforms(specs: Sequence | None, *, field: str, allow_random: bool) 
     if not allow_random:
         for op in ops:
             if op.random:
-                raise ValueError(f"{field}: {op.name!r} is random, but {field} is applied at "
-                                 "evaluation too. Fix: move it to data.train_transforms.")
+                raise ValueError(
+                    f"{field}: {op.name!r} is random, but {field} is applied at "
+                    "evaluation too. Fix: move it to data.train_transforms."
+                )
     return ops
 
 
-class TrainChain(grain.transforms.RandomMap):
-    """All train ops in order, sharing the per-element generator grain hands in."""
+class TrainChain:
+    """All train ops in order, sharing one per-example generator."""
 
     def __init__(self, ops: Sequence[Op]):
         self.ops = tuple(ops)
 
-    def random_map(self, element: Example, rng: np.random.Generator) -> Example:
+    def __call__(self, example: Example, rng: np.random.Generator) -> Example:
         for op in self.ops:
-            element = op(element, rng)
-        return element
+            example = op(example, rng)
+        return example
 
 
-class EvalChain(grain.transforms.Map):
+class EvalChain:
     """Deterministic ops in order."""
 
     def __init__(self, ops: Sequence[Op]):
         assert not any(op.random for op in ops)
         self.ops = tuple(ops)
 
-    def map(self, element: Example) -> Example:
+    def __call__(self, example: Example) -> Example:
         for op in self.ops:
-            element = op(element, None)
-        return element
+            example = op(example, None)
+        return example

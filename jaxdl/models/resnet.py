@@ -29,9 +29,7 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        conv = functools.partial(
-            nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32
-        )
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
         norm = functools.partial(_batch_norm, train=train, dtype=self.dtype)
         s = (self.strides, self.strides)
         y = nn.relu(norm(name="bn1")(conv(self.filters, (3, 3), s, padding=1, name="conv1")(x)))
@@ -50,9 +48,7 @@ class BottleneckBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        conv = functools.partial(
-            nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32
-        )
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
         norm = functools.partial(_batch_norm, train=train, dtype=self.dtype)
         s = (self.strides, self.strides)
         y = nn.relu(norm(name="bn1")(conv(self.filters, (1, 1), name="conv1")(x)))
@@ -153,4 +149,3 @@ ResNet34 = functools.partial(ResNet, depth=34)
 ResNet50 = functools.partial(ResNet, depth=50)
 ResNet101 = functools.partial(ResNet, depth=101)
 ResNet152 = functools.partial(ResNet, depth=152)
-

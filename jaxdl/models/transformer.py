@@ -171,9 +171,8 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        dense = functools.partial(
-            nn.Dense, self.hidden_dim, dtype=self.dtype, kernel_init=nn.initializers.normal(INIT_STD)
-        )
+        init = nn.initializers.normal(INIT_STD)
+        dense = functools.partial(nn.Dense, self.hidden_dim, dtype=self.dtype, kernel_init=init)
         h = dense(name="fc1")(x)
         if self.kind == "swiglu":
             h = nn.silu(dense(name="gate")(x)) * h

@@ -77,7 +77,11 @@ class ViT(nn.Module):
         dtype = jnp.dtype(self.dtype)
 
         h = nn.Conv(
-            dim, (patch, patch), strides=(patch, patch), padding="VALID", dtype=dtype,
+            dim,
+            (patch, patch),
+            strides=(patch, patch),
+            padding="VALID",
+            dtype=dtype,
             name="patch_embed",
         )(x)
         h = h.reshape(h.shape[0], -1, dim)  # [B, N, D]

@@ -1,0 +1,1 @@
+"""Throughput benchmarks of jaxdl against PyTorch (see benchmarks/README.md)."""

@@ -1,0 +1,129 @@
+"""The "text:..." sources: byte-level language modelling (UTF-8 bytes, vocabulary 256).
+
+    text:PATH_OR_GLOB   a file, a folder (all files below it) or a glob, sorted, concatenated
+    text:stdlib         the Python standard library's .py files (no test folders), sorted
+    text:pydoc          `pydoc_data.topics.topics` values in sorted key order
+
+The corpus is capped at `data.max_bytes` (default: 8,000,000 for stdlib, none otherwise).
+The last `data.val_fraction` (default 0.1) of the bytes is "val" ("test" is the same
+bytes). Each split is cut into non-overlapping windows of `data.seq_len` + 1 bytes with
+stride seq_len, so targets cover every byte after the first once:
+inputs = w[:-1], targets = w[1:]. A tail shorter than a window is dropped.
+"""
+
+from __future__ import annotations
+
+import glob
+import sysconfig
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from jaxdl.data.sources import Identity, Source, opt
+
+VOCAB_SIZE = 256
+STDLIB_MAX_BYTES = 8_000_000
+_STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+
+
+class ByteWindows:
+    """Windows of a uint8 corpus: item i = bytes [i*T, i*T + T + 1) as inputs/targets."""
+
+    def __init__(self, corpus: np.ndarray, seq_len: int):
+        self.corpus, self.seq_len = corpus, seq_len
+
+    def __len__(self) -> int:
+        return max(0, (len(self.corpus) - 1) // self.seq_len)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        start = int(i) * self.seq_len
+        w = self.corpus[start : start + self.seq_len + 1].astype(np.int32)
+        return {"inputs": w[:-1], "targets": w[1:]}
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's .py files outside test folders, sorted by relative path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [
+        p for p in root.rglob("*.py") if not _STDLIB_SKIP & set(p.relative_to(root).parts[:-1])
+    ]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _read_files(files: list[Path], max_bytes: int | None) -> bytes:
+    chunks, total = [], 0
+    for path in files:
+        if max_bytes is not None and total >= max_bytes:
+            break
+        data = path.read_bytes()
+        chunks.append(data)
+        total += len(data)
+    corpus = b"".join(chunks)
+    return corpus if max_bytes is None else corpus[:max_bytes]
+
+
+def _glob_files(pattern: str) -> list[Path]:
+    path = Path(pattern).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    else:
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    if not files:
+        raise FileNotFoundError(
+            f"data.source: text:{pattern} matches no files. Fix: give a "
+            "file, a folder or a glob such as 'corpus/*.txt'."
+        )
+    return files
+
+
+def read_corpus(spec: str, max_bytes: int | None) -> bytes:
+    """The bytes a "text:" spec names (before the val split)."""
+    if spec == "stdlib":
+        return _read_files(stdlib_files(), max_bytes or STDLIB_MAX_BYTES)
+    if spec == "pydoc":
+        from pydoc_data.topics import topics
+
+        corpus = "\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
+        return corpus if max_bytes is None else corpus[:max_bytes]
+    return _read_files(_glob_files(spec), max_bytes)
+
+
+def text_source(spec: str, cfg: Mapping) -> Source:
+    """ "text:..." -> Source of byte windows; splits train, val and test (= val)."""
+    seq_len = int(opt(cfg, "seq_len", 128))
+    fraction = float(opt(cfg, "val_fraction", 0.1))
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"data.val_fraction: expected a number in (0, 1), found {fraction}.")
+    corpus = np.frombuffer(read_corpus(spec, opt(cfg, "max_bytes")), np.uint8)
+    n_val = int(len(corpus) * fraction)
+    train, val = corpus[: len(corpus) - n_val], corpus[len(corpus) - n_val :]
+    if min(len(train), len(val)) < seq_len + 1:
+        raise ValueError(
+            f"data.seq_len: text:{spec} has {len(train)} train and {len(val)} val "
+            f"bytes, each split needs at least seq_len + 1 = {seq_len + 1}. Fix: "
+            "lower data.seq_len or give more text."
+        )
+    val_windows = ByteWindows(val, seq_len)
+    return Source(
+        "lm",
+        {"train": ByteWindows(train, seq_len), "val": val_windows, "test": val_windows},
+        Identity(),
+        VOCAB_SIZE,
+        None,
+        {
+            "source": f"text:{spec}",
+            "tokenizer": "bytes",
+            "vocab_size": VOCAB_SIZE,
+            "seq_len": seq_len,
+            "corpus_bytes": int(len(corpus)),
+            "val_bytes": n_val,
+        },
+        split_names={
+            "train": f"bytes[:{len(train)}]",
+            "val": f"bytes[{len(train)}:]",
+            "test": f"bytes[{len(train)}:] (same as val)",
+        },
+    )

@@ -1,0 +1,102 @@
+"""The `jaxdl` command as a user runs it: real subprocesses, exit codes, one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+QUICK = [
+    "--config.num_epochs=0",
+    "--config.num_steps=20",
+    "--config.log_every=10",
+    "--config.eval_every=10",
+]
+
+
+def jaxdl(*args, cwd=None):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        [sys.executable, "-m", "jaxdl.cli", *args], capture_output=True, text=True, env=env, cwd=cwd
+    )
+
+
+def assert_user_error(done, *words):
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr  # one line, no traceback
+    assert lines[0].startswith("jaxdl: error: ")
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["--config.nonexistent=1"], ["config.nonexistent", "unknown key"]),
+        (["--config.data.batch_size=big"], ["config.data.batch_size", "expected int", "'big'"]),
+        (["--config.model.name=transformerz"], ["model.name", "expected one of", "transformerz"]),
+        (["--config.model.num_classes=5"], ["label", "[0, 5)"]),
+        (["--config.model.widthz=3"], ["model.widthz"]),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(tmp_path, overrides, words):
+    done = jaxdl(
+        "train",
+        "--config",
+        "experiments/digits_mlp.py",
+        "--workdir",
+        str(tmp_path / "w"),
+        "--no-progress",
+        *QUICK,
+        *overrides,
+    )
+    assert_user_error(done, *words)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    done = jaxdl(
+        "train",
+        "--config",
+        "experiments/digits_mlp.py",
+        "--workdir",
+        str(tmp_path),
+        "--config.nonexistent=1",
+        "--debug",
+    )
+    assert done.returncode != 0 and "Traceback" in done.stderr
+
+
+def test_missing_config_and_bad_flag(tmp_path):
+    assert_user_error(jaxdl("train", "--config", "nope.py", "--workdir", str(tmp_path)), "nope.py")
+    assert_user_error(
+        jaxdl("train", "--config", "x.py", "--workdir", "w", "--bogus"),
+        "unrecognized arguments: --bogus",
+    )
+    assert_user_error(jaxdl("evaluate", "--workdir", str(tmp_path / "none")), "config.json")
+
+
+def test_train_then_evaluate(tmp_path):
+    workdir = tmp_path / "run"
+    done = jaxdl(
+        "train",
+        "--config",
+        "experiments/digits_cnn.py",
+        "--workdir",
+        str(workdir),
+        "--no-progress",
+        *QUICK,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((workdir / "summary.json").read_text())
+    evaluated = jaxdl("evaluate", "--workdir", str(workdir))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["accuracy"] == pytest.approx(summary["test_accuracy"])
+    # the same workdir with another config is refused, and nothing in it changes
+    before = (workdir / "config.json").read_text()
+    again = jaxdl(
+        "train", "--config", "experiments/digits_mlp.py", "--workdir", str(workdir), *QUICK
+    )
+    assert_user_error(again, "holds another run")
+    assert (workdir / "config.json").read_text() == before

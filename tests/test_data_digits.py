@@ -1,0 +1,119 @@
+"""The bundled digits source: a real TFDS dataset built offline, fixed stratified splits."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from jaxdl.data import build_data, validate_batch
+from jaxdl.data.digits import split_indices
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def data(data_dir):
+    return build_data({"source": "digits", "data_dir": data_dir}, seed=0)
+
+
+def test_split_sizes_spec_and_no_tensorflow(data, data_dir):
+    assert data.kind == "classification"
+    assert data.split_sizes == {"train": 1257, "val": 180, "test": 360}
+    assert data.example_spec == {"image": ((8, 8, 1), np.float32), "label": ((), np.int32)}
+    assert data.num_classes == 10 and data.class_names == [str(d) for d in range(10)]
+    assert data.steps_per_epoch(32, shard=(0, 1)) == 1257 // 32
+    files = sorted(p.name for p in (Path(data_dir) / "jaxdl_digits" / "1.0.0").glob("*record*"))
+    assert files == [
+        f"jaxdl_digits-{s}.array_record-00000-of-00001" for s in ("test", "train", "val")
+    ]
+    assert "tensorflow" not in sys.modules
+
+
+def test_splits_are_stratified_and_disjoint(data):
+    y = load_digits().target
+    ids = {
+        s: np.sort([int(data.source.splits[s][i]["id"]) for i in range(n)])
+        for s, n in data.split_sizes.items()
+    }
+    assert all(np.array_equal(ids[s], idx) for s, idx in split_indices().items())
+    assert len(np.unique(np.concatenate(list(ids.values())))) == 1797
+    overall = np.bincount(y, minlength=10) / len(y)
+    for s, idx in ids.items():
+        share = np.bincount(y[idx], minlength=10) / len(idx)
+        assert np.abs(share - overall).max() < 0.01, s
+
+
+def test_eval_values_order_and_masks(data):
+    digits = load_digits()
+    records = data.source.splits["test"]
+    batches = list(data.eval_iter("test", 64, shard=(0, 1)))
+    assert [len(b["label"]) for b in batches] == [64] * 6
+    masks = np.concatenate([b["mask"] for b in batches])
+    assert masks.sum() == 360 and masks[:360].all() and not masks[360:].any()
+    images = np.concatenate([b["image"] for b in batches])[:360]
+    labels = np.concatenate([b["label"] for b in batches])[:360]
+    ids = [int(records[i]["id"]) for i in range(360)]
+    np.testing.assert_array_equal(images[..., 0], digits.images[ids].astype(np.float32) / 16)
+    np.testing.assert_array_equal(labels, digits.target[ids])
+    assert images.min() == 0.0 and images.max() == 1.0
+    again = np.concatenate([b["image"] for b in data.eval_iter("test", 64, shard=(0, 1))])
+    np.testing.assert_array_equal(again[:360], images)
+    validate_batch(batches[0], data.example_spec, data.num_classes, split="test")
+
+
+def test_second_build_reuses_prepared_files(data_dir):
+    from jaxdl.data.digits import JaxdlDigits
+
+    before = JaxdlDigits(data_dir=data_dir).info.splits["train"].num_examples
+    again = build_data({"source": "digits", "data_dir": data_dir}, seed=1)
+    assert before == 1257 and again.split_sizes["train"] == 1257
+
+
+def test_data_dir_from_environment(data_dir, monkeypatch):
+    monkeypatch.setenv("JAXDL_DATA_DIR", data_dir)
+    data = build_data({"source": "digits", "data_dir": ""}, seed=0)
+    assert data.split_sizes["val"] == 180
+
+
+def test_channels_and_image_size(data_dir):
+    data = build_data(
+        {"source": "digits", "data_dir": data_dir, "channels": 3, "image_size": 16}, seed=0
+    )
+    assert data.example_spec["image"] == ((16, 16, 3), np.float32)
+    batch = next(data.eval_iter("val", 4, shard=(0, 1)))
+    np.testing.assert_array_equal(batch["image"][..., 0], batch["image"][..., 2])
+
+
+def test_kfold_partitions_train_plus_val(data_dir):
+    y = load_digits().target
+    vals = []
+    for i in range(3):
+        data = build_data({"source": "digits", "data_dir": data_dir}, seed=0, fold=(i, 3))
+        assert data.split_sizes["train"] + data.split_sizes["val"] == 1437
+        assert data.split_sizes["test"] == 360
+        src = data.source.splits
+        tr = {int(src["train"][j]["id"]) for j in range(data.split_sizes["train"])}
+        va = [int(src["val"][j]["id"]) for j in range(data.split_sizes["val"])]
+        assert not tr & set(va)
+        counts = np.bincount(y[va], minlength=10)
+        expected = (
+            np.bincount(
+                y[np.concatenate([split_indices()["train"], split_indices()["val"]])], minlength=10
+            )
+            / 3
+        )
+        assert np.abs(counts - expected).max() <= 1
+        vals.append(set(va))
+    assert len(vals[0] | vals[1] | vals[2]) == 1437
+
+
+def test_bad_fold_and_eval_split(data_dir):
+    with pytest.raises(ValueError, match=r"fold: expected \(i, K\)"):
+        build_data({"source": "digits", "data_dir": data_dir}, seed=0, fold=(3, 3))
+    with pytest.raises(ValueError, match="data.eval_split: expected one of"):
+        build_data({"source": "digits", "data_dir": data_dir, "eval_split": "dev"}, seed=0)
