@@ -113,7 +113,8 @@ def bar_chart(results: Sequence[Record], path: Path, title: str) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("step time / JAX step time  (>1: JAX faster)")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    if others:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

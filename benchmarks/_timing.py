@@ -73,6 +73,7 @@ def interleaved_trials(
     rotates so no framework always follows the same one (caches, thermal state).
     """
     times: dict[str, list[float]] = {r.framework: [] for r in runners}
+    assert len(times) == len(runners), "two runners share a framework name"
     for i in range(trials):
         shift = i % len(runners)
         for runner in list(runners[shift:]) + list(runners[:shift]):
@@ -172,6 +173,7 @@ def environment(torch_threads: int | None = None) -> dict[str, Any]:
         "torch": _version("torch"),
         "torch_threads": torch_threads,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "prng_impl": str(jax.config.jax_default_prng_impl),
         "git_commit": _run_text(["git", "rev-parse", "HEAD"], cwd=repo),
         "git_dirty": bool(_run_text(["git", "status", "--porcelain"], cwd=repo)),

@@ -36,6 +36,7 @@ from benchmarks import _flops, _report, _timing
 from jaxdl import steps, tree
 from jaxdl.build import build
 from jaxdl.config import default_config
+from jaxdl.models.transformer import transformer_spec
 
 MODES = ("full", "frozen", "lora")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -60,9 +61,15 @@ class Case:
     input_shape: tuple[int, ...]  # per example: (64,), (H, W, C) or (T,) tokens
     batch: int
     kind: str = "classification"  # | "lm"
-    num_classes: int = 10  # the vocabulary for an LM
     frozen_trains: str = "params/head/.*"  # frozen mode: the one rule that trains
     lora_targets: str = ".*kernel"
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of a classifier; an LM's vocabulary."""
+        if self.kind == "lm":
+            return transformer_spec(self.model).vocab_size
+        return self.model["num_classes"]
 
     @property
     def examples_unit(self) -> str:
@@ -73,14 +80,13 @@ class Case:
         return self.batch * (self.input_shape[0] if self.kind == "lm" else 1)
 
 
-def _gpt(name: str, size: str, seq: int, batch: int, layers: int, vocab: int = 256) -> Case:
+def _gpt(name: str, size: str, seq: int, batch: int, layers: int) -> Case:
     return Case(
         name,
         {"name": "transformer", "size": size, "max_len": seq},
         (seq,),
         batch,
         kind="lm",
-        num_classes=vocab,
         frozen_trains=f"params/(block_{layers - 1}|ln_f)/.*",  # the last block and final LN
     )
 
@@ -106,7 +112,7 @@ CASES: dict[str, Case] = {
             (224, 224, 3),
             256,
         ),
-        _gpt("gpt2-124m", "gpt2-124m", 1024, 16, layers=12, vocab=50257),
+        _gpt("gpt2-124m", "gpt2-124m", 1024, 16, layers=12),
         _gpt("gpt-1b", "1b", 2048, 4, layers=24),
     ]
 }
@@ -425,6 +431,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="also time N steps fused with lax.scan (framework jax-scan)",
     )
     p.add_argument("--channels-last", action="store_true", help="torch images in NHWC memory")
+    p.add_argument("--torch-threads", type=int, help="default: the CPU count")
+    p.add_argument(
+        "--omp-wait-policy",
+        default="PASSIVE",
+        choices=["PASSIVE", "ACTIVE"],
+        help="OMP_WAIT_POLICY for torch's OpenMP threads (unless already set)",
+    )
     p.add_argument(
         "--prng",
         default="rbg",
@@ -447,13 +460,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
     threads = None
     if any(f.startswith("torch") for f in frameworks):
+        # libgomp reads this when torch loads. Spinning OpenMP workers (the default) lose
+        # their cores on a shared machine and a step then waits for a descheduled thread:
+        # measured 10 ms -> 250 ms per MLP step at load 8 on 2 cores.
+        os.environ.setdefault("OMP_WAIT_POLICY", args.omp_wait_policy)
         try:
             import torch
         except ImportError:
             print("torch is not installed (pip install .[bench]): timing JAX only")
             frameworks = ("jax",)
         else:
-            torch.set_num_threads(os.cpu_count() or 1)
+            torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
             threads = torch.get_num_threads()
 
     env = _timing.environment(torch_threads=threads)

@@ -35,6 +35,7 @@ class Setup:
     init_report: dict | None
     lora_cfg: dict | None
     batch_spec: dict[str, tuple[tuple[int, ...], Any]]  # per-example shapes the model was built for
+    layout: Any = None  # jaxdl.sharding.Layout when built on a mesh
 
 
 def lora_config(cfg: ml_collections.ConfigDict) -> dict | None:
@@ -61,11 +62,14 @@ def build(
     num_classes: int,
     total_steps: int,
     restore_fn=None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Setup:
     """Build model, task, optimizer and initial TrainState for ``cfg``.
 
     ``restore_fn(init_from, variables) -> (variables, report)`` loads pretrained weights
     (`jaxdl.checkpoint.restore_pretrained`); it is called only when init_from is set.
+    With a ``mesh`` the state is created sharded (`jaxdl.sharding`) and ``Setup.layout``
+    says where each leaf lives.
     """
     model = create_model(cfg.model)
     task = tasks.make_task(kind, cfg.loss, num_classes)
@@ -112,15 +116,24 @@ def build(
         lr_mults=lr_mults,
         wd_mults=partition.wd_mult_tree(plan, trainable),
     )
-    trainable = jax.tree.map(jnp.asarray, trainable)
-    state = TrainState(
-        step=jnp.zeros([], jnp.int32),
-        params=trainable,
-        frozen=jax.tree.map(jnp.asarray, frozen),
-        model_state=jax.tree.map(jnp.asarray, model_state),
-        opt_state=tx.init(trainable),
-        rng=jax.random.PRNGKey(cfg.seed + 3),
-    )
+
+    def init_state(trainable, frozen, model_state):
+        return TrainState(
+            step=jnp.zeros([], jnp.int32),
+            params=trainable,
+            frozen=frozen,
+            model_state=model_state,
+            opt_state=tx.init(trainable),
+            rng=jax.random.PRNGKey(cfg.seed + 3),
+        )
+
+    layout = None
+    if mesh is None:
+        state = init_state(*jax.tree.map(jnp.asarray, (trainable, frozen, model_state)))
+    else:
+        from jaxdl import sharding
+
+        state, layout = sharding.create_state(init_state, (trainable, frozen, model_state), mesh)
     rows = partition.plan_rows(
         plan,
         params,
@@ -137,4 +150,5 @@ def build(
         init_report=init_report,
         lora_cfg=lora_cfg,
         batch_spec=dict(example_spec),
+        layout=layout,
     )

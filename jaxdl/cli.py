@@ -48,9 +48,20 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test")
     evaluate.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
+    gen = sub.add_parser("generate", help="continue a prompt with a trained language model")
+    gen.add_argument("--workdir", required=True)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--greedy", action="store_true")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
     demo = sub.add_parser("demo", help="the README's main job, on bundled data")
     demo.add_argument("--workdir", default="runs/demo")
-    demo.add_argument("--task", choices=["digits"], default="digits")
+    demo.add_argument("--task", choices=["lm", "digits"], default="lm")
     demo.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     export = sub.add_parser("export", help="serialize a trained workdir with jax.export")
@@ -106,6 +117,12 @@ def run(argv: Sequence[str]) -> int:
         from jaxdl.evaluate import evaluate_workdir
 
         print(json.dumps(evaluate_workdir(args.workdir, args.split), indent=2))
+    elif args.command == "generate":
+        from jaxdl.generate import generate_text
+
+        print(generate_text(args.workdir, args.prompt, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            greedy=args.greedy, seed=args.seed))
     elif args.command == "demo":
         from jaxdl.demo import run_demo
 

@@ -46,32 +46,43 @@ def _state_for(setup, params: Mapping, tx: optax.GradientTransformation | None =
     )
 
 
-def evaluate_params(setup, data, params: Mapping, split: str = "test",
-                    batch_size: int = 256) -> dict[str, float]:
+def evaluate_params(
+    setup, data, params: Mapping, split: str = "test", batch_size: int = 256
+) -> dict[str, float]:
     """The task's metrics (accuracy, loss, ... or bits_per_byte) of `params` on `split`."""
     from jaxdl.trainer import evaluate_split
 
     eval_step = steps.make_eval_step(setup.model, setup.task)
-    return evaluate_split(eval_step, _state_for(setup, params),
-                          data.eval_iter(split, batch_size), data.kind)
+    return evaluate_split(
+        eval_step, _state_for(setup, params), data.eval_iter(split, batch_size), data.kind
+    )
 
 
-def recover(cfg, setup, data, params: Mapping, masks: Mapping, num_steps: int,
-            learning_rate: float | None = None) -> dict:
+def recover(
+    cfg,
+    setup,
+    data,
+    params: Mapping,
+    masks: Mapping,
+    num_steps: int,
+    learning_rate: float | None = None,
+) -> dict:
     """Fine-tune pruned `params` for `num_steps` with masked updates; the new params.
 
     The run's optimizer at a constant learning rate (default: the run's base rate).
     """
     from jaxdl.optim import make_optimizer
 
-    opt_cfg = {**cfg.optimizer.to_dict(), "schedule": "constant", "warmup_steps": 0,
-               "accumulate_steps": 1}
+    opt_cfg = {
+        **cfg.optimizer.to_dict(),
+        "schedule": "constant",
+        "warmup_steps": 0,
+        "accumulate_steps": 1,
+    }
     if learning_rate is not None:
         opt_cfg["learning_rate"] = float(learning_rate)
-    tx = optax.chain(make_optimizer(opt_cfg, num_steps),
-                     prune_lib.keep_masked({"params": masks}))
-    train_step = steps.make_train_step(setup.model, setup.task, tx,
-                                       l1=cfg.loss.l1, l2=cfg.loss.l2)
+    tx = optax.chain(make_optimizer(opt_cfg, num_steps), prune_lib.keep_masked({"params": masks}))
+    train_step = steps.make_train_step(setup.model, setup.task, tx, l1=cfg.loss.l1, l2=cfg.loss.l2)
     state = _state_for(setup, params, tx)
     batches = data.train_iter(cfg.data.batch_size, seed=cfg.seed + 1)
     for _ in range(num_steps):
@@ -85,9 +96,16 @@ def _sizes(path: Path) -> dict[str, int]:
     return {"artifact_bytes": len(blob), "artifact_zlib_bytes": len(zlib.compress(blob, 9))}
 
 
-def compress_report(workdir: str | Path, *, sparsity: float = 0.5, scope: str = "global",
-                    recovery_steps: int | None = None, learning_rate: float | None = None,
-                    split: str = "test", out_dir: str | Path | None = None) -> dict[str, Any]:
+def compress_report(
+    workdir: str | Path,
+    *,
+    sparsity: float = 0.5,
+    scope: str = "global",
+    recovery_steps: int | None = None,
+    learning_rate: float | None = None,
+    split: str = "test",
+    out_dir: str | Path | None = None,
+) -> dict[str, Any]:
     """Baseline vs int8 vs pruned (+ recovery) on `split`, with artifact sizes.
 
     recovery_steps: default two epochs. out_dir keeps the three artifacts (baseline,
@@ -100,8 +118,10 @@ def compress_report(workdir: str | Path, *, sparsity: float = 0.5, scope: str = 
     if split not in data.split_sizes:
         raise ValueError(f"--split: expected one of {sorted(data.split_sizes)}, found {split!r}.")
     metric = "bits_per_byte" if data.kind == "lm" else "accuracy"
-    params = jax.tree.map(np.asarray, jax.device_get(
-        steps.model_params(setup.state.params, setup.state.frozen, setup.lora_cfg)))
+    params = jax.tree.map(
+        np.asarray,
+        jax.device_get(steps.model_params(setup.state.params, setup.state.frozen, setup.lora_cfg)),
+    )
     if recovery_steps is None:
         recovery_steps = 2 * data.steps_per_epoch(cfg.data.batch_size)
 
@@ -136,7 +156,8 @@ def compress_report(workdir: str | Path, *, sparsity: float = 0.5, scope: str = 
         "metric": metric,
         "baseline": {**base, **base_size},
         "int8": {
-            **int8, **int8_size,
+            **int8,
+            **int8_size,
             f"{metric}_change": change(int8),
             "artifact_ratio": base_size["artifact_bytes"] / int8_size["artifact_bytes"],
             "weight_bytes_before": qreport["bytes_before"],
@@ -149,7 +170,8 @@ def compress_report(workdir: str | Path, *, sparsity: float = 0.5, scope: str = 
             "achieved_sparsity": prune_lib.sparsity(pruned)["global"],
             "before_recovery": pruned_metrics,
             "recovery_steps": recovery_steps,
-            **recovered_metrics, **pruned_size,
+            **recovered_metrics,
+            **pruned_size,
             f"{metric}_change": change(recovered_metrics),
             "sparsity_after_recovery": prune_lib.sparsity(recovered)["global"],
         },
@@ -157,8 +179,9 @@ def compress_report(workdir: str | Path, *, sparsity: float = 0.5, scope: str = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxdl.compress",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxdl.compress", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--scope", choices=prune_lib.SCOPES, default="global")
@@ -167,9 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args(argv)
     try:
-        report = compress_report(args.workdir, sparsity=args.sparsity, scope=args.scope,
-                                 recovery_steps=args.recovery_steps, split=args.split,
-                                 out_dir=args.out_dir)
+        report = compress_report(
+            args.workdir,
+            sparsity=args.sparsity,
+            scope=args.scope,
+            recovery_steps=args.recovery_steps,
+            split=args.split,
+            out_dir=args.out_dir,
+        )
     except (ValueError, FileNotFoundError) as err:
         print(f"jaxdl.compress: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2

@@ -49,6 +49,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.test_split = "test"
     c.data.shape = []  # synthetic sources: example shape
     c.data.num_examples = 0  # synthetic sources: 0 = default size
+    c.data.classes = []  # labels to keep, relabelled 0..k-1 in this order; [] = all
+    c.data.examples_per_class = 0  # 0 = all; N = the first N train examples per class
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "softmax_cross_entropy"  # | "mse" | "sigmoid_cross_entropy"
@@ -144,6 +146,9 @@ def merge_config(base: ml_collections.ConfigDict, user: Mapping[str, Any], prefi
                 "Fix: check the spelling against jaxdl.config.default_config()."
             )
         current = base[key]
+        if name in _OPEN_SECTIONS:  # the experiment's model section replaces the default whole
+            base[key] = ml_collections.ConfigDict(dict(_to_plain(value)))
+            continue
         if isinstance(current, ml_collections.ConfigDict) and name not in _FREE_VALUES:
             if not isinstance(value, Mapping | ml_collections.ConfigDict):
                 raise ValueError(f"config.{name}: expected a dict, found {value!r}.")

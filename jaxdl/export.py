@@ -63,9 +63,14 @@ def _params_of(variables: Mapping, quantized: bool):
     return dequantize(params) if quantized else params
 
 
-def classifier_fn(model, variables: Mapping, *, pixel_scale: float,
-                  normalize: Sequence[tuple[Sequence[float], Sequence[float]]] = (),
-                  quantized: bool = False):
+def classifier_fn(
+    model,
+    variables: Mapping,
+    *,
+    pixel_scale: float,
+    normalize: Sequence[tuple[Sequence[float], Sequence[float]]] = (),
+    quantized: bool = False,
+):
     """predict(x float32 [B, H, W, C] raw pixels) -> softmax probabilities [B, C]."""
 
     def predict(x):
@@ -109,9 +114,11 @@ def split_transforms(transforms: Sequence[Mapping]) -> tuple[list[dict], list[di
         elif name == "normalize":
             normalize.append(dict(op))
         elif name not in _LABEL_OPS:
-            raise ValueError(f"data.transforms: cannot export transform {name!r} ({op}); "
-                             f"export supports {sorted(_HOST_OPS + _LABEL_OPS + ('normalize',))}. "
-                             "Fix: remove it from data.transforms or retrain without it.")
+            raise ValueError(
+                f"data.transforms: cannot export transform {name!r} ({op}); "
+                f"export supports {sorted(_HOST_OPS + _LABEL_OPS + ('normalize',))}. "
+                "Fix: remove it from data.transforms or retrain without it."
+            )
     return host, normalize
 
 
@@ -143,8 +150,12 @@ def _image_file_spec(cfg, data, input_shape: Sequence[int], host: Sequence[Mappi
         "pixel_scale": scale,
         "encoding": (
             f"file pixel value p = the dataset's raw value, model input = p / {scale:g}"
-            + ("; digits PNGs hold the raw 0..16 values, as the dataset does"
-               if source == "digits" else "")),
+            + (
+                "; digits PNGs hold the raw 0..16 values, as the dataset does"
+                if source == "digits"
+                else ""
+            )
+        ),
     }
 
 
@@ -155,8 +166,10 @@ def _check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
     platforms = tuple(platforms)
     bad = [p for p in platforms if p not in PLATFORMS]
     if not platforms or bad:
-        raise ValueError(f"--platform: expected some of {list(PLATFORMS)}, found "
-                         f"{list(platforms)}. Fix: e.g. --platform cpu --platform cuda.")
+        raise ValueError(
+            f"--platform: expected some of {list(PLATFORMS)}, found "
+            f"{list(platforms)}. Fix: e.g. --platform cpu --platform cuda."
+        )
     return platforms
 
 
@@ -166,18 +179,26 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def export_model(model, variables: Mapping, out_path: str | Path, *, kind: str,
-                 input_shape: Sequence[int], platforms: Sequence[str] = ("cpu",),
-                 quantize: str | None = None, pixel_scale: float = 1.0,
-                 normalize: Sequence[tuple] = (), metadata: Mapping | None = None) -> dict:
+def export_model(
+    model,
+    variables: Mapping,
+    out_path: str | Path,
+    *,
+    kind: str,
+    input_shape: Sequence[int],
+    platforms: Sequence[str] = ("cpu",),
+    quantize: str | None = None,
+    pixel_scale: float = 1.0,
+    normalize: Sequence[tuple] = (),
+    metadata: Mapping | None = None,
+) -> dict:
     """Serialize `model` with `variables` ({"params", ...}) to out_path + sidecar.
 
     input_shape: one example's shape ((H, W, C) images, (T,) tokens). Returns the sidecar.
     """
     platforms = _check_platforms(platforms)
     if quantize is not None and quantize not in QUANTIZATIONS:
-        raise ValueError(f"--quantize: expected one of {list(QUANTIZATIONS)}, found "
-                         f"{quantize!r}.")
+        raise ValueError(f"--quantize: expected one of {list(QUANTIZATIONS)}, found {quantize!r}.")
     variables = jax.tree.map(np.asarray, jax.device_get(dict(variables)))
     quantization = None
     if quantize == "int8":
@@ -188,11 +209,18 @@ def export_model(model, variables: Mapping, out_path: str | Path, *, kind: str,
     batch = jax.export.symbolic_shape("b")[0]
     if kind == "lm":
         fn = lm_fn(model, variables, quantized=quantize is not None)
-        specs = (jax.ShapeDtypeStruct((batch, *input_shape), jnp.int32),
-                 jax.ShapeDtypeStruct((batch,), jnp.int32))
+        specs = (
+            jax.ShapeDtypeStruct((batch, *input_shape), jnp.int32),
+            jax.ShapeDtypeStruct((batch,), jnp.int32),
+        )
     else:
-        fn = classifier_fn(model, variables, pixel_scale=pixel_scale, normalize=normalize,
-                           quantized=quantize is not None)
+        fn = classifier_fn(
+            model,
+            variables,
+            pixel_scale=pixel_scale,
+            normalize=normalize,
+            quantized=quantize is not None,
+        )
         specs = (jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32),)
     exported = jax.export.export(jax.jit(fn), platforms=platforms)(*specs)
     blob = bytes(exported.serialize())
@@ -211,9 +239,10 @@ def export_model(model, variables: Mapping, out_path: str | Path, *, kind: str,
             "shape": [None, *map(int, input_shape)],
             "dtype": "int32" if kind == "lm" else "float32",
         },
-        "output": {"shape": [None, int(exported.out_avals[0].shape[-1])],
-                   "meaning": "next-token probabilities" if kind == "lm"
-                   else "softmax probabilities"},
+        "output": {
+            "shape": [None, int(exported.out_avals[0].shape[-1])],
+            "meaning": "next-token probabilities" if kind == "lm" else "softmax probabilities",
+        },
         "quantization": quantization,
         "artifact_bytes": len(blob),
         "artifact_sha256": hashlib.sha256(blob).hexdigest(),
@@ -222,14 +251,23 @@ def export_model(model, variables: Mapping, out_path: str | Path, *, kind: str,
     if kind == "lm":
         meta["input"]["lengths"] = {"shape": [None], "dtype": "int32"}
     _write_atomic(out_path, blob)
-    _write_atomic(sidecar_path(out_path),
-                  (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    _write_atomic(
+        sidecar_path(out_path), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+    )
     return meta
 
 
-def export_run(cfg, setup, data, out_path: str | Path, *, params: Mapping | None = None,
-               platforms: Sequence[str] = ("cpu",), quantize: str | None = None,
-               workdir: str | Path | None = None) -> dict:
+def export_run(
+    cfg,
+    setup,
+    data,
+    out_path: str | Path,
+    *,
+    params: Mapping | None = None,
+    platforms: Sequence[str] = ("cpu",),
+    quantize: str | None = None,
+    workdir: str | Path | None = None,
+) -> dict:
     """Export a built run (`restore_run`'s cfg, setup, data); `params` replaces the state's
     full model params (e.g. pruned ones). Returns the sidecar."""
     from jaxdl import steps
@@ -246,36 +284,60 @@ def export_run(cfg, setup, data, out_path: str | Path, *, params: Mapping | None
     kwargs: dict[str, Any] = {}
     if data.kind == "lm":
         meta["preprocessing"] = {"source": data.preprocessing}
-        meta["vocabulary"] = {"tokenizer": data.preprocessing.get("tokenizer"),
-                              "vocab_size": int(data.num_classes)}
+        meta["vocabulary"] = {
+            "tokenizer": data.preprocessing.get("tokenizer"),
+            "vocab_size": int(data.num_classes),
+        }
     else:
         host, normalize = split_transforms(data.preprocessing.get("transforms", []))
         image_file = _image_file_spec(cfg, data, spec_shape, host)
-        kwargs = {"pixel_scale": image_file["pixel_scale"],
-                  "normalize": [(op["mean"], op["std"]) for op in normalize]}
+        kwargs = {
+            "pixel_scale": image_file["pixel_scale"],
+            "normalize": [(op["mean"], op["std"]) for op in normalize],
+        }
         meta["preprocessing"] = {
             "source": data.preprocessing,
             "image_file": image_file,
             "host": host,
-            "in_artifact": [{"name": "scale", "divide_by": image_file["pixel_scale"]},
-                            *normalize, {"name": "softmax"}],
+            "in_artifact": [
+                {"name": "scale", "divide_by": image_file["pixel_scale"]},
+                *normalize,
+                {"name": "softmax"},
+            ],
         }
-        meta["class_names"] = (list(data.class_names) if data.class_names
-                               else [str(i) for i in range(data.num_classes)])
-    return export_model(setup.model, variables, out_path, kind=data.kind,
-                        input_shape=spec_shape, platforms=platforms, quantize=quantize,
-                        metadata=meta, **kwargs)
+        meta["class_names"] = (
+            list(data.class_names)
+            if data.class_names
+            else [str(i) for i in range(data.num_classes)]
+        )
+    return export_model(
+        setup.model,
+        variables,
+        out_path,
+        kind=data.kind,
+        input_shape=spec_shape,
+        platforms=platforms,
+        quantize=quantize,
+        metadata=meta,
+        **kwargs,
+    )
 
 
-def export_workdir(workdir: str | Path, out_path: str | Path, *,
-                   platforms: Sequence[str] = ("cpu",), quantize: str | None = None) -> dict:
+def export_workdir(
+    workdir: str | Path,
+    out_path: str | Path,
+    *,
+    platforms: Sequence[str] = ("cpu",),
+    quantize: str | None = None,
+) -> dict:
     """The latest checkpoint of a `jaxdl train` workdir -> artifact + sidecar; the sidecar."""
     from jaxdl.evaluate import restore_run
 
     _check_platforms(platforms)
     cfg, setup, data = restore_run(workdir)
-    return export_run(cfg, setup, data, out_path, platforms=platforms, quantize=quantize,
-                      workdir=workdir)
+    return export_run(
+        cfg, setup, data, out_path, platforms=platforms, quantize=quantize, workdir=workdir
+    )
 
 
 # ---- load ----------------------------------------------------------------------------------
@@ -297,32 +359,40 @@ def check_compatible(path: str | Path, meta: Mapping) -> None:
         meta.get("format_version") == FORMAT_VERSION
         and _version(meta.get("jax_version", "0")) <= _version(jax.__version__)
         and jax.export.minimum_supported_calling_convention_version
-        <= convention <= jax.export.maximum_supported_calling_convention_version
+        <= convention
+        <= jax.export.maximum_supported_calling_convention_version
     )
     if not ok:
-        raise ValueError(f"{path}: built with jax {meta.get('jax_version')} (format "
-                         f"{meta.get('format_version')}); this is jax {jax.__version__} "
-                         f"(format {FORMAT_VERSION}). {_FIX}")
+        raise ValueError(
+            f"{path}: built with jax {meta.get('jax_version')} (format "
+            f"{meta.get('format_version')}); this is jax {jax.__version__} "
+            f"(format {FORMAT_VERSION}). {_FIX}"
+        )
 
 
 def read_metadata(path: str | Path) -> dict:
     """The sidecar of an artifact, checked for format and version."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"MODEL: {path} does not exist. Fix: pass the .jaxexport file "
-                                "written by `jaxdl export`.")
+        raise FileNotFoundError(
+            f"MODEL: {path} does not exist. Fix: pass the .jaxexport file "
+            "written by `jaxdl export`."
+        )
     side = sidecar_path(path)
     if not side.is_file():
-        raise FileNotFoundError(f"MODEL: {side} (the sidecar of {path}) does not exist. Fix: "
-                                "keep the .json next to the artifact, or re-export with "
-                                "`jaxdl export`.")
+        raise FileNotFoundError(
+            f"MODEL: {side} (the sidecar of {path}) does not exist. Fix: "
+            "keep the .json next to the artifact, or re-export with "
+            "`jaxdl export`."
+        )
     try:
         meta = json.loads(side.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"MODEL: {side} is not valid JSON ({err}). {_FIX}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"MODEL: {side} is not a jaxdl export sidecar (expected \"format\": "
-                         f"\"{FORMAT}\"). {_FIX}")
+        raise ValueError(
+            f'MODEL: {side} is not a jaxdl export sidecar (expected "format": "{FORMAT}"). {_FIX}'
+        )
     check_compatible(path, meta)
     return meta
 
@@ -351,8 +421,10 @@ class Predictor:
     def labels(self) -> list[str]:
         """Class names, or for byte LMs the printable form of each byte."""
         if self.kind == "lm":
-            return [repr(chr(i))[1:-1] if i < 128 else f"\\x{i:02x}"
-                    for i in range(self.metadata["output"]["shape"][-1])]
+            return [
+                repr(chr(i))[1:-1] if i < 128 else f"\\x{i:02x}"
+                for i in range(self.metadata["output"]["shape"][-1])
+            ]
         return list(self.metadata["class_names"])
 
     def predict(self, x: Any, lengths: Any = None) -> np.ndarray:
@@ -363,9 +435,11 @@ class Predictor:
         """
         x = np.asarray(x)
         if x.ndim != len(self.input_shape) + 1 or x.shape[1:] != self.input_shape:
-            raise ValueError(f"x: expected shape [B, {', '.join(map(str, self.input_shape))}] "
-                             f"(what {self.path.name} was exported for), found {list(x.shape)}. "
-                             "Fix: resize the inputs, or use `predict_files` for image files.")
+            raise ValueError(
+                f"x: expected shape [B, {', '.join(map(str, self.input_shape))}] "
+                f"(what {self.path.name} was exported for), found {list(x.shape)}. "
+                "Fix: resize the inputs, or use `predict_files` for image files."
+            )
         if self.kind == "lm":
             if lengths is None:
                 lengths = np.full((x.shape[0],), x.shape[1], np.int32)
@@ -384,7 +458,7 @@ class Predictor:
         for _ in range(max_new_tokens):
             context = tokens[-window:]
             padded = np.zeros((1, window), np.int32)
-            padded[0, :len(context)] = context
+            padded[0, : len(context)] = context
             probs = self.predict(padded, np.asarray([len(context)], np.int32))
             token = int(np.argmax(probs[0]))
             tokens.append(token)
@@ -399,19 +473,24 @@ def load(path: str | Path) -> Predictor:
     blob = path.read_bytes()
     digest = hashlib.sha256(blob).hexdigest()
     if digest != meta.get("artifact_sha256"):
-        raise ValueError(f"MODEL: {path} is corrupt (sha256 {digest[:12]}... differs from "
-                         f"{str(meta.get('artifact_sha256'))[:12]}... in its sidecar). Fix: copy "
-                         "it again or re-export with `jaxdl export`.")
+        raise ValueError(
+            f"MODEL: {path} is corrupt (sha256 {digest[:12]}... differs from "
+            f"{str(meta.get('artifact_sha256'))[:12]}... in its sidecar). Fix: copy "
+            "it again or re-export with `jaxdl export`."
+        )
     try:
         exported = jax.export.deserialize(bytearray(blob))
     except Exception as err:  # flatbuffers raises assorted errors on bad bytes
-        raise ValueError(f"MODEL: {path} cannot be deserialized ({type(err).__name__}). "
-                         f"{_FIX}") from None
+        raise ValueError(
+            f"MODEL: {path} cannot be deserialized ({type(err).__name__}). {_FIX}"
+        ) from None
     here = jax.export.default_export_platform()
     if here not in exported.platforms:
-        raise ValueError(f"MODEL: {path} was exported for platforms {list(exported.platforms)}, "
-                         f"this machine runs {here!r}. Fix: re-export with `jaxdl export "
-                         f"--platform {here}`.")
+        raise ValueError(
+            f"MODEL: {path} was exported for platforms {list(exported.platforms)}, "
+            f"this machine runs {here!r}. Fix: re-export with `jaxdl export "
+            f"--platform {here}`."
+        )
     return Predictor(path=path, metadata=meta, exported=exported)
 
 
@@ -448,31 +527,39 @@ def load_image(path: str | Path, meta: Mapping) -> np.ndarray:
                 img = img.convert(spec["mode"])
             image = np.asarray(img).astype(np.float32)
     except (OSError, ValueError, SyntaxError) as err:  # what Pillow raises on bad files
-        raise ValueError(f"INPUT: cannot read {path} as an image ({type(err).__name__}: "
-                         f"{err}). Fix: pass a PNG, JPEG or BMP file.") from None
+        raise ValueError(
+            f"INPUT: cannot read {path} as an image ({type(err).__name__}: "
+            f"{err}). Fix: pass a PNG, JPEG or BMP file."
+        ) from None
     if image.ndim == 2:
         image = image[..., None]
     image = convert_channels(image, channels)
     peak = float(image.max(initial=0.0))
     if peak > spec["pixel_scale"]:
-        raise ValueError(f"INPUT: {path} has pixel values up to {peak:g}; the model takes raw "
-                         f"values in [0, {spec['pixel_scale']:g}] ({spec['encoding']}). Fix: "
-                         f"write the image with values scaled to 0..{spec['pixel_scale']:g}.")
+        raise ValueError(
+            f"INPUT: {path} has pixel values up to {peak:g}; the model takes raw "
+            f"values in [0, {spec['pixel_scale']:g}] ({spec['encoding']}). Fix: "
+            f"write the image with values scaled to 0..{spec['pixel_scale']:g}."
+        )
     resized_later = bool(host) and host[0]["name"] == "resize"
     decode_size = None if spec["decode_size"] is None else tuple(spec["decode_size"])
     if decode_size is not None and image.shape[:2] != decode_size and not resized_later:
         if spec["resize"] is None:
-            raise ValueError(f"INPUT: {path} is {image.shape[0]}x{image.shape[1]} (HxW); the "
-                             f"model takes {decode_size[0]}x{decode_size[1]} images and its "
-                             "preprocessing does not resize. Fix: resize the image to "
-                             f"{decode_size[0]}x{decode_size[1]} first.")
+            raise ValueError(
+                f"INPUT: {path} is {image.shape[0]}x{image.shape[1]} (HxW); the "
+                f"model takes {decode_size[0]}x{decode_size[1]} images and its "
+                "preprocessing does not resize. Fix: resize the image to "
+                f"{decode_size[0]}x{decode_size[1]} first."
+            )
         image = resize_image(image, decode_size)
     for op in host:
         image = parse_transform(op)({"image": image}, None)["image"]
     if image.shape != (height, width, channels):
-        raise ValueError(f"INPUT: {path} becomes {image.shape[0]}x{image.shape[1]} after the "
-                         f"model's preprocessing, the model takes {height}x{width}. Fix: give "
-                         f"images of the training size.")
+        raise ValueError(
+            f"INPUT: {path} becomes {image.shape[0]}x{image.shape[1]} after the "
+            f"model's preprocessing, the model takes {height}x{width}. Fix: give "
+            f"images of the training size."
+        )
     return image
 
 
@@ -493,8 +580,12 @@ def format_predictions(results: Sequence[Mapping]) -> str:
     return "\n".join(lines)
 
 
-def predict_files(artifact: str | Path | Predictor, inputs: Sequence[str | Path], top_k: int = 5,
-                  max_new_tokens: int = 64) -> list[dict]:
+def predict_files(
+    artifact: str | Path | Predictor,
+    inputs: Sequence[str | Path],
+    top_k: int = 5,
+    max_new_tokens: int = 64,
+) -> list[dict]:
     """Predict image (or, for LMs, text) files with an artifact, in one batch.
 
     classification: [{"input", "top_k": [{"class", "prob"}, ...]}] most likely first.
@@ -512,19 +603,25 @@ def predict_files(artifact: str | Path | Predictor, inputs: Sequence[str | Path]
         for path in inputs:
             path = Path(path)
             if not path.is_file():
-                raise FileNotFoundError(f"INPUT: {path} does not exist. Fix: pass text files "
-                                        "holding the prompts.")
+                raise FileNotFoundError(
+                    f"INPUT: {path} does not exist. Fix: pass text files holding the prompts."
+                )
             prompt = list(encode(path.read_text(encoding="utf-8", errors="replace")))
             new = predictor.generate(prompt, max_new_tokens)
             window = predictor.input_shape[0]
             context = np.zeros((1, window), np.int32)
-            context[0, :len(prompt[-window:])] = prompt[-window:]
+            context[0, : len(prompt[-window:])] = prompt[-window:]
             first = predictor.predict(context, [len(prompt[-window:])])[0]
-            results.append({"input": str(path), "continuation": decode(new),
-                            "top_k": _top_k(first, labels, top_k)})
+            results.append(
+                {
+                    "input": str(path),
+                    "continuation": decode(new),
+                    "top_k": _top_k(first, labels, top_k),
+                }
+            )
         return results
     images = np.stack([load_image(p, predictor.metadata) for p in inputs])
     probs = predictor.predict(images)
-    for path, row in zip(inputs, probs):
+    for path, row in zip(inputs, probs, strict=True):
         results.append({"input": str(path), "top_k": _top_k(row, labels, top_k)})
     return results

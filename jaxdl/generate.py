@@ -177,3 +177,51 @@ def _generate(
 
     tokens, _ = jax.lax.fori_loop(1, max_new_tokens, body, (tokens, cache))
     return tokens
+
+
+def generate_text(
+    workdir: str,
+    prompt: str,
+    *,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    seed: int = 0,
+) -> str:
+    """Continue ``prompt`` with the language model trained in ``workdir`` (LoRA merged)."""
+    from jaxdl.checkpoint import load_params
+    from jaxdl.config import load_config
+
+    cfg = load_config(f"{workdir}/config.json") if _has_config(workdir) else None
+    if cfg is None:
+        raise FileNotFoundError(
+            f"--workdir: no config.json in {workdir}. Fix: pass the --workdir of a `jaxdl train` run."
+        )
+    if cfg.model.name != "transformer":
+        raise ValueError(
+            f"--workdir: {workdir} holds a {cfg.model.name!r} classifier; generate needs a language "
+            "model (model.name='transformer'). Fix: pass the workdir of an LM run."
+        )
+    if not prompt:
+        raise ValueError("--prompt: expected at least 1 byte, found 0. Fix: pass a non-empty prompt.")
+    params = load_params(workdir)
+    tokens = generate(
+        dict(cfg.model),
+        params,
+        encode(prompt)[None, :],
+        max_new_tokens=max_new_tokens,
+        rng=jax.random.PRNGKey(seed),
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        greedy=greedy,
+    )
+    return decode(np.asarray(tokens)[0])
+
+
+def _has_config(workdir: str) -> bool:
+    from pathlib import Path
+
+    return (Path(workdir) / "config.json").is_file()

@@ -43,8 +43,10 @@ def prune(params: Params, sparsity: float, scope: str = "global") -> tuple[dict,
     masks has the structure of params: bool arrays, True = kept (all True off kernels).
     """
     if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity: expected a fraction in [0, 1), found {sparsity}. "
-                         "Fix: pass e.g. 0.5 to zero half the kernel weights.")
+        raise ValueError(
+            f"sparsity: expected a fraction in [0, 1), found {sparsity}. "
+            "Fix: pass e.g. 0.5 to zero half the kernel weights."
+        )
     if scope not in SCOPES:
         raise ValueError(f"scope: expected one of {list(SCOPES)}, found {scope!r}.")
     flat = {p: np.asarray(v) for p, v in tree.flatten(params).items()}
@@ -54,13 +56,14 @@ def prune(params: Params, sparsity: float, scope: str = "global") -> tuple[dict,
         sizes = [flat[p].size for p in kernels]
         magnitudes = np.concatenate([np.abs(flat[p]).ravel() for p in kernels] or [np.zeros(0)])
         keep = _zero_smallest(magnitudes, round(sparsity * magnitudes.size))
-        for path, part in zip(kernels, np.split(keep, np.cumsum(sizes)[:-1])):
+        for path, part in zip(kernels, np.split(keep, np.cumsum(sizes)[:-1]), strict=True):
             masks[path] = part.reshape(flat[path].shape)
     else:
         for path in kernels:
             w = flat[path]
             masks[path] = _zero_smallest(np.abs(w).ravel(), round(sparsity * w.size)).reshape(
-                w.shape)
+                w.shape
+            )
     pruned = {p: np.where(masks[p], v, np.zeros((), v.dtype)) for p, v in flat.items()}
     return tree.unflatten(pruned), tree.unflatten(masks)
 

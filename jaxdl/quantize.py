@@ -93,5 +93,8 @@ def dequantize(qtree: Params, dtype=jnp.float32) -> dict:
     """Inverse of `quantize_params` (up to rounding): every Int8Tensor -> float kernel."""
     flat = tree.flatten(qtree)
     return tree.unflatten(
-        {p: dequantize_kernel(v, dtype) if isinstance(v, Int8Tensor) else v for p, v in flat.items()}
+        {
+            p: dequantize_kernel(v, dtype) if isinstance(v, Int8Tensor) else v
+            for p, v in flat.items()
+        }
     )

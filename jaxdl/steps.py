@@ -157,20 +157,32 @@ def make_train_step(
     tx: optax.GradientTransformation,
     *,
     batch_spec: BatchSpec | None = None,
+    layout=None,
     **kwargs,
 ) -> StepFn:
     """`train_step` with everything but (state, batch) bound; jitted once, state donated.
 
-    With ``batch_spec`` each call first checks the batch's shapes on the host.
+    With ``batch_spec`` each call first checks the batch's shapes on the host. With a
+    ``layout`` (`jaxdl.sharding.Layout`) the state keeps its sharding, batches are split
+    by rows and metrics come back replicated; XLA inserts the collectives.
     """
     step = functools.partial(train_step, model=model, task=task, tx=tx, **kwargs)
-    return _checked(jax.jit(step, donate_argnums=0), batch_spec)
+    shardings = {}
+    if layout is not None:
+        shardings = dict(
+            in_shardings=(layout.state, layout.batch),
+            out_shardings=(layout.state, layout.replicated),
+        )
+    return _checked(jax.jit(step, donate_argnums=0, **shardings), batch_spec)
 
 
 def make_eval_step(
-    model: nn.Module, task: Task, *, batch_spec: BatchSpec | None = None, **kwargs
+    model: nn.Module, task: Task, *, batch_spec: BatchSpec | None = None, layout=None, **kwargs
 ) -> Callable[[TrainState, Batch], Metrics]:
-    step = jax.jit(functools.partial(eval_step, model=model, task=task, **kwargs))
+    shardings = {}
+    if layout is not None:
+        shardings = dict(in_shardings=(layout.state, layout.batch), out_shardings=layout.replicated)
+    step = jax.jit(functools.partial(eval_step, model=model, task=task, **kwargs), **shardings)
     return _checked(step, batch_spec)
 
 

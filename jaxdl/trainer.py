@@ -21,24 +21,35 @@ import ml_collections
 import numpy as np
 
 from jaxdl import config as config_lib
-from jaxdl import partition, steps
+from jaxdl import partition, sharding, steps
 from jaxdl import tree as tree_lib
 from jaxdl.build import Setup, build
 from jaxdl.data import build_data, prefetch_to_device, validate_batch
 from jaxdl.logging import MetricLogger, params_sha256, plot_curves, read_metrics, write_json
 from jaxdl.tasks import finalize
 
-# Keys a resumed run may change: extending a run is the point of resuming it.
-_RESUMABLE_CHANGES = {"num_steps", "num_epochs", "log_every"}
+# Keys a resumed run may change: extending a run is the point of resuming it, and the
+# mesh is where it runs, not what it computes (checkpoints restore onto any mesh).
+_RESUMABLE_CHANGES = {
+    "num_steps",
+    "num_epochs",
+    "log_every",
+    "mesh.data",
+    "mesh.fsdp",
+    "mesh.tensor",
+}
 
 
 class NonFiniteLossError(ValueError):
     pass
 
 
-def prepare_workdir(workdir: Path, cfg: ml_collections.ConfigDict) -> None:
-    """Create the workdir, or refuse one that holds a different run's config."""
-    workdir.mkdir(parents=True, exist_ok=True)
+def check_workdir(workdir: Path, cfg: ml_collections.ConfigDict) -> dict:
+    """Refuse a workdir that holds a different run; return the config as written to it.
+
+    Nothing is written here: config.json appears only once the run is set up, so a
+    config that fails to build leaves no trace.
+    """
     path = workdir / "config.json"
     new = json.loads(config_lib.to_json(cfg))
     if path.exists():
@@ -50,7 +61,7 @@ def prepare_workdir(workdir: Path, cfg: ml_collections.ConfigDict) -> None:
                 f"--workdir: {workdir} holds another run (config differs at {keys[:6]}). "
                 "Fix: use a new --workdir, or the same config to resume."
             )
-    write_json(path, new)
+    return new
 
 
 def _config_diff(old: Mapping, new: Mapping, prefix: str = "") -> set[str]:
@@ -74,12 +85,13 @@ def evaluate_split(eval_step, state, batches: Iterable[Mapping], kind: str) -> d
     return finalize(jax.device_get(sums), kind)
 
 
-def _eval_batches(data, split: str, batch_size: int, spec, num_classes: int):
-    """The split's batches, the first one validated on the host."""
+def _eval_batches(data, split: str, batch_size: int, spec, num_classes: int, placement=None):
+    """The split's batches (``batch_size`` per process), the first one validated on the host,
+    each placed with ``placement`` (the batch sharding) when given."""
     for i, batch in enumerate(data.eval_iter(split, batch_size)):
         if i == 0:
             validate_batch(batch, spec, num_classes, split=split)
-        yield batch
+        yield batch if placement is None else sharding.put_batch(batch, placement)
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -91,7 +103,7 @@ def _progress(total: int, initial: int, enabled: bool):
 def full_params(state, setup: Setup) -> dict:
     """The model's parameters as numpy (LoRA merged), for hashing and export."""
     params = steps.model_params(state.params, state.frozen, setup.lora_cfg)
-    return jax.tree.map(np.asarray, jax.device_get(params))
+    return sharding.fetch(params)  # gathered across processes when sharded over them
 
 
 def train(
@@ -109,13 +121,17 @@ def train(
     start_time = time.time()
     workdir = Path(workdir)
     is_writer = jax.process_index() == 0
-    prepare_workdir(workdir, cfg)
+    config_dict = check_workdir(workdir, cfg)
 
     # ---- data ---------------------------------------------------------------------------
     data = build_data(cfg.data, seed=cfg.seed, num_classes=cfg.model.get("num_classes"), fold=fold)
-    batch_size = cfg.data.batch_size
+    mesh = sharding.make_mesh(cfg.mesh)
+    batch_size = cfg.data.batch_size  # global: all processes together
     eval_batch_size = cfg.data.eval_batch_size or batch_size
-    steps_per_epoch = data.steps_per_epoch(batch_size)
+    local_batch = sharding.per_process_batch(batch_size, mesh)
+    eval_field = "data.eval_batch_size" if cfg.data.eval_batch_size else "data.batch_size"
+    local_eval_batch = sharding.per_process_batch(eval_batch_size, mesh, field=eval_field)
+    steps_per_epoch = data.steps_per_epoch(local_batch)
     if steps_per_epoch < 1:
         raise ValueError(
             f"data.batch_size: expected at most {data.split_sizes['train']} (the train split), "
@@ -133,8 +149,11 @@ def train(
         example_spec=data.example_spec,
         num_classes=data.num_classes,
         total_steps=total_steps,
+        mesh=mesh,
     )
     if is_writer:
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_json(workdir / "config.json", config_dict)
         write_json(workdir / "partition_plan.json", {"groups": setup.plan_rows})
         echo(partition.format_table(setup.plan_rows))
         if setup.init_report is not None:
@@ -142,7 +161,7 @@ def train(
 
             write_json(workdir / "init_report.json", setup.init_report)
             echo(format_report(setup.init_report))
-    kwargs = {"lora_cfg": setup.lora_cfg, "batch_spec": setup.batch_spec}
+    kwargs = {"lora_cfg": setup.lora_cfg, "batch_spec": setup.batch_spec, "layout": setup.layout}
     train_step = steps.make_train_step(
         setup.model, setup.task, setup.tx, l1=cfg.loss.l1, l2=cfg.loss.l2, **kwargs
     )
@@ -157,14 +176,14 @@ def train(
         save_frozen=setup.lora_cfg is None,
     )
     state = setup.state
-    train_iter = data.train_iter(batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers)
+    train_iter = data.train_iter(local_batch, seed=cfg.seed, num_workers=cfg.data.num_workers)
     start_step = ckpt.latest_step() or 0
     if start_step:
         state, data_state = ckpt.restore(state, start_step)
         if data_state is not None:
-            train_iter.set_state(data_state)
+            train_iter.set_state(sharding.local_data_state(data_state))
         echo(f"resumed from step {start_step} in {workdir / 'checkpoints'}")
-    batches = prefetch_to_device(train_iter, size=cfg.data.prefetch)
+    batches = prefetch_to_device(train_iter, size=cfg.data.prefetch, sharding=setup.layout.batch)
     logger = MetricLogger(workdir, enabled=is_writer, resume_step=start_step)
 
     # ---- loop -----------------------------------------------------------------------------
@@ -179,12 +198,14 @@ def train(
     last_checked = start_step
     bar = _progress(total_steps, start_step, progress and is_writer)
     window_start, window_step = time.time(), start_step
+    step_times: list[float] = []
+    flops_per_token = _flops_per_token(cfg, data)
     step = start_step
-    config_dict = json.loads(config_lib.to_json(cfg))
     while step < total_steps and not stopper.should_stop:
         batch = next(batches)
         if step == start_step:
-            validate_batch(batch, data.example_spec, data.num_classes, split="train")
+            host_batch = sharding.host_local(batch)  # this process's rows
+            validate_batch(host_batch, data.example_spec, data.num_classes, split="train")
         state, metrics = train_step(state, batch)
         pending.append(metrics)
         step += 1
@@ -193,12 +214,16 @@ def train(
         if step % cfg.log_every == 0 or at_eval or at_ckpt:
             means = _flush(pending, last_checked, step)
             pending, last_checked = [], step
-            elapsed = time.time() - window_start
+            elapsed = time.time() - window_start  # train steps only: reset after eval below
+            if window_step > start_step:  # the first window holds the compilation
+                step_times.append(elapsed / (step - window_step))
             rate = (step - window_step) * batch_size / max(elapsed, 1e-9)
-            window_start, window_step = time.time(), step
+            window_step = step
             unit = "tokens_per_s" if data.kind == "lm" else "examples_per_s"
             if data.kind == "lm":
                 rate *= data.example_spec["inputs"][0][0]
+                if flops_per_token:
+                    means["model_flops_per_s"] = rate * flops_per_token
             means[unit] = rate
             logger.log(step, "train", means)
             bar.set_postfix({k: f"{v:.4g}" for k, v in means.items() if k != "finite"})
@@ -208,7 +233,12 @@ def train(
                 eval_step,
                 state,
                 _eval_batches(
-                    data, cfg.data.eval_split, eval_batch_size, data.example_spec, data.num_classes
+                    data,
+                    cfg.data.eval_split,
+                    local_eval_batch,
+                    data.example_spec,
+                    data.num_classes,
+                    setup.layout.batch,
                 ),
                 data.kind,
             )
@@ -223,6 +253,8 @@ def train(
                 config=config_dict,
                 metrics=best or None,
             )
+        if window_step == step:
+            window_start = time.time()
         bar.update(1)
     bar.close()
     ckpt.wait()
@@ -234,7 +266,14 @@ def train(
     test_metrics = evaluate_split(
         eval_step,
         state,
-        _eval_batches(data, test_split, eval_batch_size, data.example_spec, data.num_classes),
+        _eval_batches(
+            data,
+            test_split,
+            local_eval_batch,
+            data.example_spec,
+            data.num_classes,
+            setup.layout.batch,
+        ),
         data.kind,
     )
     logger.log(step, "test", test_metrics)
@@ -245,11 +284,12 @@ def train(
         "test_split": test_split,
         "test_loss": test_metrics["loss"],
         "params": tree_lib.num_params(final),
-        "trainable_params": tree_lib.num_params(jax.device_get(state.params)),
+        "trainable_params": tree_lib.num_params(state.params),
         "steps": int(step),
         "epochs": step / steps_per_epoch,
         "stopped_early": stopper.should_stop,
         "wall_s": time.time() - start_time,
+        "step_ms": 1e3 * float(np.median(step_times)) if step_times else None,
         "params_sha256": params_sha256(final),
     }
     if data.kind == "lm":
@@ -261,6 +301,15 @@ def train(
         write_json(workdir / "summary.json", summary)
         plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
     return summary
+
+
+def _flops_per_token(cfg: ml_collections.ConfigDict, data) -> float | None:
+    """Model FLOPs per trained token (6N + attention), for language models only."""
+    if data.kind != "lm" or cfg.model.name != "transformer":
+        return None
+    from jaxdl.models.transformer import flops_per_token
+
+    return flops_per_token(dict(cfg.model), seq_len=data.example_spec["inputs"][0][0])
 
 
 def _flush(pending: list[dict], first_step: int, last_step: int) -> dict[str, float]:

@@ -27,8 +27,9 @@ def workdir(tmp_path_factory):
     from jaxdl.trainer import train
 
     path = tmp_path_factory.mktemp("run")
-    cfg = load_config(ROOT / "experiments/digits_cnn.py",
-                      ["--config.num_steps=60", "--config.num_epochs=0"])
+    cfg = load_config(
+        ROOT / "experiments/digits_cnn.py", ["--config.num_steps=60", "--config.num_epochs=0"]
+    )
     train(cfg, path, progress=False, echo=lambda *a: None)
     return path
 
@@ -41,9 +42,10 @@ def run(workdir):
 
 
 @pytest.fixture(scope="module")
-def artifact(workdir, tmp_path_factory):
+def artifact(run, workdir, tmp_path_factory):
+    """The run exported in-process (`export_workdir` itself runs in the CLI test)."""
     path = tmp_path_factory.mktemp("export") / "digits.jaxexport"
-    meta = export.export_workdir(workdir, path)
+    meta = export.export_run(*run, path, workdir=workdir)
     return path, meta
 
 
@@ -66,7 +68,8 @@ def in_process_probs(run, params, raw):
         state = state.replace(params={"params": params}, frozen={})
     x = (raw.astype(np.float32) / np.float32(16.0))[..., None]
     logits = steps.make_predict(setup.model, None if params is not None else setup.lora_cfg)(
-        state, jnp.asarray(x))
+        state, jnp.asarray(x)
+    )
     return np.asarray(jax.nn.softmax(logits, axis=-1))
 
 
@@ -116,7 +119,7 @@ def test_png_files_match_in_process_and_evaluate(run, artifact, workdir, test_im
         Image.fromarray(image, "L").save(files[-1])
     results = export.predict_files(path, files, top_k=10)
     want = in_process_probs(run, None, raw)
-    for result, row in zip(results, want):
+    for result, row in zip(results, want, strict=True):
         probs = {int(c["class"]): c["prob"] for c in result["top_k"]}
         np.testing.assert_allclose([probs[c] for c in range(10)], row, atol=1e-6, rtol=0)
         assert int(result["top_k"][0]["class"]) == int(np.argmax(row))
@@ -130,8 +133,7 @@ def test_int8_and_multi_platform_export(run, artifact, test_images, tmp_path):
     path, meta = artifact
     raw = test_images[0][:5]
     q_path = tmp_path / "q.jaxexport"
-    q_meta = export.export_run(cfg, setup, data, q_path, platforms=("cpu", "cuda"),
-                               quantize="int8")
+    q_meta = export.export_run(cfg, setup, data, q_path, platforms=("cpu", "cuda"), quantize="int8")
     assert q_meta["platforms"] == ["cpu", "cuda"]
     assert q_meta["quantization"]["kernels"] == 4
     assert 3.6 < meta["artifact_bytes"] / q_meta["artifact_bytes"] <= 4.0
@@ -149,9 +151,14 @@ def test_language_model_export(tmp_path):
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))
     apply = jax.jit(model.apply)  # eager Flax dispatch is slow
     path = tmp_path / "lm.jaxexport"
-    meta = export.export_model(model, variables, path, kind="lm", input_shape=(16,),
-                               metadata={"vocabulary": {"tokenizer": "bytes",
-                                                        "vocab_size": 256}})
+    meta = export.export_model(
+        model,
+        variables,
+        path,
+        kind="lm",
+        input_shape=(16,),
+        metadata={"vocabulary": {"tokenizer": "bytes", "vocab_size": 256}},
+    )
     assert meta["input"]["shape"] == [None, 16] and meta["output"]["shape"] == [None, 256]
     predictor = export.load(path)
     tokens = np.random.default_rng(0).integers(0, 256, (3, 16)).astype(np.int32)
@@ -168,28 +175,37 @@ def test_language_model_export(tmp_path):
     for _ in range(12):
         context = seq[-16:]
         window = np.zeros((1, 16), np.int32)
-        window[0, :len(context)] = context
+        window[0, : len(context)] = context
         seq.append(int(np.argmax(apply(variables, window)[0, len(context) - 1])))
-    assert predictor.generate(prompt, 12) == seq[len(prompt):]
+    assert predictor.generate(prompt, 12) == seq[len(prompt) :]
     text = tmp_path / "prompt.txt"
     text.write_bytes(bytes(prompt))
     [result] = export.predict_files(predictor, [text], top_k=3, max_new_tokens=12)
-    assert result["continuation"] == decode(seq[len(prompt):])
+    assert result["continuation"] == decode(seq[len(prompt) :])
     assert len(result["top_k"]) == 3
 
 
 def _cli(*args):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-m", "jaxdl.cli", *map(str, args)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxdl.cli", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return proc.returncode, proc.stdout, proc.stderr
 
 
 def test_cli_export_and_predict(workdir, artifact, test_images, tmp_path):
     out = tmp_path / "cli.jaxexport"
-    assert cli.main(["export", "--workdir", str(workdir), "--out", str(out),
-                     "--platform", "cpu"]) == 0
-    assert json.loads(export.sidecar_path(out).read_text())["model"] == "simple_cnn"
+    assert (
+        cli.main(["export", "--workdir", str(workdir), "--out", str(out), "--platform", "cpu"]) == 0
+    )
+    meta = json.loads(export.sidecar_path(out).read_text())
+    assert meta["model"] == "simple_cnn" and meta["workdir"] == str(workdir.resolve())
+    assert meta["artifact_sha256"] == artifact[1]["artifact_sha256"]  # deterministic
     png = tmp_path / "x.png"
     Image.fromarray(test_images[0][0], "L").save(png)
     code, stdout, stderr = _cli("predict", out, png, "--top-k", "3", "--json")
@@ -212,8 +228,9 @@ def test_cli_errors_are_one_line_exit_2(artifact, test_images, tmp_path):
 
     old = tmp_path / "old.jaxexport"
     old.write_bytes(path.read_bytes())
-    export.sidecar_path(old).write_text(json.dumps({**meta, "jax_version": "99.0.0",
-                                                    "format_version": 7}))
+    export.sidecar_path(old).write_text(
+        json.dumps({**meta, "jax_version": "99.0.0", "format_version": 7})
+    )
     cases = {
         "is corrupt": [corrupt, png],
         "does not exist": [tmp_path / "missing.jaxexport", png],

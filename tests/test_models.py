@@ -52,24 +52,26 @@ def test_simple_cnn_param_count_matches_article_at_224():
 
 
 @pytest.mark.parametrize(
-    "depth, partial, expected", [(18, ResNet18, 11_689_512), (50, ResNet50, 25_557_032)]
+    "depth, expected",
+    [(18, 11_689_512), ("18", 11_689_512), (50, 25_557_032)],  # "18": as a CLI flag gives it
 )
-def test_resnet_param_count_matches_torchvision(depth, partial, expected):
-    variables = _shapes(create_model({"name": "resnet", "num_classes": 1000, "depth": depth}),
-                        (1, 224, 224, 3))  # fmt: skip
+def test_resnet_param_count_matches_torchvision(depth, expected):
+    model = create_model({"name": "resnet", "num_classes": 1000, "depth": depth})
+    variables = _shapes(model, (1, 224, 224, 3))
     assert num_params(variables["params"]) == expected
-    assert num_params(_shapes(partial(num_classes=1000), (1, 224, 224, 3))["params"]) == expected
     # BatchNorm running statistics live outside params: a mean and a var per BN scale.
-    bn_scales = sum(v.size for k, v in flatten(variables["params"]).items() if "bn" in k
-                    and k.endswith("scale"))  # fmt: skip
+    flat = flatten(variables["params"])
+    bn_scales = sum(v.size for k, v in flat.items() if "bn" in k and k.endswith("scale"))
     assert num_params(variables["batch_stats"]) == 2 * bn_scales
-    assert variables["params"]["head"]["kernel"].shape == (2048 if depth == 50 else 512, 1000)
+    width = 2048 if int(depth) == 50 else 512
+    assert variables["params"]["head"]["kernel"].shape == (width, 1000)
+    assert "layer4_1/conv2/kernel" in flat and "stem_bn/scale" in flat
 
 
-def test_resnet_depth_given_as_string_from_a_cli_flag():
-    a = _shapes(create_model({"name": "resnet", "num_classes": 10, "depth": "18"}), (1, 32, 32, 3))
-    b = _shapes(create_model({"name": "resnet", "num_classes": 10, "depth": 18}), (1, 32, 32, 3))
-    assert num_params(a) == num_params(b)
+def test_resnet_partials_are_the_registered_model():
+    for partial, depth in ((ResNet18, 18), (ResNet50, 50)):
+        registered = create_model({"name": "resnet", "num_classes": 5, "depth": depth})
+        assert partial(num_classes=5) == registered
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -99,20 +101,20 @@ def test_rnn_reads_image_rows_as_time_steps():
     "cfg, shape",
     [
         ({"name": "mlp"}, (3, 8, 8, 1)),
+        ({"name": "mlp", "dtype": "bfloat16"}, (3, 8, 8, 1)),
         ({"name": "simple_cnn"}, (3, 8, 8, 1)),
-        ({"name": "simple_cnn"}, (3, 32, 32, 3)),
+        ({"name": "simple_cnn", "dtype": "bfloat16"}, (3, 32, 32, 3)),
         ({"name": "simple_cnn"}, (3, 7, 9, 2)),  # odd sizes: pooling floors
         ({"name": "resnet", "depth": "tiny", "small_inputs": True}, (3, 8, 8, 1)),
-        ({"name": "resnet", "depth": 18}, (3, 32, 32, 3)),
+        ({"name": "resnet", "depth": "tiny", "dtype": "bfloat16"}, (3, 32, 32, 3)),
         ({"name": "resnet", "depth": 50, "small_inputs": True}, (3, 8, 8, 3)),
         ({"name": "rnn", "cell": "lstm"}, (3, 5, 4)),
-        ({"name": "rnn", "cell": "gru", "num_layers": 2}, (3, 8, 8, 1)),
+        ({"name": "rnn", "cell": "gru", "num_layers": 2, "dtype": "bfloat16"}, (3, 8, 8, 1)),
     ],
 )
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_output_shape_dtype_and_head(cfg, shape, dtype):
+def test_output_shape_dtype_and_head(cfg, shape):
     # Abstract evaluation traces the full forward pass without compiling it.
-    model = create_model({**cfg, "num_classes": 7, "dtype": dtype})
+    model = create_model({**cfg, "num_classes": 7})
     variables = _shapes(model, shape)
     for train in (False, True):
         logits = jax.eval_shape(

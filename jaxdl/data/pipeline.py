@@ -144,6 +144,86 @@ def _apply_fold(source: Source, eval_key: str, fold: tuple[int, int]) -> None:
     source.split_names[eval_key] = f"fold {i}/{k} of train+{eval_key}"
 
 
+class Relabeled:
+    """records[indices] with each record's label mapped through `table` (old -> new)."""
+
+    def __init__(self, records: Any, indices: np.ndarray, table: dict[int, int], label_key: str):
+        self.records, self.indices = records, np.asarray(indices, np.int64)
+        self.table, self.label_key = dict(table), label_key
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        record = dict(self.records[int(self.indices[i])])
+        record[self.label_key] = self.table[int(record[self.label_key])]
+        return record
+
+
+def _raw_labels(records: Any, label_key: str) -> np.ndarray:
+    """int64 [N] labels read from the raw records (no image decoding)."""
+    return np.asarray([int(records[i][label_key]) for i in range(len(records))], np.int64)
+
+
+def _keep_classes(source: Source, classes: list, num_classes: int | None) -> None:
+    """data.classes: keep these labels in every split, relabelled 0..k-1 in the given order."""
+    known = source.num_classes
+    if source.kind != "classification":
+        raise ValueError(
+            f"data.classes: applies to classification sources, found a {source.kind} source. "
+            "Fix: set data.classes=[]."
+        )
+    bad = [c for c in classes if isinstance(c, bool) or not isinstance(c, int | np.integer)]
+    bad += [c for c in classes if c not in bad and (c < 0 or (known is not None and c >= known))]
+    if bad or len(set(classes)) != len(classes):
+        raise ValueError(
+            f"data.classes: expected distinct int labels in [0, {known}), found {classes}. "
+            "Fix: list each label of the source once, e.g. [5, 6, 7, 8, 9]."
+        )
+    if num_classes is not None and num_classes < len(classes):
+        raise ValueError(
+            f"model.num_classes: expected at least {len(classes)} (data.classes keeps "
+            f"{len(classes)} classes), found {num_classes}. Fix: set model.num_classes="
+            f"{len(classes)}."
+        )
+    label_key = getattr(source.decode, "label_key", "label")
+    table = {int(c): new for new, c in enumerate(classes)}
+    for name, records in source.splits.items():
+        keep = np.flatnonzero(np.isin(_raw_labels(records, label_key), list(table)))
+        source.splits[name] = Relabeled(records, keep, table, label_key)
+        source.split_names[name] = f"{source.split_names.get(name, name)}, classes {classes}"
+    source.num_classes = len(classes)
+    if source.class_names is not None:
+        source.class_names = [source.class_names[c] for c in classes]
+    source.description = {**source.description, "classes": [int(c) for c in classes]}
+
+
+def _first_per_class(source: Source, per_class: int) -> None:
+    """data.examples_per_class: the first N train records of each class, in record order.
+
+    A fixed rule (not the run seed), so every seed and method sees the same examples.
+    """
+    if source.kind != "classification":
+        raise ValueError(
+            f"data.examples_per_class: applies to classification sources, found a "
+            f"{source.kind} source. Fix: set data.examples_per_class=0."
+        )
+    label_key = getattr(source.decode, "label_key", "label")
+    records = source.splits["train"]
+    labels = _raw_labels(records, label_key)
+    present, counts = np.unique(labels, return_counts=True)
+    if counts.min() < per_class:
+        short = {int(c): int(n) for c, n in zip(present, counts, strict=True) if n < per_class}
+        raise ValueError(
+            f"data.examples_per_class: expected at least {per_class} train examples per class, "
+            f"found {short} (class: count). Fix: lower data.examples_per_class."
+        )
+    keep = np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in present]))
+    source.splits["train"] = Subset(records, keep)
+    name = source.split_names.get("train", "train")
+    source.split_names["train"] = f"{name}, first {per_class} per class"
+
+
 def build_data(
     data_cfg: Mapping,
     *,
@@ -155,6 +235,8 @@ def build_data(
 
     `num_classes` is what the model predicts (labels are checked against it); None takes
     the source's own count. `seed` only seeds synthetic data: splits are fixed.
+    `data.classes` keeps those labels in every split, relabelled 0..k-1 in the given order;
+    `data.examples_per_class` then keeps the first N train records of each class.
     """
     source = load_source(data_cfg, seed=seed, num_classes=num_classes)
     eval_key = str(opt(data_cfg, "eval_split", "val"))
@@ -162,8 +244,18 @@ def build_data(
         raise ValueError(
             f"data.eval_split: expected one of {sorted(source.splits)}, found {eval_key!r}."
         )
+    classes = list(opt(data_cfg, "classes", []))
+    if classes:
+        _keep_classes(source, classes, num_classes)
     if fold is not None:
         _apply_fold(source, eval_key, tuple(fold))
+    per_class = opt(data_cfg, "examples_per_class", 0)
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 0:
+        raise ValueError(
+            f"data.examples_per_class: expected an int >= 0, found {per_class!r}. Fix: 0 keeps all."
+        )
+    if per_class:
+        _first_per_class(source, per_class)
     for name, records in source.splits.items():
         if not len(records):
             raise ValueError(
