@@ -123,6 +123,7 @@ class Preset:
     models: tuple[str, ...]
     modes: tuple[str, ...]
     dtypes: tuple[str, ...]
+    frameworks: tuple[str, ...] = FRAMEWORKS
     warmup: int = 10
     trials: int = 7
     target_trial_s: float = 0.25  # K is picked so one trial lasts about this long
@@ -130,11 +131,14 @@ class Preset:
 
 
 PRESETS = {
-    # Within 5 minutes on 2 CPU cores. Frozen/LoRA and bf16: add --modes / --dtypes.
+    # Within 5 minutes on 2 CPU cores. torch.compile is left out by default because on 2
+    # cores it compiles for 12-170 s per model (add --frameworks jax,torch-eager,torch-compile);
+    # frozen/LoRA and bf16: add --modes / --dtypes.
     "cpu-quick": Preset(
         models=("mlp", "simple_cnn", "resnet-tiny", "vit-tiny", "gpt-small"),
         modes=("full",),
         dtypes=("float32",),
+        frameworks=("jax", "torch-eager"),
     ),
     "gpu": Preset(
         models=("resnet50", "vit-b16", "gpt2-124m", "gpt-1b"),
@@ -453,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     models = _csv(args.models, list(CASES), "--models") or preset.models
     modes = _csv(args.modes, MODES, "--modes") or preset.modes
     dtypes = _csv(args.dtypes, list(DTYPES), "--dtypes") or preset.dtypes
-    frameworks = _csv(args.frameworks, FRAMEWORKS, "--frameworks") or FRAMEWORKS
+    frameworks = _csv(args.frameworks, FRAMEWORKS, "--frameworks") or preset.frameworks
     if args.trials:
         preset = dataclasses.replace(preset, trials=args.trials)
     jax.config.update("jax_default_prng_impl", args.prng)

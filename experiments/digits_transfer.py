@@ -34,7 +34,7 @@ import jax
 
 from jaxdl import config as config_lib
 from jaxdl.finetune import run_tasks
-from jaxdl.logging import write_json
+from jaxdl.logging import read_metrics, write_json
 from jaxdl.trainer import train
 
 CNN_CONFIG = Path(__file__).with_name("digits_cnn.py")
@@ -51,8 +51,8 @@ METHODS = {
         "partition": [("lora/.*", {}), *HEAD_ONLY],
     },
 }
-FULL = {"pretrain_steps": 400, "steps": 100, "shots": (1, 5, 10), "seeds": (0, 1, 2)}
-QUICK = {"pretrain_steps": 100, "steps": 30, "shots": (1, 10), "seeds": (0,)}
+FULL = {"pretrain_steps": 400, "steps": 300, "shots": (1, 5, 10), "seeds": (0, 1, 2)}
+QUICK = {"pretrain_steps": 100, "steps": 60, "shots": (1, 10), "seeds": (0,)}
 
 
 def _config(overrides: list[str]):
@@ -105,6 +105,12 @@ def tasks_config(pretrained: Path, protocol: dict):
     return cfg
 
 
+def _final_train_loss(row: dict) -> float:
+    """Mean train loss of the run's last logged window (10 steps)."""
+    records = read_metrics(Path(row["workdir"]) / "metrics.jsonl")
+    return [r for r in records if r["split"] == "train"][-1]["loss"]
+
+
 def aggregate(rows: list[dict], protocol: dict) -> list[dict]:
     """One entry per (method, N): mean and sample std over seeds."""
     out = []
@@ -119,6 +125,7 @@ def aggregate(rows: list[dict], protocol: dict) -> list[dict]:
                     "seeds": len(runs),
                     "acc_mean": statistics.mean(acc),
                     "acc_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                    "train_loss": statistics.mean(_final_train_loss(r) for r in runs),
                     "trainable_params": runs[0]["trainable_params"],
                     "step_ms": statistics.median(r["step_ms"] for r in runs),
                 }
@@ -128,14 +135,16 @@ def aggregate(rows: list[dict], protocol: dict) -> list[dict]:
 
 def markdown(table: list[dict], protocol: dict, pretrain_acc: float) -> str:
     shots = protocol["shots"]
-    head = ["method", "trainable params"]
-    head += [f"acc N={n}" for n in shots] + [f"step ms N={n}" for n in shots]
+    per_n = "/".join(map(str, shots))
+    head = ["method", "trainable params", *[f"test acc N={n}" for n in shots]]
+    head += [f"final train loss N={per_n}", f"step ms N={per_n}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in METHODS:
         cells = {e["shots"]: e for e in table if e["method"] == method}
         row = [method, f"{cells[shots[0]]['trainable_params']:,}"]
         row += [f"{cells[n]['acc_mean']:.3f} +/- {cells[n]['acc_std']:.3f}" for n in shots]
-        row += [f"{cells[n]['step_ms']:.2f}" for n in shots]
+        row.append(" / ".join(f"{cells[n]['train_loss']:.3f}" for n in shots))
+        row.append(" / ".join(f"{cells[n]['step_ms']:.1f}" for n in shots))
         lines.append("| " + " | ".join(row) + " |")
     seeds = len(protocol["seeds"])
     lines += [

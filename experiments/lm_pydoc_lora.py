@@ -18,7 +18,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = {"name": "transformer", "size": "small", "vocab_size": 256, "dropout_rate": 0.0}
     c.data = {"source": "text:pydoc", "seq_len": 128, "batch_size": 16, "eval_batch_size": 64}
     c.init_from = {"checkpoint": "runs/lm_pretrain"}
-    c.lora = {"rank": 8, "alpha": 16.0, "targets": r"params/.*/(query|key|value|out|fc1|fc2)/kernel"}
+    c.lora = {
+        "rank": 8,
+        "alpha": 16.0,
+        "targets": r"params/.*/(query|key|value|out|fc1|fc2)/kernel",
+    }
     c.optimizer = {"name": "adam", "learning_rate": 3e-3, "grad_clip_norm": 1.0}
     c.num_steps = 200
     c.log_every = 25

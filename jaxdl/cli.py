@@ -1,4 +1,4 @@
-"""The `jaxdl` command: train, evaluate, demo.
+"""The `jaxdl` command: train, evaluate, generate, export, predict, demo.
 
 User errors (bad flags, unknown config keys, bad files, mismatched checkpoints) print one
 line naming what was expected and what was found, and exit with status 2; ``--debug``
@@ -138,7 +138,7 @@ def run(argv: Sequence[str]) -> int:
             f"{','.join(meta['platforms'])}) and {args.out}.json"
         )
     elif args.command == "predict":
-        from jaxdl.export import format_predictions, predict_files
+        from jaxdl.predict import format_predictions, predict_files
 
         results = predict_files(
             args.model, args.inputs, top_k=args.top_k, max_new_tokens=args.max_new_tokens

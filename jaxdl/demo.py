@@ -73,10 +73,17 @@ def run_digits(workdir: Path) -> list[dict]:
 PRETRAIN_STEPS = 400
 FINETUNE_STEPS = 100
 _LM_COMMON = ["--config.data.batch_size=16", "--config.log_every=25"]
-_PRETRAIN = ["--config.data.max_bytes=1000000", f"--config.num_steps={PRETRAIN_STEPS}",
-             f"--config.eval_every={PRETRAIN_STEPS}", "--config.optimizer.warmup_steps=30"]
-_FINETUNE = [f"--config.num_steps={FINETUNE_STEPS}", f"--config.eval_every={FINETUNE_STEPS}",
-             "--config.lora=None"]
+_PRETRAIN = [
+    "--config.data.max_bytes=1000000",
+    f"--config.num_steps={PRETRAIN_STEPS}",
+    f"--config.eval_every={PRETRAIN_STEPS}",
+    "--config.optimizer.warmup_steps=30",
+]
+_FINETUNE = [
+    f"--config.num_steps={FINETUNE_STEPS}",
+    f"--config.eval_every={FINETUNE_STEPS}",
+    "--config.lora=None",
+]
 LAST_BLOCK_RULES = (
     "[('params/block_3/.*', {}), ('params/ln_f/.*', {}), ('params/embed/.*', {}),"
     " ('.*', {'trainable': False})]"
@@ -106,41 +113,62 @@ def run_lm(workdir: Path) -> list[dict]:
     start = time.time()
     print("== 1/5 pretrain: small GPT on the standard library's sources ==")
     pretrain_dir = _fresh(workdir / "pretrain")
-    pretrain = train(_experiment_config("lm_stdlib_pretrain", [*_LM_COMMON, *_PRETRAIN]), pretrain_dir)
+    pretrain = train(
+        _experiment_config("lm_stdlib_pretrain", [*_LM_COMMON, *_PRETRAIN]), pretrain_dir
+    )
     rows = []
     for i, (variant, extra) in enumerate(VARIANTS.items(), start=2):
         print(f"\n== {i}/5 {variant}: pydoc English text, {FINETUNE_STEPS} steps ==")
-        overrides = [*_LM_COMMON, *_FINETUNE, f"--config.init_from.checkpoint={pretrain_dir}",
-                     *extra]
+        overrides = [
+            *_LM_COMMON,
+            *_FINETUNE,
+            f"--config.init_from.checkpoint={pretrain_dir}",
+            *extra,
+        ]
         cfg = _experiment_config("lm_pydoc_lora", overrides)
         if variant == "lora":
             cfg.lora = _experiment_config("lm_pydoc_lora", []).lora
         summary = train(cfg, _fresh(workdir / variant))
-        rows.append({
-            "variant": variant,
-            "val_bits_per_byte": summary["test_bits_per_byte"],
-            "trainable_params": summary["trainable_params"],
-            "step_ms": summary["step_ms"],
-        })
+        rows.append(
+            {
+                "variant": variant,
+                "val_bits_per_byte": summary["test_bits_per_byte"],
+                "trainable_params": summary["trainable_params"],
+                "step_ms": summary["step_ms"],
+            }
+        )
     prompt = "The with statement"
-    sample = generate_text(str(workdir / "full"), prompt, max_new_tokens=160, temperature=0.7,
-                           seed=0)
-    table = format_table(rows, [("variant", "variant", ""),
-                                ("val_bits_per_byte", "pydoc val bits/byte", ".3f"),
-                                ("trainable_params", "trainable params", ","),
-                                ("step_ms", "step ms", ".1f")])
-    print(f"\npretrained {pretrain['steps']} steps on stdlib code: "
-          f"{pretrain['test_bits_per_byte']:.3f} bits/byte on held-out stdlib\n")
+    sample = generate_text(
+        str(workdir / "full"), prompt, max_new_tokens=160, temperature=0.7, seed=0
+    )
+    table = format_table(
+        rows,
+        [
+            ("variant", "variant", ""),
+            ("val_bits_per_byte", "pydoc val bits/byte", ".3f"),
+            ("trainable_params", "trainable params", ","),
+            ("step_ms", "step ms", ".1f"),
+        ],
+    )
+    print(
+        f"\npretrained {pretrain['steps']} steps on stdlib code: "
+        f"{pretrain['test_bits_per_byte']:.3f} bits/byte on held-out stdlib\n"
+    )
     print(table)
     print(f"\nsample from the fine-tuned model (prompt {prompt!r}):\n{sample}")
-    write_json(workdir / "summary.json", {
-        "task": "lm",
-        "rows": rows,
-        "pretrain": {"steps": pretrain["steps"],
-                     "val_bits_per_byte": pretrain["test_bits_per_byte"]},
-        "sample": sample,
-        "wall_s": time.time() - start,
-    })
+    write_json(
+        workdir / "summary.json",
+        {
+            "task": "lm",
+            "rows": rows,
+            "pretrain": {
+                "steps": pretrain["steps"],
+                "val_bits_per_byte": pretrain["test_bits_per_byte"],
+            },
+            "sample": sample,
+            "wall_s": time.time() - start,
+        },
+    )
     return rows
 
 

@@ -11,18 +11,23 @@ from jaxdl.build import Setup, build
 from jaxdl.data import Data, build_data
 
 
-def restore_run(workdir: str | Path, step: int | None = None) -> tuple[Any, Setup, Data]:
-    """(config, setup with the restored state, data) of a trained workdir."""
-    from jaxdl.checkpoint import Checkpointer
-
-    workdir = Path(workdir)
-    config_path = workdir / "config.json"
+def load_run_config(workdir: str | Path):
+    """The resolved config of a trained workdir (its config.json)."""
+    config_path = Path(workdir) / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(
             f"--workdir: no config.json in {workdir}. "
             "Fix: pass the --workdir of a `jaxdl train` run."
         )
-    cfg = config_lib.load_config(config_path)
+    return config_lib.load_config(config_path)
+
+
+def restore_run(workdir: str | Path, step: int | None = None) -> tuple[Any, Setup, Data]:
+    """(config, setup with the restored state, data) of a trained workdir."""
+    from jaxdl.checkpoint import Checkpointer
+
+    workdir = Path(workdir)
+    cfg = load_run_config(workdir)
     data = build_data(cfg.data, seed=cfg.seed, num_classes=cfg.model.get("num_classes"))
     setup = build(
         cfg,

@@ -192,20 +192,16 @@ def generate_text(
 ) -> str:
     """Continue ``prompt`` with the language model trained in ``workdir`` (LoRA merged)."""
     from jaxdl.checkpoint import load_params
-    from jaxdl.config import load_config
+    from jaxdl.evaluate import load_run_config
 
-    cfg = load_config(f"{workdir}/config.json") if _has_config(workdir) else None
-    if cfg is None:
-        raise FileNotFoundError(
-            f"--workdir: no config.json in {workdir}. Fix: pass the --workdir of a `jaxdl train` run."
-        )
+    cfg = load_run_config(workdir)
     if cfg.model.name != "transformer":
         raise ValueError(
-            f"--workdir: {workdir} holds a {cfg.model.name!r} classifier; generate needs a language "
-            "model (model.name='transformer'). Fix: pass the workdir of an LM run."
+            f"--workdir: {workdir} holds a {cfg.model.name!r} classifier; generate needs a "
+            "language model (model.name='transformer'). Fix: pass the workdir of an LM run."
         )
     if not prompt:
-        raise ValueError("--prompt: expected at least 1 byte, found 0. Fix: pass a non-empty prompt.")
+        raise ValueError("--prompt: expected at least 1 byte, found 0. Fix: pass a prompt.")
     params = load_params(workdir)
     tokens = generate(
         dict(cfg.model),
@@ -219,9 +215,3 @@ def generate_text(
         greedy=greedy,
     )
     return decode(np.asarray(tokens)[0])
-
-
-def _has_config(workdir: str) -> bool:
-    from pathlib import Path
-
-    return (Path(workdir) / "config.json").is_file()

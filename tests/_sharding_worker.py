@@ -29,13 +29,12 @@ MODELS = {
         ],
     ),
 }
-# name -> (model, mesh): data parallel, FSDP, and FSDP with tensor parallelism.
+# name -> (model, mesh): data parallel; FSDP (with tensor parallelism for the GPT).
 RUNS = {
     "mlp_dp": ("mlp", {"data": 8}),
     "mlp_fsdp": ("mlp", {"fsdp": 8}),
     "gpt_dp": ("gpt", {"data": 8}),
-    "gpt_fsdp": ("gpt", {"data": 2, "fsdp": 4}),
-    "gpt_tp": ("gpt", {"data": 2, "fsdp": 2, "tensor": 2}),
+    "gpt_fsdp_tp": ("gpt", {"fsdp": 4, "tensor": 2}),
 }
 
 

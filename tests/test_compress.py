@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxdl import export, prune, steps, tasks
+from jaxdl import export, predict, prune, steps, tasks
 from jaxdl.models import create_model
 from jaxdl.quantize import Int8Tensor, dequantize, quantize_kernel, quantize_params
 from jaxdl.state import TrainState
@@ -59,7 +59,7 @@ def test_int8_artifact_is_about_4x_smaller(tmp_path):
             model, variables, path, kind="classification", input_shape=(64,), quantize=quantize
         )
         sizes[quantize] = meta["artifact_bytes"]
-        probs = export.load(path).predict(np.ones((2, 64), np.float32))
+        probs = predict.load(path).predict(np.ones((2, 64), np.float32))
         assert probs.shape == (2, 10)
     kernel_bytes = (64 * 256 + 256 * 256 + 256 * 10) * 4
     assert sizes[None] > kernel_bytes

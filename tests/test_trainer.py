@@ -112,7 +112,8 @@ def test_early_stopping_stops_and_says_so(tmp_path):
 def test_frozen_backbone_plan_file(tmp_path):
     cfg = quick_cfg(
         extra=[
-            "--config.partition=[('params/head/.*', {'lr_mult': 10.0}), ('.*', {'trainable': False})]"
+            "--config.partition=[('params/head/.*', {'lr_mult': 10.0}),"
+            " ('.*', {'trainable': False})]"
         ]
     )
     summary = train(cfg, tmp_path, progress=False)

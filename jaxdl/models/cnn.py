@@ -45,6 +45,12 @@ class SimpleCNN(nn.Module):
             )(x)
             x = nn.relu(x)
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        if x.shape[1] == 0 or x.shape[2] == 0:
+            raise ValueError(
+                f"simple_cnn input: expected images of at least {2 ** len(self.features)} pixels "
+                f"a side for {len(self.features)} 2x2 pools, found {x.shape}. "
+                "Fix: resize the images (data.image_size) or use fewer model.features."
+            )
         x = x.reshape(x.shape[0], -1)
         x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=jnp.float32, name="fc")(x)
         x = nn.relu(x)

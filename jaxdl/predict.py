@@ -1,0 +1,307 @@
+"""Run a `jaxdl export` artifact without the model's code: load, check, predict files.
+
+    predictor = load("digits.jaxexport")
+    probs = predictor.predict(raw_pixels)                         # [B, C], any B
+    predict_files("digits.jaxexport", ["a.png", "b.png"], top_k=3)
+
+Geometric preprocessing (resize, center crop) happens here on the host, from the sidecar's
+description (see `jaxdl.export`), before the artifact's own pure-array preprocessing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxdl.export import _FIX, FORMAT, FORMAT_VERSION, sidecar_path
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in str(text).split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit()) or "0"
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def check_compatible(path: str | Path, meta: Mapping) -> None:
+    """Refuse artifacts of another format version, a newer jax (export is not forward
+    compatible) or a calling convention this jax cannot run."""
+    convention = meta.get("calling_convention_version", -1)
+    ok = (
+        meta.get("format_version") == FORMAT_VERSION
+        and _version(meta.get("jax_version", "0")) <= _version(jax.__version__)
+        and jax.export.minimum_supported_calling_convention_version
+        <= convention
+        <= jax.export.maximum_supported_calling_convention_version
+    )
+    if not ok:
+        raise ValueError(
+            f"{path}: built with jax {meta.get('jax_version')} (format "
+            f"{meta.get('format_version')}); this is jax {jax.__version__} "
+            f"(format {FORMAT_VERSION}). {_FIX}"
+        )
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The sidecar of an artifact, checked for format and version."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"MODEL: {path} does not exist. Fix: pass the .jaxexport file "
+            "written by `jaxdl export`."
+        )
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise FileNotFoundError(
+            f"MODEL: {side} (the sidecar of {path}) does not exist. Fix: "
+            "keep the .json next to the artifact, or re-export with "
+            "`jaxdl export`."
+        )
+    try:
+        meta = json.loads(side.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"MODEL: {side} is not valid JSON ({err}). {_FIX}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(
+            f'MODEL: {side} is not a jaxdl export sidecar (expected "format": "{FORMAT}"). {_FIX}'
+        )
+    check_compatible(path, meta)
+    return meta
+
+
+@dataclasses.dataclass
+class Predictor:
+    """A loaded artifact. `predict` runs it; `generate` continues text (LMs)."""
+
+    path: Path
+    metadata: dict
+    exported: jax.export.Exported
+
+    def __post_init__(self):
+        self._call = jax.jit(self.exported.call)  # compiled once per batch size
+
+    @property
+    def kind(self) -> str:
+        return self.metadata["kind"]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One example's shape, e.g. (8, 8, 1) or (T,)."""
+        return tuple(self.metadata["input"]["shape"][1:])
+
+    @property
+    def labels(self) -> list[str]:
+        """Class names, or for byte LMs the printable form of each byte."""
+        if self.kind == "lm":
+            return [
+                repr(chr(i))[1:-1] if i < 128 else f"\\x{i:02x}"
+                for i in range(self.metadata["output"]["shape"][-1])
+            ]
+        return list(self.metadata["class_names"])
+
+    def predict(self, x: Any, lengths: Any = None) -> np.ndarray:
+        """Classification: x [B, *input_shape] raw pixels -> probabilities [B, C].
+
+        LM: x int32 tokens [B, T] right-padded, lengths [B] (default T) -> next-token
+        probabilities [B, V].
+        """
+        x = np.asarray(x)
+        if x.ndim != len(self.input_shape) + 1 or x.shape[1:] != self.input_shape:
+            raise ValueError(
+                f"x: expected shape [B, {', '.join(map(str, self.input_shape))}] "
+                f"(what {self.path.name} was exported for), found {list(x.shape)}. "
+                "Fix: resize the inputs, or use `predict_files` for image files."
+            )
+        if self.kind == "lm":
+            if lengths is None:
+                lengths = np.full((x.shape[0],), x.shape[1], np.int32)
+            out = self._call(x.astype(np.int32), np.asarray(lengths, np.int32))
+        else:
+            out = self._call(x.astype(np.float32))
+        return np.asarray(out)
+
+    def generate(self, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
+        """Greedy continuation: the artifact applied once per new token on the last T tokens."""
+        (window,) = self.input_shape
+        tokens = [int(t) for t in prompt]
+        if not tokens:
+            raise ValueError("INPUT: the prompt is empty. Fix: give at least one byte of text.")
+        new = []
+        for _ in range(max_new_tokens):
+            context = tokens[-window:]
+            padded = np.zeros((1, window), np.int32)
+            padded[0, : len(context)] = context
+            probs = self.predict(padded, np.asarray([len(context)], np.int32))
+            token = int(np.argmax(probs[0]))
+            tokens.append(token)
+            new.append(token)
+        return new
+
+
+def load(path: str | Path) -> Predictor:
+    """Load an artifact written by `export_workdir`; refuses corrupt or incompatible files."""
+    path = Path(path)
+    meta = read_metadata(path)
+    blob = path.read_bytes()
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != meta.get("artifact_sha256"):
+        raise ValueError(
+            f"MODEL: {path} is corrupt (sha256 {digest[:12]}... differs from "
+            f"{str(meta.get('artifact_sha256'))[:12]}... in its sidecar). Fix: copy "
+            "it again or re-export with `jaxdl export`."
+        )
+    try:
+        exported = jax.export.deserialize(bytearray(blob))
+    except Exception as err:  # flatbuffers raises assorted errors on bad bytes
+        raise ValueError(
+            f"MODEL: {path} cannot be deserialized ({type(err).__name__}). {_FIX}"
+        ) from None
+    here = jax.export.default_export_platform()
+    if here not in exported.platforms:
+        raise ValueError(
+            f"MODEL: {path} was exported for platforms {list(exported.platforms)}, "
+            f"this machine runs {here!r}. Fix: re-export with `jaxdl export "
+            f"--platform {here}`."
+        )
+    return Predictor(path=path, metadata=meta, exported=exported)
+
+
+# ---- predicting files ----------------------------------------------------------------------
+
+
+def load_image(path: str | Path, meta: Mapping) -> np.ndarray:
+    """An image file -> float32 [H, W, C] raw pixels, the artifact's input for one example.
+
+    Pillow reads the file and converts it to the model's mode ("L" or "RGB"); a file whose
+    size differs from what the source decodes is resized only where the training
+    preprocessing resizes too (data.image_size, image folders, or a resize transform);
+    then the host transforms (resize, center crop) run as in training.
+    """
+    from PIL import Image
+
+    from jaxdl.data.sources import convert_channels
+    from jaxdl.data.transforms import parse_transform, resize_image
+
+    path = Path(path)
+    spec, host = meta["preprocessing"]["image_file"], meta["preprocessing"]["host"]
+    height, width, channels = meta["input"]["shape"][1:]
+    if not path.is_file():
+        raise FileNotFoundError(f"INPUT: {path} does not exist. Fix: pass image files.")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if spec["resize"] == "pillow_uint8":  # as the imagefolder source reads files
+                img = img.convert(spec["mode"])
+                height_width = tuple(spec["decode_size"])
+                if img.size != height_width[::-1]:
+                    img = img.resize(height_width[::-1], Image.Resampling.BILINEAR)
+            elif img.mode not in ("L", "RGB"):
+                img = img.convert(spec["mode"])
+            image = np.asarray(img).astype(np.float32)
+    except (OSError, ValueError, SyntaxError) as err:  # what Pillow raises on bad files
+        raise ValueError(
+            f"INPUT: cannot read {path} as an image ({type(err).__name__}: "
+            f"{err}). Fix: pass a PNG, JPEG or BMP file."
+        ) from None
+    if image.ndim == 2:
+        image = image[..., None]
+    image = convert_channels(image, channels)
+    peak = float(image.max(initial=0.0))
+    if peak > spec["pixel_scale"]:
+        raise ValueError(
+            f"INPUT: {path} has pixel values up to {peak:g}; the model takes raw "
+            f"values in [0, {spec['pixel_scale']:g}] ({spec['encoding']}). Fix: "
+            f"write the image with values scaled to 0..{spec['pixel_scale']:g}."
+        )
+    resized_later = bool(host) and host[0]["name"] == "resize"
+    decode_size = None if spec["decode_size"] is None else tuple(spec["decode_size"])
+    if decode_size is not None and image.shape[:2] != decode_size and not resized_later:
+        if spec["resize"] is None:
+            raise ValueError(
+                f"INPUT: {path} is {image.shape[0]}x{image.shape[1]} (HxW); the "
+                f"model takes {decode_size[0]}x{decode_size[1]} images and its "
+                "preprocessing does not resize. Fix: resize the image to "
+                f"{decode_size[0]}x{decode_size[1]} first."
+            )
+        image = resize_image(image, decode_size)
+    for op in host:
+        image = parse_transform(op)({"image": image}, None)["image"]
+    if image.shape != (height, width, channels):
+        raise ValueError(
+            f"INPUT: {path} becomes {image.shape[0]}x{image.shape[1]} after the "
+            f"model's preprocessing, the model takes {height}x{width}. Fix: give "
+            f"images of the training size."
+        )
+    return image
+
+
+def _top_k(probs: np.ndarray, labels: Sequence[str], k: int) -> list[dict]:
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [{"class": labels[i], "prob": float(probs[i])} for i in order]
+
+
+def format_predictions(results: Sequence[Mapping]) -> str:
+    """One line per input: "path: class (prob), ..." or "path: continuation"."""
+    lines = []
+    for r in results:
+        if "continuation" in r:
+            lines.append(f"{r['input']}: {r['continuation']!r}")
+        else:
+            ranked = ", ".join(f"{c['class']} ({c['prob']:.4f})" for c in r["top_k"])
+            lines.append(f"{r['input']}: {ranked}")
+    return "\n".join(lines)
+
+
+def predict_files(
+    artifact: str | Path | Predictor,
+    inputs: Sequence[str | Path],
+    top_k: int = 5,
+    max_new_tokens: int = 64,
+) -> list[dict]:
+    """Predict image (or, for LMs, text) files with an artifact, in one batch.
+
+    classification: [{"input", "top_k": [{"class", "prob"}, ...]}] most likely first.
+    lm: each file's text is a prompt; [{"input", "continuation", "top_k"}] where the
+    continuation is greedy (`Predictor.generate`) and top_k ranks the first next byte.
+    """
+    predictor = artifact if isinstance(artifact, Predictor) else load(artifact)
+    if top_k < 1:
+        raise ValueError(f"--top-k: expected an integer >= 1, found {top_k}.")
+    labels = predictor.labels
+    results = []
+    if predictor.kind == "lm":
+        from jaxdl.generate import decode, encode
+
+        for path in inputs:
+            path = Path(path)
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"INPUT: {path} does not exist. Fix: pass text files holding the prompts."
+                )
+            prompt = list(encode(path.read_text(encoding="utf-8", errors="replace")))
+            new = predictor.generate(prompt, max_new_tokens)
+            window = predictor.input_shape[0]
+            context = np.zeros((1, window), np.int32)
+            context[0, : len(prompt[-window:])] = prompt[-window:]
+            first = predictor.predict(context, [len(prompt[-window:])])[0]
+            results.append(
+                {
+                    "input": str(path),
+                    "continuation": decode(new),
+                    "top_k": _top_k(first, labels, top_k),
+                }
+            )
+        return results
+    images = np.stack([load_image(p, predictor.metadata) for p in inputs])
+    probs = predictor.predict(images)
+    for path, row in zip(inputs, probs, strict=True):
+        results.append({"input": str(path), "top_k": _top_k(row, labels, top_k)})
+    return results
