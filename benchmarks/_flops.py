@@ -130,7 +130,10 @@ def train_flops(layers: Layers, mode: str, trains: Callable[[str], bool]) -> flo
     """FLOPs of one training step per example.
 
     mode "full": 3 x forward. "lora": forward + input gradients everywhere (adapters are
-    tiny, their own FLOPs are not counted). "frozen": forward, plus 2x for each layer that
+    tiny, their own FLOPs are not counted): the minimum, reached by a factored
+    x W + s (x A) B. jaxdl merges W + s A B and differentiates the merged kernel, which
+    costs a full weight gradient too (XLA's count shows ~3x forward). "frozen": forward,
+    plus 2x for each layer that
     ``trains(name)``, plus 1x (input gradient only) for frozen layers after the first one
     that trains.
     """

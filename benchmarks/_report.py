@@ -88,6 +88,7 @@ def bar_chart(results: Sequence[Record], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     cases = []
     for r in results:
@@ -111,6 +112,8 @@ def bar_chart(results: Sequence[Record], path: Path, title: str) -> None:
     ax.set_xticks(range(len(cases)))
     ax.set_xticklabels(["\n".join(k) for k in cases], fontsize=8)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_ylabel("step time / JAX step time  (>1: JAX faster)")
     ax.set_title(title, fontsize=10)
     if others:
@@ -128,5 +131,7 @@ def write_all(path: Path, env: Mapping[str, Any], results: Sequence[Record]) -> 
     tmp.write_text(json.dumps({"env": dict(env), "results": list(results)}, indent=1) + "\n")
     tmp.replace(path)
     path.with_suffix(".md").write_text(markdown(env, results))
-    title = f"{env.get('preset', '')} on {env['device']} (load {env.get('load_avg')})"
+    load = ", ".join(f"{x:.1f}" for x in env.get("load_avg", []))
+    args = " ".join(env.get("argv", [])) or env.get("preset", "")
+    title = f"{args}\non {env['device']}, load {load}"
     bar_chart(results, path.with_suffix(".png"), title)

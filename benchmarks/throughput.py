@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import os
 import re
 import sys
@@ -330,6 +331,8 @@ def bench_case(
     if torch_fw:
         runners += _torch_runners(case, mode, dtype, batch, torch_fw, channels_last)
 
+    multiple = max(scan_steps, 1)  # a jax-scan runner runs whole scans only
+    warmup = -(-preset.warmup // multiple) * multiple
     records, ready, facts = [], [], {}
     for runner in runners:
         if isinstance(runner, tuple):
@@ -337,9 +340,9 @@ def bench_case(
             continue
         try:
             facts[runner.framework] = runner.prepare()
-            warm = _timing.time_call(lambda r=runner: r.run(preset.warmup)) / preset.warmup
+            warm = _timing.time_call(lambda r=runner: r.run(warmup)) / warmup
         except Exception as err:  # noqa: BLE001  torch.compile may fail: record, go on
-            if runner.framework == "jax":
+            if runner.framework.startswith("jax"):
                 raise
             records.append({**base, "framework": runner.framework, "error": _one_line(err)})
             continue
@@ -348,8 +351,7 @@ def bench_case(
 
     slowest = max(facts[r.framework]["warm_step_s"] for r in ready)
     k = _timing.pick_steps_per_trial(slowest, preset.target_trial_s, preset.max_steps_per_trial)
-    if scan_steps:
-        k = -(-k // scan_steps) * scan_steps
+    k = -(-k // multiple) * multiple
     with _timing.CompileCounter() as counter:
         times = _timing.interleaved_trials(ready, trials=preset.trials, steps_per_trial=k)
     assert not counter.events, f"{case.name}: compiled while timing: {counter.events}"
@@ -387,7 +389,7 @@ def bench_case(
             "xla_peak_bytes": facts[runner.framework].get("xla_peak_bytes"),
             "steps_per_trial": k,
             "trials": preset.trials,
-            "warmup_steps": preset.warmup,
+            "warmup_steps": warmup,
             "step_times_s": times[runner.framework],
             # median over paired trials of this step time / JAX's: > 1 means JAX is faster
             "time_vs_jax": _timing.paired_ratio(times[runner.framework], jax_times),
@@ -426,6 +428,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtypes", help=f"comma list of {list(DTYPES)}")
     p.add_argument("--frameworks", help=f"comma list of {list(FRAMEWORKS)}")
     p.add_argument("--out", type=Path, help="JSON file; FILE.md and FILE.png go beside it")
+    p.add_argument(
+        "--render",
+        type=Path,
+        metavar="FILE.json",
+        help="only rewrite FILE.md and FILE.png from a stored FILE.json",
+    )
     p.add_argument("--trials", type=int, help="timed trials per framework (default 7)")
     p.add_argument(
         "--jax-scan",
@@ -453,6 +461,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
+    if args.render:
+        stored = json.loads(args.render.read_text())
+        _report.write_all(args.render, stored["env"], stored["results"])
+        return stored["results"]
     preset = PRESETS[args.preset]
     models = _csv(args.models, list(CASES), "--models") or preset.models
     modes = _csv(args.modes, MODES, "--modes") or preset.modes

@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--workdir", required=True)
     train.add_argument("--folds", type=int, default=0, help="k-fold cross-validation")
     train.add_argument("--no-progress", action="store_true")
+    cluster = train.add_argument_group("multi-process (one process per host; see README)")
+    cluster.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
+    cluster.add_argument("--num-processes", type=int, metavar="N")
+    cluster.add_argument("--process-id", type=int, metavar="I", help="0..N-1")
     train.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a trained workdir")
@@ -100,6 +104,10 @@ def run(argv: Sequence[str]) -> int:
     if overrides and args.command != "train":
         return _fail(f"--config.KEY=VALUE overrides apply to `jaxdl train`, not {args.command}.")
     if args.command == "train":
+        from jaxdl.sharding import initialize_distributed
+
+        # Before anything touches a device; a no-op without flags outside SLURM / Open MPI.
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         from jaxdl import config as config_lib
         from jaxdl.trainer import train
 

@@ -213,6 +213,9 @@ def apply_override(cfg: ml_collections.ConfigDict, text: str) -> None:
         )
     current = node[leaf] if leaf in node else None
     value = _parse_value(key, current, raw)
+    if key in _OPEN_SECTIONS and isinstance(value, dict):  # a whole new model section
+        node[leaf] = ml_collections.ConfigDict(value)
+        return
     if isinstance(current, ml_collections.ConfigDict) and key not in _FREE_VALUES:
         raise ValueError(f"config.{key}: is a section; override one of its keys instead.")
     if leaf in node and isinstance(node[leaf], ml_collections.ConfigDict):

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxdl import config as config_lib
-from jaxdl import steps
+from jaxdl import sharding, steps
 from jaxdl.build import Setup, build
 from jaxdl.data import Data, build_data
 
@@ -22,8 +22,14 @@ def load_run_config(workdir: str | Path):
     return config_lib.load_config(config_path)
 
 
-def restore_run(workdir: str | Path, step: int | None = None) -> tuple[Any, Setup, Data]:
-    """(config, setup with the restored state, data) of a trained workdir."""
+def restore_run(
+    workdir: str | Path, step: int | None = None, *, sharded: bool = False
+) -> tuple[Any, Setup, Data]:
+    """(config, setup with the restored state, data) of a trained workdir.
+
+    ``sharded``: restore onto the run's ``mesh`` over this machine's devices (whatever
+    mesh saved it), with ``setup.layout`` set; else onto the default device.
+    """
     from jaxdl.checkpoint import Checkpointer
 
     workdir = Path(workdir)
@@ -35,6 +41,7 @@ def restore_run(workdir: str | Path, step: int | None = None) -> tuple[Any, Setu
         example_spec=data.example_spec,
         num_classes=data.num_classes,
         total_steps=max(cfg.num_steps, 1),
+        mesh=sharding.make_mesh(cfg.mesh) if sharded else None,
     )
     ckpt = Checkpointer(workdir, save_frozen=setup.lora_cfg is None)
     step = step if step is not None else ckpt.latest_step()
@@ -50,11 +57,16 @@ def restore_run(workdir: str | Path, step: int | None = None) -> tuple[Any, Setu
 def evaluate_workdir(workdir: str | Path, split: str = "test") -> dict[str, float]:
     from jaxdl.trainer import _eval_batches, evaluate_split
 
-    cfg, setup, data = restore_run(workdir)
+    cfg, setup, data = restore_run(workdir, sharded=True)
     if split not in data.split_sizes:
         raise ValueError(f"--split: expected one of {sorted(data.split_sizes)}, found {split!r}.")
-    eval_step = steps.make_eval_step(setup.model, setup.task, lora_cfg=setup.lora_cfg)
+    eval_step = steps.make_eval_step(
+        setup.model, setup.task, lora_cfg=setup.lora_cfg, layout=setup.layout
+    )
     batch_size = cfg.data.eval_batch_size or cfg.data.batch_size
-    batches = _eval_batches(data, split, batch_size, data.example_spec, data.num_classes)
+    local = sharding.per_process_batch(batch_size, setup.layout.mesh, field="data.eval_batch_size")
+    batches = _eval_batches(
+        data, split, local, data.example_spec, data.num_classes, setup.layout.batch
+    )
     metrics = evaluate_split(eval_step, setup.state, batches, data.kind)
     return {"split": split, "step": int(setup.state.step), **metrics}

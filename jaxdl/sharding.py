@@ -386,9 +386,9 @@ def initialize_distributed(
     if cluster is None and len(given) < len(flags):
         missing = [k for k in flags if k not in given]
         raise ValueError(
-            f"{', '.join(missing)}: expected with {', '.join(given)} (outside a SLURM or Open "
-            "MPI job all three are needed), found none. Fix: pass --coordinator HOST:PORT "
-            "--num-processes N --process-id I to every process."
+            f"{', '.join(missing)}: expected together with {', '.join(given)} (outside a SLURM "
+            "or Open MPI job all three are needed), found it missing. Fix: pass --coordinator "
+            "HOST:PORT --num-processes N --process-id I to every process."
         )
     if coordinator is not None and not re.fullmatch(r".+:\d+", coordinator):
         raise ValueError(

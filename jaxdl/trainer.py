@@ -201,6 +201,7 @@ def train(
     step_times: list[float] = []
     flops_per_token = _flops_per_token(cfg, data)
     step = start_step
+    val_metrics = None
     while step < total_steps and not stopper.should_stop:
         batch = next(batches)
         if step == start_step:
@@ -263,19 +264,23 @@ def train(
     test_split = (
         cfg.data.test_split if cfg.data.test_split in data.split_sizes else (cfg.data.eval_split)
     )
-    test_metrics = evaluate_split(
-        eval_step,
-        state,
-        _eval_batches(
-            data,
-            test_split,
-            local_eval_batch,
-            data.example_spec,
-            data.num_classes,
-            setup.layout.batch,
-        ),
-        data.kind,
-    )
+    same_as_val = data.split_names.get(test_split) == data.split_names.get(cfg.data.eval_split)
+    if same_as_val and val_metrics is not None:  # e.g. text sources: test is the val bytes
+        test_metrics = val_metrics
+    else:
+        test_metrics = evaluate_split(
+            eval_step,
+            state,
+            _eval_batches(
+                data,
+                test_split,
+                local_eval_batch,
+                data.example_spec,
+                data.num_classes,
+                setup.layout.batch,
+            ),
+            data.kind,
+        )
     logger.log(step, "test", test_metrics)
     logger.close()
     ckpt.close()

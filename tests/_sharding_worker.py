@@ -48,13 +48,13 @@ def load(model: str, mesh: dict | None = None, extra=()):
     return cfg
 
 
-def build_on(cfg, devices):
-    """`build` for ``cfg`` with the state placed on a mesh over ``devices``."""
+def build_on(cfg, devices, mesh_cfg=None):
+    """`build` for ``cfg`` with the state placed on a mesh over ``devices`` (FSDP default)."""
     from jaxdl import sharding
     from jaxdl.build import build
     from jaxdl.data import build_data
 
-    mesh = sharding.make_mesh({"fsdp": -1}, devices)
+    mesh = sharding.make_mesh(mesh_cfg or {"fsdp": -1}, devices)
     data = build_data(cfg.data, seed=cfg.seed, num_classes=cfg.model.get("num_classes"))
     return build(
         cfg,
@@ -66,27 +66,28 @@ def build_on(cfg, devices):
     )
 
 
-def opt_leaf(state, suffix: str):
-    """The first optimizer-state leaf (Adam's mu) of the parameter at ``suffix``."""
+def opt_leaf(tree, suffix: str):
+    """The first leaf of ``tree`` whose path ends with ``suffix`` (in opt_state: Adam's mu)."""
     import jax
 
     from jaxdl.sharding import path_str
 
-    leaves = jax.tree_util.tree_leaves_with_path(state.opt_state)
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
     return next(x for kp, x in leaves if path_str(kp).endswith(suffix))
 
 
-def resume_on(workdir, cfg, devices) -> dict:
+def resume_on(workdir, cfg, devices, mesh_cfg=None, leaf="hidden_0/kernel") -> dict:
     """Restore the latest checkpoint of ``workdir`` onto ``devices``; what came back."""
+
     from jaxdl.checkpoint import Checkpointer
     from jaxdl.logging import params_sha256
     from jaxdl.trainer import full_params
 
-    setup = build_on(cfg, devices)
+    setup = build_on(cfg, devices, mesh_cfg)
     with Checkpointer(workdir) as ckpt:
         state, _ = ckpt.restore(setup.state)
-    kernel = state.params["params"]["hidden_0"]["kernel"]
-    mu = opt_leaf(state, "params/hidden_0/kernel")
+    kernel = opt_leaf(state.params, leaf)
+    mu = opt_leaf(state.opt_state, leaf)
     return {
         "sha": params_sha256(full_params(state, setup)),
         "step": int(state.step),
@@ -104,7 +105,7 @@ def finetune_on(workdir, cfg, devices) -> dict:
     cfg = cfg.copy_and_resolve_references()
     cfg.init_from.checkpoint = str(workdir)
     setup = build_on(cfg, devices)
-    kernel = setup.state.params["params"]["hidden_0"]["kernel"]
+    kernel = opt_leaf(setup.state.params, "hidden_0/kernel")
     return {
         "sha": params_sha256(full_params(setup.state, setup)),
         "loaded": len(setup.init_report["loaded"]),
@@ -120,7 +121,9 @@ def main(out: str, ref: str) -> None:
     assert jax.device_count() == 8, jax.devices()
     facts = {"runs": {}}
     for name, (model, mesh) in RUNS.items():
-        summary = train(load(model, mesh), os.path.join(out, name), progress=False, echo=lambda *a: None)
+        summary = train(
+            load(model, mesh), os.path.join(out, name), progress=False, echo=lambda *a: None
+        )
         facts["runs"][name] = summary
     cfg = load("mlp")
     devices = jax.devices()
@@ -128,6 +131,12 @@ def main(out: str, ref: str) -> None:
     facts["resume_1_to_8"] = resume_on(os.path.join(ref, "mlp"), cfg, devices)
     facts["finetune_8_to_4"] = finetune_on(os.path.join(out, "mlp_fsdp"), cfg, devices[:4])
     facts["finetune_1_to_8"] = finetune_on(os.path.join(ref, "mlp"), cfg, devices)
+    _, mesh = RUNS["gpt_fsdp_tp"]
+    gpt = os.path.join(out, "gpt_fsdp_tp")
+    facts["gpt_fsdp_tp"] = {
+        leaf: resume_on(gpt, load("gpt"), devices, mesh, leaf)
+        for leaf in ("attn/query/kernel", "mlp/fc2/kernel")
+    }
     with open(os.path.join(out, "facts.json"), "w") as f:
         json.dump(facts, f, indent=1)
 

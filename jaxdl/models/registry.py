@@ -31,10 +31,17 @@ def model_names() -> list[str]:
     return sorted(_MODELS)
 
 
-def _accepted_fields(factory) -> set[str] | None:
-    if isinstance(factory, type) and dataclasses.is_dataclass(factory):
-        return {f.name for f in dataclasses.fields(factory) if f.init} - {"parent", "name"}
-    return None  # a plain factory function checks its own keyword arguments
+def _fields(factory) -> tuple[set[str], set[str]] | None:
+    """(accepted, required) fields of a module class; None for a plain factory function."""
+    if not (isinstance(factory, type) and dataclasses.is_dataclass(factory)):
+        return None  # a plain factory function checks its own keyword arguments
+    fields = [f for f in dataclasses.fields(factory) if f.init and f.name not in ("parent", "name")]
+    required = {
+        f.name
+        for f in fields
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    return {f.name for f in fields}, required
 
 
 def create_model(model_cfg: Mapping[str, Any]) -> nn.Module:
@@ -47,12 +54,19 @@ def create_model(model_cfg: Mapping[str, Any]) -> nn.Module:
             "Fix: set --config.model.name to a registered model."
         )
     factory = _MODELS[name]
-    accepted = _accepted_fields(factory)
-    if accepted is not None:
+    fields = _fields(factory)
+    if fields is not None:
+        accepted, required = fields
         unknown = sorted(set(cfg) - accepted)
         if unknown:
             raise ValueError(
                 f"model.{unknown[0]}: model {name!r} has no such option; "
                 f"expected one of {sorted(accepted)}. Fix: remove or rename it."
+            )
+        missing = sorted(required - set(cfg))
+        if missing:
+            raise ValueError(
+                f"model.{missing[0]}: model {name!r} needs it, found nothing. "
+                f"Fix: set --config.model.{missing[0]}=VALUE."
             )
     return factory(**cfg)
