@@ -63,12 +63,13 @@ def _separator() -> str:
 
 
 def markdown(env: Mapping[str, Any], results: Sequence[Record]) -> str:
+    load = lambda key: " / ".join(f"{x:.1f}" for x in env.get(key) or [])
     lines = [
         f"# Throughput: {env.get('preset', '')} on {env['device']}",
         "",
         f"- CPU: {env.get('cpu')} x {env.get('cpu_count')}, torch threads "
-        f"{env.get('torch_threads')}; load average {env.get('load_avg')} at start, "
-        f"{env.get('load_avg_end')} at end",
+        f"{env.get('torch_threads')}, OMP_WAIT_POLICY {env.get('omp_wait_policy')}; load "
+        f"average (1 / 5 / 15 min) {load('load_avg')} at start, {load('load_avg_end')} at end",
         f"- jax {env['jax']}, jaxlib {env['jaxlib']}, flax {env['flax']}, optax "
         f"{env['optax']}, torch {env['torch']}; XLA_FLAGS='{env['xla_flags']}'; "
         f"PRNG {env.get('prng_impl')}",

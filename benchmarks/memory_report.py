@@ -1,7 +1,7 @@
 """Per-device memory of the GPT train step under data parallelism vs FSDP, from XLA itself.
 
     python benchmarks/memory_report.py                        # gpt2-124m and 1b, 8 devices
-    python benchmarks/memory_report.py --models gpt2-124m --seq-len 512 --remat
+    python benchmarks/memory_report.py --models gpt2-124m --seq-len 512 --batch 16
 
 Nothing is allocated: the TrainState comes from `jax.eval_shape`, gets its shardings from
 `jaxdl.sharding` (the rules `jaxdl train` uses), and the step is only lowered and compiled
@@ -13,8 +13,8 @@ the machine has `--devices` real ones. Per device, in the table:
   all-gather / reduce-scatter buffers;
 - peak ~ arguments (state + batch) + temp + outputs not aliased to donated arguments.
 
-Prints a markdown table. XLA's CPU backend plans buffers less tightly than the GPU one,
-so read temp as an upper bound; the parameter and optimizer bytes are exact.
+Prints a markdown table. Parameter and optimizer bytes are exact; temp is the backend's
+own buffer plan (the CPU one when devices are simulated; a GPU's differs).
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ def _args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8, help="global batch (sequences)")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--optimizer", default="adamw")
-    parser.add_argument("--remat", action="store_true", help="rematerialize each block")
     return parser.parse_args(argv)
 
 
@@ -56,7 +55,7 @@ def abstract_run(size: str, args: argparse.Namespace):
     cfg = default_config()
     cfg.optimizer.name = args.optimizer
     cfg.optimizer.weight_decay = 0.1 if args.optimizer == "adamw" else 0.0
-    model = create_model({"name": "transformer", "size": size, "remat": args.remat})
+    model = create_model({"name": "transformer", "size": size})
     tx = make_optimizer(cfg.optimizer, total_steps=1000)
     tokens = jnp.zeros((1, args.seq_len), jnp.int32)
 
@@ -123,8 +122,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
     lines = [
         f"Per-device GiB, {args.devices} {rows[0]['platform']} devices, global batch "
-        f"{args.batch} x {args.seq_len} tokens, {args.optimizer}, float32"
-        f"{', remat' if args.remat else ''}:",
+        f"{args.batch} x {args.seq_len} tokens, {args.optimizer}, float32:",
         "",
         "| model | params | strategy | params | optimizer state | temp | peak |",
         "|---|---:|---|---:|---:|---:|---:|",

@@ -237,14 +237,12 @@ def jax_runner(setup, batch: dict[str, np.ndarray], *, scan_steps: int = 0) -> _
     else:
         fn = steps.make_train_step(setup.model, setup.task, setup.tx, lora_cfg=setup.lora_cfg)
     per_call = max(scan_steps, 1)
-    flops_scale = 1.0 / per_call  # cost analysis of a scan is for all its steps
 
     def prepare() -> dict[str, Any]:
         start = time.perf_counter()
         compiled = fn.lower(holder["state"], device_batch).compile()
         facts = {"compile_s": time.perf_counter() - start}
-        xla = _xla_flops(compiled)
-        facts["xla_flops"] = None if xla is None else xla * flops_scale
+        facts["xla_flops"] = _xla_flops(compiled)  # of a scan: its body, i.e. one step
         facts.update(_memory_facts(compiled))
         return facts
 
@@ -358,7 +356,6 @@ def bench_case(
     for runner in ready:
         runner.check()
 
-    device = jax.devices()[0]
     flops = _flops.model_flops(
         case.model,
         case.input_shape,
@@ -366,40 +363,43 @@ def bench_case(
         mode,
         trains=lambda name: re.fullmatch(case.frozen_trains, f"params/{name}/x") is not None,
     )
-    peak = _peak(device.device_kind, dtype, PEAK_FLOPS)
-    measured_peak = _peak(device.device_kind, dtype, MEASURED_PEAK_FLOPS)
-    jax_times = times["jax"]
+    timing = {"steps_per_trial": k, "trials": preset.trials, "warmup_steps": warmup}
     for runner in ready:
-        stats = _timing.step_stats(times[runner.framework])
-        info = {k_: (v() if callable(v) else v) for k_, v in runner.info.items()}
-        rec = {
-            **base,
-            "framework": runner.framework,
-            "step_time_s": stats,
-            "throughput": case.items_per_step / stats["median"],
-            "throughput_unit": f"{case.examples_unit}/s",
-            "compile_s": facts[runner.framework]["compile_s"],
-            "flops_per_step": flops,
-            "xla_flops": facts[runner.framework].get("xla_flops"),
-            "mfu": None if not (peak and flops) else flops / stats["median"] / peak,
-            "mfu_vs_measured_peak": (
-                None if not (measured_peak and flops) else flops / stats["median"] / measured_peak
-            ),
-            "peak_memory_bytes": runner.peak_memory(),
-            "xla_peak_bytes": facts[runner.framework].get("xla_peak_bytes"),
-            "steps_per_trial": k,
-            "trials": preset.trials,
-            "warmup_steps": warmup,
-            "step_times_s": times[runner.framework],
-            # median over paired trials of this step time / JAX's: > 1 means JAX is faster
-            "time_vs_jax": _timing.paired_ratio(times[runner.framework], jax_times),
-            **info,
-        }
+        rec = _record(case, runner, times, facts[runner.framework], flops, {**base, **timing})
         if runner.framework == "jax":
             rec["build_s"] = build_s
         records.append(rec)
+    for rec in records:
         log(_report.one_line(rec))
     return records
+
+
+def _record(case: Case, runner, times, facts, flops, base) -> dict[str, Any]:
+    """One result record: the schema of the JSON's "results" (see benchmarks/README.md)."""
+    kind = jax.devices()[0].device_kind
+    stats = _timing.step_stats(times[runner.framework])
+    peak = _peak(kind, base["dtype"], PEAK_FLOPS)
+    measured_peak = _peak(kind, base["dtype"], MEASURED_PEAK_FLOPS)
+    per_second = flops / stats["median"] if flops else None
+    mfu = lambda peak: per_second / peak if per_second and peak else None
+    return {
+        **base,
+        "framework": runner.framework,
+        "step_time_s": stats,
+        "throughput": case.items_per_step / stats["median"],
+        "throughput_unit": f"{case.examples_unit}/s",
+        "compile_s": facts["compile_s"],
+        "flops_per_step": flops,
+        "xla_flops": facts.get("xla_flops"),
+        "mfu": mfu(peak),
+        "mfu_vs_measured_peak": mfu(measured_peak),
+        "peak_memory_bytes": runner.peak_memory(),
+        "xla_peak_bytes": facts.get("xla_peak_bytes"),
+        "step_times_s": times[runner.framework],
+        # median over paired trials of this step time / JAX's: > 1 means JAX is faster
+        "time_vs_jax": _timing.paired_ratio(times[runner.framework], times["jax"]),
+        **{key: (v() if callable(v) else v) for key, v in runner.info.items()},
+    }
 
 
 def _one_line(err: BaseException) -> str:

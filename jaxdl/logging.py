@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -58,10 +59,8 @@ class MetricLogger:
             return
         if resume_step and self.path.exists():
             _drop_lines_after(self.path, resume_step)  # a killed run may have logged past it
-        from tensorboardX import SummaryWriter
-
         self._file = self.path.open("a")
-        self._writer = SummaryWriter(str(Path(workdir) / "tb"), flush_secs=10)
+        self._writer = _summary_writer()(str(Path(workdir) / "tb"), flush_secs=10)
 
     def log(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -76,6 +75,24 @@ class MetricLogger:
         if self.enabled:
             self._file.close()
             self._writer.close()
+
+
+def _summary_writer():
+    """tensorboardX's SummaryWriter, imported without importing PyTorch.
+
+    tensorboardX imports torch at import time when it is installed (seconds of start-up,
+    and jaxdl never uses PyTorch); a None entry in sys.modules makes that import fail
+    softly, as tensorboardX expects when torch is absent.
+    """
+    blocked = "torch" not in sys.modules
+    if blocked:
+        sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if blocked:
+            del sys.modules["torch"]
+    return SummaryWriter
 
 
 def _drop_lines_after(path: Path, step: int) -> None:

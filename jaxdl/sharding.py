@@ -225,6 +225,23 @@ class Layout:
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, P())
 
+    @property
+    def gather(self) -> dict[str, Any] | None:
+        """{"params", "frozen"}: the weights' shardings without "fsdp", i.e. whole where a
+        step uses them (None without FSDP). Constraining the weights so makes XLA
+        all-gather them, rather than reshard activations around a split weight (which,
+        for GPT-2's 50,257-token output layer, all-reduces the full [B, T, V] logits)."""
+        if axis_sizes(self.mesh)["fsdp"] == 1:
+            return None
+
+        def whole(sharding: NamedSharding) -> NamedSharding:
+            spec = [None if axis == "fsdp" else axis for axis in sharding.spec]
+            return NamedSharding(self.mesh, P(*spec))
+
+        return {
+            part: jax.tree.map(whole, getattr(self.state, part)) for part in ("params", "frozen")
+        }
+
 
 def make_layout(abstract_state: Any, mesh: Mesh, rules: Sequence[Rule] | None = None) -> Layout:
     """The `Layout` of a state (arrays or `jax.eval_shape` output) on ``mesh``."""

@@ -58,12 +58,22 @@ def train_step(
     lora_cfg: Mapping | None = None,
     l1: float = 0.0,
     l2: float = 0.0,
+    gather: Mapping[str, Any] | None = None,
 ) -> tuple[TrainState, Metrics]:
-    """One optimizer step. Metrics: loss, the task's metrics, grad_norm, finite (1/0)."""
+    """One optimizer step. Metrics: loss, the task's metrics, grad_norm, finite (1/0).
+
+    ``gather``: {"params", "frozen"} shardings the weights take where they are used
+    (`jaxdl.sharding.Layout.gather`, FSDP): XLA then all-gathers weights instead of
+    moving activations, and the gradients go back sharded (reduce-scatter).
+    """
     rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
-        variables = {"params": model_params(params, state.frozen, lora_cfg), **state.model_state}
+        frozen = state.frozen
+        if gather is not None:
+            params = jax.lax.with_sharding_constraint(params, gather["params"])
+            frozen = jax.lax.with_sharding_constraint(frozen, gather["frozen"])
+        variables = {"params": model_params(params, frozen, lora_cfg), **state.model_state}
         outputs, new_model_state = _apply(
             model,
             variables,
@@ -103,9 +113,14 @@ def eval_step(
     model: nn.Module,
     task: Task,
     lora_cfg: Mapping | None = None,
+    gather: Mapping[str, Any] | None = None,
 ) -> Metrics:
     """Masked metric sums over one padded eval batch (BatchNorm uses running statistics)."""
-    variables = {"params": model_params(state.params, state.frozen, lora_cfg), **state.model_state}
+    params, frozen = state.params, state.frozen
+    if gather is not None:  # as in train_step
+        params = jax.lax.with_sharding_constraint(params, gather["params"])
+        frozen = jax.lax.with_sharding_constraint(frozen, gather["frozen"])
+    variables = {"params": model_params(params, frozen, lora_cfg), **state.model_state}
     outputs, _ = _apply(model, variables, batch[task.input_key], train=False)
     return task.eval_sums(outputs, batch)
 
@@ -166,13 +181,14 @@ def make_train_step(
     ``layout`` (`jaxdl.sharding.Layout`) the state keeps its sharding, batches are split
     by rows and metrics come back replicated; XLA inserts the collectives.
     """
-    step = functools.partial(train_step, model=model, task=task, tx=tx, **kwargs)
     shardings = {}
     if layout is not None:
+        kwargs["gather"] = layout.gather
         shardings = dict(
             in_shardings=(layout.state, layout.batch),
             out_shardings=(layout.state, layout.replicated),
         )
+    step = functools.partial(train_step, model=model, task=task, tx=tx, **kwargs)
     return _checked(jax.jit(step, donate_argnums=0, **shardings), batch_spec)
 
 
@@ -181,6 +197,7 @@ def make_eval_step(
 ) -> Callable[[TrainState, Batch], Metrics]:
     shardings = {}
     if layout is not None:
+        kwargs["gather"] = layout.gather
         shardings = dict(in_shardings=(layout.state, layout.batch), out_shardings=layout.replicated)
     step = jax.jit(functools.partial(eval_step, model=model, task=task, **kwargs), **shardings)
     return _checked(step, batch_spec)

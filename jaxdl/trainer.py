@@ -118,6 +118,11 @@ def train(
 
     ``fold=(i, k)`` trains on k-1 stratified folds of train+val and validates on fold i.
     """
+    if cfg.tasks:
+        raise ValueError(
+            "config.tasks: train() runs one task; found a task list. "
+            "Fix: call jaxdl.finetune.run_tasks(cfg, workdir) (what `jaxdl train` does)."
+        )
     start_time = time.time()
     workdir = Path(workdir)
     is_writer = jax.process_index() == 0
@@ -156,6 +161,8 @@ def train(
         write_json(workdir / "config.json", config_dict)
         write_json(workdir / "partition_plan.json", {"groups": setup.plan_rows})
         echo(partition.format_table(setup.plan_rows))
+    ckpt_config = _pinned_base(config_dict, setup.init_report)
+    if is_writer:
         if setup.init_report is not None:
             from jaxdl.checkpoint import format_report
 
@@ -251,7 +258,7 @@ def train(
                 step,
                 state,
                 data_state=batches.get_state(),
-                config=config_dict,
+                config=ckpt_config,
                 metrics=best or None,
             )
         if window_step == step:
@@ -306,6 +313,19 @@ def train(
         write_json(workdir / "summary.json", summary)
         plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
     return summary
+
+
+def _pinned_base(config_dict: dict, init_report: dict | None) -> dict:
+    """The config saved inside checkpoints, naming the exact base step it restored.
+
+    A LoRA run's checkpoints hold no base weights; pinning the absolute step directory
+    keeps `load_params` and resume on the same base even if the base workdir trains on
+    or the run is read from another working directory.
+    """
+    if init_report is None:
+        return config_dict
+    pinned = {"checkpoint": str(Path(init_report["source"]).resolve()), "step": init_report["step"]}
+    return {**config_dict, "init_from": {**config_dict["init_from"], **pinned}}
 
 
 def _flops_per_token(cfg: ml_collections.ConfigDict, data) -> float | None:

@@ -113,6 +113,15 @@ def finetune_on(workdir, cfg, devices) -> dict:
     }
 
 
+def memory_rows(devices) -> list[dict]:
+    """benchmarks/memory_report.py's rows for the tiny GPT (data parallel, FSDP)."""
+    sys.path.insert(0, os.getcwd())
+    from benchmarks import memory_report
+
+    args = memory_report._args(["--models", "tiny", "--seq-len", "32"])
+    return [memory_report.measure("tiny", s, devices, args) for s in memory_report.STRATEGIES]
+
+
 def main(out: str, ref: str) -> None:
     import jax
 
@@ -137,6 +146,7 @@ def main(out: str, ref: str) -> None:
         leaf: resume_on(gpt, load("gpt"), devices, mesh, leaf)
         for leaf in ("attn/query/kernel", "mlp/fc2/kernel")
     }
+    facts["memory"] = memory_rows(devices)
     with open(os.path.join(out, "facts.json"), "w") as f:
         json.dump(facts, f, indent=1)
 

@@ -63,16 +63,23 @@ def runs(tmp_path_factory):
     return root, {"base": base, "lora": straight, "resumed": resumed, "resume_log": lines}
 
 
+@pytest.fixture(scope="module")
+def restored(runs):
+    """(setup with the LoRA run's final state, its data), rebuilt from its workdir."""
+    root, _ = runs
+    _, setup, data = restore_run(root / "lora")
+    return setup, data
+
+
 def _bytes(path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def test_only_the_adapters_train(runs):
+def test_only_the_adapters_train(runs, restored):
     root, summaries = runs
     assert summaries["lora"]["trainable_params"] == ADAPTER_PARAMS
     assert summaries["lora"]["params"] == summaries["base"]["params"] == 141_450
-    _, setup, _ = restore_run(root / "lora")
-    state = jax.device_get(setup.state)
+    state = jax.device_get(restored[0].state)
     assert int(state.step) == 2 * STEPS
     expected = {f"lora/params/{k}/kernel/{ab}" for k in KERNELS for ab in "ab"}
     assert set(tree_lib.flatten(state.params)) == expected
@@ -91,8 +98,9 @@ def test_lora_checkpoint_is_much_smaller_than_the_full_one(runs):
     assert tree_lib.flatten(state_metadata(lora_dir)["frozen"]) == {}
     full_bytes, lora_bytes = _bytes(full_dir), _bytes(lora_dir)
     print(f"checkpoint bytes: full run {full_bytes:,}, LoRA run {lora_bytes:,}")
-    # 141,450 params x (value + 2 Adam moments) x 4 bytes vs 3,110 adapter params x 3 x 4.
-    assert full_bytes > 3 * 141_450 * 4
+    # 141,450 params + 2 Adam moments, float32, vs 3,110 adapter params + 2 moments (Orbax
+    # compresses, so on disk each is somewhat below its raw size).
+    assert full_bytes > 2 * 141_450 * 4
     assert lora_bytes * 10 < full_bytes
 
 
@@ -109,9 +117,9 @@ def test_resumed_lora_run_ends_where_the_straight_run_ends(runs):
     assert [s for s, _ in train_losses("lora")] == [3, 6, 9, 12]
 
 
-def test_load_params_of_the_lora_workdir_is_the_merged_model(runs):
+def test_load_params_of_the_lora_workdir_is_the_merged_model(runs, restored):
     root, summaries = runs
-    _, setup, data = restore_run(root / "lora")
+    setup, data = restored
     state = setup.state
     merged = load_params(root / "lora")
     base = {"params": load_params(root / "base")}
@@ -119,7 +127,8 @@ def test_load_params_of_the_lora_workdir_is_the_merged_model(runs):
     expected = tree_lib.flatten(lora.merge(base, adapters, rank=RANK, alpha=ALPHA)["params"])
     assert tree_lib.flatten(merged).keys() == expected.keys()
     for path, value in expected.items():
-        np.testing.assert_array_equal(tree_lib.flatten(merged)[path], value, err_msg=path)
+        # numpy (load_params) and XLA matmuls may differ in the last bit
+        np.testing.assert_allclose(tree_lib.flatten(merged)[path], value, atol=1e-7, err_msg=path)
 
     batch = next(iter(data.eval_iter("test", data.split_sizes["test"])))  # all 360, one batch
     model = create_model({"name": "simple_cnn", "num_classes": 10})

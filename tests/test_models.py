@@ -224,3 +224,16 @@ def test_simple_cnn_rejects_images_too_small_to_pool_twice():
 def test_bad_config_raises_value_error_naming_the_field(cfg, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         create_model({**cfg, "num_classes": 10})
+
+
+def test_max_pool_2x2_equals_flax_max_pool_in_values_and_gradients():
+    import flax.linen as nn
+
+    from jaxdl.models.cnn import max_pool_2x2
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 6, 3))  # odd height: VALID drops a row
+    ref = nn.max_pool(x, (2, 2), strides=(2, 2))
+    np.testing.assert_array_equal(max_pool_2x2(x), ref)
+    g = jax.grad(lambda v: jnp.sum(jnp.sin(max_pool_2x2(v))))(x)
+    g_ref = jax.grad(lambda v: jnp.sum(jnp.sin(nn.max_pool(v, (2, 2), strides=(2, 2)))))(x)
+    np.testing.assert_array_equal(g, g_ref)

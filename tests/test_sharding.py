@@ -372,3 +372,17 @@ def test_restore_8_devices_to_1(scaled):
     assert resumed["sha"] == finetuned["sha"] == saved["params_sha256"]
     assert resumed["step"] == 20 and resumed["devices"] == 1
     assert resumed["kernel_shard"] == resumed["mu_shard"] == [64, 512]
+
+
+def test_memory_report_counts_shards(scaled):
+    _, _, facts = scaled
+    dp, fsdp = facts["memory"]
+    params = 256 * 32 + 64 * 32 + 2 * (4 * (32 * 32 + 32) + 2 * 32 * 128 + 128 + 32 + 4 * 32) + 64
+    assert dp["params"] == fsdp["params"] == params
+    assert dp["param_bytes"] == 4 * params  # replicated: every device holds all of it
+    assert dp["opt_bytes"] == 2 * 4 * params + 8  # mu, nu; int32 counts of Adam and schedule
+    # FSDP splits the 12 leaves of >= 1,024 values 8 ways; the 1-D ones stay whole.
+    small = 4 * (2 * (4 * 32 + 128 + 32 + 4 * 32) + 64)
+    assert fsdp["param_bytes"] == (4 * params - small) // 8 + small
+    assert fsdp["opt_bytes"] == 2 * fsdp["param_bytes"] + 8
+    assert 0 < fsdp["temp_bytes"] and fsdp["peak_bytes"] < dp["peak_bytes"]

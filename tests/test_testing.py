@@ -4,6 +4,8 @@ States come from `jaxdl.build` of a tiny digits MLP with its first layer frozen,
 by the real train step; the bad cases are that state with one thing wrong.
 """
 
+from concurrent.futures import ThreadPoolExecutor
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -117,20 +119,27 @@ QUICK_MLP = ["--config.model.hidden=(16,)", "--config.data.batch_size=16"]
 
 @pytest.fixture
 def compile_cache(tmp_path_factory, monkeypatch):
-    """Share compiled executables between the helper's `jaxdl train` subprocesses."""
+    """Share compiled executables between the helper's `jaxdl train` subprocesses (a
+    half-written entry read by a concurrent process only costs a recompile)."""
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "xla"))
     monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
-def test_resume_exact_passes_on_a_real_run(tmp_path, compile_cache):
-    testing.assert_resume_exact("experiments/digits_mlp.py", tmp_path, steps=3, overrides=QUICK_MLP)
+def test_resume_exact_passes_on_a_real_run_and_fails_when_the_schedule_changes(
+    tmp_path, compile_cache
+):
+    """Good: 3 steps, a new process, 3 more == 6 straight. Bad: with a cosine schedule over
+    the run's num_steps, "3 steps, then extend to 6" follows another learning rate than 6
+    straight steps, so the resumed run is not exact and the helper must say so."""
 
-
-def test_resume_exact_fails_when_extending_the_run_changes_the_schedule(tmp_path, compile_cache):
-    # A cosine schedule spans the run's num_steps, so 3 steps then "extend to 6" follow a
-    # different learning rate than 6 straight steps: resuming like this is not exact.
-    cosine = [*QUICK_MLP, "--config.optimizer.schedule=cosine"]
-    with pytest.raises(AssertionError, match="losses differ"):
+    def check(name, overrides):
         testing.assert_resume_exact(
-            "experiments/digits_mlp.py", tmp_path, steps=3, overrides=cosine
+            "experiments/digits_mlp.py", tmp_path / name, steps=3, overrides=overrides
         )
+
+    with ThreadPoolExecutor(2) as pool:  # the two checks' subprocesses share the 2 cores
+        good = pool.submit(check, "constant", QUICK_MLP)
+        bad = pool.submit(check, "cosine", [*QUICK_MLP, "--config.optimizer.schedule=cosine"])
+    good.result()
+    with pytest.raises(AssertionError, match="losses differ"):
+        bad.result()

@@ -1,0 +1,145 @@
+"""Where JAX trails PyTorch on CPU: the ops behind the gaps, each against its torch twin.
+
+    python benchmarks/cpu_gaps.py                      # all probes
+    XLA_FLAGS=--xla_cpu_use_onednn=true python benchmarks/cpu_gaps.py --probes conv
+
+Each probe times forward + backward of one op (shapes from the cpu-quick cases) in JAX
+variants and in torch, interleaved in one process like throughput.py, and prints the median
+per-call time and the paired ratio to torch (> 1: slower than torch). XLA flags are
+per-process: run the script once per XLA_FLAGS value and compare the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see throughput.py
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from benchmarks import _timing
+
+
+def _jax(name: str, fn: Callable, *args) -> _timing.Runner:
+    fn = jax.jit(fn)
+
+    def run(k: int) -> None:
+        jax.block_until_ready([fn(*args) for _ in range(k)])
+
+    return _timing.Runner(name, lambda: {}, run)
+
+
+def _torch(name: str, fn: Callable[[], torch.Tensor]) -> _timing.Runner:
+    def run(k: int) -> None:
+        for _ in range(k):
+            fn().backward()
+
+    return _timing.Runner(name, lambda: {}, run)
+
+
+def conv_probe() -> list[_timing.Runner]:
+    """SimpleCNN's second conv: 3x3, 64 -> 128 channels at 16x16, batch 32."""
+    b, h, cin, cout = 32, 16, 64, 128
+    x = jax.random.normal(jax.random.PRNGKey(0), (b, h, h, cin))
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, cin, cout))
+
+    def loss(layout):
+        dims = ("NHWC", "HWIO", "NHWC") if layout == "NHWC" else ("NCHW", "OIHW", "NCHW")
+
+        def conv(x, w):
+            return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims)
+
+        return jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1))
+
+    xt = torch.randn(b, cin, h, h, requires_grad=True)
+    wt = torch.randn(cout, cin, 3, 3, requires_grad=True)
+    return [
+        _jax("jax conv NHWC", loss("NHWC"), x, w),
+        _jax(
+            "jax conv NCHW",
+            loss("NCHW"),
+            jnp.transpose(x, (0, 3, 1, 2)),
+            jnp.transpose(w, (3, 2, 0, 1)),
+        ),
+        _torch("torch conv2d", lambda: (F.conv2d(xt, wt, padding=1) ** 2).sum()),
+    ]
+
+
+def pool_probe() -> list[_timing.Runner]:
+    """SimpleCNN's first 2x2 max-pool: [32, 32, 32, 64]."""
+    b, h, c = 32, 32, 64
+    x = jax.random.normal(jax.random.PRNGKey(0), (b, h, h, c))
+    flax_pool = lambda x: jnp.sum(nn.max_pool(x, (2, 2), strides=(2, 2)) ** 2)
+    # Non-overlapping windows as a reshape + max: the gradient is a compare and select
+    # instead of XLA's select_and_scatter.
+    reshape_pool = lambda x: jnp.sum(x.reshape(b, h // 2, 2, h // 2, 2, c).max(axis=(2, 4)) ** 2)
+    xt = torch.randn(b, c, h, h, requires_grad=True)
+    return [
+        _jax("jax nn.max_pool", jax.grad(flax_pool), x),
+        _jax("jax reshape+max", jax.grad(reshape_pool), x),
+        _torch("torch max_pool2d", lambda: (F.max_pool2d(xt, 2) ** 2).sum()),
+    ]
+
+
+def attention_probe() -> list[_timing.Runner]:
+    """gpt-small's causal attention: batch 8, 128 tokens, 4 heads of 32."""
+    b, t, heads, d = 8, 128, 4, 32
+    q = jax.random.normal(jax.random.PRNGKey(0), (b, t, heads, d))
+    dpa = lambda q: jnp.sum(jax.nn.dot_product_attention(q, q, q, is_causal=True))
+
+    def einsum(q):
+        s = jnp.einsum("bthd,bshd->bhts", q, q) / np.sqrt(d)
+        s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
+        return jnp.sum(jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, -1), q))
+
+    qt = torch.randn(b, heads, t, d, requires_grad=True)
+    torch_attention = lambda q: F.scaled_dot_product_attention(q, q, q, is_causal=True).sum()
+    return [
+        _jax("jax dot_product_attention", jax.grad(dpa), q),
+        _jax("jax einsum+softmax", jax.grad(einsum), q),
+        _torch("torch sdpa", lambda: torch_attention(qt)),
+    ]
+
+
+PROBES = {"conv": conv_probe, "pool": pool_probe, "attention": attention_probe}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--probes", default=",".join(PROBES), help=f"comma list of {list(PROBES)}")
+    p.add_argument("--trials", type=int, default=7)
+    p.add_argument("--steps", type=int, default=3, help="calls per trial")
+    args = p.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} torch threads "
+        f"{torch.get_num_threads()} load {os.getloadavg()[0]:.1f}"
+    )
+    for name in args.probes.split(","):
+        runners = PROBES[name]()
+        for r in runners:
+            r.run(1)  # compile / warm up
+        times = _timing.interleaved_trials(runners, trials=args.trials, steps_per_trial=args.steps)
+        ref = times[runners[-1].framework]
+        for r in runners:
+            t = times[r.framework]
+            print(
+                f"  {name:9s} {r.framework:28s} {np.median(t) * 1e3:8.1f} ms   "
+                f"x{_timing.paired_ratio(t, ref):.2f} vs torch"
+            )
+
+
+if __name__ == "__main__":
+    main()
