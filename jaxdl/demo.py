@@ -87,7 +87,9 @@ _FINETUNE = [
 ]
 # The output head is tied to the input embedding: training it would send gradients back
 # through every block, so "last block" trains block 3 and the final norm only.
-LAST_BLOCK_RULES = "[('params/block_3/.*', {}), ('params/ln_f/.*', {}), ('.*', {'trainable': False})]"
+LAST_BLOCK_RULES = (
+    "[('params/block_3/.*', {}), ('params/ln_f/.*', {}), ('.*', {'trainable': False})]"
+)
 VARIANTS = {
     # variant -> overrides on top of experiments/lm_pydoc_lora.py (with lora switched off)
     "scratch": ["--config.init_from.checkpoint="],

@@ -1,4 +1,6 @@
-"""Shared test setup: CPU only; each xdist worker builds the digits TFDS data in its own dir."""
+"""Shared test setup: CPU only; each xdist worker builds the digits TFDS data in its own dir;
+one persistent XLA compilation cache for the session's processes (the many `jaxdl train`
+subprocesses compile the same small programs)."""
 
 import os
 import tempfile
@@ -8,3 +10,7 @@ _worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
 os.environ.setdefault(
     "JAXDL_DATA_DIR", os.path.join(tempfile.gettempdir(), f"jaxdl-test-data-{_worker}")
 )
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jaxdl-test-xla-cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")

@@ -1,4 +1,6 @@
-"""Resume is exact, across real processes and after SIGKILL."""
+"""Resume is exact after SIGKILL mid-run (a new process resumes from the last complete
+checkpoint). Resume across a clean stop is `jaxdl.testing.assert_resume_exact`, exercised in
+tests/test_testing.py."""
 
 import json
 import os
@@ -7,7 +9,6 @@ import subprocess
 import sys
 import time
 
-from jaxdl import testing
 from jaxdl.logging import read_metrics
 
 CONFIG = "experiments/digits_mlp.py"
@@ -17,10 +18,6 @@ OVERRIDES = [
     "--config.checkpoint_every=5",
     "--config.data.train_transforms=[]",
 ]
-
-
-def test_resume_in_a_new_process_is_bitwise_exact(tmp_path):
-    testing.assert_resume_exact(CONFIG, tmp_path, steps=30, overrides=OVERRIDES)
 
 
 def _cmd(workdir, steps):
@@ -44,11 +41,11 @@ def _cmd(workdir, steps):
 def test_sigkill_mid_run_then_resume_matches_straight_run(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     straight = tmp_path / "straight"
-    subprocess.run(_cmd(straight, 300), check=True, capture_output=True, env=env)
+    subprocess.run(_cmd(straight, 120), check=True, capture_output=True, env=env)
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
-        _cmd(killed, 300), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+        _cmd(killed, 120), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
     )
     deadline = time.time() + 120
     ckpts = killed / "checkpoints"
@@ -62,7 +59,7 @@ def test_sigkill_mid_run_then_resume_matches_straight_run(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "summary.json").exists()
 
-    subprocess.run(_cmd(killed, 300), check=True, capture_output=True, env=env)
+    subprocess.run(_cmd(killed, 120), check=True, capture_output=True, env=env)
     a = json.loads((straight / "summary.json").read_text())
     b = json.loads((killed / "summary.json").read_text())
     assert b["params_sha256"] == a["params_sha256"]
