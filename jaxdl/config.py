@@ -193,9 +193,10 @@ def parse_override(text: str) -> tuple[str, str]:
     return key, raw
 
 
-def apply_override(cfg: ml_collections.ConfigDict, text: str) -> None:
-    """Apply one '--config.KEY=VALUE', parsing VALUE to the type the key already has."""
-    key, raw = parse_override(text)
+def find_section(
+    cfg: ml_collections.ConfigDict, key: str
+) -> tuple[ml_collections.ConfigDict, str, str]:
+    """'a.b.c' -> (the ConfigDict holding c, "c", "a.b"); a missing section is an error."""
     *parents, leaf = key.split(".")
     node = cfg
     for i, part in enumerate(parents):
@@ -205,7 +206,13 @@ def apply_override(cfg: ml_collections.ConfigDict, text: str) -> None:
                 "Fix: check the spelling against jaxdl.config.default_config()."
             )
         node = node[part]
-    section = ".".join(parents)
+    return node, leaf, ".".join(parents)
+
+
+def apply_override(cfg: ml_collections.ConfigDict, text: str) -> None:
+    """Apply one '--config.KEY=VALUE', parsing VALUE to the type the key already has."""
+    key, raw = parse_override(text)
+    node, leaf, section = find_section(cfg, key)
     if leaf not in node and section not in _OPEN_SECTIONS:
         raise ValueError(
             f"config.{key}: unknown key. Expected one of {sorted(node.keys())}. "

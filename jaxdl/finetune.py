@@ -58,17 +58,8 @@ def _node(cfg: ml_collections.ConfigDict, dotted: str) -> Any:
 
 def _set(cfg: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
     """Set one dotted key with the config's own type checks (unknown key -> ValueError)."""
-    *parents, leaf = dotted.split(".")
-    node = cfg
-    for i, part in enumerate(parents):
-        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-            raise ValueError(
-                f"config.{dotted}: unknown key ('{'.'.join(parents[: i + 1])}' is not a "
-                "section). Fix: check the spelling against jaxdl.config.default_config()."
-            )
-        node = node[part]
-    prefix = ".".join(parents) + "." if parents else ""
-    config_lib.merge_config(node, {leaf: value}, prefix=prefix)
+    node, leaf, section = config_lib.find_section(cfg, dotted)
+    config_lib.merge_config(node, {leaf: value}, prefix=f"{section}." if section else "")
 
 
 def task_configs(cfg: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.ConfigDict]]:
