@@ -35,8 +35,10 @@ def restore_run(
     workdir = Path(workdir)
     cfg = load_run_config(workdir)
     data = build_data(cfg.data, seed=cfg.seed, num_classes=cfg.model.get("num_classes"))
+    from jaxdl.trainer import with_pinned_base
+
     setup = build(
-        cfg,
+        with_pinned_base(cfg, workdir),  # a LoRA run's frozen base: the step it trained on
         kind=data.kind,
         example_spec=data.example_spec,
         num_classes=data.num_classes,

@@ -10,6 +10,7 @@ each split.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Iterable, Mapping
@@ -149,7 +150,7 @@ def train(
     from jaxdl.checkpoint import Checkpointer
 
     setup = build(
-        cfg,
+        with_pinned_base(cfg, workdir),
         kind=data.kind,
         example_spec=data.example_spec,
         num_classes=data.num_classes,
@@ -326,6 +327,27 @@ def _pinned_base(config_dict: dict, init_report: dict | None) -> dict:
         return config_dict
     pinned = {"checkpoint": str(Path(init_report["source"]).resolve()), "step": init_report["step"]}
     return {**config_dict, "init_from": {**config_dict["init_from"], **pinned}}
+
+
+def with_pinned_base(cfg: ml_collections.ConfigDict, workdir: Path):
+    """On resume, restore the exact base step the run's checkpoints name (`_pinned_base`).
+
+    A LoRA run's checkpoints hold no base weights, so resuming from "latest" of a base
+    workdir that has trained on since would silently change the frozen weights.
+    """
+    from jaxdl.restore import list_steps, read_json
+
+    steps = list_steps(workdir / "checkpoints")
+    if not cfg.init_from.checkpoint or not steps:
+        return cfg
+    pinned = (read_json(workdir / "checkpoints" / str(max(steps)), "config") or {}).get(
+        "init_from", {}
+    )
+    if not pinned.get("checkpoint"):
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.init_from.checkpoint, cfg.init_from.step = pinned["checkpoint"], int(pinned["step"])
+    return cfg
 
 
 def _flops_per_token(cfg: ml_collections.ConfigDict, data) -> float | None:

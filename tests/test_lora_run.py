@@ -53,9 +53,13 @@ def quiet(*_):
 def runs(tmp_path_factory):
     """A full base run, a straight LoRA run of 2*STEPS, and one resumed at STEPS."""
     root = tmp_path_factory.mktemp("lora_run")
-    base = train(cnn_cfg(STEPS), root / "base", progress=False, echo=quiet)
+    keep_two = ["--config.keep_checkpoints=2"]
+    base = train(cnn_cfg(STEPS, keep_two), root / "base", progress=False, echo=quiet)
     straight = train(lora_cfg(root / "base", 2 * STEPS), root / "lora", progress=False, echo=quiet)
     train(lora_cfg(root / "base", STEPS), root / "resumed", progress=False, echo=quiet)
+    # The base run trains on: "latest" of it is no longer the base the LoRA runs started
+    # from, and the resumed run must still restore the pinned step.
+    train(cnn_cfg(2 * STEPS, keep_two), root / "base", progress=False, echo=quiet)
     lines = []
     resumed = train(
         lora_cfg(root / "base", 2 * STEPS), root / "resumed", progress=False, echo=lines.append
@@ -85,7 +89,7 @@ def test_only_the_adapters_train(runs, restored):
     assert set(tree_lib.flatten(state.params)) == expected
     testing.assert_no_opt_state_for_frozen(state)
     # The frozen base is the base run's params, bitwise; the B factors left zero.
-    base = {"params": load_params(root / "base")}
+    base = {"params": load_params(root / "base", step=STEPS)}  # the pinned base step
     testing.assert_frozen_unchanged(state.replace(frozen=base), state)
     for name in KERNELS:
         assert np.abs(state.params["lora"]["params"][name]["kernel"]["b"]).max() > 0, name
@@ -122,7 +126,7 @@ def test_load_params_of_the_lora_workdir_is_the_merged_model(runs, restored):
     setup, data = restored
     state = setup.state
     merged = load_params(root / "lora")
-    base = {"params": load_params(root / "base")}
+    base = {"params": load_params(root / "base", step=STEPS)}  # the pinned base step
     adapters = state.params["lora"]
     expected = tree_lib.flatten(lora.merge(base, adapters, rank=RANK, alpha=ALPHA)["params"])
     assert tree_lib.flatten(merged).keys() == expected.keys()
