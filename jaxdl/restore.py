@@ -62,7 +62,7 @@ def resolve_step_dir(
 
     ``step`` None (or < 0) means the latest finalized step.
     """
-    root = Path(path).expanduser()
+    root = Path(path).expanduser().absolute()  # Orbax reads absolute paths only
     expected = "(expected WORKDIR/checkpoints/<step>)"
     fix = f"Fix: set {config_key} to a training workdir, its checkpoints/ folder or a step folder."
     if not root.exists():
@@ -145,7 +145,7 @@ def state_metadata(step_dir: Path) -> dict:
     with orbax_errors(step_dir):
         handler = ocp.PyTreeCheckpointHandler()
         try:
-            return dict(handler.metadata(epath.Path(step_dir / "state")).tree)
+            return dict(handler.metadata(epath.Path(step_dir.absolute() / "state")).tree)
         finally:
             handler.close()
 
@@ -157,7 +157,7 @@ def read_json(step_dir: Path, item: str) -> Any:
     with orbax_errors(step_dir):
         checkpointer = ocp.Checkpointer(ocp.JsonCheckpointHandler())
         try:
-            return checkpointer.restore(epath.Path(step_dir / item))
+            return checkpointer.restore(epath.Path(step_dir.absolute() / item))
         finally:
             checkpointer.close()
 
@@ -176,7 +176,7 @@ def _read_state_numpy(step_dir: Path) -> dict[str, dict]:
         checkpointer = ocp.PyTreeCheckpointer()
         try:
             out = checkpointer.restore(
-                epath.Path(step_dir / "state"),
+                epath.Path(step_dir.absolute() / "state"),
                 args=ocp.args.PyTreeRestore(
                     item=parts, restore_args=restore_args, partial_restore=True
                 ),

@@ -126,3 +126,16 @@ def test_frozen_backbone_plan_file(tmp_path):
     rest = next(g for g in plan if g["group"] == ".*")
     assert rest["opt_state_bytes"] == 0 and rest["trainable"] is False
     assert np.isfinite(summary["test_loss"])
+
+
+def test_relative_workdirs_train_resume_and_restore(tmp_path, monkeypatch):
+    """Orbax wants absolute paths; users type relative ones (the demo's default is one)."""
+    first, full = quick_cfg(extra=["--config.num_steps=20"]), quick_cfg()
+    fine = quick_cfg(extra=["--config.init_from.checkpoint=runs/base", "--config.num_steps=10"])
+    monkeypatch.chdir(tmp_path)
+    train(first, "runs/base", progress=False)
+    train(full, "runs/base", progress=False)  # resume 20 -> 40
+    summary = train(fine, "runs/fine", progress=False)
+    report = json.loads((tmp_path / "runs/fine/init_report.json").read_text())
+    assert report["step"] == 40 and summary["steps"] == 10
+    assert evaluate_workdir("runs/fine")["step"] == 10
