@@ -147,7 +147,7 @@ def train(
     eval_every = cfg.eval_every or steps_per_epoch
 
     # ---- model, pretrained restore, partition plan, optimizer, state ----------------------
-    from jaxdl.checkpoint import Checkpointer
+    from jaxdl.checkpoint import Checkpointer, format_report
 
     setup = build(
         with_pinned_base(cfg, workdir),
@@ -162,13 +162,10 @@ def train(
         write_json(workdir / "config.json", config_dict)
         write_json(workdir / "partition_plan.json", {"groups": setup.plan_rows})
         echo(partition.format_table(setup.plan_rows))
-    ckpt_config = _pinned_base(config_dict, setup.init_report)
-    if is_writer:
         if setup.init_report is not None:
-            from jaxdl.checkpoint import format_report
-
             write_json(workdir / "init_report.json", setup.init_report)
             echo(format_report(setup.init_report))
+    ckpt_config = _pinned_base(config_dict, setup.init_report)
     kwargs = {"lora_cfg": setup.lora_cfg, "batch_spec": setup.batch_spec, "layout": setup.layout}
     train_step = steps.make_train_step(
         setup.model, setup.task, setup.tx, l1=cfg.loss.l1, l2=cfg.loss.l2, **kwargs
@@ -180,7 +177,7 @@ def train(
         workdir,
         max_to_keep=cfg.keep_checkpoints,
         best_metric=cfg.best_metric or None,
-        best_mode="min" if "loss" in cfg.best_metric or "bits" in cfg.best_metric else "max",
+        best_mode="min" if minimized(cfg.best_metric) else "max",
         save_frozen=setup.lora_cfg is None,
     )
     state = setup.state
@@ -374,12 +371,17 @@ def _flush(pending: list[dict], first_step: int, last_step: int) -> dict[str, fl
     return {k: float(np.mean([m[k] for m in host])) for k in keys}
 
 
+def minimized(metric: str) -> bool:
+    """Losses, bits per byte and perplexity improve downwards; accuracies upwards."""
+    return any(word in metric for word in ("loss", "bits", "perplexity"))
+
+
 class EarlyStopping:
     """Stop when ``metric`` has not improved by ``min_delta`` for ``patience`` evaluations."""
 
     def __init__(self, patience: int, min_delta: float, metric: str, history: list[dict]):
         self.patience, self.min_delta, self.metric = patience, min_delta, metric
-        self.minimize = "loss" in metric or "bits" in metric
+        self.minimize = minimized(metric)
         self.best: float | None = None
         self.bad_evals = 0
         self.should_stop = False
