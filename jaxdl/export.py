@@ -27,10 +27,11 @@ versions, platforms, quantization, and the artifact's sha256 (a corrupt copy is 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,28 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def _no_builder_paths() -> Iterator[None]:
+    """Source locations in the artifact name files, not the builder's directories.
+
+    By default the StableHLO carries every op's full Python traceback with absolute paths:
+    the artifact would leak where it was built and its size would depend on the checkout's
+    path. One frame per op, file basename only, keeps the locations useful for debugging.
+    """
+    options = {
+        "jax_include_full_tracebacks_in_locations": False,
+        "jax_hlo_source_file_canonicalization_regex": r".*/",
+    }
+    saved = {name: getattr(jax.config, name) for name in options}
+    try:
+        for name, value in options.items():
+            jax.config.update(name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            jax.config.update(name, value)
+
+
 def export_model(
     model,
     variables: Mapping,
@@ -221,7 +244,8 @@ def export_model(
             quantized=quantize is not None,
         )
         specs = (jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32),)
-    exported = jax.export.export(jax.jit(fn), platforms=platforms)(*specs)
+    with _no_builder_paths():
+        exported = jax.export.export(jax.jit(fn), platforms=platforms)(*specs)
     blob = bytes(exported.serialize())
 
     out_path = Path(out_path)

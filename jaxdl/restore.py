@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -112,9 +113,32 @@ def check_safe(step_dir: Path) -> None:
                 )
 
 
+def _silence_closed_loop_callbacks() -> None:
+    """Drop the late "Event loop is closed" callbacks of a failed Orbax read (once per process).
+
+    Orbax runs each read in a fresh event loop and closes it as soon as one tensorstore read
+    fails; the reads still in flight then finish and their callbacks hit the closed loop.
+    Nothing waits for them, so the RuntimeError Python prints as "unraisable" is noise that
+    would follow (and scramble) the one-line error a user gets. Every other unraisable
+    exception still reaches the previous hook.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "jaxdl_closed_loop_filter", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        err = unraisable.exc_value
+        if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.jaxdl_closed_loop_filter = True
+    sys.unraisablehook = hook
+
+
 @contextlib.contextmanager
 def orbax_errors(step_dir: Path) -> Iterator[None]:
     """Re-raise Orbax / tensorstore read failures as one ValueError naming the directory."""
+    _silence_closed_loop_callbacks()  # before the read: the callbacks can beat the except
     try:
         yield
     except Exception as err:  # tensorstore, JSON and OS errors all mean the same to a user

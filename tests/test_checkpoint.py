@@ -215,6 +215,24 @@ def test_corrupt_checkpoint_raises_value_error_naming_the_dir(tmp_path):
         load_params(tmp_path)
 
 
+def test_failed_read_prints_nothing_after_the_error(tmp_path):
+    """Orbax closes its loop on the first failed read; late callbacks must not print."""
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, make_state(), data_state=None, config=CONFIG)
+    for victim in (tmp_path / "checkpoints" / "1" / "state").rglob("d/*"):
+        os.truncate(victim, victim.stat().st_size // 2)
+    script = (
+        "import time\nfrom jaxdl.checkpoint import load_params\n"
+        f"for _ in range(3):\n    try: load_params({str(tmp_path)!r})\n"
+        "    except ValueError: pass\n"
+        "time.sleep(0.5)\nprint('done')"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout == "done\n", out.stderr
+    assert "Event loop is closed" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
 def test_missing_dir_and_symlinks_are_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"no checkpoint found at {tmp_path / 'nope'}"):
         load_params(tmp_path / "nope")
