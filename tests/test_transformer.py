@@ -11,6 +11,7 @@ from jaxdl.models.transformer import (
     Transformer,
     apply_rope,
     count_params,
+    einsum_attention,
     flops_per_token,
     transformer_spec,
 )
@@ -103,6 +104,35 @@ def test_causal(positions):
     b = model.apply({"params": params}, changed)
     np.testing.assert_array_equal(a[:, :t], b[:, :t])
     assert np.all(np.abs(a[:, t:] - b[:, t:]).max(axis=-1) > 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("masking", ["causal", "mask", "none"])
+def test_einsum_attention_matches_dot_product_attention(dtype, masking):
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 7, 3, 8), dtype) for i in range(3))
+    mask = jax.random.bernoulli(jax.random.key(9), 0.7, (2, 1, 7, 7)).at[..., 0].set(True)
+    kwargs = {"causal": {"is_causal": True}, "mask": {"mask": mask}, "none": {}}[masking]
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v, **kwargs).astype(jnp.float32) ** 2)
+
+    ours = jax.value_and_grad(lambda *a: loss(einsum_attention, *a), argnums=(0, 1, 2))(q, k, v)
+    ref = jax.value_and_grad(
+        lambda *a: loss(jax.nn.dot_product_attention, *a), argnums=(0, 1, 2)
+    )(q, k, v)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)
+
+
+def test_attention_impls_give_the_same_model():
+    logits = {}
+    for impl in ("einsum", "xla", None):
+        model = create_model({"name": "transformer", "size": "tiny", "attention_impl": impl})
+        logits[impl] = model.apply({"params": init(model)}, TOKENS)
+    np.testing.assert_allclose(logits["einsum"], logits["xla"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(logits[None], logits["einsum"])  # the CPU default
 
 
 def test_kv_cache_matches_full_forward():

@@ -95,10 +95,44 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+ATTENTION_IMPLS = (None, "xla", "cudnn", "einsum")
+
+
+def einsum_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal: bool = False, mask=None
+) -> jax.Array:
+    """Softmax attention as two einsums: q [B, T, H, Dh], k, v [B, S, H, Dh] -> [B, T, H, Dh].
+
+    The numerics of `jax.nn.dot_product_attention`'s "xla" path (float32 logits and softmax,
+    the output in v's dtype) without its per-group vmap and mask plumbing, which on XLA:CPU
+    cost 1.4-1.6x in forward+backward (`python benchmarks/cpu_gaps.py --probes attention`).
+    """
+    logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+    logits = logits * (1.0 / math.sqrt(q.shape[-1]))
+    if is_causal:
+        length = q.shape[1]
+        causal = jnp.tril(jnp.ones((length, k.shape[1]), bool))
+        mask = causal if mask is None else mask & causal
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhts,bshd->bthd", weights, v)
+
+
+def attention(q, k, v, *, is_causal: bool = False, mask=None, impl: str | None = None):
+    """Dispatch on `impl`: None is "einsum" on CPU, else `jax.nn.dot_product_attention`'s own
+    choice (cuDNN's fused kernel on GPU when the shapes allow it, else XLA)."""
+    if impl == "einsum" or (impl is None and jax.default_backend() == "cpu"):
+        return einsum_attention(q, k, v, is_causal=is_causal, mask=mask)
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=is_causal, implementation=impl
+    )
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention over x: [B, T, D] -> [B, T, D].
 
-    Uses `jax.nn.dot_product_attention` (implementation = `attention_impl`). With
+    Attention through `attention` (implementation = `attention_impl`). With
     `decode=True` keys and values are appended to a [B, max_len, H, Dh] cache; the queries
     attend to every cached position up to their own.
     """
@@ -129,14 +163,13 @@ class SelfAttention(nn.Module):
         if self.decode and self.has_variable("cache", "cached_key"):
             k, v, mask = self._extend_cache(k, v)
             # Decoding attends 1 query (or a prompt chunk) to a masked cache: flash kernels
-            # buy nothing there, and cuDNN rejects arbitrary masks, so let XLA do it.
-            y = jax.nn.dot_product_attention(q, k, v, mask=mask)
+            # buy nothing there, and cuDNN rejects arbitrary masks, so never ask for cuDNN.
+            impl = None if self.attention_impl == "cudnn" else self.attention_impl
+            y = attention(q, k, v, mask=mask, impl=impl)
         else:
             if self.decode:  # init: create the empty cache, compute as usual
                 self._extend_cache(k, v)
-            y = jax.nn.dot_product_attention(
-                q, k, v, is_causal=self.causal, implementation=self.attention_impl
-            )
+            y = attention(q, k, v, is_causal=self.causal, impl=self.attention_impl)
         y = y.reshape(batch, length, dim)
         return nn.Dense(
             dim, dtype=self.dtype, kernel_init=nn.initializers.normal(self.out_std), name="out"
@@ -264,7 +297,7 @@ class Transformer(nn.Module):
     mlp: str = "gelu"  # "gelu" | "swiglu"
     dropout_rate: float = 0.0
     dtype: Any = "float32"  # compute dtype; parameters stay float32
-    attention_impl: str | None = None  # jax.nn.dot_product_attention(implementation=...)
+    attention_impl: str | None = None  # None (einsum on CPU, else auto) | xla | cudnn | einsum
     remat: bool = False
     scan_layers: bool = False
     decode: bool = False
@@ -286,7 +319,7 @@ class Transformer(nn.Module):
         fields.setdefault("vocab_size", BYTE_VOCAB)
         check_choice("positions", self.positions, ("learned", "rope"))
         check_choice("mlp", self.mlp, ("gelu", "swiglu"))
-        check_choice("attention_impl", self.attention_impl, (None, "xla", "cudnn"))
+        check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         check_heads(fields["embed_dim"], fields["num_heads"])
         if self.positions == "rope" and (fields["embed_dim"] // fields["num_heads"]) % 2:
             raise ValueError(

@@ -15,7 +15,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxdl.models.registry import register
-from jaxdl.models.transformer import INIT_STD, Block, check_choice, check_heads, resolve_size
+from jaxdl.models.transformer import (
+    ATTENTION_IMPLS,
+    INIT_STD,
+    Block,
+    check_choice,
+    check_heads,
+    resolve_size,
+)
 
 # "tiny" is for tests and 8x8 digits (patch 4 -> 4 patches); the others are the ViT paper's
 # Ti/S/B widths with 16x16 patches.
@@ -46,7 +53,7 @@ class ViT(nn.Module):
     pool: str = "cls"  # "cls" | "mean"
     dropout_rate: float = 0.0
     dtype: Any = "float32"  # compute dtype; parameters stay float32
-    attention_impl: str | None = None
+    attention_impl: str | None = None  # None (einsum on CPU, else auto) | xla | cudnn | einsum
     remat: bool = False
 
     @nn.compact
@@ -63,7 +70,7 @@ class ViT(nn.Module):
             ),
         )
         check_choice("pool", self.pool, ("cls", "mean"))
-        check_choice("attention_impl", self.attention_impl, (None, "xla", "cudnn"))
+        check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         check_heads(cfg["embed_dim"], cfg["num_heads"])
         if x.ndim != 4:
             raise ValueError(f"x: expected images [B, H, W, C], found shape {tuple(x.shape)}.")
