@@ -63,21 +63,35 @@ def make_jpeg_folder(root: str, per_class: int = 160, side: int = 256) -> str:
     return root
 
 
-def loader_step_ratio(*, steps: int, data_dir: str) -> dict:
-    """Digits CNN: step time fed by the real loader / step time on batches already on device."""
+def loader_step_ratio(
+    *, steps: int, data_dir: str, trials: int = 5, overrides: tuple[str, ...] = ()
+) -> dict:
+    """Digits CNN: step time fed by the real loader / step time on batches already on device.
+
+    Loader and device-resident runs of `steps` steps alternate `trials` times (the ratio of
+    each adjacent pair, then the median), so a load spike on this shared machine hits both.
+    """
     import jax
+    import numpy as np
 
     from jaxdl import config as config_lib
+    from jaxdl import sharding as sharding_lib
     from jaxdl import steps as steps_lib
     from jaxdl.build import build
     from jaxdl.data import build_data, prefetch_to_device
 
     cfg = config_lib.load_config(
-        "experiments/digits_cnn.py", [f"--config.data.data_dir={data_dir}"]
+        "experiments/digits_cnn.py",
+        [f"--config.data.data_dir={data_dir}", *(f"--config.{kv}" for kv in overrides)],
     )
     data = build_data(cfg.data, seed=0, num_classes=10)
-    setup = build(
-        cfg, kind=data.kind, example_spec=data.example_spec, num_classes=10, total_steps=steps
+    setup = build(  # on a mesh, as the trainer builds it
+        cfg,
+        kind=data.kind,
+        example_spec=data.example_spec,
+        num_classes=10,
+        total_steps=steps,
+        mesh=sharding_lib.make_mesh(cfg.mesh),
     )
     train_step = steps_lib.make_train_step(setup.model, setup.task, setup.tx)
     batch_size = cfg.data.batch_size
@@ -92,17 +106,24 @@ def loader_step_ratio(*, steps: int, data_dir: str) -> dict:
         return state, (time.perf_counter() - start) / steps
 
     it = data.train_iter(batch_size, seed=0)
-    on_device = [jax.device_put(next(it)) for _ in range(steps + 1)]
-    state, device_s = run(setup.state, iter(on_device))
-    loader = prefetch_to_device(data.train_iter(batch_size, seed=0))
-    state, loader_s = run(state, loader)
-    loader.close()
-    state, device_s2 = run(state, iter(on_device))
-    device_s = min(device_s, device_s2)
+    sharding = setup.layout.batch  # as the trainer places batches
+    on_device = [jax.device_put(next(it), sharding) for _ in range(steps + 1)]
+    state, loader_times, device_times = setup.state, [], []
+    for _ in range(trials):
+        state, device_s = run(state, iter(on_device))
+        loader = prefetch_to_device(data.train_iter(batch_size, seed=0), sharding=sharding)
+        state, loader_s = run(state, loader)
+        loader.close()
+        device_times.append(device_s)
+        loader_times.append(loader_s)
+    pairs = np.array(loader_times) / np.array(device_times)
     return {
-        "loader_step_ms": 1e3 * loader_s,
-        "device_step_ms": 1e3 * device_s,
-        "ratio": loader_s / device_s,
+        "loader_step_ms": 1e3 * float(np.median(loader_times)),
+        "device_step_ms": 1e3 * float(np.median(device_times)),
+        "ratio": float(np.median(pairs)),
+        "pair_ratios": [round(float(r), 3) for r in pairs],
+        "trials": trials,
+        "steps_per_trial": steps,
     }
 
 
@@ -136,6 +157,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--ratio-steps", type=int, default=200)
+    parser.add_argument(
+        "--ratio-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for the ratio's run, e.g. data.cache_mb=0 (repeatable)",
+    )
     parser.add_argument("--device", action="store_true", help="include prefetch_to_device")
     parser.add_argument("--data-dir", default=None, help="TFDS folder (default: a temp dir)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -162,10 +190,14 @@ def main() -> None:
                 f"{result['ms_per_batch']:7.2f} ms/batch",
                 flush=True,
             )
-    ratio = loader_step_ratio(steps=args.ratio_steps, data_dir=data_dir)
+    ratio = loader_step_ratio(
+        steps=args.ratio_steps, data_dir=data_dir, overrides=tuple(args.ratio_set)
+    )
+    ratio["overrides"] = list(args.ratio_set)
     print(
         f"digits CNN step: {ratio['loader_step_ms']:.2f} ms fed by the loader, "
-        f"{ratio['device_step_ms']:.2f} ms on device-resident batches: ratio {ratio['ratio']:.3f}"
+        f"{ratio['device_step_ms']:.2f} ms on device-resident batches: ratio {ratio['ratio']:.3f} "
+        f"(median of {ratio['pair_ratios']})"
     )
     if args.out:
         meta = {

@@ -41,6 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.train_transforms = []  # extra training-only augmentation
     c.data.num_workers = 0
     c.data.prefetch = 2
+    c.data.cache_mb = 256  # decoded splits up to this size are kept in memory (0: never)
     c.data.skip_bad_files = False
     c.data.seq_len = 128
     c.data.max_bytes = 0  # 0: the source's default cap

@@ -117,3 +117,35 @@ def test_bad_fold_and_eval_split(data_dir):
         build_data({"source": "digits", "data_dir": data_dir}, seed=0, fold=(3, 3))
     with pytest.raises(ValueError, match="data.eval_split: expected one of"):
         build_data({"source": "digits", "data_dir": data_dir, "eval_split": "dev"}, seed=0)
+
+
+@pytest.mark.parametrize("train_transforms", [[], ["random_rotation(15)", "random_flip"]])
+def test_memory_cache_gives_the_same_batches(data_dir, train_transforms):
+    cfg = {"source": "digits", "data_dir": data_dir, "train_transforms": train_transforms}
+    cached = build_data(cfg, seed=0)
+    uncached = build_data({**cfg, "cache_mb": 0}, seed=0)
+    steps = cached.steps_per_epoch(64, shard=(0, 1))
+    a, b = (
+        cached.train_iter(64, seed=3, shard=(0, 1)),
+        uncached.train_iter(64, seed=3, shard=(0, 1)),
+    )
+    for _ in range(steps + 2):  # across an epoch boundary: the cache is reused, not mutated
+        x, y = next(a), next(b)
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+    evals = zip(cached.eval_iter("val", 64), uncached.eval_iter("val", 64), strict=True)
+    for x, y in evals:
+        for key in ("image", "label", "mask"):
+            np.testing.assert_array_equal(x[key], y[key])
+    assert cached._caches[("train", not train_transforms)] is not None  # it did cache
+    assert all(v is None for v in uncached._caches.values())
+    tiny = build_data({**cfg, "cache_mb": 0.01}, seed=0)  # 10 KB: the split does not fit
+    next(tiny.train_iter(64, seed=3, shard=(0, 1)))
+    assert all(v is None for v in tiny._caches.values())
+
+
+@pytest.mark.parametrize("value", [-1, "big", True])
+def test_bad_cache_mb(data_dir, value):
+    with pytest.raises(ValueError, match=r"data.cache_mb: expected a number of MB >= 0"):
+        build_data({"source": "digits", "data_dir": data_dir, "cache_mb": value}, seed=0)

@@ -120,8 +120,12 @@ def test_decode_error_surfaces_through_prefetch(tmp_path):
     _write(tmp_path, {"train": 2, "val": 1})
     bad = tmp_path / "train" / "zero" / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    data = build_data({"source": f"imagefolder:{tmp_path}"}, seed=0)
+    source = {"source": f"imagefolder:{tmp_path}"}
+    data = build_data({**source, "cache_mb": 0}, seed=0)  # decoded per batch, in a thread
     batches = prefetch_to_device(data.train_iter(7, seed=0, shard=(0, 1)))
     with pytest.raises(ValueError, match=f"cannot read image {bad}"):
         next(batches)
     batches.close()
+    cached = build_data(source, seed=0)  # decoded once, when the iterator is made
+    with pytest.raises(ValueError, match=f"cannot read image {bad}"):
+        cached.train_iter(7, seed=0, shard=(0, 1))

@@ -117,9 +117,9 @@ def test_einsum_attention_matches_dot_product_attention(dtype, masking):
         return jnp.sum(fn(q, k, v, **kwargs).astype(jnp.float32) ** 2)
 
     ours = jax.value_and_grad(lambda *a: loss(einsum_attention, *a), argnums=(0, 1, 2))(q, k, v)
-    ref = jax.value_and_grad(
-        lambda *a: loss(jax.nn.dot_product_attention, *a), argnums=(0, 1, 2)
-    )(q, k, v)
+    ref = jax.value_and_grad(lambda *a: loss(jax.nn.dot_product_attention, *a), argnums=(0, 1, 2))(
+        q, k, v
+    )
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
         assert a.dtype == b.dtype

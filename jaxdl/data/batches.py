@@ -41,10 +41,25 @@ def stack(examples: Sequence[Example]) -> Batch:
     return {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
 
 
+def materialize(records: Sequence, prepare: Callable) -> Batch:
+    """`prepare(record)` of every record, stacked: a split decoded once, then gathered.
+
+    By index: record sources need not raise IndexError at the end, so no `for r in records`.
+    """
+    return stack([prepare(records[i]) for i in range(len(records))])
+
+
+def take(arrays: Batch, indices: np.ndarray) -> Batch:
+    """Rows `indices` of a materialized split: one numpy gather per key."""
+    return {k: v[indices] for k, v in arrays.items()}
+
+
 class TrainBatches:
     """Infinite train batches of one process (see the module docstring).
 
-    `prepare(record)` decodes; `augment(example, rng)` applies the train chain.
+    `prepare(record)` decodes; `augment(example, rng)` applies the train chain. `cache`,
+    when given, is `materialize(records, prepare)`: batches are then gathered from it
+    instead of read and decoded record by record (same bytes, a fraction of the host time).
     """
 
     def __init__(
@@ -56,8 +71,11 @@ class TrainBatches:
         batch_size: int,
         seed: int,
         shard: tuple[int, int],
+        cache: Batch | None = None,
     ):
         self.records, self.prepare, self.augment = records, prepare, augment
+        self.cache = cache
+        self.cheap = cache is not None and augment is None  # a gather: no reader threads
         self.batch_size, self.index, self.count = batch_size, shard[0], shard[1]
         self.steps_per_epoch = len(records) // self.count // batch_size
         assert self.steps_per_epoch > 0, "batch larger than the shard"
@@ -84,7 +102,12 @@ class TrainBatches:
         epoch, j = divmod(int(k), self.steps_per_epoch)
         start = j * self.batch_size
         indices = self.order(epoch)[start : start + self.batch_size]
-        examples = [self.prepare(r) for r in read_records(self.records, indices)]
+        if self.cache is not None and self.augment is None:
+            return take(self.cache, indices)
+        if self.cache is not None:
+            examples = [{k: v[i] for k, v in self.cache.items()} for i in indices]
+        else:
+            examples = [self.prepare(r) for r in read_records(self.records, indices)]
         if self.augment is not None:
             examples = [
                 self.augment(ex, np.random.default_rng([self.augment_seed, epoch, start + i]))
@@ -101,9 +124,17 @@ class EvalBatches:
     """
 
     def __init__(
-        self, records: Sequence, prepare: Callable, *, batch_size: int, shard: tuple[int, int]
+        self,
+        records: Sequence,
+        prepare: Callable,
+        *,
+        batch_size: int,
+        shard: tuple[int, int],
+        cache: Batch | None = None,
     ):
         self.records, self.prepare, self.batch_size = records, prepare, batch_size
+        self.cache = cache
+        self.cheap = cache is not None
         self.index, self.count = shard
         per_process = -(-len(records) // self.count)
         self.num_batches = -(-per_process // batch_size)
@@ -115,6 +146,9 @@ class EvalBatches:
         slots = np.arange(int(b) * self.batch_size, (int(b) + 1) * self.batch_size)
         global_index = slots * self.count + self.index
         real = global_index < len(self.records)
-        records = read_records(self.records, np.where(real, global_index, 0))
-        batch = stack([self.prepare(r) for r in records])
+        indices = np.where(real, global_index, 0)
+        if self.cache is not None:
+            batch = take(self.cache, indices)
+        else:
+            batch = stack([self.prepare(r) for r in read_records(self.records, indices)])
         return {**batch, "mask": real.astype(np.float32)}
