@@ -1,6 +1,7 @@
 """Where JAX trails PyTorch on CPU: the ops behind the gaps, each against its torch twin.
 
     python benchmarks/cpu_gaps.py                      # all probes
+    python benchmarks/cpu_gaps.py --probes attention-step,attention-step-vit  # whole steps
     XLA_FLAGS=--xla_cpu_use_onednn=true python benchmarks/cpu_gaps.py --probes conv
 
 Each probe times forward + backward of one op (shapes from the cpu-quick cases) in JAX
@@ -12,6 +13,7 @@ per-process: run the script once per XLA_FLAGS value and compare the ratios.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Callable
@@ -113,7 +115,30 @@ def attention_probe() -> list[_timing.Runner]:
     ]
 
 
-PROBES = {"conv": conv_probe, "pool": pool_probe, "attention": attention_probe}
+def attention_step_probe(model: str = "gpt-small") -> list[_timing.Runner]:
+    """The whole train step of `model` with each attention implementation, and torch eager."""
+    from benchmarks import throughput
+
+    case = throughput.CASES[model]
+    batch = throughput.host_batch(case)
+    runners = []
+    for impl in ("xla", "einsum"):
+        impl_case = dataclasses.replace(case, model={**case.model, "attention_impl": impl})
+        runner = throughput.jax_runner(throughput.jax_setup(impl_case, "full", "float32"), batch)
+        runners.append(dataclasses.replace(runner, framework=f"jax {model} attention={impl}"))
+    (torch_runner,) = throughput._torch_runners(
+        case, "full", "float32", batch, ["torch-eager"], channels_last=False
+    )
+    return [*runners, dataclasses.replace(torch_runner, framework=f"torch {model}")]
+
+
+PROBES = {
+    "conv": conv_probe,
+    "pool": pool_probe,
+    "attention": attention_probe,
+    "attention-step": attention_step_probe,
+    "attention-step-vit": lambda: attention_step_probe("vit-tiny"),
+}
 
 
 def main(argv=None) -> None:
@@ -130,6 +155,7 @@ def main(argv=None) -> None:
     for name in args.probes.split(","):
         runners = PROBES[name]()
         for r in runners:
+            r.prepare()
             r.run(1)  # compile / warm up
         times = _timing.interleaved_trials(runners, trials=args.trials, steps_per_trial=args.steps)
         ref = times[runners[-1].framework]
