@@ -21,11 +21,13 @@ they sit under "lora", e.g. ``lora/params/block_0/query/kernel/a``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -100,15 +102,25 @@ def _pairs(adapters: Tree) -> dict[str, tuple[Any, Any]]:
     return pairs
 
 
-def apply(params_tree: Tree, adapters: Tree, *, rank: int, alpha: float) -> dict:
+def apply(
+    params_tree: Tree,
+    adapters: Tree,
+    *,
+    rank: int,
+    alpha: float,
+    skip: Collection[str] = (),
+) -> dict:
     """``params_tree`` with each adapted kernel replaced by ``W + (alpha/rank) * reshape(A @ B)``.
 
     Pure and jittable; differentiable w.r.t. both trees. Returns a plain nested dict.
+    Kernels in ``skip`` stay ``W``: `low_rank_dense` adds their adapters instead.
     """
     _check_hparams(rank, alpha)
     flat = tree_lib.flatten(params_tree)
     scale = alpha / rank
     for path, (a, b) in _pairs(adapters).items():
+        if path in skip:
+            continue
         if path not in flat:
             raise ValueError(
                 f"lora: adapter for {path!r} has no kernel in the model params; the adapters "
@@ -123,6 +135,63 @@ def apply(params_tree: Tree, adapters: Tree, *, rank: int, alpha: float) -> dict
         delta = (a @ b).reshape(kernel.shape)
         flat[path] = kernel + (scale * delta).astype(kernel.dtype)
     return tree_lib.unflatten(flat)
+
+
+def _dense_kernel_path(context: Any) -> str | None:
+    """ "params/.../kernel" of the nn.Dense a Flax method interceptor sees, else None."""
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(module, nn.Dense):
+        return None
+    return "/".join(("params", *module.scope.path, "kernel"))
+
+
+def factorable(run: Callable[[], Any], params_tree: Tree, adapters: Tree) -> frozenset[str]:
+    """Adapted kernels that `run()` (a model apply) uses as a plain 2-D nn.Dense kernel.
+
+    Found by tracing `run` abstractly (`jax.eval_shape`: no FLOPs, nothing compiled). Other
+    adapted kernels (convolutions, DenseGeneral, layers stacked by nn.scan) are merged.
+    """
+    flat = tree_lib.flatten(params_tree)
+    pairs = _pairs(adapters)
+    found: set[str] = set()
+
+    def record(next_fun, args, kwargs, context):
+        path = _dense_kernel_path(context)
+        if path in pairs and len(flat[path].shape) == 2:
+            found.add(path)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(run)
+    return frozenset(found)
+
+
+@contextlib.contextmanager
+def low_rank_dense(adapters: Tree, paths: Collection[str], *, rank: int, alpha: float):
+    """Within: each nn.Dense at `paths` (kernels left unmerged) returns
+    ``dense(x) + (alpha/rank) * (x @ A) @ B``.
+
+    Same function as the merged kernel, but the backward pass never forms the full
+    ``[in, out]`` weight gradient ``x^T g`` that a merged kernel needs: A and B get theirs
+    from the rank-r factors, and a frozen W gets none. That removes about a third of a
+    dense layer's training FLOPs (`python benchmarks/throughput.py --modes full,lora`).
+    """
+    _check_hparams(rank, alpha)
+    pairs = {p: ab for p, ab in _pairs(adapters).items() if p in paths}
+    scale = alpha / rank
+
+    def add_low_rank(next_fun, args, kwargs, context):
+        y = next_fun(*args, **kwargs)
+        path = _dense_kernel_path(context)
+        if path not in pairs:
+            return y
+        a, b = pairs[path]
+        x = args[0] if args else kwargs["inputs"]
+        low = (x.astype(y.dtype) @ a.astype(y.dtype)) @ b.astype(y.dtype)
+        return y + (scale * low).astype(y.dtype)
+
+    with nn.intercept_methods(add_low_rank):
+        yield
 
 
 def merge(params_tree: Tree, adapters: Tree, *, rank: int, alpha: float) -> dict:

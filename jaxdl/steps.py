@@ -29,16 +29,40 @@ from jaxdl.tasks import Batch, Metrics, Task
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
 
 
-def model_params(
-    params: Mapping[str, Any], frozen: Mapping[str, Any], lora_cfg: Mapping | None
-) -> dict:
-    """The model's full "params" collection from trainable + frozen (+ LoRA) parts."""
+def _base_tree(params: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict:
+    """{"params": ...} from trainable + frozen parts, LoRA adapters left out."""
     plain = {k: v for k, v in params.items() if k != "lora"}
-    full = tree.merge(plain, frozen) if frozen else dict(plain)
+    return tree.merge(plain, frozen) if frozen else dict(plain)
+
+
+def model_params(
+    params: Mapping[str, Any],
+    frozen: Mapping[str, Any],
+    lora_cfg: Mapping | None,
+    *,
+    unmerged: frozenset[str] = frozenset(),
+) -> dict:
+    """The model's full "params" collection from trainable + frozen (+ LoRA) parts.
+
+    LoRA adapters are merged into their kernels, except those in `unmerged`.
+    """
+    full = _base_tree(params, frozen)
     if "lora" in params:
         assert lora_cfg is not None, "state holds LoRA adapters but no lora config was given"
-        full = lora.apply(full, params["lora"], rank=lora_cfg["rank"], alpha=lora_cfg["alpha"])
+        rank, alpha = lora_cfg["rank"], lora_cfg["alpha"]
+        full = lora.apply(full, params["lora"], rank=rank, alpha=alpha, skip=unmerged)
     return full.get("params", {})
+
+
+def _apply_lora(apply: Callable, params, frozen, lora_cfg: Mapping):
+    """`apply(model params)` for training with LoRA: adapters of plain nn.Dense layers as
+    ``x W + s (x A) B`` (`lora.low_rank_dense`, no full weight gradient), the rest merged."""
+    adapters = params["lora"]
+    merged = lambda: apply(model_params(params, frozen, lora_cfg))
+    dense = lora.factorable(merged, _base_tree(params, frozen), adapters)
+    rank, alpha = lora_cfg["rank"], lora_cfg["alpha"]
+    with lora.low_rank_dense(adapters, dense, rank=rank, alpha=alpha):
+        return apply(model_params(params, frozen, lora_cfg, unmerged=dense))
 
 
 def _apply(model: nn.Module, variables, x, *, train: bool, rng=None, mutable=()):
@@ -59,8 +83,13 @@ def train_step(
     l1: float = 0.0,
     l2: float = 0.0,
     gather: Mapping[str, Any] | None = None,
+    factored_lora: bool = True,
 ) -> tuple[TrainState, Metrics]:
     """One optimizer step. Metrics: loss, the task's metrics, grad_norm, finite (1/0).
+
+    ``factored_lora``: LoRA adapters of nn.Dense layers as ``x W + s (x A) B`` (see
+    `lora.low_rank_dense`); False merges every adapter into its kernel (the same function,
+    more FLOPs: `python benchmarks/lora_cost.py`).
 
     ``gather``: {"params", "frozen"} shardings the weights take where they are used
     (`jaxdl.sharding.Layout.gather`, FSDP): XLA then all-gathers weights instead of
@@ -73,15 +102,21 @@ def train_step(
         if gather is not None:
             params = jax.lax.with_sharding_constraint(params, gather["params"])
             frozen = jax.lax.with_sharding_constraint(frozen, gather["frozen"])
-        variables = {"params": model_params(params, frozen, lora_cfg), **state.model_state}
-        outputs, new_model_state = _apply(
-            model,
-            variables,
-            batch[task.input_key],
-            train=True,
-            rng=rng,
-            mutable=tuple(state.model_state),
-        )
+
+        def apply(weights):
+            return _apply(
+                model,
+                {"params": weights, **state.model_state},
+                batch[task.input_key],
+                train=True,
+                rng=rng,
+                mutable=tuple(state.model_state),
+            )
+
+        if "lora" in params and factored_lora:
+            outputs, new_model_state = _apply_lora(apply, params, frozen, lora_cfg)
+        else:
+            outputs, new_model_state = apply(model_params(params, frozen, lora_cfg))
         loss, metrics = task.loss(outputs, batch)
         penalty = 0.0
         plain = {k: v for k, v in params.items() if k != "lora"}

@@ -162,3 +162,59 @@ def test_gradients_reach_b_first(variables):
     np.testing.assert_array_equal(grads["params/Conv_0/kernel/a"], 0.0)
     assert float(jnp.max(jnp.abs(grads["params/Conv_0/kernel/b"]))) > 0
     assert float(jnp.max(jnp.abs(grads["params/Dense_0/kernel/b"]))) > 0
+
+
+@pytest.mark.parametrize(
+    "model_cfg",
+    [
+        {"name": "transformer", "size": "tiny", "dropout_rate": 0.1},  # Dense: factored
+        {"name": "transformer", "size": "tiny", "scan_layers": True},  # stacked: merged
+        {"name": "resnet", "depth": "tiny", "num_classes": 3, "small_inputs": True},  # convs
+    ],
+)
+def test_factored_train_step_equals_merged(model_cfg):
+    """x W + s (x A) B in the train step: the merged step's loss, grads and update, fewer
+    FLOPs wherever a plain nn.Dense carries an adapter."""
+    from jaxdl import steps
+    from jaxdl.build import build
+    from jaxdl.config import default_config
+
+    cfg = default_config()
+    cfg.model = model_cfg
+    cfg.optimizer.name = "adam"
+    cfg.lora = {"rank": 2, "alpha": 4.0, "targets": ".*kernel"}
+    if model_cfg["name"] == "transformer":
+        kind, spec, classes = "lm", {k: ((12,), jnp.int32) for k in ("inputs", "targets")}, None
+        batch = {
+            "inputs": jax.random.randint(jax.random.key(1), (2, 12), 0, 256),
+            "targets": jax.random.randint(jax.random.key(2), (2, 12), 0, 256),
+        }
+    else:
+        kind, classes = "classification", 3
+        spec = {"image": ((8, 8, 3), jnp.float32), "label": ((), jnp.int32)}
+        batch = {
+            "image": jax.random.normal(jax.random.key(1), (4, 8, 8, 3)),
+            "label": jnp.array([0, 1, 2, 1]),
+        }
+    setup = build(cfg, kind=kind, example_spec=spec, num_classes=classes, total_steps=10)
+    # Non-zero B, so the low-rank term is live in the forward pass too.
+    state = setup.state.replace(
+        params={**setup.state.params, "lora": _randomize_b(setup.state.params["lora"])}
+    )
+    results, flops = {}, {}
+    for factored in (True, False):
+        step = steps.make_train_step(
+            setup.model, setup.task, setup.tx, lora_cfg=setup.lora_cfg, factored_lora=factored
+        )
+        own = jax.tree.map(jnp.copy, state)  # the step donates its state
+        flops[factored] = step.lower(own, batch).compile().cost_analysis()["flops"]
+        results[factored] = step(own, batch)
+    (s1, m1), (s0, m0) = results[True], results[False]
+    np.testing.assert_allclose(m1["loss"], m0["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m1["grad_norm"], m0["grad_norm"], rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s0.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    if model_cfg.get("scan_layers") or model_cfg["name"] == "resnet":
+        assert flops[True] <= flops[False] * 1.01  # only the plain Dense head (if any) factors
+    else:
+        assert flops[True] < 0.9 * flops[False]
