@@ -62,14 +62,7 @@ def abstract_run(size: str, args: argparse.Namespace):
     def init():
         variables = model.init(jax.random.PRNGKey(0), tokens, train=False)
         params = {"params": variables["params"]}
-        return TrainState(
-            step=jnp.zeros([], jnp.int32),
-            params=params,
-            frozen={},
-            model_state={},
-            opt_state=tx.init(params),
-            rng=jax.random.PRNGKey(1),
-        )
+        return TrainState.create(params, tx, jax.random.PRNGKey(1))
 
     task = tasks.make_task("lm", cfg.loss, 0)
     return model, task, tx, jax.eval_shape(init)

@@ -124,14 +124,8 @@ def build(
     )
 
     def init_state(trainable, frozen, model_state):
-        return TrainState(
-            step=jnp.zeros([], jnp.int32),
-            params=trainable,
-            frozen=frozen,
-            model_state=model_state,
-            opt_state=tx.init(trainable),
-            rng=jax.random.PRNGKey(cfg.seed + 3),
-        )
+        rng = jax.random.PRNGKey(cfg.seed + 3)
+        return TrainState.create(trainable, tx, rng, frozen=frozen, model_state=model_state)
 
     layout = None
     if mesh is None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import flax.struct
 import jax
+import jax.numpy as jnp
 import optax
 
 Params = Any  # nested dict of arrays
@@ -25,3 +26,23 @@ class TrainState(flax.struct.PyTreeNode):
     model_state: Params  # mutable collections, e.g. {"batch_stats": {...}} or {}
     opt_state: optax.OptState  # over `params` only
     rng: jax.Array  # base key; each step folds in `step`
+
+    @classmethod
+    def create(
+        cls,
+        params: Params,
+        tx: optax.GradientTransformation,
+        rng: jax.Array,
+        *,
+        frozen: Params | None = None,
+        model_state: Params | None = None,
+    ) -> TrainState:
+        """Step 0: the optimizer state is `tx.init(params)` (trainable leaves only)."""
+        return cls(
+            step=jnp.zeros([], jnp.int32),
+            params=params,
+            frozen=frozen or {},
+            model_state=model_state or {},
+            opt_state=tx.init(params),
+            rng=rng,
+        )

@@ -83,13 +83,15 @@ def train_step(
     l1: float = 0.0,
     l2: float = 0.0,
     gather: Mapping[str, Any] | None = None,
-    factored_lora: bool = True,
+    factored_lora: bool | None = None,
 ) -> tuple[TrainState, Metrics]:
     """One optimizer step. Metrics: loss, the task's metrics, grad_norm, finite (1/0).
 
-    ``factored_lora``: LoRA adapters of nn.Dense layers as ``x W + s (x A) B`` (see
-    `lora.low_rank_dense`); False merges every adapter into its kernel (the same function,
-    more FLOPs: `python benchmarks/lora_cost.py`).
+    ``factored_lora``: True computes LoRA adapters of nn.Dense layers as
+    ``x W + s (x A) B`` (`lora.low_rank_dense`); False merges every adapter into its kernel.
+    Same function; factored needs about a quarter fewer FLOPs for a GPT
+    (`python benchmarks/lora_cost.py`), but its rank-r matmuls ran 10 % slower than merging
+    on this project's 2-core CPU. None (default): merged on CPU, factored elsewhere.
 
     ``gather``: {"params", "frozen"} shardings the weights take where they are used
     (`jaxdl.sharding.Layout.gather`, FSDP): XLA then all-gathers weights instead of
@@ -113,7 +115,8 @@ def train_step(
                 mutable=tuple(state.model_state),
             )
 
-        if "lora" in params and factored_lora:
+        factored = jax.default_backend() != "cpu" if factored_lora is None else factored_lora
+        if "lora" in params and factored:
             outputs, new_model_state = _apply_lora(apply, params, frozen, lora_cfg)
         else:
             outputs, new_model_state = apply(model_params(params, frozen, lora_cfg))

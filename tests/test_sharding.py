@@ -128,14 +128,7 @@ def tiny_gpt_state(scan_layers: bool = False):
     def init():
         variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))
         params = {"params": variables["params"]}
-        return TrainState(
-            step=jnp.zeros([], jnp.int32),
-            params=params,
-            frozen={},
-            model_state={},
-            opt_state=tx.init(params),
-            rng=jax.random.PRNGKey(1),
-        )
+        return TrainState.create(params, tx, jax.random.PRNGKey(1))
 
     return jax.eval_shape(init)
 
