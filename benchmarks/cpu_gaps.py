@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_gaps.py                      # all probes
     python benchmarks/cpu_gaps.py --probes attention-step,attention-step-vit  # whole steps
+    python benchmarks/cpu_gaps.py --probes lora-step,lora-step-mlp --steps 10
     XLA_FLAGS=--xla_cpu_use_onednn=true python benchmarks/cpu_gaps.py --probes conv
 
 Each probe times forward + backward of one op (shapes from the cpu-quick cases) in JAX
@@ -132,12 +133,37 @@ def attention_step_probe(model: str = "gpt-small") -> list[_timing.Runner]:
     return [*runners, dataclasses.replace(torch_runner, framework=f"torch {model}")]
 
 
+def lora_step_probe(model: str = "gpt-small") -> list[_timing.Runner]:
+    """`model`'s train step: full, LoRA merged, LoRA factored (`jaxdl.steps.train_step`'s
+    `factored_lora`), and torch eager's LoRA step as the reference."""
+    from benchmarks import throughput
+
+    case = throughput.CASES[model]
+    batch = throughput.host_batch(case)
+    runners = []
+    variants = (
+        ("full", "full", None),
+        ("lora merged", "lora", False),
+        ("lora factored", "lora", True),
+    )
+    for name, mode, factored in variants:
+        setup = throughput.jax_setup(case, mode, "float32")
+        runner = throughput.jax_runner(setup, batch, factored_lora=factored)
+        runners.append(dataclasses.replace(runner, framework=f"jax {model} {name}"))
+    (torch_runner,) = throughput._torch_runners(
+        case, "lora", "float32", batch, ["torch-eager"], channels_last=False
+    )
+    return [*runners, dataclasses.replace(torch_runner, framework=f"torch {model} lora")]
+
+
 PROBES = {
     "conv": conv_probe,
     "pool": pool_probe,
     "attention": attention_probe,
     "attention-step": attention_step_probe,
     "attention-step-vit": lambda: attention_step_probe("vit-tiny"),
+    "lora-step": lora_step_probe,
+    "lora-step-mlp": lambda: lora_step_probe("mlp"),
 }
 
 

@@ -212,7 +212,9 @@ def _xla_flops(compiled) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def jax_runner(setup, batch: dict[str, np.ndarray], *, scan_steps: int = 0) -> _timing.Runner:
+def jax_runner(
+    setup, batch: dict[str, np.ndarray], *, scan_steps: int = 0, **step_kwargs
+) -> _timing.Runner:
     """The library's jitted train step as a Runner; with ``scan_steps`` > 0, that many steps
     fused into one executable with `lax.scan` (framework "jax-scan")."""
     device_batch = jax.device_put(batch)
@@ -235,7 +237,9 @@ def jax_runner(setup, batch: dict[str, np.ndarray], *, scan_steps: int = 0) -> _
 
         fn = jax.jit(many, donate_argnums=0)
     else:
-        fn = steps.make_train_step(setup.model, setup.task, setup.tx, lora_cfg=setup.lora_cfg)
+        fn = steps.make_train_step(
+            setup.model, setup.task, setup.tx, lora_cfg=setup.lora_cfg, **step_kwargs
+        )
     per_call = max(scan_steps, 1)
 
     def prepare() -> dict[str, Any]:
