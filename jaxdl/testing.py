@@ -84,21 +84,20 @@ def assert_no_retrace(fn: Callable, n: int = 1) -> Callable:
     return chex.assert_max_traces(fn, n=n)
 
 
+def train_command(config: str, workdir: str | Path, overrides: Sequence[str] = ()) -> list[str]:
+    """argv of ``jaxdl train`` in a new Python process (this interpreter), without a bar."""
+    cmd = [sys.executable, "-m", "jaxdl.cli", "train", "--config", config]
+    return [*cmd, "--workdir", str(workdir), "--no-progress", *overrides]
+
+
+def subprocess_env() -> dict[str, str]:
+    """This environment, with JAX on CPU unless the caller chose a platform."""
+    return {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+
+
 def _train(config: str, workdir: Path, overrides: Sequence[str]) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "jaxdl.cli",
-        "train",
-        "--config",
-        config,
-        "--workdir",
-        str(workdir),
-        "--no-progress",
-        *overrides,
-    ]
-    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    cmd = train_command(config, workdir, overrides)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env())
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}"
     return json.loads((workdir / "summary.json").read_text())
 

@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -262,21 +261,16 @@ def test_bad_fine_tuning_inputs_exit_2_with_one_line(pretrained, tmp_path):
             ["lora.targets: regex 'params/nope/kernel'", "matched no kernel"],
         ),
     }
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     procs = {}
     for name, (overrides, _) in cases.items():
-        cmd = [
-            sys.executable,
-            "-m",
-            "jaxdl.cli",
-            "train",
-            "--config",
-            "experiments/digits_finetune.py",
-        ]
-        cmd += ["--workdir", str(tmp_path / name), "--no-progress", *QUICK]
-        cmd += [f"--config.init_from.checkpoint={pretrained}", *overrides]
+        overrides = [*QUICK, f"--config.init_from.checkpoint={pretrained}", *overrides]
+        cmd = testing.train_command("experiments/digits_finetune.py", tmp_path / name, overrides)
         procs[name] = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=testing.subprocess_env(),
         )
     for name, proc in procs.items():  # all seven run at once: most of each is start-up
         _, stderr = proc.communicate(timeout=300)
