@@ -138,7 +138,7 @@ def test_memory_cache_gives_the_same_batches(data_dir, train_transforms):
     for x, y in evals:
         for key in ("image", "label", "mask"):
             np.testing.assert_array_equal(x[key], y[key])
-    assert cached._caches[("train", not train_transforms)] is not None  # it did cache
+    assert cached._caches[("train", "decode" if train_transforms else "train")] is not None
     assert all(v is None for v in uncached._caches.values())
     tiny = build_data({**cfg, "cache_mb": 0.01}, seed=0)  # 10 KB: the split does not fit
     next(tiny.train_iter(64, seed=3, shard=(0, 1)))
@@ -149,3 +149,19 @@ def test_memory_cache_gives_the_same_batches(data_dir, train_transforms):
 def test_bad_cache_mb(data_dir, value):
     with pytest.raises(ValueError, match=r"data.cache_mb: expected a number of MB >= 0"):
         build_data({"source": "digits", "data_dir": data_dir, "cache_mb": value}, seed=0)
+
+
+def test_train_and_eval_chains_of_one_split_are_cached_apart(data_dir):
+    """A deterministic train-only transform: train batches get it, eval of "train" does not."""
+    cfg = {"source": "digits", "data_dir": data_dir, "train_transforms": ["normalize(symmetric)"]}
+    for first in ("train", "eval"):  # whichever is asked first must not serve the other
+        data = build_data(cfg, seed=0)
+        reference = build_data({**cfg, "cache_mb": 0}, seed=0)
+        calls = {
+            "train": lambda d: next(d.train_iter(32, seed=1, shard=(0, 1)))["image"],
+            "eval": lambda d: next(iter(d.eval_iter("train", 32, shard=(0, 1))))["image"],
+        }
+        order = [first, *(k for k in calls if k != first)]
+        for kind in order:
+            np.testing.assert_array_equal(calls[kind](data), calls[kind](reference))
+        assert calls["eval"](data).min() >= 0 > calls["train"](data).min()  # [0,1] vs [-1,1]

@@ -67,14 +67,17 @@ class Data:
     cache_mb: float = 0.0  # data.cache_mb: materialize a split that fits in this many MB
     _caches: dict = dataclasses.field(default_factory=dict, repr=False)
 
-    def _cache(self, split: str, prepare: Any, *, eval_chain: bool) -> dict | None:
+    def _cache(self, split: str, prepare: Any, *, chain: str) -> dict | None:
         """The split with `prepare` applied, stacked, if it fits in `cache_mb` (memoized).
+
+        `chain` names what `prepare` does ("decode", "train" or "eval" transforms): the same
+        split prepared two ways is two caches.
 
         Small datasets (digits, MNIST-sized) then cost one numpy gather per batch instead of
         a record read and decode per example: the host work that otherwise competes with
         the step for this machine's cores.
         """
-        key = (split, eval_chain)
+        key = (split, chain)
         if key not in self._caches:
             records = self.source.splits[split]
             example_bytes = sum(v.nbytes for v in map(np.asarray, prepare(records[0]).values()))
@@ -110,7 +113,8 @@ class Data:
         else:  # skip seeding a generator per example
             prepare, augment = Compose(decode, EvalChain(ops)), None
         # Worker processes decode for themselves: a cache would be pickled to each of them.
-        cache = None if num_workers else self._cache("train", prepare, eval_chain=not augment)
+        chain = "decode" if augment else "train"
+        cache = None if num_workers else self._cache("train", prepare, chain=chain)
         make = lambda s: TrainBatches(
             records, prepare, augment, batch_size=batch_size, seed=s, shard=shard, cache=cache
         )
@@ -134,7 +138,7 @@ class Data:
         prepare = Compose(self.source.decode, EvalChain(self.eval_ops))
         records = self.source.splits[split]
         shard = shard or _process_shard()
-        cache = self._cache(split, prepare, eval_chain=True)
+        cache = self._cache(split, prepare, chain="eval")
         batches = EvalBatches(records, prepare, batch_size=batch_size, shard=shard, cache=cache)
         return eval_batches(batches)
 
