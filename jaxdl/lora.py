@@ -174,7 +174,7 @@ def low_rank_dense(adapters: Tree, paths: Collection[str], *, rank: int, alpha: 
     Same function as the merged kernel, but the backward pass never forms the full
     ``[in, out]`` weight gradient ``x^T g`` that a merged kernel needs: A and B get theirs
     from the rank-r factors, and a frozen W gets none. That removes about a third of a
-    dense layer's training FLOPs (`python benchmarks/throughput.py --modes full,lora`).
+    dense layer's training FLOPs (XLA's counts: `python benchmarks/lora_cost.py`).
     """
     _check_hparams(rank, alpha)
     pairs = {p: ab for p, ab in _pairs(adapters).items() if p in paths}
