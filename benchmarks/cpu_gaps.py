@@ -134,7 +134,7 @@ def attention_step_probe(model: str = "gpt-small") -> list[_timing.Runner]:
 
 
 def lora_step_probe(model: str = "gpt-small") -> list[_timing.Runner]:
-    """`model`'s train step: full, LoRA merged, LoRA factored (`jaxdl.steps.train_step`'s
+    """`model`'s train step: full, LoRA merged, LoRA factored (`jaxdl.core.steps.train_step`'s
     `factored_lora`), and torch eager's LoRA step as the reference."""
     from benchmarks import throughput
 

@@ -75,10 +75,10 @@ def loader_step_ratio(
     import numpy as np
 
     from jaxdl import config as config_lib
-    from jaxdl import sharding as sharding_lib
-    from jaxdl import steps as steps_lib
-    from jaxdl.build import build
+    from jaxdl.core import steps as steps_lib
     from jaxdl.data import build_data, prefetch_to_device
+    from jaxdl.parallel import sharding as sharding_lib
+    from jaxdl.training.build import build
 
     cfg = config_lib.load_config(
         "experiments/digits_cnn.py",
@@ -93,7 +93,7 @@ def loader_step_ratio(
         total_steps=steps,
         mesh=sharding_lib.make_mesh(cfg.mesh),
     )
-    train_step = steps_lib.make_train_step(setup.model, setup.task, setup.tx)
+    train_step = steps_lib.make_train_step(setup.model, setup.head, setup.tx)
     batch_size = cfg.data.batch_size
 
     def run(state, batches):

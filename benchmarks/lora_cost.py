@@ -7,7 +7,7 @@ adapters merged into the kernels, and LoRA factored (jaxdl's default).
 Nothing runs: each step is lowered and compiled once, and the table gives XLA's FLOP count
 (`compiled.cost_analysis()`) and scratch bytes (`memory_analysis().temp_size_in_bytes`).
 A merged adapter makes the backward pass form the full weight gradient x^T g of every
-adapted kernel; the factored one (`jaxdl.lora.low_rank_dense`) never does.
+adapted kernel; the factored one (`jaxdl.finetune.lora.low_rank_dense`) never does.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ if __package__ in (None, ""):  # run as a script: make `jaxdl` importable from a
 import jax
 import jax.numpy as jnp
 
-from jaxdl import steps
-from jaxdl.build import build
 from jaxdl.config import default_config
+from jaxdl.core import steps
+from jaxdl.training.build import build
 
 VARIANTS = {  # name: (lora config or None, factored)
     "full fine-tuning": (None, True),
@@ -51,7 +51,7 @@ def main(argv=None) -> None:
         cfg.lora = lora
         setup = build(cfg, kind="lm", example_spec=spec, num_classes=None, total_steps=100)
         step = steps.make_train_step(
-            setup.model, setup.task, setup.tx, lora_cfg=setup.lora_cfg, factored_lora=factored
+            setup.model, setup.head, setup.tx, lora_cfg=setup.lora_cfg, factored_lora=factored
         )
         compiled = step.lower(setup.state, batch).compile()
         flops = compiled.cost_analysis()["flops"]

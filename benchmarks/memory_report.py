@@ -4,7 +4,7 @@
     python benchmarks/memory_report.py --models gpt2-124m --seq-len 512 --batch 16
 
 Nothing is allocated: the TrainState comes from `jax.eval_shape`, gets its shardings from
-`jaxdl.sharding` (the rules `jaxdl train` uses), and the step is only lowered and compiled
+`jaxdl.parallel.sharding` (the rules `jaxdl train` uses), and the step is only lowered and compiled
 (`jax.jit(...).lower(...).compile().memory_analysis()`), on simulated CPU devices unless
 the machine has `--devices` real ones. Per device, in the table:
 
@@ -46,11 +46,11 @@ def abstract_run(size: str, args: argparse.Namespace):
     import jax
     import jax.numpy as jnp
 
-    from jaxdl import tasks
     from jaxdl.config import default_config
+    from jaxdl.core import heads
+    from jaxdl.core.optim import make_optimizer
+    from jaxdl.core.state import TrainState
     from jaxdl.models import create_model
-    from jaxdl.optim import make_optimizer
-    from jaxdl.state import TrainState
 
     cfg = default_config()
     cfg.optimizer.name = args.optimizer
@@ -64,7 +64,7 @@ def abstract_run(size: str, args: argparse.Namespace):
         params = {"params": variables["params"]}
         return TrainState.create(params, tx, jax.random.PRNGKey(1))
 
-    task = tasks.make_task("lm", cfg.loss, 0)
+    task = heads.make_head("lm", cfg.loss, 0)
     return model, task, tx, jax.eval_shape(init)
 
 
@@ -82,7 +82,8 @@ def measure(size: str, strategy: str, devices, args: argparse.Namespace) -> dict
     import jax
     import jax.numpy as jnp
 
-    from jaxdl import sharding, steps, tree
+    from jaxdl.core import steps, tree
+    from jaxdl.parallel import sharding
 
     model, task, tx, state = abstract_run(size, args)
     mesh = sharding.make_mesh(STRATEGIES[strategy], devices)

@@ -5,8 +5,9 @@
     python benchmarks/throughput.py --preset cpu-quick --models mlp,gpt --modes full,frozen,lora \
         --dtypes float32,bfloat16 --out /tmp/modes.json
 
-Per case (model x mode x dtype) the JAX step is built with the library (`jaxdl.build.build`,
-`jaxdl.steps.make_train_step`) and its PyTorch twin (benchmarks/torch_models.py) eagerly and
+Per case (model x mode x dtype) the JAX step is built with the library
+(`jaxdl.training.build.build`,
+`jaxdl.core.steps.make_train_step`) and its PyTorch twin (benchmarks/torch_models.py) eagerly and
 under torch.compile. Each is compiled, warmed up, then timed in trials of K steps issued back
 to back with one sync, the frameworks' trials alternating in this one process. Writes FILE
 (JSON), FILE.md (table) and FILE.png (JAX-vs-torch speedups). See benchmarks/README.md.
@@ -34,10 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import _flops, _report, _timing
-from jaxdl import steps, tree
-from jaxdl.build import build
 from jaxdl.config import default_config
+from jaxdl.core import steps, tree
 from jaxdl.models.transformer import transformer_spec
+from jaxdl.training.build import build
 
 MODES = ("full", "frozen", "lora")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -223,7 +224,7 @@ def jax_runner(
         one = functools.partial(
             steps.train_step,
             model=setup.model,
-            task=setup.task,
+            head=setup.head,
             tx=setup.tx,
             lora_cfg=setup.lora_cfg,
         )
@@ -238,7 +239,7 @@ def jax_runner(
         fn = jax.jit(many, donate_argnums=0)
     else:
         fn = steps.make_train_step(
-            setup.model, setup.task, setup.tx, lora_cfg=setup.lora_cfg, **step_kwargs
+            setup.model, setup.head, setup.tx, lora_cfg=setup.lora_cfg, **step_kwargs
         )
     per_call = max(scan_steps, 1)
 

@@ -264,7 +264,7 @@ def jax_path(torch_name: str) -> str:
 
 
 class LoraDelta(nn.Module):
-    """Parametrization W -> W + (alpha / rank) * reshape(A @ B), as `jaxdl.lora.apply`.
+    """Parametrization W -> W + (alpha / rank) * reshape(A @ B), as `jaxdl.finetune.lora.apply`.
 
     A: [in, rank] uniform(+-1/sqrt(in)), B: [rank, out] zeros, with in = prod of the kernel's
     input axes; the delta is laid out as torch's [out, in(, kh, kw)] weight.

@@ -13,7 +13,7 @@ fresh init (``init_from.reinit``); every other layer is loaded and frozen, so on
 128 * 5 + 5 = 645 parameters train and init_report.json lists what was loaded. Without
 ``init_from.checkpoint`` this trains a head on a random frozen backbone: set it.
 
-Several tasks from the same checkpoint, each restored fresh (jaxdl.finetune.run_tasks):
+Several tasks from the same checkpoint, each restored fresh (jaxdl.training.multitask.run_tasks):
 
     jaxdl train --config experiments/digits_finetune.py --workdir runs/digits_tasks \\
         --config.init_from.checkpoint=runs/digits_0_4 \\

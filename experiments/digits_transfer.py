@@ -13,7 +13,7 @@
    method but the linear probe reaches ~0 training loss; the table shows the final
    training loss), batch min(25, 5N), test accuracy on all 180 test images of digits 5-9
    at the last step (no model selection on val). The runs are the tasks of one
-   `jaxdl.finetune.run_tasks` call, so each restores the pretrained checkpoint afresh.
+   `jaxdl.training.multitask.run_tasks` call, so each restores the pretrained checkpoint afresh.
 3. Write WORKDIR/results.json (every run, the aggregate, the protocol) and
    WORKDIR/results.md: mean +/- std (sample std over seeds) test accuracy, trainable
    parameters and median train step time (ms) per method and N.
@@ -34,9 +34,9 @@ from pathlib import Path
 import jax
 
 from jaxdl import config as config_lib
-from jaxdl.finetune import run_tasks
-from jaxdl.logging import read_metrics, write_json
-from jaxdl.trainer import train
+from jaxdl.training.multitask import run_tasks
+from jaxdl.training.runlog import read_metrics, write_json
+from jaxdl.training.trainer import train
 
 CNN_CONFIG = Path(__file__).with_name("digits_cnn.py")
 PRETRAIN_CLASSES = [0, 1, 2, 3, 4]

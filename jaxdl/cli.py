@@ -1,8 +1,9 @@
 """The `jaxdl` command: train, evaluate, generate, export, predict, demo.
 
-User errors (bad flags, unknown config keys, bad files, mismatched checkpoints) print one
-line naming what was expected and what was found, and exit with status 2; ``--debug``
-shows the traceback instead.
+User errors (`jaxdl.errors.UserError`: bad flags, unknown config keys, bad files,
+mismatched checkpoints) print one line naming what was expected and what was found, and
+exit with status 2; ``--debug`` shows the traceback instead. Any other exception is a bug:
+the full traceback goes to stderr, then a one-line summary, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -10,15 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from collections.abc import Sequence
 
-USER_ERRORS = (
-    ValueError,
-    FileNotFoundError,
-    NotADirectoryError,
-    IsADirectoryError,
-    PermissionError,
-)
+from jaxdl.errors import UserError
+
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,9 +23,9 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(_fail(f"{self.prog}: {message}"))
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, status: int = 2) -> int:
     print(f"jaxdl: error: {message}", file=sys.stderr)
-    return 2
+    return status
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -104,20 +101,20 @@ def run(argv: Sequence[str]) -> int:
     if overrides and args.command != "train":
         return _fail(f"--config.KEY=VALUE overrides apply to `jaxdl train`, not {args.command}.")
     if args.command == "train":
-        from jaxdl.sharding import initialize_distributed
+        from jaxdl.parallel.sharding import initialize_distributed
 
         # Before anything touches a device; a no-op without flags outside SLURM / Open MPI.
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         from jaxdl import config as config_lib
-        from jaxdl.trainer import train
+        from jaxdl.training.trainer import train
 
         cfg = config_lib.load_config(args.config, overrides)
         if cfg.tasks:
-            from jaxdl.finetune import run_tasks
+            from jaxdl.training.multitask import run_tasks
 
             summary = run_tasks(cfg, args.workdir, progress=not args.no_progress)
         elif args.folds:
-            from jaxdl.crossval import cross_validate
+            from jaxdl.training.crossval import cross_validate
 
             summary = cross_validate(
                 cfg, args.workdir, folds=args.folds, progress=not args.no_progress
@@ -126,11 +123,11 @@ def run(argv: Sequence[str]) -> int:
             summary = train(cfg, args.workdir, progress=not args.no_progress)
         print(json.dumps(summary, indent=2))
     elif args.command == "evaluate":
-        from jaxdl.evaluate import evaluate_workdir
+        from jaxdl.training.evaluate import evaluate_workdir
 
         print(json.dumps(evaluate_workdir(args.workdir, args.split), indent=2))
     elif args.command == "generate":
-        from jaxdl.generate import generate_text
+        from jaxdl.lm.generate import generate_text
 
         print(
             generate_text(
@@ -145,11 +142,11 @@ def run(argv: Sequence[str]) -> int:
             )
         )
     elif args.command == "demo":
-        from jaxdl.demo import run_demo
+        from jaxdl.training.demo import run_demo
 
         run_demo(args.workdir, task=args.task)
     elif args.command == "export":
-        from jaxdl.export import export_workdir
+        from jaxdl.deploy.export import export_workdir
 
         meta = export_workdir(
             args.workdir, args.out, platforms=args.platforms or ["cpu"], quantize=args.quantize
@@ -159,7 +156,7 @@ def run(argv: Sequence[str]) -> int:
             f"{','.join(meta['platforms'])}) and {args.out}.json"
         )
     elif args.command == "predict":
-        from jaxdl.predict import format_predictions, predict_files
+        from jaxdl.deploy.predict import format_predictions, predict_files
 
         results = predict_files(
             args.model, args.inputs, top_k=args.top_k, max_new_tokens=args.max_new_tokens
@@ -173,12 +170,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         return run(argv)
-    except USER_ERRORS as err:
+    except UserError as err:
         if debug:
             raise
         return _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
     except KeyboardInterrupt:
-        return _fail("interrupted")
+        return _fail("interrupted", status=130)
+    except Exception as err:  # a bug, not bad input: keep the whole traceback
+        traceback.print_exc()
+        summary = str(err).splitlines()[0] if str(err) else ""
+        print(
+            f"jaxdl: internal error (a bug, not your input): {type(err).__name__}: {summary}. "
+            "The traceback is above; please report it.",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from typing import Any
 
 import ml_collections
 
+from jaxdl.errors import UserError
+
 # Sections whose keys are free-form: each is validated by the component that reads it.
 _OPEN_SECTIONS = ("model",)
 # Keys whose value is a free-form structure (lists of rules, dicts of options).
@@ -104,7 +106,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collectio
     """Load ``path`` (a .py with get_config() or a config.json), apply overrides, validate."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--config: no file at {path}. Fix: pass experiments/NAME.py.")
+        raise UserError(f"--config: no file at {path}. Fix: pass experiments/NAME.py.")
     if path.suffix == ".json":
         user = json.loads(path.read_text())
     else:
@@ -122,9 +124,7 @@ def _get_config_from_module(path: Path) -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-        raise ValueError(
-            f"--config: {path} defines no get_config(). Fix: add one returning a dict."
-        )
+        raise UserError(f"--config: {path} defines no get_config(). Fix: add one returning a dict.")
     return module.get_config()
 
 
@@ -142,7 +142,7 @@ def merge_config(base: ml_collections.ConfigDict, user: Mapping[str, Any], prefi
             if prefix.rstrip(".") in _OPEN_SECTIONS:
                 base[key] = value
                 continue
-            raise ValueError(
+            raise UserError(
                 f"config.{name}: unknown key. Expected one of {sorted(base.keys())}. "
                 "Fix: check the spelling against jaxdl.config.default_config()."
             )
@@ -152,7 +152,7 @@ def merge_config(base: ml_collections.ConfigDict, user: Mapping[str, Any], prefi
             continue
         if isinstance(current, ml_collections.ConfigDict) and name not in _FREE_VALUES:
             if not isinstance(value, Mapping | ml_collections.ConfigDict):
-                raise ValueError(f"config.{name}: expected a dict, found {value!r}.")
+                raise UserError(f"config.{name}: expected a dict, found {value!r}.")
             merge_config(current, value, prefix=f"{name}.")
         else:
             base[key] = _check_type(name, current, value)
@@ -178,7 +178,7 @@ def _check_type(name: str, current: Any, value: Any) -> Any:
     else:
         ok = True
     if not ok:
-        raise ValueError(
+        raise UserError(
             f"config.{name}: expected {type(current).__name__}, found {value!r} "
             f"({type(value).__name__}). Fix: give a {type(current).__name__} value."
         )
@@ -189,7 +189,7 @@ def parse_override(text: str) -> tuple[str, str]:
     """'--config.a.b=VALUE' or 'a.b=VALUE' -> ('a.b', 'VALUE')."""
     body = text.removeprefix("--").removeprefix("config.")
     if "=" not in body:
-        raise ValueError(f"{text}: expected --config.KEY=VALUE. Fix: add '=VALUE'.")
+        raise UserError(f"{text}: expected --config.KEY=VALUE. Fix: add '=VALUE'.")
     key, raw = body.split("=", 1)
     return key, raw
 
@@ -202,7 +202,7 @@ def find_section(
     node = cfg
     for i, part in enumerate(parents):
         if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-            raise ValueError(
+            raise UserError(
                 f"config.{key}: unknown key ('{'.'.join(parents[: i + 1])}' is not a section). "
                 "Fix: check the spelling against jaxdl.config.default_config()."
             )
@@ -215,7 +215,7 @@ def apply_override(cfg: ml_collections.ConfigDict, text: str) -> None:
     key, raw = parse_override(text)
     node, leaf, section = find_section(cfg, key)
     if leaf not in node and section not in _OPEN_SECTIONS:
-        raise ValueError(
+        raise UserError(
             f"config.{key}: unknown key. Expected one of {sorted(node.keys())}. "
             "Fix: check the spelling against jaxdl.config.default_config()."
         )
@@ -225,7 +225,7 @@ def apply_override(cfg: ml_collections.ConfigDict, text: str) -> None:
         node[leaf] = ml_collections.ConfigDict(value)
         return
     if isinstance(current, ml_collections.ConfigDict) and key not in _FREE_VALUES:
-        raise ValueError(f"config.{key}: is a section; override one of its keys instead.")
+        raise UserError(f"config.{key}: is a section; override one of its keys instead.")
     if leaf in node and isinstance(node[leaf], ml_collections.ConfigDict):
         node[leaf] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
     else:
@@ -240,14 +240,14 @@ def _parse_value(key: str, current: Any, raw: str) -> Any:
             return True
         if raw.lower() in ("false", "0", "no"):
             return False
-        raise ValueError(f"config.{key}: expected bool (true/false), found {raw!r}.")
+        raise UserError(f"config.{key}: expected bool (true/false), found {raw!r}.")
     try:
         return ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         if current is None:
             return raw  # an open-section string option, e.g. model.activation=gelu
         kind = type(current).__name__
-        raise ValueError(
+        raise UserError(
             f"config.{key}: expected {kind}, found {raw!r}. Fix: pass a {kind} literal."
         ) from None
 
@@ -255,21 +255,21 @@ def _parse_value(key: str, current: Any, raw: str) -> Any:
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Cross-field checks that no single key can make."""
     if cfg.init_from.reinit and not cfg.init_from.checkpoint and not cfg.tasks:
-        raise ValueError(
+        raise UserError(
             f"config.init_from.reinit: set to {list(cfg.init_from.reinit)} but "
             "init_from.checkpoint is empty, so nothing would be restored. Fix: pass "
             "--config.init_from.checkpoint=WORKDIR (or drop init_from.reinit)."
         )
     if (cfg.num_steps > 0) == (cfg.num_epochs > 0):
-        raise ValueError(
+        raise UserError(
             f"config: expected exactly one of num_steps / num_epochs > 0, found "
             f"num_steps={cfg.num_steps}, num_epochs={cfg.num_epochs}. Fix: set one of them."
         )
     for key in ("data.batch_size", "log_every", "optimizer.accumulate_steps"):
         if cfg[key.split(".")[0]] is not None and _get(cfg, key) < 1:
-            raise ValueError(f"config.{key}: expected >= 1, found {_get(cfg, key)}.")
+            raise UserError(f"config.{key}: expected >= 1, found {_get(cfg, key)}.")
     if cfg.optimizer.learning_rate <= 0:
-        raise ValueError(
+        raise UserError(
             f"config.optimizer.learning_rate: expected > 0, found {cfg.optimizer.learning_rate}."
         )
     if cfg.lora is not None:
@@ -277,7 +277,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         missing = {"rank", "alpha", "targets"} - lora.keys()
         extra = lora.keys() - {"rank", "alpha", "targets"}
         if missing or extra:
-            raise ValueError(
+            raise UserError(
                 f"config.lora: expected keys rank, alpha, targets; missing {sorted(missing)}, "
                 f"unknown {sorted(extra)}."
             )

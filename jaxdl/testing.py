@@ -21,9 +21,10 @@ import chex
 import jax
 import numpy as np
 
-from jaxdl import lora, tree
-from jaxdl.logging import read_metrics
-from jaxdl.state import TrainState
+from jaxdl.core import tree
+from jaxdl.core.state import TrainState
+from jaxdl.finetune import lora
+from jaxdl.training.runlog import read_metrics
 
 
 def assert_frozen_unchanged(before: TrainState, after: TrainState) -> None:

@@ -18,8 +18,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
-from jaxdl.checkpoint import Checkpointer  # noqa: E402
-from jaxdl.state import TrainState  # noqa: E402
+from jaxdl.checkpoint.manager import Checkpointer  # noqa: E402
+from jaxdl.core.state import TrainState  # noqa: E402
 
 SHAPE = (512, 256)  # 512 KiB of float32 per leaf: a save takes long enough to be hit
 

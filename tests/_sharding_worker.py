@@ -50,9 +50,9 @@ def load(model: str, mesh: dict | None = None, extra=()):
 
 def build_on(cfg, devices, mesh_cfg=None):
     """`build` for ``cfg`` with the state placed on a mesh over ``devices`` (FSDP default)."""
-    from jaxdl import sharding
-    from jaxdl.build import build
     from jaxdl.data import build_data
+    from jaxdl.parallel import sharding
+    from jaxdl.training.build import build
 
     mesh = sharding.make_mesh(mesh_cfg or {"fsdp": -1}, devices)
     data = build_data(cfg.data, seed=cfg.seed, num_classes=cfg.model.get("num_classes"))
@@ -70,7 +70,7 @@ def opt_leaf(tree, suffix: str):
     """The first leaf of ``tree`` whose path ends with ``suffix`` (in opt_state: Adam's mu)."""
     import jax
 
-    from jaxdl.sharding import path_str
+    from jaxdl.parallel.sharding import path_str
 
     leaves = jax.tree_util.tree_leaves_with_path(tree)
     return next(x for kp, x in leaves if path_str(kp).endswith(suffix))
@@ -79,9 +79,9 @@ def opt_leaf(tree, suffix: str):
 def resume_on(workdir, cfg, devices, mesh_cfg=None, leaf="hidden_0/kernel") -> dict:
     """Restore the latest checkpoint of ``workdir`` onto ``devices``; what came back."""
 
-    from jaxdl.checkpoint import Checkpointer
-    from jaxdl.logging import params_sha256
-    from jaxdl.trainer import full_params
+    from jaxdl.checkpoint.manager import Checkpointer
+    from jaxdl.training.runlog import params_sha256
+    from jaxdl.training.trainer import full_params
 
     setup = build_on(cfg, devices, mesh_cfg)
     with Checkpointer(workdir) as ckpt:
@@ -99,8 +99,8 @@ def resume_on(workdir, cfg, devices, mesh_cfg=None, leaf="hidden_0/kernel") -> d
 
 def finetune_on(workdir, cfg, devices) -> dict:
     """Start a run from ``workdir``'s weights (init_from) on ``devices``."""
-    from jaxdl.logging import params_sha256
-    from jaxdl.trainer import full_params
+    from jaxdl.training.runlog import params_sha256
+    from jaxdl.training.trainer import full_params
 
     cfg = cfg.copy_and_resolve_references()
     cfg.init_from.checkpoint = str(workdir)
@@ -125,7 +125,7 @@ def memory_rows(devices) -> list[dict]:
 def main(out: str, ref: str) -> None:
     import jax
 
-    from jaxdl.trainer import train
+    from jaxdl.training.trainer import train
 
     assert jax.device_count() == 8, jax.devices()
     facts = {"runs": {}}

@@ -8,10 +8,11 @@ import numpy as np
 import optax
 import pytest
 
-from jaxdl import export, predict, prune, steps, tasks
+from jaxdl.core import heads, steps
+from jaxdl.core.state import TrainState
+from jaxdl.deploy import export, predict, prune
+from jaxdl.deploy.quantize import Int8Tensor, dequantize, quantize_kernel, quantize_params
 from jaxdl.models import create_model
-from jaxdl.quantize import Int8Tensor, dequantize, quantize_kernel, quantize_params
-from jaxdl.state import TrainState
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,7 +110,7 @@ def test_prune_per_layer_exact():
 
 def test_recovery_steps_keep_pruned_weights_at_zero():
     model = create_model({"name": "mlp", "num_classes": 3, "hidden": (16,)})
-    task = tasks.make_task(
+    task = heads.make_head(
         "classification", {"name": "softmax_cross_entropy", "label_smoothing": 0.0}, 3
     )
     params = jax.device_get(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8)))["params"])
@@ -143,7 +144,7 @@ def test_recovery_steps_keep_pruned_weights_at_zero():
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     from jaxdl.config import load_config
-    from jaxdl.trainer import train
+    from jaxdl.training.trainer import train
 
     path = tmp_path_factory.mktemp("run")
     cfg = load_config(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxdl import config as config_lib
-from jaxdl.crossval import cross_validate
+from jaxdl.training.crossval import cross_validate
 
 
 def test_two_folds_write_per_fold_and_mean_std(tmp_path):

@@ -15,16 +15,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdl import cli, export, predict, steps
+from jaxdl import cli
 from jaxdl.config import load_config
-from jaxdl.quantize import dequantize, quantize_params
+from jaxdl.core import steps
+from jaxdl.deploy import export, predict
+from jaxdl.deploy.quantize import dequantize, quantize_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    from jaxdl.trainer import train
+    from jaxdl.training.trainer import train
 
     path = tmp_path_factory.mktemp("run")
     cfg = load_config(
@@ -36,7 +38,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(workdir):
-    from jaxdl.evaluate import restore_run
+    from jaxdl.training.evaluate import restore_run
 
     return restore_run(workdir)
 
@@ -109,7 +111,7 @@ def test_sidecar(artifact):
 
 
 def test_png_files_match_in_process_and_evaluate(run, artifact, workdir, test_images, tmp_path):
-    from jaxdl.evaluate import evaluate_workdir
+    from jaxdl.training.evaluate import evaluate_workdir
 
     path, _ = artifact
     raw, labels = test_images
@@ -144,7 +146,7 @@ def test_int8_and_multi_platform_export(run, artifact, test_images, tmp_path):
 
 
 def test_language_model_export(tmp_path):
-    from jaxdl.generate import decode
+    from jaxdl.lm.generate import decode
     from jaxdl.models import create_model
 
     model = create_model({"name": "transformer", "size": "tiny", "num_layers": 1, "max_len": 16})

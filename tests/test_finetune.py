@@ -19,13 +19,13 @@ from sklearn.datasets import load_digits
 
 from jaxdl import config as config_lib
 from jaxdl import testing
-from jaxdl import tree as tree_lib
-from jaxdl.checkpoint import load_params, restore_pretrained
+from jaxdl.checkpoint.manager import load_params, restore_pretrained
+from jaxdl.core import tree as tree_lib
 from jaxdl.data import build_data
-from jaxdl.evaluate import restore_run
-from jaxdl.finetune import format_rows, run_tasks, task_configs
-from jaxdl.logging import read_metrics
-from jaxdl.trainer import train
+from jaxdl.training.evaluate import restore_run
+from jaxdl.training.multitask import format_rows, run_tasks, task_configs
+from jaxdl.training.runlog import read_metrics
+from jaxdl.training.trainer import train
 
 STEPS = 8
 QUICK = [

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdl import generate as gen
+from jaxdl.lm import generate as gen
 from jaxdl.models.transformer import Transformer
 
 PROMPT = jnp.array([[72, 101, 108, 108, 111], [1, 2, 3, 250, 7]], jnp.int32)

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import pytest
 
 from jaxdl import config as config_lib
-from jaxdl.build import build
-from jaxdl.trainer import train
+from jaxdl.training.build import build
+from jaxdl.training.trainer import train
 
 TINY = [
     "--config.model={'name': 'transformer', 'size': 'tiny', 'vocab_size': 256}",

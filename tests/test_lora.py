@@ -1,4 +1,4 @@
-"""Tests for jaxdl.lora on a real Flax Dense -> Conv model."""
+"""Tests for jaxdl.finetune.lora on a real Flax Dense -> Conv model."""
 
 import flax.linen as nn
 import jax
@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdl import lora
-from jaxdl import tree as tree_lib
+from jaxdl.core import tree as tree_lib
+from jaxdl.finetune import lora
 
 RANK, ALPHA = 2, 3.0
 SCALE = ALPHA / RANK
@@ -175,9 +175,9 @@ def test_gradients_reach_b_first(variables):
 def test_factored_train_step_equals_merged(model_cfg):
     """x W + s (x A) B in the train step: the merged step's loss, grads and update, fewer
     FLOPs wherever a plain nn.Dense carries an adapter."""
-    from jaxdl import steps
-    from jaxdl.build import build
     from jaxdl.config import default_config
+    from jaxdl.core import steps
+    from jaxdl.training.build import build
 
     cfg = default_config()
     cfg.model = model_cfg
@@ -204,7 +204,7 @@ def test_factored_train_step_equals_merged(model_cfg):
     results, flops = {}, {}
     for factored in (True, False):
         step = steps.make_train_step(
-            setup.model, setup.task, setup.tx, lora_cfg=setup.lora_cfg, factored_lora=factored
+            setup.model, setup.head, setup.tx, lora_cfg=setup.lora_cfg, factored_lora=factored
         )
         own = jax.tree.map(jnp.copy, state)  # the step donates its state
         flops[factored] = step.lower(own, batch).compile().cost_analysis()["flops"]

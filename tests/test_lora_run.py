@@ -11,14 +11,16 @@ import numpy as np
 import pytest
 
 from jaxdl import config as config_lib
-from jaxdl import lora, steps, testing
-from jaxdl import tree as tree_lib
-from jaxdl.checkpoint import load_params
-from jaxdl.evaluate import restore_run
-from jaxdl.logging import read_metrics
+from jaxdl import testing
+from jaxdl.checkpoint.manager import load_params
+from jaxdl.checkpoint.read import state_metadata
+from jaxdl.core import steps
+from jaxdl.core import tree as tree_lib
+from jaxdl.finetune import lora
 from jaxdl.models import create_model
-from jaxdl.restore import state_metadata
-from jaxdl.trainer import train
+from jaxdl.training.evaluate import restore_run
+from jaxdl.training.runlog import read_metrics
+from jaxdl.training.trainer import train
 
 STEPS = 6
 RANK, ALPHA = 2, 4.0

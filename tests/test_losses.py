@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxdl import losses
+from jaxdl.core import losses
 
 
 def test_mse_article_example_is_0_01():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
-from jaxdl import metrics
+from jaxdl.core import metrics
 
 # 4 examples, 3 classes. argmax: [2, 0, 1, 1]; second choice: [1, 1, 2, 0].
 LOGITS = jnp.array(

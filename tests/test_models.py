@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxdl.core.tree import flatten, num_params
 from jaxdl.models import create_model
 from jaxdl.models.resnet import ResNet18, ResNet50
-from jaxdl.tree import flatten, num_params
 
 
 def _shapes(model, shape):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from jaxdl.data import build_data
-from jaxdl.logging import read_metrics
+from jaxdl.training.runlog import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 40

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from jaxdl.config import default_config
-from jaxdl.optim import OPTIMIZERS, make_optimizer, make_schedule
+from jaxdl.core.optim import OPTIMIZERS, make_optimizer, make_schedule
 
 
 def opt_cfg(**kw):

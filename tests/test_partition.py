@@ -1,4 +1,4 @@
-"""Tests for jaxdl.partition: rule matching, coverage errors, split/merge, schedules, rows."""
+"""Tests for jaxdl.finetune.partition: rule matching, coverage errors, split/merge, rows."""
 
 import chex
 import jax
@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdl import partition
-from jaxdl import tree as tree_lib
+from jaxdl.core import tree as tree_lib
+from jaxdl.finetune import partition
 
 
 def _tree():

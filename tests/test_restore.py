@@ -9,15 +9,15 @@ import numpy as np
 import optax
 import pytest
 
-from jaxdl import tree as tree_lib
-from jaxdl.checkpoint import (
+from jaxdl.checkpoint.manager import (
     Checkpointer,
     format_report,
     load_params,
     load_variables,
     restore_pretrained,
 )
-from jaxdl.state import TrainState
+from jaxdl.core import tree as tree_lib
+from jaxdl.core.state import TrainState
 
 
 class Net(nn.Module):
@@ -194,7 +194,7 @@ def test_bad_init_from_values_name_the_key(tmp_path):
 
 
 def test_lora_checkpoint_loads_base_and_merges_adapters(tmp_path):
-    lora = pytest.importorskip("jaxdl.lora")
+    lora = pytest.importorskip("jaxdl.finetune.lora")
     base = init(seed=1)
     save_run(tmp_path / "base", base, step=5)
     rank, alpha = 2, 4.0

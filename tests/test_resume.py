@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from jaxdl.logging import read_metrics
+from jaxdl.training.runlog import read_metrics
 
 CONFIG = "experiments/digits_mlp.py"
 # Constant learning rate and step-based evaluation: the run's length changes nothing else.

@@ -20,10 +20,10 @@ import pytest
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
-from jaxdl import sharding
-from jaxdl.logging import read_metrics
+from jaxdl.core.state import TrainState
 from jaxdl.models import create_model
-from jaxdl.state import TrainState
+from jaxdl.parallel import sharding
+from jaxdl.training.runlog import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location(
@@ -259,17 +259,17 @@ def test_no_flags_no_cluster_starts_nothing():
 
 
 def test_one_device_mesh_steps_equal_plain_steps():
-    from jaxdl import steps
-    from jaxdl.build import build
+    from jaxdl.core import steps
     from jaxdl.data import build_data
+    from jaxdl.training.build import build
 
     cfg = worker.load("mlp")
     data = build_data(cfg.data, seed=cfg.seed, num_classes=10)
     kw = dict(kind=data.kind, example_spec=data.example_spec, num_classes=10, total_steps=20)
     plain = build(cfg, **kw)
     meshed = build(cfg, **kw, mesh=sharding.make_mesh(cfg.mesh))
-    step_a = steps.make_train_step(plain.model, plain.task, plain.tx)
-    step_b = steps.make_train_step(meshed.model, meshed.task, meshed.tx, layout=meshed.layout)
+    step_a = steps.make_train_step(plain.model, plain.head, plain.tx)
+    step_b = steps.make_train_step(meshed.model, meshed.head, meshed.tx, layout=meshed.layout)
     batches = data.train_iter(32, seed=0)
     a, b = plain.state, meshed.state
     for batch in [next(batches) for _ in range(3)]:
@@ -287,7 +287,7 @@ def test_one_device_mesh_steps_equal_plain_steps():
 @pytest.fixture(scope="module")
 def scaled(tmp_path_factory):
     """1-device reference runs here, then the 8-device worker; (ref dir, out dir, facts)."""
-    from jaxdl.trainer import train
+    from jaxdl.training.trainer import train
 
     ref, out = tmp_path_factory.mktemp("ref"), tmp_path_factory.mktemp("out")
     for model in ("mlp", "gpt"):

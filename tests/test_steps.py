@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdl import steps, tree
-from jaxdl.build import build
 from jaxdl.config import default_config
+from jaxdl.core import steps, tree
+from jaxdl.training.build import build
 
 SPEC = {"image": ((3,), jnp.float32), "label": ((), jnp.int32)}
 
@@ -54,7 +54,7 @@ def test_one_sgd_step_equals_hand_computed_update():
     expected_w, expected_b = w - 0.1 * x.T @ delta, b - 0.1 * delta.sum(0)
     expected_loss = -np.mean(np.log(p[np.arange(len(y)), y]))
 
-    train_step = steps.make_train_step(setup.model, setup.task, setup.tx)
+    train_step = steps.make_train_step(setup.model, setup.head, setup.tx)
     state, metrics = train_step(setup.state, batch)
     np.testing.assert_allclose(
         state.params["params"]["head"]["kernel"], expected_w, rtol=1e-5, atol=1e-6
@@ -72,7 +72,7 @@ def test_no_retrace_over_many_steps_and_bitwise_determinism():
     )
 
     def step_fn(state, batch):
-        return steps.train_step(state, batch, model=setup.model, task=setup.task, tx=setup.tx)
+        return steps.train_step(state, batch, model=setup.model, head=setup.head, tx=setup.tx)
 
     train_step = jax.jit(chex.assert_max_traces(step_fn, n=1), donate_argnums=0)
 
@@ -100,7 +100,7 @@ def test_dropout_key_depends_on_step():
             "optimizer.learning_rate": 1e-9,
         }
     )
-    train_step = steps.make_train_step(setup.model, setup.task, setup.tx)
+    train_step = steps.make_train_step(setup.model, setup.head, setup.tx)
     batch = batch_of()
     state, m1 = train_step(setup.state, batch)
     _, m2 = train_step(state, batch)
@@ -119,7 +119,7 @@ def test_frozen_leaves_get_no_gradient_and_no_optimizer_state():
     head_size = 8 * 4 + 4
     assert sum(x.size for x in opt_leaves if x.ndim) == 2 * head_size  # adam mu + nu, head only
     frozen_before = jax.tree.map(np.array, setup.state.frozen)
-    train_step = steps.make_train_step(setup.model, setup.task, setup.tx)
+    train_step = steps.make_train_step(setup.model, setup.head, setup.tx)
     state = setup.state
     for i in range(5):
         state, _ = train_step(state, batch_of(seed=i))
@@ -138,7 +138,7 @@ def test_batchnorm_statistics_update_in_training_and_serve_evaluation():
         "label": rng.integers(0, 4, 8).astype(np.int32),
     }
     before = jax.tree.map(np.array, setup.state.model_state)
-    train_step = steps.make_train_step(setup.model, setup.task, setup.tx)
+    train_step = steps.make_train_step(setup.model, setup.head, setup.tx)
     state, _ = train_step(setup.state, batch)
     after = jax.tree.map(np.asarray, state.model_state)
     changed = [
@@ -147,7 +147,7 @@ def test_batchnorm_statistics_update_in_training_and_serve_evaluation():
     ]
     assert all(changed)
     eval_batch = {**batch, "mask": np.ones(8, np.float32)}
-    eval_step = steps.make_eval_step(setup.model, setup.task)
+    eval_step = steps.make_eval_step(setup.model, setup.head)
     sums_1 = eval_step(state, eval_batch)
     zeroed = state.replace(model_state=jax.tree.map(jnp.zeros_like, state.model_state))
     sums_2 = eval_step(zeroed, eval_batch)
@@ -157,7 +157,7 @@ def test_batchnorm_statistics_update_in_training_and_serve_evaluation():
 def test_wrong_batch_shape_is_a_clear_error():
     setup = make_setup(**{"model": {"name": "mlp", "num_classes": 4, "hidden": ()}})
     train_step = steps.make_train_step(
-        setup.model, setup.task, setup.tx, batch_spec=setup.batch_spec
+        setup.model, setup.head, setup.tx, batch_spec=setup.batch_spec
     )
     with pytest.raises(ValueError, match=r"batch\['image'\]: expected per-example shape \(3,\)"):
         train_step(setup.state, batch_of(features=5))

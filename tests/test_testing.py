@@ -1,6 +1,6 @@
 """jaxdl.testing: every helper passes on a good case and FAILS on a bad one.
 
-States come from `jaxdl.build` of a tiny digits MLP with its first layer frozen, stepped
+States come from `jaxdl.training.build` of a tiny digits MLP with its first layer frozen, stepped
 by the real train step; the bad cases are that state with one thing wrong.
 """
 
@@ -14,10 +14,12 @@ import optax
 import pytest
 
 from jaxdl import config as config_lib
-from jaxdl import lora, steps, testing
-from jaxdl import tree as tree_lib
-from jaxdl.build import build
+from jaxdl import testing
+from jaxdl.core import steps
+from jaxdl.core import tree as tree_lib
+from jaxdl.finetune import lora
 from jaxdl.models import create_model
+from jaxdl.training.build import build
 
 SPEC = {"image": ((8, 8, 1), np.dtype(np.float32)), "label": ((), np.dtype(np.int32))}
 FROZEN_FIRST = [("params/hidden_0/.*", {"trainable": False}), (".*", {})]
@@ -38,7 +40,7 @@ def stepped():
         "label": jnp.asarray([0, 1, 2, 3], jnp.int32),
     }
     before = jax.device_get(setup.state)  # the step donates its input state
-    train_step = steps.make_train_step(setup.model, setup.task, setup.tx)
+    train_step = steps.make_train_step(setup.model, setup.head, setup.tx)
     after, _ = train_step(setup.state, batch)
     return before, jax.device_get(after), setup
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from jaxdl import config as config_lib
-from jaxdl.evaluate import evaluate_workdir
-from jaxdl.logging import read_metrics
-from jaxdl.trainer import NonFiniteLossError, train
+from jaxdl.training.evaluate import evaluate_workdir
+from jaxdl.training.runlog import read_metrics
+from jaxdl.training.trainer import NonFiniteLossError, train
 
 QUICK = [
     "--config.num_epochs=0",

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxdl.core.tree import flatten, num_params
 from jaxdl.models import create_model
 from jaxdl.models.transformer import (
     SIZES,
@@ -15,7 +16,6 @@ from jaxdl.models.transformer import (
     flops_per_token,
     transformer_spec,
 )
-from jaxdl.tree import flatten, num_params
 
 TOKENS = jax.random.randint(jax.random.key(1), (2, 12), 0, 256, dtype=jnp.int32)
 

@@ -7,9 +7,9 @@ import optax
 import pytest
 from sklearn.datasets import load_digits
 
+from jaxdl.core.tree import flatten, num_params
 from jaxdl.models import create_model
 from jaxdl.models.vit import ViT
-from jaxdl.tree import flatten, num_params
 
 IMAGES = jax.random.uniform(jax.random.key(1), (2, 8, 8, 1))
 

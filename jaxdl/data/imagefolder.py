@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from jaxdl.data.sources import Source, image_size, opt
+from jaxdl.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 SPLIT_SEED = 0
@@ -46,7 +47,7 @@ def read_image(
     if array.ndim == 2:
         array = array[..., None]
     if size is not None and array.shape[:2] != size:
-        raise ValueError(
+        raise UserError(
             f"data.image_size: images in one batch must share a size; {path} is "
             f"{array.shape[0]}x{array.shape[1]}, expected {size[0]}x{size[1]}. "
             "Fix: set data.image_size, e.g. 224."
@@ -80,13 +81,13 @@ class FileRecords:
 
 def _class_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
-        raise FileNotFoundError(
+        raise UserError(
             f"data.source: image folder {root} does not exist. Fix: point "
             "imagefolder: at a folder with one subfolder per class."
         )
     dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not dirs:
-        raise ValueError(
+        raise UserError(
             f"data.source: {root} has no class subfolders; expected "
             f"{root}/<class>/<image files>. Fix: put each class's images in a "
             "subfolder named after the class."
@@ -99,7 +100,7 @@ def _images(folder: Path) -> list[str]:
         str(p) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
     )
     if not files:
-        raise ValueError(
+        raise UserError(
             f"data.source: class folder {folder} holds no images "
             f"({', '.join(IMAGE_SUFFIXES)}). Fix: add images or remove the folder."
         )
@@ -113,7 +114,7 @@ def _scan(root: Path, classes: list[str] | None) -> tuple[list[str], list[int], 
     if classes is not None:
         extra = sorted(set(names) - set(classes))
         if extra:
-            raise ValueError(
+            raise UserError(
                 f"data.source: {root} has classes {extra} that the train folder "
                 f"lacks (train classes: {classes}). Fix: make the folders match."
             )
@@ -155,13 +156,13 @@ def imagefolder_source(path: str, cfg: Mapping) -> Source:
     """ "imagefolder:PATH" -> Source with splits train, val and (if PATH/test exists) test."""
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(
+        raise UserError(
             f"data.source: image folder {root} does not exist. Fix: point "
             "imagefolder: at a folder with train/ and val/ or class folders."
         )
     channels = int(opt(cfg, "channels", 3))
     if channels not in (1, 3):
-        raise ValueError(f"data.channels: expected 1 or 3 for image files, found {channels}.")
+        raise UserError(f"data.channels: expected 1 or 3 for image files, found {channels}.")
     train_root = root / "train" if (root / "train").is_dir() else root
     paths, labels, classes = _scan(train_root, None)
     splits: dict[str, FileRecords] = {}
@@ -173,7 +174,7 @@ def imagefolder_source(path: str, cfg: Mapping) -> Source:
     else:
         fraction = float(opt(cfg, "val_fraction", 0.1))
         if not 0.0 < fraction < 1.0:
-            raise ValueError(f"data.val_fraction: expected a number in (0, 1), found {fraction}.")
+            raise UserError(f"data.val_fraction: expected a number in (0, 1), found {fraction}.")
         tr, va = _stratified_split(np.asarray(labels), fraction)
         splits["train"] = FileRecords([paths[i] for i in tr], [labels[i] for i in tr])
         splits["val"] = FileRecords([paths[i] for i in va], [labels[i] for i in va])
@@ -187,7 +188,7 @@ def imagefolder_source(path: str, cfg: Mapping) -> Source:
     if opt(cfg, "skip_bad_files", False):
         splits = {k: _drop_bad(v, channels, size, skipped) for k, v in splits.items()}
     if not len(splits["train"]):
-        raise ValueError(
+        raise UserError(
             f"data.source: every train image in {train_root} is unreadable "
             f"({len(skipped)} skipped). Fix: check the files."
         )

@@ -16,6 +16,7 @@ import grain
 import numpy as np
 
 from jaxdl.data.batches import EvalBatches, TrainBatches
+from jaxdl.errors import UserError
 
 Batch = dict[str, np.ndarray]
 STATE_VERSION = 1
@@ -100,7 +101,7 @@ class TrainIterator:
         ):
             found = list(state[key]) if key == "shard" else state[key]
             if found != mine:
-                raise ValueError(
+                raise UserError(
                     f"data: the saved data state has {key} {found}, this run has {mine}, so "
                     "batches cannot resume where they stopped. Fix: resume with the same "
                     "data.batch_size, data source and process count, or start a new workdir."

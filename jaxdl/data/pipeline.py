@@ -20,6 +20,7 @@ from jaxdl.data.batches import EvalBatches, TrainBatches, materialize
 from jaxdl.data.loader import TrainIterator, eval_batches
 from jaxdl.data.sources import Concat, Source, Subset, load_source, opt
 from jaxdl.data.transforms import EvalChain, Op, TrainChain, parse_transforms
+from jaxdl.errors import UserError
 
 
 class Compose:
@@ -102,7 +103,7 @@ class Data:
         shard = shard or _process_shard()
         steps = self.steps_per_epoch(batch_size, shard=shard)
         if steps < 1:
-            raise ValueError(
+            raise UserError(
                 f"data.batch_size: expected at most "
                 f"{self.split_sizes['train'] // shard[1]} (train examples per "
                 f"process), found {batch_size}. Fix: lower data.batch_size."
@@ -132,7 +133,7 @@ class Data:
     ) -> Iterator[dict[str, np.ndarray]]:
         """Fixed-order batches of exactly `batch_size`, padded, with "mask" float32 [B]."""
         if split not in self.source.splits:
-            raise ValueError(
+            raise UserError(
                 f"data.eval_split: expected one of {sorted(self.split_sizes)}, found {split!r}."
             )
         prepare = Compose(self.source.decode, EvalChain(self.eval_ops))
@@ -149,13 +150,13 @@ def _apply_fold(source: Source, eval_key: str, fold: tuple[int, int]) -> None:
 
     i, k = fold
     if not (isinstance(k, int) and k >= 2 and isinstance(i, int) and 0 <= i < k):
-        raise ValueError(f"fold: expected (i, K) with K >= 2 and 0 <= i < K, found {fold}.")
+        raise UserError(f"fold: expected (i, K) with K >= 2 and 0 <= i < K, found {fold}.")
     if source.kind != "classification":
-        raise ValueError(
+        raise UserError(
             f"fold: cross-validation needs a classification source, found a {source.kind} source."
         )
     if source.split_names.get(eval_key) == source.split_names.get("test"):
-        raise ValueError(
+        raise UserError(
             f"fold: the {eval_key!r} split is the test split "
             f"({source.split_names.get('test')}), folds would train on test data. "
             "Fix: set data.train_split='train[:90%]', data.eval_split='train[90%:]'."
@@ -195,19 +196,19 @@ def _keep_classes(source: Source, classes: list, num_classes: int | None) -> Non
     """data.classes: keep these labels in every split, relabelled 0..k-1 in the given order."""
     known = source.num_classes
     if source.kind != "classification":
-        raise ValueError(
+        raise UserError(
             f"data.classes: applies to classification sources, found a {source.kind} source. "
             "Fix: set data.classes=[]."
         )
     bad = [c for c in classes if isinstance(c, bool) or not isinstance(c, int | np.integer)]
     bad += [c for c in classes if c not in bad and (c < 0 or (known is not None and c >= known))]
     if bad or len(set(classes)) != len(classes):
-        raise ValueError(
+        raise UserError(
             f"data.classes: expected distinct int labels in [0, {known}), found {classes}. "
             "Fix: list each label of the source once, e.g. [5, 6, 7, 8, 9]."
         )
     if num_classes is not None and num_classes < len(classes):
-        raise ValueError(
+        raise UserError(
             f"model.num_classes: expected at least {len(classes)} (data.classes keeps "
             f"{len(classes)} classes), found {num_classes}. Fix: set model.num_classes="
             f"{len(classes)}."
@@ -230,7 +231,7 @@ def _first_per_class(source: Source, per_class: int) -> None:
     A fixed rule (not the run seed), so every seed and method sees the same examples.
     """
     if source.kind != "classification":
-        raise ValueError(
+        raise UserError(
             f"data.examples_per_class: applies to classification sources, found a "
             f"{source.kind} source. Fix: set data.examples_per_class=0."
         )
@@ -240,7 +241,7 @@ def _first_per_class(source: Source, per_class: int) -> None:
     present, counts = np.unique(labels, return_counts=True)
     if counts.min() < per_class:
         short = {int(c): int(n) for c, n in zip(present, counts, strict=True) if n < per_class}
-        raise ValueError(
+        raise UserError(
             f"data.examples_per_class: expected at least {per_class} train examples per class, "
             f"found {short} (class: count). Fix: lower data.examples_per_class."
         )
@@ -267,7 +268,7 @@ def build_data(
     source = load_source(data_cfg, seed=seed, num_classes=num_classes)
     eval_key = str(opt(data_cfg, "eval_split", "val"))
     if eval_key not in source.splits:
-        raise ValueError(
+        raise UserError(
             f"data.eval_split: expected one of {sorted(source.splits)}, found {eval_key!r}."
         )
     classes = list(opt(data_cfg, "classes", []))
@@ -277,14 +278,14 @@ def build_data(
         _apply_fold(source, eval_key, tuple(fold))
     per_class = opt(data_cfg, "examples_per_class", 0)
     if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 0:
-        raise ValueError(
+        raise UserError(
             f"data.examples_per_class: expected an int >= 0, found {per_class!r}. Fix: 0 keeps all."
         )
     if per_class:
         _first_per_class(source, per_class)
     for name, records in source.splits.items():
         if not len(records):
-            raise ValueError(
+            raise UserError(
                 f"data: split {name!r} ({source.split_names.get(name, name)}) is "
                 "empty. Fix: add data or raise data.val_fraction."
             )
@@ -299,7 +300,7 @@ def build_data(
         + eval_ops
     )
     if source.kind == "lm" and train_ops:
-        raise ValueError(
+        raise UserError(
             f"data.transforms: a text source has no images to transform, found "
             f"{[op.name for op in train_ops]}. Fix: remove them."
         )
@@ -310,7 +311,7 @@ def build_data(
     rng = np.random.Generator(np.random.Philox(0))
     train_spec = _spec_of(TrainChain(train_ops)(source.decode(source.splits["train"][0]), rng))
     if train_spec != spec:
-        raise ValueError(
+        raise UserError(
             f"data.train_transforms: train examples come out as {train_spec}, eval "
             f"examples as {spec}. Fix: end the train chain at the same size, e.g. "
             "random_resized_crop(S) with resize(S) in data.transforms."
@@ -347,7 +348,7 @@ def _cache_mb(data_cfg: Mapping) -> float:
     value = data_cfg.get("cache_mb", None)
     value = DEFAULT_CACHE_MB if value is None else value
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ValueError(
+        raise UserError(
             f"data.cache_mb: expected a number of MB >= 0, found {value!r}. Fix: 0 never "
             f"caches; the default {DEFAULT_CACHE_MB} caches decoded splits up to that size."
         )

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from jaxdl.data.transforms import resize_image
+from jaxdl.errors import UserError
 
 VALID_SOURCES = (
     '"digits", "tfds:NAME[/CONFIG]", "imagefolder:PATH", "text:PATH_OR_GLOB", "text:stdlib", '
@@ -133,7 +134,7 @@ def convert_channels(image: np.ndarray, channels: int | None) -> np.ndarray:
         return (image @ luma)[..., None].astype(np.float32)
     if have == channels:
         return image
-    raise ValueError(
+    raise UserError(
         f"data.channels: cannot convert {have}-channel images to {channels}. "
         "Fix: set data.channels to 1, 3 or 0 (native)."
     )
@@ -244,7 +245,7 @@ def synthetic_source(kind: str, cfg: Mapping, *, seed: int, num_classes: int | N
             None,
             {"source": "synthetic:tokens", "tokenizer": None, "vocab_size": vocab},
         )
-    raise ValueError(f"data.source: expected one of {VALID_SOURCES}, found 'synthetic:{kind}'.")
+    raise UserError(f"data.source: expected one of {VALID_SOURCES}, found 'synthetic:{kind}'.")
 
 
 # ---- TFDS ----------------------------------------------------------------------------------
@@ -262,7 +263,7 @@ def _resolve_split(wanted: str, known: set[str], *, role: str, name: str) -> str
                 return alt
     if role == "test":
         return None
-    raise ValueError(
+    raise UserError(
         f"data.{role}_split: TFDS dataset {name!r} has splits {sorted(known)}, found "
         f"{wanted!r}. Fix: set data.{role}_split to one of them or a slice like "
         "'train[:90%]'."
@@ -277,12 +278,12 @@ def tfds_source(name: str, cfg: Mapping, *, num_classes: int | None) -> Source:
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-        raise ValueError(
+        raise UserError(
             f"data.source: TFDS has no dataset {name!r} (found 'tfds:{name}'). "
             "Fix: check the name with `tfds.list_builders()`."
         ) from None
     except ValueError as err:
-        raise ValueError(
+        raise UserError(
             f"data.source: cannot open TFDS dataset {name!r}: {str(err).splitlines()[0]}"
         ) from None
     known = set(builder.info.splits.keys())
@@ -303,11 +304,11 @@ def tfds_source(name: str, cfg: Mapping, *, num_classes: int | None) -> Source:
         records = builder.as_data_source(split=list(names.values()))
     except (NotImplementedError, ValueError, AssertionError, FileNotFoundError) as err:
         if not builder.is_prepared():
-            raise FileNotFoundError(
+            raise UserError(
                 f"data.source: TFDS dataset {name!r} is not prepared in {builder.data_dir} "
                 f"(data.data_dir={data_dir}). Fix: run `{prepare}`."
             ) from None
-        raise ValueError(
+        raise UserError(
             f"data.source: TFDS dataset {name!r} in {builder.data_dir} is not in "
             f"array_record format ({str(err).splitlines()[0]}). Fix: run "
             f"`{prepare}`."
@@ -317,7 +318,7 @@ def tfds_source(name: str, cfg: Mapping, *, num_classes: int | None) -> Source:
     features = builder.info.features
     image_key, label_key = builder.info.supervised_keys or ("image", "label")
     if image_key not in features or label_key not in features:
-        raise ValueError(
+        raise UserError(
             f"data.source: jaxdl reads TFDS image classification datasets with "
             f"features ({image_key!r}, {label_key!r}); {name!r} has "
             f"{sorted(features.keys())}."
@@ -325,14 +326,14 @@ def tfds_source(name: str, cfg: Mapping, *, num_classes: int | None) -> Source:
     image_feature, label_feature = features[image_key], features[label_key]
     size = image_size(cfg)
     if size is None and None in tuple(image_feature.shape[:2]):
-        raise ValueError(
+        raise UserError(
             f"data.image_size: TFDS dataset {name!r} has images of varying size "
             f"{image_feature.shape}; found data.image_size unset. Fix: set "
             "data.image_size, e.g. 224."
         )
     classes = getattr(label_feature, "num_classes", None)
     if classes is None and num_classes is None:
-        raise ValueError(
+        raise UserError(
             f"model.num_classes: TFDS dataset {name!r} has no ClassLabel feature "
             f"{label_key!r}; found no model.num_classes. Fix: set model.num_classes."
         )
@@ -378,4 +379,4 @@ def load_source(cfg: Mapping, *, seed: int, num_classes: int | None) -> Source:
         return text_source(rest, cfg)
     if prefix == "synthetic" and rest:
         return synthetic_source(rest, cfg, seed=seed, num_classes=num_classes)
-    raise ValueError(f"data.source: expected one of {VALID_SOURCES}, found {spec!r}.")
+    raise UserError(f"data.source: expected one of {VALID_SOURCES}, found {spec!r}.")

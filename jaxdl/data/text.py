@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxdl.data.sources import Identity, Source, opt
+from jaxdl.errors import UserError
 
 VOCAB_SIZE = 256
 STDLIB_MAX_BYTES = 8_000_000
@@ -72,7 +73,7 @@ def _glob_files(pattern: str) -> list[Path]:
     else:
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
     if not files:
-        raise FileNotFoundError(
+        raise UserError(
             f"data.source: text:{pattern} matches no files. Fix: give a "
             "file, a folder or a glob such as 'corpus/*.txt'."
         )
@@ -96,12 +97,12 @@ def text_source(spec: str, cfg: Mapping) -> Source:
     seq_len = int(opt(cfg, "seq_len", 128))
     fraction = float(opt(cfg, "val_fraction", 0.1))
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"data.val_fraction: expected a number in (0, 1), found {fraction}.")
+        raise UserError(f"data.val_fraction: expected a number in (0, 1), found {fraction}.")
     corpus = np.frombuffer(read_corpus(spec, opt(cfg, "max_bytes")), np.uint8)
     n_val = int(len(corpus) * fraction)
     train, val = corpus[: len(corpus) - n_val], corpus[len(corpus) - n_val :]
     if min(len(train), len(val)) < seq_len + 1:
-        raise ValueError(
+        raise UserError(
             f"data.seq_len: text:{spec} has {len(train)} train and {len(val)} val "
             f"bytes, each split needs at least seq_len + 1 = {seq_len + 1}. Fix: "
             "lower data.seq_len or give more text."

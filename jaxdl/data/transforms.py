@@ -34,6 +34,8 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
+from jaxdl.errors import UserError
+
 Example = dict[str, np.ndarray]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -100,7 +102,7 @@ class CenterCrop(Op):
         img = ex["image"]
         (h, w), (H, W) = self.size, img.shape[:2]
         if h > H or w > W:
-            raise ValueError(
+            raise UserError(
                 f"data.transforms: center_crop({h}, {w}) needs images at least that "
                 f"large, found {H}x{W}. Fix: resize first or crop smaller."
             )
@@ -194,7 +196,7 @@ class Normalize(Op):
     def __call__(self, ex, rng):
         img = ex["image"]
         if len(self.mean) not in (1, img.shape[-1]):
-            raise ValueError(
+            raise UserError(
                 f"data.transforms: normalize has {len(self.mean)} channel means, the images have "
                 f"{img.shape[-1]} channels. Fix: set data.channels={len(self.mean)} or give "
                 f"normalize(mean=..., std=...) with {img.shape[-1]} values."
@@ -225,13 +227,13 @@ _PRESETS = {
 def _make_normalize(preset: str | None = None, *, mean=None, std=None) -> Normalize:
     if preset is not None:
         if preset not in _PRESETS or mean is not None or std is not None:
-            raise ValueError(
+            raise UserError(
                 f"data.transforms: normalize expects one of {sorted(_PRESETS)} or "
                 f"mean=..., std=..., found preset={preset!r} mean={mean} std={std}."
             )
         mean, std = _PRESETS[preset]
     if mean is None or std is None:
-        raise ValueError("data.transforms: normalize needs a preset or both mean and std.")
+        raise UserError("data.transforms: normalize needs a preset or both mean and std.")
     mean = (float(mean),) if np.isscalar(mean) else tuple(float(m) for m in mean)
     std = (float(std),) if np.isscalar(std) else tuple(float(s) for s in std)
     return Normalize(mean, std)
@@ -262,14 +264,14 @@ def _parse_string(spec: str) -> tuple[str, list, dict]:
         if isinstance(call, ast.Name):
             return call.id, [], {}
         if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name):
-            raise ValueError("not a call")
+            raise UserError("not a call")
         return (
             call.func.id,
             [_literal(a) for a in call.args],
             {k.arg: _literal(k.value) for k in call.keywords},
         )
     except (SyntaxError, ValueError) as err:
-        raise ValueError(
+        raise UserError(
             f"data.transforms: cannot parse {spec!r} ({err}); expected the form "
             "'name' or 'name(arg, key=value)', e.g. 'resize(224)'."
         ) from None
@@ -287,19 +289,19 @@ def parse_transform(spec: str | Sequence | Mapping) -> Op:
     elif isinstance(spec, Sequence) and len(spec) == 2 and isinstance(spec[1], Mapping):
         name, args, kwargs = spec[0], [], dict(spec[1])
     else:
-        raise ValueError(
+        raise UserError(
             f"data.transforms: expected a string like 'resize(224)', a (name, "
             f"kwargs) pair or a dict with 'name', found {spec!r}."
         )
     if name not in _FACTORIES:
-        raise ValueError(
+        raise UserError(
             f"data.transforms: unknown transform {name!r} in {spec!r}; valid: "
             f"{', '.join(sorted(_FACTORIES))}."
         )
     try:
         return _FACTORIES[name](*args, **kwargs)
     except TypeError as err:
-        raise ValueError(f"data.transforms: bad arguments in {spec!r}: {err}.") from None
+        raise UserError(f"data.transforms: bad arguments in {spec!r}: {err}.") from None
 
 
 def parse_transforms(specs: Sequence | None, *, field: str, allow_random: bool) -> list[Op]:
@@ -308,7 +310,7 @@ def parse_transforms(specs: Sequence | None, *, field: str, allow_random: bool) 
     if not allow_random:
         for op in ops:
             if op.random:
-                raise ValueError(
+                raise UserError(
                     f"{field}: {op.name!r} is random, but {field} is applied at "
                     "evaluation too. Fix: move it to data.train_transforms."
                 )

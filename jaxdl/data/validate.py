@@ -6,6 +6,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from jaxdl.errors import UserError
+
 # Integer fields whose values index classes or a vocabulary: [0, num_classes).
 _INDEX_FIELDS = ("label", "inputs", "targets")
 
@@ -24,7 +26,7 @@ def validate_batch(
     """
     missing = sorted(set(example_spec) - set(batch))
     if missing:
-        raise ValueError(
+        raise UserError(
             f"data: batch ({split}) lacks fields {missing}; it has "
             f"{sorted(batch)}. Fix: check the data source and transforms."
         )
@@ -32,19 +34,19 @@ def validate_batch(
     for key, (shape, dtype) in example_spec.items():
         x = np.asarray(batch[key])
         if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != tuple(shape):
-            raise ValueError(
+            raise UserError(
                 f"data: batch {key!r} ({split}) has shape {tuple(x.shape)}, "
                 f"expected [B, {', '.join(map(str, shape))}]. Fix: check "
                 "data.image_size / data.transforms / data.seq_len."
             )
         if x.dtype != np.dtype(dtype):
-            raise ValueError(
+            raise UserError(
                 f"data: batch {key!r} ({split}) has dtype {x.dtype}, expected {np.dtype(dtype)}."
             )
         sizes.add(x.shape[0])
         if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
             bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
-            raise ValueError(
+            raise UserError(
                 f"data: batch {key!r} ({split}) holds {bad} NaN/Inf values. Fix: "
                 "check the source files and normalize(std=...) for zeros."
             )
@@ -57,19 +59,19 @@ def validate_batch(
                     if key == "label"
                     else "use a vocabulary that covers every token id"
                 )
-                raise ValueError(
+                raise UserError(
                     f"data: batch {key!r} ({split}) holds {bad} values outside "
                     f"[0, {num_classes}): found min {lo} max {hi}. Fix: {fix}."
                 )
     if "mask" in batch:
         mask = np.asarray(batch["mask"])
         if mask.dtype != np.float32 or mask.ndim != 1:
-            raise ValueError(
+            raise UserError(
                 f"data: batch 'mask' ({split}) has dtype {mask.dtype} shape "
                 f"{mask.shape}, expected float32 [B]."
             )
         sizes.add(mask.shape[0])
     if len(sizes) > 1:
-        raise ValueError(
+        raise UserError(
             f"data: batch fields ({split}) disagree on the batch size: {sorted(sizes)}."
         )

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdl.errors import UserError
 from jaxdl.models.registry import register
 
 
@@ -58,7 +59,7 @@ class SimpleCNN(nn.Module):
             x = nn.relu(x)
             x = max_pool_2x2(x)
         if x.shape[1] == 0 or x.shape[2] == 0:
-            raise ValueError(
+            raise UserError(
                 f"simple_cnn input: expected images of at least {2 ** len(self.features)} pixels "
                 f"a side for {len(self.features)} 2x2 pools, found {x.shape}. "
                 "Fix: resize the images (data.image_size) or use fewer model.features."

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdl.errors import UserError
 from jaxdl.models.registry import register
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -37,7 +38,7 @@ class MLP(nn.Module):
     def __post_init__(self):
         # Checked at construction so create_model fails before any init work.
         if self.activation not in ACTIVATIONS:
-            raise ValueError(
+            raise UserError(
                 f"model.activation: expected one of {sorted(ACTIVATIONS)}, "
                 f"found {self.activation!r}. Fix: set --config.model.activation=relu."
             )

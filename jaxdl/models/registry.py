@@ -13,6 +13,8 @@ from typing import Any
 
 import flax.linen as nn
 
+from jaxdl.errors import UserError
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -49,7 +51,7 @@ def create_model(model_cfg: Mapping[str, Any]) -> nn.Module:
     cfg = dict(model_cfg)
     name = cfg.pop("name", None)
     if name not in _MODELS:
-        raise ValueError(
+        raise UserError(
             f"model.name: expected one of {model_names()}, found {name!r}. "
             "Fix: set --config.model.name to a registered model."
         )
@@ -59,13 +61,13 @@ def create_model(model_cfg: Mapping[str, Any]) -> nn.Module:
         accepted, required = fields
         unknown = sorted(set(cfg) - accepted)
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"model.{unknown[0]}: model {name!r} has no such option; "
                 f"expected one of {sorted(accepted)}. Fix: remove or rename it."
             )
         missing = sorted(required - set(cfg))
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"model.{missing[0]}: model {name!r} needs it, found nothing. "
                 f"Fix: set --config.model.{missing[0]}=VALUE."
             )

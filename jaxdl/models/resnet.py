@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdl.errors import UserError
 from jaxdl.models.registry import register
 
 
@@ -106,7 +107,7 @@ class ResNet(nn.Module):
 
     def __post_init__(self):
         if str(self.depth) not in _VARIANTS:
-            raise ValueError(
+            raise UserError(
                 f"model.depth: expected one of 18, 34, 50, 101, 152, 'tiny', found "
                 f"{self.depth!r}. Fix: set --config.model.depth=50."
             )

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdl.errors import UserError
 from jaxdl.models.registry import register
 
 CELLS: dict[str, type[nn.RNNCellBase]] = {"lstm": nn.OptimizedLSTMCell, "gru": nn.GRUCell}
@@ -31,7 +32,7 @@ class RNNClassifier(nn.Module):
 
     def __post_init__(self):
         if self.cell not in CELLS:
-            raise ValueError(
+            raise UserError(
                 f"model.cell: expected one of {sorted(CELLS)}, found {self.cell!r}. "
                 "Fix: set --config.model.cell=lstm."
             )
@@ -42,7 +43,7 @@ class RNNClassifier(nn.Module):
         if x.ndim == 4:
             x = x.reshape(x.shape[0], x.shape[1], -1)
         if x.ndim != 3:
-            raise ValueError(
+            raise UserError(
                 f"rnn input: expected [B, T, F] or an image [B, H, W, C], found shape "
                 f"{x.shape}. Fix: reshape the batch to one of those layouts."
             )

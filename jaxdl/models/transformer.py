@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdl.errors import UserError
 from jaxdl.models.registry import register
 
 # Named sizes; explicit fields on the module override them. "gpt2-124m" carries GPT-2's
@@ -62,7 +63,7 @@ class TransformerSpec:
 def resolve_size(sizes: Mapping[str, Mapping[str, Any]], size: str, overrides: Mapping[str, Any]):
     """Preset `size` from `sizes` with the non-None `overrides` on top -> dict."""
     if size not in sizes:
-        raise ValueError(
+        raise UserError(
             f"model.size: expected one of {sorted(sizes)}, found {size!r}. "
             "Fix: pick a named size and override fields (num_layers, embed_dim, ...) as needed."
         )
@@ -71,12 +72,12 @@ def resolve_size(sizes: Mapping[str, Mapping[str, Any]], size: str, overrides: M
 
 def check_choice(field: str, value: Any, choices: tuple[Any, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"model.{field}: expected one of {list(choices)}, found {value!r}.")
+        raise UserError(f"model.{field}: expected one of {list(choices)}, found {value!r}.")
 
 
 def check_heads(embed_dim: int, num_heads: int) -> None:
     if embed_dim % num_heads:
-        raise ValueError(
+        raise UserError(
             f"model.num_heads: expected a divisor of model.embed_dim={embed_dim}, found "
             f"{num_heads}. Fix: change num_heads or embed_dim."
         )
@@ -322,7 +323,7 @@ class Transformer(nn.Module):
         check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         check_heads(fields["embed_dim"], fields["num_heads"])
         if self.positions == "rope" and (fields["embed_dim"] // fields["num_heads"]) % 2:
-            raise ValueError(
+            raise UserError(
                 "model.positions: 'rope' needs an even head dimension (embed_dim / num_heads), "
                 f"found {fields['embed_dim'] // fields['num_heads']}. Fix: change num_heads."
             )
@@ -386,7 +387,7 @@ class Transformer(nn.Module):
     def _positions(self, length: int, max_len: int) -> jax.Array:
         """[T] absolute positions: 0..T-1, or continuing from the cache index when decoding."""
         if length > max_len:
-            raise ValueError(
+            raise UserError(
                 f"x: expected at most model.max_len={max_len} tokens, found {length}. "
                 "Fix: shorten the sequence (data.seq_len) or raise model.max_len."
             )

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdl.errors import UserError
 from jaxdl.models.registry import register
 from jaxdl.models.transformer import (
     ATTENTION_IMPLS,
@@ -73,10 +74,10 @@ class ViT(nn.Module):
         check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         check_heads(cfg["embed_dim"], cfg["num_heads"])
         if x.ndim != 4:
-            raise ValueError(f"x: expected images [B, H, W, C], found shape {tuple(x.shape)}.")
+            raise UserError(f"x: expected images [B, H, W, C], found shape {tuple(x.shape)}.")
         patch, dim = cfg["patch_size"], cfg["embed_dim"]
         if x.shape[1] % patch or x.shape[2] % patch:
-            raise ValueError(
+            raise UserError(
                 f"model.patch_size: expected a divisor of the image size "
                 f"{x.shape[1]}x{x.shape[2]}, found {patch}. Fix: set model.patch_size or "
                 "data.image_size so the patches tile the image."

@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdl import tree as tree_lib
+from jaxdl.core import tree as tree_lib
+from jaxdl.errors import UserError
 
 Tree = Mapping[str, Any]
 Rule = tuple[str, Mapping[str, Any]]
@@ -62,36 +63,36 @@ def _options(regex: str, options: Any) -> dict[str, Any]:
     if hasattr(options, "to_dict"):  # ml_collections.ConfigDict
         options = options.to_dict()
     if not isinstance(options, Mapping):
-        raise ValueError(
+        raise UserError(
             f"partition rule {regex!r}: expected a dict of options, found {options!r}; "
             f"write e.g. ({regex!r}, {{'trainable': False}})"
         )
     unknown = sorted(set(options) - set(_DEFAULTS))
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"partition rule {regex!r}: unknown field(s) {unknown}; "
             f"allowed fields are {sorted(_DEFAULTS)}"
         )
     opts = {**_DEFAULTS, **options}
     if not isinstance(opts["trainable"], bool):
-        raise ValueError(
+        raise UserError(
             f"partition rule {regex!r}: 'trainable' must be True or False, "
             f"found {opts['trainable']!r}"
         )
     for key in ("lr_mult", "wd_mult"):
         value = opts[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(
+            raise UserError(
                 f"partition rule {regex!r}: {key!r} must be a number >= 0, found {value!r}"
             )
         opts[key] = float(value)
     step = opts["unfreeze_at"]
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(
+        raise UserError(
             f"partition rule {regex!r}: 'unfreeze_at' must be an int step >= 0, found {step!r}"
         )
     if step > 0 and not opts["trainable"]:
-        raise ValueError(
+        raise UserError(
             f"partition rule {regex!r}: 'unfreeze_at'={step} needs 'trainable': True "
             "(the leaf must have optimizer state to start training later); drop one of the two"
         )
@@ -102,7 +103,7 @@ def _parse_rules(rules: Sequence[Any]) -> list[tuple[str, re.Pattern[str], dict[
     parsed = []
     for rule in rules:
         if isinstance(rule, (str, bytes)) or not isinstance(rule, Sequence) or len(rule) != 2:
-            raise ValueError(
+            raise UserError(
                 f"partition: each rule must be a (regex, options) pair, found {rule!r}; "
                 "write e.g. ('params/backbone/.*', {'trainable': False})"
             )
@@ -110,7 +111,7 @@ def _parse_rules(rules: Sequence[Any]) -> list[tuple[str, re.Pattern[str], dict[
         try:
             pattern = re.compile(regex)
         except (re.error, TypeError) as err:
-            raise ValueError(f"partition rule {regex!r}: not a valid regex ({err})") from err
+            raise UserError(f"partition rule {regex!r}: not a valid regex ({err})") from err
         parsed.append((regex, pattern, _options(regex, options)))
     return parsed
 
@@ -132,7 +133,7 @@ def make_plan(tree: Tree, rules: Sequence[Rule] | None = None) -> dict[str, Leaf
         rules = default_rules(lora=any(p.startswith("lora/") for p in paths))
     parsed = _parse_rules(rules)
     if not parsed:
-        raise ValueError(
+        raise UserError(
             "partition: the rule list is empty; give at least a catch-all rule ('.*', {}) "
             "or leave `partition` unset for the defaults"
         )
@@ -152,7 +153,7 @@ def make_plan(tree: Tree, rules: Sequence[Rule] | None = None) -> dict[str, Leaf
         else:
             plan[path] = winner
     if unmatched:
-        raise ValueError(
+        raise UserError(
             f"partition: {len(unmatched)} parameter(s) matched by no rule: "
             f"{_listing(unmatched)}; add a catch-all rule ('.*', {{...}}) at the end"
         )
@@ -162,11 +163,11 @@ def make_plan(tree: Tree, rules: Sequence[Rule] | None = None) -> dict[str, Leaf
         if regex in won:
             continue
         if matched_by[regex] == 0:
-            raise ValueError(
+            raise UserError(
                 f"partition rule {regex!r} matches no parameter (regexes use re.fullmatch on "
                 f"paths such as {_listing(paths[:3])}); fix the regex or remove the rule"
             )
-        raise ValueError(
+        raise UserError(
             f"partition rule {regex!r} matches {matched_by[regex]} parameter(s) but earlier "
             "rules take all of them (first match wins); move it before them or remove it"
         )
@@ -174,7 +175,7 @@ def make_plan(tree: Tree, rules: Sequence[Rule] | None = None) -> dict[str, Leaf
 
 
 def split(tree: Tree, plan: Mapping[str, LeafPlan]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``tree`` -> (trainable_tree, frozen_tree), same paths; `jaxdl.tree.merge` inverts it."""
+    """``tree`` -> (trainable_tree, frozen_tree), same paths; `jaxdl.core.tree.merge` inverts it."""
     flat = tree_lib.flatten(tree)
     assert flat.keys() == plan.keys(), "plan was made for a different tree"
     trainable = {p: leaf for p, leaf in flat.items() if plan[p].trainable}

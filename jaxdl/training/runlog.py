@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxdl import tree
+from jaxdl.core import tree
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -7,7 +7,7 @@ so a step's randomness depends on nothing but the state: resumed runs repeat bit
 
 Research code uses these directly::
 
-    train_step = make_train_step(model, task, tx)
+    train_step = make_train_step(model, head, tx)
     state, metrics = train_step(state, batch)
 """
 
@@ -22,9 +22,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdl import lora, losses, tree
-from jaxdl.state import TrainState
-from jaxdl.tasks import Batch, Metrics, Task
+from jaxdl.core import losses, tree
+from jaxdl.core.heads import Batch, Head, Metrics
+from jaxdl.core.state import TrainState
+from jaxdl.errors import UserError
+from jaxdl.finetune import lora
 
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
 
@@ -77,7 +79,7 @@ def train_step(
     batch: Batch,
     *,
     model: nn.Module,
-    task: Task,
+    head: Head,
     tx: optax.GradientTransformation,
     lora_cfg: Mapping | None = None,
     l1: float = 0.0,
@@ -94,7 +96,7 @@ def train_step(
     on this project's 2-core CPU. None (default): merged on CPU, factored elsewhere.
 
     ``gather``: {"params", "frozen"} shardings the weights take where they are used
-    (`jaxdl.sharding.Layout.gather`, FSDP): XLA then all-gathers weights instead of
+    (`jaxdl.parallel.sharding.Layout.gather`, FSDP): XLA then all-gathers weights instead of
     moving activations, and the gradients go back sharded (reduce-scatter).
     """
     rng = jax.random.fold_in(state.rng, state.step)
@@ -109,7 +111,7 @@ def train_step(
             return _apply(
                 model,
                 {"params": weights, **state.model_state},
-                batch[task.input_key],
+                batch[head.input_key],
                 train=True,
                 rng=rng,
                 mutable=tuple(state.model_state),
@@ -120,7 +122,7 @@ def train_step(
             outputs, new_model_state = _apply_lora(apply, params, frozen, lora_cfg)
         else:
             outputs, new_model_state = apply(model_params(params, frozen, lora_cfg))
-        loss, metrics = task.loss(outputs, batch)
+        loss, metrics = head.loss(outputs, batch)
         penalty = 0.0
         plain = {k: v for k, v in params.items() if k != "lora"}
         if l1:
@@ -149,7 +151,7 @@ def eval_step(
     batch: Batch,
     *,
     model: nn.Module,
-    task: Task,
+    head: Head,
     lora_cfg: Mapping | None = None,
     gather: Mapping[str, Any] | None = None,
 ) -> Metrics:
@@ -159,8 +161,8 @@ def eval_step(
         params = jax.lax.with_sharding_constraint(params, gather["params"])
         frozen = jax.lax.with_sharding_constraint(frozen, gather["frozen"])
     variables = {"params": model_params(params, frozen, lora_cfg), **state.model_state}
-    outputs, _ = _apply(model, variables, batch[task.input_key], train=False)
-    return task.eval_sums(outputs, batch)
+    outputs, _ = _apply(model, variables, batch[head.input_key], train=False)
+    return head.eval_sums(outputs, batch)
 
 
 BatchSpec = Mapping[str, tuple[tuple[int, ...], Any]]  # key -> (per-example shape, dtype)
@@ -174,19 +176,19 @@ def check_batch(batch: Batch, spec: BatchSpec) -> None:
     """
     for key, (shape, dtype) in spec.items():
         if key not in batch:
-            raise ValueError(
+            raise UserError(
                 f"batch: expected key {key!r} (the model was built for {sorted(spec)}), found "
                 f"keys {sorted(batch)}. Fix: feed batches from the same data config."
             )
         found = tuple(batch[key].shape[1:])
         if found != tuple(shape):
-            raise ValueError(
+            raise UserError(
                 f"batch[{key!r}]: expected per-example shape {tuple(shape)} (what the model was "
                 f"built for), found {found} (batch shape {tuple(batch[key].shape)}). Fix: resize "
                 "the inputs or rebuild the model for this shape."
             )
         if jnp.dtype(batch[key].dtype) != jnp.dtype(dtype):
-            raise ValueError(
+            raise UserError(
                 f"batch[{key!r}]: expected dtype {jnp.dtype(dtype)}, found {batch[key].dtype}. "
                 "Fix: cast the inputs in the data pipeline."
             )
@@ -206,7 +208,7 @@ def _checked(fn, spec: BatchSpec | None):
 
 def make_train_step(
     model: nn.Module,
-    task: Task,
+    head: Head,
     tx: optax.GradientTransformation,
     *,
     batch_spec: BatchSpec | None = None,
@@ -216,7 +218,7 @@ def make_train_step(
     """`train_step` with everything but (state, batch) bound; jitted once, state donated.
 
     With ``batch_spec`` each call first checks the batch's shapes on the host. With a
-    ``layout`` (`jaxdl.sharding.Layout`) the state keeps its sharding, batches are split
+    ``layout`` (`jaxdl.parallel.sharding.Layout`) the state keeps its sharding, batches are split
     by rows and metrics come back replicated; XLA inserts the collectives.
     """
     shardings = {}
@@ -226,18 +228,18 @@ def make_train_step(
             in_shardings=(layout.state, layout.batch),
             out_shardings=(layout.state, layout.replicated),
         )
-    step = functools.partial(train_step, model=model, task=task, tx=tx, **kwargs)
+    step = functools.partial(train_step, model=model, head=head, tx=tx, **kwargs)
     return _checked(jax.jit(step, donate_argnums=0, **shardings), batch_spec)
 
 
 def make_eval_step(
-    model: nn.Module, task: Task, *, batch_spec: BatchSpec | None = None, layout=None, **kwargs
+    model: nn.Module, head: Head, *, batch_spec: BatchSpec | None = None, layout=None, **kwargs
 ) -> Callable[[TrainState, Batch], Metrics]:
     shardings = {}
     if layout is not None:
         kwargs["gather"] = layout.gather
         shardings = dict(in_shardings=(layout.state, layout.batch), out_shardings=layout.replicated)
-    step = jax.jit(functools.partial(eval_step, model=model, task=task, **kwargs), **shardings)
+    step = jax.jit(functools.partial(eval_step, model=model, head=head, **kwargs), **shardings)
     return _checked(step, batch_spec)
 
 

@@ -1,7 +1,7 @@
 """Compress a trained workdir: int8 quantization and magnitude pruning, measured.
 
-The transforms themselves are pure functions over parameter trees (`jaxdl.quantize`,
-`jaxdl.prune`); this module runs them on a restored run and reports test metrics before
+The transforms themselves are pure functions over parameter trees (`jaxdl.deploy.quantize`,
+`jaxdl.deploy.prune`); this module runs them on a restored run and reports test metrics before
 and after, with the exported artifact's size for each variant::
 
     report = compress_report("runs/digits_cnn", sparsity=0.5)
@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdl import prune as prune_lib
-from jaxdl import steps
-from jaxdl.quantize import dequantize, quantize_params
-from jaxdl.state import TrainState
+from jaxdl.core import steps
+from jaxdl.core.state import TrainState
+from jaxdl.deploy import prune as prune_lib
+from jaxdl.deploy.quantize import dequantize, quantize_params
 
 
 def _state_for(setup, params: Mapping, tx: optax.GradientTransformation | None = None):
@@ -50,9 +50,9 @@ def evaluate_params(
     setup, data, params: Mapping, split: str = "test", batch_size: int = 256
 ) -> dict[str, float]:
     """The task's metrics (accuracy, loss, ... or bits_per_byte) of `params` on `split`."""
-    from jaxdl.trainer import evaluate_split
+    from jaxdl.training.trainer import evaluate_split
 
-    eval_step = steps.make_eval_step(setup.model, setup.task)
+    eval_step = steps.make_eval_step(setup.model, setup.head)
     return evaluate_split(
         eval_step, _state_for(setup, params), data.eval_iter(split, batch_size), data.kind
     )
@@ -71,7 +71,7 @@ def recover(
 
     The run's optimizer at a constant learning rate (default: the run's base rate).
     """
-    from jaxdl.optim import make_optimizer
+    from jaxdl.core.optim import make_optimizer
 
     opt_cfg = {
         **cfg.optimizer.to_dict(),
@@ -82,7 +82,7 @@ def recover(
     if learning_rate is not None:
         opt_cfg["learning_rate"] = float(learning_rate)
     tx = optax.chain(make_optimizer(opt_cfg, num_steps), prune_lib.keep_masked({"params": masks}))
-    train_step = steps.make_train_step(setup.model, setup.task, tx, l1=cfg.loss.l1, l2=cfg.loss.l2)
+    train_step = steps.make_train_step(setup.model, setup.head, tx, l1=cfg.loss.l1, l2=cfg.loss.l2)
     state = _state_for(setup, params, tx)
     batches = data.train_iter(cfg.data.batch_size, seed=cfg.seed + 1)
     for _ in range(num_steps):
@@ -111,8 +111,8 @@ def compress_report(
     recovery_steps: default two epochs. out_dir keeps the three artifacts (baseline,
     int8, pruned); by default they go to a temporary folder.
     """
-    from jaxdl.evaluate import restore_run
-    from jaxdl.export import export_run
+    from jaxdl.deploy.export import export_run
+    from jaxdl.training.evaluate import restore_run
 
     cfg, setup, data = restore_run(workdir)
     if split not in data.split_sizes:

@@ -27,7 +27,8 @@ from typing import Any
 import ml_collections
 
 from jaxdl import config as config_lib
-from jaxdl.logging import read_metrics, write_json
+from jaxdl.errors import UserError
+from jaxdl.training.runlog import read_metrics, write_json
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _COLUMNS = ("task", "trainable_params", "steps", "step_ms", "wall_s")
@@ -70,7 +71,7 @@ def task_configs(cfg: ml_collections.ConfigDict) -> list[tuple[str, ml_collectio
     """
     tasks = cfg.tasks
     if not isinstance(tasks, list | tuple) or not tasks:
-        raise ValueError(
+        raise UserError(
             f"config.tasks: expected a non-empty list of dicts with a 'name', found {tasks!r}. "
             "Fix: e.g. [{'name': '5-9', 'data.classes': [5, 6, 7, 8, 9], "
             "'model.num_classes': 5}]."
@@ -80,7 +81,7 @@ def task_configs(cfg: ml_collections.ConfigDict) -> list[tuple[str, ml_collectio
         task = task.to_dict() if isinstance(task, ml_collections.ConfigDict) else task
         name = task.get("name") if isinstance(task, Mapping) else None
         if not isinstance(name, str) or not _NAME.fullmatch(name) or name in seen:
-            raise ValueError(
+            raise UserError(
                 f"config.tasks[{i}]: expected a dict with a unique 'name' of letters, digits, "
                 f"'.', '_' or '-' (it names WORKDIR/tasks/NAME), found {task!r}. Fix: name it."
             )
@@ -90,12 +91,12 @@ def task_configs(cfg: ml_collections.ConfigDict) -> list[tuple[str, ml_collectio
         overrides = {k: v for k, v in task.items() if k != "name"}
         try:
             if "tasks" in overrides:
-                raise ValueError("config.tasks: a task cannot hold tasks. Fix: remove it.")
+                raise UserError("config.tasks: a task cannot hold tasks. Fix: remove it.")
             for dotted, value in _flat_overrides(task_cfg, overrides):
                 _set(task_cfg, dotted, value)
             config_lib.validate(task_cfg)
         except ValueError as err:
-            raise ValueError(f"config.tasks[{i}] ({name!r}): {err}") from None
+            raise UserError(f"config.tasks[{i}] ({name!r}): {err}") from None
         out.append((name, task_cfg))
     return out
 
@@ -149,7 +150,7 @@ def run_tasks(
     trainable_params, steps, step_ms (median train step), wall_s. WORKDIR/config.json holds
     the base config with its tasks; each task's workdir holds its own resolved config.
     """
-    from jaxdl.trainer import train
+    from jaxdl.training.trainer import train
 
     workdir = Path(workdir)
     configs = task_configs(cfg)

@@ -22,12 +22,15 @@ import ml_collections
 import numpy as np
 
 from jaxdl import config as config_lib
-from jaxdl import partition, sharding, steps
-from jaxdl import tree as tree_lib
-from jaxdl.build import Setup, build
+from jaxdl.core import steps
+from jaxdl.core import tree as tree_lib
+from jaxdl.core.heads import finalize
 from jaxdl.data import build_data, prefetch_to_device, validate_batch
-from jaxdl.logging import MetricLogger, params_sha256, plot_curves, read_metrics, write_json
-from jaxdl.tasks import finalize
+from jaxdl.errors import UserError
+from jaxdl.finetune import partition
+from jaxdl.parallel import sharding
+from jaxdl.training.build import Setup, build
+from jaxdl.training.runlog import MetricLogger, params_sha256, plot_curves, read_metrics, write_json
 
 # Keys a resumed run may change: extending a run is the point of resuming it, and the
 # mesh is where it runs, not what it computes (checkpoints restore onto any mesh).
@@ -41,7 +44,7 @@ _RESUMABLE_CHANGES = {
 }
 
 
-class NonFiniteLossError(ValueError):
+class NonFiniteLossError(UserError):
     pass
 
 
@@ -58,7 +61,7 @@ def check_workdir(workdir: Path, cfg: ml_collections.ConfigDict) -> dict:
         diff = _config_diff(old, new) - _RESUMABLE_CHANGES
         if diff:
             keys = sorted(diff)
-            raise ValueError(
+            raise UserError(
                 f"--workdir: {workdir} holds another run (config differs at {keys[:6]}). "
                 "Fix: use a new --workdir, or the same config to resume."
             )
@@ -120,9 +123,9 @@ def train(
     ``fold=(i, k)`` trains on k-1 stratified folds of train+val and validates on fold i.
     """
     if cfg.tasks:
-        raise ValueError(
+        raise UserError(
             "config.tasks: train() runs one task; found a task list. "
-            "Fix: call jaxdl.finetune.run_tasks(cfg, workdir) (what `jaxdl train` does)."
+            "Fix: call jaxdl.training.multitask.run_tasks(cfg, workdir) (what `jaxdl train` does)."
         )
     start_time = time.time()
     workdir = Path(workdir)
@@ -139,7 +142,7 @@ def train(
     local_eval_batch = sharding.per_process_batch(eval_batch_size, mesh, field=eval_field)
     steps_per_epoch = data.steps_per_epoch(local_batch)
     if steps_per_epoch < 1:
-        raise ValueError(
+        raise UserError(
             f"data.batch_size: expected at most {data.split_sizes['train']} (the train split), "
             f"found {batch_size}. Fix: lower data.batch_size."
         )
@@ -147,7 +150,7 @@ def train(
     eval_every = cfg.eval_every or steps_per_epoch
 
     # ---- model, pretrained restore, partition plan, optimizer, state ----------------------
-    from jaxdl.checkpoint import Checkpointer, format_report
+    from jaxdl.checkpoint.manager import Checkpointer, format_report
 
     setup = build(
         with_pinned_base(cfg, workdir),
@@ -168,9 +171,9 @@ def train(
     ckpt_config = _pinned_base(config_dict, setup.init_report)
     kwargs = {"lora_cfg": setup.lora_cfg, "batch_spec": setup.batch_spec, "layout": setup.layout}
     train_step = steps.make_train_step(
-        setup.model, setup.task, setup.tx, l1=cfg.loss.l1, l2=cfg.loss.l2, **kwargs
+        setup.model, setup.head, setup.tx, l1=cfg.loss.l1, l2=cfg.loss.l2, **kwargs
     )
-    eval_step = steps.make_eval_step(setup.model, setup.task, **kwargs)
+    eval_step = steps.make_eval_step(setup.model, setup.head, **kwargs)
 
     # ---- resume ---------------------------------------------------------------------------
     ckpt = Checkpointer(
@@ -332,7 +335,7 @@ def with_pinned_base(cfg: ml_collections.ConfigDict, workdir: Path):
     A LoRA run's checkpoints hold no base weights, so resuming from "latest" of a base
     workdir that has trained on since would silently change the frozen weights.
     """
-    from jaxdl.restore import list_steps, read_json
+    from jaxdl.checkpoint.read import list_steps, read_json
 
     steps = list_steps(workdir / "checkpoints")
     if not cfg.init_from.checkpoint or not steps:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdl import tree
+from jaxdl.core import tree
 
 Params = Mapping[str, Any]
 SCHEME = "int8 symmetric, per output channel (last axis), kernels with ndim >= 2"

@@ -1,6 +1,6 @@
 """What a batch means: which key feeds the model, the loss, and the metrics.
 
-A task is plain data plus two pure functions, so the steps in `jaxdl.steps` stay
+A task is plain data plus two pure functions, so the steps in `jaxdl.core.steps` stay
 task-agnostic. Metrics from `eval_sums` are (masked) sums, so they add up exactly over
 padded eval batches and across hosts; `finalize` turns sums into means.
 """
@@ -15,7 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxdl import losses
+from jaxdl.core import losses
+from jaxdl.errors import UserError
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -24,7 +25,7 @@ LOSSES = ("softmax_cross_entropy", "mse", "sigmoid_cross_entropy")
 
 
 @dataclasses.dataclass(frozen=True)
-class Task:
+class Head:
     kind: str  # "classification" | "lm"
     input_key: str
     loss: Callable[[jax.Array, Batch], tuple[jax.Array, Metrics]]  # -> (mean loss, metrics)
@@ -40,13 +41,13 @@ def _per_example_loss(name: str, logits, labels, num_classes: int, smoothing: fl
         return jnp.mean((jax.nn.sigmoid(logits) - one_hot) ** 2, axis=-1)
     if name == "sigmoid_cross_entropy":
         return jnp.mean(losses.sigmoid_binary_cross_entropy(logits, one_hot), axis=-1)
-    raise ValueError(f"loss.name: expected one of {list(LOSSES)}, found {name!r}.")
+    raise UserError(f"loss.name: expected one of {list(LOSSES)}, found {name!r}.")
 
 
-def classification(loss_cfg: Mapping[str, Any], num_classes: int) -> Task:
+def classification(loss_cfg: Mapping[str, Any], num_classes: int) -> Head:
     name, smoothing = loss_cfg["name"], float(loss_cfg["label_smoothing"])
     if name not in LOSSES:
-        raise ValueError(f"loss.name: expected one of {list(LOSSES)}, found {name!r}.")
+        raise UserError(f"loss.name: expected one of {list(LOSSES)}, found {name!r}.")
 
     def loss(logits, batch):
         per_example = _per_example_loss(name, logits, batch["label"], num_classes, smoothing)
@@ -63,10 +64,10 @@ def classification(loss_cfg: Mapping[str, Any], num_classes: int) -> Task:
             "count": jnp.sum(mask),
         }
 
-    return Task("classification", "image", loss, eval_sums)
+    return Head("classification", "image", loss, eval_sums)
 
 
-def language_model() -> Task:
+def language_model() -> Head:
     """Next-token prediction on byte windows: inputs [B, T] -> targets [B, T]."""
 
     def token_losses(logits, batch):
@@ -82,10 +83,10 @@ def language_model() -> Task:
         mask = batch["mask"][:, None] * jnp.ones_like(per_token)
         return {"loss": jnp.sum(per_token * mask), "count": jnp.sum(mask)}
 
-    return Task("lm", "inputs", loss, eval_sums)
+    return Head("lm", "inputs", loss, eval_sums)
 
 
-def make_task(kind: str, loss_cfg: Mapping[str, Any], num_classes: int) -> Task:
+def make_head(kind: str, loss_cfg: Mapping[str, Any], num_classes: int) -> Head:
     if kind == "lm":
         return language_model()
     return classification(loss_cfg, num_classes)

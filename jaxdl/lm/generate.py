@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdl.errors import UserError
 from jaxdl.models.registry import create_model
 from jaxdl.models.transformer import Transformer
 
@@ -29,7 +30,7 @@ def decode(tokens: Any) -> str:
     """Byte tokens (any shape, flattened) -> text; invalid UTF-8 becomes U+FFFD."""
     values = np.asarray(tokens).reshape(-1)
     if values.size and (values.min() < 0 or values.max() > 255):
-        raise ValueError(
+        raise UserError(
             f"tokens: expected bytes in [0, 255], found values in [{values.min()}, "
             f"{values.max()}]. Fix: decode only tokens of a byte-level (vocab_size=256) model."
         )
@@ -69,13 +70,13 @@ def sample_logits(
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise a one-line ValueError for sampling settings that make no sense."""
     if not temperature > 0:
-        raise ValueError(
+        raise UserError(
             f"--temperature: expected > 0, found {temperature}. Fix: use --greedy for argmax."
         )
     if top_k is not None and top_k < 1:
-        raise ValueError(f"--top-k: expected an integer >= 1, found {top_k}.")
+        raise UserError(f"--top-k: expected an integer >= 1, found {top_k}.")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"--top-p: expected a value in (0, 1], found {top_p}.")
+        raise UserError(f"--top-p: expected a value in (0, 1], found {top_p}.")
 
 
 def decoding_model(model: Transformer | Mapping[str, Any]) -> Transformer:
@@ -83,7 +84,7 @@ def decoding_model(model: Transformer | Mapping[str, Any]) -> Transformer:
     if isinstance(model, Mapping):
         model = create_model(model)
     if not isinstance(model, Transformer):
-        raise ValueError(
+        raise UserError(
             f"model.name: expected 'transformer' for generation, found {type(model).__name__}. "
             "Fix: generate from a checkpoint of a transformer language model."
         )
@@ -115,15 +116,15 @@ def generate(
     module = decoding_model(model)
     prompt = jnp.asarray(prompt_tokens, dtype=jnp.int32)
     if prompt.ndim != 2:
-        raise ValueError(f"prompt_tokens: expected shape [B, P], found {tuple(prompt.shape)}.")
+        raise UserError(f"prompt_tokens: expected shape [B, P], found {tuple(prompt.shape)}.")
     batch, length = prompt.shape
     if length == 0:
-        raise ValueError("prompt: expected at least 1 byte, found 0. Fix: pass a non-empty prompt.")
+        raise UserError("prompt: expected at least 1 byte, found 0. Fix: pass a non-empty prompt.")
     if max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens: expected an integer >= 1, found {max_new_tokens}.")
+        raise UserError(f"--max-new-tokens: expected an integer >= 1, found {max_new_tokens}.")
     max_len = module.spec.max_len
     if length + max_new_tokens > max_len:
-        raise ValueError(
+        raise UserError(
             f"--max-new-tokens: prompt ({length} tokens) + --max-new-tokens ({max_new_tokens}) "
             f"= {length + max_new_tokens} exceeds the model's max_len {max_len}. Fix: set "
             f"--max-new-tokens to at most {max_len - length} or shorten the prompt."
@@ -191,17 +192,17 @@ def generate_text(
     seed: int = 0,
 ) -> str:
     """Continue ``prompt`` with the language model trained in ``workdir`` (LoRA merged)."""
-    from jaxdl.checkpoint import load_params
-    from jaxdl.evaluate import load_run_config
+    from jaxdl.checkpoint.manager import load_params
+    from jaxdl.training.evaluate import load_run_config
 
     cfg = load_run_config(workdir)
     if cfg.model.name != "transformer":
-        raise ValueError(
+        raise UserError(
             f"--workdir: {workdir} holds a {cfg.model.name!r} classifier; generate needs a "
             "language model (model.name='transformer'). Fix: pass the workdir of an LM run."
         )
     if not prompt:
-        raise ValueError("--prompt: expected at least 1 byte, found 0. Fix: pass a prompt.")
+        raise UserError("--prompt: expected at least 1 byte, found 0. Fix: pass a prompt.")
     params = load_params(workdir)
     tokens = generate(
         dict(cfg.model),

@@ -6,16 +6,18 @@ from pathlib import Path
 from typing import Any
 
 from jaxdl import config as config_lib
-from jaxdl import sharding, steps
-from jaxdl.build import Setup, build
+from jaxdl.core import steps
 from jaxdl.data import Data, build_data
+from jaxdl.errors import UserError
+from jaxdl.parallel import sharding
+from jaxdl.training.build import Setup, build
 
 
 def load_run_config(workdir: str | Path):
     """The resolved config of a trained workdir (its config.json)."""
     config_path = Path(workdir) / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(
+        raise UserError(
             f"--workdir: no config.json in {workdir}. "
             "Fix: pass the --workdir of a `jaxdl train` run."
         )
@@ -30,12 +32,12 @@ def restore_run(
     ``sharded``: restore onto the run's ``mesh`` over this machine's devices (whatever
     mesh saved it), with ``setup.layout`` set; else onto the default device.
     """
-    from jaxdl.checkpoint import Checkpointer
+    from jaxdl.checkpoint.manager import Checkpointer
 
     workdir = Path(workdir)
     cfg = load_run_config(workdir)
     data = build_data(cfg.data, seed=cfg.seed, num_classes=cfg.model.get("num_classes"))
-    from jaxdl.trainer import with_pinned_base
+    from jaxdl.training.trainer import with_pinned_base
 
     setup = build(
         with_pinned_base(cfg, workdir),  # a LoRA run's frozen base: the step it trained on
@@ -48,7 +50,7 @@ def restore_run(
     ckpt = Checkpointer(workdir, save_frozen=setup.lora_cfg is None)
     step = step if step is not None else ckpt.latest_step()
     if step is None:
-        raise FileNotFoundError(
+        raise UserError(
             f"--workdir: no checkpoint in {workdir / 'checkpoints'}. Fix: train the run first."
         )
     setup.state, _ = ckpt.restore(setup.state, step)
@@ -57,13 +59,13 @@ def restore_run(
 
 
 def evaluate_workdir(workdir: str | Path, split: str = "test") -> dict[str, float]:
-    from jaxdl.trainer import _eval_batches, evaluate_split
+    from jaxdl.training.trainer import _eval_batches, evaluate_split
 
     cfg, setup, data = restore_run(workdir, sharded=True)
     if split not in data.split_sizes:
-        raise ValueError(f"--split: expected one of {sorted(data.split_sizes)}, found {split!r}.")
+        raise UserError(f"--split: expected one of {sorted(data.split_sizes)}, found {split!r}.")
     eval_step = steps.make_eval_step(
-        setup.model, setup.task, lora_cfg=setup.lora_cfg, layout=setup.layout
+        setup.model, setup.head, lora_cfg=setup.lora_cfg, layout=setup.layout
     )
     batch_size = cfg.data.eval_batch_size or cfg.data.batch_size
     local = sharding.per_process_batch(batch_size, setup.layout.mesh, field="data.eval_batch_size")

@@ -2,7 +2,7 @@
 
 The chain is built over the *trainable* tree only, so frozen leaves never get optimizer
 state. Per-leaf learning-rate and weight-decay multipliers come from the partition plan
-(`jaxdl.partition`) and are pure functions of the step, so resumed runs stay exact.
+(`jaxdl.finetune.partition`) and are pure functions of the step, so resumed runs stay exact.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+
+from jaxdl.errors import UserError
 
 Schedule = Callable[[jax.Array], jax.Array]
 MultTree = Callable[[jax.Array], Any]  # step -> tree of per-leaf multipliers (or None)
@@ -46,7 +48,7 @@ def make_schedule(opt_cfg: Mapping[str, Any], total_steps: int) -> Schedule:
             0.0, lr, warmup_steps=warmup, decay_steps=max(decay_steps, warmup + 1), end_value=end
         )
     else:
-        raise ValueError(f"optimizer.schedule: expected one of {list(SCHEDULES)}, found {name!r}.")
+        raise UserError(f"optimizer.schedule: expected one of {list(SCHEDULES)}, found {name!r}.")
     if warmup and name != "warmup_cosine":
         schedule = optax.join_schedules(
             [optax.linear_schedule(0.0, lr, warmup), schedule], boundaries=[warmup]
@@ -67,7 +69,7 @@ def _base_direction(opt_cfg: Mapping[str, Any]) -> optax.GradientTransformation:
         )
     if name == "rmsprop":
         return optax.scale_by_rms(eps=float(opt_cfg["eps"]))
-    raise ValueError(f"optimizer.name: expected one of {list(OPTIMIZERS)}, found {name!r}.")
+    raise UserError(f"optimizer.name: expected one of {list(OPTIMIZERS)}, found {name!r}.")
 
 
 class ScaleByTreeState(NamedTuple):

@@ -8,8 +8,9 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from jaxdl.logging import read_metrics, write_json
-from jaxdl.trainer import train
+from jaxdl.errors import UserError
+from jaxdl.training.runlog import read_metrics, write_json
+from jaxdl.training.trainer import train
 
 
 def cross_validate(
@@ -17,7 +18,7 @@ def cross_validate(
 ) -> dict:
     """Train ``folds`` runs in WORKDIR/fold_I; write per-fold and aggregate figures."""
     if folds < 2:
-        raise ValueError(f"--folds: expected at least 2, found {folds}.")
+        raise UserError(f"--folds: expected at least 2, found {folds}.")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     per_fold = []

@@ -5,7 +5,7 @@
     predict_files("digits.jaxexport", ["a.png", "b.png"], top_k=3)
 
 Geometric preprocessing (resize, center crop) happens here on the host, from the sidecar's
-description (see `jaxdl.export`), before the artifact's own pure-array preprocessing.
+description (see `jaxdl.deploy.export`), before the artifact's own pure-array preprocessing.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxdl.export import _FIX, FORMAT, FORMAT_VERSION, sidecar_path
+from jaxdl.deploy.export import _FIX, FORMAT, FORMAT_VERSION, sidecar_path
+from jaxdl.errors import UserError
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -43,7 +44,7 @@ def check_compatible(path: str | Path, meta: Mapping) -> None:
         <= jax.export.maximum_supported_calling_convention_version
     )
     if not ok:
-        raise ValueError(
+        raise UserError(
             f"{path}: built with jax {meta.get('jax_version')} (format "
             f"{meta.get('format_version')}); this is jax {jax.__version__} "
             f"(format {FORMAT_VERSION}). {_FIX}"
@@ -54,13 +55,13 @@ def read_metadata(path: str | Path) -> dict:
     """The sidecar of an artifact, checked for format and version."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise UserError(
             f"MODEL: {path} does not exist. Fix: pass the .jaxexport file "
             "written by `jaxdl export`."
         )
     side = sidecar_path(path)
     if not side.is_file():
-        raise FileNotFoundError(
+        raise UserError(
             f"MODEL: {side} (the sidecar of {path}) does not exist. Fix: "
             "keep the .json next to the artifact, or re-export with "
             "`jaxdl export`."
@@ -68,9 +69,9 @@ def read_metadata(path: str | Path) -> dict:
     try:
         meta = json.loads(side.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"MODEL: {side} is not valid JSON ({err}). {_FIX}") from None
+        raise UserError(f"MODEL: {side} is not valid JSON ({err}). {_FIX}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(
+        raise UserError(
             f'MODEL: {side} is not a jaxdl export sidecar (expected "format": "{FORMAT}"). {_FIX}'
         )
     check_compatible(path, meta)
@@ -115,7 +116,7 @@ class Predictor:
         """
         x = np.asarray(x)
         if x.ndim != len(self.input_shape) + 1 or x.shape[1:] != self.input_shape:
-            raise ValueError(
+            raise UserError(
                 f"x: expected shape [B, {', '.join(map(str, self.input_shape))}] "
                 f"(what {self.path.name} was exported for), found {list(x.shape)}. "
                 "Fix: resize the inputs, or use `predict_files` for image files."
@@ -133,7 +134,7 @@ class Predictor:
         (window,) = self.input_shape
         tokens = [int(t) for t in prompt]
         if not tokens:
-            raise ValueError("INPUT: the prompt is empty. Fix: give at least one byte of text.")
+            raise UserError("INPUT: the prompt is empty. Fix: give at least one byte of text.")
         new = []
         for _ in range(max_new_tokens):
             context = tokens[-window:]
@@ -153,7 +154,7 @@ def load(path: str | Path) -> Predictor:
     blob = path.read_bytes()
     digest = hashlib.sha256(blob).hexdigest()
     if digest != meta.get("artifact_sha256"):
-        raise ValueError(
+        raise UserError(
             f"MODEL: {path} is corrupt (sha256 {digest[:12]}... differs from "
             f"{str(meta.get('artifact_sha256'))[:12]}... in its sidecar). Fix: copy "
             "it again or re-export with `jaxdl export`."
@@ -161,12 +162,12 @@ def load(path: str | Path) -> Predictor:
     try:
         exported = jax.export.deserialize(bytearray(blob))
     except Exception as err:  # flatbuffers raises assorted errors on bad bytes
-        raise ValueError(
+        raise UserError(
             f"MODEL: {path} cannot be deserialized ({type(err).__name__}). {_FIX}"
         ) from None
     here = jax.export.default_export_platform()
     if here not in exported.platforms:
-        raise ValueError(
+        raise UserError(
             f"MODEL: {path} was exported for platforms {list(exported.platforms)}, "
             f"this machine runs {here!r}. Fix: re-export with `jaxdl export "
             f"--platform {here}`."
@@ -194,7 +195,7 @@ def load_image(path: str | Path, meta: Mapping) -> np.ndarray:
     spec, host = meta["preprocessing"]["image_file"], meta["preprocessing"]["host"]
     height, width, channels = meta["input"]["shape"][1:]
     if not path.is_file():
-        raise FileNotFoundError(f"INPUT: {path} does not exist. Fix: pass image files.")
+        raise UserError(f"INPUT: {path} does not exist. Fix: pass image files.")
     try:
         with Image.open(path) as img:
             img.load()
@@ -207,7 +208,7 @@ def load_image(path: str | Path, meta: Mapping) -> np.ndarray:
                 img = img.convert(spec["mode"])
             image = np.asarray(img).astype(np.float32)
     except (OSError, ValueError, SyntaxError) as err:  # what Pillow raises on bad files
-        raise ValueError(
+        raise UserError(
             f"INPUT: cannot read {path} as an image ({type(err).__name__}: "
             f"{err}). Fix: pass a PNG, JPEG or BMP file."
         ) from None
@@ -216,7 +217,7 @@ def load_image(path: str | Path, meta: Mapping) -> np.ndarray:
     image = convert_channels(image, channels)
     peak = float(image.max(initial=0.0))
     if peak > spec["pixel_scale"]:
-        raise ValueError(
+        raise UserError(
             f"INPUT: {path} has pixel values up to {peak:g}; the model takes raw "
             f"values in [0, {spec['pixel_scale']:g}] ({spec['encoding']}). Fix: "
             f"write the image with values scaled to 0..{spec['pixel_scale']:g}."
@@ -225,7 +226,7 @@ def load_image(path: str | Path, meta: Mapping) -> np.ndarray:
     decode_size = None if spec["decode_size"] is None else tuple(spec["decode_size"])
     if decode_size is not None and image.shape[:2] != decode_size and not resized_later:
         if spec["resize"] is None:
-            raise ValueError(
+            raise UserError(
                 f"INPUT: {path} is {image.shape[0]}x{image.shape[1]} (HxW); the "
                 f"model takes {decode_size[0]}x{decode_size[1]} images and its "
                 "preprocessing does not resize. Fix: resize the image to "
@@ -235,7 +236,7 @@ def load_image(path: str | Path, meta: Mapping) -> np.ndarray:
     for op in host:
         image = parse_transform(op)({"image": image}, None)["image"]
     if image.shape != (height, width, channels):
-        raise ValueError(
+        raise UserError(
             f"INPUT: {path} becomes {image.shape[0]}x{image.shape[1]} after the "
             f"model's preprocessing, the model takes {height}x{width}. Fix: give "
             f"images of the training size."
@@ -274,16 +275,16 @@ def predict_files(
     """
     predictor = artifact if isinstance(artifact, Predictor) else load(artifact)
     if top_k < 1:
-        raise ValueError(f"--top-k: expected an integer >= 1, found {top_k}.")
+        raise UserError(f"--top-k: expected an integer >= 1, found {top_k}.")
     labels = predictor.labels
     results = []
     if predictor.kind == "lm":
-        from jaxdl.generate import decode, encode
+        from jaxdl.lm.generate import decode, encode
 
         for path in inputs:
             path = Path(path)
             if not path.is_file():
-                raise FileNotFoundError(
+                raise UserError(
                     f"INPUT: {path} does not exist. Fix: pass text files holding the prompts."
                 )
             prompt = list(encode(path.read_text(encoding="utf-8", errors="replace")))

@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdl import tree
-from jaxdl.quantize import is_kernel
+from jaxdl.core import tree
+from jaxdl.deploy.quantize import is_kernel
+from jaxdl.errors import UserError
 
 Params = Mapping[str, Any]
 SCOPES = ("global", "layer")
@@ -43,12 +44,12 @@ def prune(params: Params, sparsity: float, scope: str = "global") -> tuple[dict,
     masks has the structure of params: bool arrays, True = kept (all True off kernels).
     """
     if not 0.0 <= sparsity < 1.0:
-        raise ValueError(
+        raise UserError(
             f"sparsity: expected a fraction in [0, 1), found {sparsity}. "
             "Fix: pass e.g. 0.5 to zero half the kernel weights."
         )
     if scope not in SCOPES:
-        raise ValueError(f"scope: expected one of {list(SCOPES)}, found {scope!r}.")
+        raise UserError(f"scope: expected one of {list(SCOPES)}, found {scope!r}.")
     flat = {p: np.asarray(v) for p, v in tree.flatten(params).items()}
     kernels = [p for p in sorted(flat) if is_kernel(p, flat[p])]
     masks = {p: np.ones(v.shape, bool) for p, v in flat.items()}

@@ -4,7 +4,7 @@ Arrays only, so Orbax saves exactly this and `jax.jit` can donate it. The model'
 "params" collection is split by the partition plan into ``params`` (trainable, the only
 part differentiated and given optimizer state) and ``frozen``. Both trees are keyed by
 the same paths as the model variables, e.g. ``{"params": {"Dense_0": {"kernel": ...}}}``;
-LoRA adapters live in ``params["lora"]`` (see `jaxdl.lora`).
+LoRA adapters live in ``params["lora"]`` (see `jaxdl.finetune.lora`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Reading jaxdl checkpoints: find a step, check it, load variables, pretrained surgery.
 
 A jaxdl checkpoint step is ``WORKDIR/checkpoints/<step>/`` with the Orbax items ``state``
-(the TrainState), ``config`` and optionally ``data`` (see `jaxdl.checkpoint`). Everything
+(the TrainState), ``config`` and optionally ``data`` (see `jaxdl.checkpoint.manager`). Everything
 here reads as host numpy arrays, so a checkpoint written on 8 devices loads on 1: the
 caller places the arrays. Paths are the variable-tree keys joined by "/", e.g.
 ``params/backbone/Conv_0/kernel``.
@@ -26,7 +26,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxdl import tree as tree_lib
+from jaxdl.core import tree as tree_lib
+from jaxdl.errors import UserError
 
 STATE_PARTS = ("params", "frozen", "model_state")
 _CATEGORIES = (
@@ -67,11 +68,11 @@ def resolve_step_dir(
     expected = "(expected WORKDIR/checkpoints/<step>)"
     fix = f"Fix: set {config_key} to a training workdir, its checkpoints/ folder or a step folder."
     if not root.exists():
-        raise FileNotFoundError(f"{config_key}: no checkpoint found at {root} {expected}. {fix}")
+        raise UserError(f"{config_key}: no checkpoint found at {root} {expected}. {fix}")
     step = None if step is None or int(step) < 0 else int(step)
     if root.name.isdigit() and (root / "state").is_dir():
         if step is not None and step != int(root.name):
-            raise ValueError(
+            raise UserError(
                 f"{step_key(config_key)}: asked for step {step} but {config_key} is the step "
                 f"folder {root}. Fix: point {config_key} at its parent or drop the step."
             )
@@ -79,14 +80,14 @@ def resolve_step_dir(
     ckpt_dir = root / "checkpoints" if (root / "checkpoints").is_dir() else root
     steps = list_steps(ckpt_dir)
     if not steps:
-        raise ValueError(
+        raise UserError(
             f"{config_key}: no checkpoint found at {ckpt_dir} {expected}: no complete step "
             f"folder there. {fix}"
         )
     if step is None:
         step = steps[-1]
     elif step not in steps:
-        raise ValueError(
+        raise UserError(
             f"{step_key(config_key)}: step {step} not found in {ckpt_dir}; available steps: "
             f"{steps}. Fix: use one of these, or -1/None for the latest."
         )
@@ -97,7 +98,7 @@ def check_safe(step_dir: Path) -> None:
     """Refuse a step dir holding symlinks or entries resolving outside it (read nothing)."""
     root = Path(os.path.realpath(step_dir))
     if os.path.islink(step_dir):
-        raise ValueError(
+        raise UserError(
             f"checkpoint {step_dir}: is a symbolic link (to {os.readlink(step_dir)}); expected "
             "a real directory. Fix: copy the real checkpoint files in place of the link."
         )
@@ -106,7 +107,7 @@ def check_safe(step_dir: Path) -> None:
             entry = Path(dirpath) / name
             real = Path(os.path.realpath(entry))
             if os.path.islink(entry) or not real.is_relative_to(root):
-                raise ValueError(
+                raise UserError(
                     f"checkpoint {step_dir}: entry {entry} is a symbolic link or resolves to "
                     f"{real}, outside the checkpoint; refusing to read it. Fix: replace it "
                     "with the real file, or use a checkpoint you wrote yourself."
@@ -143,7 +144,7 @@ def orbax_errors(step_dir: Path) -> Iterator[None]:
         yield
     except Exception as err:  # tensorstore, JSON and OS errors all mean the same to a user
         detail = " ".join(str(err).split())[:300]
-        raise ValueError(
+        raise UserError(
             f"checkpoint {step_dir}: cannot be read, it is corrupt or incomplete "
             f"({type(err).__name__}: {detail}). Fix: use another step (available: "
             f"{list_steps(step_dir.parent)}) or delete this step folder."
@@ -190,7 +191,7 @@ def _read_state_numpy(step_dir: Path) -> dict[str, dict]:
     """params / frozen / model_state of the saved TrainState as numpy (opt_state not read)."""
     meta = state_metadata(step_dir)
     if not all(part in meta for part in STATE_PARTS):
-        raise ValueError(
+        raise UserError(
             f"checkpoint {step_dir}: expected a jaxdl TrainState with {list(STATE_PARTS)}, "
             f"found items {sorted(meta)}. Fix: point at a checkpoint written by jaxdl."
         )
@@ -226,7 +227,7 @@ def _load(
     step_dir, step = resolve_step_dir(path, step, config_key=config_key)
     check_safe(step_dir)
     if step_dir.resolve() in seen:
-        raise ValueError(
+        raise UserError(
             f"{config_key}: LoRA checkpoints name each other as base in a loop: "
             f"{[str(s) for s in seen]}. Fix: point init_from.checkpoint at a full checkpoint."
         )
@@ -241,7 +242,7 @@ def _load(
         if not tree_lib.flatten(parts["frozen"]):
             # Saved with save_frozen=False: the base weights live in the run it started from.
             if not init_from.get("checkpoint"):
-                raise ValueError(
+                raise UserError(
                     f"checkpoint {step_dir}: holds LoRA adapters without the frozen base "
                     "params and its config has no init_from.checkpoint naming the base. Fix: "
                     "load a checkpoint saved with its frozen params."
@@ -256,7 +257,7 @@ def _load(
             model_state = _overlay({k: v for k, v in base.items() if k != "params"}, model_state)
         lora_cfg = cfg.get("lora") or {}
         if "rank" not in lora_cfg or "alpha" not in lora_cfg:
-            raise ValueError(
+            raise UserError(
                 f"checkpoint {step_dir}: holds LoRA adapters but its config has lora="
                 f"{lora_cfg!r}, expected lora.rank and lora.alpha. Fix: restore its config."
             )
@@ -292,7 +293,7 @@ def _compile(patterns: Any, key: str) -> list[re.Pattern]:
     try:
         return [re.compile(p) for p in patterns]
     except (re.error, TypeError) as err:
-        raise ValueError(
+        raise UserError(
             f"{key}: expected a list of regexes, found {patterns!r} ({err}). Fix: use e.g. "
             "['params/head/.*']."
         ) from err
@@ -301,7 +302,7 @@ def _compile(patterns: Any, key: str) -> list[re.Pattern]:
 def _rename_rules(rules: Any) -> list[tuple[re.Pattern, str]]:
     pairs = list(rules or [])
     if not all(isinstance(r, (list, tuple)) and len(r) == 2 for r in pairs):
-        raise ValueError(
+        raise UserError(
             f"init_from.rename: expected a list of (regex, replacement) pairs, found {pairs!r}. "
             "Fix: e.g. [('params/encoder/(.*)', r'params/backbone/\\1')]."
         )
@@ -316,7 +317,7 @@ def _renamed(ckpt: dict[str, Any], rules: list[tuple[re.Pattern, str]]) -> tuple
     for old, value in ckpt.items():
         new = next((rx.sub(repl, old) for rx, repl in rules if rx.search(old)), old)
         if new in out:
-            raise ValueError(
+            raise UserError(
                 f"init_from.rename: two checkpoint leaves map to {new!r} (one is {old!r}). "
                 "Fix: make the rename rules map distinct paths to distinct targets."
             )
@@ -345,7 +346,7 @@ def restore_pretrained(init_from: Mapping, variables: dict) -> tuple[dict, dict]
     """
     source = init_from.get("checkpoint")
     if not source:
-        raise ValueError(
+        raise UserError(
             "init_from.checkpoint: expected a checkpoint path, found "
             f"{source!r}. Fix: set init_from.checkpoint=WORKDIR of the pretrained run."
         )
@@ -386,7 +387,7 @@ def restore_pretrained(init_from: Mapping, variables: dict) -> tuple[dict, dict]
     if strict and problems:
         offending = [e[0] for e in report["shape_mismatch"]] + report["missing"]
         hint = re.escape((offending + report["unexpected"])[0].rsplit("/", 1)[0]) + "/.*"
-        raise ValueError(
+        raise UserError(
             f"init_from.checkpoint: {step_dir} (step {step}) does not fit the model: "
             f"{'; '.join(problems)}. Fix: add these paths to init_from.reinit (e.g. "
             f"'{hint}'), map renamed layers with init_from.rename, or set "

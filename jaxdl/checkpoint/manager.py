@@ -12,7 +12,7 @@ The best copy has its own manager (max_to_keep=1), so keeping the best never del
 latest and rotating the latest never deletes the best. Orbax writes each step into
 ``<step>.orbax-checkpoint-tmp`` and renames it when complete, so a killed save leaves only
 that tmp dir, which `Checkpointer` removes at start. Reading helpers (`load_variables`,
-`restore_pretrained`, ...) live in `jaxdl.restore` and are re-exported here.
+`restore_pretrained`, ...) live in `jaxdl.checkpoint.read` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from jaxdl.restore import (
+from jaxdl.checkpoint.read import (
     check_safe,
     format_report,
     leaf_paths,
@@ -39,7 +39,8 @@ from jaxdl.restore import (
     restore_pretrained,
     state_metadata,
 )
-from jaxdl.state import TrainState
+from jaxdl.core.state import TrainState
+from jaxdl.errors import UserError
 
 __all__ = [
     "Checkpointer",
@@ -78,7 +79,7 @@ def _json_checked(value: Any, key: str) -> Any:
     try:
         json.dumps(value, allow_nan=True)
     except (TypeError, ValueError) as err:
-        raise ValueError(
+        raise UserError(
             f"{key}: expected a JSON-serializable dict, found {type(value).__name__} ({err}). "
             "Fix: convert it to plain dicts, lists, numbers and strings."
         ) from err
@@ -124,12 +125,12 @@ class Checkpointer:
         save_frozen: bool = True,
     ):
         if not isinstance(max_to_keep, int) or max_to_keep < 1:
-            raise ValueError(
+            raise UserError(
                 f"keep_checkpoints: expected an int >= 1, found {max_to_keep!r}. "
                 "Fix: keep at least the latest checkpoint."
             )
         if best_mode not in ("max", "min"):
-            raise ValueError(f"best_mode: expected 'max' or 'min', found {best_mode!r}.")
+            raise UserError(f"best_mode: expected 'max' or 'min', found {best_mode!r}.")
         self.directory = Path(workdir) / "checkpoints"
         self.best_directory = Path(workdir) / "checkpoints_best"
         self.best_metric, self.best_mode, self.save_frozen = best_metric, best_mode, save_frozen
@@ -250,13 +251,13 @@ class Checkpointer:
         if step is None:
             step = self._manager.latest_step()
         if step is None:
-            raise ValueError(
+            raise UserError(
                 f"resume: no checkpoint found at {self.directory} (expected "
                 "WORKDIR/checkpoints/<step>). Fix: train from scratch or use the workdir of "
                 "the run to resume."
             )
         if step not in steps:
-            raise ValueError(
+            raise UserError(
                 f"resume: step {step} not found in {self.directory}; available steps: "
                 f"{sorted(steps)}. Fix: use one of these or None for the latest."
             )
@@ -266,7 +267,7 @@ class Checkpointer:
         has_frozen = bool(jax.tree_util.tree_leaves(saved.get("frozen")))
         target = template if has_frozen else template.replace(frozen={})
         if errors := _fit_errors(target, saved):
-            raise ValueError(
+            raise UserError(
                 f"resume: checkpoint {step_dir} does not fit the train state: "
                 f"{'; '.join(errors)}. Fix: resume with the config that wrote it "
                 "(model, optimizer, partition, lora), or use a new workdir."

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxdl.errors import UserError
+
 Params = Any  # a pytree of arrays
 
 
@@ -23,7 +25,7 @@ def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
     so ``mse(pred, target).mean()`` is the article's MSE (4.1.1).
     """
     if pred.shape != target.shape:
-        raise ValueError(
+        raise UserError(
             f"mse: expected pred and target of the same shape, found {pred.shape} and "
             f"{target.shape}. Fix: reshape the targets to the model output."
         )
@@ -45,7 +47,7 @@ def softmax_cross_entropy(
             return optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels)
         labels = jax.nn.one_hot(labels, logits.shape[-1])
     elif labels.shape != logits.shape:
-        raise ValueError(
+        raise UserError(
             f"softmax_cross_entropy: expected integer labels {logits.shape[:-1]} or "
             f"probabilities {logits.shape}, found {labels.dtype} {labels.shape}. "
             "Fix: pass class ids or one-hot rows matching the logits."

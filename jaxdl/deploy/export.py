@@ -2,7 +2,7 @@
 
     export_workdir("runs/digits_cnn", "digits.jaxexport")       # + digits.jaxexport.json
 
-Running an artifact is `jaxdl.predict` (load, predict, predict_files).
+Running an artifact is `jaxdl.deploy.predict` (load, predict, predict_files).
 
 The artifact is `jax.export`'s serialized StableHLO of ``predict(x_raw)``: parameters are
 embedded as constants (LoRA merged; int8 with ``quantize="int8"``, dequantized inside the
@@ -39,9 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdl.quantize import dequantize, quantize_params
+from jaxdl.deploy.quantize import dequantize, quantize_params
+from jaxdl.errors import UserError
 
-FORMAT = "jaxdl.export"
+FORMAT = "jaxdl.deploy.export"
 FORMAT_VERSION = 1
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 QUANTIZATIONS = ("int8",)
@@ -114,7 +115,7 @@ def split_transforms(transforms: Sequence[Mapping]) -> tuple[list[dict], list[di
         elif name == "normalize":
             normalize.append(dict(op))
         elif name not in _LABEL_OPS:
-            raise ValueError(
+            raise UserError(
                 f"data.transforms: cannot export transform {name!r} ({op}); "
                 f"export supports {sorted(_HOST_OPS + _LABEL_OPS + ('normalize',))}. "
                 "Fix: remove it from data.transforms or retrain without it."
@@ -166,7 +167,7 @@ def _check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
     platforms = tuple(platforms)
     bad = [p for p in platforms if p not in PLATFORMS]
     if not platforms or bad:
-        raise ValueError(
+        raise UserError(
             f"--platform: expected some of {list(PLATFORMS)}, found "
             f"{list(platforms)}. Fix: e.g. --platform cpu --platform cuda."
         )
@@ -220,7 +221,7 @@ def export_model(
     """
     platforms = _check_platforms(platforms)
     if quantize is not None and quantize not in QUANTIZATIONS:
-        raise ValueError(f"--quantize: expected one of {list(QUANTIZATIONS)}, found {quantize!r}.")
+        raise UserError(f"--quantize: expected one of {list(QUANTIZATIONS)}, found {quantize!r}.")
     variables = jax.tree.map(np.asarray, jax.device_get(dict(variables)))
     quantization = None
     if quantize == "int8":
@@ -293,14 +294,14 @@ def export_run(
 ) -> dict:
     """Export a built run (`restore_run`'s cfg, setup, data); `params` replaces the state's
     full model params (e.g. pruned ones). Returns the sidecar."""
-    from jaxdl import steps
+    from jaxdl.core import steps
 
     _check_platforms(platforms)
     state = setup.state
     if params is None:
         params = steps.model_params(state.params, state.frozen, setup.lora_cfg)
     variables = {"params": params, **state.model_state}
-    spec_shape = tuple(data.example_spec[setup.task.input_key][0])
+    spec_shape = tuple(data.example_spec[setup.head.input_key][0])
     meta: dict[str, Any] = {"model": str(cfg.model.name), "step": int(state.step)}
     if workdir is not None:
         meta["workdir"] = str(Path(workdir).resolve())
@@ -354,7 +355,7 @@ def export_workdir(
     quantize: str | None = None,
 ) -> dict:
     """The latest checkpoint of a `jaxdl train` workdir -> artifact + sidecar; the sidecar."""
-    from jaxdl.evaluate import restore_run
+    from jaxdl.training.evaluate import restore_run
 
     _check_platforms(platforms)
     cfg, setup, data = restore_run(workdir)

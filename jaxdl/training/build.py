@@ -18,16 +18,18 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxdl import lora, partition, tasks
+from jaxdl.core import heads
+from jaxdl.core.optim import make_optimizer, opt_state_slots
+from jaxdl.core.state import TrainState
+from jaxdl.errors import UserError
+from jaxdl.finetune import lora, partition
 from jaxdl.models import create_model
-from jaxdl.optim import make_optimizer, opt_state_slots
-from jaxdl.state import TrainState
 
 
 @dataclasses.dataclass
 class Setup:
     model: nn.Module
-    task: tasks.Task
+    head: heads.Head
     tx: optax.GradientTransformation
     state: TrainState
     plan: dict[str, partition.LeafPlan]
@@ -35,7 +37,7 @@ class Setup:
     init_report: dict | None
     lora_cfg: dict | None
     batch_spec: dict[str, tuple[tuple[int, ...], Any]]  # per-example shapes the model was built for
-    layout: Any = None  # jaxdl.sharding.Layout when built on a mesh
+    layout: Any = None  # jaxdl.parallel.sharding.Layout when built on a mesh
 
 
 def lora_config(cfg: ml_collections.ConfigDict) -> dict | None:
@@ -73,23 +75,23 @@ def build(
     """Build model, task, optimizer and initial TrainState for ``cfg``.
 
     ``restore_fn(init_from, variables) -> (variables, report)`` loads pretrained weights
-    (`jaxdl.checkpoint.restore_pretrained`); it is called only when init_from is set.
-    With a ``mesh`` the state is created sharded (`jaxdl.sharding`) and ``Setup.layout``
+    (`jaxdl.checkpoint.manager.restore_pretrained`); it is called only when init_from is set.
+    With a ``mesh`` the state is created sharded (`jaxdl.parallel.sharding`) and ``Setup.layout``
     says where each leaf lives.
     """
     model = create_model(cfg.model)
-    task = tasks.make_task(kind, cfg.loss, num_classes)
-    if task.input_key not in example_spec:
-        raise ValueError(
-            f"data.source: a {kind} task needs batches with {task.input_key!r}, the data has "
+    head = heads.make_head(kind, cfg.loss, num_classes)
+    if head.input_key not in example_spec:
+        raise UserError(
+            f"data.source: a {kind} task needs batches with {head.input_key!r}, the data has "
             f"{sorted(example_spec)}. Fix: pair the model with a matching data source."
         )
-    variables = init_variables(model, sample_input(example_spec, task.input_key), cfg.seed)
+    variables = init_variables(model, sample_input(example_spec, head.input_key), cfg.seed)
 
     init_report = None
     if cfg.init_from.checkpoint:
         if restore_fn is None:
-            from jaxdl.checkpoint import restore_pretrained as restore_fn
+            from jaxdl.checkpoint.manager import restore_pretrained as restore_fn
         init_from = cfg.init_from.to_dict()
         init_from["step"] = None if init_from["step"] < 0 else init_from["step"]
         variables, init_report = restore_fn(init_from, variables)
@@ -131,7 +133,7 @@ def build(
     if mesh is None:
         state = init_state(*jax.tree.map(jnp.asarray, (trainable, frozen, model_state)))
     else:
-        from jaxdl import sharding
+        from jaxdl.parallel import sharding
 
         state, layout = sharding.create_state(init_state, (trainable, frozen, model_state), mesh)
     rows = partition.plan_rows(
@@ -142,7 +144,7 @@ def build(
     )
     return Setup(
         model=model,
-        task=task,
+        head=head,
         tx=tx,
         state=state,
         plan=plan,

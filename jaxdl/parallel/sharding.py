@@ -10,7 +10,7 @@ One mesh with three named axes, from the ``mesh`` config key::
 - ``tensor``: the transformer's projections are split over it (Megatron-style), so the
   matmuls of one layer run on several devices; the batch is replicated over it.
 
-Parameters are placed by regex rules over their "/"-joined paths (`jaxdl.tree`); the
+Parameters are placed by regex rules over their "/"-joined paths (`jaxdl.core.tree`); the
 optimizer state follows its parameter because optax state trees mirror the parameter tree,
 so the same path suffix matches (``opt_state/0/mu/params/block_0/attn/query/kernel``).
 Scalars (step counts) are replicated. `jax.jit` then partitions the steps (GSPMD): there is
@@ -34,6 +34,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from jaxdl.errors import UserError
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # batch rows are split over both; tensor devices share rows
@@ -82,14 +84,14 @@ def mesh_shape(
     """
     cfg = _plain(mesh_cfg)
     if unknown := sorted(set(cfg) - set(AXES)):
-        raise ValueError(
+        raise UserError(
             f"mesh: expected axes {list(AXES)}, found unknown {unknown}. "
             'Fix: e.g. mesh={"data": -1, "fsdp": 1, "tensor": 1}.'
         )
     sizes = {axis: cfg.get(axis, 1) for axis in AXES}
     for axis, size in sizes.items():
         if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
-            raise ValueError(
+            raise UserError(
                 f"mesh.{axis}: expected a positive int or -1 (the devices left over), found "
                 f"{size!r}. Fix: e.g. mesh.{axis}=1."
             )
@@ -97,25 +99,25 @@ def mesh_shape(
     fixed = math.prod(size for size in sizes.values() if size != -1)
     product = " x ".join(f"{a} {s}" for a, s in sizes.items() if s != -1)
     if len(free) > 1:
-        raise ValueError(
+        raise UserError(
             f"mesh: at most one axis may be -1, found -1 for {free}. "
             f"Fix: give all but one of them a size ({num_devices} devices in all)."
         )
     if free:
         if num_devices % fixed:
-            raise ValueError(
+            raise UserError(
                 f"mesh.{free[0]}: -1 takes the devices the other axes leave, but {num_devices} "
                 f"devices are not divisible by {product} = {fixed}. Fix: make the other axes "
                 f"divide {num_devices}."
             )
         sizes[free[0]] = num_devices // fixed
     elif fixed != num_devices:
-        raise ValueError(
+        raise UserError(
             f"mesh: the axes multiply to {product} = {fixed} devices, found {num_devices}. "
             f"Fix: make the product {num_devices}, or set one axis to -1 to take the rest."
         )
     if local_devices is not None and local_devices % sizes["tensor"]:
-        raise ValueError(
+        raise UserError(
             f"mesh.tensor: expected a divisor of the {local_devices} devices per process "
             f"(tensor parallelism stays within a host), found {sizes['tensor']}. Fix: lower "
             "mesh.tensor and use mesh.fsdp across hosts."
@@ -163,7 +165,7 @@ def partition_spec(
         if not re.search(regex, path):
             continue
         if len(template) > len(shape):
-            raise ValueError(
+            raise UserError(
                 f"sharding rule {regex!r}: names {len(template)} dims, but {path} has shape "
                 f"{tuple(shape)}. Fix: anchor the rule to leaves of that rank."
             )
@@ -173,7 +175,7 @@ def partition_spec(
                 continue
             dim = shape[offset + i]
             if dim % sizes[axis]:
-                raise ValueError(
+                raise UserError(
                     f"mesh.{axis}: {path} has shape {tuple(shape)}, its dim {offset + i} "
                     f"({dim}) is not divisible by the {axis} axis ({sizes[axis]}). Fix: "
                     f"choose a mesh.{axis} that divides {dim}."
@@ -291,14 +293,14 @@ def per_process_batch(
     sizes = axis_sizes(mesh)
     shards = sizes["data"] * sizes["fsdp"]
     if batch_size % shards:
-        raise ValueError(
+        raise UserError(
             f"{field}: expected a multiple of mesh data x fsdp = {sizes['data']} x "
             f"{sizes['fsdp']} = {shards} (the global batch is split over them), found "
             f"{batch_size}. Fix: set {field} to a multiple of {shards}, e.g. "
             f"{max(shards, batch_size // shards * shards)}."
         )
     if batch_size % count:
-        raise ValueError(
+        raise UserError(
             f"{field}: expected a multiple of the {count} processes (it is the global batch; "
             f"each loads an equal part), found {batch_size}. Fix: set {field} to a "
             f"multiple of {count}."
@@ -402,20 +404,20 @@ def initialize_distributed(
         return False
     if cluster is None and len(given) < len(flags):
         missing = [k for k in flags if k not in given]
-        raise ValueError(
+        raise UserError(
             f"{', '.join(missing)}: expected together with {', '.join(given)} (outside a SLURM "
             "or Open MPI job all three are needed), found it missing. Fix: pass --coordinator "
             "HOST:PORT --num-processes N --process-id I to every process."
         )
     if coordinator is not None and not re.fullmatch(r".+:\d+", coordinator):
-        raise ValueError(
+        raise UserError(
             f"--coordinator: expected HOST:PORT (process 0's address), found {coordinator!r}. "
             "Fix: e.g. --coordinator 10.0.0.1:1234."
         )
     if num_processes is not None and num_processes < 1:
-        raise ValueError(f"--num-processes: expected >= 1, found {num_processes}.")
+        raise UserError(f"--num-processes: expected >= 1, found {num_processes}.")
     if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
-        raise ValueError(
+        raise UserError(
             f"--process-id: expected 0 <= id < --num-processes ({num_processes}), found "
             f"{process_id}. Fix: number the processes 0..{num_processes - 1}."
         )

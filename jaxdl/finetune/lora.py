@@ -31,7 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdl import tree as tree_lib
+from jaxdl.core import tree as tree_lib
+from jaxdl.errors import UserError
 
 Tree = Mapping[str, Any]
 
@@ -48,12 +49,12 @@ def target_paths(params_tree: Tree, targets: str) -> list[str]:
     try:
         pattern = re.compile(targets)
     except (re.error, TypeError) as err:
-        raise ValueError(f"lora.targets: {targets!r} is not a valid regex ({err})") from err
+        raise UserError(f"lora.targets: {targets!r} is not a valid regex ({err})") from err
     kernels = [p for p, leaf in tree_lib.flatten(params_tree).items() if _is_adaptable(p, leaf)]
     matched = [p for p in kernels if pattern.fullmatch(p)]
     if not matched:
         examples = ", ".join(kernels[:5]) or "none (the model has no kernel with ndim >= 2)"
-        raise ValueError(
+        raise UserError(
             f"lora.targets: regex {targets!r} (re.fullmatch) matched no kernel; available "
             f"kernel paths include {examples}; e.g. use 'params/.*/kernel' for all of them"
         )
@@ -62,9 +63,9 @@ def target_paths(params_tree: Tree, targets: str) -> list[str]:
 
 def _check_hparams(rank: Any, alpha: Any = 1.0) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"lora.rank: expected an int >= 1, found {rank!r}")
+        raise UserError(f"lora.rank: expected an int >= 1, found {rank!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise ValueError(f"lora.alpha: expected a number > 0, found {alpha!r}")
+        raise UserError(f"lora.alpha: expected a number > 0, found {alpha!r}")
 
 
 def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -122,13 +123,13 @@ def apply(
         if path in skip:
             continue
         if path not in flat:
-            raise ValueError(
+            raise UserError(
                 f"lora: adapter for {path!r} has no kernel in the model params; the adapters "
                 "were made for a different model: re-create them with lora.init_adapters"
             )
         kernel = flat[path]
         if a.shape[1] != rank or (a.shape[0], b.shape[1]) != _matrix_shape(kernel.shape):
-            raise ValueError(
+            raise UserError(
                 f"lora: adapter {path!r} has A {a.shape}, B {b.shape}, which do not fit kernel "
                 f"{kernel.shape} at lora.rank={rank}; use the rank the adapters were made with"
             )

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from jaxdl import config as config_lib
-from jaxdl.logging import write_json
+from jaxdl.errors import UserError
+from jaxdl.training.runlog import write_json
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
@@ -42,7 +43,7 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 
 
 def run_digits(workdir: Path) -> list[dict]:
-    from jaxdl.trainer import train
+    from jaxdl.training.trainer import train
 
     rows = []
     for name in ("digits_mlp", "digits_cnn"):
@@ -109,8 +110,8 @@ def _fresh(path: Path) -> Path:
 
 
 def run_lm(workdir: Path) -> list[dict]:
-    from jaxdl.generate import generate_text
-    from jaxdl.trainer import train
+    from jaxdl.lm.generate import generate_text
+    from jaxdl.training.trainer import train
 
     start = time.time()
     print("== 1/5 pretrain: small GPT on the standard library's sources ==")
@@ -194,4 +195,4 @@ def run_demo(workdir: str | Path, task: str = "lm") -> list[dict]:
         return run_lm(workdir)
     if task == "digits":
         return run_digits(workdir)
-    raise ValueError(f"--task: expected one of ['lm', 'digits'], found {task!r}.")
+    raise UserError(f"--task: expected one of ['lm', 'digits'], found {task!r}.")
