@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from jaxdl.errors import UserError
 
 
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own errors: one line, exit 2
         raise SystemExit(_fail(f"{self.prog}: {message}"))

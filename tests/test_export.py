@@ -146,7 +146,7 @@ def test_int8_and_multi_platform_export(run, artifact, test_images, tmp_path):
 
 
 def test_language_model_export(tmp_path):
-    from jaxdl.lm.generate import decode
+    from jaxdl.lm.tokenizer import decode
     from jaxdl.models import create_model
 
     model = create_model({"name": "transformer", "size": "tiny", "num_layers": 1, "max_len": 16})

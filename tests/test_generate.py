@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxdl.lm import generate as gen
+from jaxdl.lm import tokenizer as tok
 from jaxdl.models.transformer import Transformer
 
 PROMPT = jnp.array([[72, 101, 108, 108, 111], [1, 2, 3, 250, 7]], jnp.int32)
@@ -104,11 +105,11 @@ def test_errors():
 
 
 def test_encode_decode_bytes():
-    tokens = gen.encode("héllo ✓")
+    tokens = tok.encode("héllo ✓")
     assert tokens.dtype == np.int32
     assert tokens.tolist() == [104, 195, 169, 108, 108, 111, 32, 226, 156, 147]
-    assert gen.decode(tokens) == "héllo ✓"
-    assert gen.decode(jnp.array([[104, 105, 0xFF]])) == "hi\ufffd"  # invalid UTF-8 is replaced
-    assert gen.encode("").shape == (0,)
+    assert tok.decode(tokens) == "héllo ✓"
+    assert tok.decode(jnp.array([[104, 105, 0xFF]])) == "hi\ufffd"  # invalid UTF-8 is replaced
+    assert tok.encode("").shape == (0,)
     with pytest.raises(ValueError, match=r"^tokens: expected bytes in \[0, 255\]"):
-        gen.decode([300])
+        tok.decode([300])

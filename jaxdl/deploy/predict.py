@@ -279,7 +279,7 @@ def predict_files(
     labels = predictor.labels
     results = []
     if predictor.kind == "lm":
-        from jaxdl.lm.generate import decode, encode
+        from jaxdl.lm.tokenizer import decode, encode
 
         for path in inputs:
             path = Path(path)

@@ -2,8 +2,8 @@
 
 `generate` prefills the cache with the whole prompt in one call, then decodes one token per
 step inside a `jax.lax.fori_loop`; the whole thing is one jitted function, compiled once per
-(model, batch, prompt length, max_new_tokens, sampling mode). Tokens are bytes: `encode` and
-`decode` convert text.
+(model, batch, prompt length, max_new_tokens, sampling mode). `jaxdl.lm.tokenizer` converts
+text.
 """
 
 from __future__ import annotations
@@ -17,24 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdl.errors import UserError
+from jaxdl.lm.tokenizer import decode, encode
 from jaxdl.models.registry import create_model
 from jaxdl.models.transformer import Transformer
-
-
-def encode(text: str) -> np.ndarray:
-    """UTF-8 bytes of `text` as int32 tokens [P]."""
-    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
-
-
-def decode(tokens: Any) -> str:
-    """Byte tokens (any shape, flattened) -> text; invalid UTF-8 becomes U+FFFD."""
-    values = np.asarray(tokens).reshape(-1)
-    if values.size and (values.min() < 0 or values.max() > 255):
-        raise UserError(
-            f"tokens: expected bytes in [0, 255], found values in [{values.min()}, "
-            f"{values.max()}]. Fix: decode only tokens of a byte-level (vocab_size=256) model."
-        )
-    return bytes(values.astype(np.uint8)).decode("utf-8", errors="replace")
 
 
 def sample_logits(
