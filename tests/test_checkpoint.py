@@ -17,6 +17,7 @@ import pytest
 from jaxdl.checkpoint.manager import Checkpointer, load_params, load_variables
 from jaxdl.checkpoint.read import state_metadata
 from jaxdl.core.state import TrainState
+from jaxdl.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = {"model": {"name": "mlp"}, "seed": 0, "lora": None}
@@ -234,7 +235,7 @@ def test_failed_read_prints_nothing_after_the_error(tmp_path):
 
 
 def test_missing_dir_and_symlinks_are_refused(tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"no checkpoint found at {tmp_path / 'nope'}"):
+    with pytest.raises(UserError, match=f"no checkpoint found at {tmp_path / 'nope'}"):
         load_params(tmp_path / "nope")
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     with pytest.raises(ValueError, match="no checkpoint found at .*empty/checkpoints"):

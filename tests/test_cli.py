@@ -100,3 +100,34 @@ def test_train_then_evaluate(tmp_path):
     )
     assert_user_error(again, "holds another run")
     assert (workdir / "config.json").read_text() == before
+
+
+def test_a_bug_exits_1_with_its_traceback_and_bad_input_still_exits_2(tmp_path):
+    """A broken internal function is a bug (exit 1, traceback); a bad key is user input."""
+    script = (
+        "import sys\n"
+        "import jaxdl.core.heads as heads\n"
+        "def broken(*args, **kwargs):\n"
+        "    raise ValueError('internal invariant broken')\n"
+        "heads.make_head = broken\n"
+        "from jaxdl.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    args = ["train", "--config", "experiments/digits_mlp.py", "--no-progress", *QUICK]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    bug = subprocess.run(
+        [sys.executable, "-c", script, *args, "--workdir", str(tmp_path / "a")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert bug.returncode == 1, bug.stderr
+    assert "Traceback" in bug.stderr and "internal invariant broken" in bug.stderr
+    assert "internal error" in bug.stderr.strip().splitlines()[-1]
+    bad_key = subprocess.run(
+        [sys.executable, "-c", script, *args, "--workdir", str(tmp_path / "b"), "--config.nope=1"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert_user_error(bad_key, "config.nope")

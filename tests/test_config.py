@@ -3,6 +3,7 @@
 import pytest
 
 from jaxdl import config as config_lib
+from jaxdl.errors import UserError
 
 EXPERIMENT = "experiments/digits_mlp.py"
 
@@ -75,7 +76,7 @@ def test_steps_or_epochs_exactly_one():
 
 
 def test_missing_file():
-    with pytest.raises(FileNotFoundError, match="--config: no file at"):
+    with pytest.raises(UserError, match="--config: no file at"):
         config_lib.load_config("experiments/nope.py")
 
 

@@ -6,6 +6,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from jaxdl.data import build_data, prefetch_to_device
+from jaxdl.errors import UserError
 
 CLASSES = ["five", "one", "zero"]  # sorted -> labels 0, 1, 2
 DIGIT_OF = {"zero": 0, "one": 1, "five": 5}
@@ -66,7 +67,7 @@ def test_class_folders_split_by_val_fraction(tmp_path):
 
 
 def test_missing_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"image folder {tmp_path / 'nope'} does not"):
+    with pytest.raises(UserError, match=f"image folder {tmp_path / 'nope'} does not"):
         build_data({"source": f"imagefolder:{tmp_path / 'nope'}"}, seed=0)
 
 

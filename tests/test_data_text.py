@@ -5,6 +5,7 @@ import pytest
 
 from jaxdl.data import build_data, validate_batch
 from jaxdl.data.text import stdlib_files
+from jaxdl.errors import UserError
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Ünïcödé bytes count too.\n" * 30).encode()
 
@@ -63,7 +64,7 @@ def test_stdlib_corpus_capped():
 
 
 def test_text_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"text:{tmp_path}/\\*.md matches no files"):
+    with pytest.raises(UserError, match=f"text:{tmp_path}/\\*.md matches no files"):
         build_data({"source": f"text:{tmp_path}/*.md"}, seed=0)
     (tmp_path / "tiny.txt").write_bytes(b"x" * 100)
     with pytest.raises(ValueError, match="data.seq_len: .* each split needs at least"):

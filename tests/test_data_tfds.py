@@ -5,6 +5,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from jaxdl.data import build_data, validate_batch
+from jaxdl.errors import UserError
 
 MOCK = dict(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE)
 
@@ -66,7 +67,7 @@ def test_label_out_of_range_caught_by_validate_batch(tmp_path):
 
 
 def test_unprepared_dataset_names_dir_and_command(tmp_path):
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(UserError) as err:
         build_data({"source": "tfds:mnist", "data_dir": str(tmp_path)}, seed=0)
     text = str(err.value)
     assert f"not prepared in {tmp_path}/mnist/" in text

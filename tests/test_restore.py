@@ -18,6 +18,7 @@ from jaxdl.checkpoint.manager import (
 )
 from jaxdl.core import tree as tree_lib
 from jaxdl.core.state import TrainState
+from jaxdl.errors import UserError
 
 
 class Net(nn.Module):
@@ -184,7 +185,7 @@ def test_dtype_is_cast_to_the_model_and_reported(tmp_path):
 
 
 def test_bad_init_from_values_name_the_key(tmp_path):
-    with pytest.raises(FileNotFoundError, match="init_from.checkpoint: no checkpoint found at"):
+    with pytest.raises(UserError, match="init_from.checkpoint: no checkpoint found at"):
         restore_pretrained({"checkpoint": str(tmp_path / "none")}, init())
     save_run(tmp_path, init())
     with pytest.raises(ValueError, match="init_from.reinit: expected a list of regexes"):

@@ -226,12 +226,19 @@ class DevicePrefetcher:
         self._state = self._source.get_state()
 
     def close(self) -> None:
-        """Stop the thread; read-ahead batches are dropped and the wrapped iterator is set
-        back to the last batch handed out (so iterating again continues exactly)."""
+        """Stop the thread and the wrapped iterator's workers; read-ahead batches are dropped
+        and the wrapped iterator is set back to the last batch handed out (so iterating
+        again continues exactly)."""
         if self._stop_thread():
             self._source.set_state(self._state)
-        elif hasattr(self._source, "close"):
+        if hasattr(self._source, "close"):
             self._source.close()
+
+    def __enter__(self) -> DevicePrefetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _stop_thread(self) -> bool:
         if self._thread is None:

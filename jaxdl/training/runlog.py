@@ -72,9 +72,15 @@ class MetricLogger:
             self._writer.add_scalar(f"{split}/{key}", float(value), int(step))
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and not self._file.closed:
             self._file.close()
             self._writer.close()
+
+    def __enter__(self) -> MetricLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _summary_writer():

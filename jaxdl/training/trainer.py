@@ -10,6 +10,7 @@ each split.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -176,74 +177,123 @@ def train(
     eval_step = steps.make_eval_step(setup.model, setup.head, **kwargs)
 
     # ---- resume ---------------------------------------------------------------------------
-    ckpt = Checkpointer(
-        workdir,
-        max_to_keep=cfg.keep_checkpoints,
-        best_metric=cfg.best_metric or None,
-        best_mode="min" if minimized(cfg.best_metric) else "max",
-        save_frozen=setup.lora_cfg is None,
-    )
-    state = setup.state
-    train_iter = data.train_iter(local_batch, seed=cfg.seed, num_workers=cfg.data.num_workers)
-    start_step = ckpt.latest_step() or 0
-    if start_step:
-        state, data_state = ckpt.restore(state, start_step)
-        if data_state is not None:
-            train_iter.set_state(sharding.local_data_state(data_state))
-        echo(f"resumed from step {start_step} in {workdir / 'checkpoints'}")
-    batches = prefetch_to_device(train_iter, size=cfg.data.prefetch, sharding=setup.layout.batch)
-    logger = MetricLogger(workdir, enabled=is_writer, resume_step=start_step)
+    # The stack closes checkpoint managers, the prefetch thread, grain workers and logs on
+    # every exit path: normal end, early stop, exception, KeyboardInterrupt.
+    with contextlib.ExitStack() as stack:
+        ckpt = stack.enter_context(
+            Checkpointer(
+                workdir,
+                max_to_keep=cfg.keep_checkpoints,
+                best_metric=cfg.best_metric or None,
+                best_mode="min" if minimized(cfg.best_metric) else "max",
+                save_frozen=setup.lora_cfg is None,
+            )
+        )
+        state = setup.state
+        train_iter = data.train_iter(local_batch, seed=cfg.seed, num_workers=cfg.data.num_workers)
+        stack.callback(train_iter.close)
+        start_step = ckpt.latest_step() or 0
+        if start_step:
+            state, data_state = ckpt.restore(state, start_step)
+            if data_state is not None:
+                train_iter.set_state(sharding.local_data_state(data_state))
+            echo(f"resumed from step {start_step} in {workdir / 'checkpoints'}")
+        batches = stack.enter_context(
+            prefetch_to_device(train_iter, size=cfg.data.prefetch, sharding=setup.layout.batch)
+        )
+        logger = stack.enter_context(
+            MetricLogger(workdir, enabled=is_writer, resume_step=start_step)
+        )
 
-    # ---- loop -----------------------------------------------------------------------------
-    history = [r for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "val"]
-    stopper = EarlyStopping(
-        cfg.early_stopping.patience,
-        cfg.early_stopping.min_delta,
-        cfg.best_metric or "val_loss",
-        history,
-    )
-    pending: list[dict] = []
-    last_checked = start_step
-    bar = _progress(total_steps, start_step, progress and is_writer)
-    window_start, window_step = time.time(), start_step
-    step_times: list[float] = []
-    flops_per_token = _flops_per_token(cfg, data)
-    step = start_step
-    val_metrics = None
-    while step < total_steps and not stopper.should_stop:
-        batch = next(batches)
-        if step == start_step:
-            host_batch = sharding.host_local(batch)  # this process's rows
-            validate_batch(host_batch, data.example_spec, data.num_classes, split="train")
-        state, metrics = train_step(state, batch)
-        pending.append(metrics)
-        step += 1
-        at_eval = step % eval_every == 0 or step == total_steps
-        at_ckpt = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or at_eval
-        if step % cfg.log_every == 0 or at_eval or at_ckpt:
-            means = _flush(pending, last_checked, step)
-            pending, last_checked = [], step
-            elapsed = time.time() - window_start  # train steps only: reset after eval below
-            if window_step > start_step:  # the first window holds the compilation
-                step_times.append(elapsed / (step - window_step))
-            rate = (step - window_step) * batch_size / max(elapsed, 1e-9)
-            window_step = step
-            unit = "tokens_per_s" if data.kind == "lm" else "examples_per_s"
-            if data.kind == "lm":
-                rate *= data.example_spec["inputs"][0][0]
-                if flops_per_token:
-                    means["model_flops_per_s"] = rate * flops_per_token
-            means[unit] = rate
-            logger.log(step, "train", means)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in means.items() if k != "finite"})
+        # ---- loop -------------------------------------------------------------------------
+        history = [r for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "val"]
+        stopper = EarlyStopping(
+            cfg.early_stopping.patience,
+            cfg.early_stopping.min_delta,
+            cfg.best_metric or "val_loss",
+            history,
+        )
+        pending: list[dict] = []
+        last_checked = start_step
+        bar = stack.enter_context(_progress(total_steps, start_step, progress and is_writer))
+        window_start, window_step = time.time(), start_step
+        step_times: list[float] = []
+        flops_per_token = _flops_per_token(cfg, data)
+        step = start_step
         val_metrics = None
-        if at_eval and cfg.data.eval_split in data.split_sizes:
-            val_metrics = evaluate_split(
+        while step < total_steps and not stopper.should_stop:
+            batch = next(batches)
+            if step == start_step:
+                host_batch = sharding.host_local(batch)  # this process's rows
+                validate_batch(host_batch, data.example_spec, data.num_classes, split="train")
+            state, metrics = train_step(state, batch)
+            pending.append(metrics)
+            step += 1
+            at_eval = step % eval_every == 0 or step == total_steps
+            at_ckpt = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or at_eval
+            if step % cfg.log_every == 0 or at_eval or at_ckpt:
+                means = _flush(pending, last_checked, step)
+                pending, last_checked = [], step
+                elapsed = time.time() - window_start  # train steps only: reset after eval below
+                if window_step > start_step:  # the first window holds the compilation
+                    step_times.append(elapsed / (step - window_step))
+                rate = (step - window_step) * batch_size / max(elapsed, 1e-9)
+                window_step = step
+                unit = "tokens_per_s" if data.kind == "lm" else "examples_per_s"
+                if data.kind == "lm":
+                    rate *= data.example_spec["inputs"][0][0]
+                    if flops_per_token:
+                        means["model_flops_per_s"] = rate * flops_per_token
+                means[unit] = rate
+                logger.log(step, "train", means)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in means.items() if k != "finite"})
+            val_metrics = None
+            if at_eval and cfg.data.eval_split in data.split_sizes:
+                val_metrics = evaluate_split(
+                    eval_step,
+                    state,
+                    _eval_batches(
+                        data,
+                        cfg.data.eval_split,
+                        local_eval_batch,
+                        data.example_spec,
+                        data.num_classes,
+                        setup.layout.batch,
+                    ),
+                    data.kind,
+                )
+                logger.log(step, "val", val_metrics)
+                stopper.update({f"val_{k}": v for k, v in val_metrics.items()})
+            if at_ckpt or stopper.should_stop or step == total_steps:
+                best = {f"val_{k}": v for k, v in (val_metrics or {}).items()}
+                ckpt.save(
+                    step,
+                    state,
+                    data_state=batches.get_state(),
+                    config=ckpt_config,
+                    metrics=best or None,
+                )
+            if window_step == step:
+                window_start = time.time()
+            bar.update(1)
+        ckpt.wait()
+
+        # ---- test -------------------------------------------------------------------------
+        test_split = (
+            cfg.data.test_split
+            if cfg.data.test_split in data.split_sizes
+            else (cfg.data.eval_split)
+        )
+        same_as_val = data.split_names.get(test_split) == data.split_names.get(cfg.data.eval_split)
+        if same_as_val and val_metrics is not None:  # e.g. text sources: test is the val bytes
+            test_metrics = val_metrics
+        else:
+            test_metrics = evaluate_split(
                 eval_step,
                 state,
                 _eval_batches(
                     data,
-                    cfg.data.eval_split,
+                    test_split,
                     local_eval_batch,
                     data.example_spec,
                     data.num_classes,
@@ -251,47 +301,7 @@ def train(
                 ),
                 data.kind,
             )
-            logger.log(step, "val", val_metrics)
-            stopper.update({f"val_{k}": v for k, v in val_metrics.items()})
-        if at_ckpt or stopper.should_stop or step == total_steps:
-            best = {f"val_{k}": v for k, v in (val_metrics or {}).items()}
-            ckpt.save(
-                step,
-                state,
-                data_state=batches.get_state(),
-                config=ckpt_config,
-                metrics=best or None,
-            )
-        if window_step == step:
-            window_start = time.time()
-        bar.update(1)
-    bar.close()
-    ckpt.wait()
-
-    # ---- test and summary -----------------------------------------------------------------
-    test_split = (
-        cfg.data.test_split if cfg.data.test_split in data.split_sizes else (cfg.data.eval_split)
-    )
-    same_as_val = data.split_names.get(test_split) == data.split_names.get(cfg.data.eval_split)
-    if same_as_val and val_metrics is not None:  # e.g. text sources: test is the val bytes
-        test_metrics = val_metrics
-    else:
-        test_metrics = evaluate_split(
-            eval_step,
-            state,
-            _eval_batches(
-                data,
-                test_split,
-                local_eval_batch,
-                data.example_spec,
-                data.num_classes,
-                setup.layout.batch,
-            ),
-            data.kind,
-        )
-    logger.log(step, "test", test_metrics)
-    logger.close()
-    ckpt.close()
+        logger.log(step, "test", test_metrics)
     final = full_params(state, setup)
     summary = {
         "test_split": test_split,
