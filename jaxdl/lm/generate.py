@@ -177,8 +177,8 @@ def generate_text(
     seed: int = 0,
 ) -> str:
     """Continue ``prompt`` with the language model trained in ``workdir`` (LoRA merged)."""
-    from jaxdl.checkpoint.manager import load_params
-    from jaxdl.training.evaluate import load_run_config
+    from jaxdl.checkpoint.load import load_run_config
+    from jaxdl.checkpoint.read import load_params
 
     cfg = load_run_config(workdir)
     if cfg.model.name != "transformer":

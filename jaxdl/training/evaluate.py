@@ -5,23 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from jaxdl import config as config_lib
+from jaxdl.checkpoint.load import load_run_config
 from jaxdl.core import steps
 from jaxdl.data import Data, build_data
 from jaxdl.errors import UserError
 from jaxdl.parallel import sharding
 from jaxdl.training.build import Setup, build
-
-
-def load_run_config(workdir: str | Path):
-    """The resolved config of a trained workdir (its config.json)."""
-    config_path = Path(workdir) / "config.json"
-    if not config_path.is_file():
-        raise UserError(
-            f"--workdir: no config.json in {workdir}. "
-            "Fix: pass the --workdir of a `jaxdl train` run."
-        )
-    return config_lib.load_config(config_path)
 
 
 def restore_run(
