@@ -38,3 +38,25 @@ def test_import_jaxdl_is_lazy_and_every_public_name_resolves():
     for name in jaxdl.__all__:
         assert getattr(jaxdl, name) is not None, name
     assert set(jaxdl.__all__) <= set(dir(jaxdl))
+
+
+def test_load_model_gives_the_logits_the_run_was_scored_with(tmp_path):
+    import numpy as np
+
+    from jaxdl.data import build_data
+
+    cfg = jaxdl.load_config(
+        "experiments/digits_cnn.py",
+        ["--config.num_epochs=0", "--config.num_steps=30", "--config.eval_every=30"],
+    )
+    summary = jaxdl.train(cfg, tmp_path, progress=False, echo=lambda *_: None)
+    model, variables = jaxdl.load_model(tmp_path)
+    data = build_data(cfg.data, seed=cfg.seed, num_classes=cfg.model.num_classes)
+    correct = total = 0
+    for batch in data.eval_iter("test", 128):
+        logits = model.apply(variables, batch["image"])
+        mask = batch["mask"].astype(bool)
+        correct += int((logits.argmax(-1) == batch["label"])[mask].sum())
+        total += int(mask.sum())
+    assert total == 360
+    np.testing.assert_allclose(correct / total, summary["test_accuracy"], atol=1e-9)
