@@ -1,20 +1,11 @@
 """The article's 3.1 MLP (512-256-128, ReLU) on scikit-learn's digits.
 
-    jaxdl train --config experiments/digits_mlp.py --workdir runs/digits_mlp
+Shipped in the wheel as `jaxdl.configs.digits_mlp` (`jaxdl demo` runs it), so `--config digits_mlp`
+works from any directory; this file keeps the repository path working:
 
-Softmax cross-entropy rather than the article's sigmoid + MSE (see NOTES.md); the
-article's choice is one override away: --config.loss.name=mse.
+    jaxdl train --config experiments/digits_mlp.py --workdir runs/digits_mlp
 """
 
-import ml_collections
+from jaxdl.configs.digits_mlp import get_config
 
-
-def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.seed = 42
-    c.model = {"name": "mlp", "num_classes": 10, "hidden": (512, 256, 128), "dropout_rate": 0.1}
-    c.data = {"source": "digits", "batch_size": 32}
-    c.optimizer = {"name": "adam", "learning_rate": 1e-3}
-    c.num_epochs = 20
-    c.log_every = 20
-    return c
+__all__ = ["get_config"]

@@ -1,31 +1,11 @@
 """LoRA fine-tuning of the stdlib-pretrained GPT on English text (`pydoc_data.topics`).
 
-    jaxdl train --config experiments/lm_stdlib_pretrain.py --workdir runs/lm_pretrain
-    jaxdl train --config experiments/lm_pydoc_lora.py \
-        --config.init_from.checkpoint=runs/lm_pretrain --workdir runs/lm_pydoc_lora
-    jaxdl generate --workdir runs/lm_pydoc_lora --prompt "The with statement"
+Shipped in the wheel as `jaxdl.configs.lm_pydoc_lora` (`jaxdl demo` runs it), so
+`--config lm_pydoc_lora` works from any directory; this file keeps the repository path working:
 
-Rank-8 adapters on every attention and MLP projection; the base model stays frozen, and
-the run's checkpoints hold only the adapters plus a reference to the base checkpoint.
+    jaxdl train --config experiments/lm_pydoc_lora.py --workdir runs/lm_pydoc_lora
 """
 
-import ml_collections
+from jaxdl.configs.lm_pydoc_lora import get_config
 
-
-def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.model = {"name": "transformer", "size": "small", "vocab_size": 256, "dropout_rate": 0.0}
-    c.data = {"source": "text:pydoc", "seq_len": 128, "batch_size": 16, "eval_batch_size": 64}
-    c.init_from = {"checkpoint": "runs/lm_pretrain"}
-    c.lora = {
-        "rank": 8,
-        "alpha": 16.0,
-        "targets": r"params/.*/(query|key|value|out|fc1|fc2)/kernel",
-    }
-    c.optimizer = {"name": "adam", "learning_rate": 3e-3, "grad_clip_norm": 1.0}
-    c.num_steps = 200
-    c.log_every = 25
-    c.eval_every = 100
-    c.best_metric = "val_bits_per_byte"
-    return c
+__all__ = ["get_config"]

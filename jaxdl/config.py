@@ -104,9 +104,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Load ``path`` (a .py with get_config() or a config.json), apply overrides, validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--config: no file at {path}. Fix: pass experiments/NAME.py.")
+    path = resolve_config_path(path)
     if path.suffix == ".json":
         user = json.loads(path.read_text())
     else:
@@ -116,6 +114,26 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collectio
         apply_override(cfg, item)
     validate(cfg)
     return cfg
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The configs in the wheel (`jaxdl/configs/NAME.py`), by NAME."""
+    folder = Path(__file__).resolve().parent / "configs"
+    return {p.stem: p for p in sorted(folder.glob("*.py")) if not p.stem.startswith("_")}
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file: a path that exists, else the NAME of a config shipped in the wheel."""
+    found = Path(path)
+    if found.is_file():
+        return found
+    shipped = shipped_configs()
+    if str(path) in shipped:
+        return shipped[str(path)]
+    raise UserError(
+        f"--config: no file at {path}, and no shipped config of that name "
+        f"(shipped: {sorted(shipped)}). Fix: pass a path to a config .py or one of those names."
+    )
 
 
 def _get_config_from_module(path: Path) -> Any:

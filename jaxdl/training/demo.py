@@ -11,6 +11,7 @@ scratch for the same number of steps.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -19,16 +20,10 @@ from jaxdl import config as config_lib
 from jaxdl.errors import UserError
 from jaxdl.training.runlog import write_json
 
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
-
-def _experiment_config(name: str, overrides: list[str] = ()):
-    """An experiment's config: the packaged copy, else the repository's experiments/."""
-    from importlib import resources
-
-    packaged = resources.files("jaxdl") / "experiments" / f"{name}.py"
-    path = Path(str(packaged)) if packaged.is_file() else EXPERIMENTS / f"{name}.py"
-    return config_lib.load_config(path, overrides)
+def _shipped_config(name: str, overrides: list[str] = ()):
+    """One of the configs packaged in `jaxdl.configs` (so the demo runs from any directory)."""
+    return config_lib.load_config(name, overrides)
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
@@ -48,7 +43,7 @@ def run_digits(workdir: Path) -> list[dict]:
     rows = []
     for name in ("digits_mlp", "digits_cnn"):
         print(f"\n== {name}: training on scikit-learn digits ==")
-        summary = train(_experiment_config(name), _fresh(workdir / name))
+        summary = train(_shipped_config(name), _fresh(workdir / name))
         rows.append(
             {
                 "model": name,
@@ -117,7 +112,7 @@ def run_lm(workdir: Path) -> list[dict]:
     print("== 1/5 pretrain: small GPT on the standard library's sources ==")
     pretrain_dir = _fresh(workdir / "pretrain")
     pretrain = train(
-        _experiment_config("lm_stdlib_pretrain", [*_LM_COMMON, *_PRETRAIN]), pretrain_dir
+        _shipped_config("lm_stdlib_pretrain", [*_LM_COMMON, *_PRETRAIN]), pretrain_dir
     )
     rows = []
     for i, (variant, extra) in enumerate(VARIANTS.items(), start=2):
@@ -128,9 +123,9 @@ def run_lm(workdir: Path) -> list[dict]:
             f"--config.init_from.checkpoint={pretrain_dir}",
             *extra,
         ]
-        cfg = _experiment_config("lm_pydoc_lora", overrides)
+        cfg = _shipped_config("lm_pydoc_lora", overrides)
         if variant == "lora":
-            cfg.lora = _experiment_config("lm_pydoc_lora", []).lora
+            cfg.lora = _shipped_config("lm_pydoc_lora", []).lora
         summary = train(cfg, _fresh(workdir / variant))
         rows.append(
             {
@@ -175,24 +170,32 @@ def run_lm(workdir: Path) -> list[dict]:
     return rows
 
 
-def _enable_compilation_cache() -> None:
+@contextlib.contextmanager
+def _compilation_cache():
     """Reuse compiled programs across the demo's runs (and across demo invocations).
 
-    The variants share their eval step and, for scratch and full, their train step.
+    The variants share their eval step and, for scratch and full, their train step. The
+    cache settings are restored on exit: the demo changes nothing process-wide for good.
     """
     import jax
 
     cache = Path(os.environ.get("JAXDL_CACHE_DIR", Path.home() / ".cache" / "jaxdl")) / "xla"
-    jax.config.update("jax_compilation_cache_dir", str(cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = {key: getattr(jax.config, key) for key in keys}
+    jax.config.update(keys[0], str(cache))
+    jax.config.update(keys[1], 0.5)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            jax.config.update(key, value)
 
 
 def run_demo(workdir: str | Path, task: str = "lm") -> list[dict]:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    _enable_compilation_cache()
-    if task == "lm":
-        return run_lm(workdir)
-    if task == "digits":
-        return run_digits(workdir)
-    raise UserError(f"--task: expected one of ['lm', 'digits'], found {task!r}.")
+    runs = {"lm": run_lm, "digits": run_digits}
+    if task not in runs:
+        raise UserError(f"--task: expected one of {sorted(runs)}, found {task!r}.")
+    with _compilation_cache():
+        return runs[task](workdir)
