@@ -32,6 +32,7 @@ import numpy as np
 
 from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
+from jaxdl.tables import text_table
 
 Tree = Mapping[str, Any]
 Rule = tuple[str, Mapping[str, Any]]
@@ -288,15 +289,6 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
         "unfreeze_at": "",
         "opt_state_bytes": sum(r["opt_state_bytes"] for r in rows),
     }
-    table = [[title for _, title in _COLUMNS]]
-    table += [[_cell(row[key]) for key, _ in _COLUMNS] for row in [*rows, total]]
-    widths = [max(len(line[i]) for line in table) for i in range(len(_COLUMNS))]
-
-    def fmt(line: list[str]) -> str:
-        # Text columns left-aligned, numbers right-aligned.
-        first = line[0].ljust(widths[0])
-        rest = [cell.rjust(width) for cell, width in zip(line[1:], widths[1:], strict=True)]
-        return "  ".join([first, *rest]).rstrip()
-
-    rule = "-" * len(fmt(table[0]))
-    return "\n".join([fmt(table[0]), rule, *map(fmt, table[1:-1]), rule, fmt(table[-1])])
+    header = [title for _, title in _COLUMNS]
+    cells = [[_cell(row[key]) for key, _ in _COLUMNS] for row in [*rows, total]]
+    return text_table(header, cells, footer=1)

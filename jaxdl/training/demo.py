@@ -18,6 +18,7 @@ from pathlib import Path
 
 from jaxdl import config as config_lib
 from jaxdl.errors import UserError
+from jaxdl.tables import text_table
 from jaxdl.training.runlog import write_json
 
 
@@ -28,13 +29,8 @@ def _shipped_config(name: str, overrides: list[str] = ()):
 
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """rows -> an aligned text table; columns are (key, header, format)."""
-    cells = [[h for _, h, _ in columns]] + [
-        [format(r[k], f) if f else str(r[k]) for k, _, f in columns] for r in rows
-    ]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    cells = [[format(r[k], f) if f else str(r[k]) for k, _, f in columns] for r in rows]
+    return text_table([h for _, h, _ in columns], cells)
 
 
 def run_digits(workdir: Path) -> list[dict]:

@@ -28,6 +28,7 @@ import ml_collections
 
 from jaxdl import config as config_lib
 from jaxdl.errors import UserError
+from jaxdl.tables import text_table
 from jaxdl.training.runlog import read_metrics, write_json
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -127,13 +128,7 @@ def format_rows(rows: list[Mapping[str, Any]]) -> str:
 
     metric = "test_accuracy" if any("test_accuracy" in r for r in rows) else "test_bits_per_byte"
     columns = (_COLUMNS[0], metric, *_COLUMNS[1:])
-    table = [list(columns)] + [[cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
-    lines = []
-    for line in table:  # the task name left-aligned, numbers right-aligned
-        cells = [v.rjust(w) for v, w in zip(line[1:], widths[1:], strict=True)]
-        lines.append("  ".join([line[0].ljust(widths[0]), *cells]))
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+    return text_table(columns, [[cell(row.get(c)) for c in columns] for row in rows])
 
 
 def run_tasks(
