@@ -5,7 +5,7 @@ The transforms themselves are pure functions over parameter trees (`jaxdl.deploy
 and after, with the exported artifact's size for each variant::
 
     report = compress_report("runs/digits_cnn", sparsity=0.5)
-    python -m jaxdl.compress --workdir runs/digits_cnn [--sparsity 0.5] [--out-dir DIR]
+    python experiments/compress_digits.py --workdir runs/digits_cnn [--sparsity 0.5] [--out-dir DIR]
 
 Pruning is followed by a short recovery fine-tune whose optimizer updates are masked
 (`prune.keep_masked`), so pruned weights stay exactly zero.
@@ -180,7 +180,7 @@ def compress_report(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m jaxdl.compress", description=__doc__.splitlines()[0]
+        prog="python experiments/compress_digits.py", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--sparsity", type=float, default=0.5)

@@ -1,5 +1,6 @@
 """int8 quantization, magnitude pruning, masked recovery, and compress_report end to end."""
 
+import runpy
 from pathlib import Path
 
 import jax
@@ -157,9 +158,8 @@ def workdir(tmp_path_factory):
 def test_compress_report_end_to_end(workdir, tmp_path):
     import json
 
-    from jaxdl.compress import compress_report
-
-    report = compress_report(workdir, sparsity=0.5, recovery_steps=3, out_dir=tmp_path)
+    study = runpy.run_path(str(ROOT / "experiments/compress_digits.py"))  # a study, not the API
+    report = study["compress_report"](workdir, sparsity=0.5, recovery_steps=3, out_dir=tmp_path)
     summary = json.loads((workdir / "summary.json").read_text())
     assert report["baseline"]["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-9)
     assert report["baseline"]["artifact_bytes"] == (tmp_path / "baseline.jaxexport").stat().st_size
