@@ -27,3 +27,16 @@ def test_workers_match_in_process_and_resume(tmp_path):
     for a, b in zip(got, reference, strict=True):
         np.testing.assert_array_equal(np.asarray(a["image"]), b["image"])
         np.testing.assert_array_equal(np.asarray(a["label"]), b["label"])
+
+
+def test_starting_workers_leaves_absl_flags_as_they_were():
+    from absl import flags
+
+    from jaxdl.data import build_data
+
+    flags.FLAGS.unparse_flags()  # as in any program that is not an absl app
+    data = build_data({"source": "digits"}, seed=0, num_classes=10)
+    workers = data.train_iter(32, seed=0, num_workers=1)
+    next(workers)
+    workers.close()
+    assert not flags.FLAGS.is_parsed()

@@ -7,6 +7,7 @@ step on, bitwise equal to an uninterrupted run, with or without worker processes
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -22,12 +23,20 @@ Batch = dict[str, np.ndarray]
 STATE_VERSION = 1
 
 
-def _absl_flags_parsed() -> None:
-    """grain's worker start reads absl flags; outside an absl app they were never parsed."""
+@contextlib.contextmanager
+def _absl_flags_readable() -> Iterator[None]:
+    """grain reads its absl flags while starting worker processes; outside an absl app they
+    were never parsed. Mark them parsed (their defaults) only while the workers start."""
     from absl import flags
 
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
+    if flags.FLAGS.is_parsed():
+        yield
+        return
+    flags.FLAGS.mark_as_parsed()
+    try:
+        yield
+    finally:
+        flags.FLAGS.unparse_flags()  # back to "never parsed", every flag at its default
 
 
 class TrainIterator:
@@ -59,16 +68,21 @@ class TrainIterator:
         return self
 
     def __next__(self) -> Batch:
-        if self._it is None:
+        if self._it is not None:
+            batch = next(self._it)
+        elif self.num_workers > 0:
+            with _absl_flags_readable():  # the first `next` starts the workers
+                self._it = self._open()
+                batch = next(self._it)
+        else:
             self._it = self._open()
-        batch = next(self._it)
+            batch = next(self._it)
         self._step += 1
         return batch
 
     def _open(self) -> Iterator:
         ds = grain.MapDataset.source(self._batches)[self._step :]
         if self.num_workers > 0:
-            _absl_flags_parsed()
             ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
             options = grain.MultiprocessingOptions(
                 num_workers=self.num_workers, per_worker_buffer_size=2
