@@ -86,7 +86,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.best_metric = "val_accuracy"  # "" disables the best copy
     c.early_stopping = ml_collections.ConfigDict({"patience": 0, "min_delta": 0.0})
-    c.folds = 0
 
     c.init_from = ml_collections.ConfigDict()
     c.init_from.checkpoint = ""

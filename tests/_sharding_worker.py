@@ -70,7 +70,7 @@ def opt_leaf(tree, suffix: str):
     """The first leaf of ``tree`` whose path ends with ``suffix`` (in opt_state: Adam's mu)."""
     import jax
 
-    from jaxdl.parallel.sharding import path_str
+    from jaxdl.core.tree import path_str
 
     leaves = jax.tree_util.tree_leaves_with_path(tree)
     return next(x for kp, x in leaves if path_str(kp).endswith(suffix))

@@ -18,6 +18,7 @@ from PIL import Image
 from jaxdl import cli
 from jaxdl.config import load_config
 from jaxdl.core import steps
+from jaxdl.deploy import artifact as artifact_format
 from jaxdl.deploy import export, predict
 from jaxdl.deploy.quantize import dequantize, quantize_params
 
@@ -89,7 +90,7 @@ def test_round_trip_symbolic_batch(run, artifact, test_images):
 
 def test_sidecar(artifact):
     path, meta = artifact
-    on_disk = json.loads(export.sidecar_path(path).read_text())
+    on_disk = json.loads(artifact_format.sidecar_path(path).read_text())
     assert on_disk == json.loads(json.dumps(meta))
     assert meta["model"] == "simple_cnn"
     assert meta["kind"] == "classification"
@@ -97,7 +98,7 @@ def test_sidecar(artifact):
     assert meta["output"]["shape"] == [None, 10]
     assert meta["class_names"] == [str(d) for d in range(10)]
     assert meta["jax_version"] == jax.__version__
-    assert meta["format_version"] == export.FORMAT_VERSION == 1
+    assert meta["format_version"] == artifact_format.FORMAT_VERSION == 1
     assert meta["platforms"] == ["cpu"]
     assert meta["quantization"] is None
     assert meta["step"] == 60
@@ -205,7 +206,7 @@ def test_cli_export_and_predict(workdir, artifact, test_images, tmp_path):
     assert (
         cli.main(["export", "--workdir", str(workdir), "--out", str(out), "--platform", "cpu"]) == 0
     )
-    meta = json.loads(export.sidecar_path(out).read_text())
+    meta = json.loads(artifact_format.sidecar_path(out).read_text())
     assert meta["model"] == "simple_cnn" and meta["workdir"] == str(workdir.resolve())
     assert meta["step"] == 60 and meta["platforms"] == ["cpu"]
     png = tmp_path / "x.png"
@@ -226,11 +227,11 @@ def test_cli_errors_are_one_line_exit_2(artifact, test_images, tmp_path):
     blob = bytearray(path.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     corrupt.write_bytes(bytes(blob))
-    export.sidecar_path(corrupt).write_text(json.dumps(meta))
+    artifact_format.sidecar_path(corrupt).write_text(json.dumps(meta))
 
     old = tmp_path / "old.jaxexport"
     old.write_bytes(path.read_bytes())
-    export.sidecar_path(old).write_text(
+    artifact_format.sidecar_path(old).write_text(
         json.dumps({**meta, "jax_version": "99.0.0", "format_version": 7})
     )
     cases = {

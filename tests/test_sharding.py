@@ -20,6 +20,7 @@ import pytest
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
+from jaxdl.core import tree as tree_lib
 from jaxdl.core.state import TrainState
 from jaxdl.models import create_model
 from jaxdl.parallel import sharding
@@ -136,7 +137,7 @@ def tiny_gpt_state(scan_layers: bool = False):
 def flat_specs(tree, sizes=SIZES, **kwargs):
     specs = sharding.tree_specs(tree, sizes, **kwargs)
     flat = jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, P))
-    return {sharding.path_str(kp): spec for kp, spec in flat}
+    return {tree_lib.path_str(kp): spec for kp, spec in flat}
 
 
 def test_gpt_tensor_parallel_and_fsdp_rules():

@@ -32,7 +32,6 @@ import orbax.checkpoint as ocp
 from jaxdl.checkpoint.read import (
     check_safe,
     format_report,
-    leaf_paths,
     load_params,
     load_variables,
     orbax_errors,
@@ -40,6 +39,7 @@ from jaxdl.checkpoint.read import (
     state_metadata,
 )
 from jaxdl.core.state import TrainState
+from jaxdl.core.tree import leaf_paths
 from jaxdl.errors import UserError
 
 __all__ = [

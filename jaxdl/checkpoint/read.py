@@ -151,20 +151,6 @@ def orbax_errors(step_dir: Path) -> Iterator[None]:
         ) from err
 
 
-def key_str(key: Any) -> str:
-    """A jax tree-path key (dict key, sequence index, attribute) as a path component."""
-    for attr in ("key", "idx", "name"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def leaf_paths(tree: Any) -> dict[str, Any]:
-    """Any pytree (TrainState, NamedTuples, Orbax metadata) -> {"a/0/b": leaf}."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {"/".join(key_str(k) for k in path): leaf for path, leaf in flat}
-
-
 def state_metadata(step_dir: Path) -> dict:
     """The saved TrainState's tree of Orbax ArrayMetadata (shape, dtype), nothing read."""
     with orbax_errors(step_dir):

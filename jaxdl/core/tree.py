@@ -7,10 +7,23 @@ the tree keys joined by "/", e.g. ``params/backbone/Conv_0/kernel``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+
 Tree = Mapping[str, Any]
+
+
+def path_str(key_path: Sequence[Any]) -> str:
+    """A jax tree path -> "a/b/0/c" (dict keys, attribute names and indices)."""
+    return jax.tree_util.keystr(tuple(key_path), simple=True, separator="/")
+
+
+def leaf_paths(tree: Any) -> dict[str, Any]:
+    """Any pytree (dicts, dataclasses such as TrainState, NamedTuples) -> {"a/0/b": leaf}."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {path_str(path): leaf for path, leaf in flat}
 
 
 def flatten(tree: Tree, prefix: str = "") -> dict[str, Any]:
@@ -46,6 +59,12 @@ def merge(*trees: Tree) -> dict[str, Any]:
         assert not clash, f"trees overlap at {sorted(clash)[:5]}"
         flat.update(part)
     return unflatten(flat)
+
+
+def is_kernel(path: str, leaf: Any) -> bool:
+    """Weight matrices and conv kernels ("kernel" leaves, ndim >= 2): what quantization and
+    pruning act on."""
+    return path.rsplit("/", 1)[-1] == "kernel" and getattr(leaf, "ndim", 0) >= 2
 
 
 def num_params(tree: Tree) -> int:

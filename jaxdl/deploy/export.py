@@ -39,21 +39,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdl.deploy.artifact import FORMAT, FORMAT_VERSION, sidecar_path
 from jaxdl.deploy.quantize import dequantize, quantize_params
 from jaxdl.errors import UserError
 
-FORMAT = "jaxdl.deploy.export"
-FORMAT_VERSION = 1
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 QUANTIZATIONS = ("int8",)
 _HOST_OPS = ("resize", "center_crop")  # done by predict_files, before the artifact
 _LABEL_OPS = ("one_hot",)  # act on labels only: nothing to export
-_FIX = "Fix: re-export with `jaxdl export`."
-
-
-def sidecar_path(path: str | Path) -> Path:
-    """MODEL.jaxexport -> MODEL.jaxexport.json"""
-    return Path(f"{path}.json")
 
 
 # ---- the exported functions ----------------------------------------------------------------

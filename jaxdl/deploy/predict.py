@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxdl.deploy.export import _FIX, FORMAT, FORMAT_VERSION, sidecar_path
+from jaxdl.deploy.artifact import FORMAT, FORMAT_VERSION, REEXPORT, sidecar_path
 from jaxdl.errors import UserError
 
 
@@ -47,7 +47,7 @@ def check_compatible(path: str | Path, meta: Mapping) -> None:
         raise UserError(
             f"{path}: built with jax {meta.get('jax_version')} (format "
             f"{meta.get('format_version')}); this is jax {jax.__version__} "
-            f"(format {FORMAT_VERSION}). {_FIX}"
+            f"(format {FORMAT_VERSION}). {REEXPORT}"
         )
 
 
@@ -69,10 +69,11 @@ def read_metadata(path: str | Path) -> dict:
     try:
         meta = json.loads(side.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"MODEL: {side} is not valid JSON ({err}). {_FIX}") from None
+        raise UserError(f"MODEL: {side} is not valid JSON ({err}). {REEXPORT}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(
-            f'MODEL: {side} is not a jaxdl export sidecar (expected "format": "{FORMAT}"). {_FIX}'
+            f'MODEL: {side} is not a jaxdl export sidecar (expected "format": "{FORMAT}"). '
+            + REEXPORT
         )
     check_compatible(path, meta)
     return meta
@@ -163,7 +164,7 @@ def load(path: str | Path) -> Predictor:
         exported = jax.export.deserialize(bytearray(blob))
     except Exception as err:  # flatbuffers raises assorted errors on bad bytes
         raise UserError(
-            f"MODEL: {path} cannot be deserialized ({type(err).__name__}). {_FIX}"
+            f"MODEL: {path} cannot be deserialized ({type(err).__name__}). {REEXPORT}"
         ) from None
     here = jax.export.default_export_platform()
     if here not in exported.platforms:

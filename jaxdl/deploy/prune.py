@@ -24,7 +24,6 @@ import numpy as np
 import optax
 
 from jaxdl.core import tree
-from jaxdl.deploy.quantize import is_kernel
 from jaxdl.errors import UserError
 
 Params = Mapping[str, Any]
@@ -51,7 +50,7 @@ def prune(params: Params, sparsity: float, scope: str = "global") -> tuple[dict,
     if scope not in SCOPES:
         raise UserError(f"scope: expected one of {list(SCOPES)}, found {scope!r}.")
     flat = {p: np.asarray(v) for p, v in tree.flatten(params).items()}
-    kernels = [p for p in sorted(flat) if is_kernel(p, flat[p])]
+    kernels = [p for p in sorted(flat) if tree.is_kernel(p, flat[p])]
     masks = {p: np.ones(v.shape, bool) for p, v in flat.items()}
     if scope == "global":
         sizes = [flat[p].size for p in kernels]
@@ -74,7 +73,7 @@ def sparsity(params: Params) -> dict[str, Any]:
     flat = tree.flatten(params)
     layers, zeros, total = {}, 0, 0
     for path, leaf in flat.items():
-        if is_kernel(path, leaf):
+        if tree.is_kernel(path, leaf):
             w = np.asarray(leaf)
             n_zero = int(np.count_nonzero(w == 0))
             layers[path] = n_zero / w.size

@@ -34,11 +34,6 @@ class Int8Tensor(flax.struct.PyTreeNode):
     scale: Any
 
 
-def is_kernel(path: str, leaf: Any) -> bool:
-    """Leaves that quantization and pruning act on: "kernel" leaves with ndim >= 2."""
-    return path.rsplit("/", 1)[-1] == "kernel" and np.ndim(leaf) >= 2
-
-
 def quantize_kernel(w: Any) -> Int8Tensor:
     """w: float [..., C] -> Int8Tensor with scale = max|w| over all axes but the last / 127."""
     w = np.asarray(w, np.float32)
@@ -68,7 +63,7 @@ def quantize_params(params: Params) -> tuple[dict, dict]:
     flat = tree.flatten(params)
     out, quantized, worst = {}, [], 0.0
     for path, leaf in flat.items():
-        if is_kernel(path, leaf):
+        if tree.is_kernel(path, leaf):
             q = quantize_kernel(leaf)
             error = np.abs(np.asarray(leaf, np.float32) - np.asarray(dequantize_kernel(q)))
             worst = max(worst, float(error.max(initial=0.0)))

@@ -184,15 +184,11 @@ def split(tree: Tree, plan: Mapping[str, LeafPlan]) -> tuple[dict[str, Any], dic
     return tree_lib.unflatten(trainable), tree_lib.unflatten(frozen)
 
 
-def _path_str(key_path: tuple[Any, ...]) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
-
-
 def _map_trainable(fn: Any, plan: Mapping[str, LeafPlan], trainable_tree: Tree) -> Any:
     """Tree shaped like ``trainable_tree`` with ``fn(leaf_plan)`` at each leaf."""
 
     def leaf_fn(key_path: tuple[Any, ...], _: Any) -> Any:
-        path = _path_str(key_path)
+        path = tree_lib.path_str(key_path)
         assert path in plan and plan[path].trainable, f"{path} is not a trainable leaf of the plan"
         return fn(plan[path])
 

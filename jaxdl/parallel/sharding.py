@@ -35,6 +35,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxdl.core.tree import path_str
 from jaxdl.errors import UserError
 
 AXES = ("data", "fsdp", "tensor")
@@ -188,11 +189,6 @@ def partition_spec(
         if free:
             spec[max(free, key=lambda d: (shape[d], -d))] = "fsdp"
     return P(*spec)
-
-
-def path_str(key_path: Sequence[Any]) -> str:
-    """A jax tree path -> "a/b/0/c" (dict keys, attribute names and indices)."""
-    return jax.tree_util.keystr(tuple(key_path), simple=True, separator="/")
 
 
 def tree_specs(

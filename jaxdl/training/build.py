@@ -75,7 +75,7 @@ def build(
     """Build model, task, optimizer and initial TrainState for ``cfg``.
 
     ``restore_fn(init_from, variables) -> (variables, report)`` loads pretrained weights
-    (`jaxdl.checkpoint.manager.restore_pretrained`); it is called only when init_from is set.
+    (`jaxdl.checkpoint.read.restore_pretrained`); it is called only when init_from is set.
     With a ``mesh`` the state is created sharded (`jaxdl.parallel.sharding`) and ``Setup.layout``
     says where each leaf lives.
     """
