@@ -91,9 +91,10 @@ def train_step(
 
     ``factored_lora``: True computes LoRA adapters of nn.Dense layers as
     ``x W + s (x A) B`` (`lora.low_rank_dense`); False merges every adapter into its kernel.
-    Same function; factored needs about a quarter fewer FLOPs for a GPT
-    (`python benchmarks/lora_cost.py`), but its rank-r matmuls ran 10 % slower than merging
-    on this project's 2-core CPU. None (default): merged on CPU, factored elsewhere.
+    Same function; factored never forms the full weight gradient (fewer FLOPs), merged
+    runs fewer, larger matmuls; which wins depends on the backend (measured in
+    benchmarks/README.md, `python benchmarks/lora_cost.py`). None (default): merged on CPU,
+    factored elsewhere.
 
     ``gather``: {"params", "frozen"} shardings the weights take where they are used
     (`jaxdl.parallel.sharding.Layout.gather`, FSDP): XLA then all-gathers weights instead of

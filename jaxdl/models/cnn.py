@@ -17,8 +17,8 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2 max-pool, stride 2, VALID: [B, H, W, C] -> [B, H//2, W//2, C].
 
     Written as a reshape and a max, equal to ``nn.max_pool(x, (2, 2), strides=(2, 2))`` in
-    values and gradients; XLA's CPU backward of the windowed form (select-and-scatter) was
-    measured 5x slower (benchmarks/README.md).
+    values and gradients; XLA's CPU backward of the windowed form (select-and-scatter) is
+    much slower (measured in benchmarks/README.md).
     """
     b, h, w, c = x.shape
     x = x[:, : h - h % 2, : w - w % 2]  # VALID: an odd last row/column is dropped

@@ -53,8 +53,8 @@ def init_variables(model: nn.Module, sample: jax.Array, seed: int) -> dict:
     """Fresh model variables as host arrays, computed once under jit.
 
     Initialisation runs on one device (the mesh places the result), so it uses the
-    non-partitionable threefry: XLA compiles its random bits 2-3x faster on CPU (a tiny
-    ResNet's init: 12 s -> 4 s here), and the values stay a pure function of the seed.
+    non-partitionable threefry, which XLA compiles faster on CPU (benchmarks/README.md);
+    the values stay a pure function of the seed.
     """
     rngs = {"params": jax.random.PRNGKey(seed), "dropout": jax.random.PRNGKey(seed + 1)}
     with jax.threefry_partitionable(False):
