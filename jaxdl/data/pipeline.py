@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxdl.data.batches import EvalBatches, TrainBatches, materialize
 from jaxdl.data.loader import TrainIterator, eval_batches
-from jaxdl.data.sources import Concat, Source, Subset, load_source, opt
+from jaxdl.data.sources import Concat, Source, Subset, cheap_labels, load_source, opt
 from jaxdl.data.transforms import EvalChain, Op, TrainChain, parse_transforms
 from jaxdl.errors import UserError
 
@@ -251,6 +251,39 @@ def _first_per_class(source: Source, per_class: int) -> None:
     source.split_names["train"] = f"{name}, first {per_class} per class"
 
 
+def _check_labels_fit(source: Source, num_classes: int) -> None:
+    """Refuse, before training, a source whose labels do not fit [0, num_classes).
+
+    The source's class count (TFDS ClassLabel, class folders) is checked first; then every
+    split whose labels are in memory is scanned in full. The train step checks each batch
+    on the device too (`jaxdl.core.heads.label_flags`), for sources that cannot be scanned.
+    """
+    spec = source.description.get("source", "the source")
+    if source.num_classes is not None and source.num_classes > num_classes:
+        raise UserError(
+            f"model.num_classes: expected at least {source.num_classes} (the classes of "
+            f"{spec}), found {num_classes}, so labels would have to lie in "
+            f"[0, {num_classes}). Fix: set model.num_classes={source.num_classes}, or keep "
+            "fewer classes with data.classes."
+        )
+    label_key = getattr(source.decode, "label_key", "label")
+    for name, records in source.splits.items():
+        labels = cheap_labels(records, label_key)
+        if labels is None or not len(labels):
+            continue
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            bad = int(np.count_nonzero((labels < 0) | (labels >= num_classes)))
+            fix = "make every label a class index >= 0"
+            if lo >= 0:
+                fix = f"set model.num_classes to at least {hi + 1}, or fix the labels"
+            raise UserError(
+                f"data: split {name!r} ({source.split_names.get(name, name)}) holds {bad} "
+                f"labels outside [0, {num_classes}) (model.num_classes): found min {lo} "
+                f"max {hi}. Fix: {fix}."
+            )
+
+
 def build_data(
     data_cfg: Mapping,
     *,
@@ -289,6 +322,8 @@ def build_data(
                 f"data: split {name!r} ({source.split_names.get(name, name)}) is "
                 "empty. Fix: add data or raise data.val_fraction."
             )
+    if source.kind == "classification" and num_classes is not None:
+        _check_labels_fit(source, num_classes)
 
     eval_ops = parse_transforms(
         opt(data_cfg, "transforms", []), field="data.transforms", allow_random=False

@@ -87,6 +87,10 @@ class Subset:
     def __getitem__(self, i: int):
         return self.records[int(self.indices[i])]
 
+    def cheap_labels(self, key: str = "label") -> np.ndarray | None:
+        base = cheap_labels(self.records, key)
+        return None if base is None else base[self.indices]
+
 
 class Concat:
     """Several random-access sources end to end."""
@@ -102,6 +106,10 @@ class Concat:
         part = int(np.searchsorted(self.offsets, i, side="right")) - 1
         return self.parts[part][i - int(self.offsets[part])]
 
+    def cheap_labels(self, key: str = "label") -> np.ndarray | None:
+        parts = [cheap_labels(p, key) for p in self.parts]
+        return None if any(p is None for p in parts) else np.concatenate(parts)
+
 
 class InMemoryRecords:
     """All records of a small source held as stacked numpy arrays (one read at build)."""
@@ -115,6 +123,19 @@ class InMemoryRecords:
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         return {k: v[i] for k, v in self.arrays.items()}
+
+    def cheap_labels(self, key: str = "label") -> np.ndarray | None:
+        return self.arrays.get(key)
+
+
+def cheap_labels(records: Sequence, key: str = "label") -> np.ndarray | None:
+    """int [N] labels of `records` when held in memory (no record read, no decode), else None.
+
+    Record containers that can answer cheaply define ``cheap_labels(key)``; TFDS sources
+    cannot (each record is deserialized whole), so their ClassLabel metadata stands in.
+    """
+    method = getattr(records, "cheap_labels", None)
+    return None if method is None else method(key)
 
 
 # ---- decoding arrays -----------------------------------------------------------------------

@@ -25,7 +25,7 @@ import numpy as np
 from jaxdl import config as config_lib
 from jaxdl.core import steps
 from jaxdl.core import tree as tree_lib
-from jaxdl.core.heads import finalize
+from jaxdl.core.heads import FLAGS, check_label_flags, finalize
 from jaxdl.data import build_data, prefetch_to_device, validate_batch
 from jaxdl.errors import UserError
 from jaxdl.finetune import partition
@@ -372,6 +372,7 @@ def _flops_per_token(cfg: ml_collections.ConfigDict, data) -> float | None:
 def _flush(pending: list[dict], first_step: int, last_step: int) -> dict[str, float]:
     """Fetch the device-side metrics of steps (first_step, last_step]; stop on NaN/Inf."""
     host = jax.device_get(pending)
+    check_label_flags(host, first_step)  # first: a bad label is what makes the loss NaN
     finite = np.array([m["finite"] for m in host])
     if not finite.all():
         bad = first_step + 1 + int(np.argmin(finite))
@@ -380,7 +381,7 @@ def _flush(pending: list[dict], first_step: int, last_step: int) -> dict[str, fl
             f"{first_step + 1}..{last_step} checked; parameters after step {first_step} were not "
             "saved). Fix: lower optimizer.learning_rate or set optimizer.grad_clip_norm."
         )
-    keys = [k for k in host[0] if k != "finite"]
+    keys = [k for k in host[0] if k not in FLAGS]
     return {k: float(np.mean([m[k] for m in host])) for k in keys}
 
 
