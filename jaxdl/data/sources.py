@@ -161,10 +161,21 @@ def convert_channels(image: np.ndarray, channels: int | None) -> np.ndarray:
     )
 
 
+def quantize_levels(x: np.ndarray, levels: int) -> np.ndarray:
+    """float32 values in [0, 1] -> the nearest of `levels` evenly spaced values k / (levels - 1).
+
+    Digits are 17-level images stored as 8-bit (k -> round(255 k / 16)); this maps every
+    8-bit value back to the level the model trained on, exactly (k / 16 is a float32).
+    """
+    steps = np.float32(levels - 1)
+    return np.round(x * steps) / steps
+
+
 class ArrayImageDecode:
     """Record with an image array -> {"image": float32 [0, 1] HWC, "label": int32}.
 
-    `scale` is the pixel maximum (255 for uint8, 16 for digits, 1 for floats).
+    `scale` is the pixel maximum (255 for uint8, 1 for floats); `levels`, when set, snaps
+    the scaled values to that many evenly spaced levels (`quantize_levels`).
     """
 
     def __init__(
@@ -175,19 +186,23 @@ class ArrayImageDecode:
         label_key: str = "label",
         image_size: tuple[int, int] | None = None,
         channels: int | None = None,
+        levels: int | None = None,
     ):
         self.scale, self.image_key, self.label_key = float(scale), image_key, label_key
-        self.image_size, self.channels = image_size, channels
+        self.image_size, self.channels, self.levels = image_size, channels, levels
 
     def describe(self) -> dict[str, Any]:
         size = list(self.image_size) if self.image_size else None
-        return {"pixel_scale": self.scale, "channels": self.channels, "image_size": size}
+        out = {"pixel_scale": self.scale, "channels": self.channels, "image_size": size}
+        return {**out, "levels": self.levels} if self.levels else out
 
     def __call__(self, record: Mapping) -> dict[str, np.ndarray]:
         image = np.asarray(record[self.image_key])
         if image.ndim == 2:
             image = image[..., None]
         image = image.astype(np.float32) / np.float32(self.scale)
+        if self.levels:
+            image = quantize_levels(image, self.levels)
         image = convert_channels(image, self.channels)
         if self.image_size is not None:
             image = resize_image(image, self.image_size)
