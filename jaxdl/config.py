@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.source = "digits"
     c.data.batch_size = 32
     c.data.eval_batch_size = 0  # 0: same as batch_size
+    # Larger images are refused before decoding (decompression bombs): Pillow's default cap.
+    c.data.max_image_pixels = 89_478_485
     c.data.data_dir = ""  # "": ~/.cache/jaxdl/tfds or $JAXDL_DATA_DIR
     c.data.val_fraction = 0.1
     c.data.image_size = 0  # 0: the source's native size
@@ -118,14 +121,54 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collectio
     return cfg
 
 
+def _line_in(path: Path, err: BaseException) -> int | None:
+    """The innermost line of `path` in the traceback of `err` (None if it never ran there)."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename) == path]
+    return frames[-1].lineno if frames else None
+
+
 def _get_config_from_module(path: Path) -> Any:
+    """Run the config file and its get_config(). Mistakes in the file itself (its syntax, its
+    imports, an exception raised on one of its lines, a get_config that returns no dict) are
+    user errors naming the file and line; an exception raised deeper keeps its traceback."""
     spec = importlib.util.spec_from_file_location(f"jaxdl_config_{path.stem}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise UserError(f"--config: {path} defines no get_config(). Fix: add one returning a dict.")
-    return module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise UserError(
+                f"--config: {path} defines no get_config(). Fix: add one returning a dict."
+            )
+        config = module.get_config()
+    except UserError:
+        raise
+    except SyntaxError as err:
+        where = f"line {err.lineno} of {err.filename}" if err.filename else str(path)
+        raise UserError(
+            f"--config: {path} does not parse: {err.msg} at {where}. Fix: correct that line."
+        ) from None
+    except ImportError as err:
+        line = _line_in(path, err)
+        raise UserError(
+            f"--config: {path} line {line}: import failed ({type(err).__name__}: {err}). "
+            f"Fix: install the module or correct the import on line {line}."
+        ) from None
+    except Exception as err:
+        line = _line_in(path, err)
+        if line is None or traceback.extract_tb(err.__traceback__)[-1].lineno != line:
+            raise  # raised below the config file's own code: keep the traceback
+        raise UserError(
+            f"--config: {path} line {line} raised {type(err).__name__}: {err}. "
+            f"Fix: correct line {line}."
+        ) from None
+    if not isinstance(config, Mapping | ml_collections.ConfigDict):
+        raise UserError(
+            f"--config: get_config() in {path} returned {type(config).__name__} "
+            f"({str(config)[:40]!r}), expected a dict or ml_collections.ConfigDict. Fix: end "
+            "get_config() with `return config`."
+        )
+    return config
 
 
 def _to_plain(value: Any) -> Any:
@@ -268,6 +311,17 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for key in ("data.batch_size", "log_every", "optimizer.accumulate_steps"):
         if cfg[key.split(".")[0]] is not None and _get(cfg, key) < 1:
             raise UserError(f"config.{key}: expected >= 1, found {_get(cfg, key)}.")
+    if cfg.data.eval_batch_size < 0:
+        raise UserError(
+            f"config.data.eval_batch_size: expected >= 0 (0: data.batch_size), found "
+            f"{cfg.data.eval_batch_size}. Fix: set it to 0 or a positive batch size."
+        )
+    if cfg.data.max_image_pixels < 1:
+        raise UserError(
+            f"config.data.max_image_pixels: expected >= 1, found {cfg.data.max_image_pixels}. "
+            "Fix: leave the default (89478485, Pillow's cap) or give the largest image's "
+            "width x height."
+        )
     if cfg.optimizer.learning_rate <= 0:
         raise UserError(
             f"config.optimizer.learning_rate: expected > 0, found {cfg.optimizer.learning_rate}."

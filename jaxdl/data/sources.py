@@ -64,7 +64,7 @@ class Source:
     class_names: list[str] | None
     description: dict  # JSON: how a record becomes an example, for Data.preprocessing
     split_names: dict[str, str] = dataclasses.field(default_factory=dict)
-    skipped_files: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)  # {"path", "reason"}
 
     def labels(self, split: str) -> np.ndarray:
         """int64 [N] labels of a classification split, read from the raw records."""

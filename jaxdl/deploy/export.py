@@ -138,7 +138,8 @@ def _image_file_spec(cfg, data, input_shape: Sequence[int], host: Sequence[Mappi
     resizes to it), the model input size when no host op changes it, else None (the
     source's native size, whatever the file has).
     """
-    from jaxdl.data.sources import image_size
+    from jaxdl.data.images import DEFAULT_MAX_PIXELS
+    from jaxdl.data.sources import image_size, opt
 
     prep = data.preprocessing
     scale = float(prep.get("pixel_scale", 1.0))
@@ -154,6 +155,7 @@ def _image_file_spec(cfg, data, input_shape: Sequence[int], host: Sequence[Mappi
     channels = int(input_shape[-1])
     return {
         "mode": "L" if channels == 1 else "RGB",
+        "max_image_pixels": int(opt(cfg.data, "max_image_pixels", DEFAULT_MAX_PIXELS)),
         "decode_size": decode_size,
         "resize": resize,
         "pixel_scale": scale,

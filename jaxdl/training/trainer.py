@@ -27,6 +27,7 @@ from jaxdl.core import steps
 from jaxdl.core import tree as tree_lib
 from jaxdl.core.heads import FLAGS, check_label_flags, finalize
 from jaxdl.data import build_data, prefetch_to_device, validate_batch
+from jaxdl.data.pipeline import format_report as format_data_report
 from jaxdl.errors import UserError
 from jaxdl.finetune import partition
 from jaxdl.parallel import sharding
@@ -165,6 +166,8 @@ def train(
         workdir.mkdir(parents=True, exist_ok=True)
         write_json(workdir / "config.json", config_dict)
         write_json(workdir / "partition_plan.json", {"groups": setup.plan_rows})
+        write_json(workdir / "data_report.json", data.report)
+        echo(format_data_report(data.report))
         echo(partition.format_table(setup.plan_rows))
         if setup.init_report is not None:
             write_json(workdir / "init_report.json", setup.init_report)
