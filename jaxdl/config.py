@@ -19,6 +19,7 @@ from typing import Any
 import ml_collections
 
 from jaxdl.errors import UserError
+from jaxdl.fileio import read_json
 
 # Sections whose keys are free-form: each is validated by the component that reads it.
 _OPEN_SECTIONS = ("model",)
@@ -111,7 +112,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collectio
     if not path.is_file():
         raise UserError(f"--config: no file at {path}. Fix: pass experiments/NAME.py.")
     if path.suffix == ".json":
-        user = json.loads(path.read_text())
+        user = read_json(path)
     else:
         user = _get_config_from_module(path)
     cfg = merge_config(default_config(), user)
@@ -311,17 +312,14 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for key in ("data.batch_size", "log_every", "optimizer.accumulate_steps"):
         if cfg[key.split(".")[0]] is not None and _get(cfg, key) < 1:
             raise UserError(f"config.{key}: expected >= 1, found {_get(cfg, key)}.")
-    if cfg.data.eval_batch_size < 0:
-        raise UserError(
-            f"config.data.eval_batch_size: expected >= 0 (0: data.batch_size), found "
-            f"{cfg.data.eval_batch_size}. Fix: set it to 0 or a positive batch size."
-        )
-    if cfg.data.max_image_pixels < 1:
-        raise UserError(
-            f"config.data.max_image_pixels: expected >= 1, found {cfg.data.max_image_pixels}. "
-            "Fix: leave the default (89478485, Pillow's cap) or give the largest image's "
-            "width x height."
-        )
+    defaults = default_config()
+    for key, low in _LOWER_BOUNDS.items():
+        value = _get(cfg, key)
+        if value < low:
+            raise UserError(
+                f"config.{key}: expected an int >= {low}, found {value}. Fix: set it to "
+                f"{_get(defaults, key)} (the default) or another value >= {low}."
+            )
     if cfg.optimizer.learning_rate <= 0:
         raise UserError(
             f"config.optimizer.learning_rate: expected > 0, found {cfg.optimizer.learning_rate}."
@@ -335,6 +333,21 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                 f"config.lora: expected keys rank, alpha, targets; missing {sorted(missing)}, "
                 f"unknown {sorted(extra)}."
             )
+
+
+# Sizes and counts a negative value would turn into a confusing failure far from the config
+# (e.g. "__len__() should return >= 0" for a negative eval batch); 0 means "the default".
+_LOWER_BOUNDS = {
+    "data.eval_batch_size": 0,
+    "data.image_size": 0,
+    "data.channels": 0,
+    "data.num_workers": 0,
+    "data.prefetch": 0,
+    "data.max_bytes": 0,
+    "data.num_examples": 0,
+    "data.seq_len": 1,
+    "data.max_image_pixels": 1,
+}
 
 
 def _get(cfg: ml_collections.ConfigDict, dotted: str) -> Any:

@@ -78,7 +78,7 @@ def test_evaluate_matches_summary(trained):
 def test_refuses_a_workdir_of_another_run(trained):
     workdir, _ = trained
     with pytest.raises(ValueError, match="holds another run"):
-        train(quick_cfg(extra=["--config.optimizer.learning_rate=0.5"]), workdir, progress=False)
+        train(quick_cfg(extra=["--config.seed=1"]), workdir, progress=False)
 
 
 def test_nan_loss_stops_with_the_step_range(tmp_path):
