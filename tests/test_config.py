@@ -119,11 +119,13 @@ def test_a_broken_config_file_is_one_line_exit_2(tmp_path, source, words):
 @pytest.mark.parametrize(
     "override, words",
     [
-        ("--config.data.eval_batch_size=-4", ["config.data.eval_batch_size: expected >= 0", "-4"]),
-        ("--config.data.max_image_pixels=0", ["config.data.max_image_pixels: expected >= 1"]),
+        ("--config.data.eval_batch_size=-4", ["data.eval_batch_size: expected an int >= 0"]),
+        ("--config.data.max_image_pixels=0", ["data.max_image_pixels: expected an int >= 1"]),
+        ("--config.data.seq_len=0", ["config.data.seq_len: expected an int >= 1, found 0"]),
+        ("--config.data.num_workers=-1", ["config.data.num_workers: expected an int >= 0"]),
     ],
 )
-def test_negative_sizes_are_refused(tmp_path, override, words):
+def test_sizes_out_of_range_are_refused(tmp_path, override, words):
     done = jaxdl(
         "train", "--config", EXPERIMENT, "--workdir", str(tmp_path / "w"), "--no-progress", override
     )
