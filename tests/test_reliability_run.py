@@ -2,6 +2,7 @@
 half-written file; the workdir's JSON and JSONL files are read naming the file."""
 
 import json
+import shutil
 
 import pytest
 from test_trainer import quick_cfg
@@ -76,3 +77,19 @@ def test_torn_metrics_line_is_dropped_and_corrupt_files_are_named(tmp_path, capf
     (tmp_path / "config.json").write_text("{")
     with pytest.raises(UserError, match=f"{tmp_path / 'config.json'}: expected a JSON file"):
         train(steps_cfg(30), tmp_path, progress=False)
+
+
+def test_resume_skips_a_step_without_its_data_position_and_stays_exact(tmp_path, capfd):
+    exact = "--config.data.train_transforms=[]"
+    straight = train(steps_cfg(30, exact), tmp_path / "straight", progress=False)
+    run = tmp_path / "run"
+    train(steps_cfg(20, exact), run, progress=False)  # checkpoints at steps 10 and 20
+    shutil.rmtree(run / "checkpoints" / "20" / "data")
+    capfd.readouterr()
+    resumed = train(steps_cfg(30, exact), run, progress=False)
+    out, err = capfd.readouterr()
+    warnings = [line for line in err.splitlines() if line.startswith("jaxdl: warning")]
+    assert len(warnings) == 1 and "skipped corrupt checkpoint step(s) [20]" in warnings[0]
+    assert "resumed from step 10" in out
+    assert resumed["params_sha256"] == straight["params_sha256"]
+    assert (run / "checkpoints" / "20.corrupt").is_dir()

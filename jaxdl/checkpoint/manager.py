@@ -6,7 +6,7 @@ Layout (**contract**)::
         state/    the TrainState (StandardSave); without `frozen` when save_frozen=False
         data/     the data iterator state (JsonSave), absent when there is none
         config/   the resolved config (JsonSave)
-        jaxdl_digest.json   size and crc32 of every item file (`jaxdl.checkpoint.integrity`)
+        jaxdl_digest.json   size and xxh3 hashes of every item file (`jaxdl.checkpoint.integrity`)
     WORKDIR/checkpoints_best/<step>/   the best step by `best_metric`, same items
     WORKDIR/checkpoints/<step>.corrupt  a step that failed its digest, set aside on resume
 

@@ -422,14 +422,22 @@ def with_pinned_base(cfg: ml_collections.ConfigDict, workdir: Path):
     A LoRA run's checkpoints hold no base weights, so resuming from "latest" of a base
     workdir that has trained on since would silently change the frozen weights.
     """
-    from jaxdl.checkpoint.read import list_steps, read_json
+    from jaxdl.checkpoint.integrity import CorruptCheckpointError
+    from jaxdl.checkpoint.read import list_steps
+    from jaxdl.checkpoint.read import read_json as read_item
 
     steps = list_steps(workdir / "checkpoints")
     if not cfg.init_from.checkpoint or not steps:
         return cfg
-    pinned = (read_json(workdir / "checkpoints" / str(max(steps)), "config") or {}).get(
-        "init_from", {}
-    )
+    pinned = {}
+    for step in reversed(steps):  # the step resume will use: the newest intact one
+        try:
+            pinned = (read_item(workdir / "checkpoints" / str(step), "config") or {}).get(
+                "init_from", {}
+            )
+            break
+        except CorruptCheckpointError:
+            continue
     if not pinned.get("checkpoint"):
         return cfg
     cfg = copy.deepcopy(cfg)
