@@ -172,17 +172,13 @@ def test_a_decompression_bomb_is_refused_in_train_and_predict(tmp_path):
     assert_user_error(done, "data.max_image_pixels:", str(bomb), "60000x60000", "Fix:")
 
     image_folder(tmp_path / "ok")
-    assert (
-        jaxdl(*train_args(tmp_path / "ok", tmp_path / "w2", "--config.num_steps=2")).returncode == 0
-    )
+    trained = jaxdl(*train_args(tmp_path / "ok", tmp_path / "w2", "--config.num_steps=2"))
+    assert trained.returncode == 0, trained.stderr
     model = tmp_path / "m.jaxexport"
-    assert jaxdl("export", "--workdir", str(tmp_path / "w2"), "--out", str(model)).returncode == 0
-    assert (
-        json.loads((tmp_path / "m.jaxexport.json").read_text())["preprocessing"]["image_file"][
-            "max_image_pixels"
-        ]
-        == 89_478_485
-    )
+    exported = jaxdl("export", "--workdir", str(tmp_path / "w2"), "--out", str(model))
+    assert exported.returncode == 0, exported.stderr
+    sidecar = json.loads((tmp_path / "m.jaxexport.json").read_text())
+    assert sidecar["preprocessing"]["image_file"]["max_image_pixels"] == 89_478_485
     assert_user_error(jaxdl("predict", str(model), str(bomb)), "max_image_pixels:", "60000x60000")
     assert_user_error(
         jaxdl("predict", str(model), str(tmp_path / "ok")), "is a directory", "Fix: pass the files"
