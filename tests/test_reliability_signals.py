@@ -45,8 +45,10 @@ def test_sigterm_checkpoints_exits_143_and_resume_is_exact(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("jaxdl: stopped by SIGTERM at step ") and "Traceback" not in err
+    lines = err.strip().splitlines()  # nothing but our two lines: no Orbax noise
+    assert len(lines) == 2 and lines[0].startswith("jaxdl: SIGTERM received"), err
+    last = lines[1]
+    assert last.startswith("jaxdl: stopped by SIGTERM at step ")
     step = int(last.split("at step ")[1].split(";")[0])
     assert 0 < step < STEPS and (run / "checkpoints" / str(step)).is_dir(), err
     assert not (run / "summary.json").exists()
@@ -61,15 +63,17 @@ def test_sigterm_checkpoints_exits_143_and_resume_is_exact(tmp_path):
 def test_a_busy_workdir_is_refused_naming_the_holder(tmp_path):
     proc = start_and_wait_for_a_logged_step(tmp_path, "--config.num_steps=1000000")
     second = subprocess.run(cmd(tmp_path), capture_output=True, text=True, env=ENV)
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=60)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: the same graceful stop
+    _, err = proc.communicate(timeout=60)
     assert second.returncode == 2, second.stderr
     assert second.stderr.splitlines() == [
         f"jaxdl: error: --workdir: {tmp_path} is in use by another jaxdl train (pid {proc.pid} "
         f"on host {os.uname().nodename}). Fix: wait for that run to finish or stop it, or use "
         "another --workdir."
     ]
-    assert proc.returncode == 128 + signal.SIGTERM
+    assert proc.returncode == 128 + signal.SIGINT, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("jaxdl: stopped by SIGINT at step "), err
     # The lock went with the process: the workdir takes the next run.
     done = subprocess.run(cmd(tmp_path, "--config.num_steps=20"), capture_output=True, env=ENV)
     assert done.returncode == 0, done.stderr
@@ -88,3 +92,20 @@ def test_a_second_signal_exits_at_once(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGINT, err
     assert err.strip().splitlines() == ["jaxdl: second SIGINT: exiting now"], err
+
+
+def test_an_error_while_a_save_is_in_flight_is_one_line(tmp_path):
+    # Saving every step, the loss diverges at step 3 while step 2's async save is running.
+    done = subprocess.run(
+        cmd(tmp_path, "--config.checkpoint_every=1", "--config.log_every=1")
+        + ["--config.optimizer.name=sgd", "--config.optimizer.learning_rate=1000"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "found NaN/Inf at step" in lines[0], done.stderr
+    from jaxdl.checkpoint.manager import load_params
+
+    assert load_params(tmp_path)["hidden_0"]["kernel"].shape == (64, 512)  # the saves are whole
