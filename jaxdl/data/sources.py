@@ -67,8 +67,12 @@ class Source:
     skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)  # {"path", "reason"}
 
     def labels(self, split: str) -> np.ndarray:
-        """int64 [N] labels of a classification split, read from the raw records."""
+        """int64 [N] labels of a classification split: held in memory, or read from the raw
+        records (no image decoding)."""
         records = self.splits[split]
+        held = cheap_labels(records)
+        if held is not None:
+            return np.asarray(held, np.int64)
         return np.asarray([int(records[i]["label"]) for i in range(len(records))], np.int64)
 
 
