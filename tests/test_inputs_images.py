@@ -54,6 +54,14 @@ def test_16_bit_png_and_tiff_are_scaled_not_clipped(tmp_path):
         assert len(np.unique(got)) == 64  # clipping would leave 0, 255 and almost nothing else
 
 
+def test_a_float_tiff_is_refused_not_clipped(tmp_path):
+    path = tmp_path / "depth.tif"
+    Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)).save(path)
+    assert Image.open(path).mode == "F"
+    with pytest.raises(UserError, match=f"image {path}: 32-bit floating-point pixels"):
+        open_image(path, "L", max_pixels=10**6, field="x")
+
+
 def test_every_common_format_is_read_and_hidden_files_are_not(tmp_path):
     images = digit_images()
     formats = ["png", "webp", "gif", "tif", "tiff", "ppm", "pgm", "bmp"]

@@ -2,7 +2,8 @@
 
 `open_image` refuses an image larger than a pixel cap before decoding it (a few-KB PNG can
 declare 50,000 x 50,000 pixels: a decompression bomb), scales 16-bit images (PNG ``I;16``,
-TIFF) to the 8-bit range instead of clipping them at 255, and converts to "L" or "RGB".
+TIFF) to the 8-bit range instead of clipping them at 255, refuses 32-bit float images
+(Pillow would clip those too), and converts to "L" or "RGB".
 """
 
 from __future__ import annotations
@@ -90,5 +91,10 @@ def open_image(
                 f"Fix: shrink or remove the file, or raise {field} if the image is genuine."
             )
         img.load()
+        if img.mode == "F":  # Pillow would clip its values to 0..255, silently
+            raise UserError(
+                f"image {path}: 32-bit floating-point pixels, whose range cannot be known. "
+                "Fix: save it as an 8- or 16-bit PNG or TIFF."
+            )
         img = to_8bit(img)
         return img.copy() if keep_8bit and img.mode in ("L", "RGB") else img.convert(mode)
