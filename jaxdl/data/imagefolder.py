@@ -9,7 +9,8 @@ the train folder, which needs at least two. Files with the suffixes in
 below a class folder are read with Pillow (16-bit scaled to 8), converted to
 `data.channels` (default 3) and resized to `data.image_size` (default: the first image's
 size, every image must then match). Hidden files and folders (``.ipynb_checkpoints/``,
-``._x.jpg``) and other files are skipped, each listed with its reason in `Source.skipped`.
+``._x.jpg``), macOS archive folders (``__MACOSX/``) and other files are skipped, each listed
+with its reason in `Source.skipped`.
 """
 
 from __future__ import annotations
@@ -100,6 +101,18 @@ class FileRecords:
 
 
 Skipped = list[dict[str, str]]  # [{"path": ..., "reason": ...}]
+# Folders an archive tool leaves beside the data (macOS zips): never a class.
+_ARCHIVE_FOLDERS = ("__MACOSX",)
+
+
+def _not_data(p: Path) -> str | None:
+    """Why a folder entry is not data (hidden, archive metadata), or None if it may be."""
+    kind = "folder" if p.is_dir() else "file"
+    if p.name.startswith("."):
+        return f"hidden {kind}"
+    if p.name in _ARCHIVE_FOLDERS:
+        return "archive metadata folder"
+    return None
 
 
 def _class_dirs(root: Path, skipped: Skipped) -> list[Path]:
@@ -110,10 +123,9 @@ def _class_dirs(root: Path, skipped: Skipped) -> list[Path]:
         )
     dirs = []
     for p in sorted(root.iterdir()):
-        if p.name.startswith("."):
-            skipped.append(
-                {"path": str(p), "reason": f"hidden {'folder' if p.is_dir() else 'file'}"}
-            )
+        reason = _not_data(p)
+        if reason:
+            skipped.append({"path": str(p), "reason": reason})
         elif p.is_dir():
             dirs.append(p)
     if not dirs:
@@ -129,9 +141,11 @@ def _images(folder: Path, skipped: Skipped) -> list[str]:
     """Image files anywhere below `folder`, sorted; everything else goes to `skipped`."""
     files = []
     for parent, dirnames, filenames in os.walk(folder):
-        for d in [d for d in dirnames if d.startswith(".")]:
-            skipped.append({"path": os.path.join(parent, d), "reason": "hidden folder"})
-            dirnames.remove(d)  # os.walk does not descend into what is removed
+        for d in sorted(dirnames):
+            reason = _not_data(Path(parent, d))
+            if reason:
+                skipped.append({"path": os.path.join(parent, d), "reason": reason})
+                dirnames.remove(d)  # os.walk does not descend into what is removed
         for name in filenames:
             path = os.path.join(parent, name)
             suffix = os.path.splitext(name)[1].lower()
@@ -232,7 +246,7 @@ def imagefolder_source(path: str, cfg: Mapping) -> Source:
         for p in sorted(root.iterdir()):
             if p.name not in ("train", "val", "test"):
                 kind = "folder" if p.is_dir() else "file"
-                reason = f"hidden {kind}" if p.name.startswith(".") else f"{kind} beside train/"
+                reason = _not_data(p) or f"{kind} beside train/"
                 skipped.append({"path": str(p), "reason": reason})
     paths, labels, classes = _scan(train_root, None, skipped)
     splits: dict[str, FileRecords] = {}
