@@ -79,6 +79,7 @@ def test_every_common_format_is_read_and_hidden_files_are_not(tmp_path):
         (folder / "notes.txt").write_text("where these came from")
     (tmp_path / "__MACOSX" / "0").mkdir(parents=True)  # what unzipping a macOS archive leaves
     (tmp_path / "__MACOSX" / "0" / "._0.png").write_bytes(b"\x00\x05\x16\x07")
+    (tmp_path / "LICENSE").write_text("CC-BY")
     data = build_data(
         {"source": f"imagefolder:{tmp_path}", "channels": 1, "val_fraction": 0.25}, seed=0
     )
@@ -92,7 +93,10 @@ def test_every_common_format_is_read_and_hidden_files_are_not(tmp_path):
         "val": {"examples": 4, "per_class": {"0": 2, "1": 2}},
     }
     skipped = {(s["path"].removeprefix(f"{tmp_path}/"), s["reason"]) for s in report["skipped"]}
-    assert skipped == {("__MACOSX", "archive metadata folder")} | {
+    assert skipped == {
+        ("LICENSE", "file beside the class folders"),
+        ("__MACOSX", "archive metadata folder"),
+    } | {
         (f"{c}/{name}", reason)
         for c in ("0", "1")
         for name, reason in [
@@ -104,8 +108,8 @@ def test_every_common_format_is_read_and_hidden_files_are_not(tmp_path):
     assert format_report(report).splitlines() == [
         "data: train: 12 examples (0: 6, 1: 6)",
         "data: val: 4 examples (0: 2, 1: 2)",
-        "data: skipped 7 files (1 archive metadata folder, 2 hidden folder, 2 hidden file, "
-        "2 not an image file); see data_report.json",
+        "data: skipped 8 files (1 file beside the class folders, 1 archive metadata folder, "
+        "2 hidden folder, 2 hidden file, 2 not an image file); see data_report.json",
     ]
 
 

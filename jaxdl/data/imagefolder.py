@@ -128,6 +128,8 @@ def _class_dirs(root: Path, skipped: Skipped) -> list[Path]:
             skipped.append({"path": str(p), "reason": reason})
         elif p.is_dir():
             dirs.append(p)
+        else:
+            skipped.append({"path": str(p), "reason": "file beside the class folders"})
     if not dirs:
         raise UserError(
             f"data.source: {root} has no class subfolders; expected "
