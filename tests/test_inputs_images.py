@@ -197,3 +197,13 @@ def test_a_decompression_bomb_is_refused_in_train_and_predict(tmp_path):
     assert_user_error(
         jaxdl("predict", str(model), str(tmp_path / "ok")), "is a directory", "Fix: pass the files"
     )
+
+
+def test_array_images_are_scaled_by_their_dtype():
+    from jaxdl.data.sources import ArrayImageDecode, pixel_scale
+
+    assert [pixel_scale(t) for t in (np.uint8, np.uint16, np.float32)] == [255.0, 65535.0, 1.0]
+    wide = np.array([[0, 32768, 65535]], np.uint16)[..., None]
+    decode = ArrayImageDecode(scale=pixel_scale(wide.dtype))
+    image = decode({"image": wide, "label": 0})["image"]
+    np.testing.assert_allclose(image[0, :, 0], [0.0, 32768 / 65535, 1.0])

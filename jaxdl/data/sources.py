@@ -175,6 +175,13 @@ def quantize_levels(x: np.ndarray, levels: int) -> np.ndarray:
     return np.round(x * steps) / steps
 
 
+def pixel_scale(dtype: Any) -> float:
+    """The value of full intensity for images stored as `dtype`: the integer maximum (255 for
+    uint8, 65535 for uint16, so 16-bit images are scaled, not clipped), 1.0 for floats."""
+    dtype = np.dtype(dtype)
+    return float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else 1.0
+
+
 class ArrayImageDecode:
     """Record with an image array -> {"image": float32 [0, 1] HWC, "label": int32}.
 
@@ -377,9 +384,8 @@ def tfds_source(name: str, cfg: Mapping, *, num_classes: int | None) -> Source:
             f"model.num_classes: TFDS dataset {name!r} has no ClassLabel feature "
             f"{label_key!r}; found no model.num_classes. Fix: set model.num_classes."
         )
-    scale = 255.0 if np.dtype(image_feature.np_dtype) == np.uint8 else 1.0
     decode = ArrayImageDecode(
-        scale=scale,
+        scale=pixel_scale(image_feature.np_dtype),
         image_key=image_key,
         label_key=label_key,
         image_size=size,
