@@ -207,3 +207,18 @@ def test_array_images_are_scaled_by_their_dtype():
     decode = ArrayImageDecode(scale=pixel_scale(wide.dtype))
     image = decode({"image": wide, "label": 0})["image"]
     np.testing.assert_allclose(image[0, :, 0], [0.0, 32768 / 65535, 1.0])
+
+
+@pytest.mark.parametrize("scale", [255.0, 65535.0])
+def test_predict_reads_a_16_bit_png_on_the_models_scale(tmp_path, scale):
+    from jaxdl.deploy.predict import load_image
+
+    path = tmp_path / "wide.png"
+    Image.fromarray(np.array([[0, 32768, 65535, 1000]], np.uint16)).save(path)
+    spec = {"mode": "L", "decode_size": [1, 4], "resize": None, "pixel_scale": scale}
+    meta = {
+        "preprocessing": {"image_file": {**spec, "encoding": ""}, "host": []},
+        "input": {"shape": [None, 1, 4, 1]},
+    }
+    got = load_image(path, meta)[0, :, 0]
+    np.testing.assert_allclose(got, np.array([0, 128, 255, 4]) * scale / 255, rtol=1e-6)

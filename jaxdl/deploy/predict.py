@@ -226,6 +226,8 @@ def load_image(
         ) from None
     if image.ndim == 2:
         image = image[..., None]
+    if spec["pixel_scale"] > 255:  # a 16-bit dataset: files are read as 8-bit, full = full
+        image = image * np.float32(spec["pixel_scale"] / 255)
     image = convert_channels(image, channels)
     peak = float(image.max(initial=0.0))
     if peak > spec["pixel_scale"]:
