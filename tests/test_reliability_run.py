@@ -93,3 +93,21 @@ def test_resume_skips_a_step_without_its_data_position_and_stays_exact(tmp_path,
     assert "resumed from step 10" in out
     assert resumed["params_sha256"] == straight["params_sha256"]
     assert (run / "checkpoints" / "20.corrupt").is_dir()
+
+
+def test_evaluate_and_init_from_refuse_a_corrupt_step_in_one_line(tmp_path):
+    from test_reliability_checkpoint import flip_a_byte
+
+    from jaxdl.checkpoint.integrity import CorruptCheckpointError
+    from jaxdl.training.evaluate import evaluate_workdir
+
+    run = tmp_path / "run"
+    train(steps_cfg(10), run, progress=False)
+    step_dir = run / "checkpoints" / "10"
+    flip_a_byte(step_dir)
+    with pytest.raises(CorruptCheckpointError, match=f"checkpoint {step_dir}: file state/"):
+        evaluate_workdir(run)
+    with pytest.raises(CorruptCheckpointError, match=f"checkpoint {step_dir}: file state/"):
+        train(
+            steps_cfg(10, f"--config.init_from.checkpoint={run}"), tmp_path / "ft", progress=False
+        )

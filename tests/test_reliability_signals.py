@@ -83,7 +83,9 @@ def test_a_second_signal_exits_at_once(tmp_path):
     proc = subprocess.Popen(
         cmd(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV
     )
+    deadline = time.time() + 60
     while not (tmp_path / ".lock").exists():  # train() has started: handlers are in place
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
         time.sleep(0.01)
     time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
