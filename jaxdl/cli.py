@@ -14,7 +14,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from jaxdl.errors import UserError
+from jaxdl.errors import Stopped, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -173,6 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         return _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+    except Stopped as stop:
+        print(f"jaxdl: {stop}", file=sys.stderr)
+        return stop.status
     except KeyboardInterrupt:
         return _fail("interrupted", status=130)
     except Exception as err:  # a bug, not bad input: keep the whole traceback

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import ml_collections
 
 from jaxdl.errors import UserError
+from jaxdl.fileio import read_json
 
 # Sections whose keys are free-form: each is validated by the component that reads it.
 _OPEN_SECTIONS = ("model",)
@@ -35,6 +37,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.source = "digits"
     c.data.batch_size = 32
     c.data.eval_batch_size = 0  # 0: same as batch_size
+    # Larger images are refused before decoding (decompression bombs): Pillow's default cap.
+    c.data.max_image_pixels = 89_478_485
     c.data.data_dir = ""  # "": ~/.cache/jaxdl/tfds or $JAXDL_DATA_DIR
     c.data.val_fraction = 0.1
     c.data.image_size = 0  # 0: the source's native size
@@ -105,7 +109,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collectio
     """Load ``path`` (a .py with get_config() or a config.json), apply overrides, validate."""
     path = resolve_config_path(path)
     if path.suffix == ".json":
-        user = json.loads(path.read_text())
+        user = read_json(path)
     else:
         user = _get_config_from_module(path)
     cfg = merge_config(default_config(), user)
@@ -135,14 +139,54 @@ def resolve_config_path(path: str | Path) -> Path:
     )
 
 
+def _line_in(path: Path, err: BaseException) -> int | None:
+    """The innermost line of `path` in the traceback of `err` (None if it never ran there)."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename) == path]
+    return frames[-1].lineno if frames else None
+
+
 def _get_config_from_module(path: Path) -> Any:
+    """Run the config file and its get_config(). Mistakes in the file itself (its syntax, its
+    imports, an exception raised on one of its lines, a get_config that returns no dict) are
+    user errors naming the file and line; an exception raised deeper keeps its traceback."""
     spec = importlib.util.spec_from_file_location(f"jaxdl_config_{path.stem}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise UserError(f"--config: {path} defines no get_config(). Fix: add one returning a dict.")
-    return module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise UserError(
+                f"--config: {path} defines no get_config(). Fix: add one returning a dict."
+            )
+        config = module.get_config()
+    except UserError:
+        raise
+    except SyntaxError as err:
+        where = f"line {err.lineno} of {err.filename}" if err.filename else str(path)
+        raise UserError(
+            f"--config: {path} does not parse: {err.msg} at {where}. Fix: correct that line."
+        ) from None
+    except ImportError as err:
+        line = _line_in(path, err)
+        raise UserError(
+            f"--config: {path} line {line}: import failed ({type(err).__name__}: {err}). "
+            f"Fix: install the module or correct the import on line {line}."
+        ) from None
+    except Exception as err:
+        line = _line_in(path, err)
+        if line is None or traceback.extract_tb(err.__traceback__)[-1].lineno != line:
+            raise  # raised below the config file's own code: keep the traceback
+        raise UserError(
+            f"--config: {path} line {line} raised {type(err).__name__}: {err}. "
+            f"Fix: correct line {line}."
+        ) from None
+    if not isinstance(config, Mapping | ml_collections.ConfigDict):
+        raise UserError(
+            f"--config: get_config() in {path} returned {type(config).__name__} "
+            f"({str(config)[:40]!r}), expected a dict or ml_collections.ConfigDict. Fix: end "
+            "get_config() with `return config`."
+        )
+    return config
 
 
 def _to_plain(value: Any) -> Any:
@@ -285,6 +329,14 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for key in ("data.batch_size", "log_every", "optimizer.accumulate_steps"):
         if cfg[key.split(".")[0]] is not None and _get(cfg, key) < 1:
             raise UserError(f"config.{key}: expected >= 1, found {_get(cfg, key)}.")
+    defaults = default_config()
+    for key, low in _LOWER_BOUNDS.items():
+        value = _get(cfg, key)
+        if value < low:
+            raise UserError(
+                f"config.{key}: expected an int >= {low}, found {value}. Fix: set it to "
+                f"{_get(defaults, key)} (the default) or another value >= {low}."
+            )
     if cfg.optimizer.learning_rate <= 0:
         raise UserError(
             f"config.optimizer.learning_rate: expected > 0, found {cfg.optimizer.learning_rate}."
@@ -298,6 +350,21 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                 f"config.lora: expected keys rank, alpha, targets; missing {sorted(missing)}, "
                 f"unknown {sorted(extra)}."
             )
+
+
+# Sizes and counts a negative value would turn into a confusing failure far from the config
+# (e.g. "__len__() should return >= 0" for a negative eval batch); 0 means "the default".
+_LOWER_BOUNDS = {
+    "data.eval_batch_size": 0,
+    "data.image_size": 0,
+    "data.channels": 0,
+    "data.num_workers": 0,
+    "data.prefetch": 0,
+    "data.max_bytes": 0,
+    "data.num_examples": 0,
+    "data.seq_len": 1,
+    "data.max_image_pixels": 1,
+}
 
 
 def _get(cfg: ml_collections.ConfigDict, dotted: str) -> Any:

@@ -13,3 +13,19 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """Bad input, reported in one line (exit status 2 from the CLI)."""
+
+
+def warn(message: str) -> None:
+    """One line on stderr for something the run recovered from but the user should know."""
+    import sys
+
+    print(f"jaxdl: warning: {message}", file=sys.stderr, flush=True)
+
+
+class Stopped(Exception):
+    """A run stopped by a signal after saving its state: not an error, not a bug. The CLI
+    prints the message and exits with ``status`` (128 + the signal number)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status

@@ -89,6 +89,7 @@ def test_round_trip_is_bitwise_with_adam_state_and_data_state(tmp_path):
         "commit_success.txt",
         "config",
         "data",
+        "jaxdl_digest.json",
         "state",
     ]
 

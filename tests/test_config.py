@@ -1,6 +1,7 @@
 """Config loading: defaults, overrides parsed to the key's type, unknown keys refused."""
 
 import pytest
+from test_cli import assert_user_error, jaxdl
 
 from jaxdl import config as config_lib
 from jaxdl.errors import UserError
@@ -86,3 +87,46 @@ def test_json_round_trip(tmp_path):
     path.write_text(config_lib.to_json(cfg))
     again = config_lib.load_config(path)
     assert config_lib.to_json(again) == config_lib.to_json(cfg)
+
+
+@pytest.mark.parametrize(
+    "source, words",
+    [
+        ("def get_config(:\n    return {}\n", ["does not parse", "line 1 of", "Fix:"]),
+        (
+            "import os\nimport no_such_module_xyz\n\ndef get_config():\n    return {}\n",
+            ["line 2: import failed", "No module named 'no_such_module_xyz'", "Fix:"],
+        ),
+        (
+            "def get_config():\n    c = {'seed': 1}\n",
+            ["get_config() in", "returned NoneType", "Fix: end get_config() with `return config`"],
+        ),
+        (
+            "def get_config():\n    return {'seed': undefined_name}\n",
+            ["line 2 raised NameError", "undefined_name", "Fix: correct line 2"],
+        ),
+    ],
+    ids=["syntax", "import", "returns_none", "name_error"],
+)
+def test_a_broken_config_file_is_one_line_exit_2(tmp_path, source, words):
+    path = tmp_path / "broken.py"
+    path.write_text(source)
+    done = jaxdl("train", "--config", str(path), "--workdir", str(tmp_path / "w"))
+    assert_user_error(done, "--config: ", str(path), *words)
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("--config.data.eval_batch_size=-4", ["data.eval_batch_size: expected an int >= 0"]),
+        ("--config.data.max_image_pixels=0", ["data.max_image_pixels: expected an int >= 1"]),
+        ("--config.data.seq_len=0", ["config.data.seq_len: expected an int >= 1, found 0"]),
+        ("--config.data.num_workers=-1", ["config.data.num_workers: expected an int >= 0"]),
+    ],
+)
+def test_sizes_out_of_range_are_refused(tmp_path, override, words):
+    done = jaxdl(
+        "train", "--config", EXPERIMENT, "--workdir", str(tmp_path / "w"), "--no-progress", override
+    )
+    assert_user_error(done, *words)

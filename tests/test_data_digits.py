@@ -27,7 +27,7 @@ def test_split_sizes_spec_and_no_tensorflow(data, data_dir):
     assert data.example_spec == {"image": ((8, 8, 1), np.float32), "label": ((), np.int32)}
     assert data.num_classes == 10 and data.class_names == [str(d) for d in range(10)]
     assert data.steps_per_epoch(32, shard=(0, 1)) == 1257 // 32
-    files = sorted(p.name for p in (Path(data_dir) / "jaxdl_digits" / "1.0.0").glob("*record*"))
+    files = sorted(p.name for p in (Path(data_dir) / "jaxdl_digits" / "2.0.0").glob("*record*"))
     assert files == [
         f"jaxdl_digits-{s}.array_record-00000-of-00001" for s in ("test", "train", "val")
     ]
@@ -64,6 +64,52 @@ def test_eval_values_order_and_masks(data):
     again = np.concatenate([b["image"] for b in data.eval_iter("test", 64, shard=(0, 1))])
     np.testing.assert_array_equal(again[:360], images)
     validate_batch(batches[0], data.example_spec, data.num_classes, split="test")
+
+
+def test_stored_as_8_bit_and_decoded_to_the_old_levels(data, data_dir):
+    """Records hold uint8 0..255 like every image dataset; the model still sees k / 16, the
+    values of the 0..16 storage (data version 1.0.0), so runs trained on it still fit."""
+    from jaxdl.data.digits import JaxdlDigits
+
+    digits = load_digits()
+    records = data.source.splits["train"]
+    ids = [int(records[i]["id"]) for i in range(len(records))]
+    stored = np.stack([records[i]["image"][..., 0] for i in range(len(records))])
+    assert stored.dtype == np.uint8 and stored.max() == 255
+    np.testing.assert_array_equal(stored, np.round(digits.images[ids] * 255 / 16))
+    decoded = np.stack([data.source.decode(records[i])["image"] for i in range(50)])
+    np.testing.assert_array_equal(decoded[..., 0], digits.images[ids[:50]].astype(np.float32) / 16)
+    assert data.preprocessing["pixel_scale"] == 255.0 and data.preprocessing["levels"] == 17
+    assert Path(JaxdlDigits(data_dir=data_dir).data_dir).name == "2.0.0"
+
+
+def test_a_data_dir_of_the_0_to_16_format_is_not_read_as_8_bit(tmp_path):
+    """Version 1.0.0 (pixels 0..16) in the data dir: the 2.0.0 build goes beside it."""
+    from jaxdl.data import digits as digits_lib
+
+    class OldDigits(digits_lib.JaxdlDigits, skip_registration=True):
+        name = "jaxdl_digits"
+        VERSION = digits_lib.tfds.core.Version("1.0.0")
+
+        def _generate_examples(self, indices):
+            images, target = load_digits().images, load_digits().target
+            for i in indices:
+                image = images[i].astype(np.uint8)[..., None]
+                yield int(i), {"image": image, "label": int(target[i]), "id": int(i)}
+
+    old = OldDigits(data_dir=str(tmp_path), file_format="array_record")
+    old.download_and_prepare(
+        download_config=digits_lib.tfds.download.DownloadConfig(try_download_gcs=False)
+    )
+    assert old.as_data_source()["train"][0]["image"].max() <= 16
+    data = build_data({"source": "digits", "data_dir": str(tmp_path)}, seed=0)
+    images = next(data.eval_iter("test", 360, shard=(0, 1)))["image"]
+    assert images.max() == 1.0 and sorted(
+        p.name for p in (tmp_path / "jaxdl_digits").iterdir()
+    ) == [
+        "1.0.0",
+        "2.0.0",
+    ]
 
 
 def test_second_build_reuses_prepared_files(data_dir):

@@ -102,7 +102,8 @@ def test_corrupt_jpeg_raises_or_is_skipped(tmp_path):
         for _ in data.eval_iter("train", 4, shard=(0, 1)):
             pass
     skipping = build_data({"source": f"imagefolder:{tmp_path}", "skip_bad_files": True}, seed=0)
-    assert skipping.skipped_files == [str(bad)]
+    [skipped] = skipping.skipped
+    assert skipped["path"] == str(bad) and skipped["reason"].startswith("unreadable (")
     assert skipping.split_sizes == {"train": 9, "val": 6}
     masks = sum(b["mask"].sum() for b in skipping.eval_iter("train", 4, shard=(0, 1)))
     assert masks == 9

@@ -59,6 +59,19 @@ def test_process_shards_partition_each_epoch():
     assert not set(a) & set(b) and len(set(a) | set(b)) == N
 
 
+@pytest.mark.parametrize("processes", [2, 4])
+def test_processes_hold_contiguous_blocks_of_the_one_process_batch(processes):
+    """Process p's batch k is rows [p*B, (p+1)*B) of the one-process global batch k, each
+    augmented identically: dropout masks and augmentation follow the row's place."""
+    data = _data(train_transforms=["random_flip", "random_resized_crop(6, scale=(0.5, 1.0))"])
+    whole = _take(data.train_iter(BS * processes, seed=5, shard=(0, 1)), 15)  # > 1 epoch
+    parts = [_take(data.train_iter(BS, seed=5, shard=(p, processes)), 15) for p in range(processes)]
+    for k, batch in enumerate(whole):
+        for p in range(processes):
+            block = {key: v[p * BS : (p + 1) * BS] for key, v in batch.items()}
+            assert _same([parts[p][k]], [block]), (k, p)
+
+
 @pytest.mark.parametrize("stop", [5, 12, 17])  # mid-epoch, at and across the boundary
 def test_resume_matches_uninterrupted_run_with_augmentation(stop):
     data = _data(

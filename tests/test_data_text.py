@@ -75,3 +75,25 @@ def test_text_errors(tmp_path):
             {"source": f"text:{tmp_path}/big.txt", "seq_len": 8, "transforms": ["resize(8)"]},
             seed=0,
         )
+
+
+def test_max_bytes_reads_only_what_it_keeps(tmp_path):
+    """A 1 KB cut of a 256 MB file (sparse: no disk used) reads 1 KB, not the file."""
+    import tracemalloc
+
+    from jaxdl.data.text import read_corpus
+
+    head = tmp_path / "a.txt"
+    head.write_bytes(TEXT[:600])
+    big = tmp_path / "b.txt"
+    with open(big, "wb") as f:
+        f.write(b"xyz")
+        f.truncate(256 * 2**20)
+    tracemalloc.start()
+    try:
+        corpus = read_corpus(str(tmp_path / "*.txt"), 1000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert corpus == TEXT[:600] + b"xyz" + bytes(397)
+    assert peak < 2**20, peak

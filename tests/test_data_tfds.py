@@ -49,9 +49,9 @@ def test_mock_cifar10_with_split_slices(tmp_path):
 
 def test_label_out_of_range_caught_by_validate_batch(tmp_path):
     with tfds.testing.mock_data(**MOCK):
-        data = build_data(
-            {"source": "tfds:mnist", "data_dir": str(tmp_path)}, seed=0, num_classes=3
-        )
+        with pytest.raises(UserError, match=r"model.num_classes: expected at least 10 \(the "):
+            build_data({"source": "tfds:mnist", "data_dir": str(tmp_path)}, seed=0, num_classes=3)
+        data = build_data({"source": "tfds:mnist", "data_dir": str(tmp_path)}, seed=0)
         batch = next(data.eval_iter("test", 20, shard=(0, 1)))
     labels = batch["label"]
     bad, hi = int(np.sum(labels >= 3)), int(labels.max())
@@ -62,7 +62,7 @@ def test_label_out_of_range_caught_by_validate_batch(tmp_path):
         "or fix the labels."
     )
     with pytest.raises(ValueError) as err:
-        validate_batch(batch, data.example_spec, data.num_classes, split="test")
+        validate_batch(batch, data.example_spec, 3, split="test")
     assert str(err.value) == message
 
 

@@ -54,22 +54,23 @@ def artifact(run, workdir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def test_images():
-    """The digits test split as stored: uint8 [N, 8, 8] raw values 0..16, labels [N]."""
+    """The digits test split as stored: uint8 [N, 8, 8] 8-bit values 0..255, labels [N]."""
     from sklearn.datasets import load_digits
 
-    from jaxdl.data.digits import split_indices
+    from jaxdl.data.digits import split_indices, to_uint8
 
     digits, idx = load_digits(), split_indices()["test"]
-    return digits.images[idx].astype(np.uint8), digits.target[idx]
+    return to_uint8(digits.images[idx]), digits.target[idx]
 
 
 def in_process_probs(run, params, raw):
-    """The trained model run the training way: x = raw / 16, eval mode, softmax."""
+    """The trained model run the training way: x = level k / 16 of the 8-bit value, eval mode,
+    softmax."""
     cfg, setup, data = run
     state = setup.state
     if params is not None:
         state = state.replace(params={"params": params}, frozen={})
-    x = (raw.astype(np.float32) / np.float32(16.0))[..., None]
+    x = (np.round(raw.astype(np.float32) * np.float32(16 / 255)) / np.float32(16.0))[..., None]
     logits = steps.make_predict(setup.model, None if params is not None else setup.lora_cfg)(
         state, jnp.asarray(x)
     )
@@ -103,7 +104,11 @@ def test_sidecar(artifact):
     assert meta["quantization"] is None
     assert meta["step"] == 60
     prep = meta["preprocessing"]
-    assert prep["in_artifact"] == [{"name": "scale", "divide_by": 16.0}, {"name": "softmax"}]
+    assert prep["in_artifact"] == [
+        {"name": "scale", "divide_by": 255.0},
+        {"name": "quantize", "levels": 17},
+        {"name": "softmax"},
+    ]
     assert prep["host"] == []
     assert prep["image_file"]["mode"] == "L"
     assert prep["image_file"]["decode_size"] == [8, 8]
@@ -129,6 +134,23 @@ def test_png_files_match_in_process_and_evaluate(run, artifact, workdir, test_im
     predicted = np.array([int(r["top_k"][0]["class"]) for r in results])
     accuracy = evaluate_workdir(workdir)["accuracy"]
     assert np.mean(predicted == labels) == pytest.approx(accuracy, abs=1e-9)
+
+
+def test_an_ordinary_8_bit_png_is_taken(run, artifact, test_images, tmp_path):
+    """Any 0..255 grayscale PNG of a digit, not only values on the dataset's 17 levels."""
+    path, _ = artifact
+    raw = test_images[0][:4].astype(np.int64)
+    noisy = np.clip(raw + np.random.default_rng(0).integers(-6, 7, raw.shape), 0, 255)
+    noisy = noisy.astype(np.uint8)
+    assert noisy.max() == 255 and len(set(noisy.ravel()) - set(raw.ravel())) > 10
+    files = []
+    for i, image in enumerate(noisy):
+        files.append(tmp_path / f"n{i}.png")
+        Image.fromarray(image, "L").save(files[-1])
+    results = predict.predict_files(path, files, top_k=10)
+    for result, row in zip(results, in_process_probs(run, None, noisy), strict=True):
+        probs = {int(c["class"]): c["prob"] for c in result["top_k"]}
+        np.testing.assert_allclose([probs[c] for c in range(10)], row, atol=1e-6, rtol=0)
 
 
 def test_int8_and_multi_platform_export(run, artifact, test_images, tmp_path):

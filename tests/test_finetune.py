@@ -230,7 +230,7 @@ def test_bad_fine_tuning_inputs_exit_2_with_one_line(pretrained, tmp_path):
         ),
         "corrupt": (
             [f"--config.init_from.checkpoint={corrupt}"],
-            ["cannot be read, it is corrupt or incomplete", str(corrupt / "checkpoints")],
+            ["it is corrupt or truncated", str(corrupt / "checkpoints")],
         ),
         "other_model": (
             ["--config.model.name=mlp"],

@@ -1,10 +1,9 @@
 """Two real `jaxdl train` processes (loopback coordinator, gloo CPU collectives, 2 devices
 each) train like one process with 4 devices, and survive being killed and restarted.
 
-Each process loads half of the global batch (data.batch_size is global), so every step
-sees the same examples as the one-process run, and the mean loss matches. Their order
-within the global batch differs (each process holds every 2nd example), so dropout, whose
-mask follows the row, is off here.
+Each process loads its contiguous half of the global batch (data.batch_size is global), so
+every step sees the same rows in the same places as the one-process run: with dropout on
+(digits_mlp's 0.1), whose mask follows the row, the losses still match to 1e-6.
 """
 
 import json
@@ -30,7 +29,7 @@ OVERRIDES = [
     "--config.log_every=1",
     "--config.eval_every=20",
     "--config.checkpoint_every=5",
-    "--config.model.dropout_rate=0.0",
+    "--config.model.dropout_rate=0.1",
 ]
 
 
@@ -91,10 +90,10 @@ def runs(tmp_path_factory):
 
 def test_two_processes_train_like_one(runs):
     _, _, two, one = runs
-    np.testing.assert_allclose(train_losses(two), train_losses(one), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(train_losses(two), train_losses(one), rtol=0, atol=1e-6)
     a = json.loads((two / "summary.json").read_text())
     b = json.loads((one / "summary.json").read_text())
-    assert a["test_loss"] == pytest.approx(b["test_loss"], abs=1e-5)
+    assert a["test_loss"] == pytest.approx(b["test_loss"], abs=1e-6)
     assert a["steps"] == b["steps"] == STEPS
     assert a["params"] == b["params"] == 64 * 512 + 512 + 512 * 256 + 256 + 256 * 128 + 128 + 1290
     assert a["test_accuracy"] > 0.8

@@ -78,7 +78,7 @@ def test_evaluate_matches_summary(trained):
 def test_refuses_a_workdir_of_another_run(trained):
     workdir, _ = trained
     with pytest.raises(ValueError, match="holds another run"):
-        train(quick_cfg(extra=["--config.optimizer.learning_rate=0.5"]), workdir, progress=False)
+        train(quick_cfg(extra=["--config.seed=1"]), workdir, progress=False)
 
 
 def test_nan_loss_stops_with_the_step_range(tmp_path):
@@ -139,3 +139,22 @@ def test_relative_workdirs_train_resume_and_restore(tmp_path, monkeypatch):
     report = json.loads((tmp_path / "runs/fine/init_report.json").read_text())
     assert report["step"] == 40 and summary["steps"] == 10
     assert evaluate_workdir("runs/fine")["step"] == 10
+
+
+def test_a_workdir_of_an_older_jaxdl_resumes(tmp_path):
+    """A config.json that lacks keys added since (or has keys removed since) is the same run."""
+    import json
+
+    from jaxdl.checkpoint.read import list_steps
+
+    cfg = config_lib.load_config(
+        "experiments/digits_mlp.py", ["--config.num_steps=4", "--config.num_epochs=0"]
+    )
+    train(cfg, tmp_path, progress=False, echo=lambda *_: None)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["data"]["max_image_pixels"]  # added after this workdir was written
+    saved["folds"] = 0  # removed since
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    cfg.num_steps = 6
+    summary = train(cfg, tmp_path, progress=False, echo=lambda *_: None)
+    assert summary["steps"] == 6 and list_steps(tmp_path / "checkpoints")[-1] == 6

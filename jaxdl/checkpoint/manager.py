@@ -6,12 +6,16 @@ Layout (**contract**)::
         state/    the TrainState (StandardSave); without `frozen` when save_frozen=False
         data/     the data iterator state (JsonSave), absent when there is none
         config/   the resolved config (JsonSave)
+        jaxdl_digest.json   size and xxh3 hashes of every item file (`jaxdl.checkpoint.integrity`)
     WORKDIR/checkpoints_best/<step>/   the best step by `best_metric`, same items
+    WORKDIR/checkpoints/<step>.corrupt  a step that failed its digest, set aside on resume
 
 The best copy has its own manager (max_to_keep=1), so keeping the best never deletes the
 latest and rotating the latest never deletes the best. Orbax writes each step into
 ``<step>.orbax-checkpoint-tmp`` and renames it when complete, so a killed save leaves only
-that tmp dir, which `Checkpointer` removes at start. Reading helpers (`load_variables`,
+that tmp dir, which `Checkpointer` removes at start. The digest is written into the tmp
+dir after every item is final and before the rename, so a finalized step always carries
+it; every restore verifies it before Orbax reads a byte. Reading helpers (`load_variables`,
 `restore_pretrained`, ...) live in `jaxdl.checkpoint.read` and are re-exported here.
 """
 
@@ -29,8 +33,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jaxdl.checkpoint.integrity import CorruptCheckpointError, write_digest
 from jaxdl.checkpoint.read import (
-    check_safe,
+    check_step,
     format_report,
     load_params,
     load_variables,
@@ -40,7 +45,7 @@ from jaxdl.checkpoint.read import (
 )
 from jaxdl.core.state import TrainState
 from jaxdl.core.tree import leaf_paths
-from jaxdl.errors import UserError
+from jaxdl.errors import UserError, warn
 
 __all__ = [
     "Checkpointer",
@@ -52,6 +57,7 @@ __all__ = [
 ]
 
 TMP_SUFFIX = ocp.path.step.TMP_DIR_SUFFIX  # ".orbax-checkpoint-tmp"
+CORRUPT_SUFFIX = ".corrupt"
 
 
 def remove_tmp_dirs(ckpt_dir: Path) -> list[str]:
@@ -136,9 +142,14 @@ class Checkpointer:
         self.best_metric, self.best_mode, self.save_frozen = best_metric, best_mode, save_frozen
         for d in (self.directory, self.best_directory):
             remove_tmp_dirs(d)
+        self._saving: dict[Path, int] = {}  # manager directory -> step of its save in flight
         self._manager = ocp.CheckpointManager(
             self.directory.absolute(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep,
+                create=True,
+                async_options=self._digest_hook(self.directory),
+            ),
         )
         self._best_manager = None
         self._best_value: float | None = None
@@ -154,6 +165,7 @@ class Checkpointer:
                     best_fn=lambda m: float(m.get(best_metric, worst)),
                     best_mode=best_mode,
                     create=True,
+                    async_options=self._digest_hook(self.best_directory),
                     # the same step is saved to both managers: their cross-process barriers
                     # need distinct names, or the second save waits forever
                     multiprocessing_options=ocp.options.MultiprocessingOptions(
@@ -162,6 +174,17 @@ class Checkpointer:
                 ),
             )
             self._best_value = self._saved_best()
+
+    def _digest_hook(self, directory: Path) -> ocp.AsyncOptions:
+        """Orbax calls this on the primary process once every item of the save in flight is
+        final, before renaming its tmp dir: the digest lands inside the step atomically."""
+
+        def write() -> None:
+            tmp = directory / f"{self._saving[directory]}{TMP_SUFFIX}"
+            assert tmp.is_dir(), f"Orbax's tmp dir {tmp} is not where jaxdl expects it"
+            write_digest(tmp)
+
+        return ocp.AsyncOptions(post_finalization_callback=write)
 
     def _saved_best(self) -> float | None:
         step = self._best_manager.latest_step()
@@ -227,8 +250,12 @@ class Checkpointer:
             items["data"] = ocp.args.JsonSave(_json_checked(data_state, "data_state"))
         value = self._improves(metrics)
         if step not in self._manager.all_steps():
+            self._manager.wait_until_finished()  # the hook reads _saving: one save at a time
+            self._saving[self.directory] = step
             self._manager.save(step, args=ocp.args.Composite(**items), force=force)
         if value is not None and step not in self._best_manager.all_steps():
+            self._best_manager.wait_until_finished()
+            self._saving[self.best_directory] = step
             self._best_manager.save(
                 step,
                 args=ocp.args.Composite(**items),
@@ -238,13 +265,15 @@ class Checkpointer:
             self._best_value = value
 
     def restore(
-        self, template: TrainState, step: int | None = None
+        self, template: TrainState, step: int | None = None, *, require_data: bool = False
     ) -> tuple[TrainState, dict | None]:
         """Restore ``step`` (None = latest) into the structure, dtypes and placement of
         ``template`` (real arrays or ShapeDtypeStructs with shardings).
 
-        Returns (state, data_state or None). If the checkpoint was saved without the frozen
-        tree, ``template.frozen`` is kept.
+        The step's digest is verified first: a corrupt step raises `CorruptCheckpointError`
+        (one line naming the file), as does a step without data-iterator state when
+        ``require_data``. Returns (state, data_state or None). If the checkpoint was saved
+        without the frozen tree, ``template.frozen`` is kept.
         """
         self.wait()
         steps = list(self._manager.all_steps())
@@ -262,7 +291,13 @@ class Checkpointer:
                 f"{sorted(steps)}. Fix: use one of these or None for the latest."
             )
         step_dir = self.directory / str(step)
-        check_safe(step_dir)
+        check_step(step_dir)
+        if require_data and not (step_dir / "data").is_dir():
+            raise CorruptCheckpointError(
+                f"checkpoint {step_dir}: has no data/ item (the data-iterator state), so "
+                "resuming from it would restart the data from batch 0. Fix: use another step "
+                "or delete this step folder."
+            )
         saved = state_metadata(step_dir)
         has_frozen = bool(jax.tree_util.tree_leaves(saved.get("frozen")))
         target = template if has_frozen else template.replace(frozen={})
@@ -281,6 +316,54 @@ class Checkpointer:
         if not has_frozen:
             state = state.replace(frozen=template.frozen)
         return state, restored["data"] if "data" in items else None
+
+    def resume(
+        self, template: TrainState, *, require_data: bool
+    ) -> tuple[int, TrainState, dict | None]:
+        """(step, state, data_state) of the newest intact step; (0, template, None) if none.
+
+        Steps that fail verification are renamed ``<step>.corrupt`` (kept for inspection,
+        out of Orbax's way so the run can save that step again) and named in one warning
+        line; a run never resumes from a corrupt step, nor silently from scratch when
+        checkpoints exist but none is intact.
+        """
+        self.wait()
+        skipped: list[tuple[int, str]] = []
+        found = None
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                found = (step, *self.restore(template, step, require_data=require_data))
+                break
+            except CorruptCheckpointError as err:
+                skipped.append((step, str(err)))
+        if skipped:
+            self._set_aside([s for s, _ in skipped])
+            if found is None:
+                raise CorruptCheckpointError(
+                    f"resume: every checkpoint in {self.directory} is corrupt (set aside as "
+                    f"<step>{CORRUPT_SUFFIX}; newest: {skipped[0][1]}). Fix: start afresh in a "
+                    "new --workdir, or delete the checkpoints to start this one afresh."
+                )
+            warn(
+                f"skipped corrupt checkpoint step(s) {[s for s, _ in skipped]} (set aside as "
+                f"<step>{CORRUPT_SUFFIX}; {skipped[0][1]}); resuming from step {found[0]}."
+            )
+        return found if found is not None else (0, template, None)
+
+    def _set_aside(self, steps: list[int]) -> None:
+        if jax.process_index() == 0:
+            for step in steps:
+                target = self.directory / f"{step}{CORRUPT_SUFFIX}"
+                n = 1
+                while target.exists():
+                    n += 1
+                    target = self.directory / f"{step}{CORRUPT_SUFFIX}{n}"
+                (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("jaxdl_set_aside_corrupt_steps")
+        self._manager.reload()
 
     def wait(self) -> None:
         """Block until every started save is on disk (raises a failed save's error)."""

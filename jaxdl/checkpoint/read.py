@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxdl.checkpoint.integrity import verify_step
 from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
 
@@ -114,32 +114,21 @@ def check_safe(step_dir: Path) -> None:
                 )
 
 
-def _silence_closed_loop_callbacks() -> None:
-    """Drop the late "Event loop is closed" callbacks of a failed Orbax read (once per process).
-
-    Orbax runs each read in a fresh event loop and closes it as soon as one tensorstore read
-    fails; the reads still in flight then finish and their callbacks hit the closed loop.
-    Nothing waits for them, so the RuntimeError Python prints as "unraisable" is noise that
-    would follow (and scramble) the one-line error a user gets. Every other unraisable
-    exception still reaches the previous hook.
-    """
-    previous = sys.unraisablehook
-    if getattr(previous, "jaxdl_closed_loop_filter", False):
-        return
-
-    def hook(unraisable: Any) -> None:
-        err = unraisable.exc_value
-        if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
-            previous(unraisable)
-
-    hook.jaxdl_closed_loop_filter = True
-    sys.unraisablehook = hook
+def check_step(step_dir: Path, items: list[str] | None = None) -> None:
+    """`check_safe`, then the step's recorded digest (all items, or ``items``), before any
+    byte of it is parsed."""
+    check_safe(step_dir)
+    verify_step(step_dir, items)
 
 
 @contextlib.contextmanager
 def orbax_errors(step_dir: Path) -> Iterator[None]:
-    """Re-raise Orbax / tensorstore read failures as one ValueError naming the directory."""
-    _silence_closed_loop_callbacks()  # before the read: the callbacks can beat the except
+    """Re-raise Orbax / tensorstore read failures as one UserError naming the directory.
+
+    Callers verify the step's digest first (`check_step`), so the bytes Orbax reads are
+    the bytes it wrote and a failure here is rare (an unreadable disk, a step older jaxdl
+    wrote and the user vouched for).
+    """
     try:
         yield
     except Exception as err:  # tensorstore, JSON and OS errors all mean the same to a user
@@ -165,6 +154,7 @@ def read_json(step_dir: Path, item: str) -> Any:
     """A JsonSave item of the step ("config", "data"), or None when the step has none."""
     if not (step_dir / item).is_dir():
         return None
+    check_step(step_dir, [item])
     with orbax_errors(step_dir):
         checkpointer = ocp.Checkpointer(ocp.JsonCheckpointHandler())
         try:
@@ -211,7 +201,7 @@ def _load(
     path: str | os.PathLike, step: int | None, config_key: str, seen: tuple[Path, ...] = ()
 ) -> tuple[dict, Path, int]:
     step_dir, step = resolve_step_dir(path, step, config_key=config_key)
-    check_safe(step_dir)
+    check_step(step_dir)
     if step_dir.resolve() in seen:
         raise UserError(
             f"{config_key}: LoRA checkpoints name each other as base in a loop: "

@@ -22,6 +22,8 @@ Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 LOSSES = ("softmax_cross_entropy", "mse", "sigmoid_cross_entropy")
+# Train-step metrics that are checks, not measurements: the trainer tests them, never logs them.
+FLAGS = ("finite", "labels_ok", "bad_label")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,47 @@ def _per_example_loss(name: str, logits, labels, num_classes: int, smoothing: fl
     raise UserError(f"loss.name: expected one of {list(LOSSES)}, found {name!r}.")
 
 
+def label_flags(labels: jax.Array, num_classes: int) -> Metrics:
+    """On-device label check of one batch: labels [B] int ->
+    {"labels_ok": bool [], "bad_label": the first label outside [0, num_classes) (or labels[0])}.
+
+    Out-of-range labels do not fail by themselves: one_hot (label smoothing, mse) turns them
+    into all-zero rows and trains on, and integer cross-entropy turns them into NaN, which
+    would blame the learning rate. The flag costs the host nothing until a log point.
+    Probability rows (the one_hot transform) were indexed on the host already: always ok.
+    """
+    ok = _labels_in_range(labels, num_classes)
+    # argmin: the first False, or 0 when all are True
+    bad = labels[jnp.argmin(ok)] if ok.ndim else jnp.int32(0)
+    return {"labels_ok": jnp.all(ok), "bad_label": bad.astype(jnp.int32)}
+
+
+def _labels_in_range(labels: jax.Array, num_classes: int) -> jax.Array:
+    """bool [B]: each integer label in [0, num_classes); a scalar True for probability rows."""
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        return jnp.bool_(True)
+    return (labels >= 0) & (labels < num_classes)
+
+
+def check_label_flags(host: list[Mapping[str, Any]], first_step: int) -> None:
+    """Raise naming the step and the label when a train step's `label_flags` failed.
+
+    host: fetched metrics of steps first_step + 1, first_step + 2, ...
+    """
+    for i, metrics in enumerate(host):
+        if "labels_ok" in metrics and not bool(metrics["labels_ok"]):
+            step, label = first_step + 1 + i, int(metrics["bad_label"])
+            fix = "make every label a class index >= 0"
+            if label >= 0:
+                fix = f"set model.num_classes to at least {label + 1}, or fix the labels"
+            raise UserError(
+                f"data: the train batch of step {step} (steps {first_step + 1}.."
+                f"{first_step + len(host)} checked) holds label {label}, outside "
+                f"[0, model.num_classes); parameters after step {first_step} were not "
+                f"saved. Fix: {fix}."
+            )
+
+
 def classification(loss_cfg: Mapping[str, Any], num_classes: int) -> Head:
     name, smoothing = loss_cfg["name"], float(loss_cfg["label_smoothing"])
     if name not in LOSSES:
@@ -52,16 +95,20 @@ def classification(loss_cfg: Mapping[str, Any], num_classes: int) -> Head:
     def loss(logits, batch):
         per_example = _per_example_loss(name, logits, batch["label"], num_classes, smoothing)
         correct = jnp.argmax(logits, -1) == batch["label"]
-        return per_example.mean(), {"accuracy": correct.mean()}
+        flags = label_flags(batch["label"], num_classes)
+        return per_example.mean(), {"accuracy": correct.mean(), **flags}
 
     def eval_sums(logits, batch):
         mask = batch["mask"]
-        per_example = _per_example_loss(name, logits, batch["label"], num_classes, 0.0)
-        correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+        labels = batch["label"]
+        per_example = _per_example_loss(name, logits, labels, num_classes, 0.0)
+        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        bad = jnp.logical_not(_labels_in_range(labels, num_classes)).astype(jnp.float32)
         return {
             "loss": jnp.sum(per_example * mask),
             "accuracy": jnp.sum(correct * mask),
             "count": jnp.sum(mask),
+            "bad_labels": jnp.sum(bad * mask),
         }
 
     return Head("classification", "image", loss, eval_sums)
@@ -93,9 +140,20 @@ def make_head(kind: str, loss_cfg: Mapping[str, Any], num_classes: int) -> Head:
 
 
 def finalize(sums: Mapping[str, float], kind: str) -> dict[str, float]:
-    """Masked sums -> means; LMs also get bits per byte and perplexity."""
+    """Masked sums -> means; LMs also get bits per byte and perplexity.
+
+    Refuses sums over labels outside the model's classes (`bad_labels` > 0): accuracy and
+    loss over them would be meaningless numbers.
+    """
+    bad = int(sums.get("bad_labels", 0))
+    if bad:
+        raise UserError(
+            f"data: {bad} evaluation examples hold labels outside the model's classes "
+            "(model.num_classes). Fix: raise model.num_classes or fix the labels of the "
+            "evaluation split."
+        )
     count = max(float(sums["count"]), 1.0)
-    out = {k: float(v) / count for k, v in sums.items() if k != "count"}
+    out = {k: float(v) / count for k, v in sums.items() if k not in ("count", "bad_labels")}
     if kind == "lm":
         out["bits_per_byte"] = out["loss"] / math.log(2)
         out["perplexity"] = math.exp(min(out["loss"], 50.0))

@@ -5,11 +5,15 @@ asks for batch k again and gets the same bytes. Per-example work (read, decode,
 transforms) happens inside `__getitem__`, once per batch, which keeps grain's per-element
 bookkeeping off the hot path.
 
-Train batch k of process `index` of `count`, with S = steps per epoch and B = batch size:
+Train batch k of process `index` of `count`, with S = steps per epoch, B = batch size (per
+process) and G = count * B (the global batch):
     epoch e, j = divmod(k, S)
-    order_e = permutation(n) seeded by (seed, e), then every count-th from `index`
-    batch   = order_e[j*B : (j+1)*B], example at epoch position p augmented with a
-              generator seeded by (augment seed, e, p)
+    order_e = permutation(n) seeded by (seed, e)
+    global batch j = order_e[j*G : (j+1)*G]; this process's batch is its contiguous block
+              [index*B : (index+1)*B], the rows its devices hold in the global array
+    example at global epoch position p augmented with a generator seeded by (augment seed, e, p)
+So 1 device, N devices and P processes see the same rows in the same places of every global
+batch: dropout masks and augmentation, which follow the row, match too.
 """
 
 from __future__ import annotations
@@ -80,7 +84,9 @@ class TrainBatches:
         self.steps_per_epoch = len(records) // self.count // batch_size
         assert self.steps_per_epoch > 0, "batch larger than the shard"
         self.shuffle_seed = derive_seed(seed, 0)
-        self.augment_seed = derive_seed(seed, 1, self.index)
+        # One stream for all processes, indexed by global position; (seed, 1, 0) is what
+        # one-process runs always used, so their augmentation is unchanged.
+        self.augment_seed = derive_seed(seed, 1, 0)
         # The last two epochs' orders. Replaced whole, never mutated, so grain's reader
         # threads can share it without a lock (a lock would not pickle to workers).
         self._orders: tuple[tuple[int, np.ndarray], ...] = ()
@@ -89,12 +95,15 @@ class TrainBatches:
         return sys.maxsize  # infinite: grain slices it from the resume step
 
     def order(self, epoch: int) -> np.ndarray:
-        """This process's record indices for `epoch`, in visiting order (whole batches)."""
+        """This process's record indices for `epoch`, in visiting order (whole batches): its
+        block of each global batch."""
         for e, order in self._orders:
             if e == epoch:
                 return order
         perm = np.random.default_rng([self.shuffle_seed, epoch]).permutation(len(self.records))
-        order = perm[self.index :: self.count][: self.steps_per_epoch * self.batch_size]
+        used = perm[: self.steps_per_epoch * self.count * self.batch_size]
+        order = used.reshape(self.steps_per_epoch, self.count, self.batch_size)[:, self.index]
+        order = order.reshape(-1)
         self._orders = ((epoch, order),) + self._orders[:1]
         return order
 
@@ -109,8 +118,9 @@ class TrainBatches:
         else:
             examples = [self.prepare(r) for r in read_records(self.records, indices)]
         if self.augment is not None:
+            first = (j * self.count + self.index) * self.batch_size  # global epoch position
             examples = [
-                self.augment(ex, np.random.default_rng([self.augment_seed, epoch, start + i]))
+                self.augment(ex, np.random.default_rng([self.augment_seed, epoch, first + i]))
                 for i, ex in enumerate(examples)
             ]
         return stack(examples)

@@ -1,7 +1,12 @@
 """The bundled "digits" source: scikit-learn's 1,797 real 8x8 digit images as a TFDS dataset.
 
+Stored and fed like every other image dataset: uint8 0..255 (scikit-learn's 17 levels
+0..16 as round(255 k / 16)), so an exported digits model takes an ordinary 8-bit PNG.
+Decoding snaps values back to the 17 levels, so the model sees k / 16 exactly, as it did
+when the data was stored as 0..16 (version 1.0.0): checkpoints of those runs still fit.
+
 Built offline on first use by a `tfds.core.GeneratorBasedBuilder` into
-``<data_dir>/jaxdl_digits/1.0.0/`` in array_record format (tfds 4.9.10 builds and reads
+``<data_dir>/jaxdl_digits/2.0.0/`` in array_record format (tfds 4.9.10 builds and reads
 array_record without TensorFlow), read back through the builder's `as_data_source` (what
 `tfds.data_source` calls) and held in memory. The train/val/test split (70/10/20,
 stratified) is fixed by `SPLIT_SEED`, not by the run seed, so every run sees the same
@@ -26,7 +31,12 @@ from jaxdl.data.sources import (
 
 SPLIT_SEED = 0
 VAL_FRACTION, TEST_FRACTION = 0.1, 0.2
-PIXEL_MAX = 16.0  # load_digits pixels are integers 0..16
+LEVELS = 17  # load_digits pixels are integers 0..16
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """load_digits values 0..16 -> uint8 0..255 (16 -> 255), the stored form."""
+    return np.round(np.asarray(images, np.float64) * 255.0 / (LEVELS - 1)).astype(np.uint8)
 
 
 def split_indices() -> dict[str, np.ndarray]:
@@ -47,10 +57,13 @@ def split_indices() -> dict[str, np.ndarray]:
 
 
 class JaxdlDigits(tfds.core.GeneratorBasedBuilder):
-    """scikit-learn digits: image uint8 [8, 8, 1] (0..16), label 0..9, id = row in load_digits."""
+    """scikit-learn digits: image uint8 [8, 8, 1] (0..255), label 0..9, id = row in load_digits."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "sklearn load_digits, stratified 70/10/20 split (seed 0)."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {
+        "1.0.0": "sklearn load_digits, stratified 70/10/20 split (seed 0).",
+        "2.0.0": "Pixels stored as uint8 0..255 (round(255 k / 16)) instead of 0..16.",
+    }
     # No checksums file to look up. tfds 4.9.10 derives `code_path` through
     # `importlib_resources`, which it only installs for Python < 3.9.
     code_path = None
@@ -59,7 +72,7 @@ class JaxdlDigits(tfds.core.GeneratorBasedBuilder):
         # DatasetInfo directly: `dataset_info_from_configs` wants a package metadata folder.
         return tfds.core.DatasetInfo(
             builder=self,
-            description="scikit-learn's 8x8 handwritten digits (UCI), pixel values 0..16.",
+            description="scikit-learn's 8x8 handwritten digits (UCI), 17 levels as 0..255.",
             features=tfds.features.FeaturesDict(
                 {
                     "image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
@@ -79,7 +92,7 @@ class JaxdlDigits(tfds.core.GeneratorBasedBuilder):
 
         digits = load_digits()
         for i in indices:
-            image = digits.images[i].astype(np.uint8)[..., None]
+            image = to_uint8(digits.images[i])[..., None]
             yield int(i), {"image": image, "label": int(digits.target[i]), "id": int(i)}
 
 
@@ -99,7 +112,7 @@ def digits_source(cfg: Mapping) -> Source:
     builder = prepare_digits(resolve_data_dir(cfg))
     splits = builder.as_data_source()
     decode = ArrayImageDecode(
-        scale=PIXEL_MAX, image_size=image_size(cfg), channels=opt(cfg, "channels")
+        scale=255.0, image_size=image_size(cfg), channels=opt(cfg, "channels"), levels=LEVELS
     )
     return Source(
         "classification",

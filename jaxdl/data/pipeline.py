@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxdl.data.batches import EvalBatches, TrainBatches, materialize
 from jaxdl.data.loader import TrainIterator, eval_batches
-from jaxdl.data.sources import Concat, Source, Subset, load_source, opt
+from jaxdl.data.sources import Concat, Source, Subset, cheap_labels, load_source, opt
 from jaxdl.data.transforms import EvalChain, Op, TrainChain, parse_transforms
 from jaxdl.errors import UserError
 
@@ -61,7 +61,7 @@ class Data:
     split_sizes: dict[str, int]
     preprocessing: dict  # JSON: source decoding + the eval transforms (for export)
     split_names: dict[str, str]  # our split -> where it comes from (TFDS split, folder, bytes)
-    skipped_files: list[str]  # unreadable images skipped under data.skip_bad_files
+    skipped: list[dict[str, str]]  # files the source did not read: {"path", "reason"}
     source: Source = dataclasses.field(repr=False)
     train_ops: list[Op] = dataclasses.field(repr=False)
     eval_ops: list[Op] = dataclasses.field(repr=False)
@@ -85,6 +85,29 @@ class Data:
             fits = example_bytes * len(records) <= self.cache_mb * 2**20
             self._caches[key] = materialize(records, prepare) if fits else None
         return self._caches[key]
+
+    @property
+    def report(self) -> dict[str, Any]:
+        """What the run reads (data_report.json): examples per split and per class, and the
+        files the source skipped with the reason, e.g.
+        {"splits": {"train": {"examples": 1257, "per_class": {"0": 125, ...}}, ...},
+         "skipped": [{"path": "cats/._1.jpg", "reason": "hidden file"}]}.
+        per_class is None where labels cannot be counted without reading every record (TFDS).
+        """
+        label_key = getattr(self.source.decode, "label_key", "label")
+        splits: dict[str, dict[str, Any]] = {}
+        for name, records in self.source.splits.items():
+            entry: dict[str, Any] = {"examples": len(records)}
+            if self.kind == "classification":
+                labels = cheap_labels(records, label_key)
+                entry["per_class"] = None if labels is None else self._per_class(labels)
+            splits[name] = entry
+        return {"splits": splits, "skipped": [dict(s) for s in self.skipped]}
+
+    def _per_class(self, labels: np.ndarray) -> dict[str, int]:
+        counts = np.bincount(labels, minlength=self.num_classes)
+        names = self.class_names or [str(c) for c in range(len(counts))]
+        return {str(names[c]): int(n) for c, n in enumerate(counts)}
 
     def steps_per_epoch(self, batch_size: int, *, shard: tuple[int, int] | None = None) -> int:
         """Whole batches per epoch per process (the remainder is dropped)."""
@@ -186,6 +209,12 @@ class Relabeled:
         record[self.label_key] = self.table[int(record[self.label_key])]
         return record
 
+    def cheap_labels(self, key: str = "label") -> np.ndarray | None:
+        base = cheap_labels(self.records, key)
+        if base is None or key != self.label_key:
+            return None
+        return np.asarray([self.table[int(c)] for c in base[self.indices]], np.int64)
+
 
 def _raw_labels(records: Any, label_key: str) -> np.ndarray:
     """int64 [N] labels read from the raw records (no image decoding)."""
@@ -251,6 +280,39 @@ def _first_per_class(source: Source, per_class: int) -> None:
     source.split_names["train"] = f"{name}, first {per_class} per class"
 
 
+def _check_labels_fit(source: Source, num_classes: int) -> None:
+    """Refuse, before training, a source whose labels do not fit [0, num_classes).
+
+    The source's class count (TFDS ClassLabel, class folders) is checked first; then every
+    split whose labels are in memory is scanned in full. The train step checks each batch
+    on the device too (`jaxdl.core.heads.label_flags`), for sources that cannot be scanned.
+    """
+    spec = source.description.get("source", "the source")
+    if source.num_classes is not None and source.num_classes > num_classes:
+        raise UserError(
+            f"model.num_classes: expected at least {source.num_classes} (the classes of "
+            f"{spec}), found {num_classes}, so labels would have to lie in "
+            f"[0, {num_classes}). Fix: set model.num_classes={source.num_classes}, or keep "
+            "fewer classes with data.classes."
+        )
+    label_key = getattr(source.decode, "label_key", "label")
+    for name, records in source.splits.items():
+        labels = cheap_labels(records, label_key)
+        if labels is None or not len(labels):
+            continue
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            bad = int(np.count_nonzero((labels < 0) | (labels >= num_classes)))
+            fix = "make every label a class index >= 0"
+            if lo >= 0:
+                fix = f"set model.num_classes to at least {hi + 1}, or fix the labels"
+            raise UserError(
+                f"data: split {name!r} ({source.split_names.get(name, name)}) holds {bad} "
+                f"labels outside [0, {num_classes}) (model.num_classes): found min {lo} "
+                f"max {hi}. Fix: {fix}."
+            )
+
+
 def build_data(
     data_cfg: Mapping,
     *,
@@ -289,6 +351,8 @@ def build_data(
                 f"data: split {name!r} ({source.split_names.get(name, name)}) is "
                 "empty. Fix: add data or raise data.val_fraction."
             )
+    if source.kind == "classification" and num_classes is not None:
+        _check_labels_fit(source, num_classes)
 
     eval_ops = parse_transforms(
         opt(data_cfg, "transforms", []), field="data.transforms", allow_random=False
@@ -336,12 +400,32 @@ def build_data(
         split_sizes={k: len(v) for k, v in source.splits.items()},
         preprocessing=preprocessing,
         split_names=dict(source.split_names),
-        skipped_files=list(source.skipped_files),
+        skipped=list(source.skipped),
         source=source,
         train_ops=train_ops,
         eval_ops=eval_ops,
         cache_mb=_cache_mb(data_cfg),
     )
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """`Data.report` as a few printable lines: one per split, then the skipped files."""
+    lines = []
+    for name, split in report["splits"].items():
+        line = f"data: {name}: {split['examples']:,} examples"
+        if split.get("per_class") is not None:
+            counts = ", ".join(f"{c}: {n:,}" for c, n in split["per_class"].items())
+            line += f" ({counts})"
+        lines.append(line)
+    skipped = report["skipped"]
+    if skipped:
+        reasons: dict[str, int] = {}
+        for item in skipped:
+            kind = item["reason"].split(" (")[0]  # "unreadable (OSError: ...)" -> "unreadable"
+            reasons[kind] = reasons.get(kind, 0) + 1
+        why = ", ".join(f"{n} {reason}" for reason, n in reasons.items())
+        lines.append(f"data: skipped {len(skipped)} files ({why}); see data_report.json")
+    return "\n".join(lines)
 
 
 def _cache_mb(data_cfg: Mapping) -> float:

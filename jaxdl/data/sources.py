@@ -64,11 +64,15 @@ class Source:
     class_names: list[str] | None
     description: dict  # JSON: how a record becomes an example, for Data.preprocessing
     split_names: dict[str, str] = dataclasses.field(default_factory=dict)
-    skipped_files: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)  # {"path", "reason"}
 
     def labels(self, split: str) -> np.ndarray:
-        """int64 [N] labels of a classification split, read from the raw records."""
+        """int64 [N] labels of a classification split: held in memory, or read from the raw
+        records (no image decoding)."""
         records = self.splits[split]
+        held = cheap_labels(records)
+        if held is not None:
+            return np.asarray(held, np.int64)
         return np.asarray([int(records[i]["label"]) for i in range(len(records))], np.int64)
 
 
@@ -87,6 +91,10 @@ class Subset:
     def __getitem__(self, i: int):
         return self.records[int(self.indices[i])]
 
+    def cheap_labels(self, key: str = "label") -> np.ndarray | None:
+        base = cheap_labels(self.records, key)
+        return None if base is None else base[self.indices]
+
 
 class Concat:
     """Several random-access sources end to end."""
@@ -102,6 +110,10 @@ class Concat:
         part = int(np.searchsorted(self.offsets, i, side="right")) - 1
         return self.parts[part][i - int(self.offsets[part])]
 
+    def cheap_labels(self, key: str = "label") -> np.ndarray | None:
+        parts = [cheap_labels(p, key) for p in self.parts]
+        return None if any(p is None for p in parts) else np.concatenate(parts)
+
 
 class InMemoryRecords:
     """All records of a small source held as stacked numpy arrays (one read at build)."""
@@ -115,6 +127,19 @@ class InMemoryRecords:
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         return {k: v[i] for k, v in self.arrays.items()}
+
+    def cheap_labels(self, key: str = "label") -> np.ndarray | None:
+        return self.arrays.get(key)
+
+
+def cheap_labels(records: Sequence, key: str = "label") -> np.ndarray | None:
+    """int [N] labels of `records` when held in memory (no record read, no decode), else None.
+
+    Record containers that can answer cheaply define ``cheap_labels(key)``; TFDS sources
+    cannot (each record is deserialized whole), so their ClassLabel metadata stands in.
+    """
+    method = getattr(records, "cheap_labels", None)
+    return None if method is None else method(key)
 
 
 # ---- decoding arrays -----------------------------------------------------------------------
@@ -140,10 +165,28 @@ def convert_channels(image: np.ndarray, channels: int | None) -> np.ndarray:
     )
 
 
+def quantize_levels(x: np.ndarray, levels: int) -> np.ndarray:
+    """float32 values in [0, 1] -> the nearest of `levels` evenly spaced values k / (levels - 1).
+
+    Digits are 17-level images stored as 8-bit (k -> round(255 k / 16)); this maps every
+    8-bit value back to the level the model trained on, exactly (k / 16 is a float32).
+    """
+    steps = np.float32(levels - 1)
+    return np.round(x * steps) / steps
+
+
+def pixel_scale(dtype: Any) -> float:
+    """The value of full intensity for images stored as `dtype`: the integer maximum (255 for
+    uint8, 65535 for uint16, so 16-bit images are scaled, not clipped), 1.0 for floats."""
+    dtype = np.dtype(dtype)
+    return float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else 1.0
+
+
 class ArrayImageDecode:
     """Record with an image array -> {"image": float32 [0, 1] HWC, "label": int32}.
 
-    `scale` is the pixel maximum (255 for uint8, 16 for digits, 1 for floats).
+    `scale` is the pixel maximum (255 for uint8, 1 for floats); `levels`, when set, snaps
+    the scaled values to that many evenly spaced levels (`quantize_levels`).
     """
 
     def __init__(
@@ -154,19 +197,23 @@ class ArrayImageDecode:
         label_key: str = "label",
         image_size: tuple[int, int] | None = None,
         channels: int | None = None,
+        levels: int | None = None,
     ):
         self.scale, self.image_key, self.label_key = float(scale), image_key, label_key
-        self.image_size, self.channels = image_size, channels
+        self.image_size, self.channels, self.levels = image_size, channels, levels
 
     def describe(self) -> dict[str, Any]:
         size = list(self.image_size) if self.image_size else None
-        return {"pixel_scale": self.scale, "channels": self.channels, "image_size": size}
+        out = {"pixel_scale": self.scale, "channels": self.channels, "image_size": size}
+        return {**out, "levels": self.levels} if self.levels else out
 
     def __call__(self, record: Mapping) -> dict[str, np.ndarray]:
         image = np.asarray(record[self.image_key])
         if image.ndim == 2:
             image = image[..., None]
         image = image.astype(np.float32) / np.float32(self.scale)
+        if self.levels:
+            image = quantize_levels(image, self.levels)
         image = convert_channels(image, self.channels)
         if self.image_size is not None:
             image = resize_image(image, self.image_size)
@@ -337,9 +384,8 @@ def tfds_source(name: str, cfg: Mapping, *, num_classes: int | None) -> Source:
             f"model.num_classes: TFDS dataset {name!r} has no ClassLabel feature "
             f"{label_key!r}; found no model.num_classes. Fix: set model.num_classes."
         )
-    scale = 255.0 if np.dtype(image_feature.np_dtype) == np.uint8 else 1.0
     decode = ArrayImageDecode(
-        scale=scale,
+        scale=pixel_scale(image_feature.np_dtype),
         image_key=image_key,
         label_key=label_key,
         image_size=size,

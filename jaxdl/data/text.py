@@ -53,15 +53,17 @@ def stdlib_files() -> list[Path]:
 
 
 def _read_files(files: list[Path], max_bytes: int | None) -> bytes:
+    """The files' bytes end to end, reading no more than `max_bytes` in all (a 1 MB cut of
+    a 3 GB file reads 1 MB)."""
     chunks, total = [], 0
     for path in files:
         if max_bytes is not None and total >= max_bytes:
             break
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read() if max_bytes is None else f.read(max_bytes - total)
         chunks.append(data)
         total += len(data)
-    corpus = b"".join(chunks)
-    return corpus if max_bytes is None else corpus[:max_bytes]
+    return b"".join(chunks)
 
 
 def _glob_files(pattern: str) -> list[Path]:

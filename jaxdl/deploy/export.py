@@ -9,8 +9,9 @@ embedded as constants (LoRA merged; int8 with ``quantize="int8"``, dequantized i
 function), the batch dimension is symbolic, and the pure-array part of the evaluation
 preprocessing runs inside it:
 
-    classification  x: float32 [B, H, W, C] raw pixel values (the dataset's own units, e.g.
-                    0..16 for digits, 0..255 for 8-bit images) -> / pixel_scale -> normalize
+    classification  x: float32 [B, H, W, C] raw pixel values (the dataset's own units:
+                    0..255 for 8-bit images, digits included) -> / pixel_scale -> snapped
+                    to the source's levels if it has them (digits: 17) -> normalize
                     -> model -> softmax probabilities [B, num_classes]
     lm              tokens int32 [B, T] (right-padded), lengths int32 [B] -> next-token
                     probabilities [B, V] after position lengths - 1 (causal: padding after
@@ -30,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ import numpy as np
 from jaxdl.deploy.artifact import FORMAT, FORMAT_VERSION, sidecar_path
 from jaxdl.deploy.quantize import dequantize, quantize_params
 from jaxdl.errors import UserError
+from jaxdl.fileio import atomic_write_bytes
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 QUANTIZATIONS = ("int8",)
@@ -62,13 +63,20 @@ def classifier_fn(
     variables: Mapping,
     *,
     pixel_scale: float,
+    levels: int | None = None,
     normalize: Sequence[tuple[Sequence[float], Sequence[float]]] = (),
     quantized: bool = False,
 ):
-    """predict(x float32 [B, H, W, C] raw pixels) -> softmax probabilities [B, C]."""
+    """predict(x float32 [B, H, W, C] raw pixels) -> softmax probabilities [B, C].
+
+    ``levels``: snap the scaled pixels to that many levels, as the source decodes
+    (`jaxdl.data.sources.quantize_levels`).
+    """
 
     def predict(x):
         x = x.astype(jnp.float32) / jnp.float32(pixel_scale)
+        if levels:
+            x = jnp.round(x * jnp.float32(levels - 1)) / jnp.float32(levels - 1)
         for mean, std in normalize:
             x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
         params = _params_of(variables, quantized)
@@ -123,7 +131,8 @@ def _image_file_spec(cfg, data, input_shape: Sequence[int], host: Sequence[Mappi
     resizes to it), the model input size when no host op changes it, else None (the
     source's native size, whatever the file has).
     """
-    from jaxdl.data.sources import image_size
+    from jaxdl.data.images import DEFAULT_MAX_PIXELS
+    from jaxdl.data.sources import image_size, opt
 
     prep = data.preprocessing
     scale = float(prep.get("pixel_scale", 1.0))
@@ -139,17 +148,11 @@ def _image_file_spec(cfg, data, input_shape: Sequence[int], host: Sequence[Mappi
     channels = int(input_shape[-1])
     return {
         "mode": "L" if channels == 1 else "RGB",
+        "max_image_pixels": int(opt(cfg.data, "max_image_pixels", DEFAULT_MAX_PIXELS)),
         "decode_size": decode_size,
         "resize": resize,
         "pixel_scale": scale,
-        "encoding": (
-            f"file pixel value p = the dataset's raw value, model input = p / {scale:g}"
-            + (
-                "; digits PNGs hold the raw 0..16 values, as the dataset does"
-                if source == "digits"
-                else ""
-            )
-        ),
+        "encoding": f"file pixel value p = the dataset's raw value, model input = p / {scale:g}",
     }
 
 
@@ -165,12 +168,6 @@ def _check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
             f"{list(platforms)}. Fix: e.g. --platform cpu --platform cuda."
         )
     return platforms
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -205,6 +202,7 @@ def export_model(
     platforms: Sequence[str] = ("cpu",),
     quantize: str | None = None,
     pixel_scale: float = 1.0,
+    levels: int | None = None,
     normalize: Sequence[tuple] = (),
     metadata: Mapping | None = None,
 ) -> dict:
@@ -234,6 +232,7 @@ def export_model(
             model,
             variables,
             pixel_scale=pixel_scale,
+            levels=levels,
             normalize=normalize,
             quantized=quantize is not None,
         )
@@ -267,8 +266,8 @@ def export_model(
     }
     if kind == "lm":
         meta["input"]["lengths"] = {"shape": [None], "dtype": "int32"}
-    _write_atomic(out_path, blob)
-    _write_atomic(
+    atomic_write_bytes(out_path, blob)
+    atomic_write_bytes(
         sidecar_path(out_path), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
     )
     return meta
@@ -308,8 +307,10 @@ def export_run(
     else:
         host, normalize = split_transforms(data.preprocessing.get("transforms", []))
         image_file = _image_file_spec(cfg, data, spec_shape, host)
+        levels = data.preprocessing.get("levels")
         kwargs = {
             "pixel_scale": image_file["pixel_scale"],
+            "levels": levels,
             "normalize": [(op["mean"], op["std"]) for op in normalize],
         }
         meta["preprocessing"] = {
@@ -318,6 +319,7 @@ def export_run(
             "host": host,
             "in_artifact": [
                 {"name": "scale", "divide_by": image_file["pixel_scale"]},
+                *([{"name": "quantize", "levels": levels}] if levels else []),
                 *normalize,
                 {"name": "softmax"},
             ],

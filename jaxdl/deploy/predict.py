@@ -55,9 +55,9 @@ def read_metadata(path: str | Path) -> dict:
     """The sidecar of an artifact, checked for format and version."""
     path = Path(path)
     if not path.is_file():
+        found = "is a directory" if path.is_dir() else "does not exist"
         raise UserError(
-            f"MODEL: {path} does not exist. Fix: pass the .jaxexport file "
-            "written by `jaxdl export`."
+            f"MODEL: {path} {found}. Fix: pass the .jaxexport file written by `jaxdl export`."
         )
     side = sidecar_path(path)
     if not side.is_file():
@@ -179,42 +179,56 @@ def load(path: str | Path) -> Predictor:
 # ---- predicting files ----------------------------------------------------------------------
 
 
-def load_image(path: str | Path, meta: Mapping) -> np.ndarray:
+def load_image(
+    path: str | Path, meta: Mapping, *, max_image_pixels: int | None = None
+) -> np.ndarray:
     """An image file -> float32 [H, W, C] raw pixels, the artifact's input for one example.
 
     Pillow reads the file and converts it to the model's mode ("L" or "RGB"); a file whose
     size differs from what the source decodes is resized only where the training
     preprocessing resizes too (data.image_size, image folders, or a resize transform);
-    then the host transforms (resize, center crop) run as in training.
+    then the host transforms (resize, center crop) run as in training. Images over
+    `max_image_pixels` (default: the training run's data.max_image_pixels) are refused
+    before decoding; 16-bit images are scaled to 8 bits, as in training.
     """
     from PIL import Image
 
+    from jaxdl.data.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, open_image
     from jaxdl.data.sources import convert_channels
     from jaxdl.data.transforms import parse_transform, resize_image
 
     path = Path(path)
     spec, host = meta["preprocessing"]["image_file"], meta["preprocessing"]["host"]
     height, width, channels = meta["input"]["shape"][1:]
-    if not path.is_file():
-        raise UserError(f"INPUT: {path} does not exist. Fix: pass image files.")
+    check_input_file(path, "image files", f"{path}/*.png")
+    if max_image_pixels is None:
+        max_image_pixels = int(spec.get("max_image_pixels", DEFAULT_MAX_PIXELS))
+    pillow = spec["resize"] == "pillow_uint8"  # as the imagefolder source reads files
     try:
-        with Image.open(path) as img:
-            img.load()
-            if spec["resize"] == "pillow_uint8":  # as the imagefolder source reads files
-                img = img.convert(spec["mode"])
-                height_width = tuple(spec["decode_size"])
-                if img.size != height_width[::-1]:
-                    img = img.resize(height_width[::-1], Image.Resampling.BILINEAR)
-            elif img.mode not in ("L", "RGB"):
-                img = img.convert(spec["mode"])
-            image = np.asarray(img).astype(np.float32)
+        img = open_image(
+            path,
+            spec["mode"],
+            max_pixels=max_image_pixels,
+            field="max_image_pixels",
+            keep_8bit=not pillow,
+        )
+        if pillow:
+            height_width = tuple(spec["decode_size"])
+            if img.size != height_width[::-1]:
+                img = img.resize(height_width[::-1], Image.Resampling.BILINEAR)
+        image = np.asarray(img).astype(np.float32)
+    except UserError:  # over the pixel cap
+        raise
     except (OSError, ValueError, SyntaxError) as err:  # what Pillow raises on bad files
+        kinds = ", ".join(s.lstrip(".").upper() for s in IMAGE_SUFFIXES)
         raise UserError(
             f"INPUT: cannot read {path} as an image ({type(err).__name__}: "
-            f"{err}). Fix: pass a PNG, JPEG or BMP file."
+            f"{err}). Fix: pass an image file ({kinds})."
         ) from None
     if image.ndim == 2:
         image = image[..., None]
+    if spec["pixel_scale"] > 255:  # a 16-bit dataset: files are read as 8-bit, full = full
+        image = image * np.float32(spec["pixel_scale"] / 255)
     image = convert_channels(image, channels)
     peak = float(image.max(initial=0.0))
     if peak > spec["pixel_scale"]:
@@ -245,6 +259,16 @@ def load_image(path: str | Path, meta: Mapping) -> np.ndarray:
     return image
 
 
+def check_input_file(path: Path, what: str, example: str) -> None:
+    """Refuse a missing path or a directory, in one line naming it."""
+    if path.is_dir():
+        raise UserError(
+            f"INPUT: {path} is a directory; expected {what}. Fix: pass the files, e.g. {example}."
+        )
+    if not path.is_file():
+        raise UserError(f"INPUT: {path} does not exist. Fix: pass {what}.")
+
+
 def _top_k(probs: np.ndarray, labels: Sequence[str], k: int) -> list[dict]:
     order = np.argsort(-probs, kind="stable")[:k]
     return [{"class": labels[i], "prob": float(probs[i])} for i in order]
@@ -267,8 +291,11 @@ def predict_files(
     inputs: Sequence[str | Path],
     top_k: int = 5,
     max_new_tokens: int = 64,
+    max_image_pixels: int | None = None,
 ) -> list[dict]:
     """Predict image (or, for LMs, text) files with an artifact, in one batch.
+
+    ``max_image_pixels``: refuse larger images (default: the run's data.max_image_pixels).
 
     classification: [{"input", "top_k": [{"class", "prob"}, ...]}] most likely first.
     lm: each file's text is a prompt; [{"input", "continuation", "top_k"}] where the
@@ -284,10 +311,7 @@ def predict_files(
 
         for path in inputs:
             path = Path(path)
-            if not path.is_file():
-                raise UserError(
-                    f"INPUT: {path} does not exist. Fix: pass text files holding the prompts."
-                )
+            check_input_file(path, "text files holding the prompts", f"{path}/*.txt")
             prompt = list(encode(path.read_text(encoding="utf-8", errors="replace")))
             new = predictor.generate(prompt, max_new_tokens)
             window = predictor.input_shape[0]
@@ -302,7 +326,9 @@ def predict_files(
                 }
             )
         return results
-    images = np.stack([load_image(p, predictor.metadata) for p in inputs])
+    images = np.stack(
+        [load_image(p, predictor.metadata, max_image_pixels=max_image_pixels) for p in inputs]
+    )
     probs = predictor.predict(images)
     for path, row in zip(inputs, probs, strict=True):
         results.append({"input": str(path), "top_k": _top_k(row, labels, top_k)})

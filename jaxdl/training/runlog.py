@@ -1,15 +1,15 @@
-"""Run outputs: metrics.jsonl, TensorBoard events, curves.png, atomic JSON files.
+"""Run outputs: metrics.jsonl, TensorBoard events, curves.png.
 
-Everything here is a side effect at the edge of a run. Files a user reads (config.json,
-summary.json, ...) are written to a temporary name and renamed, so a killed process never
-leaves one half-written.
+Everything here is a side effect at the edge of a run. Files a user reads are written with
+`jaxdl.fileio` (atomic), so a killed process never leaves one half-written; metrics.jsonl
+is appended to, so a crash can tear its last line, which the next reader drops.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,24 +18,10 @@ from typing import Any
 import numpy as np
 
 from jaxdl.core import tree
+from jaxdl.errors import UserError, warn
+from jaxdl.fileio import atomic_write_bytes, atomic_write_text, write_json
 
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, tuple | set):
-        return list(value)
-    raise TypeError(f"not JSON-serializable: {type(value).__name__}")
+__all__ = ["MetricLogger", "params_sha256", "plot_curves", "read_metrics", "write_json"]
 
 
 def params_sha256(params: Mapping[str, Any]) -> str:
@@ -57,8 +43,10 @@ class MetricLogger:
         self._writer = None
         if not enabled:
             return
-        if resume_step and self.path.exists():
-            _drop_lines_after(self.path, resume_step)  # a killed run may have logged past it
+        if self.path.exists():
+            # a killed run may have logged past the step this run starts from (and a run that
+            # never checkpointed logged past step 0): those rows are this run's to write
+            _drop_lines_after(self.path, resume_step)
         self._file = self.path.open("a")
         self._writer = _summary_writer()(str(Path(workdir) / "tb"), flush_secs=10)
 
@@ -102,17 +90,41 @@ def _summary_writer():
 
 
 def _drop_lines_after(path: Path, step: int) -> None:
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    kept = [json.dumps(r) + "\n" for r in read_metrics(path) if r["step"] <= step]
+    atomic_write_text(path, "".join(kept))
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl ([] when absent).
+
+    A torn last line (a crash mid-append) is dropped with a warning; a bad line before the
+    last is corruption, reported naming the file and line.
+    """
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "step" not in record or "split" not in record:
+                raise ValueError("expected an object with step and split")
+        except ValueError as err:
+            if number == len(lines):
+                warn(
+                    f"{path}: dropped its torn last line {number} ({err}); a run was killed "
+                    "while writing it."
+                )
+                break
+            raise UserError(
+                f"{path}: line {number} is not a metrics record ({err}). Fix: delete the "
+                "corrupt lines, or the file to start its log afresh."
+            ) from err
+        records.append(record)
+    return records
 
 
 def plot_curves(metrics_path: Path, out_path: Path) -> None:
@@ -139,7 +151,7 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = Path(out_path).with_name(f".{Path(out_path).name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, out_path)
+    atomic_write_bytes(out_path, buffer.getvalue())

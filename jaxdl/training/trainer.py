@@ -13,35 +13,64 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from jaxdl import config as config_lib
 from jaxdl.core import steps
 from jaxdl.core import tree as tree_lib
-from jaxdl.core.heads import finalize
+from jaxdl.core.heads import FLAGS, check_label_flags, finalize
 from jaxdl.data import build_data, prefetch_to_device, validate_batch
-from jaxdl.errors import UserError
+from jaxdl.data.pipeline import format_report as format_data_report
+from jaxdl.errors import Stopped, UserError
+from jaxdl.fileio import read_json
 from jaxdl.finetune import partition
 from jaxdl.parallel import sharding
 from jaxdl.training.build import Setup, build
+from jaxdl.training.guards import stop_on_signals, workdir_lock
 from jaxdl.training.runlog import MetricLogger, params_sha256, plot_curves, read_metrics, write_json
 
-# Keys a resumed run may change: extending a run is the point of resuming it, and the
-# mesh is where it runs, not what it computes (checkpoints restore onto any mesh).
+# Keys a resumed run may change: extending a run is the point of resuming it; the mesh is
+# where it runs, not what it computes (checkpoints restore onto any mesh); logging, eval and
+# checkpoint cadence change no number; and the optimizer's hyper-parameters are what a
+# diverged run's fix changes (a change that alters the optimizer state's structure, e.g.
+# turning clipping on, is refused by the restore, naming the leaves).
 _RESUMABLE_CHANGES = {
     "num_steps",
     "num_epochs",
     "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
     "mesh.data",
     "mesh.fsdp",
     "mesh.tensor",
+    *(
+        f"optimizer.{k}"
+        for k in (
+            "learning_rate",
+            "momentum",
+            "b1",
+            "b2",
+            "eps",
+            "weight_decay",
+            "schedule",
+            "warmup_steps",
+            "decay_steps",
+            "decay_rate",
+            "step_every",
+            "end_lr_fraction",
+            "grad_clip_norm",
+        )
+    ),
 }
 
 
@@ -50,16 +79,20 @@ class NonFiniteLossError(UserError):
 
 
 def check_workdir(workdir: Path, cfg: ml_collections.ConfigDict) -> dict:
-    """Refuse a workdir that holds a different run; return the config as written to it.
+    """Refuse a workdir whose checkpoints belong to a different run; return the config as
+    it will be written to it.
 
-    Nothing is written here: config.json appears only once the run is set up, so a
-    config that fails to build leaves no trace.
+    Nothing is written here: config.json is written with the run's first checkpoint, so a
+    run that fails before it (a bad value, a bad file, a NaN in the first steps) leaves a
+    workdir that takes the fixed config. A workdir without a checkpoint holds no run yet.
     """
+    from jaxdl.checkpoint.read import list_steps
+
     path = workdir / "config.json"
     new = json.loads(config_lib.to_json(cfg))
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = _config_diff(old, new) - _RESUMABLE_CHANGES
+    if path.exists() and list_steps(workdir / "checkpoints"):
+        defaults = json.loads(config_lib.to_json(config_lib.default_config()))
+        diff = _config_diff(read_json(path), new, defaults) - _RESUMABLE_CHANGES
         if diff:
             keys = sorted(diff)
             raise UserError(
@@ -69,12 +102,15 @@ def check_workdir(workdir: Path, cfg: ml_collections.ConfigDict) -> dict:
     return new
 
 
-def _config_diff(old: Mapping, new: Mapping, prefix: str = "") -> set[str]:
+def _config_diff(old: Mapping, new: Mapping, defaults: Mapping, prefix: str = "") -> set[str]:
+    """Keys whose values differ. A key the saved config lacks (added to jaxdl since) counts
+    as its default; a key only the saved config has (since removed) is ignored."""
     diff = set()
-    for key in old.keys() | new.keys():
-        a, b = old.get(key), new.get(key)
+    for key in new.keys():
+        default = defaults.get(key) if isinstance(defaults, Mapping) else None
+        a, b = old.get(key, default), new[key]
         if isinstance(a, Mapping) and isinstance(b, Mapping):
-            diff |= _config_diff(a, b, f"{prefix}{key}.")
+            diff |= _config_diff(a, b, default or {}, f"{prefix}{key}.")
         elif a != b:
             diff.add(f"{prefix}{key}")
     return diff
@@ -128,8 +164,29 @@ def train(
             "config.tasks: train() runs one task; found a task list. "
             "Fix: call jaxdl.training.multitask.run_tasks(cfg, workdir) (what `jaxdl train` does)."
         )
-    start_time = time.time()
+    _check_cadence(cfg)
     workdir = Path(workdir)
+    # The lock before anything is written to the workdir; the signal handlers for as long
+    # as there is a step to finish and a checkpoint to write.
+    with (
+        workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext(),
+        stop_on_signals() as stop,
+    ):
+        return _train(cfg, workdir, stop, progress=progress, echo=echo, fold=fold)
+
+
+def _check_cadence(cfg: ml_collections.ConfigDict) -> None:
+    for key, zero in (("checkpoint_every", "at evaluations only"), ("eval_every", "per epoch")):
+        value = cfg[key]
+        if not isinstance(value, int) or value < 0:
+            raise UserError(
+                f"config.{key}: expected an int >= 0 (0: {zero}), found {value!r}. "
+                f"Fix: set --config.{key}=0 or a positive number of steps."
+            )
+
+
+def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str, Any]:
+    start_time = time.time()
     is_writer = jax.process_index() == 0
     config_dict = check_workdir(workdir, cfg)
 
@@ -162,9 +219,9 @@ def train(
         mesh=mesh,
     )
     if is_writer:
-        workdir.mkdir(parents=True, exist_ok=True)
-        write_json(workdir / "config.json", config_dict)
         write_json(workdir / "partition_plan.json", {"groups": setup.plan_rows})
+        write_json(workdir / "data_report.json", data.report)
+        echo(format_data_report(data.report))
         echo(partition.format_table(setup.plan_rows))
         if setup.init_report is not None:
             write_json(workdir / "init_report.json", setup.init_report)
@@ -189,15 +246,18 @@ def train(
                 save_frozen=setup.lora_cfg is None,
             )
         )
-        state = setup.state
         train_iter = data.train_iter(local_batch, seed=cfg.seed, num_workers=cfg.data.num_workers)
         stack.callback(train_iter.close)
-        start_step = ckpt.latest_step() or 0
+        # A step is whole or not used: corrupt steps and steps without the data position
+        # (which would restart the data from batch 0) are set aside with a warning.
+        start_step, state, data_state = ckpt.resume(
+            setup.state, require_data=train_iter.get_state() is not None
+        )
         if start_step:
-            state, data_state = ckpt.restore(state, start_step)
             if data_state is not None:
                 train_iter.set_state(sharding.local_data_state(data_state))
             echo(f"resumed from step {start_step} in {workdir / 'checkpoints'}")
+        wrote_config = False
         batches = stack.enter_context(
             prefetch_to_device(train_iter, size=cfg.data.prefetch, sharding=setup.layout.batch)
         )
@@ -221,7 +281,7 @@ def train(
         flops_per_token = _flops_per_token(cfg, data)
         step = start_step
         val_metrics = None
-        while step < total_steps and not stopper.should_stop:
+        while step < total_steps and not stopper.should_stop and not stop:
             batch = next(batches)
             if step == start_step:
                 host_batch = sharding.host_local(batch)  # this process's rows
@@ -262,9 +322,18 @@ def train(
                     ),
                     data.kind,
                 )
+                _check_finite_metrics(val_metrics, "val", step)
                 logger.log(step, "val", val_metrics)
                 stopper.update({f"val_{k}": v for k, v in val_metrics.items()})
-            if at_ckpt or stopper.should_stop or step == total_steps:
+            if at_ckpt or stopper.should_stop or step == total_steps or stop:
+                if pending:  # a stop between log points: check the unlogged steps too
+                    _flush(pending, last_checked, step)
+                    pending, last_checked = [], step
+                _check_finite_state(state, step, ckpt.latest_step())
+                if is_writer and not wrote_config:
+                    # The run's identity, once it has a checkpoint to be the identity of.
+                    write_json(workdir / "config.json", config_dict)
+                    wrote_config = True
                 best = {f"val_{k}": v for k, v in (val_metrics or {}).items()}
                 ckpt.save(
                     step,
@@ -277,6 +346,16 @@ def train(
                 window_start = time.time()
             bar.update(1)
         ckpt.wait()
+        if stop:
+            saved = (
+                f"checkpoint saved in {workdir / 'checkpoints' / str(step)}"
+                if step > start_step
+                else "no new step to save"
+            )
+            raise Stopped(
+                f"stopped by {stop.name} at step {step}; {saved}. Run the same command to resume.",
+                status=128 + stop.signum,
+            )
 
         # ---- test -------------------------------------------------------------------------
         test_split = (
@@ -301,6 +380,7 @@ def train(
                 ),
                 data.kind,
             )
+        _check_finite_metrics(test_metrics, test_split, step)
         logger.log(step, "test", test_metrics)
     final = full_params(state, setup)
     summary = {
@@ -345,14 +425,22 @@ def with_pinned_base(cfg: ml_collections.ConfigDict, workdir: Path):
     A LoRA run's checkpoints hold no base weights, so resuming from "latest" of a base
     workdir that has trained on since would silently change the frozen weights.
     """
-    from jaxdl.checkpoint.read import list_steps, read_json
+    from jaxdl.checkpoint.integrity import CorruptCheckpointError
+    from jaxdl.checkpoint.read import list_steps
+    from jaxdl.checkpoint.read import read_json as read_item
 
     steps = list_steps(workdir / "checkpoints")
     if not cfg.init_from.checkpoint or not steps:
         return cfg
-    pinned = (read_json(workdir / "checkpoints" / str(max(steps)), "config") or {}).get(
-        "init_from", {}
-    )
+    pinned = {}
+    for step in reversed(steps):  # the step resume will use: the newest intact one
+        try:
+            pinned = (read_item(workdir / "checkpoints" / str(step), "config") or {}).get(
+                "init_from", {}
+            )
+            break
+        except CorruptCheckpointError:
+            continue
     if not pinned.get("checkpoint"):
         return cfg
     cfg = copy.deepcopy(cfg)
@@ -372,6 +460,7 @@ def _flops_per_token(cfg: ml_collections.ConfigDict, data) -> float | None:
 def _flush(pending: list[dict], first_step: int, last_step: int) -> dict[str, float]:
     """Fetch the device-side metrics of steps (first_step, last_step]; stop on NaN/Inf."""
     host = jax.device_get(pending)
+    check_label_flags(host, first_step)  # first: a bad label is what makes the loss NaN
     finite = np.array([m["finite"] for m in host])
     if not finite.all():
         bad = first_step + 1 + int(np.argmin(finite))
@@ -380,8 +469,37 @@ def _flush(pending: list[dict], first_step: int, last_step: int) -> dict[str, fl
             f"{first_step + 1}..{last_step} checked; parameters after step {first_step} were not "
             "saved). Fix: lower optimizer.learning_rate or set optimizer.grad_clip_norm."
         )
-    keys = [k for k in host[0] if k != "finite"]
+    keys = [k for k in host[0] if k not in FLAGS]
     return {k: float(np.mean([m[k] for m in host])) for k in keys}
+
+
+def _check_finite_metrics(metrics: Mapping[str, float], split: str, step: int) -> None:
+    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    if bad:
+        raise NonFiniteLossError(
+            f"{split} metrics: expected finite values, found NaN/Inf in {bad} evaluating the "
+            f"state after step {step} (not saved). Fix: lower optimizer.learning_rate or set "
+            "optimizer.grad_clip_norm, and resume from the last checkpoint."
+        )
+
+
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _check_finite_state(state, step: int, last_saved: int | None) -> None:
+    """Refuse to checkpoint parameters or optimizer state holding NaN/Inf (one reduction on
+    the device, once per checkpoint): the last update can diverge after its loss was
+    finite."""
+    leaves = jax.tree.leaves((state.params, state.opt_state, state.model_state))
+    floats = [x for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if floats and not bool(_all_finite(floats)):
+        raise NonFiniteLossError(
+            f"train state: expected finite parameters, found NaN/Inf after step {step} (not "
+            f"saved; last checkpoint: step {last_saved}). Fix: lower optimizer.learning_rate "
+            "or set optimizer.grad_clip_norm, and resume from the last checkpoint."
+        )
 
 
 def minimized(metric: str) -> bool:

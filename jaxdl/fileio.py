@@ -1,0 +1,90 @@
+"""Atomic file writes and JSON reads that name the file: the package's one way to do both.
+
+A reader never sees a half-written file: bytes go to a temporary file unique to the
+writer (two writers never share one), are fsynced, and replace the target with one
+``os.replace``. The directory is fsynced too, so the new name survives a power cut.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxdl.errors import UserError
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (unique temp file, fsync, rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, tuple | set):
+        return list(value)
+    raise TypeError(f"not JSON-serializable: {type(value).__name__}")
+
+
+def _non_finite(obj: Any, prefix: str = "") -> str | None:
+    """The path of the first NaN/Inf float in ``obj`` (None when all are finite)."""
+    if isinstance(obj, float | np.floating) and not math.isfinite(obj):
+        return prefix or "<value>"
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if (found := _non_finite(v, f"{prefix}.{k}" if prefix else str(k))) is not None:
+                return found
+    if isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            if (found := _non_finite(v, f"{prefix}[{i}]")) is not None:
+                return found
+    return None
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as strict JSON, atomically. A NaN or Inf is a bug in the caller (JSON
+    has no such values): it raises ValueError naming the key instead of writing ``NaN``."""
+    if (key := _non_finite(obj)) is not None:
+        raise ValueError(f"{path}: {key} is not finite; JSON cannot hold it")
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default, allow_nan=False)
+    atomic_write_text(path, text + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON document at ``path``; a file that is not valid JSON is a one-line UserError
+    naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(
+            f"{path}: expected a JSON file, found invalid JSON ({err}). Fix: restore or "
+            "delete the file (a workdir's JSON files are rewritten by the run that owns them)."
+        ) from err

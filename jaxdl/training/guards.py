@@ -1,0 +1,97 @@
+"""What a run holds while it trains: the workdir lock and the stop signals.
+
+Both are context managers entered by `jaxdl.training.trainer.train` for exactly its
+duration: the lock is released and the previous signal handlers are back on every exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from jaxdl.errors import UserError
+
+LOCK_FILE = ".lock"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on WORKDIR/.lock (which records pid and host).
+
+    A second run on the same workdir is refused in one line naming the holder. The kernel
+    drops the lock when its process dies, so a killed run leaves no stale lock: the file
+    stays, with a dead pid in it, and the next run simply takes it.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "unknown"
+            raise UserError(
+                f"--workdir: {workdir} is in use by another jaxdl train ({holder}). Fix: wait "
+                "for that run to finish or stop it, or use another --workdir."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+class StopRequest:
+    """Set by the first SIGTERM / SIGINT; the training loop polls it between steps."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    """Turn the first SIGTERM / SIGINT into a `StopRequest` the loop acts on between steps;
+    a second one exits at once with status 128 + signal.
+
+    Handlers can only be installed from the main thread; elsewhere (a sweep worker thread)
+    the request stays unset and signals keep their previous meaning.
+    """
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handle(signum: int, frame: object) -> None:
+        if request:
+            os.write(2, f"jaxdl: second {signal.Signals(signum).name}: exiting now\n".encode())
+            os._exit(128 + signum)
+        request.signum = signum
+        os.write(
+            2,
+            f"jaxdl: {signal.Signals(signum).name} received: finishing the current step and "
+            "saving a checkpoint (send it again to exit at once)\n".encode(),
+        )
+
+    previous = {s: signal.signal(s, handle) for s in STOP_SIGNALS}
+    try:
+        yield request
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
