@@ -261,7 +261,7 @@ def _load(
                 f"checkpoint {step_dir}: holds LoRA adapters but its config has lora="
                 f"{lora_cfg!r}, expected lora.rank and lora.alpha. Fix: restore its config."
             )
-        from jaxdl import lora  # only LoRA checkpoints need it
+        from jaxdl.finetune import lora  # only LoRA checkpoints need it
 
         merged = lora.apply(merged, adapters, rank=lora_cfg["rank"], alpha=lora_cfg["alpha"])
     variables = {**merged, **model_state}
