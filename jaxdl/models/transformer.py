@@ -304,6 +304,7 @@ class Transformer(nn.Module):
     scan_layers: bool = False
     decode: bool = False
     layernorm_eps: float = 1e-6  # every LayerNorm's epsilon (GPT-2: 1e-5)
+    gelu_approximate: bool = True  # the tanh GELU (GPT-2's gelu_new); False: the exact erf form
 
     @property
     def spec(self) -> TransformerSpec:
@@ -357,6 +358,7 @@ class Transformer(nn.Module):
             num_heads=spec.num_heads,
             mlp_dim=spec.mlp_dim,
             mlp=spec.mlp,
+            gelu_approximate=self.gelu_approximate,
             causal=True,
             rope=spec.positions == "rope",
             decode=self.decode,

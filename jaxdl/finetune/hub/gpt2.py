@@ -98,6 +98,8 @@ def model_config(hf: Mapping[str, Any]) -> dict[str, Any]:
         "positions": "learned",
         "mlp": "gelu",
         "layernorm_eps": float(hf.get("layer_norm_epsilon", 1e-5)),
+        # jaxdl drops out the embedding and each residual branch (GPT-2's embd/resid_pdrop)
+        "dropout_rate": float(hf.get("resid_pdrop", 0.0)),
     }
 
 
@@ -188,10 +190,12 @@ def hf_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
             "Fix: export-hf writes GPT-2 models only."
         )
     spec = transformer_spec(model_cfg)
-    if spec.positions != "learned" or spec.mlp != "gelu":
+    gelu_tanh = model_cfg.get("gelu_approximate", True)
+    if spec.positions != "learned" or spec.mlp != "gelu" or not gelu_tanh:
         raise UserError(
-            f"--workdir: model.positions={spec.positions!r}, model.mlp={spec.mlp!r}; GPT-2 "
-            "needs 'learned' and 'gelu'. Fix: export-hf writes GPT-2-shaped models only."
+            f"--workdir: model.positions={spec.positions!r}, model.mlp={spec.mlp!r}, "
+            f"model.gelu_approximate={gelu_tanh}; GPT-2 needs 'learned', 'gelu' and the tanh "
+            "GELU. Fix: export-hf writes GPT-2-shaped models only."
         )
     return {
         "architectures": ["GPT2LMHeadModel"],
