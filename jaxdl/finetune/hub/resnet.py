@@ -118,8 +118,11 @@ def convert_state(
     return cfg, variables, report
 
 
-def import_resnet(kind: str, path: str | Path) -> Imported:
-    """`jaxdl import torchvision:resnet50 --from model.pth` (a state dict file or folder)."""
+def import_resnet(kind: str, path: str | Path, out: Path | None = None) -> Imported:
+    """`jaxdl import torchvision:resnet50 --from model.pth` (a state dict file or folder).
+
+    `out` (the final workdir) goes unused: no file travels with a vision model.
+    """
     path = Path(path)
     source = source_config(path)
     model_args = dict(source.get("model_args") or {})

@@ -8,6 +8,7 @@ state dict file has none, and the library's defaults hold.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,3 +47,46 @@ def data_config(source: Mapping[str, Any], *, image_size: int, normalize: str) -
     if "input_size" in pre:
         image_size = int(pre["input_size"][-1])
     return {"image_size": image_size, "channels": 3, "transforms": [normalize]}
+
+
+def imported_workdir(checkpoint: str | Path) -> Path | None:
+    """The imported workdir (one holding import_report.json) that an init_from.checkpoint
+    names: the workdir, its checkpoints/ folder or a step folder; None for any other."""
+    root = Path(checkpoint).expanduser()
+    for folder in (root, root.parent, root.parent.parent):
+        if (folder / "import_report.json").is_file() and (folder / "config.json").is_file():
+            return folder
+    return None
+
+
+def with_source_preprocessing(cfg: Any) -> Any:
+    """`cfg` (a ConfigDict) with the preprocessing of the imported model it fine-tunes.
+
+    When init_from.checkpoint names an imported workdir, its ``data.transforms`` (the
+    normalization the weights expect) and ``data.channels`` fill those keys where `cfg`
+    leaves them unset ([] and 0); a config that sets its own keeps them. Returns a copy.
+    """
+    if not cfg.init_from.checkpoint:
+        return cfg
+    folder = imported_workdir(cfg.init_from.checkpoint)
+    if folder is None:
+        return cfg
+    source = json.loads((folder / "config.json").read_text()).get("data", {})
+    cfg = copy.deepcopy(cfg)
+    if not cfg.data.transforms and source.get("transforms"):
+        cfg.data.transforms = list(source["transforms"])
+    if not cfg.data.channels and source.get("channels"):
+        cfg.data.channels = int(source["channels"])
+    return cfg
+
+
+def imported_model(workdir: str | Path, **overrides: Any) -> dict[str, Any]:
+    """The model section of an imported workdir's config.json with `overrides` on top
+    (e.g. ``num_classes=10`` for a new head), for fine-tuning configs to start from."""
+    config = Path(workdir).expanduser() / "config.json"
+    if not config.is_file():
+        raise UserError(
+            f"init_from.checkpoint: no config.json in {config.parent}. Fix: run `jaxdl import "
+            "KIND --from WEIGHTS --out DIR` first and point at DIR."
+        )
+    return {**json.loads(config.read_text())["model"], **overrides}

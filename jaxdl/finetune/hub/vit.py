@@ -171,8 +171,11 @@ def convert_state(
     return cfg, image_size, variables, report
 
 
-def import_vit(kind: str, path: str | Path) -> Imported:
-    """`jaxdl import timm:vit_base_patch16_224 --from DIR_OR_FILE` (also torchvision:vit_b_16)."""
+def import_vit(kind: str, path: str | Path, out: Path | None = None) -> Imported:
+    """`jaxdl import timm:vit_base_patch16_224 --from DIR_OR_FILE` (also torchvision:vit_b_16).
+
+    `out` (the final workdir) goes unused: no file travels with a vision model.
+    """
     path = Path(path)
     source = source_config(path)
     model_args = dict(source.get("model_args") or {})
