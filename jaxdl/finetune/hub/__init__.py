@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from jaxdl.errors import UserError
-from jaxdl.finetune.hub import gpt2
+from jaxdl.finetune.hub import gpt2, resnet, vit
 from jaxdl.finetune.hub.workdir import Imported, check_out, write_workdir
 
 Importer = Callable[[str, Path, Path], Imported]
 
 IMPORTERS: dict[str, Importer] = {
     "hf:gpt2": gpt2.import_gpt2,
+    **dict.fromkeys(resnet.KINDS, resnet.import_resnet),
+    **dict.fromkeys(vit.KINDS, vit.import_vit),
 }
 
 
