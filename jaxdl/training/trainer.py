@@ -28,6 +28,7 @@ from jaxdl.core.heads import finalize
 from jaxdl.data import build_data, prefetch_to_device, validate_batch
 from jaxdl.errors import UserError
 from jaxdl.finetune import partition
+from jaxdl.finetune.hub.vision import with_source_preprocessing
 from jaxdl.parallel import sharding
 from jaxdl.training.build import Setup, build
 from jaxdl.training.runlog import MetricLogger, params_sha256, plot_curves, read_metrics, write_json
@@ -130,6 +131,7 @@ def train(
     start_time = time.time()
     workdir = Path(workdir)
     is_writer = jax.process_index() == 0
+    cfg = with_source_preprocessing(cfg)  # an imported model's normalization, unless set
     config_dict = check_workdir(workdir, cfg)
 
     # ---- data ---------------------------------------------------------------------------
