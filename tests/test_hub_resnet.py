@@ -128,7 +128,11 @@ def _truncated(tmp_path: Path) -> Path:
     "kind, source, words",
     [
         # ResNet-50 (bottleneck) weights named as a ResNet-18.
-        ("timm:resnet18", lambda _: FIXTURES / "resnet_bottleneck_tiny", ["conv3", "unused"]),
+        (
+            "timm:resnet18",
+            lambda _: FIXTURES / "resnet_bottleneck_tiny",
+            ["bottleneck blocks", "expects 1-1-1-1 basic"],
+        ),
         ("timm:resnet18", _truncated, ["truncated or corrupt", "model.safetensors"]),
         ("torchvision:resnet50", lambda p: p / "nowhere.pth", ["no file or folder", "nowhere"]),
     ],

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
 from jaxdl.finetune.hub.mapping import Rule, convert, oihw_to_hwio, transpose
 from jaxdl.finetune.hub.readers import read_state_dict
@@ -74,9 +75,10 @@ def model_config(kind: str, state: Mapping[str, np.ndarray], model_args: Mapping
             f"config.json model_args: jaxdl's resnet cannot reproduce {unknown}; it takes "
             f"{list(MODEL_ARGS)}. Fix: import a standard {kind} checkpoint."
         )
-    if "fc.weight" not in state:
+    needed = [k for k in ("conv1.weight", "layer1.0.conv1.weight", "fc.weight") if k not in state]
+    if needed:
         raise UserError(
-            f"--from: expected a ResNet state dict with 'fc.weight', found keys "
+            f"--from: expected a ResNet state dict with {needed}, found keys "
             f"{sorted(state)[:4]}... Fix: pass the state_dict of a {kind} model."
         )
     cfg: dict[str, Any] = {
@@ -99,6 +101,57 @@ def model_config(kind: str, state: Mapping[str, np.ndarray], model_args: Mapping
     return cfg
 
 
+# (blocks per stage, block) -> depth, to name the KIND that fits a state dict.
+_DEPTHS = {
+    ((2, 2, 2, 2), "basic"): 18,
+    ((3, 4, 6, 3), "basic"): 34,
+    ((3, 4, 6, 3), "bottleneck"): 50,
+    ((3, 4, 23, 3), "bottleneck"): 101,
+    ((3, 8, 36, 3), "bottleneck"): 152,
+}
+
+
+def _architecture(keys: list[str], stem: int, width: int, sep: str) -> tuple:
+    """(blocks per stage, block type, description) of a ResNet from its leaf names and the
+    stem's and first stage's widths. sep: "." for torch names (``layer1.0.conv1.weight``),
+    "_" for jaxdl paths (``layer1_0/conv1/kernel``)."""
+    blocks = tuple(
+        len({k.split(sep)[1].split("/")[0] for k in keys if k.startswith(f"layer{i}{sep}")})
+        for i in range(1, 5)
+    )
+    block = "bottleneck" if any("conv3" in k for k in keys) else "basic"
+    text = (
+        f"{'-'.join(map(str, blocks))} {block} blocks per stage, a {stem}-wide stem and a "
+        f"{width}-wide first stage"
+    )
+    return blocks, block, text
+
+
+def check_architecture(kind: str, state: Mapping[str, np.ndarray], target: Any) -> None:
+    """One short UserError when the state dict is another ResNet than the model (say
+    ResNet-50 weights for a ResNet-18), before the key-by-key comparison of `convert`."""
+    flat = tree_lib.flatten(target)
+    theirs = _architecture(
+        [k for k in state if k.startswith("layer")],
+        int(state["conv1.weight"].shape[0]),
+        int(state["layer1.0.conv1.weight"].shape[0]),
+        ".",
+    )
+    ours = _architecture(
+        [k.split("/", 1)[1] for k in flat if k.startswith("params/layer")],
+        int(flat["params/stem_conv/kernel"].shape[-1]),
+        int(flat["params/layer1_0/conv1/kernel"].shape[-1]),
+        "_",
+    )
+    if theirs != ours:
+        depth = _DEPTHS.get(theirs[:2])
+        fix = f"import it as {kind.split(':')[0]}:resnet{depth}" if depth else "check the file"
+        raise UserError(
+            f"--from: the state dict is a ResNet with {theirs[2]}; {kind} expects {ours[2]}. "
+            f"Fix: {fix}."
+        )
+
+
 def convert_state(
     kind: str,
     state: Mapping[str, np.ndarray],
@@ -114,6 +167,7 @@ def convert_state(
     model = create_model(cfg)
     sample = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     target = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), sample)
+    check_architecture(kind, state, target)
     variables, report = convert(state, target, RULES, ignore=IGNORE)
     return cfg, variables, report
 

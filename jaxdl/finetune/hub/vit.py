@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
 from jaxdl.finetune.hub.mapping import Rule, chain, convert, oihw_to_hwio, split, transpose
 from jaxdl.finetune.hub.readers import read_state_dict
@@ -143,16 +144,72 @@ def architecture(kind: str, model_args: Mapping[str, Any]) -> dict[str, Any]:
     return arch
 
 
+# Leaves that pin a ViT's shape, by library (and the prefix of its blocks).
+_TIMM_NAMES = {
+    "head": "head.weight",
+    "cls": "cls_token",
+    "patch": "patch_embed.proj.weight",
+    "pos": "pos_embed",
+    "fc1": "blocks.0.mlp.fc1.weight",
+    "blocks": r"blocks\.(\d+)\.",
+}
+_TORCHVISION_NAMES = {
+    "head": "heads.head.weight",
+    "cls": "class_token",
+    "patch": "conv_proj.weight",
+    "pos": "encoder.pos_embedding",
+    "fc1": "encoder.layers.encoder_layer_0.mlp.0.weight",
+    "blocks": r"encoder\.layers\.encoder_layer_(\d+)\.",
+}
+
+
+def _describe(layers: int, width: int, hidden: int, patch: int, positions: int) -> str:
+    return (
+        f"{layers} layers {width} wide (MLP {hidden}), {patch}x{patch} patches, {positions} "
+        "positions"
+    )
+
+
+def check_architecture(
+    kind: str, state: Mapping[str, np.ndarray], target: Any, names: Mapping[str, str]
+) -> None:
+    """One short UserError when the state dict is another ViT than the model (depth, width,
+    patch or image size), before the key-by-key comparison of `convert`."""
+    flat = tree_lib.flatten(target)
+    blocks = re.compile(names["blocks"])
+    theirs = _describe(
+        len({m.group(1) for k in state if (m := blocks.match(k))}),
+        int(state[names["cls"]].shape[-1]),
+        int(state[names["fc1"]].shape[0]),
+        int(state[names["patch"]].shape[-1]),
+        int(state[names["pos"]].shape[1]),
+    )
+    ours = _describe(
+        len({k.split("/")[1] for k in flat if k.startswith("params/block_")}),
+        int(flat["params/cls"].shape[-1]),
+        int(flat["params/block_0/mlp/fc1/kernel"].shape[-1]),
+        int(flat["params/patch_embed/kernel"].shape[0]),
+        int(flat["params/pos_embed"].shape[1]),
+    )
+    if theirs != ours:
+        raise UserError(
+            f"--from: the state dict is a ViT of {theirs}; {kind} expects {ours}. Fix: pass the "
+            "KIND of the weights (config.json model_args for a non-standard timm model)."
+        )
+
+
 def convert_state(
     kind: str, state: Mapping[str, np.ndarray], model_args: Mapping[str, Any] | None = None
 ) -> tuple[dict, int, dict, dict]:
     """A timm/torchvision ViT state dict -> (model config, image size, variables, report)."""
     arch = architecture(kind, model_args or {})
     torchvision = kind.startswith("torchvision:")
-    head = "heads.head.weight" if torchvision else "head.weight"
-    if head not in state:
+    names = _TORCHVISION_NAMES if torchvision else _TIMM_NAMES
+    head = names["head"]
+    needed = [names[k] for k in ("head", "cls", "patch", "pos", "fc1") if names[k] not in state]
+    if needed:
         raise UserError(
-            f"--from: expected a ViT state dict with {head!r}, found keys {sorted(state)[:4]}... "
+            f"--from: expected a ViT state dict with {needed}, found keys {sorted(state)[:4]}... "
             f"Fix: pass the state_dict of a {kind} model with its classification head."
         )
     image_size = int(arch.pop("image_size"))
@@ -166,6 +223,7 @@ def convert_state(
     model = create_model(cfg)
     sample = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     target = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), sample)
+    check_architecture(kind, state, target, names)
     rules = TORCHVISION_RULES if torchvision else TIMM_RULES
     variables, report = convert(state, target, rules)
     return cfg, image_size, variables, report
