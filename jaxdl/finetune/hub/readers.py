@@ -33,11 +33,12 @@ def _corrupt(path: Path, err: Exception) -> UserError:
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """{key: array} of one .safetensors file."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    from safetensors import SafetensorError, safe_open
 
     try:
-        return load_file(path)
+        # tensor by tensor: reading the whole file first would hold it twice at the peak
+        with safe_open(path, framework="np", backend="pread") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise _corrupt(path, err) from err
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 
 from jaxdl import config as config_lib
 from jaxdl.core.optim import make_optimizer
@@ -81,6 +81,20 @@ def resolved_config(partial: Mapping[str, Any]):
     return cfg
 
 
+def _to_jax_in_place(tree: dict) -> dict:
+    """Replace every numpy leaf by a jax array, one at a time, dropping the numpy copy as it
+    goes: Orbax saves jax arrays without the host copy it makes of numpy ones, and moving
+    leaf by leaf keeps the peak at the model plus its largest leaf."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            _to_jax_in_place(value)
+        else:
+            tree[key] = None
+            tree[key] = jnp.asarray(value)
+            del value
+    return tree
+
+
 def initial_state(cfg: Any, variables: Mapping[str, Any]) -> TrainState:
     """The step-0 TrainState `jaxdl.training.build.build` makes for `cfg`, with `variables`
     in place of a fresh init (same partition, optimizer and rng, so restores fit)."""
@@ -108,7 +122,9 @@ def check_out(out: Path) -> None:
 
 
 def write_workdir(out: str | os.PathLike, kind: str, imported: Imported) -> dict[str, Any]:
-    """Write `imported` as the workdir `out` (atomically); returns the import report."""
+    """Write `imported` as the workdir `out` (atomically); returns the import report.
+
+    `imported.variables` is consumed: its numpy leaves are replaced by jax arrays."""
     from jaxdl.checkpoint.manager import Checkpointer
 
     out = Path(out).absolute()
@@ -136,7 +152,7 @@ def write_workdir(out: str | os.PathLike, kind: str, imported: Imported) -> dict
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        state = initial_state(cfg, imported.variables)
+        state = initial_state(cfg, _to_jax_in_place(imported.variables))
         with Checkpointer(tmp, max_to_keep=1) as ckpt:
             ckpt.save(0, state, data_state=None, config=cfg.to_dict())
         for name, src in imported.assets.items():
@@ -153,8 +169,3 @@ def write_workdir(out: str | os.PathLike, kind: str, imported: Imported) -> dict
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
-
-
-def param_bytes(variables: Mapping[str, Any]) -> int:
-    """Bytes of every array leaf (for the import summary line)."""
-    return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(variables)))
