@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from jaxdl.checkpoint.read import load_variables
 from jaxdl.core import tree as tree_lib
@@ -150,3 +151,20 @@ def test_imported_vit_fine_tunes_at_another_image_size(tmp_path):
     assert tuned_cfg["data"]["channels"] == 3
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2 and np.isfinite(summary["test_loss"])
+
+
+def test_half_precision_weights_load_as_float32_and_are_reported_cast(tmp_path):
+    name = "vit_timm_tiny"
+    state, _ = read_state_dict(FIXTURES / name / "model.safetensors")
+    folder = tmp_path / "fp16"
+    folder.mkdir()
+    save_file({k: v.astype(np.float16) for k, v in state.items()}, folder / "model.safetensors")
+    (folder / "config.json").write_text((FIXTURES / name / "config.json").read_text())
+    imported = vit.import_vit(CASES[name], folder)
+    flat = tree_lib.flatten(imported.variables)
+    assert {v.dtype for v in flat.values()} == {np.dtype(np.float32)}
+    assert sorted(p for p, src, dst in imported.report["dtype_cast"]) == sorted(flat)
+    assert {(src, dst) for _, src, dst in imported.report["dtype_cast"]} == {("float16", "float32")}
+    ref = np.load(FIXTURES / name / "reference.npz")
+    out = logits(imported.config, imported.variables, ref["images"])
+    np.testing.assert_allclose(out, ref["logits"], atol=0.05)  # fp16 rounding of the weights
