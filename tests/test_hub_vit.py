@@ -18,10 +18,12 @@ import pytest
 from safetensors.numpy import save_file
 
 from jaxdl.checkpoint.read import load_variables
+from jaxdl.config import default_config
 from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
 from jaxdl.finetune.hub import import_checkpoint, vit
 from jaxdl.finetune.hub.readers import read_state_dict
+from jaxdl.finetune.hub.vision import with_source_preprocessing
 from jaxdl.models import create_model
 from jaxdl.models.vit import resample_posemb
 from jaxdl.testing import subprocess_env
@@ -168,3 +170,18 @@ def test_half_precision_weights_load_as_float32_and_are_reported_cast(tmp_path):
     ref = np.load(FIXTURES / name / "reference.npz")
     out = logits(imported.config, imported.variables, ref["images"])
     np.testing.assert_allclose(out, ref["logits"], atol=0.05)  # fp16 rounding of the weights
+
+
+def test_init_from_an_imported_workdir_inherits_its_preprocessing_unless_set(imported):
+    _, out, config, _, _ = imported
+    cfg = default_config()
+    cfg.init_from.checkpoint = str(out / "checkpoints" / "0")  # a step folder names it too
+    inherited = with_source_preprocessing(cfg)
+    assert inherited.data.transforms == config["data"]["transforms"]
+    assert inherited.data.channels == 3 and cfg.data.transforms == []  # a copy
+    cfg.data.transforms, cfg.data.channels = ["normalize(unit)"], 1
+    own = with_source_preprocessing(cfg)
+    assert (own.data.transforms, own.data.channels) == (["normalize(unit)"], 1)
+    cfg.init_from.checkpoint = str(out.parent)  # not an imported workdir: nothing to inherit
+    cfg.data.transforms = []
+    assert with_source_preprocessing(cfg).data.transforms == []
