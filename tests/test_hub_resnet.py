@@ -116,6 +116,13 @@ def jaxdl(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     )
 
 
+def _bottleneck_weights(tmp_path: Path) -> Path:
+    """The bottleneck fixture's weights alone (no config.json with its model_args)."""
+    weights = tmp_path / "resnet50.safetensors"
+    shutil.copyfile(FIXTURES / "resnet_bottleneck_tiny" / "model.safetensors", weights)
+    return weights
+
+
 def _truncated(tmp_path: Path) -> Path:
     folder = tmp_path / "truncated"
     shutil.copytree(FIXTURES / "resnet_basic_tiny", folder)
@@ -128,11 +135,7 @@ def _truncated(tmp_path: Path) -> Path:
     "kind, source, words",
     [
         # ResNet-50 (bottleneck) weights named as a ResNet-18.
-        (
-            "timm:resnet18",
-            lambda _: FIXTURES / "resnet_bottleneck_tiny",
-            ["bottleneck blocks", "expects 1-1-1-1 basic"],
-        ),
+        ("timm:resnet18", _bottleneck_weights, ["1-1-1-1 bottleneck", "expects 2-2-2-2 basic"]),
         ("timm:resnet18", _truncated, ["truncated or corrupt", "model.safetensors"]),
         ("torchvision:resnet50", lambda p: p / "nowhere.pth", ["no file or folder", "nowhere"]),
     ],
@@ -178,3 +181,11 @@ def test_imported_resnet_fine_tunes_with_a_new_head(tmp_path):
     assert config["data"]["channels"] == 3
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2 and np.isfinite(summary["test_loss"])
+
+
+def test_a_config_json_of_another_architecture_is_refused(tmp_path):
+    with pytest.raises(
+        UserError, match="config.json says 'resnet50'. Fix: import it as timm:resnet50"
+    ):
+        import_checkpoint("timm:resnet18", str(FIXTURES / "resnet_bottleneck_tiny"), tmp_path / "w")
+    assert not (tmp_path / "w").exists()

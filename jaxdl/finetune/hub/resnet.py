@@ -25,7 +25,7 @@ from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
 from jaxdl.finetune.hub.mapping import Rule, convert, oihw_to_hwio, transpose
 from jaxdl.finetune.hub.readers import read_state_dict
-from jaxdl.finetune.hub.vision import data_config, source_config
+from jaxdl.finetune.hub.vision import check_source_architecture, data_config, source_config
 from jaxdl.finetune.hub.workdir import Imported
 from jaxdl.models import create_model
 
@@ -179,6 +179,7 @@ def import_resnet(kind: str, path: str | Path, out: Path | None = None) -> Impor
     """
     path = Path(path)
     source = source_config(path)
+    check_source_architecture(kind, source)
     model_args = dict(source.get("model_args") or {})
     state, files = read_state_dict(path)
     model_cfg, variables, report = convert_state(kind, state, model_args)

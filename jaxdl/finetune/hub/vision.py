@@ -38,6 +38,18 @@ def source_config(path: Path) -> dict[str, Any]:
     return out
 
 
+def check_source_architecture(kind: str, source: Mapping[str, Any]) -> None:
+    """A config.json naming another architecture than KIND (timm's ``architecture``) is
+    refused: its model_args and normalization belong to that one."""
+    name = kind.split(":", 1)[1]
+    if source.get("architecture", name) != name:
+        raise UserError(
+            f"KIND: {kind} names {name!r}, the source's config.json says "
+            f"{source['architecture']!r}. Fix: import it as {kind.split(':')[0]}:"
+            f"{source['architecture']} (if jaxdl supports it) or pass the right folder."
+        )
+
+
 def data_config(source: Mapping[str, Any], *, image_size: int, normalize: str) -> dict[str, Any]:
     """The workdir's data section: 3 channels, the source's input size and normalization
     (its pretrained_cfg when given, else `image_size` and the `normalize` transform)."""

@@ -28,11 +28,12 @@ from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
 from jaxdl.finetune.hub.mapping import Rule, chain, convert, oihw_to_hwio, split, transpose
 from jaxdl.finetune.hub.readers import read_state_dict
-from jaxdl.finetune.hub.vision import data_config, source_config
+from jaxdl.finetune.hub.vision import check_source_architecture, data_config, source_config
 from jaxdl.finetune.hub.workdir import Imported
 from jaxdl.models import create_model
 
 _SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}  # width, heads (12 layers)
+_PRESETS = {"tiny": "Ti", "small": "S", "base": "B", "b": "B"}  # jaxdl.models.vit.SIZES
 KINDS = (
     *(f"timm:vit_{s}_patch16_{px}" for s in _SIZES for px in (224, 384)),
     "torchvision:vit_b_16",
@@ -215,7 +216,8 @@ def convert_state(
     image_size = int(arch.pop("image_size"))
     cfg = {
         "name": "vit",
-        "size": "B",  # every field below overrides the preset
+        "size": _PRESETS[re.search(r"vit_(tiny|small|base|b)_", kind).group(1)],
+        # Every architecture field, so model_args overrides and the config read alike.
         **{k: (float(v) if k == "mlp_ratio" else int(v)) for k, v in arch.items()},
         "num_classes": int(state[head].shape[0]),
         "pool": "cls",
@@ -236,6 +238,7 @@ def import_vit(kind: str, path: str | Path, out: Path | None = None) -> Imported
     """
     path = Path(path)
     source = source_config(path)
+    check_source_architecture(kind, source)
     model_args = dict(source.get("model_args") or {})
     state, files = read_state_dict(path)
     model_cfg, image_size, variables, report = convert_state(kind, state, model_args)
