@@ -1,4 +1,4 @@
-"""ResNet-50 and ViT-B/16 import against torchvision and timm themselves, at full size.
+"""ResNet-50/18 and ViT-B/16 import against torchvision and timm themselves, at full size.
 
 Random weights made hard to fool (`_torchvision.randomize`), saved as the users' files are
 (``torch.save`` of a state dict -> .pth; safetensors), imported with `jaxdl import`'s code
@@ -64,17 +64,18 @@ def _compare(kind: str, model: torch.nn.Module, images: torch.Tensor, weights: P
     [
         ("torchvision:resnet50", lambda: torchvision.models.resnet50(), ".pth"),
         ("timm:resnet50", lambda: timm.create_model("resnet50"), ".safetensors"),
+        ("torchvision:resnet18", lambda: torchvision.models.resnet18(), ".pth"),
     ],
 )
-def test_resnet50_matches_the_library(tmp_path, kind, build, suffix):
+def test_resnet_matches_the_library(tmp_path, kind, build, suffix):
     images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     model = randomize(build(), images, seed=0)
-    # Logits of O(30) at std 0.2 over 2048 features; float32 rounding through 50 layers is
-    # ~5e-6 of that, whoever computes it. A quarter of the head keeps them O(5).
+    # ResNet-50's logits are O(30) at std 0.2 over 2048 features; float32 rounding through
+    # 50 layers is ~5e-6 of that, whoever computes it. A quarter of the head keeps them O(5).
     with torch.no_grad():
         model.fc.weight.mul_(0.25)
         model.fc.bias.mul_(0.25)
-    weights = _save(model, tmp_path / f"resnet50{suffix}")
+    weights = _save(model, tmp_path / f"resnet{suffix}")
     diff, scale = _compare(kind, model, images, weights, tmp_path / "w")
     assert diff <= TOL and scale > 1.0, (diff, scale)
 
