@@ -10,6 +10,7 @@ square kernel) must miss by more than 10x that.
 import copy
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -208,7 +209,6 @@ def test_bad_sources_fail_in_one_line_without_a_workdir(tmp_path, how, message):
 
 def test_cli_import_and_bad_config_exit_codes(tmp_path):
     import subprocess
-    import sys
 
     src = tmp_path / "src"
     shutil.copytree(TINY, src)
@@ -260,3 +260,37 @@ def test_export_hf_refuses_a_non_gpt2_workdir(tmp_path):
     (tmp_path / "w" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="model.positions='rope'"):
         export_hf(tmp_path / "w", tmp_path / "hf")
+
+
+def test_sharded_index_imports_like_the_single_file(tmp_path, imported, ref):
+    model_cfg, _, _, state = imported
+    src = tmp_path / "sharded"
+    src.mkdir()
+    shutil.copyfile(TINY / "config.json", src / "config.json")
+    keys = sorted(state)
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :])):
+        name = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: state[k] for k in part}, src / name)
+        weight_map.update(dict.fromkeys(part, name))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    report = import_checkpoint("hf:gpt2", str(src), tmp_path / "w")
+    names = [f["name"] for f in report["source"]["files"]]
+    assert names[1:] == [
+        "model.safetensors.index.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+    assert _err(model_cfg, {"params": load_params(tmp_path / "w")}, ref) <= TOL
+
+
+def test_torch_pickles_need_torch_and_say_so(tmp_path, monkeypatch):
+    src = tmp_path / "bin"
+    shutil.copytree(TINY, src)
+    (src / "model.safetensors").unlink()
+    (src / "pytorch_model.bin").write_bytes(b"not read")
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    with pytest.raises(UserError, match=r"torch is not installed. Fix: `pip install torch`"):
+        import_checkpoint("hf:gpt2", str(src), tmp_path / "w")
+    assert not (tmp_path / "w").exists()

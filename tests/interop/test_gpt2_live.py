@@ -6,6 +6,7 @@ import -> LoRA fine-tune -> export-hf -> GPT2LMHeadModel.from_pretrained.
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -89,3 +90,24 @@ def test_scale_attn_by_inverse_layer_idx_changes_the_logits():
     other = GPT2LMHeadModel.from_pretrained(TINY, scale_attn_by_inverse_layer_idx=True).eval()
     with torch.no_grad():
         assert float((base(ids).logits - other(ids).logits).abs().max()) > 10 * TOL
+
+
+def test_pytorch_model_bin_and_bf16_import(tmp_path):
+    """A pytorch_model.bin as older transformers wrote it (the whole state dict, tied
+    lm_head.weight included; read with torch.load weights_only) and a bfloat16 checkpoint
+    (loaded as float32, each leaf reported as cast)."""
+    model = GPT2LMHeadModel.from_pretrained(TINY)
+    (tmp_path / "bin").mkdir()
+    shutil.copyfile(TINY / "config.json", tmp_path / "bin" / "config.json")
+    state = model.state_dict()
+    assert "lm_head.weight" in state
+    torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    ids = np.random.default_rng(4).integers(0, 512, (2, 24)).astype(np.int32)
+    import_checkpoint("hf:gpt2", str(tmp_path / "bin"), tmp_path / "w_bin")
+    assert np.abs(_jaxdl_logits(tmp_path / "w_bin", ids) - _torch_logits(TINY, ids)).max() <= TOL
+    report = import_checkpoint("hf:gpt2", str(tmp_path / "bf16"), tmp_path / "w_bf16")
+    assert {tuple(c[1:]) for c in report["dtype_cast"]} == {("bfloat16", "float32")}
+    assert len(report["dtype_cast"]) == len(report["loaded"])
+    want = _torch_logits(tmp_path / "bf16", ids)  # transformers computes in bfloat16 here
+    assert np.abs(_jaxdl_logits(tmp_path / "w_bf16", ids) - want).max() < 0.5
