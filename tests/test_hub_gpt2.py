@@ -294,3 +294,20 @@ def test_torch_pickles_need_torch_and_say_so(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"torch is not installed. Fix: `pip install torch`"):
         import_checkpoint("hf:gpt2", str(src), tmp_path / "w")
     assert not (tmp_path / "w").exists()
+
+
+def test_a_hub_name_without_huggingface_hub_says_to_pass_a_path(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    with pytest.raises(UserError, match="not a local path and huggingface_hub is not installed"):
+        import_checkpoint("hf:gpt2", "openai-community/gpt2", tmp_path / "w")
+
+
+def test_a_hub_name_offline_says_to_pass_a_path(tmp_path, monkeypatch):
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match=r"could not download 'openai-community/gpt2'") as err:
+        import_checkpoint("hf:gpt2", "openai-community/gpt2", tmp_path / "w")
+    assert str(err.value).endswith(
+        "Fix: pass a local path to the model's folder or weights file instead."
+    )
+    assert "\n" not in str(err.value)
