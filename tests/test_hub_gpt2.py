@@ -338,3 +338,14 @@ def test_import_evaluate_lora_finetune_export_hf_round_trip(tmp_path, ref):
     again = _logits(model_cfg, {"params": load_params(tmp_path / "again")}, ref["input_ids"])
     assert np.abs(tuned - ref["logits"]).max() > 1e-2  # the adapters moved the model
     np.testing.assert_array_equal(again, tuned)
+
+
+def test_to_state_dict_inverts_the_import_in_both_layouts(imported):
+    model_cfg, _, _, state = imported
+    for scan_layers in (False, True):
+        cfg = {**model_cfg, "scan_layers": scan_layers}
+        variables, _ = gpt2.convert_state(state, cfg)
+        back = gpt2.to_state_dict(variables["params"], cfg)
+        assert sorted(back) == sorted(state)
+        for key, value in state.items():
+            np.testing.assert_array_equal(back[key], value, err_msg=key)
