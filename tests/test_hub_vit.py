@@ -185,3 +185,19 @@ def test_init_from_an_imported_workdir_inherits_its_preprocessing_unless_set(imp
     cfg.init_from.checkpoint = str(out.parent)  # not an imported workdir: nothing to inherit
     cfg.data.transforms = []
     assert with_source_preprocessing(cfg).data.transforms == []
+
+
+def test_torchvision_legacy_mlp_names_import_alike():
+    """torchvision's released vit_b_16 weights name the MLP linear_1/linear_2 (not 0/3)."""
+    name = "vit_torchvision_tiny"
+    state, _ = read_state_dict(FIXTURES / name / "model.safetensors")
+    legacy = {
+        k.replace(".mlp.0.", ".mlp.linear_1.").replace(".mlp.3.", ".mlp.linear_2."): v
+        for k, v in state.items()
+    }
+    assert legacy.keys() != state.keys()
+    model_args = json.loads((FIXTURES / name / "config.json").read_text())["model_args"]
+    model, _, variables, _ = vit.convert_state(CASES[name], legacy, model_args)
+    ref = np.load(FIXTURES / name / "reference.npz")
+    config = {"model": model}
+    np.testing.assert_allclose(logits(config, variables, ref["images"]), ref["logits"], atol=TOL)

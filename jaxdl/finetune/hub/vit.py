@@ -145,6 +145,10 @@ def architecture(kind: str, model_args: Mapping[str, Any]) -> dict[str, Any]:
     return arch
 
 
+# torchvision's released ViT weights predate its MLP rename (pytorch/vision#6053) and name
+# the MLP's layers linear_1/linear_2; torchvision's own loader maps them to 0/3, as here.
+_LEGACY_MLP = re.compile(r"\.mlp\.linear_([12])\.")
+
 # Leaves that pin a ViT's shape, by library (and the prefix of its blocks).
 _TIMM_NAMES = {
     "head": "head.weight",
@@ -205,6 +209,11 @@ def convert_state(
     """A timm/torchvision ViT state dict -> (model config, image size, variables, report)."""
     arch = architecture(kind, model_args or {})
     torchvision = kind.startswith("torchvision:")
+    if torchvision:
+        state = {
+            _LEGACY_MLP.sub(lambda m: f".mlp.{3 * (int(m[1]) - 1)}.", k): v
+            for k, v in state.items()
+        }
     names = _TORCHVISION_NAMES if torchvision else _TIMM_NAMES
     head = names["head"]
     needed = [names[k] for k in ("head", "cls", "patch", "pos", "fc1") if names[k] not in state]
