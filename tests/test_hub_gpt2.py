@@ -349,3 +349,12 @@ def test_to_state_dict_inverts_the_import_in_both_layouts(imported):
         assert sorted(back) == sorted(state)
         for key, value in state.items():
             np.testing.assert_array_equal(back[key], value, err_msg=key)
+
+
+def test_a_tied_lm_head_copy_is_ignored_an_untied_one_refused(imported):
+    model_cfg, _, _, state = imported
+    wte = state["transformer.wte.weight"]
+    _, report = gpt2.convert_state({**state, "lm_head.weight": wte.copy()}, model_cfg)
+    assert report["ignored"] == ["lm_head.weight"]
+    with pytest.raises(UserError, match=r"lm_head.weight='untied' is not supported"):
+        gpt2.convert_state({**state, "lm_head.weight": wte + 1.0}, model_cfg)

@@ -104,7 +104,8 @@ def test_pytorch_model_bin_and_bf16_import(tmp_path):
     torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
     model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     ids = np.random.default_rng(4).integers(0, 512, (2, 24)).astype(np.int32)
-    import_checkpoint("hf:gpt2", str(tmp_path / "bin"), tmp_path / "w_bin")
+    report = import_checkpoint("hf:gpt2", str(tmp_path / "bin"), tmp_path / "w_bin")
+    assert "lm_head.weight" in report["ignored"]  # the tied copy, checked equal to wte
     assert np.abs(_jaxdl_logits(tmp_path / "w_bin", ids) - _torch_logits(TINY, ids)).max() <= TOL
     report = import_checkpoint("hf:gpt2", str(tmp_path / "bf16"), tmp_path / "w_bf16")
     assert {tuple(c[1:]) for c in report["dtype_cast"]} == {("bfloat16", "float32")}

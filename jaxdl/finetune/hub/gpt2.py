@@ -56,7 +56,7 @@ RULES = [
 ]
 # HF names its LayerNorm and Conv1D parameters weight/bias; Flax says scale/bias, kernel/bias.
 _HF_NAME = {"scale": "weight", "kernel": "weight", "bias": "bias"}
-IGNORE = [r"h\.\d+\.attn\.(masked_)?bias"]
+IGNORE = [r"h\.\d+\.attn\.(masked_)?bias", r"lm_head\.weight"]
 STACKED = {"params/blocks": "params/block_{}"}
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")  # the same function, two implementations
 
@@ -86,6 +86,10 @@ def model_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     if act not in GELU_TANH:
         raise _refuse("activation_function", act, "jaxdl's GPT-2 MLP is the tanh GELU, gelu_new")
     embed_dim, inner = int(hf["n_embd"]), hf.get("n_inner")
+    if inner is not None and int(int(inner) / embed_dim * embed_dim) != int(inner):
+        raise _refuse(
+            "n_inner", inner, f"not a width jaxdl's mlp_ratio reaches from n_embd={embed_dim}"
+        )
     return {
         "name": "transformer",
         "size": "small",  # every field below overrides the preset
@@ -113,9 +117,10 @@ def target_shapes(model_cfg: Mapping[str, Any]) -> dict:
 
 
 def _canonical(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Keys without GPT2LMHeadModel's "transformer." prefix; a tied lm_head dropped."""
+    """Keys without GPT2LMHeadModel's "transformer." prefix. An lm_head.weight (older
+    pytorch_model.bin files hold the tied copy) must equal wte.weight; IGNORE lists it."""
     out = {k.removeprefix("transformer."): v for k, v in state.items()}
-    head = out.pop("lm_head.weight", None)
+    head = out.get("lm_head.weight")
     if head is not None and "wte.weight" in out and not np.array_equal(head, out["wte.weight"]):
         raise _refuse("lm_head.weight", "untied", "jaxdl ties the output projection")
     return out
