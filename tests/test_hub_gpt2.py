@@ -358,3 +358,23 @@ def test_a_tied_lm_head_copy_is_ignored_an_untied_one_refused(imported):
     assert report["ignored"] == ["lm_head.weight"]
     with pytest.raises(UserError, match=r"lm_head.weight='untied' is not supported"):
         gpt2.convert_state({**state, "lm_head.weight": wte + 1.0}, model_cfg)
+
+
+def test_staging_renames_on_success_and_leaves_nothing_otherwise(tmp_path):
+    import subprocess
+
+    from jaxdl.finetune.hub.workdir import staging
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a PID no longer running: its leftover is a killed run's
+    stale = tmp_path / f".w.import-tmp-{dead.pid}"
+    stale.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        with staging(tmp_path / "w", "import") as tmp:
+            (tmp / "half.json").write_text("{")
+            raise KeyboardInterrupt
+    assert sorted(tmp_path.iterdir()) == []  # neither the workdir, its tmp, nor the stale one
+    with staging(tmp_path / "w", "import") as tmp:
+        (tmp / "done.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
+    assert (tmp_path / "w" / "done.json").is_file()

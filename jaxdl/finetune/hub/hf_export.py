@@ -18,7 +18,7 @@ from typing import Any
 
 from jaxdl.errors import UserError
 from jaxdl.finetune.hub import gpt2
-from jaxdl.finetune.hub.workdir import check_out
+from jaxdl.finetune.hub.workdir import check_out, staging
 
 
 def export_hf(workdir: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
@@ -46,21 +46,11 @@ def export_hf(workdir: str | os.PathLike, out: str | os.PathLike) -> dict[str, A
             f"data.tokenizer: {tokenizer} (named by {config_path}) does not exist. Fix: restore "
             "the tokenizer.json or the workdir."
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.export-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staging(out, "export") as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-        if out.exists():  # an empty folder the user made
-            out.rmdir()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {
         "files": sorted(p.name for p in out.iterdir()),
         "params": int(sum(v.size for v in state.values())),

@@ -15,11 +15,12 @@ temporary sibling folder and renamed at the end: an interrupted import leaves no
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,40 @@ def check_out(out: Path) -> None:
         )
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def staging(out: Path, tag: str) -> Iterator[Path]:
+    """A temporary sibling folder that becomes `out` when the block finishes, and vanishes
+    when it raises (or is interrupted). Leftovers of killed runs (their PID gone) are
+    removed first."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{out.name}.{tag}-tmp-"
+    for stale in out.parent.glob(prefix + "*"):
+        pid = stale.name.removeprefix(prefix)
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f"{prefix}{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():  # an empty folder the user made: replace it
+            out.rmdir()
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_workdir(out: str | os.PathLike, kind: str, imported: Imported) -> dict[str, Any]:
     """Write `imported` as the workdir `out` (atomically); returns the import report.
 
@@ -147,11 +182,7 @@ def write_workdir(out: str | os.PathLike, kind: str, imported: Imported) -> dict
         "step": 0,
         **imported.report,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.import-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staging(out, "import") as tmp:
         state = initial_state(cfg, _to_jax_in_place(imported.variables))
         with Checkpointer(tmp, max_to_keep=1) as ckpt:
             ckpt.save(0, state, data_state=None, config=cfg.to_dict())
@@ -162,10 +193,4 @@ def write_workdir(out: str | os.PathLike, kind: str, imported: Imported) -> dict
                 shutil.copyfile(src, tmp / name)
         _write_json(tmp / "config.json", cfg.to_dict())
         _write_json(tmp / "import_report.json", report)
-        if out.exists():  # an empty folder the user made: replace it
-            out.rmdir()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
