@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a script: make `jaxdl` and `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._timing import environment, step_stats  # noqa: E402
+from benchmarks._timing import environment, paired_ratio, step_stats  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 WORKERS = ("jaxdl LoRA", "jaxdl LoRA factored", "jaxdl full", "peft LoRA")
@@ -207,18 +207,19 @@ def markdown(record: dict) -> str:
     rows = [
         f"GPT-2 124M, batch {a['batch']} x {a['seq_len']} tokens, LoRA rank {a['rank']}, "
         f"float32, CPU ({record['env']['cpu']}, {record['env']['cpu_count']} cores), "
-        f"{a['trials']} interleaved trials of {a['steps_per_trial']} steps\n",
+        f"{a['trials']} interleaved trials of {a['steps_per_trial']} steps, load average "
+        f"{record['env']['load_avg'][0]:.1f}; ratios are medians of per-trial ratios\n",
         f"| variant | trainable params | step s (median) | min | CV % | x {base_name} "
-        "| peak RSS MB | prepare s |",
+        "(paired) | peak RSS MB | prepare s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    first = next(iter(record["variants"].values()))
-    base = first["step_time_s"]["median"]
+    base = record["variants"][base_name]["trials_s"]
     for name, v in record["variants"].items():
         t = v["step_time_s"]
         rows.append(
             f"| {name} | {v['trainable_params']:,} | {t['median']:.3f} | {t['min']:.3f} "
-            f"| {t['cv'] * 100:.1f} | {t['median'] / base:.2f} | {v['peak_rss_mb']:,.0f} "
+            f"| {t['cv'] * 100:.1f} | {paired_ratio(v['trials_s'], base):.2f} "
+            f"| {v['peak_rss_mb']:,.0f} "
             f"| {v['prepare_s']:.1f} |"
         )
     imp = record["import"]
@@ -239,12 +240,17 @@ def main(argv=None) -> None:
     parser.add_argument("--steps-per-trial", type=int, default=2)
     parser.add_argument("--variants", default=",".join(WORKERS))
     parser.add_argument("--out", default=str(RESULTS / "lora_vs_peft.json"))
+    parser.add_argument("--render", metavar="FILE.json", help="rewrite FILE.md from FILE.json")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args.worker, args)
+    if args.render:
+        record = json.loads(Path(args.render).read_text())
+        Path(args.render).with_suffix(".md").write_text(markdown(record))
+        return print(markdown(record))
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, workdir = Path(tmp) / "gpt2", Path(tmp) / "imported"
