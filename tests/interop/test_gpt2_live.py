@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 import torch
 from _gpt2 import randomize_gpt2
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -112,3 +113,30 @@ def test_pytorch_model_bin_and_bf16_import(tmp_path):
     assert len(report["dtype_cast"]) == len(report["loaded"])
     want = _torch_logits(tmp_path / "bf16", ids)  # transformers computes in bfloat16 here
     assert np.abs(_jaxdl_logits(tmp_path / "w_bf16", ids) - want).max() < 0.5
+
+
+class _RunsCode:
+    def __reduce__(self):  # what a malicious pickle does on load
+        return (print, ("this must never run",))
+
+
+@pytest.mark.parametrize("content", ["truncated", "code", "module"])
+def test_bad_torch_pickles_are_refused_in_one_line(tmp_path, content, capsys):
+    from jaxdl.errors import UserError
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copyfile(TINY / "config.json", src / "config.json")
+    path = src / "pytorch_model.bin"
+    if content == "truncated":
+        torch.save({"wte.weight": torch.ones(64, 64)}, path)
+        path.write_bytes(path.read_bytes()[:-2000])
+    elif content == "code":
+        torch.save({"wte.weight": _RunsCode()}, path)
+    else:
+        torch.save(torch.nn.Linear(2, 2), path)  # a module, not a state dict
+    match = "could not be read" if content == "truncated" else "holds objects other than tensors"
+    with pytest.raises(UserError, match=match) as err:
+        import_checkpoint("hf:gpt2", str(src), tmp_path / "w")
+    assert "\n" not in str(err.value) and not (tmp_path / "w").exists()
+    assert "this must never run" not in capsys.readouterr().out

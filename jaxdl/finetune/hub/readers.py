@@ -55,6 +55,12 @@ def read_torch(path: Path) -> dict[str, np.ndarray]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+        if "Weights only load failed" in str(err):  # weights_only met a non-tensor object
+            raise UserError(
+                f"--from: {path} holds objects other than tensors, which torch.load("
+                "weights_only=True) refuses to unpickle (they could run code). Fix: save "
+                "model.state_dict() (tensors only), or convert the file to .safetensors."
+            ) from err
         raise _corrupt(path, err) from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a training checkpoint wrapping the weights
