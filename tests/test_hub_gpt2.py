@@ -378,3 +378,11 @@ def test_staging_renames_on_success_and_leaves_nothing_otherwise(tmp_path):
         (tmp / "done.json").write_text("{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
     assert (tmp_path / "w" / "done.json").is_file()
+
+
+def test_an_unknown_kind_lists_the_known_ones(tmp_path):
+    with pytest.raises(
+        UserError, match=r"KIND: expected one of \[.*'hf:gpt2'.*\], found 'hf:llama'"
+    ):
+        import_checkpoint("hf:llama", str(TINY), tmp_path / "w")
+    assert not (tmp_path / "w").exists()
