@@ -67,6 +67,8 @@ def test_text_source_with_a_tokenizer():
     assert data.preprocessing["tokenizer"] == str(BPE)
     by_bytes = build_data({"source": "text:pydoc", "seq_len": 32}, seed=0)
     assert by_bytes.num_classes == 256 and by_bytes.preprocessing["tokenizer"] == "bytes"
+    assert by_bytes.preprocessing["bytes_per_token"] == 1.0
+    assert data.preprocessing["bytes_per_token"] > 1.5
     # tokens: fewer windows than bytes, and the first window decodes to the corpus's start
     assert data.split_sizes["train"] < by_bytes.split_sizes["train"] / 1.5
     batch = next(iter(data.eval_iter("val", 4)))
