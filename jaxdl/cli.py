@@ -1,4 +1,4 @@
-"""The `jaxdl` command: train, evaluate, generate, export, predict, demo.
+"""The `jaxdl` command: train, evaluate, generate, export, predict, demo, import, export-hf.
 
 User errors (`jaxdl.errors.UserError`: bad flags, unknown config keys, bad files,
 mismatched checkpoints) print one line naming what was expected and what was found, and
@@ -83,6 +83,17 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--max-new-tokens", type=int, default=64, help="language models")
     predict.add_argument("--json", action="store_true", help="print the results as JSON")
     predict.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    imp = sub.add_parser("import", help="import pretrained weights as a workdir at step 0")
+    imp.add_argument("kind", metavar="KIND", help="e.g. hf:gpt2")
+    imp.add_argument("--from", dest="source", required=True, help="local path or hub name")
+    imp.add_argument("--out", required=True, help="the new workdir")
+    imp.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    export_hf = sub.add_parser("export-hf", help="write a GPT-2 workdir in transformers' format")
+    export_hf.add_argument("--workdir", required=True)
+    export_hf.add_argument("--out", required=True, help="folder for from_pretrained")
+    export_hf.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -161,6 +172,21 @@ def run(argv: Sequence[str]) -> int:
             args.model, args.inputs, top_k=args.top_k, max_new_tokens=args.max_new_tokens
         )
         print(json.dumps(results, indent=2) if args.json else format_predictions(results))
+    elif args.command == "import":
+        from jaxdl.finetune.hub import import_checkpoint
+
+        report = import_checkpoint(args.kind, args.source, args.out)
+        files = ", ".join(f["name"] for f in report["source"]["files"])
+        print(
+            f"imported {args.kind} from {files}: {len(report['loaded'])} leaves loaded, "
+            f"{len(report['ignored'])} source keys ignored, {len(report['dtype_cast'])} cast; "
+            f"workdir {args.out} (see import_report.json)"
+        )
+    elif args.command == "export-hf":
+        from jaxdl.finetune.hub.hf_export import export_hf
+
+        result = export_hf(args.workdir, args.out)
+        print(f"wrote {args.out}: {', '.join(result['files'])} ({result['params']:,} params)")
     return 0
 
 

@@ -50,6 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.cache_mb = 256  # decoded splits up to this size are kept in memory (0: never)
     c.data.skip_bad_files = False
     c.data.seq_len = 128
+    c.data.tokenizer = "bytes"  # language models: "bytes" or the path of a tokenizer.json
     c.data.max_bytes = 0  # 0: the source's default cap
     c.data.train_split = "train"
     c.data.eval_split = "val"

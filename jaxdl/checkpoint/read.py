@@ -339,9 +339,15 @@ def restore_pretrained(init_from: Mapping, variables: dict) -> tuple[dict, dict]
     report: dict[str, Any] = {"source": str(step_dir), "step": step}
     report.update({k: [] for k in _CATEGORIES})
     report["renamed"] = renamed
+    report["resampled"] = []  # ViT position tables fitted to another image size
     out: dict[str, Any] = {}
     for path, fresh in model.items():
         out[path] = fresh
+        if path in ckpt and not covered(path):
+            resized = _resampled_posemb(path, ckpt[path], fresh, model)
+            if resized is not None:
+                report["resampled"].append([path, _shape(ckpt[path]), _shape(fresh)])
+                ckpt[path] = resized
         if covered(path):
             report["reinitialized"].append(path)
         elif path not in ckpt:
@@ -370,6 +376,19 @@ def restore_pretrained(init_from: Mapping, variables: dict) -> tuple[dict, dict]
             "init_from.strict=False."
         )
     return tree_lib.unflatten(out), report
+
+
+def _resampled_posemb(path: str, value: Any, fresh: Any, model: Mapping[str, Any]):
+    """A ViT position table [1, T, D] of another image size resampled to the model's grid
+    (`jaxdl.models.vit.resample_posemb`), or None for any other leaf."""
+    if not path.endswith("/pos_embed") or np.ndim(value) != 3 or np.ndim(fresh) != 3:
+        return None
+    if _shape(value) == _shape(fresh):
+        return None
+    from jaxdl.models.vit import resample_posemb
+
+    num_prefix = int(path[: -len("pos_embed")] + "cls" in model)  # the class token's row
+    return resample_posemb(np.asarray(value), tuple(_shape(fresh)), num_prefix)
 
 
 def _problems(report: Mapping[str, Any]) -> list[str]:

@@ -1,14 +1,16 @@
-"""The "text:..." sources: byte-level language modelling (UTF-8 bytes, vocabulary 256).
+"""The "text:..." sources: language modelling on UTF-8 bytes or a tokenizer's ids.
 
     text:PATH_OR_GLOB   a file, a folder (all files below it) or a glob, sorted, concatenated
     text:stdlib         the Python standard library's .py files (no test folders), sorted
     text:pydoc          `pydoc_data.topics.topics` values in sorted key order
 
 The corpus is capped at `data.max_bytes` (default: 8,000,000 for stdlib, none otherwise).
-The last `data.val_fraction` (default 0.1) of the bytes is "val" ("test" is the same
-bytes). Each split is cut into non-overlapping windows of `data.seq_len` + 1 bytes with
-stride seq_len, so targets cover every byte after the first once:
-inputs = w[:-1], targets = w[1:]. A tail shorter than a window is dropped.
+`data.tokenizer` turns it into tokens: "bytes" (the default: UTF-8 bytes, vocabulary 256)
+or a tokenizer.json (`jaxdl.lm.tokenizer`; the text is encoded in newline-aligned chunks so
+the library's threads share the work). The last `data.val_fraction` (default 0.1) of the
+tokens is "val" ("test" is the same tokens). Each split is cut into non-overlapping windows
+of `data.seq_len` + 1 tokens with stride seq_len, so targets cover every token after the
+first once: inputs = w[:-1], targets = w[1:]. A tail shorter than a window is dropped.
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ import numpy as np
 
 from jaxdl.data.sources import Identity, Source, opt
 from jaxdl.errors import UserError
+from jaxdl.lm.tokenizer import BYTES, load_tokenizer
 
-VOCAB_SIZE = 256
 STDLIB_MAX_BYTES = 8_000_000
 _STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 
 
 class ByteWindows:
-    """Windows of a uint8 corpus: item i = bytes [i*T, i*T + T + 1) as inputs/targets."""
+    """Windows of a token corpus (uint8 bytes or int32 ids): item i = tokens
+    [i*T, i*T + T + 1) as inputs/targets."""
 
     def __init__(self, corpus: np.ndarray, seq_len: int):
         self.corpus, self.seq_len = corpus, seq_len
@@ -94,19 +97,40 @@ def read_corpus(spec: str, max_bytes: int | None) -> bytes:
     return _read_files(_glob_files(spec), max_bytes)
 
 
+CHUNK_CHARS = 1 << 16
+
+
+def tokenize(corpus: bytes, tokenizer) -> np.ndarray:
+    """The corpus as token ids: uint8 for bytes, else int32 [N]."""
+    if tokenizer.name == BYTES:
+        return np.frombuffer(corpus, np.uint8)
+    text = corpus.decode("utf-8", errors="replace")
+    chunks, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + CHUNK_CHARS)
+        end = len(text) if end < 0 else end + 1
+        chunks.append(text[start:end])
+        start = end
+    ids = tokenizer.encode_batch(chunks) if chunks else []
+    return np.concatenate(ids) if ids else np.zeros(0, np.int32)
+
+
 def text_source(spec: str, cfg: Mapping) -> Source:
-    """ "text:..." -> Source of byte windows; splits train, val and test (= val)."""
+    """ "text:..." -> Source of token windows; splits train, val and test (= val)."""
     seq_len = int(opt(cfg, "seq_len", 128))
     fraction = float(opt(cfg, "val_fraction", 0.1))
     if not 0.0 < fraction < 1.0:
         raise UserError(f"data.val_fraction: expected a number in (0, 1), found {fraction}.")
-    corpus = np.frombuffer(read_corpus(spec, opt(cfg, "max_bytes")), np.uint8)
+    tokenizer = load_tokenizer(opt(cfg, "tokenizer", BYTES))
+    raw = read_corpus(spec, opt(cfg, "max_bytes"))
+    corpus = tokenize(raw, tokenizer)
+    unit = "bytes" if tokenizer.name == BYTES else "tokens"
     n_val = int(len(corpus) * fraction)
     train, val = corpus[: len(corpus) - n_val], corpus[len(corpus) - n_val :]
     if min(len(train), len(val)) < seq_len + 1:
         raise UserError(
             f"data.seq_len: text:{spec} has {len(train)} train and {len(val)} val "
-            f"bytes, each split needs at least seq_len + 1 = {seq_len + 1}. Fix: "
+            f"{unit}, each split needs at least seq_len + 1 = {seq_len + 1}. Fix: "
             "lower data.seq_len or give more text."
         )
     val_windows = ByteWindows(val, seq_len)
@@ -114,19 +138,23 @@ def text_source(spec: str, cfg: Mapping) -> Source:
         "lm",
         {"train": ByteWindows(train, seq_len), "val": val_windows, "test": val_windows},
         Identity(),
-        VOCAB_SIZE,
+        tokenizer.vocab_size,
         None,
         {
             "source": f"text:{spec}",
-            "tokenizer": "bytes",
-            "vocab_size": VOCAB_SIZE,
+            "tokenizer": tokenizer.name,
+            "vocab_size": tokenizer.vocab_size,
             "seq_len": seq_len,
-            "corpus_bytes": int(len(corpus)),
-            "val_bytes": n_val,
+            "corpus_bytes": len(raw),
+            "corpus_tokens": int(len(corpus)),
+            # with a tokenizer the LM's bits_per_byte metric is per token; divided by this,
+            # it is per byte of text
+            "bytes_per_token": len(raw) / max(len(corpus), 1),
+            f"val_{unit}": n_val,
         },
         split_names={
-            "train": f"bytes[:{len(train)}]",
-            "val": f"bytes[{len(train)}:]",
-            "test": f"bytes[{len(train)}:] (same as val)",
+            "train": f"{unit}[:{len(train)}]",
+            "val": f"{unit}[{len(train)}:]",
+            "test": f"{unit}[{len(train)}:] (same as val)",
         },
     )

@@ -299,7 +299,8 @@ def predict_files(
 
     classification: [{"input", "top_k": [{"class", "prob"}, ...]}] most likely first.
     lm: each file's text is a prompt; [{"input", "continuation", "top_k"}] where the
-    continuation is greedy (`Predictor.generate`) and top_k ranks the first next byte.
+    continuation is greedy (`Predictor.generate`) and top_k ranks the first next token (text
+    through the run's tokenizer: bytes, or the tokenizer.json its export recorded).
     """
     predictor = artifact if isinstance(artifact, Predictor) else load(artifact)
     if top_k < 1:
@@ -307,12 +308,16 @@ def predict_files(
     labels = predictor.labels
     results = []
     if predictor.kind == "lm":
-        from jaxdl.lm.tokenizer import decode, encode
+        from jaxdl.lm.tokenizer import load_tokenizer
 
+        # the run's data.tokenizer, recorded by export: "bytes" or its tokenizer.json
+        tokenizer = load_tokenizer(predictor.metadata.get("vocabulary", {}).get("tokenizer"))
+        if tokenizer.name != "bytes":
+            labels = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
         for path in inputs:
             path = Path(path)
             check_input_file(path, "text files holding the prompts", f"{path}/*.txt")
-            prompt = list(encode(path.read_text(encoding="utf-8", errors="replace")))
+            prompt = list(tokenizer.encode(path.read_text(encoding="utf-8", errors="replace")))
             new = predictor.generate(prompt, max_new_tokens)
             window = predictor.input_shape[0]
             context = np.zeros((1, window), np.int32)
@@ -321,7 +326,7 @@ def predict_files(
             results.append(
                 {
                     "input": str(path),
-                    "continuation": decode(new),
+                    "continuation": tokenizer.decode(new),
                     "top_k": _top_k(first, labels, top_k),
                 }
             )

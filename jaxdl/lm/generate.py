@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdl.errors import UserError
-from jaxdl.lm.tokenizer import decode, encode
+from jaxdl.lm.tokenizer import load_tokenizer
 from jaxdl.models.registry import create_model
 from jaxdl.models.transformer import Transformer
 
@@ -188,11 +188,12 @@ def generate_text(
         )
     if not prompt:
         raise UserError("--prompt: expected at least 1 byte, found 0. Fix: pass a prompt.")
+    tokenizer = load_tokenizer(cfg.data.get("tokenizer"))
     params = load_params(workdir)
     tokens = generate(
         dict(cfg.model),
         params,
-        encode(prompt)[None, :],
+        tokenizer.encode(prompt)[None, :],
         max_new_tokens=max_new_tokens,
         rng=jax.random.PRNGKey(seed),
         temperature=temperature,
@@ -200,4 +201,4 @@ def generate_text(
         top_p=top_p,
         greedy=greedy,
     )
-    return decode(np.asarray(tokens)[0])
+    return tokenizer.decode(np.asarray(tokens)[0])

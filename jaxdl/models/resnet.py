@@ -78,14 +78,16 @@ def _shortcut(x: jax.Array, channels: int, strides: tuple[int, int], conv, norm)
     return norm(name="downsample_bn")(x)
 
 
+BLOCKS: dict[str, type[nn.Module]] = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
+
 # depth -> (blocks per stage, block type, default base filters)
-_VARIANTS: dict[str, tuple[tuple[int, ...], type[nn.Module], int]] = {
-    "tiny": ((1, 1, 1, 1), BasicBlock, 8),
-    "18": ((2, 2, 2, 2), BasicBlock, 64),
-    "34": ((3, 4, 6, 3), BasicBlock, 64),
-    "50": ((3, 4, 6, 3), BottleneckBlock, 64),
-    "101": ((3, 4, 23, 3), BottleneckBlock, 64),
-    "152": ((3, 8, 36, 3), BottleneckBlock, 64),
+_VARIANTS: dict[str, tuple[tuple[int, ...], str, int]] = {
+    "tiny": ((1, 1, 1, 1), "basic", 8),
+    "18": ((2, 2, 2, 2), "basic", 64),
+    "34": ((3, 4, 6, 3), "basic", 64),
+    "50": ((3, 4, 6, 3), "bottleneck", 64),
+    "101": ((3, 4, 23, 3), "bottleneck", 64),
+    "152": ((3, 8, 36, 3), "bottleneck", 64),
 }
 
 
@@ -97,12 +99,19 @@ class ResNet(nn.Module):
     num_filters: width of the first stage, doubled per stage; None = 64 (8 for "tiny").
     small_inputs: a 3x3 stride-1 stem without max-pool, for 8x8 or 32x32 images; the
       default 7x7 stride-2 stem + 3x3 max-pool (ImageNet) shrinks the image 4x at once.
+    stage_sizes, block ("basic" | "bottleneck"): override the depth's blocks per stage and
+      block type (None = the depth's), e.g. a one-block-per-stage bottleneck net for tests.
+    stem_filters: the stem conv's width; None = num_filters (timm keeps a 64-wide stem when
+      it narrows the stages).
     """
 
     num_classes: int
     depth: int | str = 50
     num_filters: int | None = None
     small_inputs: bool = False
+    stage_sizes: tuple[int, ...] | None = None
+    block: str | None = None
+    stem_filters: int | None = None
     dtype: Any = jnp.float32
 
     def __post_init__(self):
@@ -111,17 +120,24 @@ class ResNet(nn.Module):
                 f"model.depth: expected one of 18, 34, 50, 101, 152, 'tiny', found "
                 f"{self.depth!r}. Fix: set --config.model.depth=50."
             )
+        if self.block is not None and self.block not in BLOCKS:
+            raise UserError(
+                f"model.block: expected one of {sorted(BLOCKS)}, found {self.block!r}. "
+                "Fix: drop it to use the depth's block type."
+            )
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        stage_sizes, block_cls, default_filters = _VARIANTS[str(self.depth)]
+        stage_sizes, block, default_filters = _VARIANTS[str(self.depth)]
+        stage_sizes = tuple(self.stage_sizes or stage_sizes)
+        block_cls = BLOCKS[self.block or block]
         filters = self.num_filters or default_filters
         x = x.astype(self.dtype)
         # 3x3 stride 1 for small images; 7x7 stride 2 (+ max-pool below) for ImageNet sizes.
         kernel, stride, pad = (3, 1, 1) if self.small_inputs else (7, 2, 3)
         x = nn.Conv(
-            filters,
+            self.stem_filters or filters,
             (kernel, kernel),
             (stride, stride),
             padding=pad,

@@ -238,11 +238,12 @@ class Block(nn.Module):
     attention_impl: str | None = None
     dtype: Any = jnp.float32
     out_std: float = INIT_STD  # residual-branch output init (GPT-2 scales it by 1/sqrt(2L))
+    layernorm_eps: float = 1e-6  # Flax's default (GPT-2 uses 1e-5)
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, train: bool = False) -> jax.Array:
         drop = nn.Dropout(self.dropout_rate, deterministic=not train)
-        h = nn.LayerNorm(dtype=self.dtype, name="ln1")(x)
+        h = nn.LayerNorm(epsilon=self.layernorm_eps, dtype=self.dtype, name="ln1")(x)
         h = SelfAttention(
             num_heads=self.num_heads,
             causal=self.causal,
@@ -255,7 +256,7 @@ class Block(nn.Module):
             name="attn",
         )(h, positions)
         x = x + drop(h)
-        h = nn.LayerNorm(dtype=self.dtype, name="ln2")(x)
+        h = nn.LayerNorm(epsilon=self.layernorm_eps, dtype=self.dtype, name="ln2")(x)
         h = Mlp(
             self.mlp_dim,
             kind=self.mlp,
@@ -302,6 +303,8 @@ class Transformer(nn.Module):
     remat: bool = False
     scan_layers: bool = False
     decode: bool = False
+    layernorm_eps: float = 1e-6  # every LayerNorm's epsilon (GPT-2: 1e-5)
+    gelu_approximate: bool = True  # the tanh GELU (GPT-2's gelu_new); False: the exact erf form
 
     @property
     def spec(self) -> TransformerSpec:
@@ -355,6 +358,7 @@ class Transformer(nn.Module):
             num_heads=spec.num_heads,
             mlp_dim=spec.mlp_dim,
             mlp=spec.mlp,
+            gelu_approximate=self.gelu_approximate,
             causal=True,
             rope=spec.positions == "rope",
             decode=self.decode,
@@ -363,6 +367,7 @@ class Transformer(nn.Module):
             attention_impl=self.attention_impl,
             dtype=dtype,
             out_std=INIT_STD / math.sqrt(2 * spec.num_layers),
+            layernorm_eps=self.layernorm_eps,
         )
         if self.scan_layers:
             block_cls = _ScanBlock
@@ -381,7 +386,7 @@ class Transformer(nn.Module):
             for i in range(spec.num_layers):
                 h = block_cls(**block_fields, name=f"block_{i}")(h, positions, train)
 
-        h = nn.LayerNorm(dtype=dtype, name="ln_f")(h)
+        h = nn.LayerNorm(epsilon=self.layernorm_eps, dtype=dtype, name="ln_f")(h)
         return embed.attend(h).astype(jnp.float32)
 
     def _positions(self, length: int, max_len: int) -> jax.Array:

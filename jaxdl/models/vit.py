@@ -3,16 +3,21 @@
 Patches come from a strided Conv (`patch_embed`), then an optional class token, learned
 position embeddings, the pre-LayerNorm `Block`s of the decoder LM (non-causal here), a final
 LayerNorm `ln_f`, pooling ("cls" token or "mean" over patches) and the `head` Dense. ViT-B/16
-at 224x224 with 1000 classes has 86,567,656 parameters, as in the original model.
+at 224x224 with 1000 classes has 86,567,656 parameters, as in the original model. The layout
+is timm's and torchvision's (LayerNorm eps 1e-6, exact GELU, the position table covering the
+class token), so their weights import unchanged (`jaxdl.finetune.hub.vit`); `resample_posemb`
+fits a position table to another image size.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdl.errors import UserError
 from jaxdl.models.registry import register
@@ -118,3 +123,33 @@ class ViT(nn.Module):
             self.num_classes, dtype=dtype, kernel_init=nn.initializers.zeros, name="head"
         )(h)
         return logits.astype(jnp.float32)
+
+
+def resample_posemb(table: np.ndarray, shape: tuple[int, ...], num_prefix: int) -> np.ndarray:
+    """A ViT position table [1, P + G*G, D] resized to `shape` [1, P + g*g, D].
+
+    As big_vision's ``resample_posemb``: the patch rows form a G x G grid, resized bilinearly
+    (`jax.image.resize`, antialiased when shrinking) to g x g; the first `num_prefix` rows
+    (P: 1 for the class token, 0 for mean pooling) are kept as they are. Fine-tuning at
+    another image size needs this (224 -> 32 pixels with 16-pixel patches: 14x14 -> 2x2).
+    Raises UserError when either table is not of that form.
+    """
+    grid_old = math.isqrt(max(table.shape[1] - num_prefix, 0))
+    grid_new = math.isqrt(max(shape[1] - num_prefix, 0))
+    if (
+        table.ndim != 3
+        or len(shape) != 3
+        or table.shape[2] != shape[2]
+        or grid_old**2 + num_prefix != table.shape[1]
+        or grid_new**2 + num_prefix != shape[1]
+        or not grid_old * grid_new
+    ):
+        raise UserError(
+            f"pos_embed: expected position tables [1, {num_prefix} + G*G, D] to resample, found "
+            f"{tuple(table.shape)} -> {tuple(shape)}. Fix: keep the patch grid square and "
+            "embed_dim unchanged, or add the table to init_from.reinit."
+        )
+    grid = table[0, num_prefix:].reshape(grid_old, grid_old, -1)
+    resized = jax.image.resize(grid, (grid_new, grid_new, grid.shape[-1]), "bilinear")
+    rows = np.asarray(resized, table.dtype).reshape(1, grid_new * grid_new, -1)
+    return np.concatenate([table[:, :num_prefix], rows], axis=1)

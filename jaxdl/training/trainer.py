@@ -33,6 +33,7 @@ from jaxdl.data.pipeline import format_report as format_data_report
 from jaxdl.errors import Stopped, UserError
 from jaxdl.fileio import read_json
 from jaxdl.finetune import partition
+from jaxdl.finetune.hub.vision import with_source_preprocessing
 from jaxdl.parallel import sharding
 from jaxdl.training.build import Setup, build
 from jaxdl.training.guards import stop_on_signals, workdir_lock
@@ -188,6 +189,7 @@ def _check_cadence(cfg: ml_collections.ConfigDict) -> None:
 def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str, Any]:
     start_time = time.time()
     is_writer = jax.process_index() == 0
+    cfg = with_source_preprocessing(cfg)  # an imported model's normalization, unless set
     config_dict = check_workdir(workdir, cfg)
 
     # ---- data ---------------------------------------------------------------------------

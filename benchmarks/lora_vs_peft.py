@@ -1,0 +1,295 @@
+"""One LoRA fine-tuning step of GPT-2 124M: jaxdl against transformers + peft (CPU, float32).
+
+    pip install -e ".[interop]"
+    nice -n 5 python benchmarks/lora_vs_peft.py                  # batch 4 x 256, rank 8
+    python benchmarks/lora_vs_peft.py --trials 3 --batch 2 --seq-len 128   # a quick look
+
+A random GPT-2 124M is written with ``save_pretrained`` and imported with ``jaxdl import
+hf:gpt2`` (timed, with its peak RSS, in a subprocess of its own). Then each variant runs in
+its own worker process, so each one's peak RSS is its own:
+
+    jaxdl LoRA            the imported workdir, init_from + lora (rank r on query, key, value,
+                          out, fc1, fc2), the train step `jaxdl train` runs (its default
+                          LoRA form for the backend)
+    jaxdl LoRA factored   the same with factored adapters (`factored_lora=True`)
+    jaxdl full            full fine-tuning of the same model
+    peft LoRA             GPT2LMHeadModel + peft LoRA (rank r on c_attn, c_proj, c_fc)
+
+All use Adam (lr 1e-4, no weight decay), no dropout, the same token batch. Trials
+interleave the workers (one trial of each per round, the order rotating) and each trial
+times K steps back to back; the table gives medians over trials. Writes
+benchmarks/results/lora_vs_peft.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a script: make `jaxdl` and `benchmarks` importable
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks._timing import environment, paired_ratio, step_stats  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+WORKERS = ("jaxdl LoRA", "jaxdl LoRA factored", "jaxdl full", "peft LoRA")
+LEARNING_RATE = 1e-4
+
+
+def _peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024  # Linux: kB
+
+
+def _import_torch_stack():
+    from tests.interop._torchvision import import_torchvision
+
+    import_torchvision()  # transformers imports torchvision; see tests/interop/conftest.py
+    import torch
+    import transformers
+
+    return torch, transformers
+
+
+def _batch(args):
+    """The token batch every variant trains on: [batch, seq_len + 1] ids."""
+    import numpy as np
+
+    return np.random.default_rng(0).integers(0, 50257, (args.batch, args.seq_len + 1))
+
+
+# ------------------------------------------------------------------ workers
+
+
+def _jaxdl_worker(name: str, args):
+    import jax
+    import numpy as np
+
+    from jaxdl import config as config_lib
+    from jaxdl.core import steps
+    from jaxdl.training.build import build
+
+    cfg = config_lib.load_config(Path(args.workdir) / "config.json")
+    cfg.init_from.checkpoint = str(args.workdir)
+    cfg.model.dropout_rate = 0.0
+    cfg.optimizer.name, cfg.optimizer.learning_rate = "adam", LEARNING_RATE
+    if name != "jaxdl full":
+        targets = r"params/.*/(query|key|value|out|fc1|fc2)/kernel"
+        cfg.lora = {"rank": args.rank, "alpha": 2.0 * args.rank, "targets": targets}
+    spec = {k: ((args.seq_len,), np.int32) for k in ("inputs", "targets")}
+    setup = build(cfg, kind="lm", example_spec=spec, num_classes=50257, total_steps=1000)
+    factored = True if name == "jaxdl LoRA factored" else None
+    step = steps.make_train_step(
+        setup.model, setup.head, setup.tx, lora_cfg=setup.lora_cfg, factored_lora=factored
+    )
+    ids = _batch(args).astype(np.int32)
+    batch = {"inputs": jax.device_put(ids[:, :-1]), "targets": jax.device_put(ids[:, 1:])}
+    state = setup.state
+    trainable = sum(x.size for x in jax.tree.leaves(state.params))
+    total = trainable + sum(x.size for x in jax.tree.leaves(state.frozen))
+    del setup
+
+    def run(k: int):
+        nonlocal state
+        for _ in range(k):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics["loss"])
+        return float(metrics["loss"])
+
+    return run, {"trainable_params": int(trainable), "params": int(total)}
+
+
+def _peft_worker(args):
+    torch, transformers = _import_torch_stack()
+    import peft
+
+    model = transformers.GPT2LMHeadModel.from_pretrained(
+        args.model_dir, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
+    config = peft.LoraConfig(
+        r=args.rank,
+        lora_alpha=2 * args.rank,
+        lora_dropout=0.0,
+        target_modules=["c_attn", "c_proj", "c_fc"],
+        fan_in_fan_out=True,  # GPT-2's Conv1D stores [in, out]
+    )
+    model = peft.get_peft_model(model, config).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0)
+    ids = torch.from_numpy(_batch(args)[:, :-1].astype("int64"))
+
+    def run(k: int):
+        for _ in range(k):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    trainable = sum(p.numel() for p in params)
+    total = sum(p.numel() for p in model.parameters())
+    info = {"trainable_params": int(trainable), "params": int(total)}
+    info["torch_threads"] = torch.get_num_threads()
+    return run, info
+
+
+def worker(name: str, args) -> None:
+    """Prepare (compile / first step), then answer "run K" lines with seconds until "quit"."""
+    start = time.perf_counter()
+    run, info = _peft_worker(args) if name == "peft LoRA" else _jaxdl_worker(name, args)
+    info["first_loss"] = run(1)  # compiles (jax) or warms the allocator (torch)
+    info["prepare_s"] = time.perf_counter() - start
+    print(json.dumps(info), flush=True)
+    for line in sys.stdin:
+        if line.startswith("run "):
+            t0 = time.perf_counter()
+            loss = run(int(line.split()[1]))
+            print(json.dumps({"s": time.perf_counter() - t0, "loss": loss}), flush=True)
+        else:
+            print(json.dumps({"peak_rss_mb": _peak_rss_mb()}), flush=True)
+            return
+
+
+# ------------------------------------------------------------------ driver
+
+
+def _make_model(model_dir: Path) -> int:
+    torch, transformers = _import_torch_stack()
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config())
+    model.save_pretrained(model_dir)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _time_import(model_dir: Path, workdir: Path) -> dict:
+    """Wall time and peak RSS of `jaxdl import hf:gpt2` in a fresh process."""
+    code = (
+        "import resource, sys, time; t = time.perf_counter(); "
+        "from jaxdl.cli import main; rc = main(sys.argv[1:]); "
+        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    cmd = [sys.executable, "-c", code, "import", "hf:gpt2", "--from", str(model_dir)]
+    done = subprocess.run(
+        [*cmd, "--out", str(workdir)], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    seconds, rss_kb = done.stdout.strip().splitlines()[-1].split()
+    weights = (model_dir / "model.safetensors").stat().st_size
+    return {
+        "wall_s": float(seconds),  # in-process: interpreter start excluded, imports included
+        "peak_rss_mb": int(rss_kb) / 1024,
+        "model_bytes_mb": weights / 2**20,
+        "peak_rss_over_model_bytes": int(rss_kb) * 1024 / weights,
+    }
+
+
+def _start(name: str, args, model_dir: Path, workdir: Path) -> subprocess.Popen:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name]
+    cmd += ["--model-dir", str(model_dir), "--workdir", str(workdir)]
+    cmd += ["--batch", str(args.batch), "--seq-len", str(args.seq_len), "--rank", str(args.rank)]
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def _ask(proc: subprocess.Popen, line: str) -> dict:
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+    return json.loads(proc.stdout.readline())
+
+
+def markdown(record: dict) -> str:
+    a = record["args"]
+    base_name = next(iter(record["variants"]))
+    rows = [
+        f"GPT-2 124M, batch {a['batch']} x {a['seq_len']} tokens, LoRA rank {a['rank']}, "
+        f"float32, CPU ({record['env']['cpu']}, {record['env']['cpu_count']} cores), "
+        f"{a['trials']} interleaved trials of {a['steps_per_trial']} steps, load average "
+        f"{record['env']['load_avg'][0]:.1f}; ratios are medians of per-trial ratios\n",
+        f"| variant | trainable params | step s (median) | min | CV % | x {base_name} "
+        "(paired) | peak RSS MB | prepare s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = record["variants"][base_name]["trials_s"]
+    for name, v in record["variants"].items():
+        t = v["step_time_s"]
+        rows.append(
+            f"| {name} | {v['trainable_params']:,} | {t['median']:.3f} | {t['min']:.3f} "
+            f"| {t['cv'] * 100:.1f} | {paired_ratio(v['trials_s'], base):.2f} "
+            f"| {v['peak_rss_mb']:,.0f} "
+            f"| {v['prepare_s']:.1f} |"
+        )
+    imp = record["import"]
+    rows.append(
+        f"\n`jaxdl import hf:gpt2` (124M): {imp['wall_s']:.1f} s, peak RSS "
+        f"{imp['peak_rss_mb']:,.0f} MB = {imp['peak_rss_over_model_bytes']:.2f}x the "
+        f"{imp['model_bytes_mb']:,.0f} MB of weights"
+    )
+    return "\n".join(rows) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--steps-per-trial", type=int, default=2)
+    parser.add_argument("--variants", default=",".join(WORKERS))
+    parser.add_argument("--out", default=str(RESULTS / "lora_vs_peft.json"))
+    parser.add_argument("--render", metavar="FILE.json", help="rewrite FILE.md from FILE.json")
+    parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args.worker, args)
+    if args.render:
+        record = json.loads(Path(args.render).read_text())
+        Path(args.render).with_suffix(".md").write_text(markdown(record))
+        return print(markdown(record))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, workdir = Path(tmp) / "gpt2", Path(tmp) / "imported"
+        params = _make_model(model_dir)
+        print(f"wrote a random GPT-2 ({params:,} params) to {model_dir}", flush=True)
+        imported = _time_import(model_dir, workdir)
+        print(f"import: {json.dumps(imported)}", flush=True)
+        names = args.variants.split(",")
+        procs = {}
+        infos = {}
+        for name in names:  # prepared one after another: compiles do not overlap
+            procs[name] = _start(name, args, model_dir, workdir)
+            infos[name] = json.loads(procs[name].stdout.readline())
+            print(f"{name}: ready {json.dumps(infos[name])}", flush=True)
+        times = {name: [] for name in names}
+        for i in range(args.trials):
+            shift = i % len(names)
+            for name in names[shift:] + names[:shift]:
+                out = _ask(procs[name], f"run {args.steps_per_trial}")
+                times[name].append(out["s"] / args.steps_per_trial)
+            print(f"trial {i}: " + ", ".join(f"{n} {times[n][-1]:.3f} s" for n in names))
+        for name in names:
+            infos[name].update(_ask(procs[name], "quit"))
+            procs[name].wait()
+    record = {
+        "args": vars(args),
+        "env": environment(),
+        "import": imported,
+        "variants": {
+            name: {**infos[name], "step_time_s": step_stats(times[name]), "trials_s": times[name]}
+            for name in names
+        },
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(record))
+    print(markdown(record))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Declarative weight mapping: a foreign state dict -> a jaxdl variable tree, strictly.
+
+A family's import is a table of `Rule`s (target path regex -> source key template +
+transform), in the manner of MaxText's ``utils/ckpt_conversion``::
+
+    RULES = [
+        Rule(r"params/block_(\\d+)/attn/query/kernel", "h.{0}.attn.c_attn.weight", split(1, 0, 3)),
+        Rule(r"params/embed/embedding", "wte.weight"),
+    ]
+    variables, report = convert(state_dict, jax.eval_shape(model.init, rng, x), RULES,
+                                ignore=[r"h\\.\\d+\\.attn\\.bias"])
+
+`convert` is strict: every target leaf is filled by exactly one rule (the first whose regex
+fully matches its path), every transformed array has the target's shape, and every source
+key is used by some rule or matched by an `ignore` regex. Anything else is one `UserError`
+listing every offending key. Models built with ``scan_layers`` keep their blocks stacked
+under one prefix (``params/blocks/...`` with a leading layer axis); `convert`'s `stacked`
+argument names that prefix and the per-layer prefix the rules are written against
+(``{"params/blocks": "params/block_{}"}``), so one table serves both layouts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxdl.core import tree as tree_lib
+from jaxdl.errors import UserError
+
+Transform = Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
+
+# The init_report.json categories (jaxdl/checkpoint/read.py), so both reports read alike.
+CATEGORIES = (
+    "loaded",
+    "renamed",
+    "reinitialized",
+    "missing",
+    "unexpected",
+    "ignored",
+    "shape_mismatch",
+    "dtype_cast",
+)
+
+
+def identity(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The source array as it is."""
+    return x
+
+
+def transpose(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Reverse the axes: torch Linear [out, in] -> Flax Dense kernel [in, out]."""
+    return np.transpose(x)
+
+
+def oihw_to_hwio(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """torch Conv2d weight [O, I, H, W] -> Flax Conv kernel [H, W, I, O]."""
+    return np.transpose(x, (2, 3, 1, 0))
+
+
+def reshape(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Same elements, the target's shape (e.g. a [1, N, D] table stored as [N, D])."""
+    return np.reshape(x, shape)
+
+
+def split(axis: int, index: int, parts: int) -> Transform:
+    """Part `index` of `parts` equal pieces along `axis` (a fused qkv weight -> q, k or v)."""
+
+    def take(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        if x.shape[axis] % parts:
+            raise UserError(
+                f"source array of shape {x.shape}: expected axis {axis} divisible into "
+                f"{parts} equal parts. Fix: check that the checkpoint is of this architecture."
+            )
+        return np.split(x, parts, axis=axis)[index]
+
+    take.__name__ = f"split({axis}, {index}, {parts})"
+    return take
+
+
+def chain(*transforms: Transform) -> Transform:
+    """Apply `transforms` left to right."""
+
+    def run(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        for t in transforms:
+            x = t(x, shape)
+        return x
+
+    run.__name__ = " then ".join(getattr(t, "__name__", "?") for t in transforms)
+    return run
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One target leaf family: `target` regex (fully matching a target path) -> `source`
+    key template filled with the regex's groups (``"h.{0}.mlp.c_fc.weight"``), then
+    `transform(source_array, target_shape)`."""
+
+    target: str
+    source: str
+    transform: Transform = identity
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in np.shape(x))
+
+
+def _unstack(
+    flat: dict[str, Any], stacked: Mapping[str, str]
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """Split stacked leaves [L, ...] into per-layer pseudo leaves named by `stacked`'s
+    templates. Returns (per-layer flat targets, {stacked path: [per-layer paths]})."""
+    out: dict[str, Any] = {}
+    groups: dict[str, list[str]] = {}
+    for path, leaf in flat.items():
+        prefix = next((p for p in stacked if path.startswith(p + "/")), None)
+        if prefix is None:
+            out[path] = leaf
+            continue
+        rest = path[len(prefix) :]
+        layers = []
+        for i in range(leaf.shape[0]):
+            layer_path = stacked[prefix].format(i) + rest
+            out[layer_path] = jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
+            layers.append(layer_path)
+        groups[path] = layers
+    return out, groups
+
+
+def convert(
+    source: Mapping[str, np.ndarray],
+    target: Any,
+    rules: Sequence[Rule],
+    ignore: Sequence[str] = (),
+    stacked: Mapping[str, str] | None = None,
+) -> tuple[dict, dict]:
+    """Fill `target`'s leaves from `source` by `rules`.
+
+    source: {key: array} (a state dict as numpy). target: a nested dict of
+    `jax.ShapeDtypeStruct` (``jax.eval_shape(model.init, ...)``), paths "params/...",
+    "batch_stats/...". ignore: regexes of source keys deliberately left out (buffers such
+    as GPT-2's ``attn.bias``). stacked: {stacked prefix: per-layer prefix template} for
+    scanned layers (see the module docstring).
+
+    Returns (variables: nested dict of numpy arrays in the target's dtypes, report: JSON-able
+    with the init_report categories; "renamed" maps each target path to its source key,
+    "dtype_cast" lists [path, source dtype, target dtype], "ignored" the ignored source keys).
+    Raises one UserError naming every unfilled target leaf, missing or unused source key and
+    shape mismatch.
+    """
+    flat, groups = _unstack(tree_lib.flatten(target), stacked or {})
+    compiled = [(re.compile(r.target), r) for r in rules]
+    ignores = [re.compile(p) for p in ignore]
+    report: dict[str, Any] = {k: [] for k in CATEGORIES}
+    report["renamed"] = {}
+    values: dict[str, np.ndarray] = {}
+    used: set[str] = set()
+    unfilled: list[str] = []
+    absent: list[str] = []
+    for path, leaf in flat.items():
+        match = next(((m, r) for rx, r in compiled if (m := rx.fullmatch(path))), None)
+        if match is None:
+            unfilled.append(path)
+            continue
+        m, rule = match
+        key = rule.source.format(*m.groups())
+        if key not in source:
+            absent.append(f"{key} (for {path})")
+            continue
+        used.add(key)
+        value = np.asarray(rule.transform(np.asarray(source[key]), _shape(leaf)))
+        if _shape(value) != _shape(leaf):
+            report["shape_mismatch"].append([path, list(_shape(value)), list(_shape(leaf))])
+            continue
+        dtype = np.dtype(leaf.dtype)
+        if value.dtype != dtype:
+            report["dtype_cast"].append([path, str(value.dtype), str(dtype)])
+        values[path] = np.ascontiguousarray(value.astype(dtype, copy=False))
+        report["renamed"][path] = key
+        report["loaded"].append(path)
+    unused = sorted(k for k in source if k not in used and not any(i.fullmatch(k) for i in ignores))
+    report["ignored"] = sorted(k for k in source if k not in used and k not in unused)
+    report["missing"] = unfilled + absent
+    report["unexpected"] = unused
+    problems = []
+    if unfilled:
+        problems.append(f"{len(unfilled)} target leaves match no rule: {', '.join(unfilled)}")
+    if absent:
+        problems.append(f"{len(absent)} source keys missing: {', '.join(absent)}")
+    if report["shape_mismatch"]:
+        problems.append(
+            f"{len(report['shape_mismatch'])} shape mismatch: "
+            + ", ".join(
+                f"{p} source {tuple(s)} vs model {tuple(t)}" for p, s, t in report["shape_mismatch"]
+            )
+        )
+    if unused:
+        problems.append(f"{len(unused)} source keys unused: {', '.join(unused)}")
+    if problems:
+        raise UserError(
+            f"weights do not fit the model: {'; '.join(problems)}. Fix: check that the "
+            "checkpoint is of the architecture named (and its config.json matches it)."
+        )
+    for stacked_path, layers in groups.items():
+        values[stacked_path] = np.stack([values.pop(p) for p in layers])
+        report["renamed"][stacked_path] = [report["renamed"].pop(p) for p in layers]
+    report["loaded"] = sorted(report["renamed"])
+    return tree_lib.unflatten(values), report

@@ -1,0 +1,104 @@
+"""What the ResNet and ViT importers share: the source's config.json and its preprocessing.
+
+A timm hub folder (what ``save_pretrained``/``push_to_hub`` write) holds ``config.json``
+beside the weights: ``model_args`` (`timm.create_model` keywords that change the preset) and
+``pretrained_cfg`` (``mean``, ``std``, ``input_size`` the weights were trained with). A bare
+state dict file has none, and the library's defaults hold.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from jaxdl.errors import UserError
+
+
+def source_config(path: Path) -> dict[str, Any]:
+    """The ``config.json`` beside the weights (or in the folder), {} when there is none."""
+    folder = path if path.is_dir() else path.parent
+    config = folder / "config.json"
+    if not config.is_file():
+        return {}
+    try:
+        out = json.loads(config.read_text())
+    except ValueError as err:
+        raise UserError(
+            f"--from: {config} is not valid JSON ({err}). Fix: remove it or save it again "
+            "with the library that made the weights."
+        ) from err
+    if not isinstance(out, dict) or not isinstance(out.get("model_args") or {}, dict):
+        raise UserError(
+            f"--from: {config}: expected a JSON object (with an optional model_args object), "
+            "found something else. Fix: remove it or save it again with timm."
+        )
+    return out
+
+
+def check_source_architecture(kind: str, source: Mapping[str, Any]) -> None:
+    """A config.json naming another architecture than KIND (timm's ``architecture``) is
+    refused: its model_args and normalization belong to that one."""
+    name = kind.split(":", 1)[1]
+    if source.get("architecture", name) != name:
+        raise UserError(
+            f"KIND: {kind} names {name!r}, the source's config.json says "
+            f"{source['architecture']!r}. Fix: import it as {kind.split(':')[0]}:"
+            f"{source['architecture']} (if jaxdl supports it) or pass the right folder."
+        )
+
+
+def data_config(source: Mapping[str, Any], *, image_size: int, normalize: str) -> dict[str, Any]:
+    """The workdir's data section: 3 channels, the source's input size and normalization
+    (its pretrained_cfg when given, else `image_size` and the `normalize` transform)."""
+    pre = source.get("pretrained_cfg") or {}
+    if "mean" in pre and "std" in pre:
+        normalize = f"normalize(mean={tuple(pre['mean'])}, std={tuple(pre['std'])})"
+    if "input_size" in pre:
+        image_size = int(pre["input_size"][-1])
+    return {"image_size": image_size, "channels": 3, "transforms": [normalize]}
+
+
+def imported_workdir(checkpoint: str | Path) -> Path | None:
+    """The imported workdir (one holding import_report.json) that an init_from.checkpoint
+    names: the workdir, its checkpoints/ folder or a step folder; None for any other."""
+    root = Path(checkpoint).expanduser()
+    for folder in (root, root.parent, root.parent.parent):
+        if (folder / "import_report.json").is_file() and (folder / "config.json").is_file():
+            return folder
+    return None
+
+
+def with_source_preprocessing(cfg: Any) -> Any:
+    """`cfg` (a ConfigDict) with the preprocessing of the imported model it fine-tunes.
+
+    When init_from.checkpoint names an imported workdir, its ``data.transforms`` (the
+    normalization the weights expect) and ``data.channels`` fill those keys where `cfg`
+    leaves them unset ([] and 0); a config that sets its own keeps them. Returns a copy.
+    """
+    if not cfg.init_from.checkpoint:
+        return cfg
+    folder = imported_workdir(cfg.init_from.checkpoint)
+    if folder is None:
+        return cfg
+    source = json.loads((folder / "config.json").read_text()).get("data", {})
+    cfg = copy.deepcopy(cfg)
+    if not cfg.data.transforms and source.get("transforms"):
+        cfg.data.transforms = list(source["transforms"])
+    if not cfg.data.channels and source.get("channels"):
+        cfg.data.channels = int(source["channels"])
+    return cfg
+
+
+def imported_model(workdir: str | Path, **overrides: Any) -> dict[str, Any]:
+    """The model section of an imported workdir's config.json with `overrides` on top
+    (e.g. ``num_classes=10`` for a new head), for fine-tuning configs to start from."""
+    config = Path(workdir).expanduser() / "config.json"
+    if not config.is_file():
+        raise UserError(
+            f"init_from.checkpoint: no config.json in {config.parent}. Fix: run `jaxdl import "
+            "KIND --from WEIGHTS --out DIR` first and point at DIR."
+        )
+    return {**json.loads(config.read_text())["model"], **overrides}

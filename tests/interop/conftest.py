@@ -1,0 +1,35 @@
+"""Live parity tests against the libraries themselves (the `interop` extra).
+
+    pip install -e ".[interop]"      # torch (CPU), transformers, peft, timm, torchvision
+    pytest -q tests/interop
+
+Without the extra the whole folder is skipped, and the reason is printed in the session
+header and summary (never silently). With it, torchvision is imported here first, through
+`_torchvision.import_torchvision`: the PyPI torchvision wheel next to the CPU torch wheel
+fails at import ("operator torchvision::nms does not exist") unless the op schemas its
+fake-kernel registrations need are defined; transformers and timm import torchvision.
+"""
+
+import importlib.util
+
+REQUIRED = ("torch", "transformers", "timm", "torchvision", "safetensors")
+MISSING = [name for name in REQUIRED if importlib.util.find_spec(name) is None]
+REASON = (
+    f'tests/interop skipped: {", ".join(MISSING)} not installed. Fix: pip install -e ".[interop]"'
+)
+
+if MISSING:
+    collect_ignore_glob = ["test_*.py"]
+else:
+    from _torchvision import import_torchvision
+
+    import_torchvision()
+
+
+def pytest_report_header(config):
+    return REASON if MISSING else f"tests/interop: live against {', '.join(REQUIRED)}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    if MISSING:
+        terminalreporter.write_line(REASON, yellow=True)

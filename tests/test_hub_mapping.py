@@ -1,0 +1,119 @@
+"""The mapping engine: strict one-to-one filling, transforms, stacked (scanned) targets."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdl.errors import UserError
+from jaxdl.finetune.hub.mapping import Rule, convert, oihw_to_hwio, split, transpose
+
+
+def _target(shapes: dict[str, tuple], dtype=np.float32) -> dict:
+    tree: dict = {}
+    for path, shape in shapes.items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = jax.ShapeDtypeStruct(shape, dtype)
+    return tree
+
+
+RULES = [
+    Rule(r"params/layer_(\d+)/q/kernel", "h.{0}.qkv.weight", split(1, 0, 3)),
+    Rule(r"params/layer_(\d+)/k/kernel", "h.{0}.qkv.weight", split(1, 1, 3)),
+    Rule(r"params/layer_(\d+)/v/kernel", "h.{0}.qkv.weight", split(1, 2, 3)),
+    Rule(r"params/layer_(\d+)/out/kernel", "h.{0}.proj.weight", transpose),
+]
+
+
+def _source(layers: int) -> dict:
+    rng = np.random.default_rng(0)
+    src = {}
+    for i in range(layers):
+        src[f"h.{i}.qkv.weight"] = rng.normal(size=(4, 12)).astype(np.float32)
+        src[f"h.{i}.proj.weight"] = rng.normal(size=(3, 4)).astype(np.float32)
+        src[f"h.{i}.attn.bias"] = np.ones(3, np.float32)
+    return src
+
+
+def _layer_shapes(prefix: str, lead: tuple = ()) -> dict:
+    return {
+        f"{prefix}/q/kernel": (*lead, 4, 4),
+        f"{prefix}/k/kernel": (*lead, 4, 4),
+        f"{prefix}/v/kernel": (*lead, 4, 4),
+        f"{prefix}/out/kernel": (*lead, 4, 3),
+    }
+
+
+def test_convert_fills_split_and_transposed_leaves_and_reports():
+    src = _source(2)
+    target = _target({**_layer_shapes("params/layer_0"), **_layer_shapes("params/layer_1")})
+    out, report = convert(src, target, RULES, ignore=[r"h\.\d+\.attn\.bias"])
+    np.testing.assert_array_equal(
+        out["params"]["layer_1"]["k"]["kernel"], src["h.1.qkv.weight"][:, 4:8]
+    )
+    np.testing.assert_array_equal(
+        out["params"]["layer_0"]["out"]["kernel"], src["h.0.proj.weight"].T
+    )
+    assert report["ignored"] == ["h.0.attn.bias", "h.1.attn.bias"]
+    assert (
+        len(report["loaded"]) == 8
+        and report["renamed"]["params/layer_0/v/kernel"] == "h.0.qkv.weight"
+    )
+    assert report["missing"] == report["unexpected"] == report["shape_mismatch"] == []
+
+
+def test_convert_stacked_targets_match_the_per_layer_form():
+    src = _source(3)
+    flat, _ = convert(
+        src,
+        _target(
+            {**{k: v for i in range(3) for k, v in _layer_shapes(f"params/layer_{i}").items()}}
+        ),
+        RULES,
+        ignore=[r".*attn\.bias"],
+    )
+    stacked, report = convert(
+        src,
+        _target(_layer_shapes("params/layers", (3,))),
+        RULES,
+        ignore=[r".*attn\.bias"],
+        stacked={"params/layers": "params/layer_{}"},
+    )
+    got = stacked["params"]["layers"]["v"]["kernel"]
+    assert got.shape == (3, 4, 4)
+    for i in range(3):
+        np.testing.assert_array_equal(got[i], flat["params"][f"layer_{i}"]["v"]["kernel"])
+    assert report["renamed"]["params/layers/q/kernel"] == [f"h.{i}.qkv.weight" for i in range(3)]
+    assert "params/layers/q/kernel" in report["loaded"]
+
+
+def test_convert_names_every_problem_in_one_line():
+    src = _source(1)
+    src["h.0.extra"] = np.zeros(2, np.float32)
+    del src["h.0.proj.weight"]
+    target = _target({**_layer_shapes("params/layer_0"), "params/norm/scale": (4,)})
+    with pytest.raises(UserError) as err:
+        convert(src, target, RULES)
+    message = str(err.value)
+    assert "\n" not in message
+    for name in ("params/norm/scale", "h.0.proj.weight", "h.0.extra", "h.0.attn.bias"):
+        assert name in message
+
+
+def test_convert_shape_mismatch_and_dtype_cast():
+    src = {"w": np.zeros((2, 3), np.float16)}
+    with pytest.raises(
+        UserError, match=r"shape mismatch: params/w source \(2, 3\) vs model \(3, 2\)"
+    ):
+        convert(src, _target({"params/w": (3, 2)}), [Rule("params/w", "w")])
+    out, report = convert(src, _target({"params/w": (3, 2)}), [Rule("params/w", "w", transpose)])
+    assert out["params"]["w"].dtype == np.float32
+    assert report["dtype_cast"] == [["params/w", "float16", "float32"]]
+
+
+def test_oihw_to_hwio():
+    x = np.arange(2 * 3 * 5 * 7).reshape(2, 3, 5, 7)
+    y = oihw_to_hwio(x, (5, 7, 3, 2))
+    assert y.shape == (5, 7, 3, 2) and y[4, 6, 2, 1] == x[1, 2, 4, 6]
