@@ -46,24 +46,27 @@ Column = list  # raw values of one column: str, float or None (missing)
 # ---- reading -------------------------------------------------------------------------------
 
 
-def read_csv(path: Path) -> dict[str, Column]:
-    """CSV with a header row -> {column: raw string values} (missing values -> None)."""
+def read_csv(path: Path, field: str = "data.source") -> dict[str, Column]:
+    """CSV with a header row -> {column: raw string values} (missing values -> None).
+
+    ``field`` names where the path came from in error messages.
+    """
     if not path.is_file():
-        raise UserError(f"data.source: no CSV file at {path}. Fix: pass csv:PATH to a file.")
+        raise UserError(f"{field}: no CSV file at {path}. Fix: pass the path of a CSV file.")
     with path.open(newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
     if len(rows) < 2:
         raise UserError(
-            f"data.source: {path} has {len(rows)} lines, expected a header and at least one row."
+            f"{field}: {path} has {len(rows)} lines, expected a header and at least one row."
         )
     header = [h.strip() for h in rows[0]]
     if len(set(header)) != len(header):
         dupes = sorted({h for h in header if header.count(h) > 1})
-        raise UserError(f"data.source: {path} repeats column names {dupes}. Fix: rename them.")
+        raise UserError(f"{field}: {path} repeats column names {dupes}. Fix: rename them.")
     for line, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
             raise UserError(
-                f"data.source: {path} line {line} has {len(row)} fields, the header has "
+                f"{field}: {path} line {line} has {len(row)} fields, the header has "
                 f"{len(header)}. Fix: quote fields that contain commas or repair the row."
             )
     return {
@@ -72,7 +75,7 @@ def read_csv(path: Path) -> dict[str, Column]:
     }
 
 
-def read_parquet(path: Path) -> dict[str, Column]:
+def read_parquet(path: Path, field: str = "data.source") -> dict[str, Column]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -80,7 +83,7 @@ def read_parquet(path: Path) -> dict[str, Column]:
             "data.source: parquet: needs pyarrow, which is not installed. Fix: pip install pyarrow."
         ) from None
     if not path.is_file():
-        raise UserError(f"data.source: no Parquet file at {path}. Fix: pass parquet:PATH.")
+        raise UserError(f"{field}: no Parquet file at {path}. Fix: pass the path of one.")
     table = pq.read_table(path).to_pydict()
     return {name: [_missing_to_none(v) for v in col] for name, col in table.items()}
 

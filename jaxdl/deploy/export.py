@@ -15,6 +15,10 @@ preprocessing runs inside it:
     lm              tokens int32 [B, T] (right-padded), lengths int32 [B] -> next-token
                     probabilities [B, V] after position lengths - 1 (causal: padding after
                     it changes nothing)
+    tables          features float32 [B, F] (rows encoded with the train split's statistics,
+                    which the sidecar holds: `predict_files` encodes CSV rows) -> softmax
+                    [B, C] (classification), sigmoid [B, 1] / [B, L] (binary, multilabel),
+                    targets [B, K] in original units (regression)
 
 Geometric preprocessing (resize, center crop) is not an array op the artifact can repeat
 bit-for-bit (Pillow's antialiased resize), so `predict_files` does it on the host from the
@@ -49,6 +53,14 @@ QUANTIZATIONS = ("int8",)
 _HOST_OPS = ("resize", "center_crop")  # done by predict_files, before the artifact
 _LABEL_OPS = ("one_hot",)  # act on labels only: nothing to export
 _FIX = "Fix: re-export with `jaxdl export`."
+_OUTPUT_MEANING = {
+    "lm": "next-token probabilities",
+    "image": "softmax probabilities",
+    "classification": "softmax probabilities",
+    "binary": "probability of the positive class (class_names[1])",
+    "multilabel": "probability of each label",
+    "regression": "targets in their original units",
+}
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -81,6 +93,31 @@ def classifier_fn(
         params = _params_of(variables, quantized)
         logits = model.apply({**variables, "params": params}, x, train=False)
         return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+    return predict
+
+
+def table_fn(
+    model,
+    variables: Mapping,
+    *,
+    kind: str,
+    target: Mapping[str, Sequence[float]] | None = None,
+    quantized: bool = False,
+):
+    """predict(features float32 [B, F]) -> probabilities, or regression targets in original
+    units (``target``: the train "target_mean" / "target_std")."""
+
+    def predict(x):
+        params = _params_of(variables, quantized)
+        out = model.apply({**variables, "params": params}, x, train=False).astype(jnp.float32)
+        if kind == "classification":
+            return jax.nn.softmax(out, axis=-1)
+        if kind in ("binary", "multilabel"):
+            return jax.nn.sigmoid(out)
+        assert kind == "regression" and target is not None, kind
+        std = jnp.asarray(target["target_std"], jnp.float32)
+        return out * std + jnp.asarray(target["target_mean"], jnp.float32)
 
     return predict
 
@@ -214,10 +251,13 @@ def export_model(
     pixel_scale: float = 1.0,
     normalize: Sequence[tuple] = (),
     metadata: Mapping | None = None,
+    table: Mapping | None = None,
 ) -> dict:
     """Serialize `model` with `variables` ({"params", ...}) to out_path + sidecar.
 
-    input_shape: one example's shape ((H, W, C) images, (T,) tokens). Returns the sidecar.
+    input_shape: one example's shape ((H, W, C) images, (T,) tokens, (F,) table rows).
+    ``table`` (tables only): {"target_mean", "target_std"} for regression, else {}.
+    Returns the sidecar.
     """
     platforms = _check_platforms(platforms)
     if quantize is not None and quantize not in QUANTIZATIONS:
@@ -236,6 +276,9 @@ def export_model(
             jax.ShapeDtypeStruct((batch, *input_shape), jnp.int32),
             jax.ShapeDtypeStruct((batch,), jnp.int32),
         )
+    elif table is not None:
+        fn = table_fn(model, variables, kind=kind, target=table, quantized=quantize is not None)
+        specs = (jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32),)
     else:
         fn = classifier_fn(
             model,
@@ -259,13 +302,13 @@ def export_model(
         "platforms": list(platforms),
         "kind": kind,
         "input": {
-            "name": "inputs" if kind == "lm" else "image",
+            "name": "inputs" if kind == "lm" else "features" if table is not None else "image",
             "shape": [None, *map(int, input_shape)],
             "dtype": "int32" if kind == "lm" else "float32",
         },
         "output": {
             "shape": [None, int(exported.out_avals[0].shape[-1])],
-            "meaning": "next-token probabilities" if kind == "lm" else "softmax probabilities",
+            "meaning": _OUTPUT_MEANING.get(kind if table is not None or kind == "lm" else "image"),
         },
         "quantization": quantization,
         "artifact_bytes": len(blob),
@@ -306,7 +349,11 @@ def export_run(
     if workdir is not None:
         meta["workdir"] = str(Path(workdir).resolve())
     kwargs: dict[str, Any] = {}
-    if data.kind == "lm":
+    if data.preprocessing.get("input") == "features":  # a table: rows encoded on the host
+        meta["preprocessing"] = {"source": data.preprocessing}
+        meta["class_names"] = data.class_names or data.preprocessing["label_columns"]
+        kwargs = {"table": data.preprocessing["target"]}
+    elif data.kind == "lm":
         meta["preprocessing"] = {"source": data.preprocessing}
         meta["vocabulary"] = {
             "tokenizer": data.preprocessing.get("tokenizer"),

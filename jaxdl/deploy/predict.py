@@ -253,7 +253,10 @@ def format_predictions(results: Sequence[Mapping]) -> str:
     """One line per input: "path: class (prob), ..." or "path: continuation"."""
     lines = []
     for r in results:
-        if "continuation" in r:
+        if "row" in r:  # a table row
+            shown = {k: v for k, v in r.items() if k not in ("input", "row", "top_k")}
+            lines.append(f"{r['input']}:{r['row']}: {json.dumps(shown)}")
+        elif "continuation" in r:
             lines.append(f"{r['input']}: {r['continuation']!r}")
         else:
             ranked = ", ".join(f"{c['class']} ({c['prob']:.4f})" for c in r["top_k"])
@@ -276,6 +279,8 @@ def predict_files(
     predictor = artifact if isinstance(artifact, Predictor) else load(artifact)
     if top_k < 1:
         raise UserError(f"--top-k: expected an integer >= 1, found {top_k}.")
+    if predictor.metadata["input"]["name"] == "features":
+        return predict_table_files(predictor, inputs, top_k=top_k)
     labels = predictor.labels
     results = []
     if predictor.kind == "lm":
@@ -305,4 +310,49 @@ def predict_files(
     probs = predictor.predict(images)
     for path, row in zip(inputs, probs, strict=True):
         results.append({"input": str(path), "top_k": _top_k(row, labels, top_k)})
+    return results
+
+
+def predict_table_files(
+    predictor: Predictor, inputs: Sequence[str | Path], top_k: int = 5
+) -> list[dict]:
+    """Rows of CSV (or .parquet) files -> one result per row, in file and row order.
+
+    Each row is encoded as in training, with the train split's statistics from the
+    sidecar (standardization, imputation, vocabularies; a label column may be present and
+    is ignored). classification: {"class", "top_k"}; binary: {"class", "prob"} (prob of
+    class_names[1], class at 0.5); multilabel: {"labels" (prob >= 0.5), "probs"};
+    regression: {"prediction"} (one value per label column, original units).
+    """
+    from jaxdl.data.tabular import encode_features, read_csv, read_parquet
+
+    source = predictor.metadata["preprocessing"]["source"]
+    prep, names = source["preprocessing"], predictor.labels
+    needed = prep["numeric"]["columns"] + prep["categorical"]["columns"]
+    results = []
+    for path in map(Path, inputs):
+        read = read_parquet if path.suffix == ".parquet" else read_csv
+        columns = read(path, field="INPUT")
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            raise UserError(
+                f"INPUT: {path} lacks the feature columns {missing[:10]} the model was trained "
+                f"on. Fix: give a CSV with a header naming {needed[:10]}..."
+            )
+        out = predictor.predict(encode_features(prep, columns))
+        for i, row in enumerate(out):
+            result: dict[str, Any] = {"input": str(path), "row": i}
+            if predictor.kind == "classification":
+                result["class"] = names[int(np.argmax(row))]
+                result["top_k"] = _top_k(row, names, top_k)
+            elif predictor.kind == "binary":
+                result["class"] = names[int(row[0] >= 0.5)]
+                result["prob"] = float(row[0])
+            elif predictor.kind == "multilabel":
+                result["labels"] = [n for n, p in zip(names, row, strict=True) if p >= 0.5]
+                result["probs"] = {n: float(p) for n, p in zip(names, row, strict=True)}
+            else:
+                values = [float(v) for v in row]
+                result["prediction"] = values[0] if len(values) == 1 else values
+            results.append(result)
     return results
