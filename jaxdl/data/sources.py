@@ -27,7 +27,7 @@ from jaxdl.errors import UserError
 VALID_SOURCES = (
     '"digits", "tfds:NAME[/CONFIG]", "imagefolder:PATH", "text:PATH_OR_GLOB", "text:stdlib", '
     '"text:pydoc", "synthetic:images", "synthetic:tokens", "csv:PATH", "parquet:PATH", '
-    '"sklearn:NAME"'
+    '"sklearn:NAME", "textfolder:PATH"'
 )
 DEFAULT_DATA_DIR = "~/.cache/jaxdl/tfds"
 
@@ -375,6 +375,10 @@ def load_source(
         from jaxdl.data.tabular import table_source
 
         return table_source(spec, cfg, seed=seed, task=task)
+    if prefix == "textfolder" and rest:
+        from jaxdl.data.textfolder import textfolder_source
+
+        return textfolder_source(rest, cfg, seed=seed)
     if spec == "digits":
         from jaxdl.data.digits import digits_source
 
