@@ -54,7 +54,9 @@ def models(task: str, seed: int, categorical: np.ndarray) -> dict[str, Any]:
 
     cat = categorical if categorical.any() else None
     if task == "regression":
-        mlp = MLPRegressor((64, 32), max_iter=2000, early_stopping=True, random_state=seed)
+        mlp = MLPRegressor(
+            hidden_layer_sizes=(64, 32), max_iter=2000, early_stopping=True, random_state=seed
+        )
         return {
             "Ridge": Ridge(alpha=1.0),
             "HistGradientBoosting": HistGradientBoostingRegressor(
@@ -68,7 +70,7 @@ def models(task: str, seed: int, categorical: np.ndarray) -> dict[str, Any]:
             categorical_features=cat, random_state=seed
         ),
         "MLPClassifier": MLPClassifier(
-            (64, 32), max_iter=2000, early_stopping=True, random_state=seed
+            hidden_layer_sizes=(64, 32), max_iter=2000, early_stopping=True, random_state=seed
         ),
     }
     if task == "multilabel":
