@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
         "warmup_steps": 30,
         "grad_clip_norm": 1.0,
     }
-    c.num_epochs = 10
+    c.num_epochs = 4
     c.log_every = 20
     c.best_metric = "val_accuracy"
     return c

@@ -12,10 +12,14 @@ import pytest
 from jaxdl import testing
 from jaxdl.checkpoint.read import load_params
 from jaxdl.cli import main as cli_main
-from jaxdl.core import tree
+from jaxdl.core import steps, tree
 from jaxdl.data import build_data
+from jaxdl.data.textfolder import encode_text
+from jaxdl.deploy.export import export_workdir
+from jaxdl.deploy.predict import predict_files
 from jaxdl.errors import UserError
 from jaxdl.models import create_model
+from jaxdl.training.evaluate import restore_run
 
 TINY = {"name": "transformer", "size": "tiny", "vocab_size": 256}
 
@@ -120,6 +124,18 @@ def test_pretrained_lm_gets_a_new_last_layer_frozen_body(tmp_path):
     assert set(after) - set(before) == {"classifier/kernel", "classifier/bias"}
     for path, value in before.items():
         np.testing.assert_array_equal(after[path], value)  # the body stayed frozen
+
+    # Export, then predict text files: the artifact equals the restored model.
+    export_workdir(clf_dir, tmp_path / "clf.jaxexport")
+    files = sorted((root / "gamma").glob("*.txt"))[:2] + sorted((root / "alpha").glob("*.txt"))[:1]
+    results = predict_files(tmp_path / "clf.jaxexport", files, top_k=3)
+    _, setup, _ = restore_run(clf_dir)
+    tokens = np.stack([encode_text(f.read_bytes(), 32, str(f)) for f in files])
+    probs = jax.nn.softmax(steps.make_predict(setup.model)(setup.state, tokens), axis=-1)
+    for result, row in zip(results, np.asarray(probs), strict=True):
+        best = result["top_k"][0]
+        assert best["class"] == ["alpha", "beta", "gamma"][int(row.argmax())]
+        assert best["prob"] == pytest.approx(float(row.max()), abs=1e-6)
 
 
 def test_one_class_text_folder_exits_2(tmp_path, capsys):

@@ -15,6 +15,7 @@ preprocessing runs inside it:
     lm              tokens int32 [B, T] (right-padded), lengths int32 [B] -> next-token
                     probabilities [B, V] after position lengths - 1 (causal: padding after
                     it changes nothing)
+    text classes    tokens int32 [B, T] (bytes, right-padded with 0) -> softmax [B, C]
     tables          features float32 [B, F] (rows encoded with the train split's statistics,
                     which the sidecar holds: `predict_files` encodes CSV rows) -> softmax
                     [B, C] (classification), sigmoid [B, 1] / [B, L] (binary, multilabel),
@@ -200,6 +201,12 @@ def _image_file_spec(cfg, data, input_shape: Sequence[int], host: Sequence[Mappi
 # ---- export --------------------------------------------------------------------------------
 
 
+def _input_name(kind: str, table: Mapping | None, tokens: bool) -> str:
+    if kind == "lm":
+        return "inputs"
+    return "features" if table is not None else "tokens" if tokens else "image"
+
+
 def _check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
     platforms = tuple(platforms)
     bad = [p for p in platforms if p not in PLATFORMS]
@@ -252,12 +259,13 @@ def export_model(
     normalize: Sequence[tuple] = (),
     metadata: Mapping | None = None,
     table: Mapping | None = None,
+    tokens: bool = False,
 ) -> dict:
     """Serialize `model` with `variables` ({"params", ...}) to out_path + sidecar.
 
     input_shape: one example's shape ((H, W, C) images, (T,) tokens, (F,) table rows).
     ``table`` (tables only): {"target_mean", "target_std"} for regression, else {}.
-    Returns the sidecar.
+    ``tokens``: a text classifier over int32 token rows. Returns the sidecar.
     """
     platforms = _check_platforms(platforms)
     if quantize is not None and quantize not in QUANTIZATIONS:
@@ -276,9 +284,10 @@ def export_model(
             jax.ShapeDtypeStruct((batch, *input_shape), jnp.int32),
             jax.ShapeDtypeStruct((batch,), jnp.int32),
         )
-    elif table is not None:
+    elif table is not None or tokens:
         fn = table_fn(model, variables, kind=kind, target=table, quantized=quantize is not None)
-        specs = (jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32),)
+        dtype = jnp.int32 if tokens else jnp.float32
+        specs = (jax.ShapeDtypeStruct((batch, *input_shape), dtype),)
     else:
         fn = classifier_fn(
             model,
@@ -302,13 +311,13 @@ def export_model(
         "platforms": list(platforms),
         "kind": kind,
         "input": {
-            "name": "inputs" if kind == "lm" else "features" if table is not None else "image",
+            "name": _input_name(kind, table, tokens),
             "shape": [None, *map(int, input_shape)],
-            "dtype": "int32" if kind == "lm" else "float32",
+            "dtype": "int32" if kind == "lm" or tokens else "float32",
         },
         "output": {
             "shape": [None, int(exported.out_avals[0].shape[-1])],
-            "meaning": _OUTPUT_MEANING.get(kind if table is not None or kind == "lm" else "image"),
+            "meaning": _OUTPUT_MEANING[kind if table is not None or kind == "lm" else "image"],
         },
         "quantization": quantization,
         "artifact_bytes": len(blob),
@@ -353,6 +362,10 @@ def export_run(
         meta["preprocessing"] = {"source": data.preprocessing}
         meta["class_names"] = data.class_names or data.preprocessing["label_columns"]
         kwargs = {"table": data.preprocessing["target"]}
+    elif data.preprocessing.get("input") == "tokens":  # a text classifier (textfolder:)
+        meta["preprocessing"] = {"source": data.preprocessing}
+        meta["class_names"] = list(data.class_names)
+        kwargs = {"tokens": True}
     elif data.kind == "lm":
         meta["preprocessing"] = {"source": data.preprocessing}
         meta["vocabulary"] = {

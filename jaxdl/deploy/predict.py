@@ -126,7 +126,8 @@ class Predictor:
                 lengths = np.full((x.shape[0],), x.shape[1], np.int32)
             out = self._call(x.astype(np.int32), np.asarray(lengths, np.int32))
         else:
-            out = self._call(x.astype(np.float32))
+            dtype = np.int32 if self.metadata["input"]["dtype"] == "int32" else np.float32
+            out = self._call(x.astype(dtype))
         return np.asarray(out)
 
     def generate(self, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
@@ -282,6 +283,20 @@ def predict_files(
     if predictor.metadata["input"]["name"] == "features":
         return predict_table_files(predictor, inputs, top_k=top_k)
     labels = predictor.labels
+    if predictor.metadata["input"]["name"] == "tokens":  # a text classifier
+        from jaxdl.data.textfolder import encode_text
+
+        (seq_len,) = predictor.input_shape
+        rows = []
+        for path in map(Path, inputs):
+            if not path.is_file():
+                raise UserError(f"INPUT: {path} does not exist. Fix: pass text files.")
+            rows.append(encode_text(path.read_bytes(), seq_len, str(path)))
+        probs = predictor.predict(np.stack(rows))
+        return [
+            {"input": str(path), "top_k": _top_k(row, labels, top_k)}
+            for path, row in zip(inputs, probs, strict=True)
+        ]
     results = []
     if predictor.kind == "lm":
         from jaxdl.lm.tokenizer import decode, encode
