@@ -63,6 +63,8 @@ def test_task_losses_are_checked():
         heads.regression({"name": "sigmoid_cross_entropy"}, target_mean=[0.0], target_std=[1.0])
     with pytest.raises(UserError, match="binary task"):
         heads.binary({"name": "mse"})
+    with pytest.raises(UserError, match="a multilabel task has none"):
+        heads.multilabel({**DEFAULT, "class_weights": "balanced"})
 
 
 def test_multilabel_loss_averages_labels():

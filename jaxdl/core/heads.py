@@ -138,6 +138,12 @@ def classification(
 
 
 def _task_loss(kind: str, loss_cfg: Mapping[str, Any]) -> str:
+    spec = loss_cfg.get("class_weights")
+    if kind != "binary" and spec is not None and (isinstance(spec, str) or len(spec)):
+        raise UserError(
+            f"loss.class_weights: weights classes, and a {kind} task has none; found "
+            f"{spec!r}. Fix: remove loss.class_weights."
+        )
     name = loss_cfg["name"]
     name = TASK_LOSSES[kind][0] if name == DEFAULT_LOSS else name
     if name not in TASK_LOSSES[kind]:
@@ -271,7 +277,8 @@ def make_head(kind: str, loss_cfg: Mapping[str, Any], num_classes: int, **fields
         return multilabel(loss_cfg, **fields)
     if kind == "regression":
         return regression(loss_cfg, **fields)
-    assert kind == "classification", kind
+    if kind != "classification":
+        raise UserError(f"task: expected one of {list(KINDS)}, found {kind!r}.")
     return classification(loss_cfg, num_classes, **fields)
 
 
