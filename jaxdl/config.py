@@ -70,6 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.categorical_columns = []  # besides columns with no numeric value
     c.data.missing = "mean"  # | "error"
     c.data.test_fraction = 0.2  # tables: the held-out test rows (val: data.val_fraction)
+    c.data.text_column = ""  # tables: classify this column's text (bytes) instead
 
     c.loss = ml_collections.ConfigDict()
     # | "mse" | "sigmoid_cross_entropy"; binary/multilabel/regression: this default means

@@ -145,3 +145,22 @@ def test_one_class_text_folder_exits_2(tmp_path, capsys):
     assert cli_main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "a classifier needs at least 2" in err and len(err.splitlines()) == 1
+
+
+def test_csv_text_column_gives_byte_tokens(tmp_path):
+    path = tmp_path / "t.csv"
+    rows = [f'"note {i}, {"spam" if i % 2 else "ham"}",{i % 2}' for i in range(30)]
+    path.write_text("text,label\n" + "\n".join(rows) + "\n")
+    cfg = {"source": f"csv:{path}", "label_column": "label", "text_column": "text"}
+    data = build_data({**cfg, "seq_len": 24}, seed=0)
+    assert data.kind == "binary"
+    assert data.example_spec["tokens"] == ((24,), np.dtype("int32"))
+    assert data.task_fields == {
+        "model": {"num_classes": 1},
+        "head": {"input_key": "tokens", "class_counts": [10, 11]},
+    }
+    row = data.source.splits["train"].tokens[0]
+    assert bytes(row[row > 0].astype(np.uint8).tolist()).decode().startswith("note ")
+    path.write_text("text,label\n" + "\n".join(rows) + '\n"",1\n')
+    with pytest.raises(UserError, match=r"'text' at line 32 of .* is empty"):
+        build_data(cfg, seed=0)

@@ -17,6 +17,9 @@ other numbers -> regression, several label columns -> multilabel. Labels: class 
 int32 [] (binary: 1 is the later of the two sorted values), float32 [K] targets in
 original units (regression), float32 {0, 1} [L] (multilabel).
 
+With data.text_column the example is that column's text instead, as bytes right-padded
+to data.seq_len: {"tokens": int32 [seq_len], "label": ...} (see `jaxdl.data.textfolder`).
+
 `Source.task_fields` carries what the model and head need from the train split: input
 layout and output width for the model; class counts or target mean/std for the head.
 """
@@ -360,8 +363,21 @@ def _label_columns(cfg: Mapping, default: str | None, columns: Mapping[str, Colu
     return names
 
 
+def _checked_text_column(name: str, columns: Mapping[str, Column], labels: Sequence[str]) -> str:
+    if name not in columns or name in labels:
+        raise UserError(
+            f"data.text_column: expected a column among {list(columns)[:20]} (not the label), "
+            f"found {name!r}. Fix: check the spelling."
+        )
+    return name
+
+
 def table_source(spec: str, cfg: Mapping, *, seed: int, task: str | None = None) -> Source:
-    """ "csv:PATH" / "parquet:PATH" / "sklearn:NAME" -> a Source of `TableRecords`."""
+    """ "csv:PATH" / "parquet:PATH" / "sklearn:NAME" -> a Source of `TableRecords`.
+
+    With data.text_column the rows are texts instead: {"tokens": int32 [seq_len], "label"}
+    (bytes, right-padded, as "textfolder:"), for the transformer's classify head.
+    """
     prefix, _, rest = spec.partition(":")
     default_label = None
     if prefix == "sklearn":
@@ -381,9 +397,13 @@ def table_source(spec: str, cfg: Mapping, *, seed: int, task: str | None = None)
     if not task:
         task, why = infer_task(label_columns, columns)
     labels, class_names = encode_labels(task, label_columns, columns, where)
-
-    features = opt(cfg, "feature_columns", [])
-    features = list(features) or [c for c in columns if c not in label_columns]
+    text_column = opt(cfg, "text_column", "")
+    if text_column:
+        features = [_checked_text_column(text_column, columns, label_columns)]
+    else:
+        features = list(opt(cfg, "feature_columns", [])) or [
+            c for c in columns if c not in label_columns
+        ]
     listed = list(opt(cfg, "categorical_columns", []))
     for name in [*features, *listed]:
         if name not in columns or name in label_columns:
@@ -392,14 +412,20 @@ def table_source(spec: str, cfg: Mapping, *, seed: int, task: str | None = None)
                 f"(not the label), found {name!r}. Fix: check data.feature_columns and "
                 "data.categorical_columns."
             )
-    categorical = [c for c in features if c in listed or _is_text(columns[c])]
-    numeric = {c: numeric_column(c, columns[c], where) for c in features if c not in categorical}
+    categorical = (
+        [] if text_column else [c for c in features if c in listed or _is_text(columns[c])]
+    )
+    numeric = {
+        c: numeric_column(c, columns[c], where)
+        for c in features
+        if c not in categorical and not text_column
+    }
     missing = opt(cfg, "missing", "mean")
     if missing not in MISSING_POLICIES:
         raise UserError(
             f"data.missing: expected one of {list(MISSING_POLICIES)}, found {missing!r}."
         )
-    if missing == "error":
+    if missing == "error" and not text_column:  # a missing text is an empty text: an error
         check_missing({c: columns[c] for c in features}, where)
 
     stratify = task in ("classification", "binary")
@@ -410,14 +436,30 @@ def table_source(spec: str, cfg: Mapping, *, seed: int, task: str | None = None)
         test_fraction=float(opt(cfg, "test_fraction", 0.2)),
         seed=seed,
     )
-    prep = fit_preprocessing(
-        numeric, {c: columns[c] for c in categorical}, rows["train"], missing, where
-    )
-    encoded = encode_features(prep, columns)
-    splits = {k: TableRecords(encoded[idx], labels[idx]) for k, idx in rows.items()}
+    if text_column:
+        from jaxdl.data.textfolder import PAD_ID, TokenRecords, encode_text
+
+        seq_len = int(opt(cfg, "seq_len", 128))
+        tokens = np.stack(
+            [
+                encode_text(
+                    str(v or "").encode(), seq_len, f"{text_column!r} at {_row_name(i, where)}"
+                )
+                for i, v in enumerate(columns[text_column])
+            ]
+        )
+        splits = {k: TokenRecords(tokens[idx], labels[idx]) for k, idx in rows.items()}
+        prep = {"text_column": text_column, "tokenizer": "bytes", "seq_len": seq_len}
+        prep["pad_id"] = PAD_ID
+    else:
+        prep = fit_preprocessing(
+            numeric, {c: columns[c] for c in categorical}, rows["train"], missing, where
+        )
+        encoded = encode_features(prep, columns)
+        splits = {k: TableRecords(encoded[idx], labels[idx]) for k, idx in rows.items()}
 
     train_labels = labels[rows["train"]]
-    head: dict[str, Any] = {"input_key": "features"}
+    head: dict[str, Any] = {"input_key": "tokens" if text_column else "features"}
     if stratify:
         head["class_counts"] = np.bincount(train_labels, minlength=len(class_names)).tolist()
         outputs = 1 if task == "binary" else len(class_names)
@@ -428,11 +470,13 @@ def table_source(spec: str, cfg: Mapping, *, seed: int, task: str | None = None)
         outputs = labels.shape[1]
     else:
         outputs = labels.shape[1]
-    vocab_sizes = [len(prep["categorical"]["vocab"][c]) + 1 for c in categorical]
-    model = {"num_classes": outputs, "num_numeric": len(numeric), "vocab_sizes": vocab_sizes}
+    model: dict[str, Any] = {"num_classes": outputs}
+    if not text_column:
+        model["num_numeric"] = len(numeric)
+        model["vocab_sizes"] = [len(prep["categorical"]["vocab"][c]) + 1 for c in categorical]
     description = {
         "source": spec,
-        "input": "features",
+        "input": head["input_key"],
         "task": task,
         "task_reason": why,
         "label_columns": label_columns,

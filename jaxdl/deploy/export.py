@@ -204,7 +204,7 @@ def _image_file_spec(cfg, data, input_shape: Sequence[int], host: Sequence[Mappi
 def _input_name(kind: str, table: Mapping | None, tokens: bool) -> str:
     if kind == "lm":
         return "inputs"
-    return "features" if table is not None else "tokens" if tokens else "image"
+    return "tokens" if tokens else "features" if table is not None else "image"
 
 
 def _check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
@@ -362,10 +362,10 @@ def export_run(
         meta["preprocessing"] = {"source": data.preprocessing}
         meta["class_names"] = data.class_names or data.preprocessing["label_columns"]
         kwargs = {"table": data.preprocessing["target"]}
-    elif data.preprocessing.get("input") == "tokens":  # a text classifier (textfolder:)
+    elif data.preprocessing.get("input") == "tokens":  # texts (textfolder:, data.text_column)
         meta["preprocessing"] = {"source": data.preprocessing}
-        meta["class_names"] = list(data.class_names)
-        kwargs = {"tokens": True}
+        meta["class_names"] = data.class_names or data.preprocessing["label_columns"]
+        kwargs = {"tokens": True, "table": data.preprocessing.get("target")}
     elif data.kind == "lm":
         meta["preprocessing"] = {"source": data.preprocessing}
         meta["vocabulary"] = {

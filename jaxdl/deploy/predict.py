@@ -254,14 +254,15 @@ def format_predictions(results: Sequence[Mapping]) -> str:
     """One line per input: "path: class (prob), ..." or "path: continuation"."""
     lines = []
     for r in results:
-        if "row" in r:  # a table row
-            shown = {k: v for k, v in r.items() if k not in ("input", "row", "top_k")}
-            lines.append(f"{r['input']}:{r['row']}: {json.dumps(shown)}")
-        elif "continuation" in r:
-            lines.append(f"{r['input']}: {r['continuation']!r}")
-        else:
+        name = f"{r['input']}:{r['row']}" if "row" in r else r["input"]  # a table's row
+        if "continuation" in r:
+            lines.append(f"{name}: {r['continuation']!r}")
+        elif "top_k" in r:
             ranked = ", ".join(f"{c['class']} ({c['prob']:.4f})" for c in r["top_k"])
-            lines.append(f"{r['input']}: {ranked}")
+            lines.append(f"{name}: {ranked}")
+        else:  # binary, multilabel, regression
+            shown = {k: v for k, v in r.items() if k not in ("input", "row")}
+            lines.append(f"{name}: {json.dumps(shown)}")
     return "\n".join(lines)
 
 
@@ -292,10 +293,10 @@ def predict_files(
             if not path.is_file():
                 raise UserError(f"INPUT: {path} does not exist. Fix: pass text files.")
             rows.append(encode_text(path.read_bytes(), seq_len, str(path)))
-        probs = predictor.predict(np.stack(rows))
+        outputs = predictor.predict(np.stack(rows))
         return [
-            {"input": str(path), "top_k": _top_k(row, labels, top_k)}
-            for path, row in zip(inputs, probs, strict=True)
+            {"input": str(path), **_result(predictor.kind, row, labels, top_k)}
+            for path, row in zip(inputs, outputs, strict=True)
         ]
     results = []
     if predictor.kind == "lm":
@@ -356,18 +357,20 @@ def predict_table_files(
             )
         out = predictor.predict(encode_features(prep, columns))
         for i, row in enumerate(out):
-            result: dict[str, Any] = {"input": str(path), "row": i}
-            if predictor.kind == "classification":
-                result["class"] = names[int(np.argmax(row))]
-                result["top_k"] = _top_k(row, names, top_k)
-            elif predictor.kind == "binary":
-                result["class"] = names[int(row[0] >= 0.5)]
-                result["prob"] = float(row[0])
-            elif predictor.kind == "multilabel":
-                result["labels"] = [n for n, p in zip(names, row, strict=True) if p >= 0.5]
-                result["probs"] = {n: float(p) for n, p in zip(names, row, strict=True)}
-            else:
-                values = [float(v) for v in row]
-                result["prediction"] = values[0] if len(values) == 1 else values
-            results.append(result)
+            results.append(
+                {"input": str(path), "row": i, **_result(predictor.kind, row, names, top_k)}
+            )
     return results
+
+
+def _result(kind: str, row: np.ndarray, names: Sequence[str], top_k: int) -> dict[str, Any]:
+    """One example's artifact output as JSON fields, by task kind (see predict_table_files)."""
+    if kind == "classification":
+        return {"class": names[int(np.argmax(row))], "top_k": _top_k(row, names, top_k)}
+    if kind == "binary":
+        return {"class": names[int(row[0] >= 0.5)], "prob": float(row[0])}
+    if kind == "multilabel":
+        pairs = list(zip(names, map(float, row), strict=True))
+        return {"labels": [n for n, p in pairs if p >= 0.5], "probs": dict(pairs)}
+    values = [float(v) for v in row]
+    return {"prediction": values[0] if len(values) == 1 else values}
