@@ -24,7 +24,15 @@ from jaxdl.fileio import read_json
 # Sections whose keys are free-form: each is validated by the component that reads it.
 _OPEN_SECTIONS = ("model",)
 # Keys whose value is a free-form structure (lists of rules, dicts of options).
-_FREE_VALUES = ("partition", "lora", "mesh", "tasks", "data.transforms", "data.train_transforms")
+_FREE_VALUES = (
+    "partition",
+    "lora",
+    "mesh",
+    "tasks",
+    "data.transforms",
+    "data.train_transforms",
+    "loss.class_weights",
+)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -32,6 +40,8 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 42
     c.model = ml_collections.ConfigDict({"name": "mlp", "num_classes": 10})
+    # "" infers it: from the source (images: classification, text: lm) or a table's label.
+    c.task = ""  # "classification" | "binary" | "multilabel" | "regression" | "lm"
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "digits"
@@ -59,12 +69,22 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.num_examples = 0  # synthetic sources: 0 = default size
     c.data.classes = []  # labels to keep, relabelled 0..k-1 in this order; [] = all
     c.data.examples_per_class = 0  # 0 = all; N = the first N train examples per class
+    # Tables (csv:, parquet:, sklearn:); statistics come from the train split only.
+    c.data.label_column = ""  # "a,b,c": several 0/1 columns, a multilabel task
+    c.data.feature_columns = []  # [] = every column but the label(s)
+    c.data.categorical_columns = []  # besides columns with no numeric value
+    c.data.missing = "mean"  # | "error"
+    c.data.test_fraction = 0.2  # tables: the held-out test rows (val: data.val_fraction)
+    c.data.text_column = ""  # tables: classify this column's text (bytes) instead
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.name = "softmax_cross_entropy"  # | "mse" | "sigmoid_cross_entropy"
+    # | "mse" | "sigmoid_cross_entropy"; binary/multilabel/regression: this default means
+    # the task's own loss (sigmoid cross-entropy, mse), "huber" for regression
+    c.loss.name = "softmax_cross_entropy"
     c.loss.label_smoothing = 0.0
     c.loss.l1 = 0.0
     c.loss.l2 = 0.0
+    c.loss.class_weights = None  # "balanced" | [w_0, ..., w_C-1]
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adam"  # sgd | momentum | adam | adamw | rmsprop

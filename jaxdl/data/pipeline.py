@@ -54,7 +54,7 @@ def _spec_of(example: Mapping[str, np.ndarray]) -> Spec:
 class Data:
     """Splits of one dataset, their example spec, and batch iterators."""
 
-    kind: str  # "classification" or "lm"
+    kind: str  # the task: a kind of jaxdl.core.heads.KINDS
     example_spec: Spec  # ONE example, e.g. {"image": ((8, 8, 1), float32), "label": ((), int32)}
     num_classes: int  # classes, or the vocabulary size for lm
     class_names: list[str] | None
@@ -66,6 +66,7 @@ class Data:
     train_ops: list[Op] = dataclasses.field(repr=False)
     eval_ops: list[Op] = dataclasses.field(repr=False)
     cache_mb: float = 0.0  # data.cache_mb: materialize a split that fits in this many MB
+    task_fields: dict = dataclasses.field(default_factory=dict)  # see Source.task_fields
     _caches: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def _cache(self, split: str, prepare: Any, *, chain: str) -> dict | None:
@@ -174,7 +175,7 @@ def _apply_fold(source: Source, eval_key: str, fold: tuple[int, int]) -> None:
     i, k = fold
     if not (isinstance(k, int) and k >= 2 and isinstance(i, int) and 0 <= i < k):
         raise UserError(f"fold: expected (i, K) with K >= 2 and 0 <= i < K, found {fold}.")
-    if source.kind != "classification":
+    if source.kind not in ("classification", "binary"):
         raise UserError(
             f"fold: cross-validation needs a classification source, found a {source.kind} source."
         )
@@ -319,6 +320,7 @@ def build_data(
     seed: int,
     num_classes: int | None = None,
     fold: tuple[int, int] | None = None,
+    task: str | None = None,
 ) -> Data:
     """The data config (`data.*` keys; a plain dict works) -> Data.
 
@@ -326,8 +328,14 @@ def build_data(
     the source's own count. `seed` only seeds synthetic data: splits are fixed.
     `data.classes` keeps those labels in every split, relabelled 0..k-1 in the given order;
     `data.examples_per_class` then keeps the first N train records of each class.
+    `task` (config.task) chooses a table's task; other sources must agree with it.
     """
-    source = load_source(data_cfg, seed=seed, num_classes=num_classes)
+    source = load_source(data_cfg, seed=seed, num_classes=num_classes, task=task)
+    if task and task != source.kind:
+        raise UserError(
+            f"task: data.source {opt(data_cfg, 'source', 'digits')!r} gives a {source.kind} "
+            f"task, found task={task!r}. Fix: leave task unset or use a matching source."
+        )
     eval_key = str(opt(data_cfg, "eval_split", "val"))
     if eval_key not in source.splits:
         raise UserError(
@@ -381,7 +389,7 @@ def build_data(
             "random_resized_crop(S) with resize(S) in data.transforms."
         )
 
-    if source.kind == "lm":
+    if source.kind == "lm" or source.task_fields:  # the data fixes the output width
         classes = source.num_classes
     else:
         classes = num_classes if num_classes is not None else source.num_classes
@@ -405,6 +413,7 @@ def build_data(
         train_ops=train_ops,
         eval_ops=eval_ops,
         cache_mb=_cache_mb(data_cfg),
+        task_fields=dict(source.task_fields),
     )
 
 

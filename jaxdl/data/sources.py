@@ -26,7 +26,8 @@ from jaxdl.errors import UserError
 
 VALID_SOURCES = (
     '"digits", "tfds:NAME[/CONFIG]", "imagefolder:PATH", "text:PATH_OR_GLOB", "text:stdlib", '
-    '"text:pydoc", "synthetic:images", "synthetic:tokens"'
+    '"text:pydoc", "synthetic:images", "synthetic:tokens", "csv:PATH", "parquet:PATH", '
+    '"sklearn:NAME", "textfolder:PATH"'
 )
 DEFAULT_DATA_DIR = "~/.cache/jaxdl/tfds"
 
@@ -57,7 +58,7 @@ def image_size(cfg: Mapping) -> tuple[int, int] | None:
 class Source:
     """Raw records per split and the decoder shared by all splits."""
 
-    kind: str  # "classification" | "lm"
+    kind: str  # a task kind of jaxdl.core.heads.KINDS
     splits: dict[str, Sequence]
     decode: Callable[[Any], dict[str, np.ndarray]]
     num_classes: int | None
@@ -65,6 +66,8 @@ class Source:
     description: dict  # JSON: how a record becomes an example, for Data.preprocessing
     split_names: dict[str, str] = dataclasses.field(default_factory=dict)
     skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)  # {"path", "reason"}
+    # What the model and head take from the train split (tables): {"model": {...}, "head": {...}}
+    task_fields: dict = dataclasses.field(default_factory=dict)
 
     def labels(self, split: str) -> np.ndarray:
         """int64 [N] labels of a classification split: held in memory, or read from the raw
@@ -405,10 +408,23 @@ def tfds_source(name: str, cfg: Mapping, *, num_classes: int | None) -> Source:
 # ---- dispatch ------------------------------------------------------------------------------
 
 
-def load_source(cfg: Mapping, *, seed: int, num_classes: int | None) -> Source:
-    """`data.source` -> Source. Unknown forms -> ValueError listing the valid ones."""
+def load_source(
+    cfg: Mapping, *, seed: int, num_classes: int | None, task: str | None = None
+) -> Source:
+    """`data.source` -> Source. Unknown forms -> ValueError listing the valid ones.
+
+    ``task`` (config.task) picks a table's task; unset, tables infer it from the label.
+    """
     spec = str(opt(cfg, "source", "digits"))
     prefix, _, rest = spec.partition(":")
+    if prefix in ("csv", "parquet", "sklearn") and rest:
+        from jaxdl.data.tabular import table_source
+
+        return table_source(spec, cfg, seed=seed, task=task)
+    if prefix == "textfolder" and rest:
+        from jaxdl.data.textfolder import textfolder_source
+
+        return textfolder_source(rest, cfg, seed=seed)
     if spec == "digits":
         from jaxdl.data.digits import digits_source
 

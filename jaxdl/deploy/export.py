@@ -16,6 +16,11 @@ preprocessing runs inside it:
     lm              tokens int32 [B, T] (right-padded), lengths int32 [B] -> next-token
                     probabilities [B, V] after position lengths - 1 (causal: padding after
                     it changes nothing)
+    text classes    tokens int32 [B, T] (bytes, right-padded with 0) -> softmax [B, C]
+    tables          features float32 [B, F] (rows encoded with the train split's statistics,
+                    which the sidecar holds: `predict_files` encodes CSV rows) -> softmax
+                    [B, C] (classification), sigmoid [B, 1] / [B, L] (binary, multilabel),
+                    targets [B, K] in original units (regression)
 
 Geometric preprocessing (resize, center crop) is not an array op the artifact can repeat
 bit-for-bit (Pillow's antialiased resize), so `predict_files` does it on the host from the
@@ -48,6 +53,14 @@ PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 QUANTIZATIONS = ("int8",)
 _HOST_OPS = ("resize", "center_crop")  # done by predict_files, before the artifact
 _LABEL_OPS = ("one_hot",)  # act on labels only: nothing to export
+_OUTPUT_MEANING = {
+    "lm": "next-token probabilities",
+    "image": "softmax probabilities",
+    "classification": "softmax probabilities",
+    "binary": "probability of the positive class (class_names[1])",
+    "multilabel": "probability of each label",
+    "regression": "targets in their original units",
+}
 
 
 # ---- the exported functions ----------------------------------------------------------------
@@ -82,6 +95,31 @@ def classifier_fn(
         params = _params_of(variables, quantized)
         logits = model.apply({**variables, "params": params}, x, train=False)
         return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+    return predict
+
+
+def table_fn(
+    model,
+    variables: Mapping,
+    *,
+    kind: str,
+    target: Mapping[str, Sequence[float]] | None = None,
+    quantized: bool = False,
+):
+    """predict(features float32 [B, F]) -> probabilities, or regression targets in original
+    units (``target``: the train "target_mean" / "target_std")."""
+
+    def predict(x):
+        params = _params_of(variables, quantized)
+        out = model.apply({**variables, "params": params}, x, train=False).astype(jnp.float32)
+        if kind == "classification":
+            return jax.nn.softmax(out, axis=-1)
+        if kind in ("binary", "multilabel"):
+            return jax.nn.sigmoid(out)
+        assert kind == "regression" and target is not None, kind
+        std = jnp.asarray(target["target_std"], jnp.float32)
+        return out * std + jnp.asarray(target["target_mean"], jnp.float32)
 
     return predict
 
@@ -159,6 +197,12 @@ def _image_file_spec(cfg, data, input_shape: Sequence[int], host: Sequence[Mappi
 # ---- export --------------------------------------------------------------------------------
 
 
+def _input_name(kind: str, table: Mapping | None, tokens: bool) -> str:
+    if kind == "lm":
+        return "inputs"
+    return "tokens" if tokens else "features" if table is not None else "image"
+
+
 def _check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
     platforms = tuple(platforms)
     bad = [p for p in platforms if p not in PLATFORMS]
@@ -205,10 +249,14 @@ def export_model(
     levels: int | None = None,
     normalize: Sequence[tuple] = (),
     metadata: Mapping | None = None,
+    table: Mapping | None = None,
+    tokens: bool = False,
 ) -> dict:
     """Serialize `model` with `variables` ({"params", ...}) to out_path + sidecar.
 
-    input_shape: one example's shape ((H, W, C) images, (T,) tokens). Returns the sidecar.
+    input_shape: one example's shape ((H, W, C) images, (T,) tokens, (F,) table rows).
+    ``table`` (tables only): {"target_mean", "target_std"} for regression, else {}.
+    ``tokens``: a text classifier over int32 token rows. Returns the sidecar.
     """
     platforms = _check_platforms(platforms)
     if quantize is not None and quantize not in QUANTIZATIONS:
@@ -227,6 +275,10 @@ def export_model(
             jax.ShapeDtypeStruct((batch, *input_shape), jnp.int32),
             jax.ShapeDtypeStruct((batch,), jnp.int32),
         )
+    elif table is not None or tokens:
+        fn = table_fn(model, variables, kind=kind, target=table, quantized=quantize is not None)
+        dtype = jnp.int32 if tokens else jnp.float32
+        specs = (jax.ShapeDtypeStruct((batch, *input_shape), dtype),)
     else:
         fn = classifier_fn(
             model,
@@ -251,13 +303,13 @@ def export_model(
         "platforms": list(platforms),
         "kind": kind,
         "input": {
-            "name": "inputs" if kind == "lm" else "image",
+            "name": _input_name(kind, table, tokens),
             "shape": [None, *map(int, input_shape)],
-            "dtype": "int32" if kind == "lm" else "float32",
+            "dtype": "int32" if kind == "lm" or tokens else "float32",
         },
         "output": {
             "shape": [None, int(exported.out_avals[0].shape[-1])],
-            "meaning": "next-token probabilities" if kind == "lm" else "softmax probabilities",
+            "meaning": _OUTPUT_MEANING[kind if table is not None or kind == "lm" else "image"],
         },
         "quantization": quantization,
         "artifact_bytes": len(blob),
@@ -298,7 +350,15 @@ def export_run(
     if workdir is not None:
         meta["workdir"] = str(Path(workdir).resolve())
     kwargs: dict[str, Any] = {}
-    if data.kind == "lm":
+    if data.preprocessing.get("input") == "features":  # a table: rows encoded on the host
+        meta["preprocessing"] = {"source": data.preprocessing}
+        meta["class_names"] = data.class_names or data.preprocessing["label_columns"]
+        kwargs = {"table": data.preprocessing["target"]}
+    elif data.preprocessing.get("input") == "tokens":  # texts (textfolder:, data.text_column)
+        meta["preprocessing"] = {"source": data.preprocessing}
+        meta["class_names"] = data.class_names or data.preprocessing["label_columns"]
+        kwargs = {"tokens": True, "table": data.preprocessing.get("target")}
+    elif data.kind == "lm":
         meta["preprocessing"] = {"source": data.preprocessing}
         meta["vocabulary"] = {
             "tokenizer": data.preprocessing.get("tokenizer"),

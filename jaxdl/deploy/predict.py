@@ -127,7 +127,8 @@ class Predictor:
                 lengths = np.full((x.shape[0],), x.shape[1], np.int32)
             out = self._call(x.astype(np.int32), np.asarray(lengths, np.int32))
         else:
-            out = self._call(x.astype(np.float32))
+            dtype = np.int32 if self.metadata["input"]["dtype"] == "int32" else np.float32
+            out = self._call(x.astype(dtype))
         return np.asarray(out)
 
     def generate(self, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
@@ -278,11 +279,15 @@ def format_predictions(results: Sequence[Mapping]) -> str:
     """One line per input: "path: class (prob), ..." or "path: continuation"."""
     lines = []
     for r in results:
+        name = f"{r['input']}:{r['row']}" if "row" in r else r["input"]  # a table's row
         if "continuation" in r:
-            lines.append(f"{r['input']}: {r['continuation']!r}")
-        else:
+            lines.append(f"{name}: {r['continuation']!r}")
+        elif "top_k" in r:
             ranked = ", ".join(f"{c['class']} ({c['prob']:.4f})" for c in r["top_k"])
-            lines.append(f"{r['input']}: {ranked}")
+            lines.append(f"{name}: {ranked}")
+        else:  # binary, multilabel, regression
+            shown = {k: v for k, v in r.items() if k not in ("input", "row")}
+            lines.append(f"{name}: {json.dumps(shown)}")
     return "\n".join(lines)
 
 
@@ -305,7 +310,23 @@ def predict_files(
     predictor = artifact if isinstance(artifact, Predictor) else load(artifact)
     if top_k < 1:
         raise UserError(f"--top-k: expected an integer >= 1, found {top_k}.")
+    if predictor.metadata["input"]["name"] == "features":
+        return predict_table_files(predictor, inputs, top_k=top_k)
     labels = predictor.labels
+    if predictor.metadata["input"]["name"] == "tokens":  # a text classifier
+        from jaxdl.data.textfolder import encode_text
+
+        (seq_len,) = predictor.input_shape
+        rows = []
+        for path in map(Path, inputs):
+            if not path.is_file():
+                raise UserError(f"INPUT: {path} does not exist. Fix: pass text files.")
+            rows.append(encode_text(path.read_bytes(), seq_len, str(path)))
+        outputs = predictor.predict(np.stack(rows))
+        return [
+            {"input": str(path), **_result(predictor.kind, row, labels, top_k)}
+            for path, row in zip(inputs, outputs, strict=True)
+        ]
     results = []
     if predictor.kind == "lm":
         from jaxdl.lm.tokenizer import load_tokenizer
@@ -338,3 +359,50 @@ def predict_files(
     for path, row in zip(inputs, probs, strict=True):
         results.append({"input": str(path), "top_k": _top_k(row, labels, top_k)})
     return results
+
+
+def predict_table_files(
+    predictor: Predictor, inputs: Sequence[str | Path], top_k: int = 5
+) -> list[dict]:
+    """Rows of CSV (or .parquet) files -> one result per row, in file and row order.
+
+    Each row is encoded as in training, with the train split's statistics from the
+    sidecar (standardization, imputation, vocabularies; a label column may be present and
+    is ignored). classification: {"class", "top_k"}; binary: {"class", "prob"} (prob of
+    class_names[1], class at 0.5); multilabel: {"labels" (prob >= 0.5), "probs"};
+    regression: {"prediction"} (one value per label column, original units).
+    """
+    from jaxdl.data.tabular import encode_features, read_csv, read_parquet
+
+    source = predictor.metadata["preprocessing"]["source"]
+    prep, names = source["preprocessing"], predictor.labels
+    needed = prep["numeric"]["columns"] + prep["categorical"]["columns"]
+    results = []
+    for path in map(Path, inputs):
+        read = read_parquet if path.suffix == ".parquet" else read_csv
+        columns = read(path, field="INPUT")
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            raise UserError(
+                f"INPUT: {path} lacks the feature columns {missing[:10]} the model was trained "
+                f"on. Fix: give a CSV with a header naming {needed[:10]}..."
+            )
+        out = predictor.predict(encode_features(prep, columns))
+        for i, row in enumerate(out):
+            results.append(
+                {"input": str(path), "row": i, **_result(predictor.kind, row, names, top_k)}
+            )
+    return results
+
+
+def _result(kind: str, row: np.ndarray, names: Sequence[str], top_k: int) -> dict[str, Any]:
+    """One example's artifact output as JSON fields, by task kind (see predict_table_files)."""
+    if kind == "classification":
+        return {"class": names[int(np.argmax(row))], "top_k": _top_k(row, names, top_k)}
+    if kind == "binary":
+        return {"class": names[int(row[0] >= 0.5)], "prob": float(row[0])}
+    if kind == "multilabel":
+        pairs = list(zip(names, map(float, row), strict=True))
+        return {"labels": [n for n, p in pairs if p >= 0.5], "probs": dict(pairs)}
+    values = [float(v) for v in row]
+    return {"prediction": values[0] if len(values) == 1 else values}

@@ -46,6 +46,12 @@ def _fields(factory) -> tuple[set[str], set[str]] | None:
     return {f.name for f in fields}, required
 
 
+def option_names(name: str) -> set[str] | None:
+    """The options (fields) the model `name` accepts; None for a plain factory function."""
+    fields = _fields(_MODELS[name]) if name in _MODELS else None
+    return None if fields is None else fields[0]
+
+
 def create_model(model_cfg: Mapping[str, Any]) -> nn.Module:
     """Build the module named by ``model_cfg["name"]`` with the remaining keys as fields."""
     cfg = dict(model_cfg)

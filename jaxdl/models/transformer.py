@@ -7,6 +7,13 @@ The projections are plain 2-D `nn.Dense` layers (`query`, `key`, `value`, `out`,
 ``params/block_0/attn/query/kernel``. With ``scan_layers=True`` the blocks live under
 ``params/blocks/...`` with a leading layer axis instead.
 
+``head="classify"`` makes it a sequence classifier (the article's 3.2 on a language
+model): the final hidden states are pooled over the non-padding tokens (``pooling``:
+"last" token or "mean"; token id PAD_ID = 0 pads on the right) and a new Dense layer
+``classifier`` maps them to ``num_classes`` logits [B, num_classes]. Every LM parameter
+keeps its path, so a pretrained LM restores into it with
+``init_from.reinit=["params/classifier/.*"]``.
+
 ``decode=True`` turns on the KV cache (Flax's "cache" collection): each call appends the
 new tokens' keys and values and reads positions from the cache index, so a prompt chunk
 then one token at a time reproduces the full-sequence logits. See jaxdl/generate.py.
@@ -39,6 +46,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "1b": dict(num_layers=24, num_heads=16, embed_dim=2048, mlp_ratio=4, max_len=2048),
 }
 BYTE_VOCAB = 256
+PAD_ID = 0  # right padding of classified sequences (NUL never occurs in text)
 INIT_STD = 0.02  # GPT-2's initializer scale
 
 
@@ -305,6 +313,9 @@ class Transformer(nn.Module):
     decode: bool = False
     layernorm_eps: float = 1e-6  # every LayerNorm's epsilon (GPT-2: 1e-5)
     gelu_approximate: bool = True  # the tanh GELU (GPT-2's gelu_new); False: the exact erf form
+    head: str = "lm"  # "lm" | "classify"
+    num_classes: int | None = None  # classify: the number of classes
+    pooling: str = "last"  # classify: "last" non-padding token | "mean" over them
 
     @property
     def spec(self) -> TransformerSpec:
@@ -323,6 +334,7 @@ class Transformer(nn.Module):
         fields.setdefault("vocab_size", BYTE_VOCAB)
         check_choice("positions", self.positions, ("learned", "rope"))
         check_choice("mlp", self.mlp, ("gelu", "swiglu"))
+        check_choice("head", self.head, ("lm", "classify"))
         check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         check_heads(fields["embed_dim"], fields["num_heads"])
         if self.positions == "rope" and (fields["embed_dim"] // fields["num_heads"]) % 2:
@@ -387,7 +399,28 @@ class Transformer(nn.Module):
                 h = block_cls(**block_fields, name=f"block_{i}")(h, positions, train)
 
         h = nn.LayerNorm(epsilon=self.layernorm_eps, dtype=dtype, name="ln_f")(h)
+        if self.head == "classify":
+            return self._classify(x, h)
         return embed.attend(h).astype(jnp.float32)
+
+    def _classify(self, tokens: jax.Array, h: jax.Array) -> jax.Array:
+        """Pool h [B, T, D] over the non-padding tokens -> logits [B, num_classes]."""
+        check_choice("pooling", self.pooling, ("last", "mean"))
+        if not self.num_classes:
+            raise UserError(
+                "model.num_classes: head='classify' needs the number of classes, found "
+                f"{self.num_classes!r}. Fix: set --config.model.num_classes=C."
+            )
+        real = (tokens != PAD_ID).astype(jnp.float32)  # [B, T]
+        if self.pooling == "last":
+            last = jnp.maximum(real.sum(axis=1).astype(jnp.int32) - 1, 0)
+            pooled = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
+        else:
+            pooled = (h * real[..., None]).sum(axis=1) / jnp.maximum(real.sum(axis=1), 1.0)[:, None]
+        classifier = nn.Dense(
+            self.num_classes, kernel_init=nn.initializers.normal(INIT_STD), name="classifier"
+        )
+        return classifier(pooled.astype(jnp.float32)).astype(jnp.float32)
 
     def _positions(self, length: int, max_len: int) -> jax.Array:
         """[T] absolute positions: 0..T-1, or continuing from the cache index when decoding."""

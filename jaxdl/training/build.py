@@ -24,6 +24,7 @@ from jaxdl.core.state import TrainState
 from jaxdl.errors import UserError
 from jaxdl.finetune import lora, partition
 from jaxdl.models import create_model
+from jaxdl.models.registry import option_names
 
 
 @dataclasses.dataclass
@@ -42,6 +43,12 @@ class Setup:
 
 def lora_config(cfg: ml_collections.ConfigDict) -> dict | None:
     return None if cfg.lora is None else dict(cfg.lora)
+
+
+def with_data_fields(model_cfg: Mapping, fields: Mapping) -> dict:
+    """model config with the data's fields laid over it, for the options the model takes."""
+    accepted = option_names(model_cfg["name"]) or set()
+    return {**model_cfg, **{k: v for k, v in fields.items() if k in accepted}}
 
 
 def sample_input(example_spec: Mapping[str, tuple], input_key: str, batch: int = 1) -> jax.Array:
@@ -71,16 +78,18 @@ def build(
     total_steps: int,
     restore_fn=None,
     mesh: jax.sharding.Mesh | None = None,
+    task_fields: Mapping[str, Mapping] | None = None,
 ) -> Setup:
     """Build model, task, optimizer and initial TrainState for ``cfg``.
 
     ``restore_fn(init_from, variables) -> (variables, report)`` loads pretrained weights
     (`jaxdl.checkpoint.read.restore_pretrained`); it is called only when init_from is set.
     With a ``mesh`` the state is created sharded (`jaxdl.parallel.sharding`) and ``Setup.layout``
-    says where each leaf lives.
+    says where each leaf lives. ``task_fields`` (`Data.task_fields`) are what the data fixes:
+    model options it accepts (a table's columns, output width) and head constants.
     """
-    model = create_model(cfg.model)
-    head = heads.make_head(kind, cfg.loss, num_classes)
+    model = create_model(with_data_fields(cfg.model, (task_fields or {}).get("model", {})))
+    head = heads.make_head(kind, cfg.loss, num_classes, **(task_fields or {}).get("head", {}))
     if head.input_key not in example_spec:
         raise UserError(
             f"data.source: a {kind} task needs batches with {head.input_key!r}, the data has "

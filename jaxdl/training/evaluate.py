@@ -25,7 +25,12 @@ def restore_run(
 
     workdir = Path(workdir)
     cfg = load_run_config(workdir)
-    data = build_data(cfg.data, seed=cfg.seed, num_classes=cfg.model.get("num_classes"))
+    data = build_data(
+        cfg.data,
+        seed=cfg.seed,
+        num_classes=cfg.model.get("num_classes"),
+        task=cfg.get("task") or None,
+    )
     from jaxdl.training.trainer import with_pinned_base
 
     setup = build(
@@ -35,6 +40,7 @@ def restore_run(
         num_classes=data.num_classes,
         total_steps=max(cfg.num_steps, 1),
         mesh=sharding.make_mesh(cfg.mesh) if sharded else None,
+        task_fields=data.task_fields,
     )
     ckpt = Checkpointer(workdir, save_frozen=setup.lora_cfg is None)
     step = step if step is not None else ckpt.latest_step()
@@ -61,5 +67,5 @@ def evaluate_workdir(workdir: str | Path, split: str = "test") -> dict[str, floa
     batches = _eval_batches(
         data, split, local, data.example_spec, data.num_classes, setup.layout.batch
     )
-    metrics = evaluate_split(eval_step, setup.state, batches, data.kind)
+    metrics = evaluate_split(eval_step, setup.state, batches, data.kind, data.num_classes)
     return {"split": split, "step": int(setup.state.step), **metrics}

@@ -35,6 +35,7 @@ from jaxdl.fileio import read_json
 from jaxdl.finetune import partition
 from jaxdl.finetune.hub.vision import with_source_preprocessing
 from jaxdl.parallel import sharding
+from jaxdl.training import scores
 from jaxdl.training.build import Setup, build
 from jaxdl.training.guards import stop_on_signals, workdir_lock
 from jaxdl.training.runlog import MetricLogger, params_sha256, plot_curves, read_metrics, write_json
@@ -117,14 +118,38 @@ def _config_diff(old: Mapping, new: Mapping, defaults: Mapping, prefix: str = ""
     return diff
 
 
-def evaluate_split(eval_step, state, batches: Iterable[Mapping], kind: str) -> dict[str, float]:
-    """Sum masked metrics over a split on the device, then one transfer."""
-    sums = None
+def evaluate_split(
+    eval_step,
+    state,
+    batches: Iterable[Mapping],
+    kind: str,
+    num_classes: int = 0,
+    threshold: float | None = None,
+) -> dict[str, Any]:
+    """Sum masked metrics over a split on the device, then one transfer.
+
+    Heads that return per-example outputs also get exact whole-split metrics (AUC, F1,
+    R^2: `jaxdl.training.scores`) and their per-class lists (non-scalar values). Binary:
+    ``threshold`` (chosen on val) adds F1 and accuracy at it.
+    """
+    sums, per_example = None, []
     for batch in batches:
-        out = eval_step(state, batch)
+        out = dict(eval_step(state, batch))
+        if "per_example" in out:
+            per_example.append(out.pop("per_example"))
         sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
     assert sums is not None, "empty evaluation split"
-    return finalize(jax.device_get(sums), kind)
+    metrics: dict[str, Any] = finalize(jax.device_get(sums), kind)
+    if per_example:
+        arrays = scores.gather(jax.device_get(per_example))
+        metrics.update(scores.exact_metrics(kind, arrays, threshold))
+        metrics.update(scores.details(kind, arrays, num_classes))
+    return metrics
+
+
+def scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The scalar metrics (what metrics.jsonl and TensorBoard take)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
 
 
 def _eval_batches(data, split: str, batch_size: int, spec, num_classes: int, placement=None):
@@ -193,7 +218,15 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
     config_dict = check_workdir(workdir, cfg)
 
     # ---- data ---------------------------------------------------------------------------
-    data = build_data(cfg.data, seed=cfg.seed, num_classes=cfg.model.get("num_classes"), fold=fold)
+    data = build_data(
+        cfg.data,
+        seed=cfg.seed,
+        num_classes=cfg.model.get("num_classes"),
+        fold=fold,
+        task=cfg.get("task") or None,
+    )
+    if "task_reason" in data.preprocessing:
+        echo(f"task: {data.kind} ({data.preprocessing['task_reason']})")
     mesh = sharding.make_mesh(cfg.mesh)
     batch_size = cfg.data.batch_size  # global: all processes together
     eval_batch_size = cfg.data.eval_batch_size or batch_size
@@ -219,6 +252,7 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
         num_classes=data.num_classes,
         total_steps=total_steps,
         mesh=mesh,
+        task_fields=data.task_fields,
     )
     if is_writer:
         write_json(workdir / "partition_plan.json", {"groups": setup.plan_rows})
@@ -323,10 +357,11 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
                         setup.layout.batch,
                     ),
                     data.kind,
+                    data.num_classes,
                 )
-                _check_finite_metrics(val_metrics, "val", step)
-                logger.log(step, "val", val_metrics)
-                stopper.update({f"val_{k}": v for k, v in val_metrics.items()})
+                _check_finite_metrics(scalars(val_metrics), "val", step)
+                logger.log(step, "val", scalars(val_metrics))
+                stopper.update({f"val_{k}": v for k, v in scalars(val_metrics).items()})
             if at_ckpt or stopper.should_stop or step == total_steps or stop:
                 if pending:  # a stop between log points: check the unlogged steps too
                     _flush(pending, last_checked, step)
@@ -336,7 +371,7 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
                     # The run's identity, once it has a checkpoint to be the identity of.
                     write_json(workdir / "config.json", config_dict)
                     wrote_config = True
-                best = {f"val_{k}": v for k, v in (val_metrics or {}).items()}
+                best = {f"val_{k}": v for k, v in scalars(val_metrics or {}).items()}
                 ckpt.save(
                     step,
                     state,
@@ -381,9 +416,11 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
                     setup.layout.batch,
                 ),
                 data.kind,
+                data.num_classes,
+                (val_metrics or {}).get("best_threshold"),
             )
-        _check_finite_metrics(test_metrics, test_split, step)
-        logger.log(step, "test", test_metrics)
+        _check_finite_metrics(scalars(test_metrics), test_split, step)
+        logger.log(step, "test", scalars(test_metrics))
     final = full_params(state, setup)
     summary = {
         "test_split": test_split,
@@ -397,14 +434,20 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
         "step_ms": 1e3 * float(np.median(step_times)) if step_times else None,
         "params_sha256": params_sha256(final),
     }
-    if data.kind == "lm":
-        summary["test_bits_per_byte"] = test_metrics["bits_per_byte"]
-        summary["test_perplexity"] = test_metrics["perplexity"]
-    else:
-        summary["test_accuracy"] = test_metrics["accuracy"]
+    summary.update({f"test_{k}": v for k, v in test_metrics.items()})
+    if val_metrics is not None and "best_threshold" in val_metrics:
+        # Binary: the decision threshold to deploy is chosen on val, never on test.
+        summary["val_best_threshold"] = val_metrics["best_threshold"]
     if is_writer:
         write_json(workdir / "summary.json", summary)
         plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
+        if "confusion_matrix" in test_metrics:
+            names = data.class_names or [
+                str(c) for c in range(len(test_metrics["confusion_matrix"]))
+            ]
+            scores.plot_confusion(
+                test_metrics["confusion_matrix"], names, workdir / "confusion.png"
+            )
     return summary
 
 
@@ -505,8 +548,8 @@ def _check_finite_state(state, step: int, last_saved: int | None) -> None:
 
 
 def minimized(metric: str) -> bool:
-    """Losses, bits per byte and perplexity improve downwards; accuracies upwards."""
-    return any(word in metric for word in ("loss", "bits", "perplexity"))
+    """Losses, errors, bits per byte and perplexity improve downwards; accuracies upwards."""
+    return any(word in metric for word in ("loss", "bits", "perplexity", "mse", "mae"))
 
 
 class EarlyStopping:

@@ -1,0 +1,496 @@
+"""Tables: "csv:PATH", "parquet:PATH" and "sklearn:NAME" -> a feature vector per row.
+
+    table -> label column(s) + feature columns -> seeded split (stratified by label for
+    classification) -> preprocessing fitted on the TRAIN rows only -> every split encoded
+
+Example: {"features": float32 [F], "label": ...} with F = numeric columns, then
+categorical columns. Numeric columns are standardized with the train mean and standard
+deviation (population, as scikit-learn's StandardScaler); a missing value becomes the train
+mean (data.missing="mean", i.e. 0 after standardizing) or is an error ("error").
+Categorical columns (data.categorical_columns, and any column with no numeric value) hold
+their index in a vocabulary of the train values, as a float: 0 is reserved for unknown and
+missing values, the train values are 1..V in sorted order. `tabular_mlp` embeds them.
+
+The task comes from `task`, or from the label column when unset: two distinct values ->
+binary, integers with at most MAX_CLASSES distinct values or strings -> classification,
+other numbers -> regression, several label columns -> multilabel. Labels: class index
+int32 [] (binary: 1 is the later of the two sorted values), float32 [K] targets in
+original units (regression), float32 {0, 1} [L] (multilabel).
+
+With data.text_column the example is that column's text instead, as bytes right-padded
+to data.seq_len: {"tokens": int32 [seq_len], "label": ...} (see `jaxdl.data.textfolder`).
+
+`Source.task_fields` carries what the model and head need from the train split: input
+layout and output width for the model; class counts or target mean/std for the head.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxdl.data.sources import Identity, Source, opt
+from jaxdl.errors import UserError
+
+MAX_CLASSES = 20
+MISSING = {"", "na", "n/a", "nan", "null", "none", "?"}
+SKLEARN_DATASETS = ("breast_cancer", "wine", "iris", "diabetes")
+MISSING_POLICIES = ("mean", "error")
+TASKS = ("classification", "binary", "multilabel", "regression")
+
+Column = list  # raw values of one column: str, float or None (missing)
+
+
+# ---- reading -------------------------------------------------------------------------------
+
+
+def read_csv(path: Path, field: str = "data.source") -> dict[str, Column]:
+    """CSV with a header row -> {column: raw string values} (missing values -> None).
+
+    ``field`` names where the path came from in error messages.
+    """
+    if not path.is_file():
+        raise UserError(f"{field}: no CSV file at {path}. Fix: pass the path of a CSV file.")
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if len(rows) < 2:
+        raise UserError(
+            f"{field}: {path} has {len(rows)} lines, expected a header and at least one row."
+        )
+    header = [h.strip() for h in rows[0]]
+    if len(set(header)) != len(header):
+        dupes = sorted({h for h in header if header.count(h) > 1})
+        raise UserError(f"{field}: {path} repeats column names {dupes}. Fix: rename them.")
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise UserError(
+                f"{field}: {path} line {line} has {len(row)} fields, the header has "
+                f"{len(header)}. Fix: quote fields that contain commas or repair the row."
+            )
+    return {
+        name: [None if v.strip().lower() in MISSING else v.strip() for v in col]
+        for name, col in zip(header, zip(*rows[1:], strict=True), strict=True)
+    }
+
+
+def read_parquet(path: Path, field: str = "data.source") -> dict[str, Column]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(
+            "data.source: parquet: needs pyarrow, which is not installed. Fix: pip install pyarrow."
+        ) from None
+    if not path.is_file():
+        raise UserError(f"{field}: no Parquet file at {path}. Fix: pass the path of one.")
+    table = pq.read_table(path).to_pydict()
+    return {name: [_missing_to_none(v) for v in col] for name, col in table.items()}
+
+
+def _missing_to_none(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, str) and value.strip().lower() in MISSING:
+        return None
+    return value
+
+
+def read_sklearn(name: str) -> tuple[dict[str, Column], str]:
+    """A scikit-learn bundled dataset -> (columns, label column "target").
+
+    Classification targets become their class names (breast_cancer: "benign" /
+    "malignant", so the positive class is "malignant").
+    """
+    import sklearn.datasets
+
+    if name not in SKLEARN_DATASETS:
+        raise UserError(
+            f"data.source: expected sklearn:NAME with NAME in {list(SKLEARN_DATASETS)}, found "
+            f"'sklearn:{name}'. Fix: pick one of them."
+        )
+    bunch = getattr(sklearn.datasets, f"load_{name}")()
+    columns = {str(f): bunch.data[:, j].tolist() for j, f in enumerate(bunch.feature_names)}
+    names = getattr(bunch, "target_names", None)
+    target = bunch.target.tolist()
+    columns["target"] = [str(names[t]) for t in target] if names is not None else target
+    return columns, "target"
+
+
+# ---- column typing -------------------------------------------------------------------------
+
+
+def _as_float(value: Any) -> float | None:
+    """A raw value as a float, or None when it is not a number."""
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, int | float | np.number):
+        return float(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _row_name(i: int, where: str) -> str:
+    # CSV data rows start on line 2 (after the header).
+    return f"line {i + 2} of {where}" if where.endswith(".csv") else f"row {i} of {where}"
+
+
+def numeric_column(name: str, values: Column, where: str) -> np.ndarray:
+    """float64 [N], NaN where missing; a non-numeric value is a one-line error."""
+    out = np.full(len(values), np.nan)
+    for i, v in enumerate(values):
+        if v is None:
+            continue
+        x = _as_float(v)
+        if x is None or not math.isfinite(x):
+            raise UserError(
+                f"data: column {name!r} is numeric but holds {v!r} at {_row_name(i, where)}. "
+                f"Fix: correct the value, or list {name!r} in data.categorical_columns."
+            )
+        out[i] = x
+    return out
+
+
+def _is_text(values: Column) -> bool:
+    """A column with values, none of them numbers: categorical without being listed."""
+    present = [v for v in values if v is not None]
+    return bool(present) and all(_as_float(v) is None for v in present)
+
+
+# ---- the label and the task ----------------------------------------------------------------
+
+
+def _sort_values(values: set) -> list:
+    """Distinct label values in order: numerically when all are numbers."""
+    if all(_as_float(v) is not None for v in values):
+        return sorted(values, key=lambda v: _as_float(v))
+    return sorted(values, key=str)
+
+
+def infer_task(label_columns: Sequence[str], columns: Mapping[str, Column]) -> tuple[str, str]:
+    """(task, why) from the label column(s) alone."""
+    if len(label_columns) > 1:
+        return "multilabel", f"{len(label_columns)} label columns"
+    name = label_columns[0]
+    present = [v for v in columns[name] if v is not None]
+    distinct = {str(v) if _as_float(v) is None else _as_float(v) for v in present}
+    if len(distinct) == 2:
+        return "binary", f"label column {name!r} has 2 distinct values"
+    numbers = [_as_float(v) for v in present]
+    if any(x is None for x in numbers):
+        return "classification", f"label column {name!r} holds strings"
+    if all(float(x).is_integer() for x in numbers) and len(distinct) <= MAX_CLASSES:
+        return "classification", f"label column {name!r} has {len(distinct)} integer values"
+    return "regression", f"label column {name!r} holds numbers"
+
+
+def _check_label_present(name: str, values: Column, task: str, where: str) -> None:
+    for i, v in enumerate(values):
+        if v is None or (_as_float(v) is not None and not math.isfinite(_as_float(v))):
+            kind = "regression target" if task == "regression" else "label"
+            raise UserError(
+                f"data.label_column: the {kind} {name!r} is missing/NaN at "
+                f"{_row_name(i, where)}. Fix: drop or fill that row."
+            )
+
+
+def encode_labels(
+    task: str, label_columns: Sequence[str], columns: Mapping[str, Column], where: str
+) -> tuple[np.ndarray, list[str] | None]:
+    """(labels, class names): int32 [N] ids, or float32 [N, K] targets / [N, L] 0-1 labels."""
+    for name in label_columns:
+        _check_label_present(name, columns[name], task, where)
+    if task == "regression":
+        return np.stack([numeric_column(n, columns[n], where) for n in label_columns], 1).astype(
+            np.float32
+        ), None
+    if task == "multilabel":
+        y = np.stack([numeric_column(n, columns[n], where) for n in label_columns], 1)
+        bad = sorted(set(np.unique(y).tolist()) - {0.0, 1.0})
+        if bad:
+            raise UserError(
+                f"data.label_column: multilabel columns must hold 0 or 1, found {bad[:5]}. "
+                "Fix: encode each label as 0/1."
+            )
+        return y.astype(np.float32), list(label_columns)
+    (name,) = label_columns
+    keys = [str(v) if _as_float(v) is None else _as_float(v) for v in columns[name]]
+    classes = _sort_values(set(keys))
+    if task == "binary" and len(classes) != 2:
+        raise UserError(
+            f"task: 'binary' needs a label column with 2 values, {name!r} has {len(classes)}. "
+            "Fix: set task='classification' or pick another label column."
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    names = [str(int(c)) if isinstance(c, float) and c.is_integer() else str(c) for c in classes]
+    return np.asarray([index[k] for k in keys], np.int32), names
+
+
+# ---- split and preprocessing ---------------------------------------------------------------
+
+
+def split_rows(
+    n: int, labels: np.ndarray | None, *, val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, np.ndarray]:
+    """Sorted row indices per split; stratified by ``labels`` [N] when given."""
+    from sklearn.model_selection import train_test_split
+
+    for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 < value < 1:
+            raise UserError(f"data.{key}: expected a fraction in (0, 1), found {value}.")
+    if val_fraction + test_fraction >= 1:
+        raise UserError(
+            f"data.val_fraction + data.test_fraction: expected < 1, found "
+            f"{val_fraction + test_fraction}. Fix: lower them."
+        )
+    idx = np.arange(n)
+    if labels is not None:
+        values, counts = np.unique(labels, return_counts=True)
+        if counts.min() < 3:
+            few = {int(v): int(c) for v, c in zip(values, counts, strict=True) if c < 3}
+            raise UserError(
+                f"data.label_column: a stratified train/val/test split needs at least 3 rows "
+                f"per class, found {few} (class id: rows). Fix: add rows, merge the class, "
+                "or drop it."
+            )
+    try:
+        rest, test = train_test_split(
+            idx, test_size=test_fraction, random_state=seed, stratify=labels
+        )
+        strat = None if labels is None else labels[rest]
+        train, val = train_test_split(
+            rest, test_size=val_fraction / (1 - test_fraction), random_state=seed, stratify=strat
+        )
+    except ValueError as err:
+        raise UserError(
+            f"data: cannot split {n} rows into train/val/test "
+            f"({str(err).splitlines()[0]}). Fix: add rows or change data.val_fraction / "
+            "data.test_fraction."
+        ) from None
+    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def check_missing(columns: Mapping[str, Column], where: str) -> None:
+    """data.missing="error": refuse the first missing feature value, in any split."""
+    for name, values in columns.items():
+        gaps = [i for i, v in enumerate(values) if v is None]
+        if gaps:
+            raise UserError(
+                f"data.missing: 'error', and column {name!r} is missing at "
+                f"{_row_name(gaps[0], where)}. Fix: fill it or set data.missing=mean."
+            )
+
+
+def fit_preprocessing(
+    numeric: Mapping[str, np.ndarray],
+    categorical: Mapping[str, Column],
+    train: np.ndarray,
+    missing: str,
+    where: str,
+) -> dict[str, Any]:
+    """Statistics of the TRAIN rows only: numeric mean/std, categorical vocabularies."""
+    means, stds = [], []
+    for name, values in numeric.items():
+        x = values[train]
+        present = x[~np.isnan(x)]
+        if not len(present):
+            raise UserError(
+                f"data: column {name!r} has no value in the train split. Fix: drop it via "
+                "data.feature_columns."
+            )
+        std = float(present.std())
+        means.append(float(present.mean()))
+        stds.append(std if std > 0 else 1.0)
+    vocabs = {}
+    for name, values in categorical.items():
+        vocabs[name] = sorted({str(values[i]) for i in train if values[i] is not None})
+    return {
+        "numeric": {"columns": list(numeric), "mean": means, "std": stds},
+        "categorical": {"columns": list(categorical), "vocab": vocabs},
+        "missing": missing,
+    }
+
+
+def encode_features(prep: Mapping[str, Any], columns: Mapping[str, Column]) -> np.ndarray:
+    """Raw columns -> float32 [N, F] with fitted preprocessing (`fit_preprocessing`)."""
+    num, cat = prep["numeric"], prep["categorical"]
+    parts = []
+    for name, mean, std in zip(num["columns"], num["mean"], num["std"], strict=True):
+        x = numeric_column(name, columns[name], "the input")
+        parts.append((np.where(np.isnan(x), mean, x) - mean) / std)
+    for name in cat["columns"]:
+        index = {v: i + 1 for i, v in enumerate(cat["vocab"][name])}  # 0: unknown / missing
+        parts.append(np.asarray([index.get(str(v), 0) for v in columns[name]], np.float64))
+    return np.stack(parts, axis=1).astype(np.float32)
+
+
+class TableRecords:
+    """Rows of a split: {"features": float32 [F], "label": int32 [] or float32 [K]}."""
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray):
+        self.features, self.labels = features, labels
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return {"features": self.features[i], "label": self.labels[i]}
+
+
+# ---- the source ----------------------------------------------------------------------------
+
+
+def _label_columns(cfg: Mapping, default: str | None, columns: Mapping[str, Column]) -> list[str]:
+    spec = opt(cfg, "label_column", default)
+    names = [spec] if isinstance(spec, str) else list(spec or [])
+    names = [n.strip() for name in names for n in name.split(",") if n.strip()]
+    if not names:
+        raise UserError(
+            f"data.label_column: expected the name of a column to predict, found none. Fix: "
+            f"--config.data.label_column=COL, one of {list(columns)[:20]}."
+        )
+    for name in names:
+        if name not in columns:
+            raise UserError(
+                f"data.label_column: expected one of the columns {list(columns)[:20]}, found "
+                f"{name!r}. Fix: check the spelling (names are case-sensitive)."
+            )
+    return names
+
+
+def _checked_text_column(name: str, columns: Mapping[str, Column], labels: Sequence[str]) -> str:
+    if name not in columns or name in labels:
+        raise UserError(
+            f"data.text_column: expected a column among {list(columns)[:20]} (not the label), "
+            f"found {name!r}. Fix: check the spelling."
+        )
+    return name
+
+
+def table_source(spec: str, cfg: Mapping, *, seed: int, task: str | None = None) -> Source:
+    """ "csv:PATH" / "parquet:PATH" / "sklearn:NAME" -> a Source of `TableRecords`.
+
+    With data.text_column the rows are texts instead: {"tokens": int32 [seq_len], "label"}
+    (bytes, right-padded, as "textfolder:"), for the transformer's classify head.
+    """
+    prefix, _, rest = spec.partition(":")
+    default_label = None
+    if prefix == "sklearn":
+        columns, default_label = read_sklearn(rest)
+        where = spec
+    else:
+        path = Path(rest).expanduser()
+        columns = read_csv(path) if prefix == "csv" else read_parquet(path)
+        where = str(path)
+    label_columns = _label_columns(cfg, default_label, columns)
+    if task and task not in TASKS:
+        raise UserError(
+            f"task: a table trains one of {list(TASKS)}, found {task!r}. Fix: set task to one "
+            "of them, or leave it unset to infer it from the label column."
+        )
+    why = "set by config.task"
+    if not task:
+        task, why = infer_task(label_columns, columns)
+    labels, class_names = encode_labels(task, label_columns, columns, where)
+    text_column = opt(cfg, "text_column", "")
+    if text_column:
+        features = [_checked_text_column(text_column, columns, label_columns)]
+    else:
+        features = list(opt(cfg, "feature_columns", [])) or [
+            c for c in columns if c not in label_columns
+        ]
+    listed = list(opt(cfg, "categorical_columns", []))
+    for name in [*features, *listed]:
+        if name not in columns or name in label_columns:
+            raise UserError(
+                f"data.feature_columns: expected feature columns among {list(columns)[:20]} "
+                f"(not the label), found {name!r}. Fix: check data.feature_columns and "
+                "data.categorical_columns."
+            )
+    categorical = (
+        [] if text_column else [c for c in features if c in listed or _is_text(columns[c])]
+    )
+    numeric = {
+        c: numeric_column(c, columns[c], where)
+        for c in features
+        if c not in categorical and not text_column
+    }
+    missing = opt(cfg, "missing", "mean")
+    if missing not in MISSING_POLICIES:
+        raise UserError(
+            f"data.missing: expected one of {list(MISSING_POLICIES)}, found {missing!r}."
+        )
+    if missing == "error" and not text_column:  # a missing text is an empty text: an error
+        check_missing({c: columns[c] for c in features}, where)
+
+    stratify = task in ("classification", "binary")
+    rows = split_rows(
+        len(labels),
+        labels if stratify else None,
+        val_fraction=float(opt(cfg, "val_fraction", 0.1)),
+        test_fraction=float(opt(cfg, "test_fraction", 0.2)),
+        seed=seed,
+    )
+    if text_column:
+        from jaxdl.data.textfolder import PAD_ID, TokenRecords, encode_text
+
+        seq_len = int(opt(cfg, "seq_len", 128))
+        tokens = np.stack(
+            [
+                encode_text(
+                    str(v or "").encode(), seq_len, f"{text_column!r} at {_row_name(i, where)}"
+                )
+                for i, v in enumerate(columns[text_column])
+            ]
+        )
+        splits = {k: TokenRecords(tokens[idx], labels[idx]) for k, idx in rows.items()}
+        prep = {"text_column": text_column, "tokenizer": "bytes", "seq_len": seq_len}
+        prep["pad_id"] = PAD_ID
+    else:
+        prep = fit_preprocessing(
+            numeric, {c: columns[c] for c in categorical}, rows["train"], missing, where
+        )
+        encoded = encode_features(prep, columns)
+        splits = {k: TableRecords(encoded[idx], labels[idx]) for k, idx in rows.items()}
+
+    train_labels = labels[rows["train"]]
+    head: dict[str, Any] = {"input_key": "tokens" if text_column else "features"}
+    if stratify:
+        head["class_counts"] = np.bincount(train_labels, minlength=len(class_names)).tolist()
+        outputs = 1 if task == "binary" else len(class_names)
+    elif task == "regression":
+        head["target_mean"] = train_labels.mean(axis=0).astype(float).tolist()
+        std = train_labels.std(axis=0).astype(float)
+        head["target_std"] = np.where(std > 0, std, 1.0).tolist()
+        outputs = labels.shape[1]
+    else:
+        outputs = labels.shape[1]
+    model: dict[str, Any] = {"num_classes": outputs}
+    if not text_column:
+        model["num_numeric"] = len(numeric)
+        model["vocab_sizes"] = [len(prep["categorical"]["vocab"][c]) + 1 for c in categorical]
+    description = {
+        "source": spec,
+        "input": head["input_key"],
+        "task": task,
+        "task_reason": why,
+        "label_columns": label_columns,
+        "class_names": class_names,
+        "preprocessing": prep,
+        "target": {k: head[k] for k in ("target_mean", "target_std") if k in head},
+    }
+    return Source(
+        task,
+        splits,
+        Identity(),
+        len(class_names) if class_names is not None and task != "multilabel" else outputs,
+        class_names,
+        description,
+        split_names={k: f"{k} rows of {spec} (seed {seed})" for k in rows},
+        task_fields={"model": model, "head": head},
+    )

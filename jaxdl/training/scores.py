@@ -1,0 +1,175 @@
+"""Exact metrics from a split's gathered predictions (scikit-learn's definitions).
+
+ROC AUC, average precision, F1 and R^2 are not sums over batches: averaging them per
+batch gives a different (wrong) number. The evaluator gathers each example's score,
+prediction and label (a head's ``"per_example"`` output, padding dropped) and scores the
+whole split here, on the host, with `sklearn.metrics` itself, so the figures are
+scikit-learn's by construction.
+
+`exact_metrics` returns scalars (logged to metrics.jsonl as val_*, summary.json as test_*)
+and `details` the per-class / per-label lists and the confusion matrix (summary.json only).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from sklearn import metrics as skm
+
+Arrays = Mapping[str, np.ndarray]
+
+
+def gather(batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per-batch {"mask": [B], name: [B, ...]} -> {name: [N, ...]} of the real examples."""
+    keep = np.concatenate([np.asarray(b["mask"]) > 0 for b in batches])
+    names = [k for k in batches[0] if k != "mask"]
+    return {k: np.concatenate([np.asarray(b[k]) for b in batches])[keep] for k in names}
+
+
+def best_f1_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """(threshold, F1) maximizing F1 of ``scores >= threshold`` over the split's scores."""
+    precision, recall, thresholds = skm.precision_recall_curve(labels, scores)
+    # The curve's last point (recall 0) has no threshold.
+    p, r = precision[:-1], recall[:-1]
+    f1 = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-300), 0.0)
+    i = int(np.argmax(f1))
+    return float(thresholds[i]), float(f1[i])
+
+
+def _binary(labels: np.ndarray, scores: np.ndarray, threshold: float | None) -> dict[str, float]:
+    pred = (scores >= 0.5).astype(np.int64)
+    out = {
+        "precision": skm.precision_score(labels, pred, zero_division=0),
+        "recall": skm.recall_score(labels, pred, zero_division=0),
+        "f1": skm.f1_score(labels, pred, zero_division=0),
+    }
+    if len(np.unique(labels)) == 2:  # AUCs are undefined on a one-class split
+        out["roc_auc"] = skm.roc_auc_score(labels, scores)
+        out["pr_auc"] = skm.average_precision_score(labels, scores)
+        if threshold is None:
+            out["best_threshold"], out["f1_at_best_threshold"] = best_f1_threshold(labels, scores)
+    if threshold is not None:
+        chosen = (scores >= threshold).astype(np.int64)
+        out["f1_at_val_threshold"] = skm.f1_score(labels, chosen, zero_division=0)
+        out["accuracy_at_val_threshold"] = skm.accuracy_score(labels, chosen)
+    return {k: float(v) for k, v in out.items()}
+
+
+def _defined_labels(labels: np.ndarray) -> np.ndarray:
+    """Label columns with both values present: those with a defined AUC."""
+    return np.flatnonzero((labels.min(axis=0) == 0) & (labels.max(axis=0) == 1))
+
+
+def exact_metrics(kind: str, arrays: Arrays, threshold: float | None = None) -> dict[str, float]:
+    """Scalar metrics of one split: ``arrays`` from `gather` of the head's per-example outputs.
+
+    classification: pred [N] ids, label [N] -> macro_f1, macro_precision, macro_recall.
+    binary: score [N] in [0, 1], label [N] {0, 1} -> roc_auc, pr_auc (average precision),
+        precision / recall / f1 at 0.5, best_threshold (max F1 on this split) and its F1;
+        with ``threshold`` (chosen on val) instead f1 / accuracy at that threshold.
+    multilabel: score [N, L], label [N, L] -> micro_f1, macro_f1 at 0.5, macro_roc_auc
+        (over labels with both values present), subset_accuracy.
+    regression: pred [N, K], label [N, K] in original units -> mse, mae, r2, rmse.
+    """
+    if kind == "classification":
+        y, pred = arrays["label"], arrays["pred"]
+        p, r, f1, _ = skm.precision_recall_fscore_support(y, pred, average="macro", zero_division=0)
+        return {"macro_f1": float(f1), "macro_precision": float(p), "macro_recall": float(r)}
+    if kind == "binary":
+        labels, probs = arrays["label"].astype(np.int64), arrays["score"].astype(np.float64)
+        return _binary(labels, probs, threshold)
+    if kind == "multilabel":
+        y = (arrays["label"] > 0.5).astype(np.int64)
+        scores = arrays["score"].astype(np.float64)
+        pred = (scores >= 0.5).astype(np.int64)
+        out = {
+            "micro_f1": skm.f1_score(y, pred, average="micro", zero_division=0),
+            "macro_f1": skm.f1_score(y, pred, average="macro", zero_division=0),
+            "subset_accuracy": skm.accuracy_score(y, pred),
+        }
+        defined = _defined_labels(y)
+        if len(defined):
+            out["macro_roc_auc"] = skm.roc_auc_score(
+                y[:, defined], scores[:, defined], average="macro"
+            )
+        return {k: float(v) for k, v in out.items()}
+    if kind == "regression":
+        y = arrays["label"].astype(np.float64)
+        pred = arrays["pred"].astype(np.float64)
+        mse = skm.mean_squared_error(y, pred)
+        return {
+            "mse": float(mse),
+            "rmse": float(np.sqrt(mse)),
+            "mae": float(skm.mean_absolute_error(y, pred)),
+            "r2": float(skm.r2_score(y, pred)),
+        }
+    raise AssertionError(f"no exact metrics for task kind {kind!r}")
+
+
+def details(kind: str, arrays: Arrays, num_classes: int) -> dict[str, list]:
+    """Per-class / per-label lists for summary.json.
+
+    classification: per_class_precision, per_class_recall, per_class_f1 [C] and
+    confusion_matrix [C][C] (row = true class, column = prediction, as scikit-learn).
+    binary: confusion_matrix [2][2] at threshold 0.5. multilabel: per_label_roc_auc [L]
+    (None where a label has one value in the split), per_label_f1 [L].
+    """
+    if kind == "classification":
+        y, pred = arrays["label"], arrays["pred"]
+        classes = np.arange(max(num_classes, int(y.max()) + 1, int(pred.max()) + 1))
+        p, r, f1, _ = skm.precision_recall_fscore_support(
+            y, pred, labels=classes, average=None, zero_division=0
+        )
+        return {
+            "per_class_precision": p.tolist(),
+            "per_class_recall": r.tolist(),
+            "per_class_f1": f1.tolist(),
+            "confusion_matrix": skm.confusion_matrix(y, pred, labels=classes).tolist(),
+        }
+    if kind == "binary":
+        pred = (arrays["score"] >= 0.5).astype(np.int64)
+        cm = skm.confusion_matrix(arrays["label"], pred, labels=[0, 1])
+        return {"confusion_matrix": cm.tolist()}
+    if kind == "multilabel":
+        y = (arrays["label"] > 0.5).astype(np.int64)
+        scores = arrays["score"].astype(np.float64)
+        defined = set(_defined_labels(y).tolist())
+        auc = [
+            float(skm.roc_auc_score(y[:, j], scores[:, j])) if j in defined else None
+            for j in range(y.shape[1])
+        ]
+        f1 = skm.f1_score(y, (scores >= 0.5).astype(np.int64), average=None, zero_division=0)
+        return {"per_label_roc_auc": auc, "per_label_f1": f1.tolist()}
+    return {}
+
+
+def plot_confusion(matrix: Sequence[Sequence[int]], names: Sequence[str], out_path) -> None:
+    """The confusion matrix as a PNG: rows true class, columns prediction, counts in cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(matrix)
+    size = 1.2 + 0.45 * len(cm)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(cm, cmap="Blues")
+    fig.colorbar(image, ax=ax)
+    ticks = np.arange(len(cm))
+    ax.set_xticks(ticks, labels=names, rotation=90 if len(cm) > 6 else 0)
+    ax.set_yticks(ticks, labels=names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if len(cm) <= 20:
+        for i, j in np.ndindex(*cm.shape):
+            color = "white" if cm[i, j] > cm.max() / 2 else "black"
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color=color, fontsize=8)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out_path)

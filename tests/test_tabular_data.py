@@ -1,0 +1,165 @@
+"""Table sources: splits, train-only statistics (leakage), task inference, one-line errors."""
+
+import csv
+
+import numpy as np
+import pytest
+
+from jaxdl.data import build_data
+from jaxdl.data.tabular import encode_features
+from jaxdl.errors import UserError
+
+
+def _write(path, header, rows):
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def _table(n=60, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        x = rng.normal(5, 2)
+        rows.append([f"{x:.4f}", ["red", "green", "blue"][i % 3], str(i % 4), f"{3 * x:.3f}"])
+    return ["x", "color", "n", "y"], rows
+
+
+def _data(path, **cfg):
+    return build_data({"source": f"csv:{path}", "label_column": "y", **cfg}, seed=0)
+
+
+def test_breast_cancer_split_is_stratified_and_standardized_on_train():
+    data = build_data({"source": "sklearn:breast_cancer"}, seed=0, task="binary")
+    assert data.kind == "binary"
+    assert data.split_sizes == {"train": 398, "val": 57, "test": 114}
+    assert data.class_names == ["benign", "malignant"]  # 1 = malignant, the positive class
+    train = data.source.splits["train"]
+    np.testing.assert_allclose(train.features.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(train.features.std(0), 1, atol=1e-4)
+    rates = [data.source.splits[s].labels.mean() for s in ("train", "val", "test")]
+    assert max(rates) - min(rates) < 0.02  # 212 / 569 malignant in each split
+    assert data.task_fields["model"] == {"num_classes": 1, "num_numeric": 30, "vocab_sizes": []}
+    assert data.task_fields["head"]["class_counts"] == [249, 149]
+
+
+def test_statistics_use_the_train_rows_only(tmp_path):
+    """Changing val/test rows (values, new categories, gaps) changes nothing fitted."""
+    header, rows = _table()
+    a = _data(_write(tmp_path / "a.csv", header, rows), task="regression")
+    held_out = np.concatenate([a.source.splits["val"].labels, a.source.splits["test"].labels])
+    changed = [list(r) for r in rows]
+    for i, row in enumerate(changed):
+        if any(np.isclose(float(row[3]), held_out[:, 0], atol=1e-4)):
+            changed[i] = ["1000", "purple", "", row[3]]  # y (the split key) kept
+    b = _data(_write(tmp_path / "b.csv", header, changed), task="regression")
+    assert sum(r != c for r, c in zip(rows, changed, strict=True)) >= 15
+    assert a.preprocessing["preprocessing"] == b.preprocessing["preprocessing"]
+    assert a.task_fields == b.task_fields
+    np.testing.assert_array_equal(
+        a.source.splits["train"].features, b.source.splits["train"].features
+    )
+    prep = b.preprocessing["preprocessing"]
+    assert prep["categorical"]["vocab"]["color"] == ["blue", "green", "red"]
+    mean, std = prep["numeric"]["mean"][0], prep["numeric"]["std"][0]
+    x = b.source.splits["test"].features
+    np.testing.assert_allclose(x[:, 0].max(), (1000 - mean) / std, rtol=1e-5)
+    assert set(x[:, 2].tolist()) == {0.0}  # "purple": unknown -> the reserved index
+    # A gap in numeric column "n" takes the train mean: 0 after standardizing.
+    assert x[:, 1].min() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_encode_features_reproduces_the_split_rows(tmp_path):
+    header, rows = _table()
+    data = _data(_write(tmp_path / "t.csv", header, rows), task="regression")
+    columns = {h: [r[j] for r in rows] for j, h in enumerate(header)}
+    encoded = encode_features(data.preprocessing["preprocessing"], columns)
+    test = data.source.splits["test"]
+    targets = np.asarray([float(r[3]) for r in rows])
+    rows_of_test = [int(np.argmin(np.abs(targets - y[0]))) for y in test.labels]
+    np.testing.assert_array_equal(encoded[rows_of_test], test.features)
+
+
+@pytest.mark.parametrize(
+    ("label", "values", "task"),
+    [
+        ("y", ["yes", "no"], "binary"),
+        ("y", ["0", "1", "2"], "classification"),
+        ("y", ["a", "b", "c", "d"], "classification"),
+        ("y", ["1.5", "2.25", "7.0"], "regression"),
+    ],
+)
+def test_task_is_inferred_from_the_label_column(tmp_path, label, values, task):
+    rows = [[str(i), values[i % len(values)]] for i in range(60)]
+    data = build_data(
+        {"source": f"csv:{_write(tmp_path / 't.csv', ['x', label], rows)}", "label_column": label},
+        seed=0,
+    )
+    assert data.kind == task
+
+
+def test_multilabel_from_several_label_columns(tmp_path):
+    rows = [[str(i), str(i % 2), str(i // 2 % 2)] for i in range(40)]
+    path = _write(tmp_path / "m.csv", ["x", "a", "b"], rows)
+    data = build_data({"source": f"csv:{path}", "label_column": "a,b"}, seed=0)
+    assert data.kind == "multilabel"
+    assert data.example_spec["label"] == ((2,), np.dtype("float32"))
+    assert data.task_fields["model"]["num_classes"] == 2
+
+
+@pytest.mark.parametrize(
+    ("header", "rows", "cfg", "message"),
+    [
+        (["x", "y"], [["1", "a"]] * 9, {"label_column": "z"}, "expected one of the columns"),
+        (
+            ["x", "y"],
+            [[str(i), str(i % 2)] for i in range(8)] + [["abc", "1"]],
+            {},
+            "column 'x' is numeric but holds 'abc' at line 10",
+        ),
+        (
+            ["x", "y"],
+            [[str(i), f"{i * 1.5}"] for i in range(8)] + [["9", "nan"]],
+            {"task": "regression"},
+            "regression target 'y' is missing/NaN at line 10",
+        ),
+        (
+            ["x", "y"],
+            [[str(i), str(i % 2)] for i in range(8)] + [["9", "2"]],
+            {},
+            "needs at least 3 rows per class",
+        ),
+        (["x", "y"], [["1", "0"], ["2", "1", "3"]], {}, "line 3 has 3 fields, the header has 2"),
+        (
+            ["x", "y"],
+            [["", "0"]] + [[str(i), str(i % 2)] for i in range(29)],
+            {"missing": "error"},
+            "data.missing: 'error', and column 'x' is missing at line 2",
+        ),
+    ],
+)
+def test_bad_tables_are_one_line_errors(tmp_path, header, rows, cfg, message):
+    path = _write(tmp_path / "bad.csv", header, rows)
+    task = cfg.pop("task", None)
+    with pytest.raises(UserError) as err:
+        build_data({"source": f"csv:{path}", "label_column": "y", **cfg}, seed=0, task=task)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_parquet_reads_like_csv(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    header, rows = _table()
+    table = pa.table({h: [r[j] for r in rows] for j, h in enumerate(header)})
+    pq.write_table(table, tmp_path / "t.parquet")
+    a = _data(_write(tmp_path / "t.csv", header, rows), task="regression")
+    b = build_data(
+        {"source": f"parquet:{tmp_path / 't.parquet'}", "label_column": "y"},
+        seed=0,
+        task="regression",
+    )
+    np.testing.assert_array_equal(a.source.splits["val"].features, b.source.splits["val"].features)
