@@ -95,7 +95,7 @@ def test_resume_skips_a_step_without_its_data_position_and_stays_exact(tmp_path,
     assert (run / "checkpoints" / "20.corrupt").is_dir()
 
 
-def test_evaluate_and_init_from_refuse_a_corrupt_step_in_one_line(tmp_path):
+def test_evaluate_leaves_in_flight_saves_and_with_init_from_refuses_a_corrupt_step(tmp_path):
     from test_reliability_checkpoint import flip_a_byte
 
     from jaxdl.checkpoint.integrity import CorruptCheckpointError
@@ -103,6 +103,11 @@ def test_evaluate_and_init_from_refuse_a_corrupt_step_in_one_line(tmp_path):
 
     run = tmp_path / "run"
     train(steps_cfg(10), run, progress=False)
+    # A save the run may have in flight: evaluating beside a training run leaves it alone.
+    in_flight = run / "checkpoints" / "20.orbax-checkpoint-tmp" / "state"
+    in_flight.mkdir(parents=True)
+    assert evaluate_workdir(run)["step"] == 10
+    assert in_flight.is_dir()
     step_dir = run / "checkpoints" / "10"
     flip_a_byte(step_dir)
     with pytest.raises(CorruptCheckpointError, match=f"checkpoint {step_dir}: file state/"):

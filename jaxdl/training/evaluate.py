@@ -47,7 +47,8 @@ def restore_run(
         total_steps=max(cfg.num_steps, 1),
         mesh=sharding.make_mesh(cfg.mesh) if sharded else None,
     )
-    ckpt = Checkpointer(workdir, save_frozen=setup.lora_cfg is None)
+    # read-only: the run may still be training and saving into this workdir
+    ckpt = Checkpointer(workdir, save_frozen=setup.lora_cfg is None, read_only=True)
     step = step if step is not None else ckpt.latest_step()
     if step is None:
         raise UserError(
