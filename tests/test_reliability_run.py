@@ -3,6 +3,7 @@ half-written file; the workdir's JSON and JSONL files are read naming the file."
 
 import json
 import shutil
+import signal
 
 import pytest
 from test_trainer import quick_cfg
@@ -42,9 +43,12 @@ def test_nan_then_resume_with_a_lower_learning_rate_from_the_last_good_step(tmp_
 
 
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_identity(tmp_path):
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     with pytest.raises(UserError, match="keep_checkpoints"):
         train(steps_cfg(10, "--config.keep_checkpoints=0"), tmp_path, progress=False)
     assert not (tmp_path / "config.json").exists()
+    # train() put back the signal handlers it found and released the workdir lock.
+    assert {s: signal.getsignal(s) for s in before} == before
     # A workdir without a checkpoint holds no run: another config may use it.
     (tmp_path / "config.json").write_text(json.dumps({"seed": 123}))
     assert train(steps_cfg(10, "--config.seed=7"), tmp_path, progress=False)["steps"] == 10
