@@ -3,6 +3,7 @@ half-written file; the workdir's JSON and JSONL files are read naming the file."
 
 import json
 import shutil
+import signal
 
 import pytest
 from test_trainer import quick_cfg
@@ -42,9 +43,12 @@ def test_nan_then_resume_with_a_lower_learning_rate_from_the_last_good_step(tmp_
 
 
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_identity(tmp_path):
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     with pytest.raises(UserError, match="keep_checkpoints"):
         train(steps_cfg(10, "--config.keep_checkpoints=0"), tmp_path, progress=False)
     assert not (tmp_path / "config.json").exists()
+    # train() put back the signal handlers it found and released the workdir lock.
+    assert {s: signal.getsignal(s) for s in before} == before
     # A workdir without a checkpoint holds no run: another config may use it.
     (tmp_path / "config.json").write_text(json.dumps({"seed": 123}))
     assert train(steps_cfg(10, "--config.seed=7"), tmp_path, progress=False)["steps"] == 10
@@ -95,7 +99,7 @@ def test_resume_skips_a_step_without_its_data_position_and_stays_exact(tmp_path,
     assert (run / "checkpoints" / "20.corrupt").is_dir()
 
 
-def test_evaluate_and_init_from_refuse_a_corrupt_step_in_one_line(tmp_path):
+def test_evaluate_leaves_in_flight_saves_and_with_init_from_refuses_a_corrupt_step(tmp_path):
     from test_reliability_checkpoint import flip_a_byte
 
     from jaxdl.checkpoint.integrity import CorruptCheckpointError
@@ -103,6 +107,11 @@ def test_evaluate_and_init_from_refuse_a_corrupt_step_in_one_line(tmp_path):
 
     run = tmp_path / "run"
     train(steps_cfg(10), run, progress=False)
+    # A save the run may have in flight: evaluating beside a training run leaves it alone.
+    in_flight = run / "checkpoints" / "20.orbax-checkpoint-tmp" / "state"
+    in_flight.mkdir(parents=True)
+    assert evaluate_workdir(run)["step"] == 10
+    assert in_flight.is_dir()
     step_dir = run / "checkpoints" / "10"
     flip_a_byte(step_dir)
     with pytest.raises(CorruptCheckpointError, match=f"checkpoint {step_dir}: file state/"):

@@ -129,7 +129,11 @@ class Checkpointer:
         best_metric: str | None = None,
         best_mode: str = "max",
         save_frozen: bool = True,
+        read_only: bool = False,
     ):
+        """``read_only``: for readers of a workdir that a run may be writing (evaluate,
+        export): nothing is saved, and the tmp dirs of the run's in-flight saves are not
+        treated as leftovers of a killed one."""
         if not isinstance(max_to_keep, int) or max_to_keep < 1:
             raise UserError(
                 f"keep_checkpoints: expected an int >= 1, found {max_to_keep!r}. "
@@ -140,21 +144,24 @@ class Checkpointer:
         self.directory = Path(workdir) / "checkpoints"
         self.best_directory = Path(workdir) / "checkpoints_best"
         self.best_metric, self.best_mode, self.save_frozen = best_metric, best_mode, save_frozen
-        for d in (self.directory, self.best_directory):
-            remove_tmp_dirs(d)
         self._saving: dict[Path, int] = {}  # manager directory -> step of its save in flight
-        self._manager = ocp.CheckpointManager(
-            self.directory.absolute(),
-            options=ocp.CheckpointManagerOptions(
+        if read_only:
+            options = ocp.CheckpointManagerOptions(
+                read_only=True, save_interval_steps=0, max_to_keep=None, create=False
+            )
+        else:
+            for d in (self.directory, self.best_directory):
+                remove_tmp_dirs(d)
+            options = ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep,
                 create=True,
                 async_options=self._digest_hook(self.directory),
-            ),
-        )
+            )
+        self._manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
         self._best_manager = None
         self._best_value: float | None = None
         self._warned = False
-        if best_metric:
+        if best_metric and not read_only:
             # best_fn makes Orbax itself keep the better one, even if our tracking restarts;
             # a best copy saved under another metric counts as the worst.
             worst = -math.inf if best_mode == "max" else math.inf

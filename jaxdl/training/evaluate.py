@@ -42,7 +42,8 @@ def restore_run(
         mesh=sharding.make_mesh(cfg.mesh) if sharded else None,
         task_fields=data.task_fields,
     )
-    ckpt = Checkpointer(workdir, save_frozen=setup.lora_cfg is None)
+    # read-only: the run may still be training and saving into this workdir
+    ckpt = Checkpointer(workdir, save_frozen=setup.lora_cfg is None, read_only=True)
     step = step if step is not None else ckpt.latest_step()
     if step is None:
         raise UserError(
