@@ -28,8 +28,11 @@ def workdir_lock(workdir: Path) -> Iterator[None]:
 
     A second run on the same workdir is refused in one line naming the holder. The kernel
     drops the lock when its process dies, so a killed run leaves no stale lock: the file
-    stays, with a dead pid in it, and the next run simply takes it.
+    stays, with a dead pid in it, and the next run simply takes it. A workdir this run
+    created and left holding nothing but the lock (it failed before writing anything) is
+    removed, so a bad input leaves no trace.
     """
+    created = not workdir.exists()
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -49,6 +52,10 @@ def workdir_lock(workdir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the flock
+        if created and [p.name for p in workdir.iterdir()] == [LOCK_FILE]:
+            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # another run may have started in it since
+                workdir.rmdir()
 
 
 class StopRequest:
