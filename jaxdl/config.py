@@ -81,6 +81,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.num_steps = 0  # exactly one of num_steps / num_epochs is > 0
     c.num_epochs = 0
     c.log_every = 50
+    c.steps_per_call = 1  # K > 1: K train steps per jitted call (lax.scan), see README
     c.eval_every = 0  # 0: once per epoch
     c.checkpoint_every = 0  # 0: only at the end
     c.keep_checkpoints = 3
@@ -265,7 +266,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             f"config: expected exactly one of num_steps / num_epochs > 0, found "
             f"num_steps={cfg.num_steps}, num_epochs={cfg.num_epochs}. Fix: set one of them."
         )
-    for key in ("data.batch_size", "log_every", "optimizer.accumulate_steps"):
+    for key in ("data.batch_size", "log_every", "optimizer.accumulate_steps", "steps_per_call"):
         if cfg[key.split(".")[0]] is not None and _get(cfg, key) < 1:
             raise UserError(f"config.{key}: expected >= 1, found {_get(cfg, key)}.")
     if cfg.optimizer.learning_rate <= 0:
