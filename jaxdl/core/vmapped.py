@@ -1,0 +1,117 @@
+"""Many runs as one program: M members' train and eval steps under one `jax.vmap`.
+
+Members share everything that fixes array shapes (model, data shapes, batch size, the
+optimizer's kind and schedule) and differ only in numbers. Those numbers travel as
+arrays [M] next to the stacked states, so one compiled step trains all M members:
+
+    learning rate, weight decay, gradient-clipping norm   -> ``hyper`` arrays [M]
+    init seed, data-order seed, dropout key                -> each member's own state and batches
+
+vmap keeps members independent: a member whose loss turns NaN cannot reach its
+neighbours, and member i computes what a standalone run of its config computes.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdl.core import steps
+from jaxdl.core.heads import Batch, Head, Metrics
+from jaxdl.core.optim import make_optimizer
+from jaxdl.core.state import TrainState
+
+# Config keys whose values may differ inside one vmapped group (the rest fix the program).
+VMAPPED_KEYS = (
+    "optimizer.learning_rate",
+    "optimizer.weight_decay",
+    "optimizer.grad_clip_norm",
+    "seed",
+)
+HYPER = ("learning_rate", "weight_decay", "grad_clip_norm")
+
+
+def group_optimizer_config(opt_cfgs: Sequence[Mapping[str, Any]]) -> dict:
+    """One optimizer config whose chain holds every transform any member uses.
+
+    A member without weight decay or clipping gets rate 0 / norm inf, which leave its
+    updates bitwise unchanged (``u + 0 * p``; a select that keeps ``u``).
+    """
+    cfg = dict(copy.deepcopy(dict(opt_cfgs[0])))
+    for key in ("weight_decay", "grad_clip_norm"):
+        cfg[key] = max(float(c[key]) for c in opt_cfgs)
+    return cfg
+
+
+def hyper_arrays(opt_cfgs: Sequence[Mapping[str, Any]]) -> dict[str, jax.Array]:
+    """Per-member numbers: {"learning_rate", "weight_decay", "grad_clip_norm"} -> float32 [M]."""
+    out = {}
+    for key in HYPER:
+        values = [float(c[key]) for c in opt_cfgs]
+        if key == "grad_clip_norm":
+            values = [v if v > 0 else np.inf for v in values]
+        out[key] = jnp.asarray(values, jnp.float32)
+    return out
+
+
+def stack(trees: Sequence[Any]) -> Any:
+    """[tree_1, ..., tree_M] -> one device tree with leaves [M, ...].
+
+    Stacked on the host: op-by-op `jnp.stack` would compile once per leaf shape.
+    """
+    host = jax.device_get(list(trees))
+    return jax.device_put(jax.tree.map(lambda *xs: np.stack(xs), *host))
+
+
+def unstack(tree: Any, i: int) -> Any:
+    """Member ``i`` of a stacked tree, as host arrays."""
+    return jax.tree.map(lambda x: np.asarray(x)[i], jax.device_get(tree))
+
+
+def restructure(state: TrainState, like: TrainState) -> TrainState:
+    """``state`` with its optimizer state in ``like``'s tree structure.
+
+    A group's chain may hold transforms a member's own chain lacks (weight decay, clipping);
+    those keep no arrays, so the leaves are the same and only the tree differs.
+    """
+    leaves = jax.tree.leaves(state.opt_state)
+    treedef = jax.tree.structure(like.opt_state)
+    assert treedef.num_leaves == len(leaves), "group and member optimizer states differ"
+    return state.replace(opt_state=jax.tree.unflatten(treedef, leaves))
+
+
+def make_group_step(
+    model: nn.Module,
+    head: Head,
+    opt_cfg: Mapping[str, Any],
+    total_steps: int,
+    *,
+    lr_mults: Callable | None = None,
+    wd_mults: Any | None = None,
+    **step_kwargs,
+) -> Callable[[TrainState, Batch, Mapping[str, jax.Array]], tuple[TrainState, Metrics]]:
+    """``step(states [M], batches [M, B, ...], hyper [M]) -> (states, metrics [M])``, jitted,
+    states donated. ``opt_cfg`` is `group_optimizer_config`'s; ``step_kwargs`` go to
+    `jaxdl.core.steps.train_step` (l1, l2, lora_cfg)."""
+
+    def member_step(state, batch, hyper):
+        tx = make_optimizer(
+            opt_cfg, total_steps, lr_mults=lr_mults, wd_mults=wd_mults, values=hyper
+        )
+        return steps.train_step(state, batch, model=model, head=head, tx=tx, **step_kwargs)
+
+    return jax.jit(jax.vmap(member_step), donate_argnums=0)
+
+
+def make_group_eval(
+    model: nn.Module, head: Head, **kwargs
+) -> Callable[[TrainState, Batch], Metrics]:
+    """``eval(states [M], batches [M, B, ...]) -> metric sums [M]``, jitted."""
+    return jax.jit(jax.vmap(functools.partial(steps.eval_step, model=model, head=head, **kwargs)))
