@@ -147,3 +147,50 @@ def test_early_stopping_is_per_member(tmp_path):
         if r["split"] == "test"
     ][-1]
     assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)  # the state it stopped with
+
+
+def test_two_processes_share_one_optuna_study(tmp_path):
+    pytest.importorskip("optuna")
+    storage = f"sqlite:///{tmp_path}/sweep.db"
+    args = [
+        *sweep_args(tmp_path / "sweep", "optimizer.learning_rate=loguniform(1e-4,1e-2)"),
+        "--strategy",
+        "tpe",
+        "--storage",
+        storage,
+        "--trials",
+        "6",
+        "--parallel",
+        "2",
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "jaxdl.cli", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    per_process = [
+        [
+            int(n)
+            for line in out.splitlines()
+            if line.startswith("sweep: training trials")
+            for n in line.split("[")[1].split("]")[0].split(",")
+        ]
+        for out, _ in outs
+    ]
+    numbers = sorted(n for mine in per_process for n in mine)
+    assert numbers == list(range(6))  # every trial once, none twice
+    assert all(per_process), per_process  # both processes took part
+    import optuna
+
+    study = optuna.load_study(study_name="jaxdl-sweep", storage=storage)
+    assert len(study.trials) == 6
+    report = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert len(report["trials"]) == 6

@@ -42,8 +42,6 @@ from jaxdl.training.build import build
 from jaxdl.training.runlog import MetricLogger, params_sha256, read_metrics, write_json
 from jaxdl.training.trainer import EarlyStopping, check_workdir, full_params, minimized
 
-STATES = ("complete", "pruned", "diverged")
-
 
 def member_config(
     cfg: ml_collections.ConfigDict, params: dict[str, Any]
@@ -87,9 +85,14 @@ def run_sweep(
     trials: int | None = None,
     parallel: int = 8,
     strategy: str | None = None,
+    storage: str | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run (or resume) a sweep in ``workdir``; return the sweep.json record."""
+    """Run (or resume) a sweep in ``workdir``; return the sweep.json record.
+
+    ``strategy`` "tpe", or any strategy with a ``storage`` URL, runs through Optuna
+    (`jaxdl.training.optuna_search`); grid and random alone need no Optuna.
+    """
     if cfg.tasks or cfg.folds:
         raise UserError("config: a sweep trains single-task runs; found tasks or folds set.")
     if parallel < 1:
@@ -98,20 +101,40 @@ def run_sweep(
     if not spaces:
         raise UserError("--param: expected at least one KEY=SPACE. Fix: add --param KEY=[...].")
     strategy = strategy or ("grid" if all(s.discrete for s in spaces) else "random")
-    trial_params = spaces_lib.make_trials(spaces, strategy, trials, seed=cfg.seed)
+    use_optuna = strategy == "tpe" or storage is not None
+    draw = spaces_lib.make_trials(spaces, "random", 1, seed=cfg.seed)[0]
     for space in spaces:  # unknown keys and wrong types fail before any work
-        member_config(cfg, {space.key: trial_params[0][space.key]})
+        member_config(cfg, {space.key: draw[space.key]})
     check_spaces(spaces, parallel, strategy)
+    trial_params = (
+        [] if use_optuna else spaces_lib.make_trials(spaces, strategy, trials, seed=cfg.seed)
+    )
+    metric = cfg.best_metric or "val_loss"
     workdir = Path(workdir)
     spec = {
         "config": json.loads(config_lib.to_json(cfg)),
         "params": {s.key: s.text for s in spaces},
         "strategy": strategy,
-        "trials": len(trial_params),
+        "trials": trials if use_optuna else len(trial_params),
     }
     _check_spec(workdir, spec)
     workdir.mkdir(parents=True, exist_ok=True)
     write_json(workdir / "sweep_spec.json", spec)
+    if use_optuna:
+        from jaxdl.training import optuna_search
+
+        optuna_search.run(
+            cfg,
+            workdir,
+            spaces,
+            strategy=strategy,
+            storage=storage,
+            trials=trials or 16,
+            parallel=parallel,
+            metric=metric,
+            echo=echo,
+        )
+        return write_report(workdir, metric, echo=echo)
 
     pending = []
     for i, params in enumerate(trial_params):
@@ -121,7 +144,6 @@ def run_sweep(
     groups: dict[str, list] = {}
     for item in pending:
         groups.setdefault(_group_key(item[1]), []).append(item)
-    metric = cfg.best_metric or "val_loss"
     for members in groups.values():
         for start in range(0, len(members), parallel):
             chunk = members[start : start + parallel]
@@ -132,7 +154,7 @@ def run_sweep(
                 [p for _, p, _ in chunk],
                 metric=metric,
             )
-    return write_report(workdir, trial_params, metric, echo=echo)
+    return write_report(workdir, metric, echo=echo)
 
 
 def _check_spec(workdir: Path, spec: dict) -> None:
@@ -153,8 +175,13 @@ def run_group(
     params: Sequence[dict],
     *,
     metric: str,
-) -> None:
-    """Train members that differ only in `VMAPPED_KEYS` as one vmapped program."""
+    should_prune: Callable[[int, int, float], bool] | None = None,
+) -> list[str]:
+    """Train members that differ only in `VMAPPED_KEYS` as one vmapped program; return each
+    member's state ("complete", "pruned", "diverged").
+
+    ``should_prune(member, step, value)`` is asked at every evaluation (an Optuna pruner).
+    """
     from jaxdl.checkpoint.manager import Checkpointer
 
     c0 = cfgs[0]
@@ -263,6 +290,7 @@ def run_group(
         pending: list[dict] = []
         diverged_at: dict[int, int] = {}
         stopped: dict[int, Any] = {}  # member -> its state when it stopped early
+        prune: set[int] = set()
         last_checked = start_step
         step = start_step
         start_time = time.time()
@@ -287,10 +315,14 @@ def run_group(
                 val = _evaluate(group_eval, state, datas, cfgs, c0.data.eval_split, eval_batch_size)
                 for i in _active(outcome):
                     loggers[i].log(step, "val", val[i])
-                    stoppers[i].update({f"val_{k}": v for k, v in val[i].items()})
+                    named = {f"val_{k}": v for k, v in val[i].items()}
+                    stoppers[i].update(named)
+                    if should_prune and metric in named and should_prune(i, step, named[metric]):
+                        prune.add(i)
             if (
                 at_ckpt
                 or step == total_steps
+                or prune
                 or any(stoppers[i].should_stop for i in _active(outcome))
             ):
                 host_state = jax.device_get(state)
@@ -304,10 +336,11 @@ def run_group(
                         config=config_dicts[i],
                         metrics=best,
                     )
-                    if stoppers[i].should_stop:
-                        outcome[i] = "complete"
+                    if stoppers[i].should_stop or i in prune:
+                        outcome[i] = "pruned" if i in prune else "complete"
                         stopped[i] = vmapped.unstack(host_state, i)
                         _write_trial(workdirs[i], params[i], metric, outcome[i], None)
+                prune.clear()
         for ck in ckpts:
             ck.wait()
 
@@ -327,7 +360,8 @@ def run_group(
         for i, d in enumerate(workdirs):
             history = [r for r in read_metrics(d / "metrics.jsonl") if r["split"] == "val"]
             record_step = int(history[-1]["step"]) if history else step
-            summary = {"steps": record_step, "stopped_early": stoppers[i].should_stop}
+            stopped_early = outcome[i] in ("complete", "pruned") and record_step < total_steps
+            summary = {"steps": record_step, "stopped_early": stopped_early}
             if outcome[i] != "diverged":
                 member = vmapped.restructure(vmapped.unstack(host_state, i), setups[i].state)
                 final = full_params(member, setups[i])
@@ -338,6 +372,7 @@ def run_group(
             summary["wall_s"] = wall
             write_json(d / "summary.json", summary)
             _write_trial(d, params[i], metric, outcome[i] or "complete", diverged_at.get(i))
+    return [o or "complete" for o in outcome]
 
 
 def _write_trial(
@@ -395,18 +430,13 @@ def _evaluate(group_eval, state, datas, cfgs, split: str, batch_size: int) -> li
 # ---- the report -----------------------------------------------------------------------------
 
 
-def write_report(
-    workdir: Path, trial_params: Sequence[dict], metric: str, *, echo=print
-) -> dict[str, Any]:
+def write_report(workdir: Path, metric: str, *, echo=print) -> dict[str, Any]:
     """sweep.json (finished trials, in trial order), table.txt (ranked) and sweep.png."""
     mode = "min" if minimized(metric) else "max"
     trials = []
-    for i in range(len(trial_params)):
-        member_dir = workdir / "trials" / f"{i:03d}"
-        path = member_dir / "trial.json"
-        if path.exists():
-            record = json.loads(path.read_text())
-            trials.append({**record, "workdir": str(member_dir)})
+    for path in sorted((workdir / "trials").glob("*/trial.json")):
+        record = json.loads(path.read_text())
+        trials.append({**record, "workdir": str(path.parent)})
     report = {"metric": metric, "mode": mode, "trials": trials}
     write_json(workdir / "sweep.json", report)
     table = format_table(report)
