@@ -128,6 +128,10 @@ def run(argv: Sequence[str]) -> int:
             from jaxdl.training.multitask import run_tasks
 
             summary = run_tasks(cfg, args.workdir, progress=not args.no_progress)
+        elif cfg.federated.clients:
+            from jaxdl.training.federated import run_federated
+
+            summary = run_federated(cfg, args.workdir)
         elif args.folds:
             from jaxdl.training.crossval import cross_validate
 
