@@ -118,3 +118,12 @@ def test_a_diverging_member_is_marked_and_its_neighbours_finish(tmp_path):
     trial = json.loads((tmp_path / "trials" / "001" / "trial.json").read_text())
     assert 1 <= trial["diverged_at_step"] <= 10
     assert last_val(good["workdir"])["step"] == 30
+
+
+def test_label_smoothing_and_l2_members_equal_standalone_runs(tmp_path):
+    params = ["loss.label_smoothing=[0.0,0.1]", "loss.l2=[0.0,1e-3]"]
+    report = run_sweep(quick_cfg(), tmp_path / "sweep", params, parallel=4, echo=lambda s: None)
+    for trial in (report["trials"][0], report["trials"][3]):  # neither, and both
+        want = standalone(tmp_path, trial["params"])
+        got = last_val(trial["workdir"])
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)

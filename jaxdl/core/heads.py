@@ -45,7 +45,7 @@ def _per_example_loss(name: str, logits, labels, num_classes: int, smoothing: fl
 
 
 def classification(loss_cfg: Mapping[str, Any], num_classes: int) -> Head:
-    name, smoothing = loss_cfg["name"], float(loss_cfg["label_smoothing"])
+    name, smoothing = loss_cfg["name"], loss_cfg["label_smoothing"]  # an array in a sweep
     if name not in LOSSES:
         raise UserError(f"loss.name: expected one of {list(LOSSES)}, found {name!r}.")
 

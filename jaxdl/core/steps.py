@@ -125,9 +125,9 @@ def train_step(
         loss, metrics = head.loss(outputs, batch)
         penalty = 0.0
         plain = {k: v for k, v in params.items() if k != "lora"}
-        if l1:
+        if not losses.static_zero(l1):
             penalty += l1 * losses.l1_penalty(plain)
-        if l2:
+        if not losses.static_zero(l2):
             penalty += l2 * losses.l2_penalty(plain)
         return loss + penalty, (loss, metrics, new_model_state)
 

@@ -33,9 +33,13 @@ VMAPPED_KEYS = (
     "optimizer.learning_rate",
     "optimizer.weight_decay",
     "optimizer.grad_clip_norm",
+    "loss.label_smoothing",
+    "loss.l1",
+    "loss.l2",
     "seed",
 )
 HYPER = ("learning_rate", "weight_decay", "grad_clip_norm")
+LOSS_HYPER = ("label_smoothing", "l1", "l2")
 
 
 def group_optimizer_config(opt_cfgs: Sequence[Mapping[str, Any]]) -> dict:
@@ -50,14 +54,22 @@ def group_optimizer_config(opt_cfgs: Sequence[Mapping[str, Any]]) -> dict:
     return cfg
 
 
-def hyper_arrays(opt_cfgs: Sequence[Mapping[str, Any]]) -> dict[str, jax.Array]:
-    """Per-member numbers: {"learning_rate", "weight_decay", "grad_clip_norm"} -> float32 [M]."""
+def hyper_arrays(
+    opt_cfgs: Sequence[Mapping[str, Any]], loss_cfgs: Sequence[Mapping[str, Any]] = ()
+) -> dict[str, jax.Array]:
+    """Per-member numbers -> float32 [M]: "learning_rate", "weight_decay", "grad_clip_norm",
+    and "label_smoothing", "l1", "l2" where some member's is not 0 (else the term stays out,
+    as in a standalone run)."""
     out = {}
     for key in HYPER:
         values = [float(c[key]) for c in opt_cfgs]
         if key == "grad_clip_norm":
             values = [v if v > 0 else np.inf for v in values]
         out[key] = jnp.asarray(values, jnp.float32)
+    for key in LOSS_HYPER:
+        values = [float(c[key]) for c in loss_cfgs]
+        if any(values):
+            out[key] = jnp.asarray(values, jnp.float32)
     return out
 
 
@@ -95,17 +107,25 @@ def make_group_step(
     *,
     lr_mults: Callable | None = None,
     wd_mults: Any | None = None,
+    make_head: Callable[[jax.Array], Head] | None = None,
     **step_kwargs,
 ) -> Callable[[TrainState, Batch, Mapping[str, jax.Array]], tuple[TrainState, Metrics]]:
     """``step(states [M], batches [M, B, ...], hyper [M]) -> (states, metrics [M])``, jitted,
-    states donated. ``opt_cfg`` is `group_optimizer_config`'s; ``step_kwargs`` go to
-    `jaxdl.core.steps.train_step` (l1, l2, lora_cfg)."""
+    states donated. ``opt_cfg`` is `group_optimizer_config`'s; ``hyper`` is `hyper_arrays`';
+    ``make_head(label_smoothing)`` rebuilds the head when members' smoothing differ;
+    ``step_kwargs`` go to `jaxdl.core.steps.train_step` (l1, l2, lora_cfg)."""
 
     def member_step(state, batch, hyper):
+        opt_values = {k: v for k, v in hyper.items() if k in HYPER}
         tx = make_optimizer(
-            opt_cfg, total_steps, lr_mults=lr_mults, wd_mults=wd_mults, values=hyper
+            opt_cfg, total_steps, lr_mults=lr_mults, wd_mults=wd_mults, values=opt_values
         )
-        return steps.train_step(state, batch, model=model, head=head, tx=tx, **step_kwargs)
+        member_head = head
+        if "label_smoothing" in hyper:
+            assert make_head is not None, "label smoothing differs but no make_head was given"
+            member_head = make_head(hyper["label_smoothing"])
+        kwargs = {**step_kwargs, **{k: hyper[k] for k in ("l1", "l2") if k in hyper}}
+        return steps.train_step(state, batch, model=model, head=member_head, tx=tx, **kwargs)
 
     return jax.jit(jax.vmap(member_step), donate_argnums=0)
 

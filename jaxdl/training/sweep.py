@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from jaxdl import config as config_lib
-from jaxdl.core import vmapped
+from jaxdl.core import heads, vmapped
 from jaxdl.core.heads import finalize
 from jaxdl.data import build_data, validate_batch
 from jaxdl.errors import UserError
@@ -234,10 +234,13 @@ def run_group(
         l1=c0.loss.l1,
         l2=c0.loss.l2,
         lora_cfg=s0.lora_cfg,
+        make_head=lambda smoothing: heads.make_head(
+            data.kind, {**dict(c0.loss), "label_smoothing": smoothing}, data.num_classes
+        ),
         **mults,
     )
     group_eval = vmapped.make_group_eval(s0.model, s0.head, lora_cfg=s0.lora_cfg)
-    hyper = vmapped.hyper_arrays([c.optimizer for c in cfgs])
+    hyper = vmapped.hyper_arrays([c.optimizer for c in cfgs], [c.loss for c in cfgs])
 
     with contextlib.ExitStack() as stack:
         ckpts = [
