@@ -290,15 +290,18 @@ def run_group(
         ]  # None while training
 
         # ---- loop ---------------------------------------------------------------------------
+        # slots[j]: the member in row j of the stacked state. A member that stops (early
+        # stopping, pruning, NaN) leaves the stack, so the rest no longer compute for it.
+        slots = list(range(num_members))
         pending: list[dict] = []
         diverged_at: dict[int, int] = {}
-        stopped: dict[int, Any] = {}  # member -> its state when it stopped early
+        finals: dict[int, Any] = {}  # member -> its host state when it stopped
         prune: set[int] = set()
         last_checked = start_step
         step = start_step
         start_time = time.time()
-        while step < total_steps and any(o is None for o in outcome):
-            host = [next(it) for it in iters]
+        while step < total_steps and slots:
+            host = [next(iters[i]) for i in slots]
             if step == start_step:
                 validate_batch(host[0], data.example_spec, data.num_classes, split="train")
             batch = {k: np.stack([b[k] for b in host]) for k in host[0]}
@@ -308,70 +311,80 @@ def run_group(
             at_eval = step % eval_every == 0 or step == total_steps
             at_ckpt = (c0.checkpoint_every and step % c0.checkpoint_every == 0) or at_eval
             if step % c0.log_every == 0 or at_eval or at_ckpt:
-                means = _flush(pending, last_checked, outcome, diverged_at)
+                means = _flush(pending, last_checked, slots, outcome, diverged_at)
                 pending, last_checked = [], step
-                for i, m in enumerate(means):
-                    if m is not None:
-                        loggers[i].log(step, "train", m)
-            val = None
+                for i, m in means.items():
+                    loggers[i].log(step, "train", m)
+                for i in diverged_at.keys() & set(slots):
+                    _write_trial(workdirs[i], params[i], metric, "diverged", diverged_at[i])
+            val = {}
             if at_eval and c0.data.eval_split in data.split_sizes:
-                val = _evaluate(group_eval, state, datas, cfgs, c0.data.eval_split, eval_batch_size)
-                for i in _active(outcome):
-                    loggers[i].log(step, "val", val[i])
-                    named = {f"val_{k}": v for k, v in val[i].items()}
+                members = [cfgs[i] for i in slots]
+                rows = _evaluate(
+                    group_eval, state, datas, members, c0.data.eval_split, eval_batch_size
+                )
+                val = {i: row for i, row in zip(slots, rows, strict=True) if outcome[i] is None}
+                for i, row in val.items():
+                    loggers[i].log(step, "val", row)
+                    named = {f"val_{k}": v for k, v in row.items()}
                     stoppers[i].update(named)
                     if should_prune and metric in named and should_prune(i, step, named[metric]):
                         prune.add(i)
-            if (
-                at_ckpt
-                or step == total_steps
-                or prune
-                or any(stoppers[i].should_stop for i in _active(outcome))
-            ):
+            done = prune or any(stoppers[i].should_stop for i in val)
+            host_state = None
+            if at_ckpt or step == total_steps or done:
                 host_state = jax.device_get(state)
-                for i in _active(outcome):
-                    best = {f"val_{k}": v for k, v in val[i].items()} if val else None
-                    member = vmapped.restructure(vmapped.unstack(host_state, i), setups[i].state)
+                for j, i in enumerate(slots):
+                    if outcome[i] is not None:
+                        continue
+                    member = vmapped.restructure(vmapped.unstack(host_state, j), setups[i].state)
                     ckpts[i].save(
                         step,
                         member,
                         data_state=iters[i].get_state(),
                         config=config_dicts[i],
-                        metrics=best,
+                        metrics={f"val_{k}": v for k, v in val[i].items()} if i in val else None,
                     )
                     if stoppers[i].should_stop or i in prune:
                         outcome[i] = "pruned" if i in prune else "complete"
-                        stopped[i] = vmapped.unstack(host_state, i)
+                        finals[i] = vmapped.unstack(host_state, j)
                         _write_trial(workdirs[i], params[i], metric, outcome[i], None)
                 prune.clear()
+            keep = [j for j, i in enumerate(slots) if outcome[i] is None]
+            if len(keep) < len(slots):
+                if host_state is None:
+                    host_state = jax.device_get(state)
+                slots = [slots[j] for j in keep]
+                if keep:
+                    state = vmapped.stack([vmapped.unstack(host_state, j) for j in keep])
+                    hyper = {k: v[np.asarray(keep)] for k, v in hyper.items()}
         for ck in ckpts:
             ck.wait()
+        if slots:
+            host_state = jax.device_get(state)
+            finals.update({i: vmapped.unstack(host_state, j) for j, i in enumerate(slots)})
 
         # ---- test, summaries ----------------------------------------------------------------
-        if stopped:  # members that stopped early kept training, masked out: take their states
-            state = vmapped.stack(
-                [stopped.get(i, vmapped.unstack(state, i)) for i in range(num_members)]
-            )
+        tested = [i for i in range(num_members) if i in finals]
         test_split = c0.data.test_split if c0.data.test_split in data.split_sizes else None
-        test = (
-            _evaluate(group_eval, state, datas, cfgs, test_split, eval_batch_size)
-            if test_split
-            else None
-        )
+        test = {}
+        if test_split and tested:
+            stacked = vmapped.stack([finals[i] for i in tested])
+            members = [cfgs[i] for i in tested]
+            rows = _evaluate(group_eval, stacked, datas, members, test_split, eval_batch_size)
+            test = dict(zip(tested, rows, strict=True))
         wall = time.time() - start_time
-        host_state = jax.device_get(state)
         for i, d in enumerate(workdirs):
             history = [r for r in read_metrics(d / "metrics.jsonl") if r["split"] == "val"]
             record_step = int(history[-1]["step"]) if history else step
             stopped_early = outcome[i] in ("complete", "pruned") and record_step < total_steps
             summary = {"steps": record_step, "stopped_early": stopped_early}
-            if outcome[i] != "diverged":
-                member = vmapped.restructure(vmapped.unstack(host_state, i), setups[i].state)
-                final = full_params(member, setups[i])
-                summary["params_sha256"] = params_sha256(final)
-                if test is not None:
-                    summary.update({f"test_{k}": v for k, v in test[i].items()})
-                    loggers[i].log(record_step, "test", test[i])
+            if i in finals:
+                member = vmapped.restructure(finals[i], setups[i].state)
+                summary["params_sha256"] = params_sha256(full_params(member, setups[i]))
+            if i in test:
+                summary.update({f"test_{k}": v for k, v in test[i].items()})
+                loggers[i].log(record_step, "test", test[i])
             summary["wall_s"] = wall
             write_json(d / "summary.json", summary)
             _write_trial(d, params[i], metric, outcome[i] or "complete", diverged_at.get(i))
@@ -392,27 +405,23 @@ def _write_trial(
     write_json(workdir / "trial.json", record)
 
 
-def _active(outcome: Sequence[str | None]) -> list[int]:
-    return [i for i, o in enumerate(outcome) if o is None]
-
-
-def _flush(pending, first_step: int, outcome: list, diverged_at: dict) -> list[dict | None]:
-    """Per-member means of the steps after ``first_step``; a member with a non-finite loss
-    is marked "diverged" at its first bad step (``diverged_at``) and gets None."""
-    host = jax.device_get(pending)  # each entry: metrics [M]
+def _flush(
+    pending, first_step: int, slots: list[int], outcome: list, diverged_at: dict
+) -> dict[int, dict]:
+    """Per-member means of the steps after ``first_step`` ({member: means}); a member with
+    a non-finite loss is marked "diverged" at its first bad step (``diverged_at``)."""
+    host = jax.device_get(pending)  # each entry: metrics [len(slots)]
     per_step = {k: np.stack([np.asarray(m[k]) for m in host]) for k in host[0]}  # [steps, M]
-    out: list[dict | None] = []
-    for i in range(len(outcome)):
+    out = {}
+    for j, i in enumerate(slots):
         if outcome[i] is not None:
-            out.append(None)
             continue
-        finite = per_step["finite"][:, i]
+        finite = per_step["finite"][:, j]
         if not finite.all():
             outcome[i] = "diverged"
             diverged_at[i] = first_step + 1 + int(np.argmin(finite))
-            out.append(None)
             continue
-        out.append({k: float(v[:, i].mean()) for k, v in per_step.items() if k != "finite"})
+        out[i] = {k: float(v[:, j].mean()) for k, v in per_step.items() if k != "finite"}
     return out
 
 
