@@ -127,3 +127,12 @@ def test_label_smoothing_and_l2_members_equal_standalone_runs(tmp_path):
         want = standalone(tmp_path, trial["params"])
         got = last_val(trial["workdir"])
         assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)
+
+
+def test_dropout_rate_members_equal_standalone_runs(tmp_path):
+    params = ["model.dropout_rate=[0.0,0.3]", "seed=[1,2]"]
+    report = run_sweep(quick_cfg(), tmp_path / "sweep", params, parallel=4, echo=lambda s: None)
+    for trial in (report["trials"][0], report["trials"][3]):  # rate 0 and rate 0.3
+        want = standalone(tmp_path, trial["params"])
+        got = last_val(trial["workdir"])
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)

@@ -13,6 +13,7 @@ neighbours, and member i computes what a standalone run of its config computes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +37,7 @@ VMAPPED_KEYS = (
     "loss.label_smoothing",
     "loss.l1",
     "loss.l2",
+    "model.dropout_rate",
     "seed",
 )
 HYPER = ("learning_rate", "weight_decay", "grad_clip_norm")
@@ -55,11 +57,13 @@ def group_optimizer_config(opt_cfgs: Sequence[Mapping[str, Any]]) -> dict:
 
 
 def hyper_arrays(
-    opt_cfgs: Sequence[Mapping[str, Any]], loss_cfgs: Sequence[Mapping[str, Any]] = ()
+    opt_cfgs: Sequence[Mapping[str, Any]],
+    loss_cfgs: Sequence[Mapping[str, Any]] = (),
+    model_cfgs: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, jax.Array]:
     """Per-member numbers -> float32 [M]: "learning_rate", "weight_decay", "grad_clip_norm",
-    and "label_smoothing", "l1", "l2" where some member's is not 0 (else the term stays out,
-    as in a standalone run)."""
+    "label_smoothing", "l1", "l2" where some member's is not 0 (else the term stays out, as
+    in a standalone run), and "dropout_rate" where members' rates differ."""
     out = {}
     for key in HYPER:
         values = [float(c[key]) for c in opt_cfgs]
@@ -70,7 +74,37 @@ def hyper_arrays(
         values = [float(c[key]) for c in loss_cfgs]
         if any(values):
             out[key] = jnp.asarray(values, jnp.float32)
+    rates = [float(c.get("dropout_rate", 0.0)) for c in model_cfgs]
+    if len(set(rates)) > 1:
+        out["dropout_rate"] = jnp.asarray(rates, jnp.float32)
     return out
+
+
+def dropout_with_rate(rate: jax.Array):
+    """An `nn.intercept_methods` interceptor: every `nn.Dropout` drops with ``rate`` (a traced
+    array: one member's rate) instead of its own number.
+
+    The same computation as Flax's Dropout, so a member equals its standalone run; a member
+    with rate 0 keeps every unit (its bernoulli(1) mask is all ones).
+    """
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if not (isinstance(module, nn.Dropout) and context.method_name == "__call__"):
+            return next_fun(*args, **kwargs)
+        inputs = args[0]
+        flag = kwargs.get("deterministic", args[1] if len(args) > 1 else None)
+        if nn.merge_param("deterministic", module.deterministic, flag):
+            return inputs
+        rng = kwargs.get("rng")
+        if rng is None:
+            rng = module.make_rng(module.rng_collection)
+        keep = 1.0 - rate
+        shape = [1 if d in module.broadcast_dims else n for d, n in enumerate(inputs.shape)]
+        mask = jnp.broadcast_to(jax.random.bernoulli(rng, p=keep, shape=shape), inputs.shape)
+        return jax.lax.select(mask, inputs / keep.astype(inputs.dtype), jnp.zeros_like(inputs))
+
+    return interceptor
 
 
 def stack(trees: Sequence[Any]) -> Any:
@@ -125,7 +159,10 @@ def make_group_step(
             assert make_head is not None, "label smoothing differs but no make_head was given"
             member_head = make_head(hyper["label_smoothing"])
         kwargs = {**step_kwargs, **{k: hyper[k] for k in ("l1", "l2") if k in hyper}}
-        return steps.train_step(state, batch, model=model, head=member_head, tx=tx, **kwargs)
+        with contextlib.ExitStack() as stack:
+            if "dropout_rate" in hyper:
+                stack.enter_context(nn.intercept_methods(dropout_with_rate(hyper["dropout_rate"])))
+            return steps.train_step(state, batch, model=model, head=member_head, tx=tx, **kwargs)
 
     return jax.jit(jax.vmap(member_step), donate_argnums=0)
 

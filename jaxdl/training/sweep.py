@@ -240,7 +240,9 @@ def run_group(
         **mults,
     )
     group_eval = vmapped.make_group_eval(s0.model, s0.head, lora_cfg=s0.lora_cfg)
-    hyper = vmapped.hyper_arrays([c.optimizer for c in cfgs], [c.loss for c in cfgs])
+    hyper = vmapped.hyper_arrays(
+        [c.optimizer for c in cfgs], [c.loss for c in cfgs], [c.model for c in cfgs]
+    )
 
     with contextlib.ExitStack() as stack:
         ckpts = [
