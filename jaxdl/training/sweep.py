@@ -187,9 +187,14 @@ def run_group(
     c0 = cfgs[0]
     num_members = len(cfgs)
     datas: dict[int, Any] = {}
-    for c in cfgs:  # a source may split by seed: each seed gets its own data
+    for c in cfgs:  # synthetic sources draw their examples from the seed
+        seeded = str(c.data.source).startswith("synthetic")
         if c.seed not in datas:
-            datas[c.seed] = build_data(c.data, seed=c.seed, num_classes=c.model.get("num_classes"))
+            datas[c.seed] = (
+                build_data(c.data, seed=c.seed, num_classes=c.model.get("num_classes"))
+                if seeded or not datas
+                else next(iter(datas.values()))
+            )
     data = datas[c0.seed]
     batch_size = c0.data.batch_size
     eval_batch_size = c0.data.eval_batch_size or batch_size
