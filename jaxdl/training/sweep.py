@@ -34,6 +34,7 @@ import numpy as np
 from jaxdl import config as config_lib
 from jaxdl.core import heads, vmapped
 from jaxdl.core.heads import finalize
+from jaxdl.core.optim import make_optimizer
 from jaxdl.data import build_data, validate_batch
 from jaxdl.errors import UserError
 from jaxdl.finetune import partition
@@ -226,8 +227,6 @@ def run_group(
         lr_mults=lambda step: partition.lr_mult_tree(s0.plan, trainable, step),
         wd_mults=partition.wd_mult_tree(s0.plan, trainable),
     )
-    from jaxdl.core.optim import make_optimizer
-
     group_template = s0.state.replace(
         opt_state=make_optimizer(opt_cfg, total_steps, **mults).init(trainable)
     )
