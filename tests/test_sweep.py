@@ -136,3 +136,21 @@ def test_dropout_rate_members_equal_standalone_runs(tmp_path):
         want = standalone(tmp_path, trial["params"])
         got = last_val(trial["workdir"])
         assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)
+
+
+def test_eight_steps_per_call_match_one(sweep, tmp_path):
+    _, report = sweep
+    params = ["optimizer.learning_rate=[1e-3,4e-3]", "seed=[1,2]"]
+    fused = run_sweep(
+        quick_cfg("--config.steps_per_call=8"), tmp_path, params, parallel=4, echo=lambda s: None
+    )
+    for trial in fused["trials"]:
+        want = next(
+            t
+            for t in report["trials"]
+            if t["params"]
+            == {**trial["params"], "optimizer.weight_decay": 0.0, "optimizer.grad_clip_norm": 0.0}
+        )
+        got, ref = last_val(trial["workdir"]), last_val(want["workdir"])
+        assert got["step"] == 30
+        assert got["loss"] == pytest.approx(ref["loss"], abs=1e-6)

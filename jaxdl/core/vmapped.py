@@ -142,12 +142,15 @@ def make_group_step(
     lr_mults: Callable | None = None,
     wd_mults: Any | None = None,
     make_head: Callable[[jax.Array], Head] | None = None,
+    scan: bool = False,
     **step_kwargs,
 ) -> Callable[[TrainState, Batch, Mapping[str, jax.Array]], tuple[TrainState, Metrics]]:
     """``step(states [M], batches [M, B, ...], hyper [M]) -> (states, metrics [M])``, jitted,
-    states donated. ``opt_cfg`` is `group_optimizer_config`'s; ``hyper`` is `hyper_arrays`';
-    ``make_head(label_smoothing)`` rebuilds the head when members' smoothing differ;
-    ``step_kwargs`` go to `jaxdl.core.steps.train_step` (l1, l2, lora_cfg)."""
+    states donated. With ``scan``, K steps per call (`steps_per_call`): batches
+    [K, M, B, ...] -> metrics [K, M]. ``opt_cfg`` is `group_optimizer_config`'s; ``hyper``
+    is `hyper_arrays`'; ``make_head(label_smoothing)`` rebuilds the head when members'
+    smoothing differ; ``step_kwargs`` go to `jaxdl.core.steps.train_step` (l1, l2, lora_cfg).
+    """
 
     def member_step(state, batch, hyper):
         opt_values = {k: v for k, v in hyper.items() if k in HYPER}
@@ -164,7 +167,14 @@ def make_group_step(
                 stack.enter_context(nn.intercept_methods(dropout_with_rate(hyper["dropout_rate"])))
             return steps.train_step(state, batch, model=model, head=member_head, tx=tx, **kwargs)
 
-    return jax.jit(jax.vmap(member_step), donate_argnums=0)
+    group_step = jax.vmap(member_step)
+    if not scan:
+        return jax.jit(group_step, donate_argnums=0)
+
+    def group_steps(states, batches, hyper):
+        return jax.lax.scan(lambda s, batch: group_step(s, batch, hyper), states, batches)
+
+    return jax.jit(group_steps, donate_argnums=0)
 
 
 def make_group_eval(

@@ -41,7 +41,13 @@ from jaxdl.finetune import partition
 from jaxdl.training import spaces as spaces_lib
 from jaxdl.training.build import build
 from jaxdl.training.runlog import MetricLogger, params_sha256, read_metrics, write_json
-from jaxdl.training.trainer import EarlyStopping, check_workdir, full_params, minimized
+from jaxdl.training.trainer import (
+    EarlyStopping,
+    check_workdir,
+    chunk_size,
+    full_params,
+    minimized,
+)
 
 
 def member_config(
@@ -230,11 +236,7 @@ def run_group(
     group_template = s0.state.replace(
         opt_state=make_optimizer(opt_cfg, total_steps, **mults).init(trainable)
     )
-    group_step = vmapped.make_group_step(
-        s0.model,
-        s0.head,
-        opt_cfg,
-        total_steps,
+    step_args = dict(
         l1=c0.loss.l1,
         l2=c0.loss.l2,
         lora_cfg=s0.lora_cfg,
@@ -242,6 +244,10 @@ def run_group(
             data.kind, {**dict(c0.loss), "label_smoothing": smoothing}, data.num_classes
         ),
         **mults,
+    )
+    group_step = vmapped.make_group_step(s0.model, s0.head, opt_cfg, total_steps, **step_args)
+    group_steps = vmapped.make_group_step(
+        s0.model, s0.head, opt_cfg, total_steps, scan=True, **step_args
     )
     group_eval = vmapped.make_group_eval(s0.model, s0.head, lora_cfg=s0.lora_cfg)
     hyper = vmapped.hyper_arrays(
@@ -307,13 +313,21 @@ def run_group(
         step = start_step
         start_time = time.time()
         while step < total_steps and slots:
-            host = [next(iters[i]) for i in slots]
+            events = (c0.log_every, eval_every, c0.checkpoint_every)
+            k = chunk_size(step, c0.steps_per_call, total_steps, events)
+            hosts = [[next(iters[i]) for i in slots] for _ in range(k)]  # [K][M]
             if step == start_step:
-                validate_batch(host[0], data.example_spec, data.num_classes, split="train")
-            batch = {k: np.stack([b[k] for b in host]) for k in host[0]}
-            state, metrics = group_step(state, batch, hyper)
+                validate_batch(hosts[0][0], data.example_spec, data.num_classes, split="train")
+            batch = {
+                key: np.stack([np.stack([b[key] for b in host]) for host in hosts])
+                for key in hosts[0][0]
+            }
+            if k == 1:
+                state, metrics = group_step(state, {key: v[0] for key, v in batch.items()}, hyper)
+            else:
+                state, metrics = group_steps(state, batch, hyper)
             pending.append(metrics)
-            step += 1
+            step += k
             at_eval = step % eval_every == 0 or step == total_steps
             at_ckpt = (c0.checkpoint_every and step % c0.checkpoint_every == 0) or at_eval
             if step % c0.log_every == 0 or at_eval or at_ckpt:
@@ -416,8 +430,9 @@ def _flush(
 ) -> dict[int, dict]:
     """Per-member means of the steps after ``first_step`` ({member: means}); a member with
     a non-finite loss is marked "diverged" at its first bad step (``diverged_at``)."""
-    host = jax.device_get(pending)  # each entry: metrics [len(slots)]
-    per_step = {k: np.stack([np.asarray(m[k]) for m in host]) for k in host[0]}  # [steps, M]
+    host = jax.device_get(pending)  # each entry: metrics [M], or [K, M] from K steps per call
+    n = len(slots)
+    per_step = {k: np.concatenate([np.reshape(m[k], (-1, n)) for m in host]) for k in host[0]}
     out = {}
     for j, i in enumerate(slots):
         if outcome[i] is not None:
