@@ -43,6 +43,22 @@ def _parser() -> argparse.ArgumentParser:
     cluster.add_argument("--process-id", type=int, metavar="I", help="0..N-1")
     train.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
+    sweep = sub.add_parser("sweep", help="many trials of a config, M at a time in one vmapped step")
+    sweep.add_argument("--config", required=True, help="experiments/NAME.py")
+    sweep.add_argument("--workdir", required=True)
+    sweep.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=SPACE",
+        help="[v1,v2,...], choice(...), uniform(a,b), loguniform(a,b), int(a,b); repeatable",
+    )
+    sweep.add_argument("--trials", type=int, default=None, help="default: the grid, or 16")
+    sweep.add_argument("--parallel", type=int, default=8, help="members per vmapped group")
+    sweep.add_argument("--strategy", choices=["grid", "random", "tpe"], default=None)
+    sweep.add_argument("--storage", default=None, help="Optuna RDB URL: sqlite:///DIR/sweep.db")
+    sweep.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
     evaluate = sub.add_parser("evaluate", help="evaluate a trained workdir")
     evaluate.add_argument("--workdir", required=True)
     evaluate.add_argument("--split", default="test")
@@ -108,7 +124,7 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 def run(argv: Sequence[str]) -> int:
     overrides, rest = _split_overrides(argv)
     args = _parser().parse_args(rest)
-    if overrides and args.command != "train":
+    if overrides and args.command not in ("train", "sweep"):
         return _fail(f"--config.KEY=VALUE overrides apply to `jaxdl train`, not {args.command}.")
     if args.command == "train":
         from jaxdl.parallel.sharding import initialize_distributed
@@ -123,6 +139,10 @@ def run(argv: Sequence[str]) -> int:
             from jaxdl.training.multitask import run_tasks
 
             summary = run_tasks(cfg, args.workdir, progress=not args.no_progress)
+        elif cfg.federated.clients:
+            from jaxdl.training.federated import run_federated
+
+            summary = run_federated(cfg, args.workdir)
         elif args.folds:
             from jaxdl.training.crossval import cross_validate
 
@@ -132,6 +152,19 @@ def run(argv: Sequence[str]) -> int:
         else:
             summary = train(cfg, args.workdir, progress=not args.no_progress)
         print(json.dumps(summary, indent=2))
+    elif args.command == "sweep":
+        from jaxdl import config as config_lib
+        from jaxdl.training.sweep import run_sweep
+
+        run_sweep(
+            config_lib.load_config(args.config, overrides),
+            args.workdir,
+            args.param,
+            trials=args.trials,
+            parallel=args.parallel,
+            strategy=args.strategy,
+            storage=args.storage,
+        )
     elif args.command == "evaluate":
         from jaxdl.training.evaluate import evaluate_workdir
 

@@ -106,6 +106,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.num_steps = 0  # exactly one of num_steps / num_epochs is > 0
     c.num_epochs = 0
     c.log_every = 50
+    c.steps_per_call = 1  # K > 1: K train steps per jitted call (lax.scan), see README
     c.eval_every = 0  # 0: once per epoch
     c.checkpoint_every = 0  # 0: only at the end
     c.keep_checkpoints = 3
@@ -123,6 +124,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.lora = None  # {"rank", "alpha", "targets"}
     c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
     c.tasks = None  # multi-task fine-tuning: list of {"name", overrides...}
+    # FedAvg (jaxdl.training.federated): clients 0 = off; alpha 0 = IID shards, > 0 Dirichlet
+    c.federated = ml_collections.ConfigDict(
+        {"clients": 0, "rounds": 10, "local_steps": 10, "alpha": 0.0, "clients_per_round": 0}
+    )
     return c
 
 
@@ -347,7 +352,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             f"config: expected exactly one of num_steps / num_epochs > 0, found "
             f"num_steps={cfg.num_steps}, num_epochs={cfg.num_epochs}. Fix: set one of them."
         )
-    for key in ("data.batch_size", "log_every", "optimizer.accumulate_steps"):
+    for key in ("data.batch_size", "log_every", "optimizer.accumulate_steps", "steps_per_call"):
         if cfg[key.split(".")[0]] is not None and _get(cfg, key) < 1:
             raise UserError(f"config.{key}: expected >= 1, found {_get(cfg, key)}.")
     defaults = default_config()

@@ -155,7 +155,7 @@ def classification(
     class_counts: Sequence[int] | None = None,
 ) -> Head:
     """Softmax over C classes. Train loss weighted by loss.class_weights; eval loss is not."""
-    name, smoothing = loss_cfg["name"], float(loss_cfg["label_smoothing"])
+    name, smoothing = loss_cfg["name"], loss_cfg["label_smoothing"]  # an array in a sweep
     if name not in LOSSES:
         raise UserError(f"loss.name: expected one of {list(LOSSES)}, found {name!r}.")
     weights = class_weights(loss_cfg.get("class_weights"), class_counts, num_classes)

@@ -33,6 +33,12 @@ def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
     return err.reshape(err.shape[0], -1).mean(axis=1)
 
 
+def static_zero(value: float | jax.Array) -> bool:
+    """A Python 0: the term it weights is left out. An array (one member's value in a
+    vmapped sweep, `jaxdl.core.vmapped`) always computes the term, even where it is 0."""
+    return isinstance(value, int | float) and value == 0
+
+
 def softmax_cross_entropy(
     logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0
 ) -> jax.Array:
@@ -43,7 +49,7 @@ def softmax_cross_entropy(
     """
     logits = logits.astype(jnp.float32)
     if labels.shape == logits.shape[:-1] and jnp.issubdtype(labels.dtype, jnp.integer):
-        if label_smoothing == 0.0:
+        if static_zero(label_smoothing):
             return optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels)
         labels = jax.nn.one_hot(labels, logits.shape[-1])
     elif labels.shape != logits.shape:
@@ -53,7 +59,7 @@ def softmax_cross_entropy(
             "Fix: pass class ids or one-hot rows matching the logits."
         )
     labels = labels.astype(jnp.float32)
-    if label_smoothing:
+    if not static_zero(label_smoothing):
         labels = optax.losses.smooth_labels(labels, label_smoothing)
     return optax.losses.softmax_cross_entropy(logits, labels)
 

@@ -23,9 +23,11 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "step", "exponential", "cosine", "warmup_cosine")
 
 
-def make_schedule(opt_cfg: Mapping[str, Any], total_steps: int) -> Schedule:
-    """Learning rate as a function of the optimizer step."""
-    lr = float(opt_cfg["learning_rate"])
+def make_schedule(
+    opt_cfg: Mapping[str, Any], total_steps: int, *, lr: float | jax.Array | None = None
+) -> Schedule:
+    """Learning rate as a function of the optimizer step (``lr``: overrides the config's)."""
+    lr = float(opt_cfg["learning_rate"]) if lr is None else lr
     name = opt_cfg["schedule"]
     decay_steps = int(opt_cfg["decay_steps"]) or max(total_steps, 1)
     warmup = int(opt_cfg["warmup_steps"])
@@ -116,25 +118,33 @@ def make_optimizer(
     *,
     lr_mults: MultTree | None = None,
     wd_mults: Any | None = None,
+    values: Mapping[str, jax.Array] | None = None,
 ) -> optax.GradientTransformation:
     """clip -> direction -> weight decay -> lr schedule -> per-leaf lr multipliers.
 
     ``lr_mults(step)`` returns a tree shaped like the trainable params (the partition plan's
     learning-rate multipliers, zero while a leaf waits to be unfrozen); ``wd_mults`` is a
     static tree of weight-decay multipliers.
+
+    ``values``: learning_rate, weight_decay or grad_clip_norm as (traced) arrays in place of
+    the config's numbers, so one chain serves every member of a vmapped sweep
+    (`jaxdl.core.vmapped`); the config still decides which transforms the chain holds.
     """
+    values = values or {}
+    number = lambda key: values[key] if key in values else float(opt_cfg[key])
     parts = []
     if float(opt_cfg["grad_clip_norm"]) > 0:
-        parts.append(optax.clip_by_global_norm(float(opt_cfg["grad_clip_norm"])))
+        parts.append(optax.clip_by_global_norm(number("grad_clip_norm")))
     parts.append(_base_direction(opt_cfg))
-    decay = float(opt_cfg["weight_decay"])
-    if decay > 0:
+    decay = number("weight_decay")
+    if float(opt_cfg["weight_decay"]) > 0:
         if opt_cfg["name"] != "adamw":
             # Coupled L2 (SGD-style): decay joins the gradient before the direction.
             parts.insert(len(parts) - 1, add_weight_decay(decay, wd_mults))
         else:
             parts.append(add_weight_decay(decay, wd_mults))
-    parts.append(optax.scale_by_learning_rate(make_schedule(opt_cfg, total_steps)))
+    schedule = make_schedule(opt_cfg, total_steps, lr=values.get("learning_rate"))
+    parts.append(optax.scale_by_learning_rate(schedule))
     if lr_mults is not None:
         parts.append(scale_by_step_tree(lr_mults))
     tx = optax.chain(*parts)

@@ -126,9 +126,9 @@ def train_step(
         loss, metrics = head.loss(outputs, batch)
         penalty = 0.0
         plain = {k: v for k, v in params.items() if k != "lora"}
-        if l1:
+        if not losses.static_zero(l1):
             penalty += l1 * losses.l1_penalty(plain)
-        if l2:
+        if not losses.static_zero(l2):
             penalty += l2 * losses.l2_penalty(plain)
         return loss + penalty, (loss, metrics, new_model_state)
 
@@ -231,6 +231,49 @@ def make_train_step(
         )
     step = functools.partial(train_step, model=model, head=head, tx=tx, **kwargs)
     return _checked(jax.jit(step, donate_argnums=0, **shardings), batch_spec)
+
+
+def train_steps(state: TrainState, batches: Batch, **kwargs) -> tuple[TrainState, Metrics]:
+    """``K`` optimizer steps in one call: batches stacked [K, B, ...] -> metrics [K].
+
+    A `lax.scan` over `train_step`, so one dispatch (and one host round trip) serves K
+    steps; each step still folds its own step number into the dropout key.
+    """
+    return jax.lax.scan(lambda s, batch: train_step(s, batch, **kwargs), state, batches)
+
+
+def make_train_steps(
+    model: nn.Module,
+    head: Head,
+    tx: optax.GradientTransformation,
+    *,
+    batch_spec: BatchSpec | None = None,
+    layout=None,
+    **kwargs,
+) -> StepFn:
+    """`train_steps` bound like `make_train_step`: (state, batches [K, B, ...]) -> metrics [K]."""
+    shardings = {}
+    if layout is not None:
+        kwargs["gather"] = layout.gather
+        stacked = jax.sharding.NamedSharding(
+            layout.mesh, jax.sharding.PartitionSpec(None, *layout.batch.spec)
+        )
+        shardings = dict(
+            in_shardings=(layout.state, stacked),
+            out_shardings=(layout.state, layout.replicated),
+        )
+    step = functools.partial(train_steps, model=model, head=head, tx=tx, **kwargs)
+    jitted = jax.jit(step, donate_argnums=0, **shardings)
+    if batch_spec is None:
+        return jitted
+
+    @functools.wraps(jitted)
+    def checked(state, batches):
+        one = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in batches.items()}
+        check_batch(one, batch_spec)
+        return jitted(state, batches)
+
+    return checked
 
 
 def make_eval_step(

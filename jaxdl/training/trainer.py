@@ -52,6 +52,7 @@ _RESUMABLE_CHANGES = {
     "eval_every",
     "checkpoint_every",
     "keep_checkpoints",
+    "steps_per_call",
     "mesh.data",
     "mesh.fsdp",
     "mesh.tensor",
@@ -268,6 +269,11 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
         setup.model, setup.head, setup.tx, l1=cfg.loss.l1, l2=cfg.loss.l2, **kwargs
     )
     eval_step = steps.make_eval_step(setup.model, setup.head, **kwargs)
+    multi_step = None
+    if cfg.steps_per_call > 1:
+        multi_step = steps.make_train_steps(
+            setup.model, setup.head, setup.tx, l1=cfg.loss.l1, l2=cfg.loss.l2, **kwargs
+        )
 
     # ---- resume ---------------------------------------------------------------------------
     # The stack closes checkpoint managers, the prefetch thread, grain workers and logs on
@@ -318,13 +324,18 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
         step = start_step
         val_metrics = None
         while step < total_steps and not stopper.should_stop and not stop:
-            batch = next(batches)
+            events = (cfg.log_every, eval_every, cfg.checkpoint_every)
+            k = chunk_size(step, cfg.steps_per_call, total_steps, events)
+            chunk = [next(batches) for _ in range(k)]
             if step == start_step:
-                host_batch = sharding.host_local(batch)  # this process's rows
+                host_batch = sharding.host_local(chunk[0])  # this process's rows
                 validate_batch(host_batch, data.example_spec, data.num_classes, split="train")
-            state, metrics = train_step(state, batch)
+            if k == 1:
+                state, metrics = train_step(state, chunk[0])
+            else:
+                state, metrics = multi_step(state, jax.tree.map(lambda *xs: jnp.stack(xs), *chunk))
             pending.append(metrics)
-            step += 1
+            step += k
             at_eval = step % eval_every == 0 or step == total_steps
             at_ckpt = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or at_eval
             if step % cfg.log_every == 0 or at_eval or at_ckpt:
@@ -381,7 +392,7 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
                 )
             if window_step == step:
                 window_start = time.time()
-            bar.update(1)
+            bar.update(k)
         ckpt.wait()
         if stop:
             saved = (
@@ -504,9 +515,11 @@ def _flops_per_token(cfg: ml_collections.ConfigDict, data) -> float | None:
 
 def _flush(pending: list[dict], first_step: int, last_step: int) -> dict[str, float]:
     """Fetch the device-side metrics of steps (first_step, last_step]; stop on NaN/Inf."""
-    host = jax.device_get(pending)
-    check_label_flags(host, first_step)  # first: a bad label is what makes the loss NaN
-    finite = np.array([m["finite"] for m in host])
+    host = jax.device_get(pending)  # each entry: one step's scalars or K steps' [K] arrays
+    per_step = {k: np.concatenate([np.ravel(m[k]) for m in host]) for k in host[0]}
+    steps = [{k: v[i] for k, v in per_step.items()} for i in range(len(per_step["finite"]))]
+    check_label_flags(steps, first_step)  # first: a bad label is what makes the loss NaN
+    finite = per_step["finite"]
     if not finite.all():
         bad = first_step + 1 + int(np.argmin(finite))
         raise NonFiniteLossError(
@@ -514,8 +527,14 @@ def _flush(pending: list[dict], first_step: int, last_step: int) -> dict[str, fl
             f"{first_step + 1}..{last_step} checked; parameters after step {first_step} were not "
             "saved). Fix: lower optimizer.learning_rate or set optimizer.grad_clip_norm."
         )
-    keys = [k for k in host[0] if k not in FLAGS]
-    return {k: float(np.mean([m[k] for m in host])) for k in keys}
+    return {k: float(np.mean(v)) for k, v in per_step.items() if k not in FLAGS}
+
+
+def chunk_size(step: int, steps_per_call: int, total_steps: int, every: Iterable[int]) -> int:
+    """Steps the next call takes: ``steps_per_call``, or 1 where fewer remain before the next
+    log, evaluation, checkpoint or the end, so those land on the same steps for any K."""
+    ends = [total_steps] + [(step // n + 1) * n for n in every if n]
+    return steps_per_call if min(ends) - step >= steps_per_call else 1
 
 
 def _check_finite_metrics(metrics: Mapping[str, float], split: str, step: int) -> None:

@@ -1,0 +1,534 @@
+"""`jaxdl sweep`: many trials of one config, M at a time in one vmapped program.
+
+    trials (grid / random draws over --param spaces)
+      -> groups: trials equal in every key outside `jaxdl.core.vmapped.VMAPPED_KEYS`,
+         at most --parallel each
+      -> per group: each member built exactly as `train` builds it, states stacked, one
+         jitted vmapped step, each member fed its own batches (its own data-order seed)
+      -> per member: DIR/trials/NNN/ a workdir record (config.json, metrics.jsonl,
+         checkpoints/, checkpoints_best/, summary.json, trial.json)
+      -> DIR/sweep.json, DIR/table.txt, DIR/sweep.png
+
+Early stopping and NaN are per member: a member whose loss turns non-finite is marked
+"diverged" at that step and its record ends there; vmap keeps its NaNs out of its
+neighbours. A rerun of the same command resumes: finished trials are kept, unfinished
+members continue from their latest common checkpoint with their data iterators' state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxdl import config as config_lib
+from jaxdl.core import heads, vmapped
+from jaxdl.core.heads import finalize
+from jaxdl.core.optim import make_optimizer
+from jaxdl.data import build_data, validate_batch
+from jaxdl.errors import UserError
+from jaxdl.finetune import partition
+from jaxdl.training import spaces as spaces_lib
+from jaxdl.training.build import build
+from jaxdl.training.runlog import MetricLogger, params_sha256, read_metrics, write_json
+from jaxdl.training.trainer import (
+    EarlyStopping,
+    check_workdir,
+    chunk_size,
+    full_params,
+    minimized,
+)
+
+
+def member_config(
+    cfg: ml_collections.ConfigDict, params: dict[str, Any]
+) -> ml_collections.ConfigDict:
+    """``cfg`` with one trial's values, type-checked like `--config.KEY=VALUE`."""
+    out = copy.deepcopy(cfg)
+    for key, value in params.items():
+        try:
+            config_lib.apply_override(out, f"{key}={value!r}")
+        except UserError as err:
+            raise UserError(f"--param {key}: {err}") from None
+    config_lib.validate(out)
+    return out
+
+
+def _group_key(params: dict[str, Any]) -> str:
+    fixed = {k: v for k, v in params.items() if k not in vmapped.VMAPPED_KEYS}
+    return json.dumps(fixed, sort_keys=True)
+
+
+def check_spaces(spaces: Sequence[spaces_lib.Space], parallel: int, strategy: str) -> None:
+    """Refuse a shape-changing key that would leave every member alone in its group."""
+    if parallel <= 1 or strategy == "grid":
+        return
+    for space in spaces:
+        if space.key not in vmapped.VMAPPED_KEYS and not space.discrete:
+            raise UserError(
+                f"--param {space.key}={space.text}: {space.key} is not one of the keys members "
+                f"of a vmapped group may differ in ({', '.join(vmapped.VMAPPED_KEYS)}), and a "
+                f"continuous space gives every trial its own value, so --parallel {parallel} "
+                "cannot group any. Fix: give a list of values [v1,v2,...] or choice(...), "
+                "or pass --parallel 1."
+            )
+
+
+def run_sweep(
+    cfg: ml_collections.ConfigDict,
+    workdir: str | Path,
+    param_texts: Sequence[str],
+    *,
+    trials: int | None = None,
+    parallel: int = 8,
+    strategy: str | None = None,
+    storage: str | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run (or resume) a sweep in ``workdir``; return the sweep.json record.
+
+    ``strategy`` "tpe", or any strategy with a ``storage`` URL, runs through Optuna
+    (`jaxdl.training.optuna_search`); grid and random alone need no Optuna.
+    """
+    if cfg.tasks or cfg.folds:
+        raise UserError("config: a sweep trains single-task runs; found tasks or folds set.")
+    if parallel < 1:
+        raise UserError(f"--parallel: expected >= 1, found {parallel}.")
+    spaces = [spaces_lib.parse_param(t) for t in param_texts]
+    if not spaces:
+        raise UserError("--param: expected at least one KEY=SPACE. Fix: add --param KEY=[...].")
+    strategy = strategy or ("grid" if all(s.discrete for s in spaces) else "random")
+    use_optuna = strategy == "tpe" or storage is not None
+    draw = spaces_lib.make_trials(spaces, "random", 1, seed=cfg.seed)[0]
+    for space in spaces:  # unknown keys and wrong types fail before any work
+        member_config(cfg, {space.key: draw[space.key]})
+    check_spaces(spaces, parallel, strategy)
+    trial_params = (
+        [] if use_optuna else spaces_lib.make_trials(spaces, strategy, trials, seed=cfg.seed)
+    )
+    metric = cfg.best_metric or "val_loss"
+    workdir = Path(workdir)
+    spec = {
+        "config": json.loads(config_lib.to_json(cfg)),
+        "params": {s.key: s.text for s in spaces},
+        "strategy": strategy,
+        "trials": trials if use_optuna else len(trial_params),
+    }
+    _check_spec(workdir, spec)
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_json(workdir / "sweep_spec.json", spec)
+    if use_optuna:
+        from jaxdl.training import optuna_search
+
+        optuna_search.run(
+            cfg,
+            workdir,
+            spaces,
+            strategy=strategy,
+            storage=storage,
+            trials=trials or 16,
+            parallel=parallel,
+            metric=metric,
+            echo=echo,
+        )
+        return write_report(workdir, metric, echo=echo)
+
+    pending = []
+    for i, params in enumerate(trial_params):
+        member_dir = workdir / "trials" / f"{i:03d}"
+        if not (member_dir / "trial.json").exists():
+            pending.append((i, params, member_dir))
+    groups: dict[str, list] = {}
+    for item in pending:
+        groups.setdefault(_group_key(item[1]), []).append(item)
+    for members in groups.values():
+        for start in range(0, len(members), parallel):
+            chunk = members[start : start + parallel]
+            echo(f"sweep: training trials {[i for i, _, _ in chunk]} together")
+            run_group(
+                [member_config(cfg, p) for _, p, _ in chunk],
+                [d for _, _, d in chunk],
+                [p for _, p, _ in chunk],
+                metric=metric,
+            )
+    return write_report(workdir, metric, echo=echo)
+
+
+def _check_spec(workdir: Path, spec: dict) -> None:
+    path = workdir / "sweep_spec.json"
+    if path.exists() and json.loads(path.read_text()) != json.loads(json.dumps(spec)):
+        raise UserError(
+            f"--workdir: {workdir} holds another sweep (config, --param, --strategy or "
+            "--trials differ). Fix: use a new --workdir, or the same command to resume."
+        )
+
+
+# ---- one vmapped group ----------------------------------------------------------------------
+
+
+def run_group(
+    cfgs: Sequence[ml_collections.ConfigDict],
+    workdirs: Sequence[Path],
+    params: Sequence[dict],
+    *,
+    metric: str,
+    should_prune: Callable[[int, int, float], bool] | None = None,
+) -> list[str]:
+    """Train members that differ only in `VMAPPED_KEYS` as one vmapped program; return each
+    member's state ("complete", "pruned", "diverged").
+
+    ``should_prune(member, step, value)`` is asked at every evaluation (an Optuna pruner).
+    """
+    from jaxdl.checkpoint.manager import Checkpointer
+
+    c0 = cfgs[0]
+    num_members = len(cfgs)
+    datas: dict[int, Any] = {}
+    for c in cfgs:  # synthetic sources draw their examples from the seed
+        seeded = str(c.data.source).startswith("synthetic")
+        if c.seed not in datas:
+            datas[c.seed] = (
+                build_data(c.data, seed=c.seed, num_classes=c.model.get("num_classes"))
+                if seeded or not datas
+                else next(iter(datas.values()))
+            )
+    data = datas[c0.seed]
+    batch_size = c0.data.batch_size
+    eval_batch_size = c0.data.eval_batch_size or batch_size
+    steps_per_epoch = data.steps_per_epoch(batch_size)
+    if steps_per_epoch < 1:
+        raise UserError(
+            f"data.batch_size: expected at most {data.split_sizes['train']} (the train split), "
+            f"found {batch_size}. Fix: lower data.batch_size."
+        )
+    total_steps = c0.num_steps or c0.num_epochs * steps_per_epoch
+    eval_every = c0.eval_every or steps_per_epoch
+
+    # ---- members, built exactly as `train` builds them --------------------------------------
+    setups = [
+        build(
+            c,
+            kind=data.kind,
+            example_spec=data.example_spec,
+            num_classes=data.num_classes,
+            total_steps=total_steps,
+        )
+        for c in cfgs
+    ]
+    config_dicts = [check_workdir(d, c) for d, c in zip(workdirs, cfgs, strict=True)]
+    s0 = setups[0]
+    opt_cfg = vmapped.group_optimizer_config([dict(c.optimizer) for c in cfgs])
+    trainable = s0.state.params
+    mults = dict(
+        lr_mults=lambda step: partition.lr_mult_tree(s0.plan, trainable, step),
+        wd_mults=partition.wd_mult_tree(s0.plan, trainable),
+    )
+    group_template = s0.state.replace(
+        opt_state=make_optimizer(opt_cfg, total_steps, **mults).init(trainable)
+    )
+    step_args = dict(
+        l1=c0.loss.l1,
+        l2=c0.loss.l2,
+        lora_cfg=s0.lora_cfg,
+        make_head=lambda smoothing: heads.make_head(
+            data.kind, {**dict(c0.loss), "label_smoothing": smoothing}, data.num_classes
+        ),
+        **mults,
+    )
+    group_step = vmapped.make_group_step(s0.model, s0.head, opt_cfg, total_steps, **step_args)
+    group_steps = vmapped.make_group_step(
+        s0.model, s0.head, opt_cfg, total_steps, scan=True, **step_args
+    )
+    group_eval = vmapped.make_group_eval(s0.model, s0.head, lora_cfg=s0.lora_cfg)
+    hyper = vmapped.hyper_arrays(
+        [c.optimizer for c in cfgs], [c.loss for c in cfgs], [c.model for c in cfgs]
+    )
+
+    with contextlib.ExitStack() as stack:
+        ckpts = [
+            stack.enter_context(
+                Checkpointer(
+                    d,
+                    max_to_keep=c.keep_checkpoints,
+                    best_metric=c.best_metric or None,
+                    best_mode="min" if minimized(c.best_metric) else "max",
+                )
+            )
+            for d, c in zip(workdirs, cfgs, strict=True)
+        ]
+        iters = [datas[c.seed].train_iter(batch_size, seed=c.seed) for c in cfgs]
+        for it in iters:
+            stack.callback(it.close)
+
+        # ---- resume: every member from the newest step all of them saved --------------------
+        saved = [ck.latest_step() for ck in ckpts]
+        start_step = min(s or 0 for s in saved)
+        states = []
+        for i, (setup, ck) in enumerate(zip(setups, ckpts, strict=True)):
+            state = setup.state
+            if start_step:
+                state, data_state = ck.restore(state, start_step)
+                iters[i].set_state(data_state)
+            elif (workdirs[i] / "metrics.jsonl").exists():
+                (workdirs[i] / "metrics.jsonl").unlink()  # killed before its first checkpoint
+            states.append(vmapped.restructure(state, group_template))
+        state = vmapped.stack(states)
+        for d, config_dict, setup in zip(workdirs, config_dicts, setups, strict=True):
+            d.mkdir(parents=True, exist_ok=True)
+            write_json(d / "config.json", config_dict)
+            write_json(d / "partition_plan.json", {"groups": setup.plan_rows})
+        loggers = [stack.enter_context(MetricLogger(d, resume_step=start_step)) for d in workdirs]
+        stoppers = [
+            EarlyStopping(
+                c.early_stopping.patience,
+                c.early_stopping.min_delta,
+                metric,
+                [r for r in read_metrics(d / "metrics.jsonl") if r["split"] == "val"],
+            )
+            for c, d in zip(cfgs, workdirs, strict=True)
+        ]
+        outcome: list[str | None] = [
+            "complete" if s.should_stop else None for s in stoppers
+        ]  # None while training
+
+        # ---- loop ---------------------------------------------------------------------------
+        # slots[j]: the member in row j of the stacked state. A member that stops (early
+        # stopping, pruning, NaN) leaves the stack, so the rest no longer compute for it.
+        slots = list(range(num_members))
+        pending: list[dict] = []
+        diverged_at: dict[int, int] = {}
+        finals: dict[int, Any] = {}  # member -> its host state when it stopped
+        prune: set[int] = set()
+        last_checked = start_step
+        step = start_step
+        start_time = time.time()
+        while step < total_steps and slots:
+            events = (c0.log_every, eval_every, c0.checkpoint_every)
+            k = chunk_size(step, c0.steps_per_call, total_steps, events)
+            hosts = [[next(iters[i]) for i in slots] for _ in range(k)]  # [K][M]
+            if step == start_step:
+                validate_batch(hosts[0][0], data.example_spec, data.num_classes, split="train")
+            batch = {
+                key: np.stack([np.stack([b[key] for b in host]) for host in hosts])
+                for key in hosts[0][0]
+            }
+            if k == 1:
+                state, metrics = group_step(state, {key: v[0] for key, v in batch.items()}, hyper)
+            else:
+                state, metrics = group_steps(state, batch, hyper)
+            pending.append(metrics)
+            step += k
+            at_eval = step % eval_every == 0 or step == total_steps
+            at_ckpt = (c0.checkpoint_every and step % c0.checkpoint_every == 0) or at_eval
+            if step % c0.log_every == 0 or at_eval or at_ckpt:
+                means = _flush(pending, last_checked, slots, outcome, diverged_at)
+                pending, last_checked = [], step
+                for i, m in means.items():
+                    loggers[i].log(step, "train", m)
+                for i in diverged_at.keys() & set(slots):
+                    _write_trial(workdirs[i], params[i], metric, "diverged", diverged_at[i])
+            val = {}
+            if at_eval and c0.data.eval_split in data.split_sizes:
+                members = [cfgs[i] for i in slots]
+                rows = _evaluate(
+                    group_eval, state, datas, members, c0.data.eval_split, eval_batch_size
+                )
+                val = {i: row for i, row in zip(slots, rows, strict=True) if outcome[i] is None}
+                for i, row in val.items():
+                    loggers[i].log(step, "val", row)
+                    named = {f"val_{k}": v for k, v in row.items()}
+                    stoppers[i].update(named)
+                    if should_prune and metric in named and should_prune(i, step, named[metric]):
+                        prune.add(i)
+            done = prune or any(stoppers[i].should_stop for i in val)
+            host_state = None
+            if at_ckpt or step == total_steps or done:
+                host_state = jax.device_get(state)
+                for j, i in enumerate(slots):
+                    if outcome[i] is not None:
+                        continue
+                    member = vmapped.restructure(vmapped.unstack(host_state, j), setups[i].state)
+                    ckpts[i].save(
+                        step,
+                        member,
+                        data_state=iters[i].get_state(),
+                        config=config_dicts[i],
+                        metrics={f"val_{k}": v for k, v in val[i].items()} if i in val else None,
+                    )
+                    if stoppers[i].should_stop or i in prune:
+                        outcome[i] = "pruned" if i in prune else "complete"
+                        finals[i] = vmapped.unstack(host_state, j)
+                        _write_trial(workdirs[i], params[i], metric, outcome[i], None)
+                prune.clear()
+            keep = [j for j, i in enumerate(slots) if outcome[i] is None]
+            if len(keep) < len(slots):
+                if host_state is None:
+                    host_state = jax.device_get(state)
+                slots = [slots[j] for j in keep]
+                if keep:
+                    state = vmapped.stack([vmapped.unstack(host_state, j) for j in keep])
+                    hyper = {k: v[np.asarray(keep)] for k, v in hyper.items()}
+        for ck in ckpts:
+            ck.wait()
+        if slots:
+            host_state = jax.device_get(state)
+            finals.update({i: vmapped.unstack(host_state, j) for j, i in enumerate(slots)})
+
+        # ---- test, summaries ----------------------------------------------------------------
+        tested = [i for i in range(num_members) if i in finals]
+        test_split = c0.data.test_split if c0.data.test_split in data.split_sizes else None
+        test = {}
+        if test_split and tested:
+            stacked = vmapped.stack([finals[i] for i in tested])
+            members = [cfgs[i] for i in tested]
+            rows = _evaluate(group_eval, stacked, datas, members, test_split, eval_batch_size)
+            test = dict(zip(tested, rows, strict=True))
+        wall = time.time() - start_time
+        for i, d in enumerate(workdirs):
+            history = [r for r in read_metrics(d / "metrics.jsonl") if r["split"] == "val"]
+            record_step = int(history[-1]["step"]) if history else step
+            stopped_early = outcome[i] in ("complete", "pruned") and record_step < total_steps
+            summary = {"steps": record_step, "stopped_early": stopped_early}
+            if i in finals:
+                member = vmapped.restructure(finals[i], setups[i].state)
+                summary["params_sha256"] = params_sha256(full_params(member, setups[i]))
+            if i in test:
+                summary.update({f"test_{k}": v for k, v in test[i].items()})
+                loggers[i].log(record_step, "test", test[i])
+            summary["wall_s"] = wall
+            write_json(d / "summary.json", summary)
+            _write_trial(d, params[i], metric, outcome[i] or "complete", diverged_at.get(i))
+    return [o or "complete" for o in outcome]
+
+
+def _write_trial(
+    workdir: Path, params: dict, metric: str, state: str, diverged_at: int | None
+) -> None:
+    """trial.json: the member's outcome; its presence marks the trial finished."""
+    history = [r for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "val"]
+    values = [r[metric.removeprefix("val_")] for r in history]
+    values = [v for v in values if math.isfinite(v)]
+    best = (min if minimized(metric) else max)(values) if values else None
+    record = {"params": params, "best": best, "state": state}
+    if diverged_at is not None:
+        record["diverged_at_step"] = diverged_at
+    write_json(workdir / "trial.json", record)
+
+
+def _flush(
+    pending, first_step: int, slots: list[int], outcome: list, diverged_at: dict
+) -> dict[int, dict]:
+    """Per-member means of the steps after ``first_step`` ({member: means}); a member with
+    a non-finite loss is marked "diverged" at its first bad step (``diverged_at``)."""
+    host = jax.device_get(pending)  # each entry: metrics [M], or [K, M] from K steps per call
+    n = len(slots)
+    per_step = {k: np.concatenate([np.reshape(m[k], (-1, n)) for m in host]) for k in host[0]}
+    out = {}
+    for j, i in enumerate(slots):
+        if outcome[i] is not None:
+            continue
+        finite = per_step["finite"][:, j]
+        if not finite.all():
+            outcome[i] = "diverged"
+            diverged_at[i] = first_step + 1 + int(np.argmin(finite))
+            continue
+        out[i] = {k: float(v[:, j].mean()) for k, v in per_step.items() if k != "finite"}
+    return out
+
+
+def _evaluate(group_eval, state, datas, cfgs, split: str, batch_size: int) -> list[dict]:
+    """Every member on its own data's ``split``: masked sums on the device, one transfer."""
+    streams = [datas[c.seed].eval_iter(split, batch_size) for c in cfgs]
+    sums = None
+    for host in zip(*streams, strict=True):
+        batch = {k: np.stack([b[k] for b in host]) for k in host[0]}
+        out = group_eval(state, batch)
+        sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+    assert sums is not None, "empty evaluation split"
+    sums = jax.device_get(sums)
+    kind = next(iter(datas.values())).kind
+    return [finalize({k: v[i] for k, v in sums.items()}, kind) for i in range(len(cfgs))]
+
+
+# ---- the report -----------------------------------------------------------------------------
+
+
+def write_report(workdir: Path, metric: str, *, echo=print) -> dict[str, Any]:
+    """sweep.json (finished trials, in trial order), table.txt (ranked) and sweep.png."""
+    mode = "min" if minimized(metric) else "max"
+    trials = []
+    for path in sorted((workdir / "trials").glob("*/trial.json")):
+        record = json.loads(path.read_text())
+        trials.append({**record, "workdir": str(path.parent)})
+    report = {"metric": metric, "mode": mode, "trials": trials}
+    write_json(workdir / "sweep.json", report)
+    table = format_table(report)
+    (workdir / "table.txt").write_text(table + "\n")
+    echo(table)
+    plot_sweep(report, workdir / "sweep.png")
+    return report
+
+
+def _ranked(report: dict) -> list[dict]:
+    sign = 1.0 if report["mode"] == "min" else -1.0
+    usable = [t for t in report["trials"] if t["best"] is not None]
+    rest = [t for t in report["trials"] if t["best"] is None]
+    return sorted(usable, key=lambda t: sign * t["best"]) + rest
+
+
+def format_table(report: dict) -> str:
+    """The trials ranked by their best metric, one row each."""
+    keys = sorted({k for t in report["trials"] for k in t["params"]})
+    header = ["rank", *keys, report["metric"], "state", "workdir"]
+    rows = [
+        [
+            str(rank),
+            *(f"{t['params'].get(k)!s:.10}" for k in keys),
+            "-" if t["best"] is None else f"{t['best']:.5f}",
+            t["state"],
+            Path(t["workdir"]).name,
+        ]
+        for rank, t in enumerate(_ranked(report), 1)
+    ]
+    widths = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]
+    )
+
+
+def plot_sweep(report: dict, out_path: Path) -> None:
+    """The metric against each parameter, one panel per parameter (diverged trials as x)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for t in report["trials"] for k in t["params"]})
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        points = [(t["params"][key], t["best"]) for t in report["trials"] if t["best"] is not None]
+        numeric = all(isinstance(x, int | float) for x, _ in points)
+        xs = [x if numeric else str(x) for x, _ in points]
+        ax.scatter(xs, [y for _, y in points])
+        if numeric and points and min(xs) > 0 and max(xs) / min(xs) >= 100:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(report["metric"])
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = Path(out_path).with_name(f".{Path(out_path).name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    shutil.move(tmp, out_path)
