@@ -1,4 +1,5 @@
-"""The `jaxdl` command: train, evaluate, generate, export, predict, demo, import, export-hf.
+"""The `jaxdl` command: train, sweep, evaluate, generate, export, predict, demo, import,
+export-hf.
 
 User errors (`jaxdl.errors.UserError`: bad flags, unknown config keys, bad files,
 mismatched checkpoints) print one line naming what was expected and what was found, and

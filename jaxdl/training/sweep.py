@@ -100,8 +100,8 @@ def run_sweep(
     ``strategy`` "tpe", or any strategy with a ``storage`` URL, runs through Optuna
     (`jaxdl.training.optuna_search`); grid and random alone need no Optuna.
     """
-    if cfg.tasks or cfg.folds:
-        raise UserError("config: a sweep trains single-task runs; found tasks or folds set.")
+    if cfg.tasks:
+        raise UserError("config.tasks: a sweep trains single-task runs; found a task list.")
     if parallel < 1:
         raise UserError(f"--parallel: expected >= 1, found {parallel}.")
     spaces = [spaces_lib.parse_param(t) for t in param_texts]
