@@ -10,8 +10,9 @@ package does a 128-byte snippet of source come from?
     # frozen but the head:   add --config.partition='[["params/classifier/.*", {}],
     #                              [".*", {"trainable": False}]]'
     # LoRA:                  add --config.lora='{"rank": 8, "alpha": 16,
-    #                              "targets": "query|value"}' --config.partition='[["lora/.*",
-    #                              {}], ["params/classifier/.*", {}], [".*", {"trainable": False}]]'
+    #                              "targets": ".*/(query|value)/kernel"}'
+    #                          --config.partition='[["lora/.*", {}],
+    #                              ["params/classifier/.*", {}], [".*", {"trainable": False}]]'
 
 The packages (PACKAGES) lie beyond the first 4,000,000 bytes of the sorted standard
 library that lm_stdlib_pretrain.py trains on, so the pretrained model never saw them.
