@@ -1,5 +1,4 @@
-"""The `jaxdl` command: train, sweep, evaluate, generate, export, predict, demo, import,
-export-hf.
+"""The `jaxdl` command: train, sweep, evaluate, generate, import, export(-hf), predict, demo.
 
 User errors (`jaxdl.errors.UserError`: bad flags, unknown config keys, bad files,
 mismatched checkpoints) print one line naming what was expected and what was found, and

@@ -220,12 +220,14 @@ def run_federated(
 
 def _evaluate_global(group_eval, state, data, split: str, batch_size: int) -> dict:
     """The global model on ``split`` (a group of one)."""
-    from jaxdl.core.heads import finalize
+    from jaxdl.training import scores
 
     stacked = vmapped.stack([state])
-    sums = None
+    sums, per_example = None, []
     for batch in data.eval_iter(split, batch_size):
-        out = group_eval(stacked, {k: v[None] for k, v in batch.items()})
+        out = dict(group_eval(stacked, {k: v[None] for k, v in batch.items()}))
+        if "per_example" in out:
+            per_example.append(out.pop("per_example"))
         sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-    sums = jax.device_get(sums)
-    return finalize({k: v[0] for k, v in sums.items()}, data.kind)
+    sums, per_example = jax.device_get((sums, per_example))
+    return scores.member_metrics(sums, per_example, data.kind, 1)[0]

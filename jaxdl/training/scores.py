@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from sklearn import metrics as skm
 
+from jaxdl.core.heads import finalize
+
 Arrays = Mapping[str, np.ndarray]
 
 
@@ -173,3 +175,22 @@ def plot_confusion(matrix: Sequence[Sequence[int]], names: Sequence[str], out_pa
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, out_path)
+
+
+def member_metrics(
+    sums: Mapping[str, np.ndarray],
+    per_example: Sequence[Mapping[str, np.ndarray]],
+    kind: str,
+    members: int,
+) -> list[dict[str, float]]:
+    """Scalar metrics of each member of a vmapped group, as `evaluate_split` scores a single
+    run: ``sums`` hold [M] masked sums per key; ``per_example`` (one entry per batch, [M, B,
+    ...] arrays) gives the exact whole-split metrics (AUC, F1, R^2)."""
+    rows = []
+    for i in range(members):
+        metrics = finalize({k: v[i] for k, v in sums.items()}, kind)
+        if per_example:
+            mine = [{k: np.asarray(v)[i] for k, v in batch.items()} for batch in per_example]
+            metrics.update(exact_metrics(kind, gather(mine)))
+        rows.append(metrics)
+    return rows

@@ -33,11 +33,11 @@ import numpy as np
 
 from jaxdl import config as config_lib
 from jaxdl.core import heads, vmapped
-from jaxdl.core.heads import finalize
 from jaxdl.core.optim import make_optimizer
 from jaxdl.data import build_data, validate_batch
 from jaxdl.errors import UserError
 from jaxdl.finetune import partition
+from jaxdl.training import scores
 from jaxdl.training import spaces as spaces_lib
 from jaxdl.training.build import build
 from jaxdl.training.runlog import MetricLogger, params_sha256, read_metrics, write_json
@@ -449,15 +449,18 @@ def _flush(
 def _evaluate(group_eval, state, datas, cfgs, split: str, batch_size: int) -> list[dict]:
     """Every member on its own data's ``split``: masked sums on the device, one transfer."""
     streams = [datas[c.seed].eval_iter(split, batch_size) for c in cfgs]
-    sums = None
+    sums, per_example = None, []
     for host in zip(*streams, strict=True):
         batch = {k: np.stack([b[k] for b in host]) for k in host[0]}
-        out = group_eval(state, batch)
+        out = dict(group_eval(state, batch))
+        if "per_example" in out:
+            per_example.append(out.pop("per_example"))
         sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
     assert sums is not None, "empty evaluation split"
-    sums = jax.device_get(sums)
     kind = next(iter(datas.values())).kind
-    return [finalize({k: v[i] for k, v in sums.items()}, kind) for i in range(len(cfgs))]
+    return scores.member_metrics(
+        jax.device_get(sums), jax.device_get(per_example), kind, len(cfgs)
+    )
 
 
 # ---- the report -----------------------------------------------------------------------------
