@@ -15,7 +15,9 @@ its own worker process, so each one's peak RSS is its own:
     jaxdl full            full fine-tuning of the same model
     peft LoRA             GPT2LMHeadModel + peft LoRA (rank r on c_attn, c_proj, c_fc)
 
-All use Adam (lr 1e-4, no weight decay), no dropout, the same token batch. Trials
+All use Adam (lr 1e-4, no weight decay), no dropout, the same token batch; the workers run
+with OMP_WAIT_POLICY=PASSIVE (`--omp-wait-policy`), without which torch's spinning OpenMP
+threads lose their cores on a shared CPU and peft looks 2x slower than it is. Trials
 interleave the workers (one trial of each per round, the order rotating) and each trial
 times K steps back to back; the table gives medians over trials. Writes
 benchmarks/results/lora_vs_peft.json and .md.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -192,7 +195,12 @@ def _start(name: str, args, model_dir: Path, workdir: Path) -> subprocess.Popen:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name]
     cmd += ["--model-dir", str(model_dir), "--workdir", str(workdir)]
     cmd += ["--batch", str(args.batch), "--seq-len", str(args.seq_len), "--rank", str(args.rank)]
-    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    # torch's OpenMP threads spin-wait by default, which on a shared CPU stalls every
+    # parallel region (see README: "Closing the CPU gaps", item 1); PASSIVE is the fair setting
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", args.omp_wait_policy)}
+    return subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env
+    )
 
 
 def _ask(proc: subprocess.Popen, line: str) -> dict:
@@ -239,6 +247,11 @@ def main(argv=None) -> None:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--steps-per-trial", type=int, default=2)
     parser.add_argument("--variants", default=",".join(WORKERS))
+    parser.add_argument(
+        "--omp-wait-policy",
+        default="PASSIVE",
+        help="OMP_WAIT_POLICY of the workers (unless already set)",
+    )
     parser.add_argument("--out", default=str(RESULTS / "lora_vs_peft.json"))
     parser.add_argument("--render", metavar="FILE.json", help="rewrite FILE.md from FILE.json")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
@@ -277,7 +290,10 @@ def main(argv=None) -> None:
             procs[name].wait()
     record = {
         "args": vars(args),
-        "env": environment(),
+        "env": {
+            **environment(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", args.omp_wait_policy),
+        },
         "import": imported,
         "variants": {
             name: {**infos[name], "step_time_s": step_stats(times[name]), "trials_s": times[name]}
