@@ -1,4 +1,4 @@
-"""The 8-device half of tests/test_sharding.py (and the configs both halves train).
+"""The 8-device half of tests/parallel/test_sharding.py (and the configs both halves train).
 
 Usage: python tests/_sharding_worker.py OUT REF. Runs on 8 simulated CPU devices (the flag
 must be set before jax is imported, hence a separate process). Trains every run of `RUNS`

@@ -3,7 +3,11 @@ one persistent XLA compilation cache for the session's processes (the many `jaxd
 subprocesses compile the same small programs)."""
 
 import os
+import sys
 import tempfile
+
+# Tests in the subfolders (which mirror jaxdl/) share the CLI helpers of tests/test_cli.py.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _worker = os.environ.get("PYTEST_XDIST_WORKER", "main")

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_checkpoint import CONFIG, assert_same, make_state, zeros_like
+from test_manager import CONFIG, assert_same, make_state, zeros_like
 
 from jaxdl.checkpoint.integrity import DIGEST_FILE, CorruptCheckpointError
 from jaxdl.checkpoint.manager import Checkpointer, load_params
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def flip_a_byte(step_dir: Path) -> Path:

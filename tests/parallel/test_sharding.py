@@ -26,7 +26,7 @@ from jaxdl.models import create_model
 from jaxdl.parallel import sharding
 from jaxdl.training.runlog import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location(
     "_sharding_worker", ROOT / "tests/_sharding_worker.py"
 )

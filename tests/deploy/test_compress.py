@@ -15,7 +15,7 @@ from jaxdl.deploy import export, predict, prune
 from jaxdl.deploy.quantize import Int8Tensor, dequantize, quantize_kernel, quantize_params
 from jaxdl.models import create_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_per_channel_scales_on_a_hand_made_kernel():

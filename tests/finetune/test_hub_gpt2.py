@@ -26,7 +26,7 @@ from jaxdl.finetune.hub.hf_export import export_hf
 from jaxdl.models import create_model
 from jaxdl.testing import subprocess_env
 
-FIXTURES = Path(__file__).parent / "fixtures" / "hub"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "hub"
 TINY = FIXTURES / "gpt2_tiny"
 TOL = 1e-4
 

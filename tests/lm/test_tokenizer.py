@@ -17,7 +17,7 @@ from jaxdl.lm.generate import generate_text
 from jaxdl.lm.tokenizer import ByteTokenizer, hf_tokenizer_json, load_tokenizer, train_bpe
 from jaxdl.testing import subprocess_env
 
-FIXTURES = Path(__file__).parent / "fixtures" / "hub"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "hub"
 BPE = FIXTURES / "bpe_stdlib.json"
 CODE = "import os\n\ndef main(argv=None):\n    return os.path.join('a', 'b')  # héllo ✓\n"
 

@@ -21,7 +21,7 @@ import pytest
 from jaxdl.data import build_data
 from jaxdl.training.runlog import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 40
 OVERRIDES = [
     "--config.num_epochs=0",

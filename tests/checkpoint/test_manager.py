@@ -19,7 +19,7 @@ from jaxdl.checkpoint.read import state_metadata
 from jaxdl.core.state import TrainState
 from jaxdl.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = {"model": {"name": "mlp"}, "seed": 0, "lora": None}
 SHAPE = (512, 256)  # as in tests/_ckpt_writer.py
 

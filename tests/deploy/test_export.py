@@ -22,7 +22,7 @@ from jaxdl.deploy import artifact as artifact_format
 from jaxdl.deploy import export, predict
 from jaxdl.deploy.quantize import dequantize, quantize_params
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from jaxdl.finetune.hub.readers import read_state_dict, sha256
 from jaxdl.models import create_model
 from jaxdl.testing import subprocess_env
 
-FIXTURES = Path(__file__).parent / "fixtures" / "hub"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "hub"
 CASES = {"resnet_basic_tiny": "timm:resnet18", "resnet_bottleneck_tiny": "timm:resnet50"}
 TOL = 1e-4
 
@@ -161,7 +161,7 @@ def test_imported_resnet_fine_tunes_with_a_new_head(tmp_path):
     done = jaxdl(
         "train",
         "--config",
-        str(Path(__file__).parents[1] / "experiments" / "imported_resnet_digits.py"),
+        str(Path(__file__).parents[2] / "experiments" / "imported_resnet_digits.py"),
         "--workdir",
         str(run),
         "--no-progress",

@@ -28,7 +28,7 @@ from jaxdl.models import create_model
 from jaxdl.models.vit import resample_posemb
 from jaxdl.testing import subprocess_env
 
-FIXTURES = Path(__file__).parent / "fixtures" / "hub"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "hub"
 CASES = {
     "vit_timm_tiny": "timm:vit_tiny_patch16_224",
     "vit_torchvision_tiny": "torchvision:vit_b_16",
@@ -132,7 +132,7 @@ def test_imported_vit_fine_tunes_at_another_image_size(tmp_path):
     imported = tmp_path / "imported"
     import_checkpoint("timm:vit_tiny_patch16_224", str(FIXTURES / "vit_timm_tiny"), imported)
     run = tmp_path / "run"
-    config = Path(__file__).parents[1] / "experiments" / "imported_vit_digits.py"
+    config = Path(__file__).parents[2] / "experiments" / "imported_vit_digits.py"
     done = subprocess.run(
         [sys.executable, "-m", "jaxdl.cli", "train", "--config", str(config)]
         + ["--workdir", str(run), "--no-progress", "--config.num_epochs=0"]
