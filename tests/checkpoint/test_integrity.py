@@ -8,21 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _corrupt import flip_a_byte
 from test_manager import CONFIG, assert_same, make_state, zeros_like
 
 from jaxdl.checkpoint.integrity import DIGEST_FILE, CorruptCheckpointError
 from jaxdl.checkpoint.manager import Checkpointer, load_params
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def flip_a_byte(step_dir: Path) -> Path:
-    """Flip one byte in the middle of the largest array data file: same size, wrong bytes."""
-    victim = max((p for p in (step_dir / "state").rglob("d/*")), key=lambda p: p.stat().st_size)
-    data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    victim.write_bytes(bytes(data))
-    return victim
 
 
 def save_steps(workdir: Path, steps=(1, 2), data=True) -> None:

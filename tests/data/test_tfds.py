@@ -78,6 +78,6 @@ def test_unknown_tfds_name_and_prefix(tmp_path):
     with pytest.raises(ValueError, match="TFDS has no dataset 'no_such_set'"):
         build_data({"source": "tfds:no_such_set", "data_dir": str(tmp_path)}, seed=0)
     with pytest.raises(
-        ValueError, match='data.source: expected one of "digits", "tfds:NAME.*found \'csv:x.csv\''
+        ValueError, match='data.source: expected one of "digits", "tfds:NAME.*found \'hdf5:x.h5\''
     ):
-        build_data({"source": "csv:x.csv"}, seed=0)
+        build_data({"source": "hdf5:x.h5"}, seed=0)

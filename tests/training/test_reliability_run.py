@@ -100,7 +100,7 @@ def test_resume_skips_a_step_without_its_data_position_and_stays_exact(tmp_path,
 
 
 def test_evaluate_leaves_in_flight_saves_and_with_init_from_refuses_a_corrupt_step(tmp_path):
-    from test_reliability_checkpoint import flip_a_byte
+    from _corrupt import flip_a_byte
 
     from jaxdl.checkpoint.integrity import CorruptCheckpointError
     from jaxdl.training.evaluate import evaluate_workdir
