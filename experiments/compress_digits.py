@@ -50,7 +50,7 @@ def evaluate_params(
     setup, data, params: Mapping, split: str = "test", batch_size: int = 256
 ) -> dict[str, float]:
     """The task's metrics (accuracy, loss, ... or bits_per_byte) of `params` on `split`."""
-    from jaxdl.training.trainer import evaluate_split
+    from jaxdl.training.evaluate import evaluate_split
 
     eval_step = steps.make_eval_step(setup.model, setup.head)
     return evaluate_split(

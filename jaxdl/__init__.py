@@ -38,7 +38,7 @@ _EXPORTS = {
     "make_train_step": "jaxdl.core.steps",
     "model_names": "jaxdl.models",
     "register": "jaxdl.models",
-    "restore_pretrained": "jaxdl.checkpoint.read",
+    "restore_pretrained": "jaxdl.finetune.surgery",
     "train": "jaxdl.training.trainer",
 }
 
@@ -67,11 +67,12 @@ assert set(__all__) == set(_EXPORTS)
 if TYPE_CHECKING:
     from jaxdl.checkpoint.load import load_model
     from jaxdl.checkpoint.manager import Checkpointer
-    from jaxdl.checkpoint.read import load_params, load_variables, restore_pretrained
+    from jaxdl.checkpoint.read import load_params, load_variables
     from jaxdl.config import default_config, load_config
     from jaxdl.core.state import TrainState
     from jaxdl.core.steps import make_eval_step, make_predict, make_train_step
     from jaxdl.errors import UserError
+    from jaxdl.finetune.surgery import restore_pretrained
     from jaxdl.models import create_model, model_names, register
     from jaxdl.training.build import Setup, build
     from jaxdl.training.trainer import train

@@ -34,27 +34,12 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxdl.checkpoint.integrity import CorruptCheckpointError, write_digest
-from jaxdl.checkpoint.read import (
-    check_step,
-    format_report,
-    load_params,
-    load_variables,
-    orbax_errors,
-    restore_pretrained,
-    state_metadata,
-)
+from jaxdl.checkpoint.read import check_step, orbax_errors, require_step, state_metadata
 from jaxdl.core.state import TrainState
 from jaxdl.core.tree import leaf_paths
 from jaxdl.errors import UserError, warn
 
-__all__ = [
-    "Checkpointer",
-    "format_report",
-    "load_params",
-    "load_variables",
-    "remove_tmp_dirs",
-    "restore_pretrained",
-]
+__all__ = ["Checkpointer", "remove_tmp_dirs"]
 
 TMP_SUFFIX = ocp.path.step.TMP_DIR_SUFFIX  # ".orbax-checkpoint-tmp"
 CORRUPT_SUFFIX = ".corrupt"
@@ -292,11 +277,7 @@ class Checkpointer:
                 "WORKDIR/checkpoints/<step>). Fix: train from scratch or use the workdir of "
                 "the run to resume."
             )
-        if step not in steps:
-            raise UserError(
-                f"resume: step {step} not found in {self.directory}; available steps: "
-                f"{sorted(steps)}. Fix: use one of these or None for the latest."
-            )
+        require_step(self.directory, step, steps, "resume")
         step_dir = self.directory / str(step)
         check_step(step_dir)
         if require_data and not (step_dir / "data").is_dir():

@@ -98,7 +98,7 @@ def build(
     """Build model, task, optimizer and initial TrainState for ``cfg``.
 
     ``restore_fn(init_from, variables) -> (variables, report)`` loads pretrained weights
-    (`jaxdl.checkpoint.read.restore_pretrained`); it is called only when init_from is set.
+    (`jaxdl.finetune.surgery.restore_pretrained`); it is called only when init_from is set.
     With a ``mesh`` the state is created sharded (`jaxdl.parallel.sharding`) and ``Setup.layout``
     says where each leaf lives. ``task_fields`` (`Data.task_fields`) are what the data fixes:
     model options it accepts (a table's columns, output width) and head constants.
@@ -115,7 +115,7 @@ def build(
     init_report = None
     if cfg.init_from.checkpoint:
         if restore_fn is None:
-            from jaxdl.checkpoint.manager import restore_pretrained as restore_fn
+            from jaxdl.finetune.surgery import restore_pretrained as restore_fn
         init_from = cfg.init_from.to_dict()
         init_from["step"] = None if init_from["step"] < 0 else init_from["step"]
         variables, init_report = restore_fn(init_from, variables)

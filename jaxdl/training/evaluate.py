@@ -1,16 +1,97 @@
-"""Evaluate a trained workdir: rebuild from config.json, restore the latest checkpoint."""
+"""Evaluation: score a split exactly (`evaluate_split`), and restore or evaluate a trained
+workdir (rebuild from config.json, restore a checkpoint). The fit loop, `jaxdl evaluate`,
+sweeps and the compression study all score through here."""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
+import ml_collections
+
 from jaxdl.checkpoint.load import load_run_config
 from jaxdl.core import steps
-from jaxdl.data import Data, build_data
+from jaxdl.core.heads import finalize
+from jaxdl.data import Data, build_data, validate_batch
 from jaxdl.errors import UserError
 from jaxdl.parallel import sharding
+from jaxdl.training import scores
 from jaxdl.training.build import Setup, build
+
+
+def evaluate_split(
+    eval_step,
+    state,
+    batches: Iterable[Mapping],
+    kind: str,
+    num_classes: int = 0,
+    threshold: float | None = None,
+) -> dict[str, Any]:
+    """Sum masked metrics over a split on the device, then one transfer.
+
+    Heads that return per-example outputs also get exact whole-split metrics (AUC, F1,
+    R^2: `jaxdl.training.scores`) and their per-class lists (non-scalar values). Binary:
+    ``threshold`` (chosen on val) adds F1 and accuracy at it.
+    """
+    sums, per_example = None, []
+    for batch in batches:
+        out = dict(eval_step(state, batch))
+        if "per_example" in out:
+            per_example.append(out.pop("per_example"))
+        sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+    assert sums is not None, "empty evaluation split"
+    metrics: dict[str, Any] = finalize(jax.device_get(sums), kind)
+    if per_example:
+        arrays = scores.gather(jax.device_get(per_example))
+        metrics.update(scores.exact_metrics(kind, arrays, threshold))
+        metrics.update(scores.details(kind, arrays, num_classes))
+    return metrics
+
+
+def scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The scalar metrics (what metrics.jsonl and TensorBoard take)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def eval_batches(data, split: str, batch_size: int, spec, num_classes: int, placement=None):
+    """The split's batches (``batch_size`` per process), the first one validated on the host,
+    each placed with ``placement`` (the batch sharding) when given."""
+    for i, batch in enumerate(data.eval_iter(split, batch_size)):
+        if i == 0:
+            validate_batch(batch, spec, num_classes, split=split)
+        yield batch if placement is None else sharding.put_batch(batch, placement)
+
+
+def with_pinned_base(cfg: ml_collections.ConfigDict, workdir: Path):
+    """On resume, restore the exact base step the run's checkpoints name (`_pinned_base`).
+
+    A LoRA run's checkpoints hold no base weights, so resuming from "latest" of a base
+    workdir that has trained on since would silently change the frozen weights.
+    """
+    from jaxdl.checkpoint.integrity import CorruptCheckpointError
+    from jaxdl.checkpoint.read import list_steps
+    from jaxdl.checkpoint.read import read_json as read_item
+
+    steps = list_steps(workdir / "checkpoints")
+    if not cfg.init_from.checkpoint or not steps:
+        return cfg
+    pinned = {}
+    for step in reversed(steps):  # the step resume will use: the newest intact one
+        try:
+            pinned = (read_item(workdir / "checkpoints" / str(step), "config") or {}).get(
+                "init_from", {}
+            )
+            break
+        except CorruptCheckpointError:
+            continue
+    if not pinned.get("checkpoint"):
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.init_from.checkpoint, cfg.init_from.step = pinned["checkpoint"], int(pinned["step"])
+    return cfg
 
 
 def restore_run(
@@ -31,8 +112,6 @@ def restore_run(
         num_classes=cfg.model.get("num_classes"),
         task=cfg.get("task") or None,
     )
-    from jaxdl.training.trainer import with_pinned_base
-
     setup = build(
         with_pinned_base(cfg, workdir),  # a LoRA run's frozen base: the step it trained on
         kind=data.kind,
@@ -55,8 +134,6 @@ def restore_run(
 
 
 def evaluate_workdir(workdir: str | Path, split: str = "test") -> dict[str, float]:
-    from jaxdl.training.trainer import _eval_batches, evaluate_split
-
     cfg, setup, data = restore_run(workdir, sharded=True)
     if split not in data.split_sizes:
         raise UserError(f"--split: expected one of {sorted(data.split_sizes)}, found {split!r}.")
@@ -65,7 +142,7 @@ def evaluate_workdir(workdir: str | Path, split: str = "test") -> dict[str, floa
     )
     batch_size = cfg.data.eval_batch_size or cfg.data.batch_size
     local = sharding.per_process_batch(batch_size, setup.layout.mesh, field="data.eval_batch_size")
-    batches = _eval_batches(
+    batches = eval_batches(
         data, split, local, data.example_spec, data.num_classes, setup.layout.batch
     )
     metrics = evaluate_split(eval_step, setup.state, batches, data.kind, data.num_classes)

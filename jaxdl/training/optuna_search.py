@@ -107,7 +107,7 @@ def run(
 ) -> None:
     """Ask, train and tell until the study holds ``trials`` trials."""
     optuna = _import_optuna()
-    from jaxdl.training.sweep import _group_key, member_config, run_group
+    from jaxdl.training.sweep import group_key, member_config, run_group
 
     if strategy == "grid":
         for s in spaces:
@@ -139,7 +139,7 @@ def run(
             break
         groups: dict[str, list] = {}
         for item in asked:
-            groups.setdefault(_group_key(item[1]), []).append(item)
+            groups.setdefault(group_key(item[1]), []).append(item)
         for members in groups.values():
             echo(f"sweep: training trials {[t.number for t, _ in members]} together")
 

@@ -64,7 +64,7 @@ def member_config(
     return out
 
 
-def _group_key(params: dict[str, Any]) -> str:
+def group_key(params: dict[str, Any]) -> str:
     fixed = {k: v for k, v in params.items() if k not in vmapped.VMAPPED_KEYS}
     return json.dumps(fixed, sort_keys=True)
 
@@ -150,7 +150,7 @@ def run_sweep(
             pending.append((i, params, member_dir))
     groups: dict[str, list] = {}
     for item in pending:
-        groups.setdefault(_group_key(item[1]), []).append(item)
+        groups.setdefault(group_key(item[1]), []).append(item)
     for members in groups.values():
         for start in range(0, len(members), parallel):
             chunk = members[start : start + parallel]

@@ -11,7 +11,6 @@ each split.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import time
@@ -27,7 +26,7 @@ import numpy as np
 from jaxdl import config as config_lib
 from jaxdl.core import steps
 from jaxdl.core import tree as tree_lib
-from jaxdl.core.heads import FLAGS, check_label_flags, finalize
+from jaxdl.core.heads import FLAGS, check_label_flags
 from jaxdl.data import build_data, prefetch_to_device, validate_batch
 from jaxdl.data.pipeline import format_report as format_data_report
 from jaxdl.errors import Stopped, UserError
@@ -37,6 +36,7 @@ from jaxdl.finetune.hub.vision import with_source_preprocessing
 from jaxdl.parallel import sharding
 from jaxdl.training import scores
 from jaxdl.training.build import Setup, build
+from jaxdl.training.evaluate import eval_batches, evaluate_split, scalars, with_pinned_base
 from jaxdl.training.guards import stop_on_signals, workdir_lock
 from jaxdl.training.runlog import MetricLogger, params_sha256, plot_curves, read_metrics, write_json
 
@@ -117,49 +117,6 @@ def _config_diff(old: Mapping, new: Mapping, defaults: Mapping, prefix: str = ""
         elif a != b:
             diff.add(f"{prefix}{key}")
     return diff
-
-
-def evaluate_split(
-    eval_step,
-    state,
-    batches: Iterable[Mapping],
-    kind: str,
-    num_classes: int = 0,
-    threshold: float | None = None,
-) -> dict[str, Any]:
-    """Sum masked metrics over a split on the device, then one transfer.
-
-    Heads that return per-example outputs also get exact whole-split metrics (AUC, F1,
-    R^2: `jaxdl.training.scores`) and their per-class lists (non-scalar values). Binary:
-    ``threshold`` (chosen on val) adds F1 and accuracy at it.
-    """
-    sums, per_example = None, []
-    for batch in batches:
-        out = dict(eval_step(state, batch))
-        if "per_example" in out:
-            per_example.append(out.pop("per_example"))
-        sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-    assert sums is not None, "empty evaluation split"
-    metrics: dict[str, Any] = finalize(jax.device_get(sums), kind)
-    if per_example:
-        arrays = scores.gather(jax.device_get(per_example))
-        metrics.update(scores.exact_metrics(kind, arrays, threshold))
-        metrics.update(scores.details(kind, arrays, num_classes))
-    return metrics
-
-
-def scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The scalar metrics (what metrics.jsonl and TensorBoard take)."""
-    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-
-
-def _eval_batches(data, split: str, batch_size: int, spec, num_classes: int, placement=None):
-    """The split's batches (``batch_size`` per process), the first one validated on the host,
-    each placed with ``placement`` (the batch sharding) when given."""
-    for i, batch in enumerate(data.eval_iter(split, batch_size)):
-        if i == 0:
-            validate_batch(batch, spec, num_classes, split=split)
-        yield batch if placement is None else sharding.put_batch(batch, placement)
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -244,7 +201,8 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
     eval_every = cfg.eval_every or steps_per_epoch
 
     # ---- model, pretrained restore, partition plan, optimizer, state ----------------------
-    from jaxdl.checkpoint.manager import Checkpointer, format_report
+    from jaxdl.checkpoint.manager import Checkpointer
+    from jaxdl.finetune.surgery import format_report
 
     setup = build(
         with_pinned_base(cfg, workdir),
@@ -359,7 +317,7 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
                 val_metrics = evaluate_split(
                     eval_step,
                     state,
-                    _eval_batches(
+                    eval_batches(
                         data,
                         cfg.data.eval_split,
                         local_eval_batch,
@@ -418,7 +376,7 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
             test_metrics = evaluate_split(
                 eval_step,
                 state,
-                _eval_batches(
+                eval_batches(
                     data,
                     test_split,
                     local_eval_batch,
@@ -473,35 +431,6 @@ def _pinned_base(config_dict: dict, init_report: dict | None) -> dict:
         return config_dict
     pinned = {"checkpoint": str(Path(init_report["source"]).resolve()), "step": init_report["step"]}
     return {**config_dict, "init_from": {**config_dict["init_from"], **pinned}}
-
-
-def with_pinned_base(cfg: ml_collections.ConfigDict, workdir: Path):
-    """On resume, restore the exact base step the run's checkpoints name (`_pinned_base`).
-
-    A LoRA run's checkpoints hold no base weights, so resuming from "latest" of a base
-    workdir that has trained on since would silently change the frozen weights.
-    """
-    from jaxdl.checkpoint.integrity import CorruptCheckpointError
-    from jaxdl.checkpoint.read import list_steps
-    from jaxdl.checkpoint.read import read_json as read_item
-
-    steps = list_steps(workdir / "checkpoints")
-    if not cfg.init_from.checkpoint or not steps:
-        return cfg
-    pinned = {}
-    for step in reversed(steps):  # the step resume will use: the newest intact one
-        try:
-            pinned = (read_item(workdir / "checkpoints" / str(step), "config") or {}).get(
-                "init_from", {}
-            )
-            break
-        except CorruptCheckpointError:
-            continue
-    if not pinned.get("checkpoint"):
-        return cfg
-    cfg = copy.deepcopy(cfg)
-    cfg.init_from.checkpoint, cfg.init_from.step = pinned["checkpoint"], int(pinned["step"])
-    return cfg
 
 
 def _flops_per_token(cfg: ml_collections.ConfigDict, data) -> float | None:

@@ -12,7 +12,8 @@ from _corrupt import flip_a_byte
 from test_manager import CONFIG, assert_same, make_state, zeros_like
 
 from jaxdl.checkpoint.integrity import DIGEST_FILE, CorruptCheckpointError
-from jaxdl.checkpoint.manager import Checkpointer, load_params
+from jaxdl.checkpoint.manager import Checkpointer
+from jaxdl.checkpoint.read import load_params
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,8 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxdl.checkpoint.manager import Checkpointer, load_params, load_variables
-from jaxdl.checkpoint.read import state_metadata
+from jaxdl.checkpoint.manager import Checkpointer
+from jaxdl.checkpoint.read import load_params, load_variables, state_metadata
 from jaxdl.core.state import TrainState
 from jaxdl.errors import UserError
 
@@ -224,7 +224,7 @@ def test_failed_read_prints_nothing_after_the_error(tmp_path):
     for victim in (tmp_path / "checkpoints" / "1" / "state").rglob("d/*"):
         os.truncate(victim, victim.stat().st_size // 2)
     script = (
-        "import time\nfrom jaxdl.checkpoint.manager import load_params\n"
+        "import time\nfrom jaxdl.checkpoint.read import load_params\n"
         f"for _ in range(3):\n    try: load_params({str(tmp_path)!r})\n"
         "    except ValueError: pass\n"
         "time.sleep(0.5)\nprint('done')"

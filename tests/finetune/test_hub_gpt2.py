@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from jaxdl.checkpoint.manager import load_params
+from jaxdl.checkpoint.read import load_params
 from jaxdl.errors import UserError
 from jaxdl.finetune.hub import gpt2, import_checkpoint, readers
 from jaxdl.finetune.hub.hf_export import export_hf

@@ -12,8 +12,7 @@ import pytest
 
 from jaxdl import config as config_lib
 from jaxdl import testing
-from jaxdl.checkpoint.manager import load_params
-from jaxdl.checkpoint.read import state_metadata
+from jaxdl.checkpoint.read import load_params, state_metadata
 from jaxdl.core import steps
 from jaxdl.core import tree as tree_lib
 from jaxdl.finetune import lora

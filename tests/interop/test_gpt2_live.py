@@ -17,7 +17,7 @@ from _gpt2 import randomize_gpt2
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from jaxdl import config as config_lib
-from jaxdl.checkpoint.manager import load_params
+from jaxdl.checkpoint.read import load_params
 from jaxdl.finetune.hub import import_checkpoint
 from jaxdl.finetune.hub.hf_export import export_hf
 from jaxdl.models import create_model

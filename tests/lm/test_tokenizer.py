@@ -89,7 +89,7 @@ def imported(tmp_path_factory):
 
 def test_generate_uses_the_workdir_tokenizer(imported):
     """Greedy generation = argmax of the full-sequence logits, token by token, in BPE ids."""
-    from jaxdl.checkpoint.manager import load_params
+    from jaxdl.checkpoint.read import load_params
     from jaxdl.models import create_model
 
     cfg = json.loads((imported / "config.json").read_text())

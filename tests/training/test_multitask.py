@@ -19,9 +19,10 @@ from sklearn.datasets import load_digits
 
 from jaxdl import config as config_lib
 from jaxdl import testing
-from jaxdl.checkpoint.manager import load_params, restore_pretrained
+from jaxdl.checkpoint.read import load_params
 from jaxdl.core import tree as tree_lib
 from jaxdl.data import build_data
+from jaxdl.finetune.surgery import restore_pretrained
 from jaxdl.training.evaluate import restore_run
 from jaxdl.training.multitask import format_rows, run_tasks, task_configs
 from jaxdl.training.runlog import read_metrics

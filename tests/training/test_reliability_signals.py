@@ -108,6 +108,6 @@ def test_an_error_while_a_save_is_in_flight_is_one_line(tmp_path):
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "found NaN/Inf at step" in lines[0], done.stderr
-    from jaxdl.checkpoint.manager import load_params
+    from jaxdl.checkpoint.read import load_params
 
     assert load_params(tmp_path)["hidden_0"]["kernel"].shape == (64, 512)  # the saves are whole

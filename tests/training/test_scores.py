@@ -8,7 +8,7 @@ from sklearn import metrics as skm
 
 from jaxdl.core import heads
 from jaxdl.training import scores
-from jaxdl.training.trainer import evaluate_split
+from jaxdl.training.evaluate import evaluate_split
 
 LOSS = {"name": "softmax_cross_entropy", "label_smoothing": 0.0}
 

@@ -26,7 +26,7 @@ def export_hf(workdir: str | os.PathLike, out: str | os.PathLike) -> dict[str, A
     from safetensors.numpy import save_file
 
     from jaxdl import config as config_lib
-    from jaxdl.checkpoint.manager import load_params
+    from jaxdl.checkpoint.read import load_params
 
     workdir, out = Path(workdir), Path(out).absolute()
     config_path = workdir / "config.json"

@@ -1,4 +1,5 @@
-"""load_variables / load_params / restore_pretrained on real checkpoints of a tiny model."""
+"""load_variables / load_params (checkpoint.read) and restore_pretrained (finetune.surgery) on
+real checkpoints of a tiny model."""
 
 import json
 
@@ -9,16 +10,12 @@ import numpy as np
 import optax
 import pytest
 
-from jaxdl.checkpoint.manager import (
-    Checkpointer,
-    format_report,
-    load_params,
-    load_variables,
-    restore_pretrained,
-)
+from jaxdl.checkpoint.manager import Checkpointer
+from jaxdl.checkpoint.read import load_params, load_variables
 from jaxdl.core import tree as tree_lib
 from jaxdl.core.state import TrainState
 from jaxdl.errors import UserError
+from jaxdl.finetune.surgery import format_report, restore_pretrained
 
 
 class Net(nn.Module):
