@@ -18,7 +18,15 @@ import numpy as np
 
 from jaxdl.data.batches import EvalBatches, TrainBatches, materialize
 from jaxdl.data.loader import TrainIterator, eval_batches
-from jaxdl.data.sources import Concat, Source, Subset, cheap_labels, load_source, opt
+from jaxdl.data.sources import (
+    Concat,
+    Source,
+    Subset,
+    cheap_labels,
+    load_source,
+    opt,
+    record_labels,
+)
 from jaxdl.data.transforms import EvalChain, Op, TrainChain, parse_transforms
 from jaxdl.errors import UserError
 
@@ -217,11 +225,6 @@ class Relabeled:
         return np.asarray([self.table[int(c)] for c in base[self.indices]], np.int64)
 
 
-def _raw_labels(records: Any, label_key: str) -> np.ndarray:
-    """int64 [N] labels read from the raw records (no image decoding)."""
-    return np.asarray([int(records[i][label_key]) for i in range(len(records))], np.int64)
-
-
 def _keep_classes(source: Source, classes: list, num_classes: int | None) -> None:
     """data.classes: keep these labels in every split, relabelled 0..k-1 in the given order."""
     known = source.num_classes
@@ -246,7 +249,7 @@ def _keep_classes(source: Source, classes: list, num_classes: int | None) -> Non
     label_key = getattr(source.decode, "label_key", "label")
     table = {int(c): new for new, c in enumerate(classes)}
     for name, records in source.splits.items():
-        keep = np.flatnonzero(np.isin(_raw_labels(records, label_key), list(table)))
+        keep = np.flatnonzero(np.isin(record_labels(records, label_key), list(table)))
         source.splits[name] = Relabeled(records, keep, table, label_key)
         source.split_names[name] = f"{source.split_names.get(name, name)}, classes {classes}"
     source.num_classes = len(classes)
@@ -267,7 +270,7 @@ def _first_per_class(source: Source, per_class: int) -> None:
         )
     label_key = getattr(source.decode, "label_key", "label")
     records = source.splits["train"]
-    labels = _raw_labels(records, label_key)
+    labels = record_labels(records, label_key)
     present, counts = np.unique(labels, return_counts=True)
     if counts.min() < per_class:
         short = {int(c): int(n) for c, n in zip(present, counts, strict=True) if n < per_class}

@@ -72,11 +72,7 @@ class Source:
     def labels(self, split: str) -> np.ndarray:
         """int64 [N] labels of a classification split: held in memory, or read from the raw
         records (no image decoding)."""
-        records = self.splits[split]
-        held = cheap_labels(records)
-        if held is not None:
-            return np.asarray(held, np.int64)
-        return np.asarray([int(records[i]["label"]) for i in range(len(records))], np.int64)
+        return record_labels(self.splits[split])
 
 
 # ---- record containers ---------------------------------------------------------------------
@@ -143,6 +139,15 @@ def cheap_labels(records: Sequence, key: str = "label") -> np.ndarray | None:
     """
     method = getattr(records, "cheap_labels", None)
     return None if method is None else method(key)
+
+
+def record_labels(records: Sequence, key: str = "label") -> np.ndarray:
+    """int64 [N] labels of `records`: held in memory, or read from the raw records (no image
+    decoding)."""
+    held = cheap_labels(records, key)
+    if held is not None:
+        return np.asarray(held, np.int64)
+    return np.asarray([int(records[i][key]) for i in range(len(records))], np.int64)
 
 
 # ---- decoding arrays -----------------------------------------------------------------------

@@ -19,7 +19,7 @@ from jaxdl.checkpoint.read import load_checkpoint
 from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
 
-_CATEGORIES = (
+CATEGORIES = (
     "loaded",
     "renamed",
     "reinitialized",
@@ -105,7 +105,7 @@ def restore_pretrained(init_from: Mapping, variables: dict) -> tuple[dict, dict]
         return any(rx.fullmatch(path) for rx in reinit)
 
     report: dict[str, Any] = {"source": str(step_dir), "step": step}
-    report.update({k: [] for k in _CATEGORIES})
+    report.update({k: [] for k in CATEGORIES})
     report["renamed"] = renamed
     report["resampled"] = []  # ViT position tables fitted to another image size
     out: dict[str, Any] = {}
@@ -182,7 +182,7 @@ def _problems(report: Mapping[str, Any]) -> list[str]:
 def format_report(report: Mapping[str, Any]) -> str:
     """The init report as a table: one row per category with its count and paths."""
     lines = [f"init_from {report['source']} (step {report['step']})"]
-    for name in _CATEGORIES:
+    for name in CATEGORIES:
         entries = report.get(name) or []
         if name == "renamed":
             shown = [f"{old} -> {new}" for old, new in dict(entries).items()]

@@ -31,20 +31,9 @@ import numpy as np
 
 from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
+from jaxdl.finetune.surgery import CATEGORIES  # import_report.json reads like init_report.json
 
 Transform = Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
-
-# The init_report.json categories (jaxdl/checkpoint/read.py), so both reports read alike.
-CATEGORIES = (
-    "loaded",
-    "renamed",
-    "reinitialized",
-    "missing",
-    "unexpected",
-    "ignored",
-    "shape_mismatch",
-    "dtype_cast",
-)
 
 
 def identity(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
