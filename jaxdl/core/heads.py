@@ -295,8 +295,13 @@ def regression(
     return Head("regression", input_key, loss, eval_sums)
 
 
-def language_model() -> Head:
-    """Next-token prediction on byte windows: inputs [B, T] -> targets [B, T]."""
+def language_model(bytes_per_token: float = 1.0) -> Head:
+    """Next-token prediction on token windows: inputs [B, T] -> targets [B, T].
+
+    ``bytes_per_token``: the tokenizer's average over the corpus (1 for bytes), so
+    bits_per_byte is per byte of text whatever the tokenizer; perplexity stays per token.
+    """
+    bits_per_nat = 1.0 / (math.log(2) * float(bytes_per_token))
 
     def token_losses(logits, batch):
         return losses.softmax_cross_entropy(logits.astype(jnp.float32), batch["targets"])
@@ -304,12 +309,13 @@ def language_model() -> Head:
     def loss(logits, batch):
         per_token = token_losses(logits, batch)
         mean = per_token.mean()
-        return mean, {"bits_per_byte": mean / math.log(2)}
+        return mean, {"bits_per_byte": mean * bits_per_nat}
 
     def eval_sums(logits, batch):
         per_token = token_losses(logits, batch)  # [B, T]
         mask = batch["mask"][:, None] * jnp.ones_like(per_token)
-        return {"loss": jnp.sum(per_token * mask), "count": jnp.sum(mask)}
+        total = jnp.sum(per_token * mask)
+        return {"loss": total, "bits_per_byte": total * bits_per_nat, "count": jnp.sum(mask)}
 
     return Head("lm", "inputs", loss, eval_sums)
 
@@ -318,7 +324,7 @@ def make_head(kind: str, loss_cfg: Mapping[str, Any], num_classes: int, **fields
     """The head for task ``kind``. ``fields`` are what the data fixed (`Data.task_fields`
     "head"): input_key, class_counts (train), target_mean / target_std (regression)."""
     if kind == "lm":
-        return language_model()
+        return language_model(**fields)
     if kind == "binary":
         return binary(loss_cfg, **fields)
     if kind == "multilabel":
@@ -346,6 +352,6 @@ def finalize(sums: Mapping[str, float], kind: str) -> dict[str, float]:
     count = max(float(sums["count"]), 1.0)
     out = {k: float(v) / count for k, v in sums.items() if k not in ("count", "bad_labels")}
     if kind == "lm":
-        out["bits_per_byte"] = out["loss"] / math.log(2)
+        out.setdefault("bits_per_byte", out["loss"] / math.log(2))
         out["perplexity"] = math.exp(min(out["loss"], 50.0))
     return out

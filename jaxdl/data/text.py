@@ -147,11 +147,11 @@ def text_source(spec: str, cfg: Mapping) -> Source:
             "seq_len": seq_len,
             "corpus_bytes": len(raw),
             "corpus_tokens": int(len(corpus)),
-            # with a tokenizer the LM's bits_per_byte metric is per token; divided by this,
-            # it is per byte of text
             "bytes_per_token": len(raw) / max(len(corpus), 1),
             f"val_{unit}": n_val,
         },
+        # the head reports bits per byte of text, whatever the tokenizer
+        task_fields={"head": {"bytes_per_token": len(raw) / max(len(corpus), 1)}},
         split_names={
             "train": f"{unit}[:{len(train)}]",
             "val": f"{unit}[{len(train)}:]",

@@ -121,6 +121,7 @@ def run_federated(
         example_spec=data.example_spec,
         num_classes=data.num_classes,
         total_steps=local_total,
+        task_fields=data.task_fields,
     )
     trainable = setup.state.params
     mults = dict(

@@ -222,6 +222,7 @@ def run_group(
             example_spec=data.example_spec,
             num_classes=data.num_classes,
             total_steps=total_steps,
+            task_fields=data.task_fields,
         )
         for c in cfgs
     ]

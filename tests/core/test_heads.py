@@ -72,3 +72,16 @@ def test_multilabel_loss_averages_labels():
     loss, metrics = heads.multilabel(DEFAULT).loss(logits, {"label": jnp.asarray([[1.0, 0, 1]])})
     assert float(loss) == pytest.approx(np.log(2), rel=1e-6)
     assert float(metrics["label_accuracy"]) == pytest.approx(1 / 3)
+
+
+def test_language_model_bits_are_per_byte_of_text_whatever_the_tokenizer():
+    logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.25, 0.5, 0.25]]]))  # [1, 2, 3]
+    batch = {"targets": jnp.array([[0, 0]]), "mask": jnp.array([1.0])}
+    nats = -(np.log(0.5) + np.log(0.25))  # two tokens
+    for bytes_per_token in (1.0, 3.5):
+        head = heads.language_model(bytes_per_token=bytes_per_token)
+        out = heads.finalize(head.eval_sums(logits, batch), "lm")
+        np.testing.assert_allclose(out["loss"], nats / 2, rtol=1e-6)
+        np.testing.assert_allclose(out["bits_per_byte"], nats / 2 / np.log(2) / bytes_per_token)
+        _, train = head.loss(logits, batch)
+        np.testing.assert_allclose(train["bits_per_byte"], out["bits_per_byte"], rtol=1e-6)

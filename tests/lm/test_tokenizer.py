@@ -69,6 +69,8 @@ def test_text_source_with_a_tokenizer():
     assert by_bytes.num_classes == 256 and by_bytes.preprocessing["tokenizer"] == "bytes"
     assert by_bytes.preprocessing["bytes_per_token"] == 1.0
     assert data.preprocessing["bytes_per_token"] > 1.5
+    # the LM head reports bits per byte of text, not per token
+    assert data.task_fields["head"]["bytes_per_token"] == data.preprocessing["bytes_per_token"]
     # tokens: fewer windows than bytes, and the first window decodes to the corpus's start
     assert data.split_sizes["train"] < by_bytes.split_sizes["train"] / 1.5
     batch = next(iter(data.eval_iter("val", 4)))
