@@ -189,7 +189,7 @@ def run(argv: Sequence[str]) -> int:
 
         run_demo(args.workdir, task=args.task)
     elif args.command == "export":
-        from jaxdl.deploy.export import export_workdir
+        from jaxdl.training.evaluate import export_workdir
 
         meta = export_workdir(
             args.workdir, args.out, platforms=args.platforms or ["cpu"], quantize=args.quantize

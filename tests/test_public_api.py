@@ -60,3 +60,17 @@ def test_load_model_gives_the_logits_the_run_was_scored_with(tmp_path):
         total += int(mask.sum())
     assert total == 360
     np.testing.assert_allclose(correct / total, summary["test_accuracy"], atol=1e-9)
+
+
+def test_deploy_never_imports_training_orbax_or_grain():
+    import ast
+    from pathlib import Path
+
+    deploy = Path(jaxdl.__file__).parent / "deploy"
+    for path in deploy.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom | ast.Import):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                names += [alias.name for alias in getattr(node, "names", [])]
+                bad = [n for n in names if n.startswith(("jaxdl.training", "orbax", "grain"))]
+                assert not bad, f"{path.name} imports {bad}"

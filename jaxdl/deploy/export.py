@@ -1,6 +1,6 @@
 """Deployment: a trained workdir -> one `jax.export` artifact + JSON sidecar.
 
-    export_workdir("runs/digits_cnn", "digits.jaxexport")       # + digits.jaxexport.json
+    jaxdl.training.evaluate.export_workdir("runs/digits_cnn", "digits.jaxexport")  # + .json
 
 Running an artifact is `jaxdl.deploy.predict` (load, predict, predict_files).
 
@@ -399,21 +399,4 @@ def export_run(
         quantize=quantize,
         metadata=meta,
         **kwargs,
-    )
-
-
-def export_workdir(
-    workdir: str | Path,
-    out_path: str | Path,
-    *,
-    platforms: Sequence[str] = ("cpu",),
-    quantize: str | None = None,
-) -> dict:
-    """The latest checkpoint of a `jaxdl train` workdir -> artifact + sidecar; the sidecar."""
-    from jaxdl.training.evaluate import restore_run
-
-    _check_platforms(platforms)
-    cfg, setup, data = restore_run(workdir)
-    return export_run(
-        cfg, setup, data, out_path, platforms=platforms, quantize=quantize, workdir=workdir
     )

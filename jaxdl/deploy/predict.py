@@ -150,7 +150,7 @@ class Predictor:
 
 
 def load(path: str | Path) -> Predictor:
-    """Load an artifact written by `export_workdir`; refuses corrupt or incompatible files."""
+    """Load an artifact written by `jaxdl export`; refuses corrupt or incompatible files."""
     path = Path(path)
     meta = read_metadata(path)
     blob = path.read_bytes()

@@ -5,7 +5,7 @@ sweeps and the compression study all score through here."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +147,22 @@ def evaluate_workdir(workdir: str | Path, split: str = "test") -> dict[str, floa
     )
     metrics = evaluate_split(eval_step, setup.state, batches, data.kind, data.num_classes)
     return {"split": split, "step": int(setup.state.step), **metrics}
+
+
+def export_workdir(
+    workdir: str | Path,
+    out_path: str | Path,
+    *,
+    platforms: Sequence[str] = ("cpu",),
+    quantize: str | None = None,
+) -> dict:
+    """The latest checkpoint of a `jaxdl train` workdir -> artifact + sidecar; the sidecar.
+
+    The one place a workdir meets `jaxdl.deploy`: deploy itself never reads a workdir.
+    """
+    from jaxdl.deploy.export import export_run
+
+    cfg, setup, data = restore_run(workdir)
+    return export_run(
+        cfg, setup, data, out_path, platforms=platforms, quantize=quantize, workdir=workdir
+    )

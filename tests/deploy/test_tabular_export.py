@@ -12,9 +12,8 @@ import pytest
 from jaxdl import testing
 from jaxdl.core import steps
 from jaxdl.data.tabular import encode_features, read_csv
-from jaxdl.deploy.export import export_workdir
 from jaxdl.deploy.predict import predict_files
-from jaxdl.training.evaluate import restore_run
+from jaxdl.training.evaluate import export_workdir, restore_run
 
 SHORT = ["--config.num_epochs=0", "--config.num_steps=20", "--config.log_every=10"]
 

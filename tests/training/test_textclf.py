@@ -15,11 +15,10 @@ from jaxdl.cli import main as cli_main
 from jaxdl.core import steps, tree
 from jaxdl.data import build_data
 from jaxdl.data.textfolder import encode_text
-from jaxdl.deploy.export import export_workdir
 from jaxdl.deploy.predict import predict_files
 from jaxdl.errors import UserError
 from jaxdl.models import create_model
-from jaxdl.training.evaluate import restore_run
+from jaxdl.training.evaluate import export_workdir, restore_run
 
 TINY = {"name": "transformer", "size": "tiny", "vocab_size": 256}
 
