@@ -34,8 +34,9 @@ from pathlib import Path
 import jax
 
 from jaxdl import config as config_lib
+from jaxdl.fileio import write_json
 from jaxdl.training.multitask import run_tasks
-from jaxdl.training.runlog import read_metrics, write_json
+from jaxdl.training.runlog import read_metrics
 from jaxdl.training.trainer import train
 
 CNN_CONFIG = Path(__file__).with_name("digits_cnn.py")

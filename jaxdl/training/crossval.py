@@ -9,7 +9,8 @@ import ml_collections
 import numpy as np
 
 from jaxdl.errors import UserError
-from jaxdl.training.runlog import read_metrics, write_json
+from jaxdl.fileio import write_json
+from jaxdl.training.runlog import read_metrics
 from jaxdl.training.trainer import train
 
 

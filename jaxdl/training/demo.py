@@ -18,8 +18,8 @@ from pathlib import Path
 
 from jaxdl import config as config_lib
 from jaxdl.errors import UserError
+from jaxdl.fileio import write_json
 from jaxdl.tables import text_table
-from jaxdl.training.runlog import write_json
 
 
 def _shipped_config(name: str, overrides: list[str] = ()):

@@ -34,9 +34,10 @@ from jaxdl.core.optim import make_optimizer
 from jaxdl.data import build_data
 from jaxdl.data.sources import Subset
 from jaxdl.errors import UserError
+from jaxdl.fileio import write_json
 from jaxdl.finetune import partition
 from jaxdl.training.build import build
-from jaxdl.training.runlog import MetricLogger, params_sha256, write_json
+from jaxdl.training.runlog import MetricLogger, params_sha256
 from jaxdl.training.trainer import check_workdir, full_params
 
 MAX_DRAWS = 1000

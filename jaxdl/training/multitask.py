@@ -28,8 +28,9 @@ import ml_collections
 
 from jaxdl import config as config_lib
 from jaxdl.errors import UserError
+from jaxdl.fileio import write_json
 from jaxdl.tables import text_table
-from jaxdl.training.runlog import read_metrics, write_json
+from jaxdl.training.runlog import read_metrics
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _COLUMNS = ("task", "trainable_params", "steps", "step_ms", "wall_s")

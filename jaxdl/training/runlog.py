@@ -19,9 +19,9 @@ import numpy as np
 
 from jaxdl.core import tree
 from jaxdl.errors import UserError, warn
-from jaxdl.fileio import atomic_write_bytes, atomic_write_text, write_json
+from jaxdl.fileio import atomic_write_bytes, atomic_write_text
 
-__all__ = ["MetricLogger", "params_sha256", "plot_curves", "read_metrics", "write_json"]
+__all__ = ["MetricLogger", "params_sha256", "plot_curves", "read_metrics"]
 
 
 def params_sha256(params: Mapping[str, Any]) -> str:

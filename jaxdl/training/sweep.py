@@ -36,11 +36,12 @@ from jaxdl.core import heads, vmapped
 from jaxdl.core.optim import make_optimizer
 from jaxdl.data import build_data, validate_batch
 from jaxdl.errors import UserError
+from jaxdl.fileio import write_json
 from jaxdl.finetune import partition
 from jaxdl.training import scores
 from jaxdl.training import spaces as spaces_lib
 from jaxdl.training.build import build
-from jaxdl.training.runlog import MetricLogger, params_sha256, read_metrics, write_json
+from jaxdl.training.runlog import MetricLogger, params_sha256, read_metrics
 from jaxdl.training.trainer import (
     EarlyStopping,
     check_workdir,

@@ -30,7 +30,7 @@ from jaxdl.core.heads import FLAGS, check_label_flags
 from jaxdl.data import build_data, prefetch_to_device, validate_batch
 from jaxdl.data.pipeline import format_report as format_data_report
 from jaxdl.errors import Stopped, UserError
-from jaxdl.fileio import read_json
+from jaxdl.fileio import read_json, write_json
 from jaxdl.finetune import partition
 from jaxdl.finetune.hub.vision import with_source_preprocessing
 from jaxdl.parallel import sharding
@@ -38,7 +38,7 @@ from jaxdl.training import scores
 from jaxdl.training.build import Setup, build
 from jaxdl.training.evaluate import eval_batches, evaluate_split, scalars, with_pinned_base
 from jaxdl.training.guards import stop_on_signals, workdir_lock
-from jaxdl.training.runlog import MetricLogger, params_sha256, plot_curves, read_metrics, write_json
+from jaxdl.training.runlog import MetricLogger, params_sha256, plot_curves, read_metrics
 
 # Keys a resumed run may change: extending a run is the point of resuming it; the mesh is
 # where it runs, not what it computes (checkpoints restore onto any mesh); logging, eval and
