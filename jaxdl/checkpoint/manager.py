@@ -21,6 +21,7 @@ it; every restore verifies it before Orbax reads a byte. Reading helpers (`load_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import flags
 
 from jaxdl.checkpoint.integrity import CorruptCheckpointError, write_digest
 from jaxdl.checkpoint.read import check_step, orbax_errors, require_step, state_metadata
@@ -103,6 +105,25 @@ def _fit_errors(target: TrainState, saved: Mapping[str, Any]) -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def coordinator_barriers():
+    """Within: Orbax's cross-process barriers wait on jax.distributed's key-value store.
+
+    By default Orbax syncs processes with a device collective (`sync_global_devices`),
+    some of them from its background save threads. A collective issued from two threads
+    can interleave with the train step's collectives in a different order in each process
+    and deadlock for good (Orbax's `synchronization.py` warns of it); the key-value
+    barrier touches no device and times out with an error instead.
+    """
+    flag = flags.FLAGS["experimental_orbax_use_distributed_barrier"]
+    before = flag.value, flag.present
+    flag.parse("true")  # read even when absl never parsed argv (`present` counts)
+    try:
+        yield
+    finally:
+        flag.value, flag.present = before
+
+
 class Checkpointer:
     """Async Orbax checkpointing of a TrainState plus data-iterator state and config."""
 
@@ -130,6 +151,9 @@ class Checkpointer:
         self.best_directory = Path(workdir) / "checkpoints_best"
         self.best_metric, self.best_mode, self.save_frozen = best_metric, best_mode, save_frozen
         self._saving: dict[Path, int] = {}  # manager directory -> step of its save in flight
+        self._scope = contextlib.ExitStack()  # closed last by close()
+        if jax.process_count() > 1:
+            self._scope.enter_context(coordinator_barriers())
         if read_only:
             options = ocp.CheckpointManagerOptions(
                 read_only=True, save_interval_steps=0, max_to_keep=None, create=False
@@ -361,9 +385,12 @@ class Checkpointer:
 
     def close(self) -> None:
         """Finish pending saves and release Orbax's threads."""
-        self._manager.close()
-        if self._best_manager is not None:
-            self._best_manager.close()
+        try:
+            self._manager.close()
+            if self._best_manager is not None:
+                self._best_manager.close()
+        finally:
+            self._scope.close()
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -24,9 +24,11 @@ on 1 device, 8 devices or 4 hosts.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -376,6 +378,28 @@ def detected_cluster(environ: Mapping[str, str] | None = None) -> str | None:
     return None
 
 
+def check_port_free(port: int) -> None:
+    """Refuse a coordinator port that process 0 cannot listen on.
+
+    jax.distributed binds the coordination service to `[::]:PORT` (all interfaces); when
+    that fails, gRPC logs one line and the process crashes (SIGSEGV) while the others wait.
+    """
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+                s.bind((host, port))
+            return
+        except OSError as e:
+            if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise UserError(
+                    f"--coordinator: process 0 listens on port {port}, found it unavailable "
+                    f"on this host ({e.strerror}). Fix: pick a free port and pass it to every "
+                    "process."
+                ) from None
+            # No IPv6 on this host: the IPv4 wildcard is what gRPC falls back to.
+
+
 def initialize_distributed(
     coordinator: str | None = None,
     num_processes: int | None = None,
@@ -419,6 +443,8 @@ def initialize_distributed(
         )
     if jax.distributed.is_initialized():
         return True
+    if coordinator is not None and process_id == 0:
+        check_port_free(int(coordinator.rsplit(":", 1)[1]))
     if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(

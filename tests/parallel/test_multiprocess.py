@@ -8,8 +8,8 @@ every step sees the same rows in the same places as the one-process run: with dr
 
 import json
 import os
+import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 
 from jaxdl.data import build_data
+from jaxdl.errors import UserError
+from jaxdl.parallel import sharding
 from jaxdl.training.runlog import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,21 +35,35 @@ OVERRIDES = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def coordinator_port() -> int:
+    """A free port BELOW the kernel's ephemeral range.
+
+    A port from bind(0) is an ephemeral one: until process 0 listens on it (seconds of
+    imports later) any outgoing connection may take it, including process 1's own retries,
+    which can connect to themselves (TCP self-connect) and hang the run.
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(max(1024, low - 12000), low)
+        try:
+            sharding.check_port_free(port)
+            return port
+        except UserError:
+            continue
+    raise RuntimeError(f"no free port below {low}")
 
 
 def launch(workdir: Path, processes: int, devices: int, cache: Path) -> list[subprocess.Popen]:
     """Start `processes` x `jaxdl train` on `devices` CPU devices each; logs in WORKDIR.p<i>.log."""
-    port = free_port()
+    port = coordinator_port()
     env = {
         **os.environ,
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
         "JAX_PLATFORMS": "cpu",
         "JAX_COMPILATION_CACHE_DIR": str(cache),  # restarted processes reuse the programs
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "PYTHONFAULTHANDLER": "1",  # a hung process killed with SIGABRT prints its threads
     }
     procs = []
     for i in range(processes):
@@ -61,12 +77,33 @@ def launch(workdir: Path, processes: int, devices: int, cache: Path) -> list[sub
     return procs
 
 
-def wait(procs: list[subprocess.Popen], workdir: Path, timeout: float = 600) -> None:
+def wait(procs: list[subprocess.Popen], workdir: Path, timeout: float = 300) -> None:
+    """All of `procs` exit 0 within `timeout`; else stop them all and show every log.
+
+    Watches all processes at once: when one fails, its peers block in a collective, so
+    waiting on them one by one would only report the timeout.
+    """
     deadline = time.time() + timeout
-    for i, proc in enumerate(procs):
-        rc = proc.wait(timeout=max(1, deadline - time.time()))
-        log = Path(f"{workdir}.p{i}.log").read_text()
-        assert rc == 0, f"process {i} exited with {rc}:\n{log[-3000:]}"
+    while any(p.poll() is None for p in procs) and time.time() < deadline:
+        if any(p.poll() not in (None, 0) for p in procs):
+            break
+        time.sleep(0.1)
+    hung = [p for p in procs if p.poll() is None]
+    for p in hung:  # faulthandler dumps every thread's stack into the log on SIGABRT
+        p.send_signal(signal.SIGABRT)
+    for p in hung:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    if hung or any(p.returncode != 0 for p in procs):
+        logs = "\n".join(
+            f"--- process {i} (rc {p.returncode}{', hung' if p in hung else ''}):\n"
+            + Path(f"{workdir}.p{i}.log").read_text()[-3000:]
+            for i, p in enumerate(procs)
+        )
+        pytest.fail(f"{len(procs)}-process run in {workdir} failed:\n{logs}")
 
 
 def train_losses(workdir: Path) -> np.ndarray:

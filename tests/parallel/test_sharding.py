@@ -8,6 +8,7 @@ the jax import; this process has 1 device) and compare with 1-device runs made h
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdl.core import tree as tree_lib
 from jaxdl.core.state import TrainState
+from jaxdl.errors import UserError
 from jaxdl.models import create_model
 from jaxdl.parallel import sharding
 from jaxdl.training.runlog import read_metrics
@@ -249,6 +251,19 @@ def test_detected_cluster(env, expected):
 def test_distributed_flags_are_checked_before_starting(args, match):
     with pytest.raises(ValueError, match=match):
         sharding.initialize_distributed(*args, environ={})
+
+
+def test_busy_coordinator_port_is_refused_before_starting():
+    # Without the check, gRPC fails to bind and process 0 dies by SIGSEGV.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(
+            UserError, match=rf"^--coordinator: .*port {port}, found it unavailable"
+        ):
+            sharding.initialize_distributed(f"127.0.0.1:{port}", 2, 0, environ={})
+    assert not jax.distributed.is_initialized()
 
 
 def test_no_flags_no_cluster_starts_nothing():
