@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import optax
 
 from jaxdl.core import losses, tree
+from jaxdl.core.batch import BatchSpec, check_batch
 from jaxdl.core.heads import Batch, Head, Metrics
 from jaxdl.core.state import TrainState
-from jaxdl.errors import UserError
 from jaxdl.finetune import lora
 
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
@@ -166,42 +166,13 @@ def eval_step(
     return head.eval_sums(outputs, batch)
 
 
-BatchSpec = Mapping[str, tuple[tuple[int, ...], Any]]  # key -> (per-example shape, dtype)
-
-
-def check_batch(batch: Batch, spec: BatchSpec) -> None:
-    """Refuse a batch the model was not built for (a cheap host check on shapes only).
-
-    Without it a wrong shape either fails deep inside Flax or, worse, silently retraces
-    the step for the new shape.
-    """
-    for key, (shape, dtype) in spec.items():
-        if key not in batch:
-            raise UserError(
-                f"batch: expected key {key!r} (the model was built for {sorted(spec)}), found "
-                f"keys {sorted(batch)}. Fix: feed batches from the same data config."
-            )
-        found = tuple(batch[key].shape[1:])
-        if found != tuple(shape):
-            raise UserError(
-                f"batch[{key!r}]: expected per-example shape {tuple(shape)} (what the model was "
-                f"built for), found {found} (batch shape {tuple(batch[key].shape)}). Fix: resize "
-                "the inputs or rebuild the model for this shape."
-            )
-        if jnp.dtype(batch[key].dtype) != jnp.dtype(dtype):
-            raise UserError(
-                f"batch[{key!r}]: expected dtype {jnp.dtype(dtype)}, found {batch[key].dtype}. "
-                "Fix: cast the inputs in the data pipeline."
-            )
-
-
-def _checked(fn, spec: BatchSpec | None):
+def _checked(fn, spec: BatchSpec | None, where: str):
     if spec is None:
         return fn
 
     @functools.wraps(fn)
     def wrapper(state, batch):
-        check_batch(batch, spec)
+        check_batch(batch, spec, where=where)
         return fn(state, batch)
 
     return wrapper
@@ -230,7 +201,7 @@ def make_train_step(
             out_shardings=(layout.state, layout.replicated),
         )
     step = functools.partial(train_step, model=model, head=head, tx=tx, **kwargs)
-    return _checked(jax.jit(step, donate_argnums=0, **shardings), batch_spec)
+    return _checked(jax.jit(step, donate_argnums=0, **shardings), batch_spec, "train_step")
 
 
 def train_steps(state: TrainState, batches: Batch, **kwargs) -> tuple[TrainState, Metrics]:
@@ -270,7 +241,7 @@ def make_train_steps(
     @functools.wraps(jitted)
     def checked(state, batches):
         one = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in batches.items()}
-        check_batch(one, batch_spec)
+        check_batch(one, batch_spec, where="train_steps")
         return jitted(state, batches)
 
     return checked
@@ -284,7 +255,7 @@ def make_eval_step(
         kwargs["gather"] = layout.gather
         shardings = dict(in_shardings=(layout.state, layout.batch), out_shardings=layout.replicated)
     step = jax.jit(functools.partial(eval_step, model=model, head=head, **kwargs), **shardings)
-    return _checked(step, batch_spec)
+    return _checked(step, batch_spec, "eval_step")
 
 
 def make_predict(model: nn.Module, lora_cfg: Mapping | None = None):
