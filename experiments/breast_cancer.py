@@ -11,16 +11,11 @@ threshold that maximizes F1 on val.
 
 import ml_collections
 
+from jaxdl.configs.tabular import tabular_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.seed = 42
-    c.task = "binary"
-    c.model = {"name": "tabular_mlp", "num_classes": 1, "hidden": (64, 32), "dropout_rate": 0.1}
-    c.data = {"source": "sklearn:breast_cancer", "batch_size": 32}
-    c.optimizer = {"name": "adamw", "learning_rate": 1e-3, "weight_decay": 1e-4}
-    c.num_epochs = 60
-    c.log_every = 20
+    c = tabular_config("sklearn:breast_cancer", task="binary")
     c.best_metric = "val_roc_auc"
     return c
 

@@ -9,17 +9,15 @@ R^2 in summary.json are in the target's original units.
 
 import ml_collections
 
+from jaxdl.configs.tabular import tabular_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.seed = 42
-    c.task = "regression"
-    c.model = {"name": "tabular_mlp", "num_classes": 1, "hidden": (32,), "dropout_rate": 0.1}
-    c.data = {"source": "sklearn:diabetes", "batch_size": 32}
+    c = tabular_config("sklearn:diabetes", task="regression")
+    c.model.hidden = (32,)
     c.loss = {"name": "mse"}
-    c.optimizer = {"name": "adamw", "learning_rate": 1e-3, "weight_decay": 1e-3}
+    c.optimizer.weight_decay = 1e-3
     c.num_epochs = 100
-    c.log_every = 20
     c.best_metric = "val_r2"
     c.early_stopping = {"patience": 10, "min_delta": 0.0}
     return c

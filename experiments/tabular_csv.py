@@ -13,20 +13,7 @@ chose and why. Columns without a numeric value are categorical (embedded by
 train mean (data.missing="mean"), or are an error ("error").
 """
 
-import ml_collections
-
-
-def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.seed = 42
-    c.model = {"name": "tabular_mlp", "num_classes": 1, "hidden": (64, 32), "dropout_rate": 0.1}
-    c.data = {"source": "csv:runs/loans.csv", "label_column": "default", "batch_size": 64}
-    c.optimizer = {"name": "adamw", "learning_rate": 1e-3, "weight_decay": 1e-4}
-    c.num_epochs = 30
-    c.log_every = 50
-    c.best_metric = "val_loss"  # defined for every task
-    return c
-
+from jaxdl.configs.tabular import get_config
 
 if __name__ == "__main__":
     import sys

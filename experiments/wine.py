@@ -9,17 +9,12 @@ drawn as confusion.png).
 
 import ml_collections
 
+from jaxdl.configs.tabular import tabular_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.seed = 42
-    c.task = "classification"
-    c.model = {"name": "tabular_mlp", "num_classes": 3, "hidden": (64, 32), "dropout_rate": 0.1}
-    c.data = {"source": "sklearn:wine", "batch_size": 16}
-    c.optimizer = {"name": "adamw", "learning_rate": 1e-3, "weight_decay": 1e-4}
-    c.num_epochs = 60
-    c.log_every = 20
-    c.best_metric = "val_loss"
+    c = tabular_config("sklearn:wine", task="classification", num_classes=3)
+    c.data.batch_size = 16
     return c
 
 

@@ -130,3 +130,16 @@ def test_sizes_out_of_range_are_refused(tmp_path, override, words):
         "train", "--config", EXPERIMENT, "--workdir", str(tmp_path / "w"), "--no-progress", override
     )
     assert_user_error(done, *words)
+
+
+def test_table_configs_share_the_shipped_base():
+    """experiments/tabular_csv.py is the shipped `tabular` config; the sklearn table
+    experiments differ from it only where they say so."""
+    shipped = config_lib.load_config("tabular")
+    assert config_lib.load_config("experiments/tabular_csv.py").to_dict() == shipped.to_dict()
+    wine = config_lib.load_config("experiments/wine.py")
+    assert (wine.task, wine.model.num_classes, wine.data.batch_size) == ("classification", 3, 16)
+    assert wine.data.source == "sklearn:wine" and wine.model.hidden == shipped.model.hidden
+    diabetes = config_lib.load_config("experiments/diabetes.py")
+    assert (diabetes.model.hidden, diabetes.optimizer.weight_decay) == ((32,), 1e-3)
+    assert diabetes.optimizer.learning_rate == shipped.optimizer.learning_rate

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import optax
 
 from jaxdl.core import losses, tree
+from jaxdl.core.batch import BatchSpec, check_batch
 from jaxdl.core.heads import Batch, Head, Metrics
 from jaxdl.core.state import TrainState
-from jaxdl.errors import UserError
 from jaxdl.finetune import lora
 
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
@@ -166,42 +166,35 @@ def eval_step(
     return head.eval_sums(outputs, batch)
 
 
-BatchSpec = Mapping[str, tuple[tuple[int, ...], Any]]  # key -> (per-example shape, dtype)
+def _jit(fn: Callable, layout, bound: Mapping[str, Any], *, train: bool, stacked: bool = False):
+    """`fn` with `bound` keywords, jitted once (the state donated when training). With a
+    ``layout`` the state keeps its sharding, batches are split by rows (by B of a stacked
+    [K, B, ...]) and metrics come back replicated; XLA inserts the collectives."""
+    if layout is None:
+        return jax.jit(functools.partial(fn, **bound), donate_argnums=0 if train else ())
+    batch = layout.batch
+    if stacked:
+        spec = jax.sharding.PartitionSpec(None, *layout.batch.spec)
+        batch = jax.sharding.NamedSharding(layout.mesh, spec)
+    return jax.jit(
+        functools.partial(fn, **bound, gather=layout.gather),
+        donate_argnums=0 if train else (),
+        in_shardings=(layout.state, batch),
+        out_shardings=(layout.state, layout.replicated) if train else layout.replicated,
+    )
 
 
-def check_batch(batch: Batch, spec: BatchSpec) -> None:
-    """Refuse a batch the model was not built for (a cheap host check on shapes only).
-
-    Without it a wrong shape either fails deep inside Flax or, worse, silently retraces
-    the step for the new shape.
-    """
-    for key, (shape, dtype) in spec.items():
-        if key not in batch:
-            raise UserError(
-                f"batch: expected key {key!r} (the model was built for {sorted(spec)}), found "
-                f"keys {sorted(batch)}. Fix: feed batches from the same data config."
-            )
-        found = tuple(batch[key].shape[1:])
-        if found != tuple(shape):
-            raise UserError(
-                f"batch[{key!r}]: expected per-example shape {tuple(shape)} (what the model was "
-                f"built for), found {found} (batch shape {tuple(batch[key].shape)}). Fix: resize "
-                "the inputs or rebuild the model for this shape."
-            )
-        if jnp.dtype(batch[key].dtype) != jnp.dtype(dtype):
-            raise UserError(
-                f"batch[{key!r}]: expected dtype {jnp.dtype(dtype)}, found {batch[key].dtype}. "
-                "Fix: cast the inputs in the data pipeline."
-            )
-
-
-def _checked(fn, spec: BatchSpec | None):
+def _checked(fn, spec: BatchSpec | None, where: str, *, stacked: bool = False):
+    """`fn` that first checks each batch (one step's slice of a stacked one) on the host."""
     if spec is None:
         return fn
 
     @functools.wraps(fn)
     def wrapper(state, batch):
-        check_batch(batch, spec)
+        one = batch
+        if stacked:
+            one = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in batch.items()}
+        check_batch(one, spec, where=where)
         return fn(state, batch)
 
     return wrapper
@@ -222,15 +215,8 @@ def make_train_step(
     ``layout`` (`jaxdl.parallel.sharding.Layout`) the state keeps its sharding, batches are split
     by rows and metrics come back replicated; XLA inserts the collectives.
     """
-    shardings = {}
-    if layout is not None:
-        kwargs["gather"] = layout.gather
-        shardings = dict(
-            in_shardings=(layout.state, layout.batch),
-            out_shardings=(layout.state, layout.replicated),
-        )
-    step = functools.partial(train_step, model=model, head=head, tx=tx, **kwargs)
-    return _checked(jax.jit(step, donate_argnums=0, **shardings), batch_spec)
+    bound = dict(model=model, head=head, tx=tx, **kwargs)
+    return _checked(_jit(train_step, layout, bound, train=True), batch_spec, "train_step")
 
 
 def train_steps(state: TrainState, batches: Batch, **kwargs) -> tuple[TrainState, Metrics]:
@@ -252,39 +238,16 @@ def make_train_steps(
     **kwargs,
 ) -> StepFn:
     """`train_steps` bound like `make_train_step`: (state, batches [K, B, ...]) -> metrics [K]."""
-    shardings = {}
-    if layout is not None:
-        kwargs["gather"] = layout.gather
-        stacked = jax.sharding.NamedSharding(
-            layout.mesh, jax.sharding.PartitionSpec(None, *layout.batch.spec)
-        )
-        shardings = dict(
-            in_shardings=(layout.state, stacked),
-            out_shardings=(layout.state, layout.replicated),
-        )
-    step = functools.partial(train_steps, model=model, head=head, tx=tx, **kwargs)
-    jitted = jax.jit(step, donate_argnums=0, **shardings)
-    if batch_spec is None:
-        return jitted
-
-    @functools.wraps(jitted)
-    def checked(state, batches):
-        one = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in batches.items()}
-        check_batch(one, batch_spec)
-        return jitted(state, batches)
-
-    return checked
+    bound = dict(model=model, head=head, tx=tx, **kwargs)
+    jitted = _jit(train_steps, layout, bound, train=True, stacked=True)
+    return _checked(jitted, batch_spec, "train_steps", stacked=True)
 
 
 def make_eval_step(
     model: nn.Module, head: Head, *, batch_spec: BatchSpec | None = None, layout=None, **kwargs
 ) -> Callable[[TrainState, Batch], Metrics]:
-    shardings = {}
-    if layout is not None:
-        kwargs["gather"] = layout.gather
-        shardings = dict(in_shardings=(layout.state, layout.batch), out_shardings=layout.replicated)
-    step = jax.jit(functools.partial(eval_step, model=model, head=head, **kwargs), **shardings)
-    return _checked(step, batch_spec)
+    bound = dict(model=model, head=head, **kwargs)
+    return _checked(_jit(eval_step, layout, bound, train=False), batch_spec, "eval_step")
 
 
 def make_predict(model: nn.Module, lora_cfg: Mapping | None = None):

@@ -20,6 +20,37 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
+def check_activation(name: str) -> None:
+    """Refuse an unknown ``model.activation`` (at construction, before any init work)."""
+    if name not in ACTIVATIONS:
+        raise UserError(
+            f"model.activation: expected one of {sorted(ACTIVATIONS)}, "
+            f"found {name!r}. Fix: set --config.model.activation=relu."
+        )
+
+
+def dense_stack(
+    x: jax.Array,
+    *,
+    hidden: Sequence[int],
+    num_classes: int,
+    activation: str,
+    dropout_rate: float,
+    train: bool,
+    dtype: Any = jnp.float32,
+) -> jax.Array:
+    """x [B, F] -> Dense -> activation -> dropout per width of `hidden`, then a linear head
+    -> [B, num_classes] float32. Call it inside a compact method: the layers belong to the
+    calling module, named ``hidden_0``, ``hidden_1``, ... and ``head``."""
+    act = ACTIVATIONS[activation]
+    for i, width in enumerate(hidden):
+        x = nn.Dense(width, dtype=dtype, param_dtype=jnp.float32, name=f"hidden_{i}")(x)
+        x = act(x)
+        x = nn.Dropout(dropout_rate, deterministic=not train)(x)
+    x = nn.Dense(num_classes, dtype=dtype, param_dtype=jnp.float32, name="head")(x)
+    return x.astype(jnp.float32)
+
+
 @register("mlp")
 class MLP(nn.Module):
     """Fully connected classifier over flattened inputs.
@@ -36,21 +67,17 @@ class MLP(nn.Module):
     dtype: Any = jnp.float32
 
     def __post_init__(self):
-        # Checked at construction so create_model fails before any init work.
-        if self.activation not in ACTIVATIONS:
-            raise UserError(
-                f"model.activation: expected one of {sorted(ACTIVATIONS)}, "
-                f"found {self.activation!r}. Fix: set --config.model.activation=relu."
-            )
+        check_activation(self.activation)
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        act = ACTIVATIONS[self.activation]
-        x = x.reshape(x.shape[0], -1).astype(self.dtype)
-        for i, width in enumerate(self.hidden):
-            x = nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32, name=f"hidden_{i}")(x)
-            x = act(x)
-            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name="head")(x)
-        return x.astype(jnp.float32)
+        return dense_stack(
+            x.reshape(x.shape[0], -1).astype(self.dtype),
+            hidden=self.hidden,
+            num_classes=self.num_classes,
+            activation=self.activation,
+            dropout_rate=self.dropout_rate,
+            train=train,
+            dtype=self.dtype,
+        )

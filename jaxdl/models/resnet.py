@@ -21,18 +21,26 @@ from jaxdl.errors import UserError
 from jaxdl.models.registry import register
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convs; x: [B, H, W, C] -> [B, H/strides, W/strides, filters]."""
+class _Block(nn.Module):
+    """What both residual blocks share: their fields and layer factories."""
 
     filters: int
     strides: int = 1
     dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    def layers(self, train: bool) -> tuple[Any, Any, tuple[int, int]]:
+        """(bias-free conv, BatchNorm, strides) for this block's layers."""
         conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
         norm = functools.partial(_batch_norm, train=train, dtype=self.dtype)
-        s = (self.strides, self.strides)
+        return conv, norm, (self.strides, self.strides)
+
+
+class BasicBlock(_Block):
+    """Two 3x3 convs; x: [B, H, W, C] -> [B, H/strides, W/strides, filters]."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        conv, norm, s = self.layers(train)
         y = nn.relu(norm(name="bn1")(conv(self.filters, (3, 3), s, padding=1, name="conv1")(x)))
         y = conv(self.filters, (3, 3), padding=1, name="conv2")(y)
         # Zero-init the last scale so each block starts as the identity (Goyal et al. 2017).
@@ -40,18 +48,12 @@ class BasicBlock(nn.Module):
         return nn.relu(y + _shortcut(x, y.shape[-1], s, conv, norm))
 
 
-class BottleneckBlock(nn.Module):
+class BottleneckBlock(_Block):
     """1x1 -> 3x3 (strided) -> 1x1 convs; output has 4 * filters channels."""
-
-    filters: int
-    strides: int = 1
-    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
-        norm = functools.partial(_batch_norm, train=train, dtype=self.dtype)
-        s = (self.strides, self.strides)
+        conv, norm, s = self.layers(train)
         y = nn.relu(norm(name="bn1")(conv(self.filters, (1, 1), name="conv1")(x)))
         y = nn.relu(norm(name="bn2")(conv(self.filters, (3, 3), s, padding=1, name="conv2")(y)))
         y = conv(self.filters * 4, (1, 1), name="conv3")(y)

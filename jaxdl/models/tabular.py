@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdl.errors import UserError
-from jaxdl.models.mlp import ACTIVATIONS
+from jaxdl.models.mlp import check_activation, dense_stack
 from jaxdl.models.registry import register
 
 
@@ -34,11 +34,7 @@ class TabularMLP(nn.Module):
     dropout_rate: float = 0.0
 
     def __post_init__(self):
-        if self.activation not in ACTIVATIONS:
-            raise UserError(
-                f"model.activation: expected one of {sorted(ACTIVATIONS)}, "
-                f"found {self.activation!r}. Fix: set --config.model.activation=relu."
-            )
+        check_activation(self.activation)
         super().__post_init__()
 
     @nn.compact
@@ -55,9 +51,11 @@ class TabularMLP(nn.Module):
         for j, size in enumerate(self.vocab_sizes):
             ids = x[:, self.num_numeric + j].astype(jnp.int32)
             parts.append(nn.Embed(size, self.embed_dim, name=f"embed_{j}")(ids))
-        h = jnp.concatenate(parts, axis=-1)
-        act = ACTIVATIONS[self.activation]
-        for i, units in enumerate(self.hidden):
-            h = act(nn.Dense(units, name=f"hidden_{i}")(h))
-            h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
-        return nn.Dense(self.num_classes, name="head")(h).astype(jnp.float32)
+        return dense_stack(
+            jnp.concatenate(parts, axis=-1),
+            hidden=self.hidden,
+            num_classes=self.num_classes,
+            activation=self.activation,
+            dropout_rate=self.dropout_rate,
+            train=train,
+        )

@@ -159,5 +159,7 @@ def test_wrong_batch_shape_is_a_clear_error():
     train_step = steps.make_train_step(
         setup.model, setup.head, setup.tx, batch_spec=setup.batch_spec
     )
-    with pytest.raises(ValueError, match=r"batch\['image'\]: expected per-example shape \(3,\)"):
+    with pytest.raises(
+        ValueError, match=r"batch 'image' \(train_step\) has shape \(8, 5\), expected \[B, 3\]"
+    ):
         train_step(setup.state, batch_of(features=5))

@@ -13,38 +13,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
+from _hub_vision import FIXTURES, TOL, fine_tune, imported_fixture, logits
 
 from jaxdl.checkpoint.read import load_variables
 from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
 from jaxdl.finetune.hub import import_checkpoint, resnet
 from jaxdl.finetune.hub.readers import read_state_dict, sha256
-from jaxdl.models import create_model
 from jaxdl.testing import subprocess_env
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "hub"
 CASES = {"resnet_basic_tiny": "timm:resnet18", "resnet_bottleneck_tiny": "timm:resnet50"}
-TOL = 1e-4
-
-
-@pytest.fixture(scope="module", params=sorted(CASES))
-def imported(request, tmp_path_factory):
-    """(fixture name, workdir, config, variables, reference) of one imported fixture."""
-    name = request.param
-    out = tmp_path_factory.mktemp("import") / name
-    import_checkpoint(CASES[name], str(FIXTURES / name), out)
-    config = json.loads((out / "config.json").read_text())
-    reference = dict(np.load(FIXTURES / name / "reference.npz"))
-    return name, out, config, load_variables(out), reference
-
-
-def logits(config: dict, variables: dict, images: np.ndarray) -> np.ndarray:
-    model = create_model(config["model"])
-    with jax.default_matmul_precision("highest"):
-        return np.asarray(model.apply(variables, images, train=False))
+imported = imported_fixture(CASES)
 
 
 def test_imported_resnet_matches_timm_logits(imported):
@@ -155,22 +136,9 @@ def test_bad_input_is_one_line_exit_2_and_no_workdir(tmp_path, kind, source, wor
 
 def test_imported_resnet_fine_tunes_with_a_new_head(tmp_path):
     """import -> `jaxdl train` with init_from and a re-initialised head, on digits."""
-    imported = tmp_path / "imported"
-    import_checkpoint("timm:resnet18", str(FIXTURES / "resnet_basic_tiny"), imported)
-    run = tmp_path / "run"
-    done = jaxdl(
-        "train",
-        "--config",
-        str(Path(__file__).parents[2] / "experiments" / "imported_resnet_digits.py"),
-        "--workdir",
-        str(run),
-        "--no-progress",
-        "--config.num_epochs=0",
-        "--config.num_steps=2",
-        "--config.data.image_size=16",
-        env={"IMPORTED": str(imported)},
+    imported, run = fine_tune(
+        tmp_path, "timm:resnet18", "resnet_basic_tiny", "imported_resnet_digits.py"
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((run / "init_report.json").read_text())
     assert report["reinitialized"] == ["params/head/bias", "params/head/kernel"]
     assert len(report["loaded"]) == len(tree_lib.flatten(load_variables(imported))) - 2
@@ -179,8 +147,6 @@ def test_imported_resnet_fine_tunes_with_a_new_head(tmp_path):
         "normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))"
     ]
     assert config["data"]["channels"] == 3
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 2 and np.isfinite(summary["test_loss"])
 
 
 def test_a_config_json_of_another_architecture_is_refused(tmp_path):

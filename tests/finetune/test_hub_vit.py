@@ -8,49 +8,25 @@ tests/interop/test_vision_live.py.
 """
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
+from _hub_vision import FIXTURES, TOL, fine_tune, imported_fixture, logits
 from safetensors.numpy import save_file
 
-from jaxdl.checkpoint.read import load_variables
 from jaxdl.config import default_config
 from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
-from jaxdl.finetune.hub import import_checkpoint, vit
+from jaxdl.finetune.hub import vit
 from jaxdl.finetune.hub.readers import read_state_dict
 from jaxdl.finetune.hub.vision import with_source_preprocessing
-from jaxdl.models import create_model
 from jaxdl.models.vit import resample_posemb
-from jaxdl.testing import subprocess_env
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "hub"
 CASES = {
     "vit_timm_tiny": "timm:vit_tiny_patch16_224",
     "vit_torchvision_tiny": "torchvision:vit_b_16",
 }
-TOL = 1e-4
-
-
-@pytest.fixture(scope="module", params=sorted(CASES))
-def imported(request, tmp_path_factory):
-    """(fixture name, workdir, config, variables, reference) of one imported fixture."""
-    name = request.param
-    out = tmp_path_factory.mktemp("import") / name
-    import_checkpoint(CASES[name], str(FIXTURES / name), out)
-    config = json.loads((out / "config.json").read_text())
-    reference = dict(np.load(FIXTURES / name / "reference.npz"))
-    return name, out, config, load_variables(out), reference
-
-
-def logits(config: dict, variables: dict, images: np.ndarray) -> np.ndarray:
-    model = create_model(config["model"])
-    with jax.default_matmul_precision("highest"):
-        return np.asarray(model.apply(variables, images, train=False))
+imported = imported_fixture(CASES)
 
 
 def test_imported_vit_matches_the_library_logits(imported):
@@ -129,19 +105,9 @@ def test_resample_posemb_is_bilinear_on_the_grid_and_keeps_the_class_token():
 def test_imported_vit_fine_tunes_at_another_image_size(tmp_path):
     """import (32x32) -> `jaxdl train` on 16x16 digits: the position table is resampled
     (4x4 -> 2x2 patches), the head re-initialised, the import's normalization applied."""
-    imported = tmp_path / "imported"
-    import_checkpoint("timm:vit_tiny_patch16_224", str(FIXTURES / "vit_timm_tiny"), imported)
-    run = tmp_path / "run"
-    config = Path(__file__).parents[2] / "experiments" / "imported_vit_digits.py"
-    done = subprocess.run(
-        [sys.executable, "-m", "jaxdl.cli", "train", "--config", str(config)]
-        + ["--workdir", str(run), "--no-progress", "--config.num_epochs=0"]
-        + ["--config.num_steps=2", "--config.data.image_size=16"],
-        capture_output=True,
-        text=True,
-        env={**subprocess_env(), "IMPORTED": str(imported)},
+    _, run = fine_tune(
+        tmp_path, "timm:vit_tiny_patch16_224", "vit_timm_tiny", "imported_vit_digits.py"
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((run / "init_report.json").read_text())
     assert report["resampled"] == [["params/pos_embed", [1, 17, 32], [1, 5, 32]]]
     assert report["reinitialized"] == ["params/head/bias", "params/head/kernel"]
@@ -151,8 +117,6 @@ def test_imported_vit_fine_tunes_at_another_image_size(tmp_path):
         "normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))"
     ]
     assert tuned_cfg["data"]["channels"] == 3
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 2 and np.isfinite(summary["test_loss"])
 
 
 def test_half_precision_weights_load_as_float32_and_are_reported_cast(tmp_path):

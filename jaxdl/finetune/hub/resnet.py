@@ -17,17 +17,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
 from jaxdl.finetune.hub.mapping import Rule, convert, oihw_to_hwio, transpose
-from jaxdl.finetune.hub.readers import read_state_dict
-from jaxdl.finetune.hub.vision import check_source_architecture, data_config, source_config
+from jaxdl.finetune.hub.vision import import_vision, target_tree
 from jaxdl.finetune.hub.workdir import Imported
-from jaxdl.models import create_model
 
 KINDS = tuple(f"{lib}:resnet{d}" for lib in ("torchvision", "timm") for d in (18, 34, 50, 101, 152))
 
@@ -157,19 +153,17 @@ def convert_state(
     state: Mapping[str, np.ndarray],
     model_args: Mapping[str, Any] | None = None,
     image_size: int = 224,
-) -> tuple[dict, dict, dict]:
-    """A torchvision/timm ResNet state dict -> (model config, variables, report).
+) -> tuple[dict, int, dict, dict]:
+    """A torchvision/timm ResNet state dict -> (model config, image size, variables, report).
 
     variables: {"params", "batch_stats"} as float32 numpy, the tree of
     ``create_model(model config)`` on [1, image_size, image_size, 3] inputs.
     """
     cfg = model_config(kind, state, model_args or {})
-    model = create_model(cfg)
-    sample = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    target = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), sample)
+    target = target_tree(cfg, image_size)
     check_architecture(kind, state, target)
     variables, report = convert(state, target, RULES, ignore=IGNORE)
-    return cfg, variables, report
+    return cfg, image_size, variables, report
 
 
 def import_resnet(kind: str, path: str | Path, out: Path | None = None) -> Imported:
@@ -177,17 +171,4 @@ def import_resnet(kind: str, path: str | Path, out: Path | None = None) -> Impor
 
     `out` (the final workdir) goes unused: no file travels with a vision model.
     """
-    path = Path(path)
-    source = source_config(path)
-    check_source_architecture(kind, source)
-    model_args = dict(source.get("model_args") or {})
-    state, files = read_state_dict(path)
-    model_cfg, variables, report = convert_state(kind, state, model_args)
-    data = data_config(source, image_size=224, normalize="normalize(imagenet)")
-    return Imported(
-        config={"model": model_cfg, "data": data},
-        variables=variables,
-        report=report,
-        files=files,
-        provenance={"model_args": model_args} if model_args else {},
-    )
+    return import_vision(kind, path, convert_state, normalize="normalize(imagenet)")

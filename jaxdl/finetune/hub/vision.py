@@ -1,4 +1,5 @@
-"""What the ResNet and ViT importers share: the source's config.json and its preprocessing.
+"""What the ResNet and ViT importers share: the import itself, the source's config.json and
+its preprocessing; each family module brings only its mapping table (`convert_state`).
 
 A timm hub folder (what ``save_pretrained``/``push_to_hub`` write) holds ``config.json``
 beside the weights: ``model_args`` (`timm.create_model` keywords that change the preset) and
@@ -10,11 +11,56 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from jaxdl.errors import UserError
+from jaxdl.finetune.hub.readers import read_state_dict
+from jaxdl.finetune.hub.workdir import Imported
+from jaxdl.models import create_model
+
+# (kind, state dict, model_args) -> (model config, image size, variables, report)
+Converter = Callable[
+    [str, Mapping[str, np.ndarray], Mapping[str, Any]], tuple[dict, int, dict, dict]
+]
+
+
+def import_vision(
+    kind: str, path: str | Path, convert_state: Converter, *, normalize: str
+) -> Imported:
+    """Import an image classifier's weights (a state dict file or a hub folder) as `kind`.
+
+    The folder's config.json (when there is one) must name the same architecture; its
+    ``model_args`` go to `convert_state` and its ``pretrained_cfg`` sets the data section,
+    else `normalize` (the transform the family's weights were trained with) does.
+    """
+    path = Path(path)
+    source = source_config(path)
+    check_source_architecture(kind, source)
+    model_args = dict(source.get("model_args") or {})
+    state, files = read_state_dict(path)
+    model_cfg, image_size, variables, report = convert_state(kind, state, model_args)
+    data = data_config(source, image_size=image_size, normalize=normalize)
+    return Imported(
+        config={"model": model_cfg, "data": data},
+        variables=variables,
+        report=report,
+        files=files,
+        provenance={"model_args": model_args} if model_args else {},
+    )
+
+
+def target_tree(model_cfg: Mapping[str, Any], image_size: int) -> Any:
+    """The variables tree (shapes only, nothing computed) of ``create_model(model_cfg)`` on
+    [1, image_size, image_size, 3] inputs: what a state dict must fill."""
+    model = create_model(model_cfg)
+    sample = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), sample)
 
 
 def source_config(path: Path) -> dict[str, Any]:

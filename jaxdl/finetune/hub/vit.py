@@ -20,17 +20,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
 from jaxdl.finetune.hub.mapping import Rule, chain, convert, oihw_to_hwio, split, transpose
-from jaxdl.finetune.hub.readers import read_state_dict
-from jaxdl.finetune.hub.vision import check_source_architecture, data_config, source_config
+from jaxdl.finetune.hub.vision import import_vision, target_tree
 from jaxdl.finetune.hub.workdir import Imported
-from jaxdl.models import create_model
 
 _SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}  # width, heads (12 layers)
 _PRESETS = {"tiny": "Ti", "small": "S", "base": "B", "b": "B"}  # jaxdl.models.vit.SIZES
@@ -231,9 +227,7 @@ def convert_state(
         "num_classes": int(state[head].shape[0]),
         "pool": "cls",
     }
-    model = create_model(cfg)
-    sample = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    target = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), sample)
+    target = target_tree(cfg, image_size)
     check_architecture(kind, state, target, names)
     rules = TORCHVISION_RULES if torchvision else TIMM_RULES
     variables, report = convert(state, target, rules)
@@ -245,19 +239,6 @@ def import_vit(kind: str, path: str | Path, out: Path | None = None) -> Imported
 
     `out` (the final workdir) goes unused: no file travels with a vision model.
     """
-    path = Path(path)
-    source = source_config(path)
-    check_source_architecture(kind, source)
-    model_args = dict(source.get("model_args") or {})
-    state, files = read_state_dict(path)
-    model_cfg, image_size, variables, report = convert_state(kind, state, model_args)
     # timm's augreg ViTs were trained on [-1, 1] inputs, torchvision's on ImageNet mean/std.
     default = "normalize(imagenet)" if kind.startswith("torchvision:") else "normalize(symmetric)"
-    data = data_config(source, image_size=image_size, normalize=default)
-    return Imported(
-        config={"model": model_cfg, "data": data},
-        variables=variables,
-        report=report,
-        files=files,
-        provenance={"model_args": model_args} if model_args else {},
-    )
+    return import_vision(kind, path, convert_state, normalize=default)
