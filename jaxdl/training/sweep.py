@@ -41,6 +41,7 @@ from jaxdl.finetune import partition
 from jaxdl.training import scores
 from jaxdl.training import spaces as spaces_lib
 from jaxdl.training.build import build
+from jaxdl.training.guards import stop_on_signals
 from jaxdl.training.runlog import MetricLogger, params_sha256, read_metrics
 from jaxdl.training.trainer import (
     EarlyStopping,
@@ -49,6 +50,8 @@ from jaxdl.training.trainer import (
     full_params,
     minimized,
 )
+
+RESUME = "Run the same command to resume."
 
 
 def member_config(
@@ -128,22 +131,28 @@ def run_sweep(
     _check_spec(workdir, spec)
     workdir.mkdir(parents=True, exist_ok=True)
     write_json(workdir / "sweep_spec.json", spec)
-    if use_optuna:
-        from jaxdl.training import optuna_search
+    with stop_on_signals() as stop:  # one handler for every group of the sweep
+        if use_optuna:
+            from jaxdl.training import optuna_search
 
-        optuna_search.run(
-            cfg,
-            workdir,
-            spaces,
-            strategy=strategy,
-            storage=storage,
-            trials=trials or 16,
-            parallel=parallel,
-            metric=metric,
-            echo=echo,
-        )
-        return write_report(workdir, metric, echo=echo)
+            optuna_search.run(
+                cfg,
+                workdir,
+                spaces,
+                strategy=strategy,
+                storage=storage,
+                trials=trials or 16,
+                parallel=parallel,
+                metric=metric,
+                echo=echo,
+            )
+        else:
+            _run_trials(cfg, workdir, trial_params, parallel, metric, stop, echo)
+    return write_report(workdir, metric, echo=echo)
 
+
+def _run_trials(cfg, workdir: Path, trial_params, parallel: int, metric: str, stop, echo) -> None:
+    """Grid / random: train every trial without a trial.json, group by group."""
     pending = []
     for i, params in enumerate(trial_params):
         member_dir = workdir / "trials" / f"{i:03d}"
@@ -155,6 +164,7 @@ def run_sweep(
     for members in groups.values():
         for start in range(0, len(members), parallel):
             chunk = members[start : start + parallel]
+            stop.check(f"before trials {[i for i, _, _ in chunk]}. {RESUME}")
             echo(f"sweep: training trials {[i for i, _, _ in chunk]} together")
             run_group(
                 [member_config(cfg, p) for _, p, _ in chunk],
@@ -162,7 +172,6 @@ def run_sweep(
                 [p for _, p, _ in chunk],
                 metric=metric,
             )
-    return write_report(workdir, metric, echo=echo)
 
 
 def _check_spec(workdir: Path, spec: dict) -> None:
@@ -257,6 +266,7 @@ def run_group(
     )
 
     with contextlib.ExitStack() as stack:
+        stop = stack.enter_context(stop_on_signals())  # the sweep's, when run_sweep holds one
         ckpts = [
             stack.enter_context(
                 Checkpointer(
@@ -314,7 +324,7 @@ def run_group(
         last_checked = start_step
         step = start_step
         start_time = time.time()
-        while step < total_steps and slots:
+        while step < total_steps and slots and not stop:
             events = (c0.log_every, eval_every, c0.checkpoint_every)
             k = chunk_size(step, c0.steps_per_call, total_steps, events)
             hosts = [[next(iters[i]) for i in slots] for _ in range(k)]  # [K][M]
@@ -354,7 +364,7 @@ def run_group(
                         prune.add(i)
             done = prune or any(stoppers[i].should_stop for i in val)
             host_state = None
-            if at_ckpt or step == total_steps or done:
+            if at_ckpt or step == total_steps or done or stop:
                 host_state = jax.device_get(state)
                 for j, i in enumerate(slots):
                     if outcome[i] is not None:
@@ -382,7 +392,10 @@ def run_group(
                     hyper = {k: v[np.asarray(keep)] for k, v in hyper.items()}
         for ck in ckpts:
             ck.wait()
-        if slots:
+        # Stopped by a signal: members still training keep their checkpoints (resumed by the
+        # rerun) and get no summary or trial.json yet; finished ones are recorded below.
+        unfinished = set(slots) if stop else set()
+        if slots and not stop:
             host_state = jax.device_get(state)
             finals.update({i: vmapped.unstack(host_state, j) for j, i in enumerate(slots)})
 
@@ -397,6 +410,8 @@ def run_group(
             test = dict(zip(tested, rows, strict=True))
         wall = time.time() - start_time
         for i, d in enumerate(workdirs):
+            if i in unfinished:
+                continue
             history = [r for r in read_metrics(d / "metrics.jsonl") if r["split"] == "val"]
             record_step = int(history[-1]["step"]) if history else step
             stopped_early = outcome[i] in ("complete", "pruned") and record_step < total_steps
@@ -410,6 +425,8 @@ def run_group(
             summary["wall_s"] = wall
             write_json(d / "summary.json", summary)
             _write_trial(d, params[i], metric, outcome[i] or "complete", diverged_at.get(i))
+    names = [d.name for i, d in enumerate(workdirs) if i in unfinished]
+    stop.check(f"at step {step}; trials {names} saved their checkpoints. {RESUME}")
     return [o or "complete" for o in outcome]
 
 
@@ -460,9 +477,7 @@ def _evaluate(group_eval, state, datas, cfgs, split: str, batch_size: int) -> li
         sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
     assert sums is not None, "empty evaluation split"
     kind = next(iter(datas.values())).kind
-    return scores.member_metrics(
-        jax.device_get(sums), jax.device_get(per_example), kind, len(cfgs)
-    )
+    return scores.member_metrics(jax.device_get(sums), jax.device_get(per_example), kind, len(cfgs))
 
 
 # ---- the report -----------------------------------------------------------------------------
