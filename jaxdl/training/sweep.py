@@ -294,7 +294,6 @@ def run_group(
             elif (workdirs[i] / "metrics.jsonl").exists():
                 (workdirs[i] / "metrics.jsonl").unlink()  # killed before its first checkpoint
             states.append(vmapped.restructure(state, group_template))
-        state = vmapped.stack(states)
         for d, config_dict, setup in zip(workdirs, config_dicts, setups, strict=True):
             d.mkdir(parents=True, exist_ok=True)
             write_json(d / "config.json", config_dict)
@@ -312,14 +311,26 @@ def run_group(
         outcome: list[str | None] = [
             "complete" if s.should_stop else None for s in stoppers
         ]  # None while training
+        if should_prune and start_step:  # killed after pruning a member, before recording it
+            for i, d in enumerate(workdirs):
+                value = _val_at(d, start_step, metric)
+                if outcome[i] is None and value is not None and should_prune(i, start_step, value):
+                    outcome[i] = "pruned"
 
         # ---- loop ---------------------------------------------------------------------------
         # slots[j]: the member in row j of the stacked state. A member that stops (early
         # stopping, pruning, NaN) leaves the stack, so the rest no longer compute for it.
-        slots = list(range(num_members))
+        # finals: member -> its host state when it stopped (at the step resumed from, for one
+        # that had stopped there before the process was killed).
+        finals: dict[int, Any] = {
+            i: jax.device_get(states[i]) for i in range(num_members) if outcome[i] is not None
+        }
+        slots = [i for i in range(num_members) if outcome[i] is None]
+        if slots:
+            state = vmapped.stack([states[i] for i in slots])
+            hyper = {k: v[np.asarray(slots)] for k, v in hyper.items()}
         pending: list[dict] = []
         diverged_at: dict[int, int] = {}
-        finals: dict[int, Any] = {}  # member -> its host state when it stopped
         prune: set[int] = set()
         last_checked = start_step
         step = start_step
@@ -347,8 +358,6 @@ def run_group(
                 pending, last_checked = [], step
                 for i, m in means.items():
                     loggers[i].log(step, "train", m)
-                for i in diverged_at.keys() & set(slots):
-                    _write_trial(workdirs[i], params[i], metric, "diverged", diverged_at[i])
             val = {}
             if at_eval and c0.data.eval_split in data.split_sizes:
                 members = [cfgs[i] for i in slots]
@@ -380,7 +389,6 @@ def run_group(
                     if stoppers[i].should_stop or i in prune:
                         outcome[i] = "pruned" if i in prune else "complete"
                         finals[i] = vmapped.unstack(host_state, j)
-                        _write_trial(workdirs[i], params[i], metric, outcome[i], None)
                 prune.clear()
             keep = [j for j, i in enumerate(slots) if outcome[i] is None]
             if len(keep) < len(slots):
@@ -430,10 +438,18 @@ def run_group(
     return [o or "complete" for o in outcome]
 
 
+def _val_at(workdir: Path, step: int, metric: str) -> float | None:
+    """The member's logged val ``metric`` at ``step`` (None when there is none)."""
+    rows = [r for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "val"]
+    values = [r.get(metric.removeprefix("val_")) for r in rows if r["step"] == step]
+    return values[-1] if values else None
+
+
 def _write_trial(
     workdir: Path, params: dict, metric: str, state: str, diverged_at: int | None
 ) -> None:
-    """trial.json: the member's outcome; its presence marks the trial finished."""
+    """trial.json: the member's outcome, written after its summary.json: its presence marks
+    the trial finished, and a member killed before it is trained (resumed) again."""
     history = [r for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "val"]
     values = [r[metric.removeprefix("val_")] for r in history]
     values = [v for v in values if math.isfinite(v)]
