@@ -334,7 +334,10 @@ def run(
                 continue
             asked = []
             for _ in range(min(parallel, max(left, 0) + len(waiting))):
-                trial = study.ask(distributions)
+                with warnings.catch_warnings():
+                    # Optuna expects heartbeats with Study.optimize; this loop records them.
+                    warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+                    trial = study.ask(distributions)
                 if RETRY_OF not in trial.user_attrs:
                     earlier = [
                         t

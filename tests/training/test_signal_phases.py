@@ -206,3 +206,43 @@ def test_signal_in_a_sweep_group_saves_every_member_and_the_rerun_finishes_it(tm
     for member in ("000", "001"):
         x, y = (summary(w / "trials" / member) for w in (tmp_path / "straight", workdir))
         assert x["params_sha256"] == y["params_sha256"] and x["test_loss"] == y["test_loss"]
+
+
+def test_signal_in_an_optuna_sweep_requeues_the_unfinished_trials(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    storage = f"sqlite:///{tmp_path}/sweep.db"
+    args = [
+        *sweep_args(tmp_path / "sweep")[:-3],
+        "--param=optimizer.learning_rate=loguniform(1e-4,1e-2)",
+        "--strategy", "random", "--storage", storage, "--trials", "2", "--parallel", "2",
+    ]  # fmt: skip
+    done = run(args, SAVE_PATCH.format(at=20))
+    assert stopped_lines(done).startswith("jaxdl: stopped by SIGTERM at step 20; trials ")
+    study = optuna.load_study(study_name="jaxdl-sweep", storage=storage)
+    # Failed by the stopping process itself, and queued again to continue their workdirs.
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL", "WAITING", "WAITING"]
+    assert [t.user_attrs.get("jaxdl_trial") for t in study.trials[2:]] == [0, 1]
+    rerun = run(args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "sweep: training trials [0, 1] together (resumed from step 20)" in rerun.stdout
+    study = optuna.load_study(study_name="jaxdl-sweep", storage=storage)
+    assert [t.state.name for t in study.trials][:2] == ["FAIL", "FAIL"]
+    assert {t.state.name for t in study.trials[2:]} <= {"COMPLETE", "PRUNED"}
+
+
+def test_signal_in_a_federated_run_stops_between_rounds(tmp_path):
+    fed = [
+        "--config.federated.clients=4",
+        "--config.federated.rounds=6",
+        "--config.federated.local_steps=5",
+    ]
+    workdir = tmp_path / "fed"
+    done = run(train_args(workdir, *fed), SAVE_PATCH.format(at=15))
+    line = stopped_lines(done)
+    assert line == (
+        "jaxdl: stopped by SIGTERM before round 4; rounds 1..3 are saved. "
+        "Run the same command to resume."
+    )
+    rerun = run(train_args(workdir, *fed))
+    assert rerun.returncode == 0 and "resumed from round 3" in rerun.stdout, rerun.stderr
+    assert json.loads((workdir / "summary.json").read_text())["rounds"] == 6
