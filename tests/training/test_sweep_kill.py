@@ -5,6 +5,7 @@ the figures of an uninterrupted sweep; Optuna: the trials left RUNNING are reque
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,9 @@ from collections import Counter
 
 import pytest
 
+from jaxdl import config as config_lib
 from jaxdl.training.runlog import read_metrics
+from jaxdl.training.sweep import run_sweep
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 QUICK = [
@@ -118,3 +121,38 @@ def test_optuna_sweep_killed_mid_group_requeues_and_resumes_its_running_trials(t
     for name in names:
         steps = [s for s, split in rows_once(workdir / "trials" / name) if split == "val"]
         assert steps == list(range(10, steps[-1] + 1, 10)), steps  # none missing, none twice
+
+
+def test_a_member_that_stopped_early_before_the_kill_is_recorded_at_resume(tmp_path):
+    # The slow member stops early at step 10; the process is "killed" at step 15, before
+    # any outcome was written. The rerun resumes both from step 10: the slow one is finished
+    # there (its summary from the restored state), the fast one trains on. Both records
+    # must equal the uninterrupted sweep's.
+    cfg = config_lib.load_config(
+        "experiments/digits_mlp.py",
+        [
+            *QUICK[:2],
+            "--config.num_steps=20",
+            "--config.log_every=5",
+            "--config.eval_every=5",
+            "--config.best_metric=val_loss",
+            "--config.early_stopping.patience=1",
+            "--config.early_stopping.min_delta=1e-3",
+        ],
+    )
+    params = ["optimizer.learning_rate=[1e-7,1e-3]"]
+    quiet = lambda s: None  # noqa: E731
+    done = run_sweep(cfg, tmp_path / "done", params, parallel=2, echo=quiet)
+    shutil.copytree(tmp_path / "done", tmp_path / "cut")
+    slow, fast = (tmp_path / "cut" / "trials" / n for n in ("000", "001"))
+    assert sorted(int(p.name) for p in (slow / "checkpoints").iterdir()) == [5, 10]
+    shutil.rmtree(fast / "checkpoints" / "20")
+    for member in (slow, fast):
+        (member / "trial.json").unlink()
+        (member / "summary.json").unlink()
+    resumed = run_sweep(cfg, tmp_path / "cut", params, parallel=2, echo=quiet)
+    for a, b in zip(done["trials"], resumed["trials"], strict=True):
+        assert (a["params"], a["best"], a["state"]) == (b["params"], b["best"], b["state"])
+        sa, sb = (json.loads(open(f"{t['workdir']}/summary.json").read()) for t in (a, b))
+        assert sa == {**sb, "wall_s": sa["wall_s"]}
+    assert json.loads((slow / "summary.json").read_text())["steps"] == 10
