@@ -1,7 +1,10 @@
 """What a run holds while it trains: the workdir lock and the stop signals.
 
-Both are context managers entered by `jaxdl.training.trainer.train` for exactly its
-duration: the lock is released and the previous signal handlers are back on every exit.
+Both are context managers entered by `jaxdl.training.trainer.train` (and the federated
+runner) for exactly its duration: the lock is released and the previous signal handlers
+are back on every exit. Runners of many runs (task lists, cross-validation, sweeps) hold
+the signal handlers around all of them, so a signal between two runs stops the runner
+with the same exit status and a line saying where, instead of the default action.
 """
 
 from __future__ import annotations
@@ -72,15 +75,11 @@ class StopRequest:
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""
 
-    def stopped(self, what: str) -> Stopped:
-        """The `Stopped` to raise: "stopped by SIGTERM WHAT", exit status 128 + signal."""
-        assert self.signum is not None
-        return Stopped(f"stopped by {self.name} {what}", status=128 + self.signum)
-
     def check(self, what: str) -> None:
-        """Raise `stopped(what)` if a signal came; a no-op otherwise."""
-        if self:
-            raise self.stopped(what)
+        """If a signal came, raise `Stopped` ("stopped by SIGTERM WHAT", exit status
+        128 + signal); a no-op otherwise."""
+        if self.signum is not None:
+            raise Stopped(f"stopped by {self.name} {what}", status=128 + self.signum)
 
 
 # The request of the outermost `stop_on_signals` of this process while it is active, so a

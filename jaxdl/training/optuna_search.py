@@ -205,9 +205,14 @@ class _Study:
             )
         )
 
-    def give_back(self, trial) -> None:
-        """Fail a trial this process will not finish and queue its continuation."""
-        self.requeue(self.study.tell(trial, state=self.optuna.trial.TrialState.FAIL))
+    def settle(self, trial, key: int) -> None:
+        """On a stop: tell a finished member's outcome; fail an unfinished one and queue its
+        continuation (for the rerun, or another process, to resume)."""
+        record = self.record(key)
+        if record is not None:
+            self.tell(trial, record)
+        else:
+            self.requeue(self.study.tell(trial, state=self.optuna.trial.TrialState.FAIL))
 
     def reclaim(self) -> None:
         """Fail and requeue the RUNNING trials of dead processes."""
@@ -354,8 +359,18 @@ def run(
             groups: dict[tuple, list] = {}
             for item in asked:  # members resumed together must share their step
                 groups.setdefault((group_key(item[1]), sweep.resume_step(item[2])), []).append(item)
-            for (_, resume_step), members in groups.items():
-                _run_members(sweep, cfg, members, resume_step, metric, stop, echo)
+            # Heartbeats for every asked trial until the last group is told: a trial waiting
+            # for its group must not look like one of a dead process.
+            with sweep.heartbeats([t.number for t, _, _ in asked]):
+                batches = list(groups.items())
+                for n, ((_, resume_step), members) in enumerate(batches):
+                    try:
+                        _run_members(sweep, cfg, members, resume_step, metric, stop, echo)
+                    except Stopped:
+                        for _, later in batches[n + 1 :]:
+                            for trial, _, key in later:
+                                sweep.settle(trial, key)
+                        raise
 
 
 def _run_members(
@@ -377,8 +392,8 @@ def _run_members(
         return
     keys = [key for _, _, key in todo]
     if stop:
-        for trial, _, _ in todo:
-            sweep.give_back(trial)
+        for trial, _, key in todo:
+            sweep.settle(trial, key)
         stop.check(f"before trials {keys}. {RESUME}")
     resumed = f" (resumed from step {resume_step})" if resume_step else ""
     echo(f"sweep: training trials {keys} together{resumed}")
@@ -389,21 +404,16 @@ def _run_members(
         return trial.should_prune()
 
     try:
-        with sweep.heartbeats([t.number for t, _, _ in todo]):
-            run_group(
-                [member_config(cfg, p) for _, p, _ in todo],
-                [sweep.member_dir(key) for key in keys],
-                [p for _, p, _ in todo],
-                metric=metric,
-                should_prune=should_prune,
-            )
+        run_group(
+            [member_config(cfg, p) for _, p, _ in todo],
+            [sweep.member_dir(key) for key in keys],
+            [p for _, p, _ in todo],
+            metric=metric,
+            should_prune=should_prune,
+        )
     except Stopped:
         for trial, _, key in todo:
-            record = sweep.record(key)
-            if record is None:
-                sweep.give_back(trial)
-            else:
-                sweep.tell(trial, record)
+            sweep.settle(trial, key)
         raise
     for trial, _, key in todo:
         sweep.tell(trial, sweep.record(key))

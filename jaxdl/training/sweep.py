@@ -434,7 +434,9 @@ def run_group(
             write_json(d / "summary.json", summary)
             _write_trial(d, params[i], metric, outcome[i] or "complete", diverged_at.get(i))
     names = [d.name for i, d in enumerate(workdirs) if i in unfinished]
-    stop.check(f"at step {step}; trials {names} saved their checkpoints. {RESUME}")
+    if names:
+        stop.check(f"at step {step}; trials {names} saved their checkpoints. {RESUME}")
+    stop.check(f"after trials {[d.name for d in workdirs]} finished. {RESUME}")
     return [o or "complete" for o in outcome]
 
 
