@@ -380,7 +380,7 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
             test_metrics = evaluate_split(
                 eval_step,
                 state,
-                until_stopped(
+                _until_stopped(
                     eval_batches(
                         data,
                         test_split,
@@ -469,7 +469,7 @@ def _flush(pending: list[dict], first_step: int, last_step: int) -> dict[str, fl
     return {k: float(np.mean(v)) for k, v in per_step.items() if k not in FLAGS}
 
 
-def until_stopped(items: Iterable[T], stop: StopRequest, what: str) -> Iterator[T]:
+def _until_stopped(items: Iterable[T], stop: StopRequest, what: str) -> Iterator[T]:
     """``items`` until a signal comes, then `Stopped` ("stopped by SIGTERM WHAT")."""
     iterator = iter(items)
     try:
