@@ -79,7 +79,15 @@ def _sampler(optuna, strategy: str, spaces: Sequence[Space], seed: int):
     if strategy == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     grid = {s.key: [_categorical(v) for v in s.values] for s in spaces}
-    return optuna.samplers.GridSampler(grid, seed=seed)
+
+    class AskTellGridSampler(optuna.samplers.GridSampler):
+        """GridSampler whose last tell does not call `Study.stop`, which Optuna allows only
+        inside `Study.optimize` (a RuntimeError in ask-and-tell); `run` counts the trials."""
+
+        def after_trial(self, study, trial, state, values) -> None:
+            return None
+
+    return AskTellGridSampler(grid, seed=seed)
 
 
 def _decode(spaces: Sequence[Space], params: dict) -> dict:
@@ -199,6 +207,9 @@ class _Study:
                 params=frozen.params,
                 distributions=frozen.distributions,
                 user_attrs={TRIAL_KEY: key, RETRY_OF: frozen.number},
+                # The sampler's bookkeeping (GridSampler's grid_id): the copy is the same
+                # grid point, not a new one drawn from the unvisited.
+                system_attrs=frozen.system_attrs,
                 intermediate_values={
                     s: v for s, v in frozen.intermediate_values.items() if s < last
                 },

@@ -78,14 +78,23 @@ def test_grid_sweep_killed_mid_group_resumes_to_the_uninterrupted_figures(tmp_pa
         )
 
 
-def test_optuna_sweep_killed_mid_group_requeues_and_resumes_its_running_trials(tmp_path):
+GRID = [1e-3, 2e-3, 3e-3, 4e-3]
+
+
+@pytest.mark.parametrize(
+    "strategy, space",
+    [("random", "loguniform(1e-4,1e-2)"), ("grid", "[" + ",".join(map(str, GRID)) + "]")],
+)
+def test_optuna_sweep_killed_mid_group_requeues_and_resumes_its_running_trials(
+    tmp_path, strategy, space
+):
     optuna = pytest.importorskip("optuna")
     storage = f"sqlite:///{tmp_path}/sweep.db"
     workdir = tmp_path / "sweep"
     cmd = sweep_cmd(
         workdir,
-        "--param=optimizer.learning_rate=loguniform(1e-4,1e-2)",
-        "--strategy", "random", "--storage", storage, "--trials", "4", "--parallel", "2",
+        f"--param=optimizer.learning_rate={space}",
+        "--strategy", strategy, "--storage", storage, "--trials", "4", "--parallel", "2",
     )  # fmt: skip
     first = kill_after_checkpoint(cmd, workdir / "trials" / "000" / "checkpoints" / "20")
     assert "sweep: training trials [0, 1] together" in first
@@ -118,6 +127,9 @@ def test_optuna_sweep_killed_mid_group_requeues_and_resumes_its_running_trials(t
     report = json.loads((workdir / "sweep.json").read_text())
     names = [os.path.basename(t["workdir"]) for t in report["trials"]]
     assert names == ["000", "001", "004", "005"]
+    if strategy == "grid":  # the requeued copies kept their grid points: all four ran
+        lrs = sorted(t["params"]["optimizer.learning_rate"] for t in report["trials"])
+        assert lrs == GRID
     for name in names:
         steps = [s for s, split in rows_once(workdir / "trials" / name) if split == "val"]
         assert steps == list(range(10, steps[-1] + 1, 10)), steps  # none missing, none twice
