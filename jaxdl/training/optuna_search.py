@@ -35,7 +35,7 @@ from typing import Any
 import ml_collections
 
 from jaxdl.checkpoint.read import list_steps
-from jaxdl.errors import Stopped, UserError
+from jaxdl.errors import Stopped, UserError, warn
 from jaxdl.training.guards import stop_on_signals
 from jaxdl.training.spaces import Space
 from jaxdl.training.trainer import minimized
@@ -156,12 +156,23 @@ HEARTBEAT_S = 5
 GRACE_S = 30
 TRIAL_KEY = "jaxdl_trial"  # the workdir number a requeued trial continues
 RETRY_OF = "jaxdl_retry_of"  # the trial number it replaces
-OWNER = "jaxdl_owner"  # {"host", "pid"} of the process training it
+OWNER = "jaxdl_owner"  # {"host", "pidns", "pid"} of the process training it
+SURPLUS = "jaxdl_surplus"  # asked past --trials in a race with another process; not trained
 
 
 def _key(trial) -> int:
     """The number of the trial's workdir, DIR/trials/NNN."""
     return int(trial.user_attrs.get(TRIAL_KEY, trial.number))
+
+
+def _process() -> dict:
+    """This process as an OWNER: host, pid, and its pid namespace (containers on one host
+    share a host name, not their pids)."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = None
+    return {"host": socket.gethostname(), "pidns": namespace, "pid": os.getpid()}
 
 
 def _alive(pid: int) -> bool:
@@ -231,7 +242,7 @@ class _Study:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(self.study)  # silent GRACE_S: requeued
-        host = socket.gethostname()
+        me = _process()
         running = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
         for trial in running:
             owner = trial.user_attrs.get(OWNER)
@@ -239,7 +250,8 @@ class _Study:
                 age = datetime.datetime.now() - trial.datetime_start
                 dead = age.total_seconds() > GRACE_S
             else:
-                dead = owner["host"] == host and not _alive(owner["pid"])
+                here = (owner["host"], owner.get("pidns")) == (me["host"], me["pidns"])
+                dead = here and not _alive(owner["pid"])
             if not dead:
                 continue
             trial_id = self.trial_id(trial.number)
@@ -282,12 +294,21 @@ class _Study:
     def tell(self, trial, record: dict) -> None:
         """Tell the study a member's outcome from its trial.json."""
         states = self.optuna.trial.TrialState
-        if record["state"] == "complete" and record["best"] is not None:
-            self.study.tell(trial, record["best"])
-        elif record["state"] == "pruned":
-            self.study.tell(trial, state=states.PRUNED)
-        else:
-            self.study.tell(trial, state=states.FAIL)
+        try:
+            if record["state"] == "complete" and record["best"] is not None:
+                self.study.tell(trial, record["best"])
+            elif record["state"] == "pruned":
+                self.study.tell(trial, state=states.PRUNED)
+            else:
+                self.study.tell(trial, state=states.FAIL)
+        except self.optuna.exceptions.UpdateFinishedTrialError:
+            # Taken for dead meanwhile (its heartbeats were late): its requeued copy finds
+            # this trial.json and is told from it, without training again.
+            warn(
+                f"sweep: trial {trial.number} was failed and requeued by another process "
+                "while it trained; its queued copy is recorded from "
+                f"{self.member_dir(_key(trial)) / 'trial.json'}."
+            )
 
 
 def run(
@@ -324,7 +345,7 @@ def run(
     )
     sweep = _Study(optuna, study, rdb, workdir)
     box.append(sweep)
-    owner = {"host": socket.gethostname(), "pid": os.getpid()}
+    owner = _process()
     distributions = _distributions(optuna, spaces)
     states = optuna.trial.TrialState
     waited = False
@@ -361,6 +382,7 @@ def run(
                         if RETRY_OF not in t.user_attrs and t.number < trial.number
                     ]
                     if len(earlier) >= trials:  # another process took the last ones meanwhile
+                        trial.set_user_attr(SURPLUS, True)
                         study.tell(trial, state=states.FAIL)
                         continue
                 if rdb is not None:
