@@ -1,7 +1,7 @@
 """A signal in every phase of a run, sent by the real process to itself at a chosen moment
-(final test evaluation, val evaluation, a checkpoint save, between two tasks, inside a
-sweep group): exit 128 + signal with a line naming it, and the rerun finishes with the
-figures of an uninterrupted run."""
+(final test evaluation, val evaluation, a checkpoint save, between two tasks or two folds,
+inside a sweep group, an Optuna sweep, between federated rounds): exit 128 + signal with a
+line naming it, and the rerun finishes (with the figures of an uninterrupted run)."""
 
 import json
 import os
@@ -175,6 +175,35 @@ def test_signal_between_two_tasks_stops_before_the_next(tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     rows = json.loads((workdir / "summary.json").read_text())["tasks"]
     assert [r["task"] for r in rows] == ["a", "b"] and [r["steps"] for r in rows] == [40, 40]
+
+
+# After fold 1's train() returned, before fold 2 starts.
+FOLD_PATCH = """
+from jaxdl.training import crossval
+real_fold = crossval._fold
+
+def fold(cfg, workdir, i, *args):
+    row = real_fold(cfg, workdir, i, *args)
+    if i == 0:
+        SELF_SIGNAL()
+    return row
+
+crossval._fold = fold
+"""
+
+
+def test_signal_between_two_folds_stops_before_the_next(tmp_path):
+    workdir = tmp_path / "cv"
+    done = run(train_args(workdir, "--folds", "2"), FOLD_PATCH)
+    line = stopped_lines(done)
+    assert line == "jaxdl: stopped by SIGTERM before fold 2/2. Run the same command to resume."
+    assert not (workdir / "fold_1").exists()
+    rerun = run(train_args(workdir, "--folds", "2"))
+    assert rerun.returncode == 0, rerun.stderr
+    assert [f["fold"] for f in json.loads((workdir / "summary.json").read_text())["per_fold"]] == [
+        0,
+        1,
+    ]
 
 
 def sweep_args(workdir):
