@@ -4,11 +4,11 @@ Every step directory holds ``jaxdl_digest.json``: the byte count of each file of
 (``state/``, ``data/``, ``config/``) and the xxh3-64 hash of each 64 MiB chunk of it.
 `Checkpointer` writes it from Orbax's post-finalization hook, i.e. inside
 ``<step>.orbax-checkpoint-tmp`` after every item is final and before Orbax renames the
-directory, so a finalized step without a digest file was not written by jaxdl (or was
-written before jaxdl recorded digests). `verify_step` reads every listed file and
-compares, before Orbax opens a byte of it: flipped or truncated bytes, deleted items and
-garbled JSON all stop here as one line naming the file, instead of being restored as
-weights or failing deep inside tensorstore.
+directory, so a finalized step without a digest file was written before jaxdl recorded
+digests. `verify_step` reads every listed file and compares, before Orbax opens a byte of
+it: flipped or truncated bytes, deleted items and garbled JSON all stop here as one line
+naming the file, instead of being restored as weights or failing deep inside tensorstore.
+A step with no digest file at all loads unverified, with one warning line per process.
 
 xxh3 (several GB/s per core, 4-5x zlib's crc32) detects accidental corruption, which is
 the threat; it is not a defence against someone forging a checkpoint. Chunks are hashed
@@ -16,7 +16,7 @@ from a memory map on a thread pool; benchmarks/checkpoint_verify.py measures the
 against the restore.
 
 ``python -m jaxdl.checkpoint.integrity STEP_DIR`` records the digest of a step written by
-an older jaxdl, once you trust it.
+an older jaxdl, once you trust it: from then on it is verified like any other.
 """
 
 from __future__ import annotations
@@ -31,12 +31,15 @@ from pathlib import Path
 
 import xxhash
 
-from jaxdl.errors import UserError
+from jaxdl.errors import UserError, warn
 from jaxdl.fileio import write_json
 
 DIGEST_FILE = "jaxdl_digest.json"
 _FORMAT = 1
 _CHUNK = 64 << 20
+# Steps without a digest already warned about in this process: one line per step, however
+# many of its items a load reads.
+_UNVERIFIED_WARNED: set[Path] = set()
 
 
 class CorruptCheckpointError(UserError):
@@ -98,12 +101,17 @@ def verify_step(step_dir: str | os.PathLike, items: Iterable[str] | None = None)
     )
     path = step_dir / DIGEST_FILE
     if not path.is_file():
-        raise CorruptCheckpointError(
-            f"checkpoint {step_dir}: has no {DIGEST_FILE}, so its bytes cannot be verified "
-            "(a step jaxdl writes always has one). Fix: if an older jaxdl wrote it and you "
-            f"trust it, record its digest: python -m jaxdl.checkpoint.integrity {step_dir}; "
-            "else use another step."
-        )
+        # Written before jaxdl recorded digests (every step it writes now has one): refusing
+        # it would lock users out of their own runs, so it loads, unverified, with a line.
+        key = step_dir.resolve()
+        if key not in _UNVERIFIED_WARNED:
+            _UNVERIFIED_WARNED.add(key)
+            warn(
+                f"checkpoint {step_dir}: has no {DIGEST_FILE} (written by an older jaxdl), so "
+                "corruption cannot be detected in it; loading it unverified. To record its "
+                f"digest once you trust it: python -m jaxdl.checkpoint.integrity {step_dir}"
+            )
+        return
     try:
         record = json.loads(path.read_text())
         files = {

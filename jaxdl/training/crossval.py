@@ -10,6 +10,7 @@ import numpy as np
 
 from jaxdl.errors import UserError
 from jaxdl.fileio import write_json
+from jaxdl.training.guards import stop_on_signals
 from jaxdl.training.runlog import read_metrics
 from jaxdl.training.trainer import train
 
@@ -23,20 +24,12 @@ def cross_validate(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     per_fold = []
-    for i in range(folds):
-        print(f"== fold {i + 1}/{folds} ==")
-        fold_dir = workdir / f"fold_{i}"
-        summary = train(cfg, fold_dir, progress=progress, fold=(i, folds))
-        val = [r for r in read_metrics(fold_dir / "metrics.jsonl") if r["split"] == "val"]
-        last_val = val[-1] if val else {}
-        per_fold.append(
-            {
-                "fold": i,
-                "val_loss": last_val.get("loss"),
-                "val_accuracy": last_val.get("accuracy"),
-                **{k: summary[k] for k in ("test_accuracy", "test_loss") if k in summary},
-            }
-        )
+    # One signal handler for all folds: a signal between two folds stops here too.
+    with stop_on_signals() as stop:
+        for i in range(folds):
+            stop.check(f"before fold {i + 1}/{folds}. Run the same command to resume.")
+            print(f"== fold {i + 1}/{folds} ==")
+            per_fold.append(_fold(cfg, workdir, i, folds, progress))
     aggregate = {}
     for key in ("val_accuracy", "val_loss", "test_accuracy", "test_loss"):
         values = [f[key] for f in per_fold if f.get(key) is not None]
@@ -46,3 +39,16 @@ def cross_validate(
     write_json(workdir / "summary.json", summary)
     print(json.dumps(aggregate, indent=2))
     return summary
+
+
+def _fold(cfg: ml_collections.ConfigDict, workdir: Path, i: int, folds: int, progress: bool):
+    fold_dir = workdir / f"fold_{i}"
+    summary = train(cfg, fold_dir, progress=progress, fold=(i, folds))
+    val = [r for r in read_metrics(fold_dir / "metrics.jsonl") if r["split"] == "val"]
+    last_val = val[-1] if val else {}
+    return {
+        "fold": i,
+        "val_loss": last_val.get("loss"),
+        "val_accuracy": last_val.get("accuracy"),
+        **{k: summary[k] for k in ("test_accuracy", "test_loss") if k in summary},
+    }

@@ -13,11 +13,14 @@
 Config: ``federated.clients`` C (0: off), ``rounds`` R, ``local_steps`` E,
 ``alpha`` (0: IID shards; > 0: Dirichlet label skew, smaller is more skewed),
 ``clients_per_round`` K (0: all C). The workdir gets config.json, metrics.jsonl (one val
-line per round, ``step`` = round), a checkpoint of the global model and summary.json.
+line per round, ``step`` = round), a checkpoint after every round (the global model, each
+client's data position and the client sampler: a killed or stopped run resumes after its
+last round, exactly) and summary.json.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
@@ -37,10 +40,12 @@ from jaxdl.errors import UserError
 from jaxdl.fileio import write_json
 from jaxdl.finetune import partition
 from jaxdl.training.build import build
+from jaxdl.training.guards import stop_on_signals, workdir_lock
 from jaxdl.training.runlog import MetricLogger, params_sha256
 from jaxdl.training.trainer import check_workdir, full_params
 
 MAX_DRAWS = 1000
+RESUME = "Run the same command to resume."
 
 
 def client_shards(
@@ -150,74 +155,96 @@ def run_federated(
         w = weights / weights.sum()
         return jax.tree.map(lambda p: jnp.tensordot(w, p, axes=1), params)
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_json(workdir / "config.json", config_dict)
-    write_json(
-        workdir / "clients.json",
-        {
-            "examples": counts.astype(int).tolist(),
-            "classes": [
-                np.bincount(labels[s], minlength=data.num_classes).tolist() for s in shards
-            ],
-        },
-    )
-    iters = [c.train_iter(batch_size, seed=cfg.seed + k) for k, c in enumerate(clients)]
-    rng = np.random.default_rng(cfg.seed)
-    global_state = setup.state
-    with MetricLogger(workdir) as logger:
-        try:
-            for r in range(1, fed.rounds + 1):
-                chosen = np.sort(rng.choice(fed.clients, per_round, replace=False))
-                # every chosen client starts from the global params, fresh optimizer state
-                start = global_state.replace(opt_state=tx.init(global_state.params))
-                state = vmapped.stack([start] * per_round)
-                state = state.replace(
-                    rng=jnp.stack([jax.random.fold_in(start.rng, int(k)) for k in chosen])
-                )
-                losses = []
-                for _ in range(fed.local_steps):
-                    host = [next(iters[k]) for k in chosen]
-                    batch = {key: np.stack([b[key] for b in host]) for key in host[0]}
-                    state, metrics = local_step(state, batch, hyper)
-                    losses.append(metrics["loss"])
-                losses = np.asarray(jax.device_get(losses))
-                if not np.isfinite(losses).all():
-                    raise UserError(
-                        f"loss: expected finite values, found NaN/Inf in round {r}. Fix: lower "
-                        "optimizer.learning_rate or federated.local_steps."
-                    )
-                params = average(state.params, jnp.asarray(counts[chosen]))
-                global_state = global_state.replace(
-                    params=params,
-                    model_state=average(state.model_state, jnp.asarray(counts[chosen])),
-                    step=global_state.step + fed.local_steps,
-                )
-                val = _evaluate_global(
-                    group_eval, global_state, data, cfg.data.eval_split, batch_size
-                )
-                logger.log(r, "train", {"loss": float(losses.mean())})
-                logger.log(r, "val", val)
-                echo(f"round {r}: val accuracy {val.get('accuracy', float('nan')):.4f}")
-        finally:
-            for it in iters:
-                it.close()
-        test = _evaluate_global(group_eval, global_state, data, cfg.data.test_split, batch_size)
-        logger.log(fed.rounds, "test", test)
+    # Every round is checkpointed (global state, each client's data position, the sampler's
+    # generator): a killed or stopped run resumes after its last saved round, exactly.
     from jaxdl.checkpoint.manager import Checkpointer
 
-    with Checkpointer(workdir, best_metric=None) as ckpt:
-        ckpt.save(int(global_state.step), global_state, data_state=None, config=config_dict)
-    summary = {
-        "rounds": fed.rounds,
-        "clients": fed.clients,
-        "local_steps": fed.local_steps,
-        "test_loss": test["loss"],
-        "test_accuracy": test.get("accuracy"),
-        "params_sha256": params_sha256(full_params(global_state, setup)),
-        "wall_s": time.time() - start_time,
-    }
-    write_json(workdir / "summary.json", summary)
-    return summary
+    with (
+        workdir_lock(workdir),
+        stop_on_signals() as stop,
+        contextlib.ExitStack() as stack,
+    ):
+        write_json(workdir / "config.json", config_dict)
+        write_json(
+            workdir / "clients.json",
+            {
+                "examples": counts.astype(int).tolist(),
+                "classes": [
+                    np.bincount(labels[s], minlength=data.num_classes).tolist() for s in shards
+                ],
+            },
+        )
+        iters = [c.train_iter(batch_size, seed=cfg.seed + k) for k, c in enumerate(clients)]
+        rng = np.random.default_rng(cfg.seed)
+        for it in iters:
+            stack.callback(it.close)
+        ckpt = stack.enter_context(
+            Checkpointer(workdir, max_to_keep=cfg.keep_checkpoints, best_metric=None)
+        )
+        start_step, global_state, data_state = ckpt.resume(setup.state, require_data=True)
+        start = start_step // fed.local_steps
+        if data_state is not None:
+            for it, position in zip(iters, data_state["clients"], strict=True):
+                it.set_state(position)
+            rng.bit_generator.state = data_state["sampler"]
+            echo(f"resumed from round {start} in {workdir / 'checkpoints'}")
+        logger = stack.enter_context(MetricLogger(workdir, resume_step=start))
+        for r in range(start + 1, fed.rounds + 1):
+            stop.check(f"before round {r}; rounds 1..{r - 1} are saved. {RESUME}")
+            chosen = np.sort(rng.choice(fed.clients, per_round, replace=False))
+            # every chosen client starts from the global params, fresh optimizer state
+            begin = global_state.replace(opt_state=tx.init(global_state.params))
+            state = vmapped.stack([begin] * per_round)
+            state = state.replace(
+                rng=jnp.stack([jax.random.fold_in(begin.rng, int(k)) for k in chosen])
+            )
+            losses = []
+            for _ in range(fed.local_steps):
+                host = [next(iters[k]) for k in chosen]
+                batch = {key: np.stack([b[key] for b in host]) for key in host[0]}
+                state, metrics = local_step(state, batch, hyper)
+                losses.append(metrics["loss"])
+            losses = np.asarray(jax.device_get(losses))
+            if not np.isfinite(losses).all():
+                raise UserError(
+                    f"loss: expected finite values, found NaN/Inf in round {r}. Fix: lower "
+                    "optimizer.learning_rate or federated.local_steps."
+                )
+            params = average(state.params, jnp.asarray(counts[chosen]))
+            global_state = global_state.replace(
+                params=params,
+                model_state=average(state.model_state, jnp.asarray(counts[chosen])),
+                step=global_state.step + fed.local_steps,
+            )
+            val = _evaluate_global(group_eval, global_state, data, cfg.data.eval_split, batch_size)
+            logger.log(r, "train", {"loss": float(losses.mean())})
+            logger.log(r, "val", val)
+            echo(f"round {r}: val accuracy {val.get('accuracy', float('nan')):.4f}")
+            ckpt.save(
+                int(global_state.step),
+                global_state,
+                data_state={
+                    "clients": [it.get_state() for it in iters],
+                    "sampler": rng.bit_generator.state,
+                },
+                config=config_dict,
+            )
+        ckpt.wait()
+        stop.check(f"after round {fed.rounds} (saved). Run the same command to finish.")
+        test = _evaluate_global(group_eval, global_state, data, cfg.data.test_split, batch_size)
+        logger.log(fed.rounds, "test", test)
+        summary = {
+            "rounds": fed.rounds,
+            "clients": fed.clients,
+            "local_steps": fed.local_steps,
+            "test_loss": test["loss"],
+            "test_accuracy": test.get("accuracy"),
+            "params_sha256": params_sha256(full_params(global_state, setup)),
+            "wall_s": time.time() - start_time,
+        }
+        write_json(workdir / "summary.json", summary)
+        stop.check(f"after the run finished ({workdir / 'summary.json'} written)")
+        return summary
 
 
 def _evaluate_global(group_eval, state, data, split: str, batch_size: int) -> dict:

@@ -1,7 +1,10 @@
 """What a run holds while it trains: the workdir lock and the stop signals.
 
-Both are context managers entered by `jaxdl.training.trainer.train` for exactly its
-duration: the lock is released and the previous signal handlers are back on every exit.
+Both are context managers entered by `jaxdl.training.trainer.train` (and the federated
+runner) for exactly its duration: the lock is released and the previous signal handlers
+are back on every exit. Runners of many runs (task lists, cross-validation, sweeps) hold
+the signal handlers around all of them, so a signal between two runs stops the runner
+with the same exit status and a line saying where, instead of the default action.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from jaxdl.errors import UserError
+from jaxdl.errors import Stopped, UserError
 
 LOCK_FILE = ".lock"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -59,7 +62,8 @@ def workdir_lock(workdir: Path) -> Iterator[None]:
 
 
 class StopRequest:
-    """Set by the first SIGTERM / SIGINT; the training loop polls it between steps."""
+    """Set by the first SIGTERM / SIGINT; the loops poll it between steps, evaluation
+    batches and members."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -71,15 +75,32 @@ class StopRequest:
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""
 
+    def check(self, what: str) -> None:
+        """If a signal came, raise `Stopped` ("stopped by SIGTERM WHAT", exit status
+        128 + signal); a no-op otherwise."""
+        if self.signum is not None:
+            raise Stopped(f"stopped by {self.name} {what}", status=128 + self.signum)
+
+
+# The request of the outermost `stop_on_signals` of this process while it is active, so a
+# runner of many runs (tasks, folds, a sweep) and each run inside it share one request.
+_active: StopRequest | None = None
+
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[StopRequest]:
     """Turn the first SIGTERM / SIGINT into a `StopRequest` the loop acts on between steps;
     a second one exits at once with status 128 + signal.
 
-    Handlers can only be installed from the main thread; elsewhere (a sweep worker thread)
-    the request stays unset and signals keep their previous meaning.
+    Nested inside another `stop_on_signals` (a run inside a sweep or a task list) it yields
+    the outer request, so a signal between two runs is seen by the runner. Handlers can
+    only be installed from the main thread; elsewhere (a sweep worker thread) the request
+    stays unset and signals keep their previous meaning.
     """
+    global _active
+    if _active is not None:
+        yield _active
+        return
     request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield request
@@ -97,8 +118,10 @@ def stop_on_signals() -> Iterator[StopRequest]:
         )
 
     previous = {s: signal.signal(s, handle) for s in STOP_SIGNALS}
+    _active = request
     try:
         yield request
     finally:
+        _active = None
         for s, handler in previous.items():
             signal.signal(s, handler)

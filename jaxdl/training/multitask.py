@@ -30,6 +30,7 @@ from jaxdl import config as config_lib
 from jaxdl.errors import UserError
 from jaxdl.fileio import write_json
 from jaxdl.tables import text_table
+from jaxdl.training.guards import stop_on_signals
 from jaxdl.training.runlog import read_metrics
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -146,28 +147,34 @@ def run_tasks(
     trainable_params, steps, step_ms (median train step), wall_s. WORKDIR/config.json holds
     the base config with its tasks; each task's workdir holds its own resolved config.
     """
-    from jaxdl.training.trainer import train
-
     workdir = Path(workdir)
     configs = task_configs(cfg)
     rows = []
-    for i, (name, task_cfg) in enumerate(configs):
-        echo(f"== task {i + 1}/{len(configs)}: {name} ==")
-        task_dir = workdir / "tasks" / name
-        summary = train(task_cfg, task_dir, progress=progress, echo=echo)
-        row = {"task": name, "workdir": str(task_dir)}
-        for key in ("test_accuracy", "test_bits_per_byte", "test_loss", "params"):
-            if key in summary:
-                row[key] = summary[key]
-        row["trainable_params"] = summary["trainable_params"]
-        row["steps"] = summary["steps"]
-        row["step_ms"] = summary.get("step_ms") or median_step_ms(
-            task_dir, task_cfg.data.batch_size
-        )
-        row["wall_s"] = summary["wall_s"]
-        rows.append(row)
+    # One signal handler for all tasks: a signal between two tasks stops here too.
+    with stop_on_signals() as stop:
+        for i, (name, task_cfg) in enumerate(configs):
+            stop.check(f"before task {name}. Run the same command to resume.")
+            echo(f"== task {i + 1}/{len(configs)}: {name} ==")
+            rows.append(_run_task(name, task_cfg, workdir, progress, echo))
     result = {"init_from": cfg.init_from.to_dict(), "tasks": rows}
     write_json(workdir / "config.json", json.loads(config_lib.to_json(cfg)))
     write_json(workdir / "summary.json", result)
     echo(format_rows(rows))
     return result
+
+
+def _run_task(name: str, task_cfg, workdir: Path, progress: bool, echo) -> dict[str, Any]:
+    """Train one task in WORKDIR/tasks/NAME; its row of the side-by-side summary."""
+    from jaxdl.training.trainer import train
+
+    task_dir = workdir / "tasks" / name
+    summary = train(task_cfg, task_dir, progress=progress, echo=echo)
+    row = {"task": name, "workdir": str(task_dir)}
+    for key in ("test_accuracy", "test_bits_per_byte", "test_loss", "params"):
+        if key in summary:
+            row[key] = summary[key]
+    row["trainable_params"] = summary["trainable_params"]
+    row["steps"] = summary["steps"]
+    row["step_ms"] = summary.get("step_ms") or median_step_ms(task_dir, task_cfg.data.batch_size)
+    row["wall_s"] = summary["wall_s"]
+    return row

@@ -41,6 +41,7 @@ from jaxdl.finetune import partition
 from jaxdl.training import scores
 from jaxdl.training import spaces as spaces_lib
 from jaxdl.training.build import build
+from jaxdl.training.guards import stop_on_signals
 from jaxdl.training.runlog import MetricLogger, params_sha256, read_metrics
 from jaxdl.training.trainer import (
     EarlyStopping,
@@ -49,6 +50,8 @@ from jaxdl.training.trainer import (
     full_params,
     minimized,
 )
+
+RESUME = "Run the same command to resume."
 
 
 def member_config(
@@ -128,22 +131,28 @@ def run_sweep(
     _check_spec(workdir, spec)
     workdir.mkdir(parents=True, exist_ok=True)
     write_json(workdir / "sweep_spec.json", spec)
-    if use_optuna:
-        from jaxdl.training import optuna_search
+    with stop_on_signals() as stop:  # one handler for every group of the sweep
+        if use_optuna:
+            from jaxdl.training import optuna_search
 
-        optuna_search.run(
-            cfg,
-            workdir,
-            spaces,
-            strategy=strategy,
-            storage=storage,
-            trials=trials or 16,
-            parallel=parallel,
-            metric=metric,
-            echo=echo,
-        )
-        return write_report(workdir, metric, echo=echo)
+            optuna_search.run(
+                cfg,
+                workdir,
+                spaces,
+                strategy=strategy,
+                storage=storage,
+                trials=trials or 16,
+                parallel=parallel,
+                metric=metric,
+                echo=echo,
+            )
+        else:
+            _run_trials(cfg, workdir, trial_params, parallel, metric, stop, echo)
+    return write_report(workdir, metric, echo=echo)
 
+
+def _run_trials(cfg, workdir: Path, trial_params, parallel: int, metric: str, stop, echo) -> None:
+    """Grid / random: train every trial without a trial.json, group by group."""
     pending = []
     for i, params in enumerate(trial_params):
         member_dir = workdir / "trials" / f"{i:03d}"
@@ -155,6 +164,7 @@ def run_sweep(
     for members in groups.values():
         for start in range(0, len(members), parallel):
             chunk = members[start : start + parallel]
+            stop.check(f"before trials {[i for i, _, _ in chunk]}. {RESUME}")
             echo(f"sweep: training trials {[i for i, _, _ in chunk]} together")
             run_group(
                 [member_config(cfg, p) for _, p, _ in chunk],
@@ -162,7 +172,6 @@ def run_sweep(
                 [p for _, p, _ in chunk],
                 metric=metric,
             )
-    return write_report(workdir, metric, echo=echo)
 
 
 def _check_spec(workdir: Path, spec: dict) -> None:
@@ -257,6 +266,7 @@ def run_group(
     )
 
     with contextlib.ExitStack() as stack:
+        stop = stack.enter_context(stop_on_signals())  # the sweep's, when run_sweep holds one
         ckpts = [
             stack.enter_context(
                 Checkpointer(
@@ -284,7 +294,6 @@ def run_group(
             elif (workdirs[i] / "metrics.jsonl").exists():
                 (workdirs[i] / "metrics.jsonl").unlink()  # killed before its first checkpoint
             states.append(vmapped.restructure(state, group_template))
-        state = vmapped.stack(states)
         for d, config_dict, setup in zip(workdirs, config_dicts, setups, strict=True):
             d.mkdir(parents=True, exist_ok=True)
             write_json(d / "config.json", config_dict)
@@ -302,19 +311,31 @@ def run_group(
         outcome: list[str | None] = [
             "complete" if s.should_stop else None for s in stoppers
         ]  # None while training
+        if should_prune and start_step:  # killed after pruning a member, before recording it
+            for i, d in enumerate(workdirs):
+                value = _val_at(d, start_step, metric)
+                if outcome[i] is None and value is not None and should_prune(i, start_step, value):
+                    outcome[i] = "pruned"
 
         # ---- loop ---------------------------------------------------------------------------
         # slots[j]: the member in row j of the stacked state. A member that stops (early
         # stopping, pruning, NaN) leaves the stack, so the rest no longer compute for it.
-        slots = list(range(num_members))
+        # finals: member -> its host state when it stopped (at the step resumed from, for one
+        # that had stopped there before the process was killed).
+        finals: dict[int, Any] = {
+            i: jax.device_get(states[i]) for i in range(num_members) if outcome[i] is not None
+        }
+        slots = [i for i in range(num_members) if outcome[i] is None]
+        if slots:
+            state = vmapped.stack([states[i] for i in slots])
+            hyper = {k: v[np.asarray(slots)] for k, v in hyper.items()}
         pending: list[dict] = []
         diverged_at: dict[int, int] = {}
-        finals: dict[int, Any] = {}  # member -> its host state when it stopped
         prune: set[int] = set()
         last_checked = start_step
         step = start_step
         start_time = time.time()
-        while step < total_steps and slots:
+        while step < total_steps and slots and not stop:
             events = (c0.log_every, eval_every, c0.checkpoint_every)
             k = chunk_size(step, c0.steps_per_call, total_steps, events)
             hosts = [[next(iters[i]) for i in slots] for _ in range(k)]  # [K][M]
@@ -337,8 +358,6 @@ def run_group(
                 pending, last_checked = [], step
                 for i, m in means.items():
                     loggers[i].log(step, "train", m)
-                for i in diverged_at.keys() & set(slots):
-                    _write_trial(workdirs[i], params[i], metric, "diverged", diverged_at[i])
             val = {}
             if at_eval and c0.data.eval_split in data.split_sizes:
                 members = [cfgs[i] for i in slots]
@@ -354,7 +373,7 @@ def run_group(
                         prune.add(i)
             done = prune or any(stoppers[i].should_stop for i in val)
             host_state = None
-            if at_ckpt or step == total_steps or done:
+            if at_ckpt or step == total_steps or done or stop:
                 host_state = jax.device_get(state)
                 for j, i in enumerate(slots):
                     if outcome[i] is not None:
@@ -370,7 +389,6 @@ def run_group(
                     if stoppers[i].should_stop or i in prune:
                         outcome[i] = "pruned" if i in prune else "complete"
                         finals[i] = vmapped.unstack(host_state, j)
-                        _write_trial(workdirs[i], params[i], metric, outcome[i], None)
                 prune.clear()
             keep = [j for j, i in enumerate(slots) if outcome[i] is None]
             if len(keep) < len(slots):
@@ -382,7 +400,10 @@ def run_group(
                     hyper = {k: v[np.asarray(keep)] for k, v in hyper.items()}
         for ck in ckpts:
             ck.wait()
-        if slots:
+        # Stopped by a signal: members still training keep their checkpoints (resumed by the
+        # rerun) and get no summary or trial.json yet; finished ones are recorded below.
+        unfinished = set(slots) if stop else set()
+        if slots and not stop:
             host_state = jax.device_get(state)
             finals.update({i: vmapped.unstack(host_state, j) for j, i in enumerate(slots)})
 
@@ -397,6 +418,8 @@ def run_group(
             test = dict(zip(tested, rows, strict=True))
         wall = time.time() - start_time
         for i, d in enumerate(workdirs):
+            if i in unfinished:
+                continue
             history = [r for r in read_metrics(d / "metrics.jsonl") if r["split"] == "val"]
             record_step = int(history[-1]["step"]) if history else step
             stopped_early = outcome[i] in ("complete", "pruned") and record_step < total_steps
@@ -410,13 +433,25 @@ def run_group(
             summary["wall_s"] = wall
             write_json(d / "summary.json", summary)
             _write_trial(d, params[i], metric, outcome[i] or "complete", diverged_at.get(i))
+    names = [d.name for i, d in enumerate(workdirs) if i in unfinished]
+    if names:
+        stop.check(f"at step {step}; trials {names} saved their checkpoints. {RESUME}")
+    stop.check(f"after trials {[d.name for d in workdirs]} finished. {RESUME}")
     return [o or "complete" for o in outcome]
+
+
+def _val_at(workdir: Path, step: int, metric: str) -> float | None:
+    """The member's logged val ``metric`` at ``step`` (None when there is none)."""
+    rows = [r for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "val"]
+    values = [r.get(metric.removeprefix("val_")) for r in rows if r["step"] == step]
+    return values[-1] if values else None
 
 
 def _write_trial(
     workdir: Path, params: dict, metric: str, state: str, diverged_at: int | None
 ) -> None:
-    """trial.json: the member's outcome; its presence marks the trial finished."""
+    """trial.json: the member's outcome, written after its summary.json: its presence marks
+    the trial finished, and a member killed before it is trained (resumed) again."""
     history = [r for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "val"]
     values = [r[metric.removeprefix("val_")] for r in history]
     values = [v for v in values if math.isfinite(v)]
@@ -460,9 +495,7 @@ def _evaluate(group_eval, state, datas, cfgs, split: str, batch_size: int) -> li
         sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
     assert sums is not None, "empty evaluation split"
     kind = next(iter(datas.values())).kind
-    return scores.member_metrics(
-        jax.device_get(sums), jax.device_get(per_example), kind, len(cfgs)
-    )
+    return scores.member_metrics(jax.device_get(sums), jax.device_get(per_example), kind, len(cfgs))
 
 
 # ---- the report -----------------------------------------------------------------------------

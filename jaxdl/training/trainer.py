@@ -14,9 +14,9 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ from jaxdl.core import tree as tree_lib
 from jaxdl.core.heads import FLAGS, check_label_flags
 from jaxdl.data import build_data, prefetch_to_device, validate_batch
 from jaxdl.data.pipeline import format_report as format_data_report
-from jaxdl.errors import Stopped, UserError
+from jaxdl.errors import UserError
 from jaxdl.fileio import read_json, write_json
 from jaxdl.finetune import partition
 from jaxdl.finetune.hub.vision import with_source_preprocessing
@@ -37,7 +37,7 @@ from jaxdl.parallel import sharding
 from jaxdl.training import scores
 from jaxdl.training.build import Setup, build
 from jaxdl.training.evaluate import eval_batches, evaluate_split, scalars, with_pinned_base
-from jaxdl.training.guards import stop_on_signals, workdir_lock
+from jaxdl.training.guards import StopRequest, stop_on_signals, workdir_lock
 from jaxdl.training.runlog import MetricLogger, params_sha256, plot_curves, read_metrics
 
 # Keys a resumed run may change: extending a run is the point of resuming it; the mesh is
@@ -75,6 +75,8 @@ _RESUMABLE_CHANGES = {
         )
     ),
 }
+
+T = TypeVar("T")
 
 
 class NonFiniteLossError(UserError):
@@ -156,7 +158,11 @@ def train(
         workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext(),
         stop_on_signals() as stop,
     ):
-        return _train(cfg, workdir, stop, progress=progress, echo=echo, fold=fold)
+        summary = _train(cfg, workdir, stop, progress=progress, echo=echo, fold=fold)
+    # A signal while the summary was written: the run is whole, but the caller (a scheduler,
+    # a runner of several runs) asked to stop and learns it from the exit status.
+    stop.check(f"after the run finished ({workdir / 'summary.json'} written); nothing to resume")
+    return summary
 
 
 def _check_cadence(cfg: ml_collections.ConfigDict) -> None:
@@ -352,16 +358,12 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
                 window_start = time.time()
             bar.update(k)
         ckpt.wait()
-        if stop:
-            saved = (
-                f"checkpoint saved in {workdir / 'checkpoints' / str(step)}"
-                if step > start_step
-                else "no new step to save"
-            )
-            raise Stopped(
-                f"stopped by {stop.name} at step {step}; {saved}. Run the same command to resume.",
-                status=128 + stop.signum,
-            )
+        saved = (
+            f"checkpoint saved in {workdir / 'checkpoints' / str(step)}"
+            if step > start_step
+            else "no new step to save"
+        )
+        stop.check(f"at step {step}; {saved}. Run the same command to resume.")
 
         # ---- test -------------------------------------------------------------------------
         test_split = (
@@ -373,16 +375,24 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
         if same_as_val and val_metrics is not None:  # e.g. text sources: test is the val bytes
             test_metrics = val_metrics
         else:
+            # Every step is saved by now; a signal abandons the evaluation (it may be long)
+            # between batches, and the rerun evaluates the saved final step.
             test_metrics = evaluate_split(
                 eval_step,
                 state,
-                eval_batches(
-                    data,
-                    test_split,
-                    local_eval_batch,
-                    data.example_spec,
-                    data.num_classes,
-                    setup.layout.batch,
+                _until_stopped(
+                    eval_batches(
+                        data,
+                        test_split,
+                        local_eval_batch,
+                        data.example_spec,
+                        data.num_classes,
+                        setup.layout.batch,
+                    ),
+                    stop,
+                    f"during the {test_split} evaluation after step {step} (every step is "
+                    f"saved, up to {workdir / 'checkpoints' / str(step)}). Run the same "
+                    "command to finish: it only evaluates.",
                 ),
                 data.kind,
                 data.num_classes,
@@ -457,6 +467,19 @@ def _flush(pending: list[dict], first_step: int, last_step: int) -> dict[str, fl
             "saved). Fix: lower optimizer.learning_rate or set optimizer.grad_clip_norm."
         )
     return {k: float(np.mean(v)) for k, v in per_step.items() if k not in FLAGS}
+
+
+def _until_stopped(items: Iterable[T], stop: StopRequest, what: str) -> Iterator[T]:
+    """``items`` until a signal comes, then `Stopped` ("stopped by SIGTERM WHAT")."""
+    iterator = iter(items)
+    try:
+        for item in iterator:
+            stop.check(what)
+            yield item
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:  # a generator: run its cleanup now, not when collected
+            close()
 
 
 def chunk_size(step: int, steps_per_call: int, total_steps: int, every: Iterable[int]) -> int:

@@ -1,4 +1,5 @@
-"""Checkpoint digests: a flipped byte, a lost item or a missing digest is never restored."""
+"""Checkpoint digests: a flipped byte or a lost item is never restored; a step older than
+digests loads with one warning line."""
 
 import json
 import shutil
@@ -73,12 +74,27 @@ def test_every_step_corrupt_is_one_error_not_a_silent_restart(tmp_path):
         ckpt.resume(zeros_like(make_state()), require_data=True)
 
 
-def test_step_without_digest_is_refused_until_vouched_for(tmp_path):
-    save_steps(tmp_path, steps=(1,))
-    step_dir = tmp_path / "checkpoints" / "1"
+def test_step_without_digest_loads_with_one_warning_until_vouched_for(tmp_path, capsys):
+    # A step an older jaxdl wrote (no digest file at all) loads unverified, one line naming
+    # it and the command that records a digest, however many of its items are read.
+    save_steps(tmp_path, steps=(1, 2))
+    step_dir = tmp_path / "checkpoints" / "2"
     (step_dir / DIGEST_FILE).unlink()
-    with pytest.raises(CorruptCheckpointError, match=f"no {DIGEST_FILE}.*integrity {step_dir}"):
-        load_params(tmp_path)
+    capsys.readouterr()
+    np.testing.assert_array_equal(
+        load_params(tmp_path)["head"]["bias"],
+        np.asarray(make_state(2).params["params"]["head"]["bias"]),
+    )
+    with Checkpointer(tmp_path) as ckpt:
+        step, state, data_state = ckpt.resume(zeros_like(make_state()), require_data=True)
+    assert (step, data_state) == (2, {"pos": 2})
+    assert_same(state, make_state(2, step=2))
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"jaxdl: warning: checkpoint {step_dir}: has no {DIGEST_FILE} (written by an older "
+        "jaxdl), so corruption cannot be detected in it; loading it unverified. To record its "
+        f"digest once you trust it: python -m jaxdl.checkpoint.integrity {step_dir}"
+    ], err
     out = subprocess.run(
         [sys.executable, "-m", "jaxdl.checkpoint.integrity", str(step_dir)],
         capture_output=True,
@@ -87,10 +103,32 @@ def test_step_without_digest_is_refused_until_vouched_for(tmp_path):
         cwd=REPO,
     )
     assert out.stdout.startswith(f"wrote {step_dir / DIGEST_FILE}")
-    assert load_params(tmp_path)["head"]["bias"].shape == (2,)
+    # Vouched for, it is verified like any other step: a flipped byte is refused again.
+    victim = flip_a_byte(step_dir)
+    with pytest.raises(CorruptCheckpointError, match=f"file {victim.relative_to(step_dir)}"):
+        load_params(tmp_path)
     (step_dir / DIGEST_FILE).write_text('{"files": ')
     with pytest.raises(CorruptCheckpointError, match=f"{DIGEST_FILE} is corrupt"):
         load_params(tmp_path)
+
+
+def test_a_digest_that_does_not_match_is_still_refused_without_a_digest_elsewhere(tmp_path, capsys):
+    # Step 1 predates digests, step 2 is corrupt: resume sets step 2 aside and takes step 1
+    # (unverified, with its warning); load_params refuses step 2 outright.
+    save_steps(tmp_path, steps=(1, 2))
+    (tmp_path / "checkpoints" / "1" / DIGEST_FILE).unlink()
+    flip_a_byte(tmp_path / "checkpoints" / "2")
+    with pytest.raises(CorruptCheckpointError, match="hashes to"):
+        load_params(tmp_path)
+    capsys.readouterr()
+    with Checkpointer(tmp_path) as ckpt:
+        step, state, _ = ckpt.resume(zeros_like(make_state()), require_data=True)
+    assert step == 1
+    assert_same(state, make_state(1, step=1))
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2, err
+    assert any("skipped corrupt checkpoint step(s) [2]" in line for line in err), err
+    assert any(f"no {DIGEST_FILE} (written by an older jaxdl)" in line for line in err), err
 
 
 def test_verify_benchmark_runs_and_reports_the_share(tmp_path):

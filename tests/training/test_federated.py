@@ -1,8 +1,13 @@
-"""FedAvg: client shards, equality with centralized training for one client, CLI errors."""
+"""FedAvg: client shards, equality with centralized training for one client, CLI errors,
+exact resume of a killed run."""
 
+import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -10,6 +15,7 @@ import pytest
 from jaxdl import config as config_lib
 from jaxdl.errors import UserError
 from jaxdl.training.federated import client_shards, run_federated
+from jaxdl.training.runlog import read_metrics
 from jaxdl.training.trainer import train
 
 
@@ -90,3 +96,45 @@ def test_cli_more_clients_than_examples_exits_2(tmp_path):
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "federated.clients: expected at most" in lines[0], done.stderr
+
+
+def test_killed_run_resumes_after_its_last_round_to_the_uninterrupted_figures(tmp_path):
+    # Client sampling (2 of 4 per round) and dropout: the resumed rounds must draw the same
+    # clients, batches and dropout masks as an uninterrupted run.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+    def cmd(workdir):
+        return [
+            sys.executable, "-m", "jaxdl.cli", "train", "--config", "experiments/digits_mlp.py",
+            "--workdir", str(workdir), "--config.data.train_transforms=[]",
+            "--config.federated.clients=4", "--config.federated.clients_per_round=2",
+            "--config.federated.rounds=8", "--config.federated.local_steps=5",
+        ]  # fmt: skip
+
+    straight = subprocess.run(cmd(tmp_path / "straight"), capture_output=True, text=True, env=env)
+    assert straight.returncode == 0, straight.stderr
+    workdir = tmp_path / "cut"
+    proc = subprocess.Popen(cmd(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 300
+    while not (workdir / "checkpoints" / "15").is_dir():  # round 3 saved
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (workdir / "summary.json").exists()
+    rerun = subprocess.run(cmd(workdir), capture_output=True, text=True, env=env)
+    assert rerun.returncode == 0, rerun.stderr
+    start = int(re.search(r"resumed from round (\d) in ", rerun.stdout)[1])
+    assert 3 <= start < 8, rerun.stdout
+    rounds = [int(x) for x in re.findall(r"^round (\d+):", rerun.stdout, re.M)]
+    assert rounds == list(range(start + 1, 9)), rerun.stdout  # earlier rounds not trained again
+    a, b = (json.loads((w / "summary.json").read_text()) for w in (tmp_path / "straight", workdir))
+    for key in ("test_loss", "test_accuracy", "params_sha256"):
+        assert a[key] == b[key], key
+    rows = read_rows(workdir)
+    assert sorted(rows) == sorted(read_rows(tmp_path / "straight")) and len(set(rows)) == len(rows)
+
+
+def read_rows(workdir):
+    return [(r["step"], r["split"]) for r in read_metrics(workdir / "metrics.jsonl")]
