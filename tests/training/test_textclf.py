@@ -20,7 +20,6 @@ from jaxdl.data import build_data
 from jaxdl.data.textfolder import encode_text
 from jaxdl.deploy.predict import predict_files
 from jaxdl.errors import UserError
-from jaxdl.finetune.hub import import_checkpoint
 from jaxdl.lm.tokenizer import load_tokenizer
 from jaxdl.models import create_model
 from jaxdl.training.evaluate import export_workdir, restore_run
@@ -184,7 +183,7 @@ def _code_folder(root):
 @pytest.fixture(scope="module")
 def gpt2_imported(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpt2") / "imported"
-    import_checkpoint("hf:gpt2", str(GPT2_TINY), out)
+    assert cli_main(["import", "hf:gpt2", "--from", str(GPT2_TINY), "--out", str(out)]) == 0
     return out
 
 
@@ -224,6 +223,14 @@ def test_textfolder_reads_an_imported_tokenizer_and_pads_past_its_vocabulary(
     text = load_tokenizer(tokenizer).decode(first)
     assert text.startswith(("def f(x)", "import os", "for i in"))
     np.testing.assert_array_equal(first, load_tokenizer(tokenizer).encode(text))
+
+    table = tmp_path / "t.csv"
+    table.write_text("text,label\n" + "".join(f"import os  # {i},{i % 2}\n" for i in range(20)))
+    cfg = {"source": f"csv:{table}", "label_column": "label", "text_column": "text"}
+    data = build_data({**cfg, "seq_len": 16, "tokenizer": tokenizer}, seed=0)
+    assert data.task_fields["model"] == {"num_classes": 1, "pad_id": 512}
+    row = data.source.splits["train"].tokens[0]
+    assert load_tokenizer(tokenizer).decode(row[row < 512]).startswith("import os  # ")
 
 
 def test_classify_head_pads_with_an_id_past_the_vocabulary():
