@@ -17,8 +17,9 @@ other numbers -> regression, several label columns -> multilabel. Labels: class 
 int32 [] (binary: 1 is the later of the two sorted values), float32 [K] targets in
 original units (regression), float32 {0, 1} [L] (multilabel).
 
-With data.text_column the example is that column's text instead, as bytes right-padded
-to data.seq_len: {"tokens": int32 [seq_len], "label": ...} (see `jaxdl.data.textfolder`).
+With data.text_column the example is that column's text instead, as tokens (bytes, or
+data.tokenizer's ids) right-padded to data.seq_len: {"tokens": int32 [seq_len], "label": ...}
+(see `jaxdl.data.textfolder`).
 
 `Source.task_fields` carries what the model and head need from the train split: input
 layout and output width for the model; class counts or target mean/std for the head.
@@ -437,20 +438,25 @@ def table_source(spec: str, cfg: Mapping, *, seed: int, task: str | None = None)
         seed=seed,
     )
     if text_column:
-        from jaxdl.data.textfolder import PAD_ID, TokenRecords, encode_text
+        from jaxdl.data.textfolder import TokenRecords, encode_text, pad_id
+        from jaxdl.lm.tokenizer import load_tokenizer
 
         seq_len = int(opt(cfg, "seq_len", 128))
+        tokenizer = load_tokenizer(opt(cfg, "tokenizer", "bytes"))
         tokens = np.stack(
             [
                 encode_text(
-                    str(v or "").encode(), seq_len, f"{text_column!r} at {_row_name(i, where)}"
+                    str(v or "").encode(),
+                    seq_len,
+                    f"{text_column!r} at {_row_name(i, where)}",
+                    tokenizer,
                 )
                 for i, v in enumerate(columns[text_column])
             ]
         )
         splits = {k: TokenRecords(tokens[idx], labels[idx]) for k, idx in rows.items()}
-        prep = {"text_column": text_column, "tokenizer": "bytes", "seq_len": seq_len}
-        prep["pad_id"] = PAD_ID
+        prep = {"text_column": text_column, "tokenizer": tokenizer.name, "seq_len": seq_len}
+        prep["pad_id"] = pad_id(tokenizer)
     else:
         prep = fit_preprocessing(
             numeric, {c: columns[c] for c in categorical}, rows["train"], missing, where
@@ -471,7 +477,9 @@ def table_source(spec: str, cfg: Mapping, *, seed: int, task: str | None = None)
     else:
         outputs = labels.shape[1]
     model: dict[str, Any] = {"num_classes": outputs}
-    if not text_column:
+    if text_column:
+        model["pad_id"] = prep["pad_id"]
+    else:
         model["num_numeric"] = len(numeric)
         model["vocab_sizes"] = [len(prep["categorical"]["vocab"][c]) + 1 for c in categorical]
     description = {

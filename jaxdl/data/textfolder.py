@@ -1,12 +1,15 @@
-"""The "textfolder:PATH" source: one folder of .txt files per class -> byte sequences.
+"""The "textfolder:PATH" source: one folder of .txt files per class -> token sequences.
 
     PATH/<class name>/*.txt      classes in sorted folder-name order, ids 0..C-1
 
-Each file becomes one example: its first `data.seq_len` UTF-8 bytes, right-padded with
-`PAD_ID` (0) to seq_len, {"tokens": int32 [seq_len], "label": int32 []}; the byte
-vocabulary matches the byte-level transformer, so a pretrained byte LM reads them
-directly (`model.head="classify"`). Files are split train/val/test by
-`data.val_fraction` / `data.test_fraction`, stratified by class, seeded by the run seed.
+Each file becomes one example, {"tokens": int32 [seq_len], "label": int32 []}: its first
+`data.seq_len` tokens, right-padded. `data.tokenizer` picks the tokens: "bytes" (the
+default: UTF-8 bytes, padded with `PAD_ID` 0, the byte-level transformer's vocabulary) or
+a tokenizer.json, e.g. the one `jaxdl import hf:gpt2` writes next to the imported weights
+(BPE ids, padded with the tokenizer's vocab_size, an id it never emits). The pad id goes to
+the model (`model.pad_id`), whose classify head pools over the other tokens. Files are
+split train/val/test by `data.val_fraction` / `data.test_fraction`, stratified by class,
+seeded by the run seed.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import numpy as np
 from jaxdl.data.sources import Identity, Source, opt
 from jaxdl.data.tabular import split_rows
 from jaxdl.errors import UserError
+from jaxdl.lm.tokenizer import BYTES, ByteTokenizer, JsonTokenizer, load_tokenizer
 
-PAD_ID = 0  # = jaxdl.models.transformer.PAD_ID
+PAD_ID = 0  # = jaxdl.models.transformer.PAD_ID: bytes' padding (NUL never occurs in text)
 
 
 class TokenRecords:
@@ -36,12 +40,29 @@ class TokenRecords:
         return {"tokens": self.tokens[i], "label": self.labels[i]}
 
 
-def encode_text(data: bytes, seq_len: int, where: str) -> np.ndarray:
-    """The first seq_len bytes, right-padded with PAD_ID: int32 [seq_len]."""
+def pad_id(tokenizer: ByteTokenizer | JsonTokenizer) -> int:
+    """The id that right-pads a sequence: 0 for bytes, else the tokenizer's vocab_size (every
+    id a tokenizer emits is below it, so padding is never mistaken for text)."""
+    return PAD_ID if tokenizer.name == BYTES else int(tokenizer.vocab_size)
+
+
+def encode_text(
+    data: bytes,
+    seq_len: int,
+    where: str,
+    tokenizer: ByteTokenizer | JsonTokenizer | None = None,
+) -> np.ndarray:
+    """The first seq_len tokens of a text (bytes by default), right-padded with
+    `pad_id(tokenizer)`: int32 [seq_len]."""
     if not data.strip():
         raise UserError(
             f"data.source: {where} is empty (or only whitespace). Fix: delete it or add text."
         )
+    if tokenizer is not None and tokenizer.name != BYTES:
+        ids = tokenizer.encode(data.decode("utf-8", errors="replace"))[:seq_len]
+        out = np.full(seq_len, pad_id(tokenizer), np.int32)
+        out[: len(ids)] = ids
+        return out
     if PAD_ID in data:
         raise UserError(
             f"data.source: {where} holds NUL bytes, the padding id. Fix: remove them (is it a "
@@ -68,6 +89,7 @@ def textfolder_source(path: str, cfg: Mapping, *, seed: int) -> Source:
             "classifier needs at least 2. Fix: add one sub-folder of .txt files per class."
         )
     seq_len = int(opt(cfg, "seq_len", 128))
+    tokenizer = load_tokenizer(opt(cfg, "tokenizer", BYTES))
     tokens, labels = [], []
     for label, name in enumerate(classes):
         files = sorted((root / name).glob("*.txt"))
@@ -77,7 +99,7 @@ def textfolder_source(path: str, cfg: Mapping, *, seed: int) -> Source:
                 "remove the folder."
             )
         for file in files:
-            tokens.append(encode_text(file.read_bytes(), seq_len, str(file)))
+            tokens.append(encode_text(file.read_bytes(), seq_len, str(file), tokenizer))
             labels.append(label)
     tokens_array, label_array = np.stack(tokens), np.asarray(labels, np.int32)
     rows = split_rows(
@@ -98,13 +120,13 @@ def textfolder_source(path: str, cfg: Mapping, *, seed: int) -> Source:
         {
             "source": f"textfolder:{path}",
             "input": "tokens",
-            "tokenizer": "bytes",
+            "tokenizer": tokenizer.name,
             "seq_len": seq_len,
-            "pad_id": PAD_ID,
+            "pad_id": pad_id(tokenizer),
         },
         split_names={k: f"{k} files of {root} (seed {seed})" for k in rows},
         task_fields={
-            "model": {"num_classes": len(classes)},
+            "model": {"num_classes": len(classes), "pad_id": pad_id(tokenizer)},
             "head": {"input_key": "tokens", "class_counts": counts},
         },
     )

@@ -315,13 +315,17 @@ def predict_files(
     labels = predictor.labels
     if predictor.metadata["input"]["name"] == "tokens":  # a text classifier
         from jaxdl.data.textfolder import encode_text
+        from jaxdl.lm.tokenizer import load_tokenizer
 
         (seq_len,) = predictor.input_shape
+        # the run's data.tokenizer, recorded by export: "bytes" or its tokenizer.json
+        source = predictor.metadata.get("preprocessing", {}).get("source", {})
+        tokenizer = load_tokenizer(source.get("tokenizer"))
         rows = []
         for path in map(Path, inputs):
             if not path.is_file():
                 raise UserError(f"INPUT: {path} does not exist. Fix: pass text files.")
-            rows.append(encode_text(path.read_bytes(), seq_len, str(path)))
+            rows.append(encode_text(path.read_bytes(), seq_len, str(path), tokenizer))
         outputs = predictor.predict(np.stack(rows))
         return [
             {"input": str(path), **_result(predictor.kind, row, labels, top_k)}

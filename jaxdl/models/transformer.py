@@ -9,7 +9,8 @@ The projections are plain 2-D `nn.Dense` layers (`query`, `key`, `value`, `out`,
 
 ``head="classify"`` makes it a sequence classifier (the article's 3.2 on a language
 model): the final hidden states are pooled over the non-padding tokens (``pooling``:
-"last" token or "mean"; token id PAD_ID = 0 pads on the right) and a new Dense layer
+"last" token or "mean"; ``pad_id`` pads on the right: PAD_ID = 0 for bytes, a tokenizer's
+vocab_size for its ids) and a new Dense layer
 ``classifier`` maps them to ``num_classes`` logits [B, num_classes]. Every LM parameter
 keeps its path, so a pretrained LM restores into it with
 ``init_from.reinit=["params/classifier/.*"]``.
@@ -81,6 +82,17 @@ def resolve_size(sizes: Mapping[str, Mapping[str, Any]], size: str, overrides: M
 def check_choice(field: str, value: Any, choices: tuple[Any, ...]) -> None:
     if value not in choices:
         raise UserError(f"model.{field}: expected one of {list(choices)}, found {value!r}.")
+
+
+def check_pad_id(pad_id: int, vocab_size: int) -> None:
+    """A classifier's pad id is 0 (bytes) or its tokenizer's vocab_size, which is then at most
+    the model's: a larger one means the tokenizer emits ids the embedding does not have."""
+    if pad_id > vocab_size:
+        raise UserError(
+            f"data.tokenizer: its vocabulary has {pad_id} ids, model.vocab_size is {vocab_size}. "
+            "Fix: use the tokenizer that came with the model (the imported workdir's "
+            "tokenizer.json) or raise model.vocab_size."
+        )
 
 
 def check_heads(embed_dim: int, num_heads: int) -> None:
@@ -316,6 +328,7 @@ class Transformer(nn.Module):
     head: str = "lm"  # "lm" | "classify"
     num_classes: int | None = None  # classify: the number of classes
     pooling: str = "last"  # classify: "last" non-padding token | "mean" over them
+    pad_id: int = PAD_ID  # classify: the id that right-pads (a tokenizer's vocab_size; bytes: 0)
 
     @property
     def spec(self) -> TransformerSpec:
@@ -358,7 +371,13 @@ class Transformer(nn.Module):
             embedding_init=nn.initializers.normal(INIT_STD),
             name="embed",
         )
-        h = embed(x)
+        if self.head == "classify":
+            check_pad_id(self.pad_id, spec.vocab_size)
+            # padding may lie past the vocabulary; it sits after the text under a causal
+            # mask and is pooled away, so whatever row it reads changes nothing
+            h = embed(jnp.where(x == self.pad_id, 0, x))
+        else:
+            h = embed(x)
         if spec.positions == "learned":
             table = self.param(
                 "pos_embed", nn.initializers.normal(INIT_STD), (spec.max_len, spec.embed_dim)
@@ -411,7 +430,7 @@ class Transformer(nn.Module):
                 "model.num_classes: head='classify' needs the number of classes, found "
                 f"{self.num_classes!r}. Fix: set --config.model.num_classes=C."
             )
-        real = (tokens != PAD_ID).astype(jnp.float32)  # [B, T]
+        real = (tokens != self.pad_id).astype(jnp.float32)  # [B, T]
         if self.pooling == "last":
             last = jnp.maximum(real.sum(axis=1).astype(jnp.int32) - 1, 0)
             pooled = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
