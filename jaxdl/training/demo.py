@@ -107,9 +107,7 @@ def run_lm(workdir: Path) -> list[dict]:
     start = time.time()
     print("== 1/5 pretrain: small GPT on the standard library's sources ==")
     pretrain_dir = _fresh(workdir / "pretrain")
-    pretrain = train(
-        _shipped_config("lm_stdlib_pretrain", [*_LM_COMMON, *_PRETRAIN]), pretrain_dir
-    )
+    pretrain = train(_shipped_config("lm_stdlib_pretrain", [*_LM_COMMON, *_PRETRAIN]), pretrain_dir)
     rows = []
     for i, (variant, extra) in enumerate(VARIANTS.items(), start=2):
         print(f"\n== {i}/5 {variant}: pydoc English text, {FINETUNE_STEPS} steps ==")
