@@ -7,7 +7,7 @@ adapters merged into the kernels, and LoRA factored (jaxdl's default).
 Nothing runs: each step is lowered and compiled once, and the table gives XLA's FLOP count
 (`compiled.cost_analysis()`) and scratch bytes (`memory_analysis().temp_size_in_bytes`).
 A merged adapter makes the backward pass form the full weight gradient x^T g of every
-adapted kernel; the factored one (`jaxdl.finetune.lora.low_rank_dense`) never does.
+adapted kernel; the factored one (`jaxdl.core.adapters.low_rank_dense`) never does.
 """
 
 from __future__ import annotations

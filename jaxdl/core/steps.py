@@ -22,11 +22,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdl.core import losses, tree
+from jaxdl.core import adapters, losses, tree
 from jaxdl.core.heads import Batch, Head, Metrics
 from jaxdl.core.state import TrainState
 from jaxdl.errors import UserError
-from jaxdl.finetune import lora
 
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
 
@@ -52,18 +51,17 @@ def model_params(
     if "lora" in params:
         assert lora_cfg is not None, "state holds LoRA adapters but no lora config was given"
         rank, alpha = lora_cfg["rank"], lora_cfg["alpha"]
-        full = lora.apply(full, params["lora"], rank=rank, alpha=alpha, skip=unmerged)
+        full = adapters.merge(full, params["lora"], rank=rank, alpha=alpha, skip=unmerged)
     return full.get("params", {})
 
 
 def _apply_lora(apply: Callable, params, frozen, lora_cfg: Mapping):
     """`apply(model params)` for training with LoRA: adapters of plain nn.Dense layers as
-    ``x W + s (x A) B`` (`lora.low_rank_dense`, no full weight gradient), the rest merged."""
-    adapters = params["lora"]
+    ``x W + s (x A) B`` (`adapters.low_rank_dense`, no full weight gradient), the rest merged."""
     merged = lambda: apply(model_params(params, frozen, lora_cfg))
-    dense = lora.factorable(merged, _base_tree(params, frozen), adapters)
+    dense = adapters.factorable(merged, _base_tree(params, frozen), params["lora"])
     rank, alpha = lora_cfg["rank"], lora_cfg["alpha"]
-    with lora.low_rank_dense(adapters, dense, rank=rank, alpha=alpha):
+    with adapters.low_rank_dense(params["lora"], dense, rank=rank, alpha=alpha):
         return apply(model_params(params, frozen, lora_cfg, unmerged=dense))
 
 
@@ -90,7 +88,7 @@ def train_step(
     """One optimizer step. Metrics: loss, the task's metrics, grad_norm, finite (1/0).
 
     ``factored_lora``: True computes LoRA adapters of nn.Dense layers as
-    ``x W + s (x A) B`` (`lora.low_rank_dense`); False merges every adapter into its kernel.
+    ``x W + s (x A) B`` (`adapters.low_rank_dense`); False merges every adapter into its kernel.
     Same function; factored never forms the full weight gradient (fewer FLOPs), merged
     runs fewer, larger matmuls; which wins depends on the backend (measured in
     benchmarks/README.md, `python benchmarks/lora_cost.py`). None (default): merged on CPU,
