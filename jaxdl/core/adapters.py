@@ -15,6 +15,7 @@ Making adapters (init, target regex) is `jaxdl.finetune.lora`, which builds on t
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
@@ -116,6 +117,35 @@ def factorable(run: Callable[[], Any], params_tree: Tree, adapters: Tree) -> fro
     return frozenset(found)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def low_rank(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """``scale * (x @ a) @ b``: x [..., in], a [in, r], b [r, out] -> [..., out].
+
+    Differentiable in x, a and b with a backward pass of its own: each product takes the
+    output cotangent g [N, out] as it is (``g @ b.T``, ``(x a).T @ g``), where autodiff's
+    ``db`` contracts g's leading axis and makes XLA transpose it first. On CPU XLA fuses that
+    transpose with whatever produced g (a GELU's backward pass, say) and recomputes it in a
+    strided loop, which cost more than the rank-r products themselves.
+    """
+    return scale * ((x @ a) @ b)
+
+
+def _low_rank_fwd(x, a, b, scale):
+    xa = x @ a
+    return scale * (xa @ b), (x, a, b, xa)
+
+
+def _low_rank_bwd(scale, residuals, g):
+    x, a, b, xa = residuals
+    x2, xa2 = x.reshape(-1, x.shape[-1]), xa.reshape(-1, xa.shape[-1])
+    g2 = scale * g.reshape(-1, g.shape[-1])  # [N, out]
+    gb = g2 @ b.T  # [N, r]: the cotangent of x a
+    return (gb @ a.T).reshape(x.shape), x2.T @ gb, xa2.T @ g2
+
+
+low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
+
+
 @contextlib.contextmanager
 def low_rank_dense(adapters: Tree, paths: Collection[str], *, rank: int, alpha: float):
     """Within: each nn.Dense at `paths` (kernels left unmerged) returns
@@ -137,8 +167,7 @@ def low_rank_dense(adapters: Tree, paths: Collection[str], *, rank: int, alpha: 
             return y
         a, b = adapted[path]
         x = args[0] if args else kwargs["inputs"]
-        low = (x.astype(y.dtype) @ a.astype(y.dtype)) @ b.astype(y.dtype)
-        return y + (scale * low).astype(y.dtype)
+        return y + low_rank(x.astype(y.dtype), a.astype(y.dtype), b.astype(y.dtype), scale)
 
     with nn.intercept_methods(add_low_rank):
         yield
