@@ -38,9 +38,12 @@ import jax  # noqa: E402
 from benchmarks import _timing, throughput  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-MODELS = {
-    "gpt-small": throughput.CASES["gpt-small"],
-    "gpt2-124m": dataclasses.replace(throughput.CASES["gpt2-124m"], input_shape=(256,), batch=4),
+MODELS = {  # name: (case, steps per trial: about a second or more per trial)
+    "gpt-small": (throughput.CASES["gpt-small"], 10),
+    "gpt2-124m": (
+        dataclasses.replace(throughput.CASES["gpt2-124m"], input_shape=(256,), batch=4),
+        1,
+    ),
 }
 VARIANTS = {  # name: (throughput mode, factored_lora)
     "full": ("full", True),
@@ -81,19 +84,19 @@ def measure(name: str, case, trials: int, steps: int) -> dict:
             )
     tokens = case.batch * case.input_shape[0]
     return {"batch": case.batch, "seq_len": case.input_shape[0], "tokens": tokens,
-            "variants": variants}  # fmt: skip
+            "steps_per_trial": steps, "variants": variants}  # fmt: skip
 
 
 def markdown(record: dict) -> str:
     a, env = record["args"], record["env"]
     rows = [
         f"float32, Adam, LoRA rank 8 on every Dense kernel, {env['device']} "
-        f"({env['cpu']}, {env['cpu_count']} cores), {a['trials']} interleaved trials of "
-        f"{a['steps']} steps, load average {env['load_avg'][0]:.1f} at the start; x full = "
-        "median of per-trial ratios\n",
-        "| model | batch | variant | trainable params | XLA GFLOP/step | XLA peak MB "
+        f"({env['cpu']}, {env['cpu_count']} cores), {a['trials']} interleaved trials per model, "
+        f"load average {env['load_avg'][0]:.1f} at the start; x full = median of per-trial "
+        "ratios\n",
+        "| model | batch | steps/trial | variant | trainable params | XLA GFLOP/step | XLA peak MB "
         "| step ms (median) | min | CV % | x full |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for model, m in record["models"].items():
         for name, v in m["variants"].items():
@@ -105,7 +108,7 @@ def markdown(record: dict) -> str:
                 else "- | - | - | -"
             )
             rows.append(
-                f"| {model} | {m['batch']} x {m['seq_len']} | {name} "
+                f"| {model} | {m['batch']} x {m['seq_len']} | {m['steps_per_trial']} | {name} "
                 f"| {v['trainable_params']:,} | {v['xla_flops'] / 1e9:,.1f} "
                 f"| {v['xla_peak_bytes'] / 2**20:,.0f} | {timed} |"
             )
@@ -115,8 +118,8 @@ def markdown(record: dict) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of {list(MODELS)}")
-    parser.add_argument("--trials", type=int, default=5, help="0: XLA's analysis only")
-    parser.add_argument("--steps", type=int, default=2, help="steps per trial")
+    parser.add_argument("--trials", type=int, default=7, help="0: XLA's analysis only")
+    parser.add_argument("--steps", type=int, help="steps per trial (default: per model)")
     parser.add_argument("--out", default=str(RESULTS / "lora_cost.json"))
     parser.add_argument("--render", metavar="FILE.json", help="rewrite FILE.md from FILE.json")
     args = parser.parse_args(argv)
@@ -127,7 +130,8 @@ def main(argv=None) -> None:
     jax.config.update("jax_default_prng_impl", "rbg")  # fast init compiles on CPU
     record = {"args": vars(args), "env": _timing.environment(), "models": {}}
     for name in args.models.split(","):
-        record["models"][name] = measure(name, MODELS[name], args.trials, args.steps)
+        case, steps = MODELS[name]
+        record["models"][name] = measure(name, case, args.trials, args.steps or steps)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
