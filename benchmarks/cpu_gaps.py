@@ -142,7 +142,7 @@ def lora_step_probe(model: str = "gpt-small") -> list[_timing.Runner]:
     batch = throughput.host_batch(case)
     runners = []
     variants = (
-        ("full", "full", None),
+        ("full", "full", True),
         ("lora merged", "lora", False),
         ("lora factored", "lora", True),
     )

@@ -9,9 +9,9 @@ hf:gpt2`` (timed, with its peak RSS, in a subprocess of its own). Then each vari
 its own worker process, so each one's peak RSS is its own:
 
     jaxdl LoRA            the imported workdir, init_from + lora (rank r on query, key, value,
-                          out, fc1, fc2), the train step `jaxdl train` runs (its default
-                          LoRA form for the backend)
-    jaxdl LoRA factored   the same with factored adapters (`factored_lora=True`)
+                          out, fc1, fc2), the train step `jaxdl train` runs (factored
+                          adapters, the default)
+    jaxdl LoRA merged     the same with merged adapters (`factored_lora=False`)
     jaxdl full            full fine-tuning of the same model
     peft LoRA             GPT2LMHeadModel + peft LoRA (rank r on c_attn, c_proj, c_fc)
 
@@ -42,7 +42,7 @@ if __package__ in (None, ""):  # run as a script: make `jaxdl` and `benchmarks` 
 from benchmarks._timing import environment, paired_ratio, step_stats  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-WORKERS = ("jaxdl LoRA", "jaxdl LoRA factored", "jaxdl full", "peft LoRA")
+WORKERS = ("jaxdl LoRA", "jaxdl LoRA merged", "jaxdl full", "peft LoRA")
 LEARNING_RATE = 1e-4
 
 
@@ -87,7 +87,7 @@ def _jaxdl_worker(name: str, args):
         cfg.lora = {"rank": args.rank, "alpha": 2.0 * args.rank, "targets": targets}
     spec = {k: ((args.seq_len,), np.int32) for k in ("inputs", "targets")}
     setup = build(cfg, kind="lm", example_spec=spec, num_classes=50257, total_steps=1000)
-    factored = True if name == "jaxdl LoRA factored" else None
+    factored = name != "jaxdl LoRA merged"
     step = steps.make_train_step(
         setup.model, setup.head, setup.tx, lora_cfg=setup.lora_cfg, factored_lora=factored
     )

@@ -74,3 +74,20 @@ def test_deploy_never_imports_training_orbax_or_grain():
                 names += [alias.name for alias in getattr(node, "names", [])]
                 bad = [n for n in names if n.startswith(("jaxdl.training", "orbax", "grain"))]
                 assert not bad, f"{path.name} imports {bad}"
+
+
+def test_core_imports_nothing_above_it():
+    """core -> core, models, errors only: finetune builds on core (LoRA's adapters live in
+    jaxdl.core.adapters because the train step applies them)."""
+    import ast
+    from pathlib import Path
+
+    core = Path(jaxdl.__file__).parent / "core"
+    allowed = ("jaxdl.core", "jaxdl.models", "jaxdl.errors")
+    for path in core.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom | ast.Import):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                names += [alias.name for alias in node.names if isinstance(node, ast.Import)]
+                bad = [n for n in names if n.startswith("jaxdl") and not n.startswith(allowed)]
+                assert not bad, f"core/{path.name} imports {bad}"

@@ -202,13 +202,15 @@ def test_factored_train_step_equals_merged(model_cfg):
         params={**setup.state.params, "lora": _randomize_b(setup.state.params["lora"])}
     )
     results, flops = {}, {}
-    for factored in (True, False):
+    for factored in (None, True, False):  # None: the default, which factors
+        kwargs = {} if factored is None else {"factored_lora": factored}
         step = steps.make_train_step(
-            setup.model, setup.head, setup.tx, lora_cfg=setup.lora_cfg, factored_lora=factored
+            setup.model, setup.head, setup.tx, lora_cfg=setup.lora_cfg, **kwargs
         )
         own = jax.tree.map(jnp.copy, state)  # the step donates its state
         flops[factored] = step.lower(own, batch).compile().cost_analysis()["flops"]
         results[factored] = step(own, batch)
+    assert flops[None] == flops[True]
     (s1, m1), (s0, m0) = results[True], results[False]
     np.testing.assert_allclose(m1["loss"], m0["loss"], rtol=1e-5)
     np.testing.assert_allclose(m1["grad_norm"], m0["grad_norm"], rtol=1e-4)
