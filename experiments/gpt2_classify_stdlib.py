@@ -19,27 +19,19 @@ The model section and the tokenizer come from the imported workdir's config.json
 Padding uses the tokenizer's vocab_size as its id (`jaxdl.data.textfolder.pad_id`).
 """
 
-import json
 import os
 from pathlib import Path
 
 import ml_collections
 
-from jaxdl.errors import UserError
+from jaxdl.finetune.hub.workdir import imported_config
 
 IMPORTED = Path(os.environ.get("JAXDL_GPT2_WORKDIR", "runs/gpt2_imported"))
 NUM_PACKAGES = 5  # experiments/text_classify_stdlib.py's PACKAGES
 
 
 def get_config() -> ml_collections.ConfigDict:
-    source = IMPORTED / "config.json"
-    if not source.is_file():
-        raise UserError(
-            f"init_from.checkpoint: no imported GPT-2 at {IMPORTED} (no config.json). Fix: run "
-            "`jaxdl import hf:gpt2 --from DIR --out runs/gpt2_imported` first, or set "
-            "JAXDL_GPT2_WORKDIR to an imported workdir."
-        )
-    imported = json.loads(source.read_text())
+    imported = imported_config(IMPORTED)
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model = {

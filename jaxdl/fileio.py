@@ -88,3 +88,15 @@ def read_json(path: str | os.PathLike) -> Any:
             f"{path}: expected a JSON file, found invalid JSON ({err}). Fix: restore or "
             "delete the file (a workdir's JSON files are rewritten by the run that owns them)."
         ) from err
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` (of this host and pid namespace) still runs: what tells the
+    leftovers of a killed process from the files of a live one."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

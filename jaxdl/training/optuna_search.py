@@ -36,6 +36,7 @@ import ml_collections
 
 from jaxdl.checkpoint.read import list_steps
 from jaxdl.errors import Stopped, UserError, warn
+from jaxdl.fileio import pid_alive
 from jaxdl.training.guards import stop_on_signals
 from jaxdl.training.spaces import Space
 from jaxdl.training.trainer import minimized
@@ -175,16 +176,6 @@ def _process() -> dict:
     return {"host": socket.gethostname(), "pidns": namespace, "pid": os.getpid()}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 @dataclasses.dataclass
 class _Study:
     """The study, its RDB storage (None: in memory, one process) and the sweep's workdir."""
@@ -251,7 +242,7 @@ class _Study:
                 dead = age.total_seconds() > GRACE_S
             else:
                 here = (owner["host"], owner.get("pidns")) == (me["host"], me["pidns"])
-                dead = here and not _alive(owner["pid"])
+                dead = here and not pid_alive(owner["pid"])
             if not dead:
                 continue
             trial_id = self.trial_id(trial.number)

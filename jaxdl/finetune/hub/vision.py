@@ -136,15 +136,3 @@ def with_source_preprocessing(cfg: Any) -> Any:
     if not cfg.data.channels and source.get("channels"):
         cfg.data.channels = int(source["channels"])
     return cfg
-
-
-def imported_model(workdir: str | Path, **overrides: Any) -> dict[str, Any]:
-    """The model section of an imported workdir's config.json with `overrides` on top
-    (e.g. ``num_classes=10`` for a new head), for fine-tuning configs to start from."""
-    config = Path(workdir).expanduser() / "config.json"
-    if not config.is_file():
-        raise UserError(
-            f"init_from.checkpoint: no config.json in {config.parent}. Fix: run `jaxdl import "
-            "KIND --from WEIGHTS --out DIR` first and point at DIR."
-        )
-    return {**json.loads(config.read_text())["model"], **overrides}

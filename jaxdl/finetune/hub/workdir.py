@@ -31,6 +31,7 @@ from jaxdl import config as config_lib
 from jaxdl.core.optim import make_optimizer
 from jaxdl.core.state import TrainState
 from jaxdl.errors import UserError
+from jaxdl.fileio import pid_alive
 from jaxdl.finetune import partition
 from jaxdl.finetune.hub.readers import sha256
 
@@ -113,6 +114,24 @@ def initial_state(cfg: Any, variables: Mapping[str, Any]) -> TrainState:
     return TrainState.create(trainable, tx, rng, frozen=frozen, model_state=model_state)
 
 
+def imported_config(workdir: str | os.PathLike) -> dict[str, Any]:
+    """An imported workdir's config.json (model section, tokenizer, preprocessing), for
+    fine-tuning configs to start from."""
+    config = Path(workdir).expanduser() / "config.json"
+    if not config.is_file():
+        raise UserError(
+            f"init_from.checkpoint: no config.json in {config.parent}. Fix: run `jaxdl import "
+            "KIND --from WEIGHTS --out DIR` first and point at DIR."
+        )
+    return json.loads(config.read_text())
+
+
+def imported_model(workdir: str | os.PathLike, **overrides: Any) -> dict[str, Any]:
+    """The model section of an imported workdir with `overrides` on top (e.g.
+    ``num_classes=10`` for a new head)."""
+    return {**imported_config(workdir)["model"], **overrides}
+
+
 def check_out(out: Path) -> None:
     """Refuse an existing, non-empty --out (before any slow reading)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -120,16 +139,6 @@ def check_out(out: Path) -> None:
             f"--out: {out} already exists and is not empty. Fix: pass a new folder (an import "
             "never overwrites a workdir)."
         )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 @contextlib.contextmanager
@@ -141,7 +150,7 @@ def staging(out: Path, tag: str) -> Iterator[Path]:
     prefix = f".{out.name}.{tag}-tmp-"
     for stale in out.parent.glob(prefix + "*"):
         pid = stale.name.removeprefix(prefix)
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f"{prefix}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
