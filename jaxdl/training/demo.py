@@ -20,6 +20,7 @@ from jaxdl import config as config_lib
 from jaxdl.errors import UserError
 from jaxdl.fileio import write_json
 from jaxdl.tables import text_table
+from jaxdl.training.guards import StopRequest, stop_on_signals
 
 
 def _shipped_config(name: str, overrides: list[str] = ()):
@@ -33,13 +34,11 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return text_table([h for _, h, _ in columns], cells)
 
 
-def run_digits(workdir: Path) -> list[dict]:
-    from jaxdl.training.trainer import train
-
+def run_digits(workdir: Path, stop: StopRequest) -> list[dict]:
     rows = []
     for name in ("digits_mlp", "digits_cnn"):
         print(f"\n== {name}: training on scikit-learn digits ==")
-        summary = train(_shipped_config(name), _fresh(workdir / name))
+        summary = _train(_shipped_config(name), workdir / name, stop)
         rows.append(
             {
                 "model": name,
@@ -91,23 +90,27 @@ VARIANTS = {
 }
 
 
-def _fresh(path: Path) -> Path:
-    """The demo owns its sub-workdirs: a rerun starts them over."""
+def _train(cfg, path: Path, stop: StopRequest) -> dict:
+    """One run of the demo in PATH, started over (the demo owns its sub-workdirs). A signal
+    between two runs stops here with the runs' own handler (inside a run, `train` stops)."""
     import shutil
 
+    from jaxdl.training.trainer import train
+
+    stop.check(f"before the demo's {path.name} run. Run `jaxdl demo` again to start it over.")
     if path.exists():
         shutil.rmtree(path)
-    return path
+    return train(cfg, path)
 
 
-def run_lm(workdir: Path) -> list[dict]:
+def run_lm(workdir: Path, stop: StopRequest) -> list[dict]:
     from jaxdl.lm.generate import generate_text
-    from jaxdl.training.trainer import train
 
     start = time.time()
     print("== 1/5 pretrain: small GPT on the standard library's sources ==")
-    pretrain_dir = _fresh(workdir / "pretrain")
-    pretrain = train(_shipped_config("lm_stdlib_pretrain", [*_LM_COMMON, *_PRETRAIN]), pretrain_dir)
+    pretrain_dir = workdir / "pretrain"
+    pretrain_cfg = _shipped_config("lm_stdlib_pretrain", [*_LM_COMMON, *_PRETRAIN])
+    pretrain = _train(pretrain_cfg, pretrain_dir, stop)
     rows = []
     for i, (variant, extra) in enumerate(VARIANTS.items(), start=2):
         print(f"\n== {i}/5 {variant}: pydoc English text, {FINETUNE_STEPS} steps ==")
@@ -120,7 +123,7 @@ def run_lm(workdir: Path) -> list[dict]:
         cfg = _shipped_config("lm_pydoc_lora", overrides)
         if variant == "lora":
             cfg.lora = _shipped_config("lm_pydoc_lora", []).lora
-        summary = train(cfg, _fresh(workdir / variant))
+        summary = _train(cfg, workdir / variant, stop)
         rows.append(
             {
                 "variant": variant,
@@ -191,5 +194,5 @@ def run_demo(workdir: str | Path, task: str = "lm") -> list[dict]:
     runs = {"lm": run_lm, "digits": run_digits}
     if task not in runs:
         raise UserError(f"--task: expected one of {sorted(runs)}, found {task!r}.")
-    with _compilation_cache():
-        return runs[task](workdir)
+    with _compilation_cache(), stop_on_signals() as stop:
+        return runs[task](workdir, stop)

@@ -275,3 +275,29 @@ def test_signal_in_a_federated_run_stops_between_rounds(tmp_path):
     rerun = run(train_args(workdir, *fed))
     assert rerun.returncode == 0 and "resumed from round 3" in rerun.stdout, rerun.stderr
     assert json.loads((workdir / "summary.json").read_text())["rounds"] == 6
+
+
+# After the demo's first run returned (each run cut to 20 steps), before the second starts.
+DEMO_PATCH = """
+from jaxdl.training import trainer
+real_train = trainer.train
+
+def train(cfg, workdir, **kwargs):
+    cfg.num_epochs, cfg.num_steps = 0, 20
+    summary = real_train(cfg, workdir, **kwargs)
+    SELF_SIGNAL()
+    return summary
+
+trainer.train = train
+"""
+
+
+def test_signal_between_two_demo_runs_stops_before_the_next(tmp_path):
+    done = run(["demo", "--task", "digits", "--workdir", str(tmp_path)], DEMO_PATCH)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "jaxdl: stopped by SIGTERM before the demo's digits_cnn run. Run `jaxdl demo` again "
+        "to start it over."
+    )
+    assert (tmp_path / "digits_mlp" / "summary.json").exists()
+    assert not (tmp_path / "digits_cnn").exists()
