@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -104,15 +105,16 @@ def step_ms(config: str, steps: int, k: int, root: Path, extra=()) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100, help="train steps per trial")
-    parser.add_argument("--models", default="mlp,simple_cnn")
+    parser.add_argument("--models", default="mlp,simple_cnn", help="sweep models ('' for none)")
     parser.add_argument("--k-steps", type=int, default=400, help="steps of the K=1 / K=8 runs")
+    parser.add_argument("--k-trials", type=int, default=3, help="interleaved K=1 / K=8 pairs")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
     results: dict = {"steps": args.steps, "members": len(LRS) * len(SEEDS), "sweep": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for name in args.models.split(","):
+        for name in filter(None, args.models.split(",")):
             config = MODELS[name]
             row = {
                 "vmapped_s": time_vmapped(config, args.steps, root / name),
@@ -128,12 +130,16 @@ def main() -> None:
             ("mlp", MODELS["mlp"], ()),
             ("gpt-small", "experiments/lm_stdlib_pretrain.py", ("--config.data.max_bytes=400000",)),
         ):
-            one = step_ms(config, args.k_steps, 1, root, extra)
-            eight = step_ms(config, args.k_steps, 8, root, extra)
+            ones, eights = [], []
+            for trial in range(args.k_trials):  # interleaved, so load drifts hit both alike
+                ones.append(step_ms(config, args.k_steps, 1, root / f"t{trial}", extra))
+                eights.append(step_ms(config, args.k_steps, 8, root / f"t{trial}", extra))
+            ratios = [a / b for a, b in zip(ones, eights, strict=True)]
             results["steps_per_call"][name] = {
-                "k1_step_ms": one,
-                "k8_step_ms": eight,
-                "speedup": one / eight,
+                "k1_step_ms": statistics.median(ones),
+                "k8_step_ms": statistics.median(eights),
+                "speedup": statistics.median(ratios),
+                "trials": args.k_trials,
             }
             print(name, json.dumps(results["steps_per_call"][name]), flush=True)
     if args.out:

@@ -32,11 +32,15 @@ def _absl_flags_readable() -> Iterator[None]:
     if flags.FLAGS.is_parsed():
         yield
         return
+    fl = flags.FLAGS
+    given = {name: (fl[name].value, fl[name].present) for name in fl if fl[name].present}
     flags.FLAGS.mark_as_parsed()
     try:
         yield
     finally:
-        flags.FLAGS.unparse_flags()  # back to "never parsed", every flag at its default
+        flags.FLAGS.unparse_flags()  # back to "never parsed", every flag at its default...
+        for name, (value, present) in given.items():  # ...but those set in code (Orbax's)
+            fl[name].value, fl[name].present = value, present
 
 
 class TrainIterator:

@@ -23,6 +23,7 @@ on 1 device, 8 devices or 4 hosts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import math
@@ -378,6 +379,27 @@ def detected_cluster(environ: Mapping[str, str] | None = None) -> str | None:
     return None
 
 
+# XLA's CPU client sizes its thread pools to the machine's cores. A CPU collective (gloo)
+# blocks its pool thread until every participant arrives; with 2 local devices on a 2-core
+# machine both threads can be held while the work they wait for is queued behind them: we
+# saw both processes of a 2-process run hang in evaluation that way.
+MIN_CPU_THREADS = 8
+
+
+@contextlib.contextmanager
+def _cpu_thread_pools(at_least: int):
+    """Within: XLA's CPU client (when made) gets at least `at_least` pool threads, unless the
+    user sized them (PJRT_NPROC / NPROC, which XLA reads once, when it makes the client)."""
+    if "PJRT_NPROC" in os.environ or "NPROC" in os.environ:
+        yield
+        return
+    os.environ["PJRT_NPROC"] = str(max(os.cpu_count() or 1, at_least))
+    try:
+        yield
+    finally:
+        del os.environ["PJRT_NPROC"]
+
+
 def check_port_free(port: int) -> None:
     """Refuse a coordinator port that process 0 cannot listen on.
 
@@ -450,4 +472,6 @@ def initialize_distributed(
     jax.distributed.initialize(
         coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
     )
+    with _cpu_thread_pools(MIN_CPU_THREADS):
+        jax.devices()  # the backends are made now, while the variable is set
     return True
