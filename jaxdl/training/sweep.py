@@ -49,6 +49,7 @@ from jaxdl.training.trainer import (
     chunk_size,
     full_params,
     minimized,
+    schedule,
 )
 
 RESUME = "Run the same command to resume."
@@ -215,14 +216,7 @@ def run_group(
     data = datas[c0.seed]
     batch_size = c0.data.batch_size
     eval_batch_size = c0.data.eval_batch_size or batch_size
-    steps_per_epoch = data.steps_per_epoch(batch_size)
-    if steps_per_epoch < 1:
-        raise UserError(
-            f"data.batch_size: expected at most {data.split_sizes['train']} (the train split), "
-            f"found {batch_size}. Fix: lower data.batch_size."
-        )
-    total_steps = c0.num_steps or c0.num_epochs * steps_per_epoch
-    eval_every = c0.eval_every or steps_per_epoch
+    _, total_steps, eval_every = schedule(c0, data, batch_size)
 
     # ---- members, built exactly as `train` builds them --------------------------------------
     setups = [

@@ -133,6 +133,20 @@ def full_params(state, setup: Setup) -> dict:
     return sharding.fetch(params)  # gathered across processes when sharded over them
 
 
+def schedule(cfg: ml_collections.ConfigDict, data, local_batch: int) -> tuple[int, int, int]:
+    """(steps per epoch, total steps, eval every) of a run whose processes each load
+    `local_batch` rows per step: num_steps, else num_epochs epochs; eval per epoch unless
+    eval_every says otherwise."""
+    steps_per_epoch = data.steps_per_epoch(local_batch)
+    if steps_per_epoch < 1:
+        raise UserError(
+            f"data.batch_size: expected at most {data.split_sizes['train']} (the train split), "
+            f"found {cfg.data.batch_size}. Fix: lower data.batch_size."
+        )
+    total_steps = cfg.num_steps or cfg.num_epochs * steps_per_epoch
+    return steps_per_epoch, total_steps, cfg.eval_every or steps_per_epoch
+
+
 def train(
     cfg: ml_collections.ConfigDict,
     workdir: str | Path,
@@ -197,14 +211,7 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
     local_batch = sharding.per_process_batch(batch_size, mesh)
     eval_field = "data.eval_batch_size" if cfg.data.eval_batch_size else "data.batch_size"
     local_eval_batch = sharding.per_process_batch(eval_batch_size, mesh, field=eval_field)
-    steps_per_epoch = data.steps_per_epoch(local_batch)
-    if steps_per_epoch < 1:
-        raise UserError(
-            f"data.batch_size: expected at most {data.split_sizes['train']} (the train split), "
-            f"found {batch_size}. Fix: lower data.batch_size."
-        )
-    total_steps = cfg.num_steps or cfg.num_epochs * steps_per_epoch
-    eval_every = cfg.eval_every or steps_per_epoch
+    steps_per_epoch, total_steps, eval_every = schedule(cfg, data, local_batch)
 
     # ---- model, pretrained restore, partition plan, optimizer, state ----------------------
     from jaxdl.checkpoint.manager import Checkpointer
