@@ -51,9 +51,9 @@ def _peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
 
 
 def _import_torch_stack():
-    from tests.interop._torchvision import import_torchvision
+    from tests.interop.live._torchvision import import_torchvision
 
-    import_torchvision()  # transformers imports torchvision; see tests/interop/conftest.py
+    import_torchvision()  # transformers imports torchvision; see tests/interop/live/conftest.py
     import torch
     import transformers
 

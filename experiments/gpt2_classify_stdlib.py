@@ -24,7 +24,7 @@ from pathlib import Path
 
 import ml_collections
 
-from jaxdl.finetune.hub.workdir import imported_config
+from jaxdl.interop.workdir import imported_config
 
 IMPORTED = Path(os.environ.get("JAXDL_GPT2_WORKDIR", "runs/gpt2_imported"))
 NUM_PACKAGES = 5  # experiments/text_classify_stdlib.py's PACKAGES

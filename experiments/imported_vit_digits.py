@@ -18,7 +18,7 @@ import os
 
 import ml_collections
 
-from jaxdl.finetune.hub.workdir import imported_model
+from jaxdl.interop.workdir import imported_model
 
 IMPORTED = os.environ.get("IMPORTED", "runs/imported_vit")
 

@@ -18,7 +18,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from jaxdl.data.text import read_corpus
-from jaxdl.finetune.hub import gpt2
+from jaxdl.interop import gpt2
 from jaxdl.lm.tokenizer import train_bpe
 from jaxdl.models import create_model
 

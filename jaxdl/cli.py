@@ -206,7 +206,7 @@ def run(argv: Sequence[str]) -> int:
         )
         print(json.dumps(results, indent=2) if args.json else format_predictions(results))
     elif args.command == "import":
-        from jaxdl.finetune.hub import import_checkpoint
+        from jaxdl.interop import import_checkpoint
 
         report = import_checkpoint(args.kind, args.source, args.out)
         files = ", ".join(f["name"] for f in report["source"]["files"])
@@ -216,7 +216,7 @@ def run(argv: Sequence[str]) -> int:
             f"workdir {args.out} (see import_report.json)"
         )
     elif args.command == "export-hf":
-        from jaxdl.finetune.hub.hf_export import export_hf
+        from jaxdl.interop.hf_export import export_hf
 
         result = export_hf(args.workdir, args.out)
         print(f"wrote {args.out}: {', '.join(result['files'])} ({result['params']:,} params)")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxdl.checkpoint.read import load_variables
-from jaxdl.finetune.hub import import_checkpoint
+from jaxdl.interop import import_checkpoint
 from jaxdl.models import create_model
 from jaxdl.testing import subprocess_env
 

@@ -5,7 +5,7 @@ position embeddings, the pre-LayerNorm `Block`s of the decoder LM (non-causal he
 LayerNorm `ln_f`, pooling ("cls" token or "mean" over patches) and the `head` Dense. ViT-B/16
 at 224x224 with 1000 classes has 86,567,656 parameters, as in the original model. The layout
 is timm's and torchvision's (LayerNorm eps 1e-6, exact GELU, the position table covering the
-class token), so their weights import unchanged (`jaxdl.finetune.hub.vit`); `resample_posemb`
+class token), so their weights import unchanged (`jaxdl.interop.vit`); `resample_posemb`
 fits a position table to another image size.
 """
 

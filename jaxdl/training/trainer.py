@@ -32,7 +32,7 @@ from jaxdl.data.pipeline import format_report as format_data_report
 from jaxdl.errors import UserError
 from jaxdl.fileio import read_json, write_json
 from jaxdl.finetune import partition
-from jaxdl.finetune.hub.vision import with_source_preprocessing
+from jaxdl.interop.vision import with_source_preprocessing
 from jaxdl.parallel import sharding
 from jaxdl.training import scores
 from jaxdl.training.build import Setup, build

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 
 from jaxdl.data import build_data
 from jaxdl.errors import UserError
-from jaxdl.finetune.hub import import_checkpoint
+from jaxdl.interop import import_checkpoint
 from jaxdl.lm.generate import generate_text
 from jaxdl.lm.tokenizer import ByteTokenizer, hf_tokenizer_json, load_tokenizer, train_bpe
 from jaxdl.testing import subprocess_env

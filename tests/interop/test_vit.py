@@ -4,7 +4,7 @@ table resampling for fine-tuning at another image size.
 The golden fixtures (tests/fixtures/make_vision_fixtures.py) are the libraries' own ViT
 classes shrunk by ``model_args`` (32x32 images, 8x8 patches, width 32, 2 layers, 2 heads)
 with weights of std 0.2 and random LayerNorm affines. The full-size ViT-B/16 checks live in
-tests/interop/test_vision_live.py.
+tests/interop/live/test_vision_live.py.
 """
 
 import json
@@ -17,9 +17,9 @@ from safetensors.numpy import save_file
 from jaxdl.config import default_config
 from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
-from jaxdl.finetune.hub import vit
-from jaxdl.finetune.hub.readers import read_state_dict
-from jaxdl.finetune.hub.vision import with_source_preprocessing
+from jaxdl.interop import vit
+from jaxdl.interop.readers import read_state_dict
+from jaxdl.interop.vision import with_source_preprocessing
 from jaxdl.models.vit import resample_posemb
 
 CASES = {

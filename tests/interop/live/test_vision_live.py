@@ -20,13 +20,13 @@ from safetensors.torch import save_file
 
 from jaxdl.checkpoint.read import load_variables
 from jaxdl.errors import UserError
-from jaxdl.finetune.hub import import_checkpoint
+from jaxdl.interop import import_checkpoint
 from jaxdl.models import create_model
 
 torchvision = import_torchvision()
 import timm  # noqa: E402  (after torchvision's op schemas are defined)
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "fixtures"))
+sys.path.insert(0, str(Path(__file__).parents[2] / "fixtures"))
 import make_vision_fixtures  # noqa: E402
 
 TOL = 1e-4

@@ -21,9 +21,9 @@ import numpy as np
 
 from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
-from jaxdl.finetune.hub.mapping import Rule, convert, oihw_to_hwio, transpose
-from jaxdl.finetune.hub.vision import import_vision, target_tree
-from jaxdl.finetune.hub.workdir import Imported
+from jaxdl.interop.mapping import Rule, convert, oihw_to_hwio, transpose
+from jaxdl.interop.vision import import_vision, target_tree
+from jaxdl.interop.workdir import Imported
 
 KINDS = tuple(f"{lib}:resnet{d}" for lib in ("torchvision", "timm") for d in (18, 34, 50, 101, 152))
 

@@ -1,7 +1,7 @@
 """Live parity tests against the libraries themselves (the `interop` extra).
 
     pip install -e ".[interop]"      # torch (CPU), transformers, peft, timm, torchvision
-    pytest -q tests/interop
+    pytest -q tests/interop/live
 
 Without the extra the whole folder is skipped, and the reason is printed in the session
 header and summary (never silently). With it, torchvision is imported here first, through
@@ -27,7 +27,7 @@ else:
 
 
 def pytest_report_header(config):
-    return REASON if MISSING else f"tests/interop: live against {', '.join(REQUIRED)}"
+    return REASON if MISSING else f"tests/interop/live: live against {', '.join(REQUIRED)}"
 
 
 def pytest_terminal_summary(terminalreporter):

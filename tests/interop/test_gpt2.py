@@ -21,8 +21,8 @@ from safetensors.numpy import load_file, save_file
 
 from jaxdl.checkpoint.read import load_params
 from jaxdl.errors import UserError
-from jaxdl.finetune.hub import gpt2, import_checkpoint, readers
-from jaxdl.finetune.hub.hf_export import export_hf
+from jaxdl.interop import gpt2, import_checkpoint, readers
+from jaxdl.interop.hf_export import export_hf
 from jaxdl.models import create_model
 from jaxdl.testing import subprocess_env
 
@@ -363,7 +363,7 @@ def test_a_tied_lm_head_copy_is_ignored_an_untied_one_refused(imported):
 def test_staging_renames_on_success_and_leaves_nothing_otherwise(tmp_path):
     import subprocess
 
-    from jaxdl.finetune.hub.workdir import staging
+    from jaxdl.interop.workdir import staging
 
     dead = subprocess.Popen(["true"])
     dead.wait()  # a PID no longer running: its leftover is a killed run's

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from jaxdl.errors import UserError
-from jaxdl.finetune.hub import gpt2
-from jaxdl.finetune.hub.workdir import check_out, staging
+from jaxdl.interop import gpt2
+from jaxdl.interop.workdir import check_out, staging
 
 
 def export_hf(workdir: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:

@@ -6,7 +6,7 @@
 a local file or folder, `out` the absolute final workdir (for paths the config names, such
 as the tokenizer). `import_checkpoint` resolves the source (a hub name is downloaded when
 ``huggingface_hub`` is installed and online), runs the importer and writes the workdir
-(`jaxdl.finetune.hub.workdir`). Each family's mapping table lives in its own module.
+(`jaxdl.interop.workdir`). Each family's mapping table lives in its own module.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from jaxdl.errors import UserError
-from jaxdl.finetune.hub import gpt2, resnet, vit
-from jaxdl.finetune.hub.workdir import Imported, check_out, write_workdir
+from jaxdl.interop import gpt2, resnet, vit
+from jaxdl.interop.workdir import Imported, check_out, write_workdir
 
 Importer = Callable[[str, Path, Path], Imported]
 

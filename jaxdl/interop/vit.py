@@ -24,9 +24,9 @@ import numpy as np
 
 from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
-from jaxdl.finetune.hub.mapping import Rule, chain, convert, oihw_to_hwio, split, transpose
-from jaxdl.finetune.hub.vision import import_vision, target_tree
-from jaxdl.finetune.hub.workdir import Imported
+from jaxdl.interop.mapping import Rule, chain, convert, oihw_to_hwio, split, transpose
+from jaxdl.interop.vision import import_vision, target_tree
+from jaxdl.interop.workdir import Imported
 
 _SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}  # width, heads (12 layers)
 _PRESETS = {"tiny": "Ti", "small": "S", "base": "B", "b": "B"}  # jaxdl.models.vit.SIZES

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdl.errors import UserError
-from jaxdl.finetune.hub.readers import read_state_dict
-from jaxdl.finetune.hub.workdir import Imported
+from jaxdl.interop.readers import read_state_dict
+from jaxdl.interop.workdir import Imported
 from jaxdl.models import create_model
 
 # (kind, state dict, model_args) -> (model config, image size, variables, report)

@@ -33,7 +33,7 @@ from jaxdl.core.state import TrainState
 from jaxdl.errors import UserError
 from jaxdl.fileio import pid_alive
 from jaxdl.finetune import partition
-from jaxdl.finetune.hub.readers import sha256
+from jaxdl.interop.readers import sha256
 
 
 @dataclasses.dataclass
@@ -42,7 +42,7 @@ class Imported:
 
     config: a partial config laid over `jaxdl.config.default_config()` (at least ``model``
     and ``data``). variables: {"params": ..., "batch_stats"?: ...} as numpy, the model's
-    tree. report: `jaxdl.finetune.hub.mapping.convert`'s report. files: the source files
+    tree. report: `jaxdl.interop.mapping.convert`'s report. files: the source files
     read (hashed into the provenance). assets: {name in the workdir: file to copy, or its
     bytes}.
     provenance: extra JSON-able facts (e.g. the source config.json).

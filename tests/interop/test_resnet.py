@@ -3,7 +3,7 @@
 The golden fixtures (tests/fixtures/make_vision_fixtures.py) are timm ResNets narrowed by
 ``model_args`` (one block per stage, stages 8-64 wide behind timm's 64-wide stem) with
 weights of std 0.2 and perturbed BatchNorm statistics; their logits come from timm. The
-full-size torchvision/timm ResNet-50 checks live in tests/interop/test_vision_live.py.
+full-size torchvision/timm ResNet-50 checks live in tests/interop/live/test_vision_live.py.
 """
 
 import json
@@ -20,8 +20,8 @@ from _hub_vision import FIXTURES, TOL, fine_tune, imported_fixture, logits
 from jaxdl.checkpoint.read import load_variables
 from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
-from jaxdl.finetune.hub import import_checkpoint, resnet
-from jaxdl.finetune.hub.readers import read_state_dict, sha256
+from jaxdl.interop import import_checkpoint, resnet
+from jaxdl.interop.readers import read_state_dict, sha256
 from jaxdl.testing import subprocess_env
 
 CASES = {"resnet_basic_tiny": "timm:resnet18", "resnet_bottleneck_tiny": "timm:resnet50"}

@@ -18,12 +18,12 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from jaxdl import config as config_lib
 from jaxdl.checkpoint.read import load_params
-from jaxdl.finetune.hub import import_checkpoint
-from jaxdl.finetune.hub.hf_export import export_hf
+from jaxdl.interop import import_checkpoint
+from jaxdl.interop.hf_export import export_hf
 from jaxdl.models import create_model
 from jaxdl.training.trainer import train
 
-TINY = Path(__file__).parents[1] / "fixtures" / "hub" / "gpt2_tiny"
+TINY = Path(__file__).parents[2] / "fixtures" / "hub" / "gpt2_tiny"
 TOL = 1e-4
 
 

@@ -6,7 +6,7 @@
 sharded form ``save_pretrained`` writes for large models) names the shard of each key;
 ``.bin``/``.pth``/``.pt`` need torch (``torch.load(weights_only=True)``), the only place
 jaxdl touches it. Arrays keep their stored dtype (bfloat16 as ``ml_dtypes.bfloat16``);
-`jaxdl.finetune.hub.mapping.convert` casts them to the model's dtype and reports the cast.
+`jaxdl.interop.mapping.convert` casts them to the model's dtype and reports the cast.
 A truncated or corrupt file is a `UserError` naming it.
 """
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxdl.errors import UserError
-from jaxdl.finetune.hub.mapping import Rule, convert, oihw_to_hwio, split, transpose
+from jaxdl.interop.mapping import Rule, convert, oihw_to_hwio, split, transpose
 
 
 def _target(shapes: dict[str, tuple], dtype=np.float32) -> dict:

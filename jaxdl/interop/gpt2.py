@@ -26,9 +26,9 @@ import numpy as np
 
 from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
-from jaxdl.finetune.hub import readers
-from jaxdl.finetune.hub.mapping import Rule, convert, split
-from jaxdl.finetune.hub.workdir import Imported
+from jaxdl.interop import readers
+from jaxdl.interop.mapping import Rule, convert, split
+from jaxdl.interop.workdir import Imported
 from jaxdl.models.transformer import transformer_spec
 
 # Target paths are per layer; scanned models reach them through convert(stacked=...).
