@@ -1,4 +1,5 @@
-"""The `jaxdl` command: train, sweep, evaluate, generate, import, export(-hf), predict, demo.
+"""The `jaxdl` command: train, sweep, evaluate, generate, chat, import, export(-hf/-gguf), predict,
+demo.
 
 User errors (`jaxdl.errors.UserError`: bad flags, unknown config keys, bad files,
 mismatched checkpoints) print one line naming what was expected and what was found, and
@@ -106,10 +107,30 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True, help="the new workdir")
     imp.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
-    export_hf = sub.add_parser("export-hf", help="write a GPT-2 workdir in transformers' format")
+    export_hf = sub.add_parser(
+        "export-hf", help="write a GPT-2 or Llama-family workdir in transformers' format"
+    )
     export_hf.add_argument("--workdir", required=True)
     export_hf.add_argument("--out", required=True, help="folder for from_pretrained")
     export_hf.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    export_gguf = sub.add_parser(
+        "export-gguf", help="write a Llama-family workdir as a GGUF (llama.cpp, Ollama)"
+    )
+    export_gguf.add_argument("--workdir", required=True)
+    export_gguf.add_argument("--out", required=True, help="the .gguf file")
+    export_gguf.add_argument("--type", default="f16", choices=["f16", "q8_0"])
+    export_gguf.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    chat = sub.add_parser("chat", help="chat with a model (its chat template); stdout: the reply")
+    chat.add_argument("--workdir", required=True)
+    chat.add_argument("--prompt", default=None, help="answer once and exit")
+    chat.add_argument("--system", default=None, help="a system message")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    chat.add_argument("--top-p", type=float, default=None)
+    chat.add_argument("--seed", type=int, default=0)
+    chat.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -210,16 +231,40 @@ def run(argv: Sequence[str]) -> int:
 
         report = import_checkpoint(args.kind, args.source, args.out)
         files = ", ".join(f["name"] for f in report["source"]["files"])
+        missing = report["source"].get("missing_pieces") or []
+        note = f"; MISSING: {', '.join(missing)}" if missing else ""
+        if "tokenizer" in missing:
+            note += " (weights-only: generate, chat and text data will refuse)"
         print(
             f"imported {args.kind} from {files}: {len(report['loaded'])} leaves loaded, "
-            f"{len(report['ignored'])} source keys ignored, {len(report['dtype_cast'])} cast; "
-            f"workdir {args.out} (see import_report.json)"
+            f"{len(report['ignored'])} source keys ignored, {len(report['dtype_cast'])} cast"
+            f"{note}; workdir {args.out} (see import_report.json)"
         )
     elif args.command == "export-hf":
         from jaxdl.interop.hf_export import export_hf
 
         result = export_hf(args.workdir, args.out)
         print(f"wrote {args.out}: {', '.join(result['files'])} ({result['params']:,} params)")
+    elif args.command == "export-gguf":
+        from jaxdl.interop.gguf import export_gguf
+
+        result = export_gguf(args.workdir, args.out, args.type)
+        print(
+            f"wrote {args.out} ({result['architecture']}, {result['type']}, "
+            f"{result['bytes']:,} bytes)"
+        )
+    elif args.command == "chat":
+        from jaxdl.lm.chat import run_chat
+
+        run_chat(
+            args.workdir,
+            prompt=args.prompt,
+            system=args.system,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
     return 0
 
 

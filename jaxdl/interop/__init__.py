@@ -17,13 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from jaxdl.errors import UserError
-from jaxdl.interop import gpt2, resnet, vit
+from jaxdl.interop import gguf, gpt2, hf, resnet, vit
 from jaxdl.interop.workdir import Imported, check_out, write_workdir
 
 Importer = Callable[[str, Path, Path], Imported]
 
 IMPORTERS: dict[str, Importer] = {
     "hf:gpt2": gpt2.import_gpt2,
+    "hf:auto": hf.import_auto,
+    **dict.fromkeys(hf.KINDS[1:], hf.import_llama),
+    "gguf": gguf.import_gguf,
     **dict.fromkeys(resnet.KINDS, resnet.import_resnet),
     **dict.fromkeys(vit.KINDS, vit.import_vit),
 }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,65 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, np.ndarray], list[Path]
         state, shards = read_index(weights)
         return state, [weights, *shards]
     return read_file(weights), [weights]
+
+
+class SafetensorsView(Mapping):
+    """{key: array} over safetensors files, each tensor read when it is looked up (so an
+    import holds the converted model and one source tensor, never the whole source)."""
+
+    def __init__(self, files: list[Path]):
+        from safetensors import SafetensorError, safe_open
+
+        self._handles, self._where = [], {}
+        for path in files:
+            try:
+                handle = safe_open(path, framework="np", backend="pread")
+            except (SafetensorError, OSError, ValueError) as err:
+                raise _corrupt(path, err) from err
+            self._handles.append((path, handle))
+            self._where.update(dict.fromkeys(handle.keys(), len(self._handles) - 1))
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        from safetensors import SafetensorError
+
+        path, handle = self._handles[self._where[key]]
+        try:
+            return handle.get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise _corrupt(path, err) from err
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def stream_state_dict(path: str | Path) -> tuple[Mapping[str, np.ndarray], list[Path]]:
+    """Like `read_state_dict`, but safetensors (single or sharded) are read lazily, tensor by
+    tensor; torch pickles are read whole (torch.load has no other way)."""
+    weights = find_weights(Path(path))
+    if weights.name.endswith(".safetensors.index.json"):
+        try:
+            weight_map = json.loads(weights.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise _corrupt(weights, err) from err
+        shards = sorted({weights.parent / name for name in weight_map.values()})
+        if missing_files := [s for s in shards if not s.is_file()]:
+            raise UserError(
+                f"--from: {weights} names shards that are not there: "
+                f"{', '.join(s.name for s in missing_files[:5])}. Fix: download every shard."
+            )
+        view = SafetensorsView(shards)
+        if missing := sorted(set(weight_map) - set(view)):
+            raise UserError(
+                f"--from: {weights} lists {len(missing)} keys its shards lack: "
+                f"{', '.join(missing[:5])}. Fix: download every shard again."
+            )
+        return view, [weights, *shards]
+    if weights.suffix == ".safetensors":
+        return SafetensorsView([weights]), [weights]
+    return read_state_dict(weights)
 
 
 def sha256(path: Path, chunk: int = 1 << 22) -> str:

@@ -1,25 +1,34 @@
-"""Autoregressive sampling from a `transformer` model with its KV cache.
+"""Autoregressive sampling from a decoder LM (`transformer` or `llama`) with its KV cache.
 
-`generate` prefills the cache with the whole prompt in one call, then decodes one token per
-step inside a `jax.lax.fori_loop`; the whole thing is one jitted function, compiled once per
-(model, batch, prompt length, max_new_tokens, sampling mode). `jaxdl.lm.tokenizer` converts
+The prompt is prefilled in one call, right-padded to a power-of-two bucket so that prompts
+of nearby lengths share one compilation: the padding's keys are written to cache slots
+that no query reaches before the real tokens overwrite them (a query at position p
+attends slots <= p), and the cache index is then set back to the real length. Decoding
+is one token per step: inside a `jax.lax.while_loop` for `generate` (stopping when every
+row has produced an end token), or one jitted step per token for `stream` (chat). Each is
+compiled once per (model, batch, bucket, sampling mode). `jaxdl.lm.tokenizer` converts
 text.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxdl.errors import UserError
 from jaxdl.lm.tokenizer import load_tokenizer
+from jaxdl.models.llama import Llama
 from jaxdl.models.registry import create_model
 from jaxdl.models.transformer import Transformer
+
+DECODERS = (Transformer, Llama)
+MIN_BUCKET = 16
 
 
 def sample_logits(
@@ -64,45 +73,41 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise UserError(f"--top-p: expected a value in (0, 1], found {top_p}.")
 
 
-def decoding_model(model: Transformer | Mapping[str, Any]) -> Transformer:
-    """The model (a module or its config) switched to KV-cache decoding, without dropout."""
+def bucket(n: int, cap: int) -> int:
+    """The power of two >= n (at least MIN_BUCKET), or `cap` when that is smaller."""
+    return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), cap)
+
+
+def decoding_model(model: nn.Module | Mapping[str, Any], total: int) -> nn.Module:
+    """The model (a module or its config) switched to KV-cache decoding without dropout,
+    its cache long enough for `total` tokens."""
     if isinstance(model, Mapping):
         model = create_model(model)
-    if not isinstance(model, Transformer):
+    if not isinstance(model, DECODERS):
         raise UserError(
-            f"model.name: expected 'transformer' for generation, found {type(model).__name__}. "
-            "Fix: generate from a checkpoint of a transformer language model."
+            f"model.name: expected 'transformer' or 'llama' for generation, found "
+            f"{type(model).__name__}. Fix: generate from a checkpoint of a decoder language model."
         )
+    if isinstance(model, Llama):  # rope: the cache may be shorter than max_len
+        cache_len = bucket(total, model.spec.max_len)
+        return model.clone(decode=True, remat=False, dropout_rate=0.0, cache_len=cache_len)
     return model.clone(decode=True, remat=False, dropout_rate=0.0)
 
 
-def init_cache(module: Transformer, batch_size: int) -> Any:
+def cache_len(module: nn.Module) -> int:
+    return module.cache_len if isinstance(module, Llama) else module.spec.max_len
+
+
+def init_cache(module: nn.Module, batch_size: int) -> Any:
     """An empty KV cache (all zeros, index 0) for `module` (decode=True) and a batch size."""
     shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((batch_size, 1), jnp.int32))
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
 
 
-def generate(
-    model: Transformer | Mapping[str, Any],
-    params: Any,
-    prompt_tokens: Any,
-    *,
-    max_new_tokens: int,
-    rng: jax.Array,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    greedy: bool = False,
-) -> jax.Array:
-    """Continue each prompt. prompt_tokens: [B, P] int32 -> tokens [B, P + max_new_tokens].
-
-    `model` is a transformer module or its config; `params` its "params" collection.
-    """
-    module = decoding_model(model)
-    prompt = jnp.asarray(prompt_tokens, dtype=jnp.int32)
+def _check(module: nn.Module, prompt: jax.Array, max_new_tokens: int) -> None:
     if prompt.ndim != 2:
         raise UserError(f"prompt_tokens: expected shape [B, P], found {tuple(prompt.shape)}.")
-    batch, length = prompt.shape
+    length = prompt.shape[1]
     if length == 0:
         raise UserError("prompt: expected at least 1 byte, found 0. Fix: pass a non-empty prompt.")
     if max_new_tokens < 1:
@@ -114,55 +119,172 @@ def generate(
             f"= {length + max_new_tokens} exceeds the model's max_len {max_len}. Fix: set "
             f"--max-new-tokens to at most {max_len - length} or shorten the prompt."
         )
-    if not greedy:
-        check_sampling(temperature, top_k, top_p)
-    if isinstance(params, Mapping) and set(params) == {"params"}:
-        params = params["params"]
-    return _generate(
-        module,
-        params,
-        init_cache(module, batch),
-        prompt,
-        rng,
-        jnp.float32(temperature),
-        max_new_tokens=max_new_tokens,
-        top_k=top_k,
-        top_p=top_p,
-        greedy=greedy,
+
+
+def _apply(module, params, cache, tokens):
+    logits, updates = module.apply({"params": params, "cache": cache}, tokens, mutable=["cache"])
+    return logits, updates["cache"]
+
+
+@functools.partial(jax.jit, static_argnames=("module",))
+def _prefill(module, params, cache, padded, length):
+    """Run the right-padded prompt [B, bucket]; -> (logits of its last real token [B, V],
+    the cache with its index at `length`)."""
+    logits, cache = _apply(module, params, cache, padded)
+    cache = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.full_like(x, length) if path[-1].key == "cache_index" else x, cache
     )
+    return jax.lax.dynamic_index_in_dim(logits, length - 1, axis=1, keepdims=False), cache
+
+
+def prefill(module, params, prompt: jax.Array) -> tuple[jax.Array, Any]:
+    """The prompt [B, P] through the model; -> (last logits [B, V], the filled cache)."""
+    batch, length = prompt.shape
+    padded = bucket(length, cache_len(module))
+    tokens = jnp.pad(prompt, ((0, 0), (0, padded - length)))
+    return _prefill(module, params, init_cache(module, batch), tokens, jnp.int32(length))
 
 
 @functools.partial(
     jax.jit, static_argnames=("module", "max_new_tokens", "top_k", "top_p", "greedy")
 )
 def _generate(
-    module, params, cache, prompt, rng, temperature, *, max_new_tokens, top_k, top_p, greedy
+    module, params, cache, logits, rng, temperature, eos, *, max_new_tokens, top_k, top_p, greedy
 ):
-    batch, length = prompt.shape
+    """Decode up to max_new_tokens after a prefill; rows that produced an id in `eos` [E]
+    repeat it. -> new tokens [B, max_new_tokens]."""
+    batch = logits.shape[0]
     sample = functools.partial(
         sample_logits, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy
     )
+    first = sample(logits, jax.random.fold_in(rng, 0))
+    out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, eos)
 
-    def step(tokens_in, cache):
-        logits, updates = module.apply(
-            {"params": params, "cache": cache}, tokens_in, mutable=["cache"]
-        )
-        return logits[:, -1], updates["cache"]
+    def cond(carry):
+        i, _, _, done = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
 
-    logits, cache = step(prompt, cache)  # prefill: the whole prompt in one call
-    tokens = jnp.zeros((batch, length + max_new_tokens), jnp.int32)
-    tokens = tokens.at[:, :length].set(prompt)
-    tokens = tokens.at[:, length].set(sample(logits, jax.random.fold_in(rng, 0)))
+    def body(carry):
+        i, out, cache, done = carry
+        last = jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1)  # [B, 1]
+        logits, cache = _apply(module, params, cache, last)
+        new = sample(logits[:, -1], jax.random.fold_in(rng, i))
+        new = jnp.where(done, last[:, 0], new)
+        out = jax.lax.dynamic_update_slice_in_dim(out, new[:, None], i, axis=1)
+        return i + 1, out, cache, done | jnp.isin(new, eos)
 
-    def body(i, carry):
-        tokens, cache = carry
-        last = jax.lax.dynamic_slice_in_dim(tokens, length + i - 1, 1, axis=1)  # [B, 1]
-        logits, cache = step(last, cache)
-        new = sample(logits, jax.random.fold_in(rng, i))
-        return jax.lax.dynamic_update_slice_in_dim(tokens, new[:, None], length + i, 1), cache
+    _, out, _, done = jax.lax.while_loop(cond, body, (jnp.int32(1), out, cache, done))
+    # rows cut short by the loop's stop keep their end token to the end
+    index = jnp.arange(max_new_tokens)[None, :]
+    first_end = jnp.argmax(jnp.isin(out, eos), axis=1)[:, None]
+    ended = jnp.any(jnp.isin(out, eos), axis=1)[:, None]
+    return jnp.where(ended & (index > first_end), jnp.take_along_axis(out, first_end, 1), out)
 
-    tokens, _ = jax.lax.fori_loop(1, max_new_tokens, body, (tokens, cache))
-    return tokens
+
+def generate(
+    model: nn.Module | Mapping[str, Any],
+    params: Any,
+    prompt_tokens: Any,
+    *,
+    max_new_tokens: int,
+    rng: jax.Array,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    eos_ids: Sequence[int] = (),
+) -> jax.Array:
+    """Continue each prompt. prompt_tokens: [B, P] int32 -> tokens [B, P + max_new_tokens].
+
+    `model` is a decoder module or its config; `params` its "params" collection. A row that
+    samples an id of `eos_ids` stops there (the rest of the row repeats it); decoding ends
+    when every row has stopped.
+    """
+    prompt = jnp.asarray(prompt_tokens, dtype=jnp.int32)
+    module = decoding_model(model, prompt.shape[-1] + max_new_tokens)
+    _check(module, prompt, max_new_tokens)
+    if not greedy:
+        check_sampling(temperature, top_k, top_p)
+    if isinstance(params, Mapping) and set(params) == {"params"}:
+        params = params["params"]
+    logits, cache = prefill(module, params, prompt)
+    new = _generate(
+        module,
+        params,
+        cache,
+        logits,
+        rng,
+        jnp.float32(temperature),
+        jnp.asarray(list(eos_ids) or [-1], jnp.int32),
+        max_new_tokens=max_new_tokens,
+        top_k=top_k,
+        top_p=top_p,
+        greedy=greedy,
+    )
+    return jnp.concatenate([prompt, new], axis=1)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("module", "top_k", "top_p", "greedy"), donate_argnums=(2,)
+)
+def _step(module, params, cache, last, rng, temperature, *, top_k, top_p, greedy):
+    logits, cache = _apply(module, params, cache, last[:, None])
+    token = sample_logits(
+        logits[:, -1], rng, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy
+    )
+    return token, cache
+
+
+def stream(
+    model: nn.Module | Mapping[str, Any],
+    params: Any,
+    prompt_tokens: Any,
+    *,
+    max_new_tokens: int,
+    rng: jax.Array,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    eos_ids: Sequence[int] = (),
+) -> Iterator[int]:
+    """Yield the new token ids of one prompt [P] (or [1, P]) as they are decoded; stops after
+    an id of `eos_ids` (not yielded) or max_new_tokens."""
+    prompt = jnp.asarray(prompt_tokens, dtype=jnp.int32).reshape(1, -1)
+    module = decoding_model(model, prompt.shape[-1] + max_new_tokens)
+    _check(module, prompt, max_new_tokens)
+    if not greedy:
+        check_sampling(temperature, top_k, top_p)
+    if isinstance(params, Mapping) and set(params) == {"params"}:
+        params = params["params"]
+    logits, cache = prefill(module, params, prompt)
+    token = sample_logits(
+        logits,
+        jax.random.fold_in(rng, 0),
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        greedy=greedy,
+    )
+    temperature = jnp.float32(temperature)
+    for i in range(max_new_tokens):
+        value = int(token[0])
+        if value in eos_ids:
+            return
+        yield value
+        if i + 1 < max_new_tokens:
+            token, cache = _step(
+                module,
+                params,
+                cache,
+                token,
+                jax.random.fold_in(rng, i + 1),
+                temperature,
+                top_k=top_k,
+                top_p=top_p,
+                greedy=greedy,
+            )
 
 
 def generate_text(
@@ -181,10 +303,11 @@ def generate_text(
     from jaxdl.checkpoint.read import load_params
 
     cfg = load_run_config(workdir)
-    if cfg.model.name != "transformer":
+    if cfg.model.name not in ("transformer", "llama") or cfg.model.get("head") == "classify":
         raise UserError(
             f"--workdir: {workdir} holds a {cfg.model.name!r} classifier; generate needs a "
-            "language model (model.name='transformer'). Fix: pass the workdir of an LM run."
+            "language model (model.name 'transformer' or 'llama'). Fix: pass the workdir of an "
+            "LM run."
         )
     if not prompt:
         raise UserError("--prompt: expected at least 1 byte, found 0. Fix: pass a prompt.")
@@ -200,5 +323,6 @@ def generate_text(
         top_k=top_k,
         top_p=top_p,
         greedy=greedy,
+        eos_ids=getattr(tokenizer, "eos_ids", ()),
     )
     return tokenizer.decode(np.asarray(tokens)[0])

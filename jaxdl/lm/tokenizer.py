@@ -1,9 +1,16 @@
 """Text <-> token ids: UTF-8 bytes (vocabulary 256, the default) or a ``tokenizer.json``.
 
-``data.tokenizer`` names the tokenizer of a language-model run: ``"bytes"`` or the path of
+``data.tokenizer`` names the tokenizer of a language-model run: ``"bytes"``, the path of
 a ``tokenizer.json`` written by the Hugging Face ``tokenizers`` library (GPT-2's byte-level
-BPE, or one trained with `train_bpe`). Text sources, ``jaxdl generate`` and ``jaxdl
-predict`` all go through `load_tokenizer`, so a run encodes and decodes one way.
+BPE, an imported model's, or one trained with `train_bpe`), or ``"none"`` for a model
+imported without one (every use then refuses, naming the fix: nothing guesses a
+tokenizer). Text sources, ``jaxdl generate``/``chat`` and ``jaxdl predict`` all go
+through `load_tokenizer`, so a run encodes and decodes one way.
+
+A ``tokenizer.json`` may have Hugging Face's two companions beside it:
+``tokenizer_config.json`` (``chat_template``, ``bos_token``, ``eos_token``, ``pad_token``)
+and ``generation_config.json`` (``eos_token_id``: the ids that end a reply). An imported
+workdir holds all three, written in transformers' own format.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import numpy as np
 from jaxdl.errors import UserError
 
 BYTES = "bytes"
+NONE = "none"  # an imported model without a tokenizer
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 def encode(text: str) -> np.ndarray:
@@ -57,8 +66,30 @@ class ByteTokenizer:
         return decode(tokens)
 
 
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json spells it: a string or an AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: not valid JSON ({err}). Fix: restore the file.") from err
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object, found {type(data).__name__}.")
+    return data
+
+
 class JsonTokenizer:
-    """A ``tokenizers`` tokenizer.json (no special tokens added when encoding)."""
+    """A ``tokenizers`` tokenizer.json (no special tokens added when encoding), with the chat
+    template and special tokens of the ``tokenizer_config.json`` beside it, if any."""
 
     def __init__(self, path: str | Path):
         from tokenizers import Tokenizer as HFTokenizer
@@ -77,6 +108,43 @@ class JsonTokenizer:
                 "Fix: pass the tokenizer.json that came with the model."
             ) from err
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+        folder = Path(path).parent
+        config = _read_json(folder / "tokenizer_config.json")
+        self.chat_template: str | None = config.get("chat_template") or None
+        if self.chat_template is None and (folder / "chat_template.jinja").is_file():
+            self.chat_template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        self.special_tokens = {k: _token_text(config.get(k)) for k in SPECIAL_TOKENS}
+        eos = _read_json(folder / "generation_config.json").get("eos_token_id")
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        if (eos_id := self.token_id(self.special_tokens["eos_token"])) is not None:
+            eos_ids.append(eos_id)
+        self.eos_ids: tuple[int, ...] = tuple(dict.fromkeys(int(i) for i in eos_ids))
+
+    def token_id(self, token: str | None) -> int | None:
+        """The id of a (special) token's text, None when absent."""
+        return None if token is None else self._tok.token_to_id(token)
+
+    def render_chat(self, messages: Any, add_generation_prompt: bool = False) -> str:
+        """The conversation as the model's chat template writes it."""
+        from jaxdl.lm.chat_template import render
+
+        if not self.chat_template:
+            raise UserError(
+                f"tokenizer {self.name}: has no chat template (no chat_template in its "
+                "tokenizer_config.json). Fix: chat with an instruction-tuned model's workdir, "
+                "or add the template to tokenizer_config.json."
+            )
+        return render(
+            self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            special_tokens=self.special_tokens,
+        )
+
+    def apply_chat_template(self, messages: Any, add_generation_prompt: bool = False) -> np.ndarray:
+        """Ids of the rendered conversation, as transformers' ``apply_chat_template`` gives
+        them (the template writes any special tokens itself: none are added). -> int32 [P]"""
+        return self.encode(self.render_chat(messages, add_generation_prompt))
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
@@ -96,10 +164,23 @@ class JsonTokenizer:
         return self._tok.decode(values.tolist(), skip_special_tokens=False)
 
 
-def load_tokenizer(spec: str | None) -> ByteTokenizer | JsonTokenizer:
-    """``"bytes"`` (or empty) -> bytes; a path -> that tokenizer.json."""
+def load_tokenizer(spec: str | Path | None) -> ByteTokenizer | JsonTokenizer:
+    """``"bytes"`` (or empty) -> bytes; a tokenizer.json path -> that tokenizer; a workdir
+    (a folder with config.json) -> the tokenizer its run uses (``jaxdl.load_tokenizer``)."""
+    if spec is not None and Path(spec).is_dir() and (Path(spec) / "config.json").is_file():
+        from jaxdl import config as config_lib
+
+        cfg = config_lib.load_config(Path(spec) / "config.json")
+        return load_tokenizer(cfg.data.get("tokenizer", BYTES))
     if not spec or spec == BYTES:
         return ByteTokenizer()
+    if spec == NONE:
+        raise UserError(
+            "data.tokenizer: this model was imported without a tokenizer (its source had no "
+            "tokenizer.json), so its text cannot be encoded or decoded. Fix: import it again "
+            "from a folder that has the tokenizer files, or set data.tokenizer to the path of "
+            "its tokenizer.json."
+        )
     return JsonTokenizer(spec)
 
 

@@ -2,6 +2,7 @@
 
 from jaxdl.models import (  # noqa: F401  (registers them)
     cnn,
+    llama,
     mlp,
     resnet,
     rnn,

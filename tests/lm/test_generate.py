@@ -60,9 +60,9 @@ def test_sampling_reproducible_and_compiled_once():
     run = lambda prompt, seed: gen.generate(
         cfg, params, prompt, max_new_tokens=8, rng=jax.random.key(seed), top_k=20, top_p=0.9
     )
-    before = gen._generate._cache_size()
+    before = gen._prefill._cache_size()
     a, b, c = run(PROMPT, 3), run(PROMPT, 3), run(PROMPT[::-1], 4)
-    assert gen._generate._cache_size() == before + 1  # one shape, one compilation
+    assert gen._prefill._cache_size() == before + 1  # one bucket, one compilation
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a[:, :5], PROMPT)
     assert not np.array_equal(a[::-1, 5:], c[:, 5:])
@@ -100,7 +100,7 @@ def test_errors():
         gen.generate(model, params, PROMPT, max_new_tokens=60, rng=jax.random.key(0))
     with pytest.raises(ValueError, match=r"^--temperature: expected > 0, found 0"):
         gen.generate(model, params, PROMPT, max_new_tokens=4, rng=jax.random.key(0), temperature=0)
-    with pytest.raises(ValueError, match=r"^model\.name: expected 'transformer'"):
+    with pytest.raises(ValueError, match=r"^model\.name: expected .transformer. or .llama."):
         gen.generate({"name": "vit"}, params, PROMPT, max_new_tokens=4, rng=jax.random.key(0))
 
 

@@ -1,0 +1,520 @@
+"""GGUF (llama.cpp, Ollama) <-> jaxdl's `llama`: weights, config and tokenizer.
+
+Import reads the file with the ``gguf`` package (memory-mapped) and presents it as a
+Hugging Face state dict (`HfView`: HF key -> float32 array in torch's layout, dequantized
+when read, llama.cpp's row permutation of the Q and K projections undone), so the one
+table in `jaxdl.interop.llama` maps it, tensor by tensor. The architecture comes from the
+metadata (``{arch}.block_count``, ...), the tokenizer from ``tokenizer.ggml.*`` (written
+as a ``tokenizer.json`` the ``tokenizers`` package loads, with the chat template and
+special tokens beside it). Export writes the reverse with ``gguf.GGUFWriter`` (F16 or Q8_0
+matrices, F32 norms), so llama.cpp, Ollama and transformers' GGUF loader read it.
+
+Key and tensor names come from ``gguf.constants`` (`Keys`, `TENSOR_NAMES`): never
+spelled here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxdl.errors import UserError
+from jaxdl.interop import llama, lm_files
+from jaxdl.interop.workdir import Imported
+
+ARCHS = ("llama", "qwen2", "qwen3")  # Mistral's GGUFs say "llama"
+PERMUTED_ARCHS = ("llama",)  # llama.cpp permutes Q/K rows of these (its rope layout)
+DEQUANTIZED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+EXPORT_TYPES = ("f16", "q8_0")
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError as err:  # a declared dependency; only a broken install lacks it
+        raise UserError("gguf: the `gguf` package is not installed. Fix: pip install gguf") from err
+    return gguf
+
+
+def hf_to_gguf() -> list[tuple[str, Any, str]]:
+    """(HF key template, gguf MODEL_TENSOR, suffix) for every Llama-family weight."""
+    t = _gguf().MODEL_TENSOR
+    layer = "model.layers.{i}."
+    rows = [
+        ("model.embed_tokens.weight", t.TOKEN_EMBD, "weight"),
+        ("model.norm.weight", t.OUTPUT_NORM, "weight"),
+        ("lm_head.weight", t.OUTPUT, "weight"),
+        (layer + "input_layernorm.weight", t.ATTN_NORM, "weight"),
+        (layer + "post_attention_layernorm.weight", t.FFN_NORM, "weight"),
+        (layer + "self_attn.q_norm.weight", t.ATTN_Q_NORM, "weight"),
+        (layer + "self_attn.k_norm.weight", t.ATTN_K_NORM, "weight"),
+        (layer + "mlp.gate_proj.weight", t.FFN_GATE, "weight"),
+        (layer + "mlp.up_proj.weight", t.FFN_UP, "weight"),
+        (layer + "mlp.down_proj.weight", t.FFN_DOWN, "weight"),
+    ]
+    for proj, tensor in (("q", t.ATTN_Q), ("k", t.ATTN_K), ("v", t.ATTN_V), ("o", t.ATTN_OUT)):
+        for suffix in ("weight", "bias"):
+            rows.append((f"{layer}self_attn.{proj}_proj.{suffix}", tensor, suffix))
+    return rows
+
+
+def gguf_name(tensor: Any, suffix: str, layer: int | None) -> str:
+    return _gguf().TENSOR_NAMES[tensor].format(bid=layer) + "." + suffix
+
+
+def permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's permutation of Q/K rows (convert_hf_to_gguf's LlamaModel.permute):
+    per head, the rotate-half pairs (i, i + d/2) become adjacent (i, i+1)."""
+    return (
+        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
+
+
+def unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """The inverse of `permute_rows`."""
+    return (
+        w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
+
+
+# ------------------------------------------------------------------ reading
+
+
+class GgufFile:
+    """An open GGUF: metadata values by key, tensors by name (memory-mapped)."""
+
+    def __init__(self, path: Path):
+        gguf = _gguf()
+        self.path = path
+        try:
+            self.reader = gguf.GGUFReader(str(path))
+        except (ValueError, OSError, IndexError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(
+                f"--from: {path} is not a readable GGUF file ({reason}). Fix: download or "
+                "convert it again."
+            ) from err
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.arch = self.get(gguf.Keys.General.ARCHITECTURE)
+
+    def get(self, key: str, default: Any = None, arch: bool = True) -> Any:
+        """The value of metadata `key` ("{arch}" filled), or `default`."""
+        key = key.format(arch=getattr(self, "arch", None)) if arch else key
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def require(self, key: str) -> Any:
+        value = self.get(key)
+        if value is None:
+            raise UserError(
+                f"--from: {self.path} lacks the metadata {key.format(arch=self.arch)!r}. Fix: "
+                "convert the model again with llama.cpp's convert_hf_to_gguf.py."
+            )
+        return value
+
+    def array(self, name: str) -> np.ndarray:
+        """Tensor `name` as float32 in numpy's (torch's) axis order, dequantized."""
+        from gguf.quants import dequantize
+
+        tensor = self.tensors[name]
+        kind = tensor.tensor_type.name
+        if kind not in DEQUANTIZED:
+            raise UserError(
+                f"--from: {self.path}: tensor {name} is stored as {kind}, which jaxdl does not "
+                f"dequantize (it reads {', '.join(DEQUANTIZED)}). Fix: requantize the file "
+                "with llama.cpp's llama-quantize to one of them."
+            )
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        return dequantize(tensor.data, tensor.tensor_type).reshape(shape).astype(np.float32)
+
+
+def model_config(f: GgufFile) -> dict[str, Any]:
+    """The jaxdl model section from the GGUF metadata."""
+    keys = _gguf().Keys
+    if f.arch not in ARCHS:
+        raise UserError(
+            f"--from: {f.path} holds a {f.arch!r} model; jaxdl imports GGUF architectures "
+            f"{list(ARCHS)}. Fix: import a Llama-family GGUF, or its Hugging Face folder."
+        )
+    if "rope_freqs.weight" in f.tensors:
+        raise UserError(
+            f"--from: {f.path} carries per-dimension rope factors (rope_freqs.weight, Llama 3.1 "
+            "style), which jaxdl reads only from config.json. Fix: import the model's Hugging "
+            "Face folder with `jaxdl import hf:auto`."
+        )
+    scaling = f.get(keys.Rope.SCALING_TYPE, "none")
+    if scaling not in ("none", "linear"):
+        raise UserError(
+            f"--from: {f.path}: rope scaling {scaling!r} is not supported (jaxdl reads none and "
+            "linear from GGUF). Fix: import the model's Hugging Face folder instead."
+        )
+    heads = int(f.require(keys.Attention.HEAD_COUNT))
+    embed_dim = int(f.require(keys.LLM.EMBEDDING_LENGTH))
+    vocab = f.get(keys.LLM.VOCAB_SIZE) or len(f.get(keys.Tokenizer.LIST, arch=False) or [])
+    head_dim = f.get(keys.Attention.KEY_LENGTH) or f.get(keys.Rope.DIMENSION_COUNT)
+    has_bias = "blk.0.attn_q.bias" in f.tensors
+    cfg = {
+        "name": "llama",
+        "vocab_size": int(vocab or f.tensors["token_embd.weight"].shape[1]),
+        "num_layers": int(f.require(keys.LLM.BLOCK_COUNT)),
+        "embed_dim": embed_dim,
+        "num_heads": heads,
+        "num_kv_heads": int(f.get(keys.Attention.HEAD_COUNT_KV) or heads),
+        "head_dim": int(head_dim or embed_dim // heads),
+        "mlp_dim": int(f.require(keys.LLM.FEED_FORWARD_LENGTH)),
+        "max_len": int(f.get(keys.LLM.CONTEXT_LENGTH, 2048)),
+        "rope_base": float(f.get(keys.Rope.FREQ_BASE, 10000.0)),
+        "norm_eps": float(f.get(keys.Attention.LAYERNORM_RMS_EPS, 1e-5)),
+        "tie_embeddings": "output.weight" not in f.tensors,
+        "qkv_bias": has_bias,
+        "o_bias": "blk.0.attn_output.bias" in f.tensors,
+        "qk_norm": "blk.0.attn_q_norm.weight" in f.tensors,
+    }
+    if scaling == "linear":
+        cfg.update(rope_scaling="linear", rope_factor=float(f.require(keys.Rope.SCALING_FACTOR)))
+    if (window := f.get(keys.Attention.SLIDING_WINDOW)) is not None:
+        cfg["sliding_window"] = int(window)
+    return cfg
+
+
+class HfView(Mapping):
+    """The GGUF's tensors under Hugging Face keys, each read (and dequantized) on access.
+    Tensors of no known role keep their GGUF name, so the mapping reports them unused."""
+
+    def __init__(self, f: GgufFile, model_cfg: Mapping[str, Any]):
+        self.f, self.cfg = f, model_cfg
+        self.names: dict[str, str] = {}
+        known = {}
+        for hf_key, tensor, suffix in hf_to_gguf():
+            for i in range(model_cfg["num_layers"]) if "{i}" in hf_key else [None]:
+                known[gguf_name(tensor, suffix, i)] = hf_key.format(i=i)
+        for name in f.tensors:
+            self.names[known.get(name, name)] = name
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        w = self.f.array(self.names[key])
+        if self.f.arch in PERMUTED_ARCHS:
+            if ".self_attn.q_proj." in key:
+                w = unpermute_rows(w, self.cfg["num_heads"])
+            elif ".self_attn.k_proj." in key:
+                w = unpermute_rows(w, self.cfg["num_kv_heads"])
+        return w
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+# ------------------------------------------------------------------ tokenizer
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (byte-level BPE spells tokens in it)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+# llama.cpp's pre-tokenizer regexes (src/llama-vocab.cpp), by tokenizer.ggml.pre
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PRE_FAMILIES = {
+    "gpt2": ("gpt2", "default"),
+    "digits+gpt2": ("smollm", "starcoder", "refact", "codeshell", "command-r"),
+    "llama3": ("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "falcon3", "dbrx"),
+    "qwen2": ("qwen2", "deepseek-r1-qwen"),
+}
+
+
+def pre_tokenizer(family: str):
+    """The `tokenizers` pre-tokenizer of a PRE_FAMILIES family."""
+    from tokenizers import Regex, pre_tokenizers
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if family == "gpt2":
+        return byte_level
+    if family == "digits+gpt2":
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    split = {"llama3": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT}[family]
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
+
+def tokenizer_files(f: GgufFile) -> lm_files.LmFiles:
+    """tokenizer.json + tokenizer_config.json + generation_config.json from the metadata."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+
+    keys = _gguf().Keys.Tokenizer
+    tokens = f.get(keys.LIST, arch=False)
+    if not tokens:
+        return lm_files.LmFiles(None, {}, {})
+    kind, pre = f.get(keys.MODEL, arch=False), f.get(keys.PRE, "default", arch=False)
+    if kind != "gpt2":
+        raise UserError(
+            f"--from: {f.path}: tokenizer model {kind!r}; jaxdl converts GGUF byte-level BPE "
+            "tokenizers ('gpt2': Llama 3, Qwen, SmolLM). Fix: import the model's Hugging Face "
+            "folder, whose tokenizer.json jaxdl reads as it is."
+        )
+    family = next((name for name, pres in PRE_FAMILIES.items() if pre in pres), None)
+    if family is None:
+        known = sorted(p for pres in PRE_FAMILIES.values() for p in pres)
+        raise UserError(
+            f"--from: {f.path}: pre-tokenizer {pre!r} is not one jaxdl knows ({', '.join(known)}),"
+            " and guessing it would split text differently from the model's training. Fix: "
+            "import the model's Hugging Face folder (its tokenizer.json says how)."
+        )
+    spelling = bytes_to_unicode()
+    alphabet = set(spelling.values())
+    vocab = {
+        tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8")): i
+        for i, tok in enumerate(tokens)
+    }
+    merges = [tuple(m.split(" ", 1)) for m in f.get(keys.MERGES, [], arch=False)]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizer(family)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    types = f.get(keys.TOKEN_TYPE, [], arch=False)
+    control = [t for t, k in zip(tokens, types, strict=True) if k == 3 and set(t) <= alphabet]
+    user = [t for t, k in zip(tokens, types, strict=True) if k == 4 and t in vocab]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+
+    ids = {
+        "bos_token": f.get(keys.BOS_ID, arch=False),
+        "eos_token": f.get(keys.EOS_ID, arch=False),
+        "unk_token": f.get(keys.UNK_ID, arch=False),
+        "pad_token": f.get(keys.PAD_ID, arch=False),
+    }
+    tokenizer_config = {k: None if i is None else tokens[i] for k, i in ids.items()}
+    tokenizer_config["chat_template"] = f.get(keys.CHAT_TEMPLATE, arch=False)
+    tokenizer_config["add_bos_token"] = bool(f.get(keys.ADD_BOS, False, arch=False))
+    tokenizer_config["add_eos_token"] = bool(f.get(keys.ADD_EOS, False, arch=False))
+    tokenizer_config["gguf_pre"] = pre  # export-gguf writes it back
+    eos = [i for i in (ids["eos_token"], f.get(keys.EOT_ID, arch=False)) if i is not None]
+    generation = {"bos_token_id": ids["bos_token"], "eos_token_id": list(dict.fromkeys(eos))}
+    if ids["pad_token"] is not None:
+        generation["pad_token_id"] = ids["pad_token"]
+    generation = {k: v for k, v in generation.items() if v not in (None, [])}
+    return lm_files.LmFiles(tok.to_str().encode("utf-8"), tokenizer_config, generation)
+
+
+def import_gguf(kind: str, path: Path, out: Path) -> Imported:
+    """`jaxdl import gguf --from F.gguf`: -> Imported (weights float32, dequantized)."""
+    if path.is_dir():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) != 1:
+            raise UserError(
+                f"--from: {path} holds {len(found)} .gguf files, expected one. Fix: pass the "
+                "file itself."
+            )
+        path = found[0]
+    f = GgufFile(path)
+    model_cfg = model_config(f)
+    variables, report = llama.convert_state(HfView(f, model_cfg), model_cfg)
+    report["source_types"] = dict(
+        sorted({name: t.tensor_type.name for name, t in f.tensors.items()}.items())
+    )
+    lm = tokenizer_files(f)
+    data = {
+        "source": "text:pydoc",
+        "seq_len": min(512, model_cfg["max_len"]),
+        **lm.data_fields(out),
+    }
+    meta = {k: f.get(k, arch=False) for k in ("general.name", "general.license")}
+    return Imported(
+        config={"model": model_cfg, "data": data, "best_metric": "val_loss"},
+        variables=variables,
+        report=report,
+        files=[path],
+        assets=lm.assets(),
+        provenance={"gguf": {"architecture": f.arch, **meta}, **lm.provenance()},
+    )
+
+
+# ------------------------------------------------------------------ writing
+
+
+def _vocab_lists(tokenizer_json: bytes) -> tuple[list[str], list[int], list[str], str]:
+    """(tokens by id, their GGUF token types, merges, pre family) of a byte-level BPE
+    tokenizer.json; refuses other kinds in one line."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tokenizer_json)
+    model = spec.get("model", {})
+    if model.get("type") != "BPE" or spec.get("decoder", {}).get("type") != "ByteLevel":
+        raise UserError(
+            "--workdir: its tokenizer.json is not a byte-level BPE (found model "
+            f"{model.get('type')!r}); export-gguf writes those only. Fix: export with "
+            "`jaxdl export-hf` and convert with llama.cpp's convert_hf_to_gguf.py."
+        )
+    tok = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+    size = tok.get_vocab_size(with_added_tokens=True)
+    by_id = {i: t for t, i in tok.get_vocab(with_added_tokens=True).items()}
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(size)]
+    added = {a["content"]: a.get("special", False) for a in spec.get("added_tokens", [])}
+    types = [(3 if added[t] else 4) if t in added else 1 for t in tokens]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    pre = json.dumps(spec.get("pre_tokenizer"), sort_keys=True)
+    family = next(
+        (name for name in PRE_FAMILIES if _pre_json(name) == pre),
+        None,
+    )
+    if family is None:
+        raise UserError(
+            "--workdir: its tokenizer's pre-tokenizer matches none llama.cpp names "
+            f"({', '.join(PRE_FAMILIES)}). Fix: export with `jaxdl export-hf` and convert with "
+            "llama.cpp's convert_hf_to_gguf.py, which identifies it by hash."
+        )
+    return tokens, types, merges, family
+
+
+def _pre_json(family: str) -> str:
+    """The pre-tokenizer of `family` as tokenizer.json spells it (sorted keys)."""
+    from tokenizers import Tokenizer, models
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizer(family)
+    return json.dumps(json.loads(tok.to_str())["pre_tokenizer"], sort_keys=True)
+
+
+def export_gguf(workdir: str | os.PathLike, out: str | os.PathLike, kind: str = "f16") -> dict:
+    """Write a Llama-family workdir (LoRA merged) as one GGUF file `out`; -> summary."""
+    from jaxdl.checkpoint.load import load_run_config
+    from jaxdl.checkpoint.read import load_params
+    from jaxdl.fileio import atomic_path
+
+    gguf = _gguf()
+    if kind not in EXPORT_TYPES:
+        raise UserError(f"--type: expected one of {list(EXPORT_TYPES)}, found {kind!r}.")
+    workdir, out = Path(workdir), Path(out)
+    cfg = load_run_config(workdir)
+    if cfg.model.name != "llama":
+        raise UserError(
+            f"--workdir: model.name={cfg.model.name!r}; export-gguf writes Llama-family models "
+            "(model.name='llama'). Fix: pass an imported or fine-tuned Llama-family workdir."
+        )
+    model_cfg = cfg.model.to_dict()
+    spec = llama.llama_spec(model_cfg)
+    lm = lm_files.from_workdir(workdir, cfg.data.tokenizer)
+    if lm.tokenizer is None:
+        raise UserError(
+            f"--workdir: {workdir} has no tokenizer (imported weights-only), and a GGUF without "
+            "one is of no use to llama.cpp. Fix: import the model again with its tokenizer."
+        )
+    tokens, types, merges, family = _vocab_lists(lm.tokenizer)
+    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}[
+        llama.model_type_for(spec)
+    ]
+    state = llama.to_state_dict(load_params(workdir), model_cfg)
+    qtype = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[kind]
+    file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+    with atomic_path(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch)
+        w.add_name(workdir.absolute().name)
+        w.add_file_type(file_type[kind])
+        w.add_vocab_size(spec.vocab_size)
+        w.add_context_length(spec.max_len)
+        w.add_embedding_length(spec.embed_dim)
+        w.add_block_count(spec.num_layers)
+        w.add_feed_forward_length(spec.mlp_dim)
+        w.add_head_count(spec.num_heads)
+        w.add_head_count_kv(spec.num_kv_heads)
+        w.add_key_length(spec.head_dim)
+        w.add_value_length(spec.head_dim)
+        w.add_rope_dimension_count(spec.head_dim)
+        w.add_rope_freq_base(spec.rope_base)
+        w.add_layer_norm_rms_eps(spec.norm_eps)
+        if spec.rope_scaling == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(spec.rope_factor)
+        elif spec.rope_scaling is not None:
+            raise UserError(
+                f"--workdir: rope scaling {spec.rope_scaling!r} has no GGUF metadata form jaxdl "
+                "writes. Fix: export with `jaxdl export-hf` and convert with llama.cpp."
+            )
+        if spec.sliding_window is not None:
+            w.add_sliding_window(spec.sliding_window)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(lm.tokenizer_config.get("gguf_pre") or PRE_FAMILIES[family][0])
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        _add_special_ids(w, lm, tokens)
+        if lm.tokenizer_config.get("chat_template"):
+            w.add_chat_template(lm.tokenizer_config["chat_template"])
+        for hf_key, tensor, suffix in hf_to_gguf():
+            for i in range(spec.num_layers) if "{i}" in hf_key else [None]:
+                key = hf_key.format(i=i)
+                if key not in state:
+                    continue
+                value = state.pop(key)
+                if arch in PERMUTED_ARCHS and ".self_attn.q_proj." in key:
+                    value = permute_rows(value, spec.num_heads)
+                elif arch in PERMUTED_ARCHS and ".self_attn.k_proj." in key:
+                    value = permute_rows(value, spec.num_kv_heads)
+                _add_tensor(w, gguf_name(tensor, suffix, i), value, qtype)
+        assert not state, sorted(state)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return {"file": str(out), "bytes": out.stat().st_size, "type": kind, "architecture": arch}
+
+
+def _add_special_ids(w: Any, lm: lm_files.LmFiles, tokens: list[str]) -> None:
+    ids = {t: i for i, t in enumerate(tokens)}
+    config, generation = lm.tokenizer_config, lm.generation_config
+    for key, add in (("bos_token", w.add_bos_token_id), ("unk_token", w.add_unk_token_id)):
+        if config.get(key) in ids:
+            add(ids[config[key]])
+    eos = generation.get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if config.get("eos_token") in ids:
+        eos.insert(0, ids[config["eos_token"]])
+    if eos:
+        w.add_eos_token_id(eos[0])
+        if len(eos) > 1 and eos[1] != eos[0]:
+            w.add_eot_token_id(eos[1])
+    pad = generation.get("pad_token_id", ids.get(config.get("pad_token")))
+    if pad is not None:
+        w.add_pad_token_id(int(pad))
+    w.add_add_bos_token(bool(config.get("add_bos_token", False)))
+
+
+def _add_tensor(w: Any, name: str, value: np.ndarray, qtype: Any) -> None:
+    """Matrices in `qtype` (Q8_0 needs rows of whole 32-blocks, else F16); vectors F32, as
+    llama.cpp's converter writes them."""
+    from gguf.quants import quantize
+
+    gguf = _gguf()
+    if value.ndim == 1:
+        w.add_tensor(name, value.astype(np.float32))
+    elif qtype == gguf.GGMLQuantizationType.Q8_0 and value.shape[-1] % 32 == 0:
+        w.add_tensor(name, quantize(value.astype(np.float32), qtype), raw_dtype=qtype)
+    else:
+        w.add_tensor(name, value.astype(np.float16))
