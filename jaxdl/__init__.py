@@ -31,6 +31,7 @@ _EXPORTS = {
     "default_config": "jaxdl.config",
     "load_config": "jaxdl.config",
     "load_model": "jaxdl.checkpoint.load",
+    "load_tokenizer": "jaxdl.lm.tokenizer",
     "load_params": "jaxdl.checkpoint.read",
     "load_variables": "jaxdl.checkpoint.read",
     "make_eval_step": "jaxdl.core.steps",
@@ -53,6 +54,7 @@ __all__ = [
     "load_config",
     "load_model",
     "load_params",
+    "load_tokenizer",
     "load_variables",
     "make_eval_step",
     "make_predict",
@@ -73,6 +75,7 @@ if TYPE_CHECKING:
     from jaxdl.core.steps import make_eval_step, make_predict, make_train_step
     from jaxdl.errors import UserError
     from jaxdl.finetune.surgery import restore_pretrained
+    from jaxdl.lm.tokenizer import load_tokenizer
     from jaxdl.models import create_model, model_names, register
     from jaxdl.training.build import Setup, build
     from jaxdl.training.trainer import train

