@@ -1,0 +1,274 @@
+"""Llama-family import/export without torch: Hugging Face folders written here (the parity
+against transformers itself is tests/interop/live/test_llama_live.py), GGUF files written
+with the `gguf` package, the tokenizer and chat template travelling with the weights, the
+weights-only rule, and the chat command."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+from tokenizers import AddedToken, Tokenizer
+
+import jaxdl
+from jaxdl.checkpoint.read import load_params
+from jaxdl.errors import UserError
+from jaxdl.interop import gguf as gguf_io
+from jaxdl.interop import import_checkpoint, llama
+from jaxdl.interop.hf_export import export_hf
+from jaxdl.lm.generate import generate
+from jaxdl.testing import subprocess_env
+
+BPE = Path(__file__).parents[1] / "fixtures" / "hub" / "bpe_stdlib.json"
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+VOCAB = 514  # the fixture's 512 BPE tokens + <|im_start|>, <|im_end|>
+HF_CONFIG = {
+    "model_type": "qwen3",
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 12,
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-5,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 20000.0},
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+}
+IDS = np.random.default_rng(0).integers(0, VOCAB, size=(2, 9))
+
+
+def hf_folder(tmp_path: Path, config=HF_CONFIG, tokenizer=True, **write) -> Path:
+    """A save_pretrained-shaped folder: config.json, random weights, tokenizer files."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    spec = llama.llama_spec(llama.model_config(config))
+    rng = np.random.default_rng(1)
+    state = {}
+    for path, key, _ in llama.table_for(spec):
+        for i in range(spec.num_layers) if "{i}" in path else [None]:
+            shape = llama.target_shapes(llama.model_config(config))
+            leaf = shape["params"]
+            for part in path.format(i=i).split("/"):
+                leaf = leaf[part]
+            dims = leaf.shape[::-1] if len(leaf.shape) == 2 and "embed" not in path else leaf.shape
+            state[key.format(i=i)] = (0.2 * rng.standard_normal(dims)).astype(np.float32)
+    write_weights(folder, state, **write)
+    if tokenizer:
+        tok = Tokenizer.from_file(str(BPE))
+        tok.add_special_tokens(
+            [AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>")]
+        )
+        tok.save(str(folder / "tokenizer.json"))
+        tok_config = {"chat_template": CHATML, "eos_token": "<|im_end|>", "bos_token": None}
+        (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+        (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 513}))
+    return folder
+
+
+def write_weights(folder: Path, state, shards: int = 1, dtype=np.float32) -> None:
+    state = {k: v.astype(dtype) for k, v in state.items()}
+    if shards == 1:
+        save_file(state, str(folder / "model.safetensors"))
+        return
+    keys = sorted(state)
+    weight_map = {}
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k] for k in keys[s::shards]}
+        save_file(part, str(folder / name))
+        weight_map.update(dict.fromkeys(part, name))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def logits(workdir, ids=IDS):
+    model, variables = jaxdl.load_model(workdir)
+    return np.asarray(model.apply(variables, ids))
+
+
+def test_import_export_round_trip_is_exact(tmp_path):
+    folder = hf_folder(tmp_path)
+    report = import_checkpoint("hf:auto", str(folder), tmp_path / "w")
+    assert report["source"]["missing_pieces"] == []
+    assert report["missing"] == [] and report["unexpected"] == []
+    cfg = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert cfg["model"]["qk_norm"] and not cfg["model"]["qkv_bias"]
+    assert cfg["model"]["head_dim"] == 12 and cfg["model"]["rope_base"] == 20000.0
+    export_hf(tmp_path / "w", tmp_path / "out")
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    exported = json.loads((out / "config.json").read_text())
+    assert exported["model_type"] == "qwen3" and exported["architectures"] == ["Qwen3ForCausalLM"]
+    # re-importing the export gives the same model, bit for bit
+    import_checkpoint("hf:auto", str(out), tmp_path / "again")
+    a, b = load_params(tmp_path / "w"), load_params(tmp_path / "again")
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_sharded_and_bfloat16_sources(tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    hf_folder(tmp_path / "a", shards=3)
+    hf_folder(tmp_path / "b", dtype=ml_dtypes.bfloat16)
+    report = import_checkpoint("hf:auto", str(tmp_path / "a" / "hf"), tmp_path / "wa")
+    assert [f["name"] for f in report["source"]["files"]][1] == "model.safetensors.index.json"
+    report = import_checkpoint("hf:auto", str(tmp_path / "b" / "hf"), tmp_path / "wb")
+    assert {cast[1] for cast in report["dtype_cast"]} == {"bfloat16"}
+    # the bf16 copy is the fp32 one rounded: the same model within bf16's precision
+    np.testing.assert_allclose(logits(tmp_path / "wa"), logits(tmp_path / "wb"), atol=0.05)
+
+
+def test_weights_only_import_says_so_and_text_commands_refuse(tmp_path):
+    folder = hf_folder(tmp_path, tokenizer=False)
+    cmd = [sys.executable, "-m", "jaxdl.cli", "import", "hf:auto", "--from", str(folder)]
+    done = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "w")], capture_output=True, text=True, env=subprocess_env()
+    )
+    assert done.returncode == 0, done.stderr
+    assert "MISSING: tokenizer (weights-only" in done.stdout
+    report = json.loads((tmp_path / "w" / "import_report.json").read_text())
+    assert report["source"]["missing_pieces"] == ["tokenizer"]
+    for command in (["generate", "--prompt", "hi"], ["chat", "--prompt", "hi"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "jaxdl.cli", command[0], "--workdir", str(tmp_path / "w")]
+            + command[1:],
+            capture_output=True,
+            text=True,
+            env=subprocess_env(),
+        )
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith("jaxdl: error: data.tokenizer: this model was imported")
+        assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model_type": "falcon"}, r"model_type='falcon'; hf:auto imports \['gpt2', 'llama'"),
+        ({"hidden_act": "gelu"}, r"hidden_act='gelu' is not supported"),
+        ({"hidden_size": None}, r"expected the field 'hidden_size'"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 2}}, r"rope_type='yarn'"),
+        ({"num_attention_heads": 3}, r"num_kv_heads: expected a divisor of num_heads=3"),
+    ],
+)
+def test_bad_configs_are_one_line_errors(tmp_path, change, message):
+    config = {**HF_CONFIG, **change}
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({"x": np.zeros(1, np.float32)}, str(folder / "model.safetensors"))
+    with pytest.raises(UserError, match=message):
+        import_checkpoint("hf:auto", str(folder), tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def test_extra_or_missing_weights_are_named(tmp_path):
+    folder = hf_folder(tmp_path, tokenizer=False)
+    from safetensors.numpy import load_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    state["model.layers.0.mlp.extra.weight"] = np.zeros(3, np.float32)
+    del state["model.norm.weight"]
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(UserError, match=r"model\.norm\.weight.*model\.layers\.0\.mlp\.extra"):
+        import_checkpoint("hf:auto", str(folder), tmp_path / "w")
+
+
+def test_llama_cpp_permutation_is_undone():
+    """permute_rows is llama.cpp's LlamaModel.permute: per head, rows (i, i + d/2) -> (2i, 2i+1)."""
+    w = np.arange(2 * 8 * 3).reshape(16, 3)  # 2 heads of head_dim 8
+    p = gguf_io.permute_rows(w, 2)
+    np.testing.assert_array_equal(p[:8:2], w[:4])  # head 0: first halves at even rows
+    np.testing.assert_array_equal(p[1:8:2], w[4:8])  # second halves at odd rows
+    np.testing.assert_array_equal(gguf_io.unpermute_rows(p, 2), w)
+
+
+@pytest.mark.parametrize("kind, tol", [("f16", 2e-3), ("q8_0", 3e-2)])
+def test_gguf_export_imports_back(tmp_path, kind, tol):
+    folder = hf_folder(
+        tmp_path, config={**HF_CONFIG, "model_type": "llama", "head_dim": 8, "hidden_size": 32}
+    )
+    import_checkpoint("hf:auto", str(folder), tmp_path / "w")
+    gguf_io.export_gguf(tmp_path / "w", tmp_path / "m.gguf", kind)
+    report = import_checkpoint("gguf", str(tmp_path / "m.gguf"), tmp_path / "back")
+    types = report["source_types"]
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    assert types["blk.0.attn_q.weight"] == kind.upper()
+    assert types["blk.0.ffn_down.weight"] == "F16"  # rows of 48: no whole Q8_0 blocks
+    ours, back = logits(tmp_path / "w"), logits(tmp_path / "back")
+    assert np.abs(ours - back).max() / np.abs(ours).max() < tol
+    assert (ours.argmax(-1) == back.argmax(-1)).mean() >= 0.9
+    # the tokenizer travels: the GGUF's metadata rebuilds the same ids and chat template
+    original, rebuilt = (
+        jaxdl.load_tokenizer(tmp_path / "w"),
+        jaxdl.load_tokenizer(tmp_path / "back"),
+    )
+    text = Path(gguf_io.__file__).read_text()[:4000] + " 123 héllo ✓ <|im_end|>"
+    assert rebuilt.encode(text).tolist() == original.encode(text).tolist()
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert (
+        rebuilt.apply_chat_template(messages).tolist()
+        == original.apply_chat_template(messages).tolist()
+    )
+    assert rebuilt.eos_ids == original.eos_ids == (513,)
+
+
+def test_chat_prints_the_greedy_reply_alone(tmp_path):
+    folder = hf_folder(tmp_path)
+    import_checkpoint("hf:auto", str(folder), tmp_path / "w")
+    cmd = [sys.executable, "-m", "jaxdl.cli", "chat", "--workdir", str(tmp_path / "w")]
+    done = subprocess.run(
+        [*cmd, "--prompt", "def f(x):", "--max-new-tokens", "6"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+    )
+    assert done.returncode == 0, done.stderr
+    tok = jaxdl.load_tokenizer(tmp_path / "w")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "def f(x):"}], True)
+    cfg = json.loads((tmp_path / "w" / "config.json").read_text())["model"]
+    tokens = generate(
+        cfg,
+        load_params(tmp_path / "w"),
+        prompt[None],
+        max_new_tokens=6,
+        rng=jax.random.key(0),
+        greedy=True,
+        eos_ids=tok.eos_ids,
+    )
+    new = np.asarray(tokens)[0, len(prompt) :].tolist()
+    new = new[: new.index(513)] if 513 in new else new
+    assert done.stdout == tok.decode(new) + "\n"
+
+
+def test_chat_refuses_a_model_without_a_template(tmp_path):
+    folder = hf_folder(tmp_path)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    import_checkpoint("hf:auto", str(folder), tmp_path / "w")
+    done = subprocess.run(
+        [sys.executable, "-m", "jaxdl.cli", "chat", "--workdir", str(tmp_path / "w")]
+        + ["--prompt", "hi"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+    )
+    assert done.returncode == 2
+    assert "has no chat template" in done.stderr and len(done.stderr.strip().splitlines()) == 1

@@ -1,0 +1,157 @@
+"""The Llama-family decoder: parameter counts, grouped-query attention against repeated K/V,
+rope scaling, KV-cache decoding, scanned layers, packed rows, sliding window, errors."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdl.core import tree
+from jaxdl.errors import UserError
+from jaxdl.models import create_model
+from jaxdl.models import llama as L
+
+X = jax.random.randint(jax.random.key(1), (2, 12), 0, 256)
+FULL = dict(name="llama", size="tiny", qkv_bias=True, o_bias=True, qk_norm=True)
+
+
+def init(cfg, x=X):
+    model = create_model(cfg)
+    return model, model.init(jax.random.key(0), x)
+
+
+def n_params(variables):
+    return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [dict(), dict(tie_embeddings=False), dict(qkv_bias=True, qk_norm=True, head_dim=8)],
+    ids=["tied", "untied", "bias-qknorm-headdim"],
+)
+def test_param_count_matches_formula(fields):
+    cfg = dict(name="llama", size="tiny", **fields)
+    _, variables = init(cfg)
+    assert n_params(variables) == L.count_params(L.llama_spec(cfg))
+
+
+def test_presets_have_their_published_sizes():
+    shapes = lambda cfg: jax.eval_shape(
+        create_model(cfg).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)
+    )
+    # SmolLM2-135M: 134,515,008 parameters (its model card's figure)
+    assert n_params(shapes({"name": "llama", "size": "smollm2-135m"})) == 134_515_008
+    assert L.count_params(L.llama_spec({"name": "llama", "size": "llama3-8b"})) == 8_030_261_248
+    assert L.count_params(L.llama_spec({"name": "llama", "size": "llama3-1b"})) == 1_235_814_400
+
+
+def test_grouped_attention_equals_repeated_kv_heads():
+    """GQA as grouped einsums = ordinary multi-head attention on K/V repeated per group."""
+    q = jax.random.normal(jax.random.key(0), (2, 7, 6, 8))
+    k = jax.random.normal(jax.random.key(1), (2, 7, 2, 8))
+    v = jax.random.normal(jax.random.key(2), (2, 7, 2, 8))
+    index = jnp.broadcast_to(jnp.arange(7), (2, 7))
+    mask = L.attention_mask(index, index, None)
+    got = L.grouped_attention(q, k, v, mask)
+    k_rep, v_rep = jnp.repeat(k, 3, axis=2), jnp.repeat(v, 3, axis=2)
+    ref = jax.nn.dot_product_attention(q, k_rep, v_rep, is_causal=True, implementation="xla")
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_rope_frequencies():
+    base = L.resolve_spec("tiny", dict(head_dim=8, rope_base=10000.0))
+    np.testing.assert_allclose(L.rope_frequencies(base), [1.0, 0.1, 0.01, 0.001], rtol=1e-6)
+    linear = L.resolve_spec("tiny", dict(head_dim=8, rope_scaling="linear", rope_factor=4.0))
+    np.testing.assert_allclose(L.rope_frequencies(linear), [0.25, 0.025, 0.0025, 0.00025], 1e-6)
+    # llama3: wavelengths 2*pi/f = 6.3, 63, 628, 6283 against old_len 64 / high 4 = 16 and
+    # old_len / low 1 = 64: short ones stay, long ones / factor, the middle one smoothed
+    spec = L.resolve_spec(
+        "tiny",
+        dict(head_dim=8, rope_scaling="llama3", rope_factor=8.0, rope_original_max_len=64),
+    )
+    smooth = (64 / (2 * math.pi / 0.1) - 1.0) / (4.0 - 1.0)
+    expected = [1.0, (1 - smooth) * 0.1 / 8 + smooth * 0.1, 0.01 / 8, 0.001 / 8]
+    np.testing.assert_allclose(L.rope_frequencies(spec), expected, rtol=1e-5)
+
+
+def test_cached_decoding_equals_full_sequence():
+    model, variables = init(FULL)
+    full = model.apply(variables, X)
+    decoder = model.clone(decode=True, cache_len=16)
+    cache = decoder.init(jax.random.key(0), X[:, :1])["cache"]
+    outs = []
+    for chunk in (X[:, :5], *[X[:, t : t + 1] for t in range(5, 12)]):
+        logits, updates = decoder.apply({**variables, "cache": cache}, chunk, mutable=["cache"])
+        cache = updates["cache"]
+        outs.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=2e-5)
+
+
+def test_scanned_layers_equal_unrolled():
+    model, variables = init(FULL)
+    scanned = model.clone(scan_layers=True, remat=True)
+    params = dict(variables["params"])
+    layers = [params.pop(f"layer_{i}") for i in range(2)]
+    params["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+    assert jax.tree.structure(params) == jax.tree.structure(
+        scanned.init(jax.random.key(0), X)["params"]
+    )
+    np.testing.assert_allclose(
+        scanned.apply({"params": params}, X), model.apply(variables, X), atol=2e-5
+    )
+
+
+def test_packed_row_equals_separate_examples():
+    model, variables = init(FULL)
+    a, b = X[0, :5], X[0, 5:12]
+    row = jnp.concatenate([a, b])[None]
+    segments = jnp.array([[1] * 5 + [2] * 7])
+    positions = jnp.array([list(range(5)) + list(range(7))])
+    packed = model.apply(variables, row, positions=positions, segment_ids=segments)
+    separate = jnp.concatenate([model.apply(variables, a[None]), model.apply(variables, b[None])], 1)
+    np.testing.assert_allclose(packed, separate, atol=2e-5)
+
+
+def test_sliding_window_limits_attention():
+    """With window w the logits at t depend on tokens t-w+1..t only."""
+    model, variables = init(dict(FULL, sliding_window=3))
+    changed = X.at[:, 0].set((X[:, 0] + 1) % 256)
+    one_layer = model.clone(num_layers=1)
+    params = {k: v for k, v in variables["params"].items() if k != "layer_1"}
+    before = one_layer.apply({"params": params}, X)
+    after = one_layer.apply({"params": params}, changed)
+    np.testing.assert_allclose(before[:, 3:], after[:, 3:], atol=1e-6)  # token 0 out of reach
+    assert np.abs(before[:, 1:3] - after[:, 1:3]).max() > 1e-4
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    model, variables = init(dict(FULL, dtype="bfloat16"))
+    assert {a.dtype for a in jax.tree.leaves(variables)} == {jnp.dtype("float32")}
+    logits = model.apply(variables, X)
+    assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
+
+
+def test_layer_names_are_huggingface_names():
+    _, variables = init(dict(FULL, tie_embeddings=False))
+    paths = set(tree.flatten(variables))
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert f"params/layer_0/attn/{name}/kernel" in paths
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        assert f"params/layer_1/mlp/{name}/kernel" in paths
+    assert {"params/lm_head/kernel", "params/norm/scale", "params/embed/embedding"} <= paths
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(num_kv_heads=3), r"^model\.num_kv_heads: expected a divisor of num_heads=4"),
+        (dict(rope_scaling="yarn"), r"^model\.rope_scaling: expected one of"),
+        (dict(head_dim=7), r"^model\.head_dim: rotary positions need an even"),
+        (dict(size="huge"), r"^model\.size: expected one of"),
+    ],
+)
+def test_bad_fields_are_one_line_errors(fields, message):
+    with pytest.raises(UserError, match=message):
+        init(dict(name="llama", size="tiny") | fields)
