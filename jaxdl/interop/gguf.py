@@ -31,6 +31,7 @@ ARCHS = ("llama", "qwen2", "qwen3")  # Mistral's GGUFs say "llama"
 PERMUTED_ARCHS = ("llama",)  # llama.cpp permutes Q/K rows of these (its rope layout)
 DEQUANTIZED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 EXPORT_TYPES = ("f16", "q8_0")
+ROW_CHUNK = 4096
 
 
 def _gguf():
@@ -130,7 +131,13 @@ class GgufFile:
                 "with llama.cpp's llama-quantize to one of them."
             )
         shape = tuple(int(d) for d in reversed(tensor.shape))
-        return dequantize(tensor.data, tensor.tensor_type).reshape(shape).astype(np.float32)
+        data = tensor.data.reshape(shape[0], -1) if len(shape) > 1 else tensor.data
+        out = np.empty(shape, np.float32)
+        # row chunks: gguf's numpy dequantizers make several temporaries of their input's size
+        for start in range(0, shape[0], ROW_CHUNK):
+            rows = dequantize(data[start : start + ROW_CHUNK], tensor.tensor_type)
+            out[start : start + ROW_CHUNK] = rows.reshape(out[start : start + ROW_CHUNK].shape)
+        return out
 
 
 def model_config(f: GgufFile) -> dict[str, Any]:

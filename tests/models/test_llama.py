@@ -110,7 +110,7 @@ def test_packed_row_equals_separate_examples():
     segments = jnp.array([[1] * 5 + [2] * 7])
     positions = jnp.array([list(range(5)) + list(range(7))])
     packed = model.apply(variables, row, positions=positions, segment_ids=segments)
-    separate = jnp.concatenate([model.apply(variables, a[None]), model.apply(variables, b[None])], 1)
+    separate = jnp.concatenate([model.apply(variables, t[None]) for t in (a, b)], axis=1)
     np.testing.assert_allclose(packed, separate, atol=2e-5)
 
 
