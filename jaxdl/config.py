@@ -101,7 +101,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.step_every = 0  # step decay period in steps (0: a third of the run)
     c.optimizer.end_lr_fraction = 0.0  # cosine floor, as a fraction of learning_rate
     c.optimizer.grad_clip_norm = 0.0  # 0: no clipping
-    c.optimizer.accumulate_steps = 1  # >1: optax.MultiSteps gradient accumulation
+    c.optimizer.accumulate_steps = 1  # >1: K micro-batches of data.batch_size per step (exact)
 
     c.num_steps = 0  # exactly one of num_steps / num_epochs is > 0
     c.num_epochs = 0

@@ -13,6 +13,12 @@ Task kinds and their batches (label shapes per example):
     multilabel      label float32 [L]  logits [B, L]   per-label sigmoid cross-entropy
     regression      label float32 [K]  outputs [B, K]  MSE or Huber on train-standardized targets
     lm              targets int32 [T]  logits [B, T, V]
+    sft             targets int32 [T]  logits [B, T, V]   cross-entropy on the loss tokens
+                    (weights float32 [T]; segment_ids, positions int32 [T] of packed rows)
+
+The training loss of every head is a mean; `Head.loss_sums` gives the same as (sum, weight)
+so gradient accumulation can divide by the weight of the whole global batch (for "sft": its
+loss tokens), not average the micro-batches' means.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 LOSSES = ("softmax_cross_entropy", "mse", "sigmoid_cross_entropy")
-KINDS = ("classification", "binary", "multilabel", "regression", "lm")
+KINDS = ("classification", "binary", "multilabel", "regression", "lm", "sft")
 # The config default loss.name; for binary, multilabel and regression it means the task's
 # own first loss below, so a task inferred from the data trains without a loss override.
 DEFAULT_LOSS = "softmax_cross_entropy"
@@ -47,12 +53,26 @@ TASK_LOSSES = {
 FLAGS = ("finite", "labels_ok", "bad_label")
 
 
+LossSums = Callable[[jax.Array, Batch], tuple[jax.Array, jax.Array, Metrics]]
+
+
 @dataclasses.dataclass(frozen=True)
 class Head:
     kind: str  # one of KINDS
     input_key: str
     loss: Callable[[jax.Array, Batch], tuple[jax.Array, Metrics]]  # -> (mean loss, metrics)
     eval_sums: Callable[[jax.Array, Batch], Metrics]  # -> masked sums incl. "count"
+    # -> (loss sum, its weight, metrics); None: loss * rows, rows (a mean over rows)
+    loss_sums: LossSums | None = None
+    model_inputs: tuple[str, ...] = ()  # batch keys the model also takes, as keywords
+
+    def sums(self, outputs: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array, Metrics]:
+        """(loss sum, weight, metrics): the loss is their ratio, whatever the batch holds."""
+        if self.loss_sums is not None:
+            return self.loss_sums(outputs, batch)
+        loss, metrics = self.loss(outputs, batch)
+        rows = jnp.float32(batch[self.input_key].shape[0])
+        return loss * rows, rows, metrics
 
 
 def _per_example_loss(name: str, logits, labels, num_classes: int, smoothing: float):
@@ -320,11 +340,37 @@ def language_model(bytes_per_token: float = 1.0) -> Head:
     return Head("lm", "inputs", loss, eval_sums)
 
 
+def supervised_lm(bytes_per_token: float = 1.0) -> Head:
+    """Instruction fine-tuning: next-token cross-entropy on the loss tokens only (weights
+    [B, T]: 1 on the assistant's tokens), as a mean over the batch's loss tokens, never a
+    mean of per-row means. Packed rows pass segment_ids and positions to the model.
+    ``bytes_per_token`` is accepted for the LM data's task fields and not used (the loss is
+    per token; perplexity follows)."""
+
+    def loss_sums(logits, batch):
+        per_token = losses.softmax_cross_entropy(logits.astype(jnp.float32), batch["targets"])
+        weights = batch["weights"].astype(jnp.float32)
+        return jnp.sum(per_token * weights), jnp.sum(weights), {}
+
+    def loss(logits, batch):
+        total, weight, metrics = loss_sums(logits, batch)
+        return total / jnp.maximum(weight, 1.0), {**metrics, "loss_tokens": weight}
+
+    def eval_sums(logits, batch):
+        per_token = losses.softmax_cross_entropy(logits.astype(jnp.float32), batch["targets"])
+        weights = batch["weights"].astype(jnp.float32) * batch["mask"][:, None]
+        return {"loss": jnp.sum(per_token * weights), "count": jnp.sum(weights)}
+
+    return Head("sft", "inputs", loss, eval_sums, loss_sums, ("segment_ids", "positions"))
+
+
 def make_head(kind: str, loss_cfg: Mapping[str, Any], num_classes: int, **fields: Any) -> Head:
     """The head for task ``kind``. ``fields`` are what the data fixed (`Data.task_fields`
     "head"): input_key, class_counts (train), target_mean / target_std (regression)."""
     if kind == "lm":
         return language_model(**fields)
+    if kind == "sft":
+        return supervised_lm(**fields)
     if kind == "binary":
         return binary(loss_cfg, **fields)
     if kind == "multilabel":
@@ -353,5 +399,6 @@ def finalize(sums: Mapping[str, float], kind: str) -> dict[str, float]:
     out = {k: float(v) / count for k, v in sums.items() if k not in ("count", "bad_labels")}
     if kind == "lm":
         out.setdefault("bits_per_byte", out["loss"] / math.log(2))
+    if kind in ("lm", "sft"):
         out["perplexity"] = math.exp(min(out["loss"], 50.0))
     return out

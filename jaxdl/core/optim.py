@@ -147,14 +147,12 @@ def make_optimizer(
     parts.append(optax.scale_by_learning_rate(schedule))
     if lr_mults is not None:
         parts.append(scale_by_step_tree(lr_mults))
-    tx = optax.chain(*parts)
-    accumulate = int(opt_cfg["accumulate_steps"])
-    if accumulate > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=accumulate)
-    return tx
+    # optimizer.accumulate_steps is the train step's own (`jaxdl.core.steps.train_step`): it
+    # divides the summed gradients by the whole batch's weight, which MultiSteps cannot.
+    return optax.chain(*parts)
 
 
 def opt_state_slots(opt_cfg: Mapping[str, Any]) -> int:
     """Optimizer-state arrays kept per parameter (for memory reports)."""
     slots = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2, "rmsprop": 1}[opt_cfg["name"]]
-    return slots + (1 if int(opt_cfg["accumulate_steps"]) > 1 else 0)
+    return slots

@@ -24,7 +24,7 @@ import optax
 
 from jaxdl.core import adapters, losses, tree
 from jaxdl.core.batch import BatchSpec, check_batch
-from jaxdl.core.heads import Batch, Head, Metrics
+from jaxdl.core.heads import FLAGS, Batch, Head, Metrics
 from jaxdl.core.state import TrainState
 
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
@@ -65,11 +65,30 @@ def _apply_lora(apply: Callable, params, frozen, lora_cfg: Mapping):
         return apply(model_params(params, frozen, lora_cfg, unmerged=dense))
 
 
-def _apply(model: nn.Module, variables, x, *, train: bool, rng=None, mutable=()):
+def _apply(model: nn.Module, variables, x, *, train: bool, rng=None, mutable=(), extra=None):
     rngs = {"dropout": rng} if rng is not None else None
+    extra = extra or {}
     if mutable:
-        return model.apply(variables, x, train=train, rngs=rngs, mutable=list(mutable))
-    return model.apply(variables, x, train=train, rngs=rngs), {}
+        return model.apply(variables, x, train=train, rngs=rngs, mutable=list(mutable), **extra)
+    return model.apply(variables, x, train=train, rngs=rngs, **extra), {}
+
+
+def _model_inputs(head: Head, batch: Batch) -> dict[str, jax.Array]:
+    """The batch's extra model inputs the head names (packed rows' segment_ids, ...)."""
+    return {k: batch[k] for k in head.model_inputs if k in batch}
+
+
+def _micro_batches(batch: Batch, accumulate: int) -> Batch:
+    """[K * B, ...] leaves -> [K, B, ...]: micro-batch k is rows k*B .. k*B + B - 1."""
+
+    def split(x):
+        if x.shape[0] % accumulate:
+            raise ValueError(
+                f"a batch of {x.shape[0]} rows does not split into {accumulate} micro-batches"
+            )
+        return x.reshape(accumulate, x.shape[0] // accumulate, *x.shape[1:])
+
+    return jax.tree.map(split, batch)
 
 
 def train_step(
@@ -84,8 +103,14 @@ def train_step(
     l2: float = 0.0,
     gather: Mapping[str, Any] | None = None,
     factored_lora: bool = True,
+    accumulate: int = 1,
 ) -> tuple[TrainState, Metrics]:
     """One optimizer step. Metrics: loss, the task's metrics, grad_norm, finite (1/0).
+
+    ``accumulate=K``: the batch's K * B rows are K micro-batches of B, run one after another
+    (`lax.scan`: the activations of one at a time); their gradients are summed and divided
+    by the weight of the whole batch (`Head.sums`: its rows, or an SFT batch's loss
+    tokens), so the update equals one step on all K * B rows, whatever each holds.
 
     ``factored_lora``: True (default) computes the LoRA adapters of plain nn.Dense layers as
     ``x W + s (x A) B`` (`adapters.low_rank_dense`); False merges every adapter into its
@@ -117,6 +142,7 @@ def train_step(
                 train=True,
                 rng=rng,
                 mutable=tuple(state.model_state),
+                extra=_model_inputs(head, batch),
             )
 
         if "lora" in params and factored_lora:
@@ -132,8 +158,21 @@ def train_step(
             penalty += l2 * losses.l2_penalty(plain)
         return loss + penalty, (loss, metrics, new_model_state)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, (loss, metrics, new_model_state)), grads = grad_fn(state.params)
+    if accumulate > 1:
+        loss, metrics, new_model_state, grads = _accumulated_grads(
+            state,
+            _micro_batches(batch, accumulate),
+            rng,
+            model,
+            head,
+            lora_cfg,
+            l1,
+            l2,
+            factored_lora,
+        )
+    else:
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (_, (loss, metrics, new_model_state)), grads = grad_fn(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.global_norm(grads)
@@ -145,6 +184,85 @@ def train_step(
     )
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     return new_state, {"loss": loss, **metrics, "grad_norm": grad_norm, "finite": finite}
+
+
+def _accumulated_grads(state, micro, rng, model, head, lora_cfg, l1, l2, factored_lora):
+    """Sum the K micro-batches' loss sums and gradients (`lax.scan`), then divide by their
+    total weight; the l1/l2 penalty joins once. -> (loss, metrics, model_state, grads)."""
+
+    def sum_fn(params, model_state, batch, key):
+        def apply(weights):
+            return _apply(
+                model,
+                {"params": weights, **model_state},
+                batch[head.input_key],
+                train=True,
+                rng=key,
+                mutable=tuple(model_state),
+                extra=_model_inputs(head, batch),
+            )
+
+        if "lora" in params and factored_lora:
+            outputs, new_model_state = _apply_lora(apply, params, state.frozen, lora_cfg)
+        else:
+            outputs, new_model_state = apply(model_params(params, state.frozen, lora_cfg))
+        total, weight, metrics = head.sums(outputs, batch)
+        return total, (weight, metrics, new_model_state)
+
+    grad_fn = jax.value_and_grad(sum_fn, has_aux=True)
+
+    def body(carry, xs):
+        grads, total, weight, model_state, metric_sums = carry
+        k, batch = xs
+        (t, (w, m, new_model_state)), g = grad_fn(
+            state.params, model_state, batch, jax.random.fold_in(rng, k)
+        )
+        flags = _combine_flags(metric_sums, m)
+        metric_sums = {key: flags.get(key, a + m[key] * w) for key, a in metric_sums.items()}
+        grads = jax.tree.map(jnp.add, grads, g)
+        return (grads, total + t, weight + w, new_model_state or model_state, metric_sums), None
+
+    zeros = lambda tree_: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree_)
+    first = jax.tree.map(lambda x: x[0], micro)
+    (_, (_, metric_shapes, _)), _ = jax.eval_shape(
+        grad_fn, state.params, state.model_state, first, rng
+    )
+    k = jax.tree.leaves(micro)[0].shape[0]
+    init = (zeros(state.params), jnp.float32(0), jnp.float32(0), state.model_state)
+    metric_init = {
+        key: jnp.ones((), bool) if key == "labels_ok" else jnp.zeros(shape.shape, shape.dtype)
+        for key, shape in metric_shapes.items()
+    }
+    metric_init = {
+        k_: v.astype(jnp.float32) if k_ not in FLAGS else v for k_, v in metric_init.items()
+    }
+    (grads, total, weight, model_state, metric_sums), _ = jax.lax.scan(
+        body, (*init, metric_init), (jnp.arange(k), micro)
+    )
+    weight = jnp.maximum(weight, 1e-12)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    if not (losses.static_zero(l1) and losses.static_zero(l2)):
+
+        def penalty(params):
+            plain = {key: v for key, v in params.items() if key != "lora"}
+            return l1 * losses.l1_penalty(plain) + l2 * losses.l2_penalty(plain)
+
+        grads = jax.tree.map(jnp.add, grads, jax.grad(penalty)(state.params))
+    loss = total / weight
+    metrics = {k_: v if k_ in FLAGS else v / weight for k_, v in metric_sums.items()}
+    return loss, metrics, model_state, grads
+
+
+def _combine_flags(so_far: Metrics, new: Metrics) -> Metrics:
+    """The label checks over micro-batches: labels_ok of all, and the bad label of the first
+    micro-batch that had one."""
+    if "labels_ok" not in new:
+        return {}
+    first_bad = so_far["labels_ok"] & ~new["labels_ok"]
+    return {
+        "labels_ok": so_far["labels_ok"] & new["labels_ok"],
+        "bad_label": jnp.where(first_bad, new["bad_label"], so_far["bad_label"]),
+    }
 
 
 def eval_step(
@@ -162,7 +280,8 @@ def eval_step(
         params = jax.lax.with_sharding_constraint(params, gather["params"])
         frozen = jax.lax.with_sharding_constraint(frozen, gather["frozen"])
     variables = {"params": model_params(params, frozen, lora_cfg), **state.model_state}
-    outputs, _ = _apply(model, variables, batch[head.input_key], train=False)
+    extra = _model_inputs(head, batch)
+    outputs, _ = _apply(model, variables, batch[head.input_key], train=False, extra=extra)
     return head.eval_sums(outputs, batch)
 
 

@@ -35,6 +35,7 @@ from jaxdl.core import steps
 from jaxdl.core.heads import Batch, Head, Metrics
 from jaxdl.core.optim import make_optimizer
 from jaxdl.core.state import TrainState
+from jaxdl.errors import UserError
 
 # Config keys whose values may differ inside one vmapped group (the rest fix the program).
 VMAPPED_KEYS = (
@@ -160,6 +161,12 @@ def make_group_step(
     is `hyper_arrays`'; ``make_head(label_smoothing)`` rebuilds the head when members'
     smoothing differ; ``step_kwargs`` go to `jaxdl.core.steps.train_step` (l1, l2, lora_cfg).
     """
+    if int(opt_cfg.get("accumulate_steps", 1)) > 1:
+        raise UserError(
+            f"optimizer.accumulate_steps: vmapped sweeps and federated rounds step without "
+            f"accumulation, found {opt_cfg['accumulate_steps']}. Fix: set it to 1 and raise "
+            "data.batch_size instead (each member's batch is its own)."
+        )
 
     def member_step(state, batch, hyper):
         opt_values = {k: v for k, v in hyper.items() if k in HYPER}

@@ -208,7 +208,8 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
     mesh = sharding.make_mesh(cfg.mesh)
     batch_size = cfg.data.batch_size  # global: all processes together
     eval_batch_size = cfg.data.eval_batch_size or batch_size
-    local_batch = sharding.per_process_batch(batch_size, mesh)
+    accumulate = int(cfg.optimizer.accumulate_steps)  # micro-batches of batch_size per step
+    local_batch = sharding.per_process_batch(batch_size * accumulate, mesh)
     eval_field = "data.eval_batch_size" if cfg.data.eval_batch_size else "data.batch_size"
     local_eval_batch = sharding.per_process_batch(eval_batch_size, mesh, field=eval_field)
     steps_per_epoch, total_steps, eval_every = schedule(cfg, data, local_batch)
@@ -236,15 +237,12 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
             echo(format_report(setup.init_report))
     ckpt_config = _pinned_base(config_dict, setup.init_report)
     kwargs = {"lora_cfg": setup.lora_cfg, "batch_spec": setup.batch_spec, "layout": setup.layout}
-    train_step = steps.make_train_step(
-        setup.model, setup.head, setup.tx, l1=cfg.loss.l1, l2=cfg.loss.l2, **kwargs
-    )
+    train_kwargs = dict(l1=cfg.loss.l1, l2=cfg.loss.l2, accumulate=accumulate, **kwargs)
+    train_step = steps.make_train_step(setup.model, setup.head, setup.tx, **train_kwargs)
     eval_step = steps.make_eval_step(setup.model, setup.head, **kwargs)
     multi_step = None
     if cfg.steps_per_call > 1:
-        multi_step = steps.make_train_steps(
-            setup.model, setup.head, setup.tx, l1=cfg.loss.l1, l2=cfg.loss.l2, **kwargs
-        )
+        multi_step = steps.make_train_steps(setup.model, setup.head, setup.tx, **train_kwargs)
 
     # ---- resume ---------------------------------------------------------------------------
     # The stack closes checkpoint managers, the prefetch thread, grain workers and logs on

@@ -92,13 +92,3 @@ def test_per_leaf_lr_multipliers_and_unfreeze_schedule():
     np.testing.assert_array_equal(first["w"], 0.0)
     np.testing.assert_allclose(first["b"], -0.5 * GRADS["b"])
     np.testing.assert_allclose(second["w"], -GRADS["w"])
-
-
-def test_gradient_accumulation_averages_k_steps():
-    tx = make_optimizer(opt_cfg(name="sgd", learning_rate=1.0, accumulate_steps=2), 10)
-    state = tx.init(PARAMS)
-    other = jax.tree.map(lambda g: -3 * g, GRADS)
-    u1, state = tx.update(GRADS, state, PARAMS)
-    u2, _ = tx.update(other, state, PARAMS)
-    np.testing.assert_array_equal(u1["w"], 0.0)  # nothing applied mid-accumulation
-    np.testing.assert_allclose(u2["w"], -(GRADS["w"] + other["w"]) / 2, rtol=1e-6)
