@@ -277,7 +277,10 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
         )
 
         # ---- loop -------------------------------------------------------------------------
-        history = [r for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "val"]
+        # the step-0 baseline is not a point early stopping weighs (a fresh run never saw it)
+        history = [
+            r for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "val" and r["step"]
+        ]
         stopper = EarlyStopping(
             cfg.early_stopping.patience,
             cfg.early_stopping.min_delta,
@@ -292,6 +295,23 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
         flops_per_token = _flops_per_token(cfg, data)
         step = start_step
         val_metrics = None
+        val_batches = lambda: eval_batches(
+            data,
+            cfg.data.eval_split,
+            local_eval_batch,
+            data.example_spec,
+            data.num_classes,
+            setup.layout.batch,
+        )
+        if (
+            start_step == 0
+            and data.kind in ("lm", "sft")
+            and cfg.data.eval_split in data.split_sizes
+        ):
+            # the starting model's figure: every language-model run shows its own baseline
+            baseline = evaluate_split(eval_step, state, val_batches(), data.kind, data.num_classes)
+            _check_finite_metrics(scalars(baseline), "val", 0)
+            logger.log(0, "val", scalars(baseline))
         while step < total_steps and not stopper.should_stop and not stop:
             events = (cfg.log_every, eval_every, cfg.checkpoint_every)
             k = chunk_size(step, cfg.steps_per_call, total_steps, events)
@@ -326,18 +346,7 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
             val_metrics = None
             if at_eval and cfg.data.eval_split in data.split_sizes:
                 val_metrics = evaluate_split(
-                    eval_step,
-                    state,
-                    eval_batches(
-                        data,
-                        cfg.data.eval_split,
-                        local_eval_batch,
-                        data.example_spec,
-                        data.num_classes,
-                        setup.layout.batch,
-                    ),
-                    data.kind,
-                    data.num_classes,
+                    eval_step, state, val_batches(), data.kind, data.num_classes
                 )
                 _check_finite_metrics(scalars(val_metrics), "val", step)
                 logger.log(step, "val", scalars(val_metrics))
