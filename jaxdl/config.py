@@ -124,7 +124,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.lora = None  # {"rank", "alpha", "targets"}
     c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
     c.tasks = None  # multi-task fine-tuning: list of {"name", overrides...}
-    # FedAvg (jaxdl.training.federated): clients 0 = off; alpha 0 = IID shards, > 0 Dirichlet
+    # FedAvg (jaxdl.runs.federated): clients 0 = off; alpha 0 = IID shards, > 0 Dirichlet
     c.federated = ml_collections.ConfigDict(
         {"clients": 0, "rounds": 10, "local_steps": 10, "alpha": 0.0, "clients_per_round": 0}
     )

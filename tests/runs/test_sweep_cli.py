@@ -12,9 +12,9 @@ import pytest
 
 from jaxdl import config as config_lib
 from jaxdl.errors import UserError
+from jaxdl.runs.spaces import make_trials, parse_param
+from jaxdl.runs.sweep import run_sweep
 from jaxdl.training.runlog import read_metrics
-from jaxdl.training.spaces import make_trials, parse_param
-from jaxdl.training.sweep import run_sweep
 from jaxdl.training.trainer import train
 
 QUICK = [
