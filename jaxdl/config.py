@@ -367,6 +367,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise UserError(
             f"config.optimizer.learning_rate: expected > 0, found {cfg.optimizer.learning_rate}."
         )
+    alpha = cfg.federated.alpha
+    if not alpha >= 0:  # NaN too
+        raise UserError(
+            f"config.federated.alpha: expected 0 (IID client shards) or a Dirichlet "
+            f"concentration > 0 (smaller = more label skew), found {alpha}. Fix: set "
+            "--config.federated.alpha=0.1, or 0 for IID shards."
+        )
     if cfg.lora is not None:
         lora = dict(cfg.lora)
         missing = {"rank", "alpha", "targets"} - lora.keys()
@@ -390,6 +397,8 @@ _LOWER_BOUNDS = {
     "data.num_examples": 0,
     "data.seq_len": 1,
     "data.max_image_pixels": 1,
+    "federated.clients": 0,
+    "federated.clients_per_round": 0,
 }
 
 

@@ -15,6 +15,7 @@ from their latest common checkpoint with their data iterators' state.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Callable, Sequence
@@ -30,7 +31,7 @@ from jaxdl.fileio import write_json
 from jaxdl.runs import optuna_search
 from jaxdl.runs import spaces as spaces_lib
 from jaxdl.runs.group import RESUME, group_key, member_config, run_group
-from jaxdl.training.guards import stop_on_signals
+from jaxdl.training.guards import stop_on_signals, workdir_lock
 from jaxdl.training.trainer import minimized
 
 
@@ -72,14 +73,20 @@ def run_sweep(
     spaces = [spaces_lib.parse_param(t) for t in param_texts]
     if not spaces:
         raise UserError("--param: expected at least one KEY=SPACE. Fix: add --param KEY=[...].")
+    spaces_lib.check_keys(spaces)
     strategy = strategy or ("grid" if all(s.discrete for s in spaces) else "random")
     use_optuna = strategy == "tpe" or storage is not None
     draw = spaces_lib.make_trials(spaces, "random", 1, seed=cfg.seed)[0]
+    check_central(cfg, None)
     for space in spaces:  # unknown keys and wrong types fail before any work
-        member_config(cfg, {space.key: draw[space.key]})
+        check_central(member_config(cfg, {space.key: draw[space.key]}), space.key)
     check_spaces(spaces, parallel, strategy)
+    count = spaces_lib.count_trials(spaces, strategy, trials)
+    size = spaces_lib.grid_size(spaces) if strategy == "grid" else None
+    if size is not None and count < size:
+        echo(f"sweep: the first {count} of the grid's {size} trials (--trials {count})")
     trial_params = (
-        [] if use_optuna else spaces_lib.make_trials(spaces, strategy, trials, seed=cfg.seed)
+        [] if use_optuna else spaces_lib.make_trials(spaces, strategy, count, seed=cfg.seed)
     )
     metric = cfg.best_metric or "val_loss"
     workdir = Path(workdir)
@@ -89,25 +96,42 @@ def run_sweep(
         "strategy": strategy,
         "trials": trials if use_optuna else len(trial_params),
     }
-    _check_spec(workdir, spec)
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_json(workdir / "sweep_spec.json", spec)
-    with stop_on_signals() as stop:  # one handler for every group of the sweep
-        if use_optuna:
-            optuna_search.run(
-                cfg,
-                workdir,
-                spaces,
-                strategy=strategy,
-                storage=storage,
-                trials=trials or 16,
-                parallel=parallel,
-                metric=metric,
-                echo=echo,
-            )
-        else:
-            _run_trials(cfg, workdir, trial_params, parallel, metric, stop, echo)
-    return write_report(workdir, metric, echo=echo)
+    # One process per workdir, as `jaxdl train`; with a --storage several processes share
+    # the workdir by design: the study numbers the trials, so none trains one twice.
+    lock = workdir_lock(workdir, "sweep") if storage is None else contextlib.nullcontext()
+    with lock:
+        _check_spec(workdir, spec)
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_json(workdir / "sweep_spec.json", spec)
+        with stop_on_signals() as stop:  # one handler for every group of the sweep
+            if use_optuna:
+                optuna_search.run(
+                    cfg,
+                    workdir,
+                    spaces,
+                    strategy=strategy,
+                    storage=storage,
+                    trials=count,
+                    parallel=parallel,
+                    metric=metric,
+                    echo=echo,
+                )
+            else:
+                _run_trials(cfg, workdir, trial_params, parallel, metric, stop, echo)
+        return write_report(workdir, metric, echo=echo)
+
+
+def check_central(cfg: ml_collections.ConfigDict, key: str | None) -> None:
+    """Refuse a federated member: a vmapped group trains each member centrally, and FedAvg's
+    rounds (`jaxdl.runs.federated`) are a run of their own."""
+    clients = cfg.federated.clients
+    if clients:
+        field = f"--param {key}" if key else "config.federated.clients"
+        raise UserError(
+            f"{field}: a sweep trains each member centrally in one vmapped group, found a "
+            f"federated member (federated.clients={clients}). Fix: sweep with "
+            "federated.clients=0, or run each federated config with `jaxdl train`."
+        )
 
 
 def _run_trials(cfg, workdir: Path, trial_params, parallel: int, metric: str, stop, echo) -> None:
