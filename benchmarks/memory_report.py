@@ -21,6 +21,7 @@ own buffer plan (the CPU one when devices are simulated; a GPU's differs).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -39,6 +40,7 @@ def _args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8, help="global batch (sequences)")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--optimizer", default="adamw")
+    parser.add_argument("--out", help="also write the rows as JSON here")
     parser.add_argument("--smoke", action="store_true", help="tiny GPT, 2 devices, 2 x 16 (CI)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -152,6 +154,8 @@ def main(argv=None) -> None:
         for strategy in STRATEGIES
     ]
     print(table(rows, args))
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":
