@@ -47,20 +47,19 @@ def simple_cnn_layers(model: Mapping[str, Any], input_shape: Sequence[int]) -> L
 
 
 def resnet_layers(model: Mapping[str, Any], input_shape: Sequence[int]) -> Layers:
-    from jaxdl.models.resnet import _VARIANTS, BottleneckBlock
+    from jaxdl.models.resnet import resnet_spec
 
-    stage_sizes, block_cls, default_filters = _VARIANTS[str(model.get("depth", 50))]
-    filters = model.get("num_filters") or default_filters
-    bottleneck = block_cls is BottleneckBlock
+    spec = resnet_spec(model)
+    filters, bottleneck = spec.filters, spec.block == "bottleneck"
     h, w, c = input_shape
-    if model.get("small_inputs", False):
-        layers = [("stem", _conv(h, w, 3, c, filters))]
+    if spec.small_inputs:
+        layers = [("stem", _conv(h, w, 3, c, spec.stem_filters))]
     else:
         h, w = -(-h // 2), -(-w // 2)
-        layers = [("stem", _conv(h, w, 7, c, filters))]
+        layers = [("stem", _conv(h, w, 7, c, spec.stem_filters))]
         h, w = -(-h // 2), -(-w // 2)  # 3x3 stride-2 max-pool
-    c = filters
-    for i, num_blocks in enumerate(stage_sizes):
+    c = spec.stem_filters
+    for i, num_blocks in enumerate(spec.stage_sizes):
         f = filters * 2**i
         for j in range(num_blocks):
             s = 2 if i > 0 and j == 0 else 1

@@ -2,6 +2,7 @@
 
     python benchmarks/checkpoint_verify.py                       # gpt2-124m + AdamW moments
     python benchmarks/checkpoint_verify.py --size small --trials 5 --out /tmp/v.json
+    python benchmarks/checkpoint_verify.py --smoke        # the tiny transformer, one trial (CI)
 
 Saves one TrainState (the transformer's params and AdamW's two moments, all filled with
 random values so nothing compresses away) with `jaxdl.checkpoint.manager.Checkpointer`,
@@ -60,7 +61,10 @@ def main(argv=None) -> None:
     parser.add_argument("--size", default="gpt2-124m", help="transformer size")
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--out", help="write the figures as JSON here")
+    parser.add_argument("--smoke", action="store_true", help="--size tiny --trials 1 (CI)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.size, args.trials = "tiny", 1
 
     state = random_state(args.size)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))

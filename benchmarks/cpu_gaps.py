@@ -4,11 +4,13 @@
     python benchmarks/cpu_gaps.py --probes attention-step,attention-step-vit  # whole steps
     python benchmarks/cpu_gaps.py --probes lora-step,lora-step-mlp --steps 10
     XLA_FLAGS=--xla_cpu_use_onednn=true python benchmarks/cpu_gaps.py --probes conv
+    python benchmarks/cpu_gaps.py --smoke     # every probe at tiny shapes, one trial (CI)
 
 Each probe times forward + backward of one op (shapes from the cpu-quick cases) in JAX
 variants and in torch, interleaved in one process like throughput.py, and prints the median
 per-call time and the paired ratio to torch (> 1: slower than torch). XLA flags are
-per-process: run the script once per XLA_FLAGS value and compare the ratios.
+per-process: run the script once per XLA_FLAGS value and compare the ratios. Without torch
+(`pip install -e ".[bench]"`) only the JAX variants run, against the last of them.
 """
 
 from __future__ import annotations
@@ -29,10 +31,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from benchmarks import _timing
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:
+    torch = None
 
 
 def _jax(name: str, fn: Callable, *args) -> _timing.Runner:
@@ -44,17 +50,22 @@ def _jax(name: str, fn: Callable, *args) -> _timing.Runner:
     return _timing.Runner(name, lambda: {}, run)
 
 
-def _torch(name: str, fn: Callable[[], torch.Tensor]) -> _timing.Runner:
+def _torch(name: str, make: Callable[[], Callable]) -> list[_timing.Runner]:
+    """[the torch twin], or [] without torch; ``make()`` builds the loss closure."""
+    if torch is None:
+        return []
+    fn = make()
+
     def run(k: int) -> None:
         for _ in range(k):
             fn().backward()
 
-    return _timing.Runner(name, lambda: {}, run)
+    return [_timing.Runner(name, lambda: {}, run)]
 
 
-def conv_probe() -> list[_timing.Runner]:
+def conv_probe(small: bool = False) -> list[_timing.Runner]:
     """SimpleCNN's second conv: 3x3, 64 -> 128 channels at 16x16, batch 32."""
-    b, h, cin, cout = 32, 16, 64, 128
+    b, h, cin, cout = (2, 4, 4, 8) if small else (32, 16, 64, 128)
     x = jax.random.normal(jax.random.PRNGKey(0), (b, h, h, cin))
     w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, cin, cout))
 
@@ -66,8 +77,11 @@ def conv_probe() -> list[_timing.Runner]:
 
         return jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1))
 
-    xt = torch.randn(b, cin, h, h, requires_grad=True)
-    wt = torch.randn(cout, cin, 3, 3, requires_grad=True)
+    def twin():
+        xt = torch.randn(b, cin, h, h, requires_grad=True)
+        wt = torch.randn(cout, cin, 3, 3, requires_grad=True)
+        return lambda: (F.conv2d(xt, wt, padding=1) ** 2).sum()
+
     return [
         _jax("jax conv NHWC", loss("NHWC"), x, w),
         _jax(
@@ -76,29 +90,33 @@ def conv_probe() -> list[_timing.Runner]:
             jnp.transpose(x, (0, 3, 1, 2)),
             jnp.transpose(w, (3, 2, 0, 1)),
         ),
-        _torch("torch conv2d", lambda: (F.conv2d(xt, wt, padding=1) ** 2).sum()),
+        *_torch("torch conv2d", twin),
     ]
 
 
-def pool_probe() -> list[_timing.Runner]:
+def pool_probe(small: bool = False) -> list[_timing.Runner]:
     """SimpleCNN's first 2x2 max-pool: [32, 32, 32, 64]."""
-    b, h, c = 32, 32, 64
+    b, h, c = (2, 4, 4) if small else (32, 32, 64)
     x = jax.random.normal(jax.random.PRNGKey(0), (b, h, h, c))
     flax_pool = lambda x: jnp.sum(nn.max_pool(x, (2, 2), strides=(2, 2)) ** 2)
     # Non-overlapping windows as a reshape + max: the gradient is a compare and select
     # instead of XLA's select_and_scatter.
     reshape_pool = lambda x: jnp.sum(x.reshape(b, h // 2, 2, h // 2, 2, c).max(axis=(2, 4)) ** 2)
-    xt = torch.randn(b, c, h, h, requires_grad=True)
+
+    def twin():
+        xt = torch.randn(b, c, h, h, requires_grad=True)
+        return lambda: (F.max_pool2d(xt, 2) ** 2).sum()
+
     return [
         _jax("jax nn.max_pool", jax.grad(flax_pool), x),
         _jax("jax reshape+max", jax.grad(reshape_pool), x),
-        _torch("torch max_pool2d", lambda: (F.max_pool2d(xt, 2) ** 2).sum()),
+        *_torch("torch max_pool2d", twin),
     ]
 
 
-def attention_probe() -> list[_timing.Runner]:
+def attention_probe(small: bool = False) -> list[_timing.Runner]:
     """gpt-small's causal attention: batch 8, 128 tokens, 4 heads of 32."""
-    b, t, heads, d = 8, 128, 4, 32
+    b, t, heads, d = (2, 8, 2, 4) if small else (8, 128, 4, 32)
     q = jax.random.normal(jax.random.PRNGKey(0), (b, t, heads, d))
     dpa = lambda q: jnp.sum(jax.nn.dot_product_attention(q, q, q, is_causal=True))
 
@@ -107,13 +125,27 @@ def attention_probe() -> list[_timing.Runner]:
         s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
         return jnp.sum(jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, -1), q))
 
-    qt = torch.randn(b, heads, t, d, requires_grad=True)
-    torch_attention = lambda q: F.scaled_dot_product_attention(q, q, q, is_causal=True).sum()
+    def twin():
+        qt = torch.randn(b, heads, t, d, requires_grad=True)
+        return lambda: F.scaled_dot_product_attention(qt, qt, qt, is_causal=True).sum()
+
     return [
         _jax("jax dot_product_attention", jax.grad(dpa), q),
         _jax("jax einsum+softmax", jax.grad(einsum), q),
-        _torch("torch sdpa", lambda: torch_attention(qt)),
+        *_torch("torch sdpa", twin),
     ]
+
+
+def _twin_step(case, mode: str, batch, label: str) -> list[_timing.Runner]:
+    """[torch eager's train step of `case`], or [] without torch."""
+    from benchmarks import throughput
+
+    if torch is None:
+        return []
+    (runner,) = throughput.torch_runners(
+        case, mode, "float32", batch, ["torch-eager"], channels_last=False
+    )
+    return [dataclasses.replace(runner, framework=label)]
 
 
 def attention_step_probe(model: str = "gpt-small") -> list[_timing.Runner]:
@@ -127,10 +159,7 @@ def attention_step_probe(model: str = "gpt-small") -> list[_timing.Runner]:
         impl_case = dataclasses.replace(case, model={**case.model, "attention_impl": impl})
         runner = throughput.jax_runner(throughput.jax_setup(impl_case, "full", "float32"), batch)
         runners.append(dataclasses.replace(runner, framework=f"jax {model} attention={impl}"))
-    (torch_runner,) = throughput._torch_runners(
-        case, "full", "float32", batch, ["torch-eager"], channels_last=False
-    )
-    return [*runners, dataclasses.replace(torch_runner, framework=f"torch {model}")]
+    return [*runners, *_twin_step(case, "full", batch, f"torch {model}")]
 
 
 def lora_step_probe(model: str = "gpt-small") -> list[_timing.Runner]:
@@ -150,20 +179,18 @@ def lora_step_probe(model: str = "gpt-small") -> list[_timing.Runner]:
         setup = throughput.jax_setup(case, mode, "float32")
         runner = throughput.jax_runner(setup, batch, factored_lora=factored)
         runners.append(dataclasses.replace(runner, framework=f"jax {model} {name}"))
-    (torch_runner,) = throughput._torch_runners(
-        case, "lora", "float32", batch, ["torch-eager"], channels_last=False
-    )
-    return [*runners, dataclasses.replace(torch_runner, framework=f"torch {model} lora")]
+    return [*runners, *_twin_step(case, "lora", batch, f"torch {model} lora")]
 
 
-PROBES = {
+# name -> probe(small): small = tiny shapes (--smoke)
+PROBES: dict[str, Callable[[bool], list[_timing.Runner]]] = {
     "conv": conv_probe,
     "pool": pool_probe,
     "attention": attention_probe,
-    "attention-step": attention_step_probe,
-    "attention-step-vit": lambda: attention_step_probe("vit-tiny"),
-    "lora-step": lora_step_probe,
-    "lora-step-mlp": lambda: lora_step_probe("mlp"),
+    "attention-step": lambda small: attention_step_probe("smoke-gpt" if small else "gpt-small"),
+    "attention-step-vit": lambda small: attention_step_probe("smoke-vit" if small else "vit-tiny"),
+    "lora-step": lambda small: lora_step_probe("smoke-gpt" if small else "gpt-small"),
+    "lora-step-mlp": lambda small: lora_step_probe("smoke-mlp" if small else "mlp"),
 }
 
 
@@ -172,24 +199,29 @@ def main(argv=None) -> None:
     p.add_argument("--probes", default=",".join(PROBES), help=f"comma list of {list(PROBES)}")
     p.add_argument("--trials", type=int, default=7)
     p.add_argument("--steps", type=int, default=3, help="calls per trial")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, one trial of 1 call (CI)")
     args = p.parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)
+    if args.smoke:
+        args.trials, args.steps = 1, 1
+    if torch is not None:
+        torch.set_num_threads(os.cpu_count() or 1)
+    threads = "none (JAX only)" if torch is None else torch.get_num_threads()
     print(
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} torch threads "
-        f"{torch.get_num_threads()} load {os.getloadavg()[0]:.1f}"
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} torch threads {threads} "
+        f"load {os.getloadavg()[0]:.1f}"
     )
     for name in args.probes.split(","):
-        runners = PROBES[name]()
+        runners = PROBES[name](args.smoke)
         for r in runners:
             r.prepare()
             r.run(1)  # compile / warm up
         times = _timing.interleaved_trials(runners, trials=args.trials, steps_per_trial=args.steps)
-        ref = times[runners[-1].framework]
+        ref = runners[-1].framework  # torch's, when it is installed
         for r in runners:
             t = times[r.framework]
             print(
                 f"  {name:9s} {r.framework:28s} {np.median(t) * 1e3:8.1f} ms   "
-                f"x{_timing.paired_ratio(t, ref):.2f} vs torch"
+                f"x{_timing.paired_ratio(t, times[ref]):.2f} vs {ref}"
             )
 
 

@@ -3,6 +3,7 @@
     python benchmarks/data_throughput.py                       # small default matrix
     python benchmarks/data_throughput.py --workers 0 4 --steps 200 \
         --out benchmarks/results/data_throughput.json
+    python benchmarks/data_throughput.py --smoke      # every case, a few tiny batches (CI)
 
 Each case builds the data, discards `--warmup` batches (worker start-up, file cache), then
 times `--steps` batches. `--device` also wraps the iterator in `prefetch_to_device`, so the
@@ -149,7 +150,7 @@ def measure(
     return {"examples_per_s": steps * batch_size / seconds, "ms_per_batch": 1e3 * seconds / steps}
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--batch-size", type=int, default=128)
@@ -167,10 +168,17 @@ def main() -> None:
     parser.add_argument("--device", action="store_true", help="include prefetch_to_device")
     parser.add_argument("--data-dir", default=None, help="TFDS folder (default: a temp dir)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--smoke", action="store_true", help="batch 8, 2 steps, 0 workers, small JPEGs (CI)"
+    )
+    args = parser.parse_args(argv)
+    trials, jpegs = 5, {}
+    if args.smoke:
+        args.batch_size, args.steps, args.warmup, args.workers = 8, 2, 1, [0]
+        args.ratio_steps, trials, jpegs = 2, 1, {"per_class": 8, "side": 32}
 
     data_dir = args.data_dir or tempfile.mkdtemp(prefix="jaxdl-bench-")
-    jpeg_dir = make_jpeg_folder(tempfile.mkdtemp(prefix="jaxdl-jpeg-"))
+    jpeg_dir = make_jpeg_folder(tempfile.mkdtemp(prefix="jaxdl-jpeg-"), **jpegs)
     rows = []
     for name in args.cases:
         for workers in args.workers:
@@ -191,7 +199,7 @@ def main() -> None:
                 flush=True,
             )
     ratio = loader_step_ratio(
-        steps=args.ratio_steps, data_dir=data_dir, overrides=tuple(args.ratio_set)
+        steps=args.ratio_steps, data_dir=data_dir, trials=trials, overrides=tuple(args.ratio_set)
     )
     ratio["overrides"] = list(args.ratio_set)
     print(

@@ -4,6 +4,7 @@ of full fine-tuning, LoRA merged and LoRA factored, per model, in one process.
     nice -n 0 python benchmarks/lora_cost.py                  # gpt-small and gpt2-124m, timed
     python benchmarks/lora_cost.py --models gpt2-124m --trials 0   # XLA's analysis only
     python benchmarks/lora_cost.py --render benchmarks/results/lora_cost.json
+    python benchmarks/lora_cost.py --smoke      # a one-block GPT, one trial (CI; writes nothing)
 
 Models (float32, Adam, LoRA rank 8 alpha 16 on every Dense kernel: query, key, value, out,
 fc1, fc2; the tied embedding and LM head stay frozen):
@@ -44,6 +45,7 @@ MODELS = {  # name: (case, steps per trial: about a second or more per trial)
         dataclasses.replace(throughput.CASES["gpt2-124m"], input_shape=(256,), batch=4),
         1,
     ),
+    "smoke-gpt": (throughput.CASES["smoke-gpt"], 1),  # --smoke
 }
 VARIANTS = {  # name: (throughput mode, factored_lora)
     "full": ("full", True),
@@ -117,12 +119,19 @@ def markdown(record: dict) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of {list(MODELS)}")
+    parser.add_argument(
+        "--models", default="gpt-small,gpt2-124m", help=f"comma list of {list(MODELS)}"
+    )
     parser.add_argument("--trials", type=int, default=7, help="0: XLA's analysis only")
     parser.add_argument("--steps", type=int, help="steps per trial (default: per model)")
-    parser.add_argument("--out", default=str(RESULTS / "lora_cost.json"))
+    parser.add_argument("--out", help="default: benchmarks/results/lora_cost.json")
     parser.add_argument("--render", metavar="FILE.json", help="rewrite FILE.md from FILE.json")
+    parser.add_argument("--smoke", action="store_true", help="smoke-gpt, one trial of one step")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.models, args.trials, args.steps = "smoke-gpt", 1, 1
+    elif args.out is None:
+        args.out = str(RESULTS / "lora_cost.json")
     if args.render:
         record = json.loads(Path(args.render).read_text())
         Path(args.render).with_suffix(".md").write_text(markdown(record))
@@ -132,10 +141,11 @@ def main(argv=None) -> None:
     for name in args.models.split(","):
         case, steps = MODELS[name]
         record["models"][name] = measure(name, case, args.trials, args.steps or steps)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(record))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=2) + "\n")
+        out.with_suffix(".md").write_text(markdown(record))
     print(markdown(record))
 
 

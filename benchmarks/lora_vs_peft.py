@@ -3,6 +3,7 @@
     pip install -e ".[interop]"
     nice -n 5 python benchmarks/lora_vs_peft.py                  # batch 4 x 256, rank 8
     python benchmarks/lora_vs_peft.py --trials 3 --batch 2 --seq-len 128   # a quick look
+    python benchmarks/lora_vs_peft.py --smoke     # tiny GPT-2 fixture, one trial (CI)
 
 A random GPT-2 124M is written with ``save_pretrained`` and imported with ``jaxdl import
 hf:gpt2`` (timed, with its peak RSS, in a subprocess of its own). Then each variant runs in
@@ -21,11 +22,16 @@ threads lose their cores on a shared CPU and peft looks 2x slower than it is. Tr
 interleave the workers (one trial of each per round, the order rotating) and each trial
 times K steps back to back; the table gives medians over trials. Writes
 benchmarks/results/lora_vs_peft.json and .md.
+
+`--smoke` imports the tiny GPT-2 of tests/fixtures/hub (safetensors: no torch needed), runs
+one trial of one step of batch 1 x 8 tokens and writes nothing (unless --out): the jaxdl
+variants always, peft LoRA where torch, transformers and peft are installed.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -42,6 +48,7 @@ if __package__ in (None, ""):  # run as a script: make `jaxdl` and `benchmarks` 
 from benchmarks._timing import environment, paired_ratio, step_stats  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+TINY_GPT2 = ROOT / "tests" / "fixtures" / "hub" / "gpt2_tiny"  # --smoke's model
 WORKERS = ("jaxdl LoRA", "jaxdl LoRA merged", "jaxdl full", "peft LoRA")
 LEARNING_RATE = 1e-4
 
@@ -64,7 +71,7 @@ def _batch(args):
     """The token batch every variant trains on: [batch, seq_len + 1] ids."""
     import numpy as np
 
-    return np.random.default_rng(0).integers(0, 50257, (args.batch, args.seq_len + 1))
+    return np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq_len + 1))
 
 
 # ------------------------------------------------------------------ workers
@@ -86,7 +93,7 @@ def _jaxdl_worker(name: str, args):
         targets = r"params/.*/(query|key|value|out|fc1|fc2)/kernel"
         cfg.lora = {"rank": args.rank, "alpha": 2.0 * args.rank, "targets": targets}
     spec = {k: ((args.seq_len,), np.int32) for k in ("inputs", "targets")}
-    setup = build(cfg, kind="lm", example_spec=spec, num_classes=50257, total_steps=1000)
+    setup = build(cfg, kind="lm", example_spec=spec, num_classes=args.vocab, total_steps=1000)
     factored = name != "jaxdl LoRA merged"
     step = steps.make_train_step(
         setup.model, setup.head, setup.tx, lora_cfg=setup.lora_cfg, factored_lora=factored
@@ -195,6 +202,7 @@ def _start(name: str, args, model_dir: Path, workdir: Path) -> subprocess.Popen:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name]
     cmd += ["--model-dir", str(model_dir), "--workdir", str(workdir)]
     cmd += ["--batch", str(args.batch), "--seq-len", str(args.seq_len), "--rank", str(args.rank)]
+    cmd += ["--vocab", str(args.vocab)]
     # torch's OpenMP threads spin-wait by default, which on a shared CPU stalls every
     # parallel region (see README: "Closing the CPU gaps", item 1); PASSIVE is the fair setting
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", args.omp_wait_policy)}
@@ -213,7 +221,8 @@ def markdown(record: dict) -> str:
     a = record["args"]
     base_name = next(iter(record["variants"]))
     rows = [
-        f"GPT-2 124M, batch {a['batch']} x {a['seq_len']} tokens, LoRA rank {a['rank']}, "
+        f"GPT-2 {a.get('model', '124M')}, batch {a['batch']} x {a['seq_len']} tokens, "
+        f"LoRA rank {a['rank']}, "
         f"float32, CPU ({record['env']['cpu']}, {record['env']['cpu_count']} cores), "
         f"{a['trials']} interleaved trials of {a['steps_per_trial']} steps, load average "
         f"{record['env']['load_avg'][0]:.1f}; ratios are medians of per-trial ratios\n",
@@ -232,7 +241,7 @@ def markdown(record: dict) -> str:
         )
     imp = record["import"]
     rows.append(
-        f"\n`jaxdl import hf:gpt2` (124M): {imp['wall_s']:.1f} s, peak RSS "
+        f"\n`jaxdl import hf:gpt2` ({a.get('model', '124M')}): {imp['wall_s']:.1f} s, peak RSS "
         f"{imp['peak_rss_mb']:,.0f} MB = {imp['peak_rss_over_model_bytes']:.2f}x the "
         f"{imp['model_bytes_mb']:,.0f} MB of weights"
     )
@@ -252,11 +261,13 @@ def main(argv=None) -> None:
         default="PASSIVE",
         help="OMP_WAIT_POLICY of the workers (unless already set)",
     )
-    parser.add_argument("--out", default=str(RESULTS / "lora_vs_peft.json"))
+    parser.add_argument("--out", help="default: benchmarks/results/lora_vs_peft.json")
     parser.add_argument("--render", metavar="FILE.json", help="rewrite FILE.md from FILE.json")
+    parser.add_argument("--smoke", action="store_true", help="tiny GPT-2, one step (see above)")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--vocab", type=int, default=50257, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args.worker, args)
@@ -265,10 +276,24 @@ def main(argv=None) -> None:
         Path(args.render).with_suffix(".md").write_text(markdown(record))
         return print(markdown(record))
 
+    args.model = "124M"
+    if args.smoke:
+        args.batch, args.seq_len, args.rank, args.trials, args.steps_per_trial = 1, 8, 2, 1, 1
+        args.model = "tiny (tests/fixtures/hub/gpt2_tiny)"
+        args.vocab = json.loads((TINY_GPT2 / "config.json").read_text())["vocab_size"]
+        have_peft = all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft"))
+        if not have_peft:
+            args.variants = ",".join(w for w in args.variants.split(",") if w != "peft LoRA")
+    elif args.out is None:
+        args.out = str(RESULTS / "lora_vs_peft.json")
+
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, workdir = Path(tmp) / "gpt2", Path(tmp) / "imported"
-        params = _make_model(model_dir)
-        print(f"wrote a random GPT-2 ({params:,} params) to {model_dir}", flush=True)
+        if args.smoke:
+            model_dir = TINY_GPT2
+        else:
+            params = _make_model(model_dir)
+            print(f"wrote a random GPT-2 ({params:,} params) to {model_dir}", flush=True)
         imported = _time_import(model_dir, workdir)
         print(f"import: {json.dumps(imported)}", flush=True)
         names = args.variants.split(",")
@@ -300,10 +325,11 @@ def main(argv=None) -> None:
             for name in names
         },
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(record))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=2) + "\n")
+        out.with_suffix(".md").write_text(markdown(record))
     print(markdown(record))
 
 

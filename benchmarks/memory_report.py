@@ -2,6 +2,7 @@
 
     python benchmarks/memory_report.py                        # gpt2-124m and 1b, 8 devices
     python benchmarks/memory_report.py --models gpt2-124m --seq-len 512 --batch 16
+    python benchmarks/memory_report.py --smoke     # the tiny GPT, 2 devices, 16 tokens (CI)
 
 Nothing is allocated: the TrainState comes from `jax.eval_shape`, gets its shardings from
 `jaxdl.parallel.sharding` (the rules `jaxdl train` uses), and the step is only lowered and compiled
@@ -20,6 +21,7 @@ own buffer plan (the CPU one when devices are simulated; a GPU's differs).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -38,7 +40,12 @@ def _args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8, help="global batch (sequences)")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--optimizer", default="adamw")
-    return parser.parse_args(argv)
+    parser.add_argument("--out", help="also write the rows as JSON here")
+    parser.add_argument("--smoke", action="store_true", help="tiny GPT, 2 devices, 2 x 16 (CI)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.models, args.devices, args.batch, args.seq_len = "tiny", 2, 2, 16
+    return args
 
 
 def abstract_run(size: str, args: argparse.Namespace):
@@ -147,6 +154,8 @@ def main(argv=None) -> None:
         for strategy in STRATEGIES
     ]
     print(table(rows, args))
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

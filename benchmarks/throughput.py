@@ -4,6 +4,7 @@
     python benchmarks/throughput.py --preset gpu --out benchmarks/results/h200.json
     python benchmarks/throughput.py --preset cpu-quick --models mlp,gpt --modes full,frozen,lora \
         --dtypes float32,bfloat16 --out /tmp/modes.json
+    python benchmarks/throughput.py --smoke      # every model family, tiny, one trial (CI)
 
 Per case (model x mode x dtype) the JAX step is built with the library
 (`jaxdl.training.build.build`,
@@ -116,6 +117,41 @@ CASES: dict[str, Case] = {
         ),
         _gpt("gpt2-124m", "gpt2-124m", 1024, 16, layers=12),
         _gpt("gpt-1b", "1b", 2048, 4, layers=24),
+        # --smoke: one tiny case per model family, so CI runs every family's code path
+        Case("smoke-mlp", {"name": "mlp", "num_classes": 3, "hidden": (8,)}, (8,), 4),
+        Case(
+            "smoke-cnn",
+            {"name": "simple_cnn", "num_classes": 3, "features": (4,), "hidden": 8},
+            (8, 8, 1),
+            4,
+        ),
+        Case(
+            "smoke-resnet",
+            {
+                "name": "resnet",
+                "num_classes": 3,
+                "depth": "tiny",
+                "stage_sizes": (1, 1),
+                "num_filters": 4,
+                "small_inputs": True,
+            },
+            (8, 8, 3),
+            2,
+        ),
+        Case(
+            "smoke-vit",
+            {"name": "vit", "num_classes": 3, "size": "tiny", "num_layers": 1, "embed_dim": 16},
+            (8, 8, 3),
+            2,
+        ),
+        Case(
+            "smoke-gpt",
+            {"name": "transformer", "size": "tiny", "num_layers": 1, "max_len": 16},
+            (16,),
+            2,
+            kind="lm",
+            frozen_trains="params/(block_0|ln_f)/.*",
+        ),
     ]
 }
 
@@ -150,6 +186,17 @@ PRESETS = {
         trials=10,
         target_trial_s=1.0,
         max_steps_per_trial=100,
+    ),
+    # Seconds: it checks that every family builds, compiles, runs and reports, not speed.
+    "smoke": Preset(
+        models=("smoke-mlp", "smoke-cnn", "smoke-resnet", "smoke-vit", "smoke-gpt"),
+        modes=("full",),
+        dtypes=("float32",),
+        frameworks=("jax", "torch-eager"),
+        warmup=1,
+        trials=1,
+        target_trial_s=0.0,
+        max_steps_per_trial=1,
     ),
 }
 
@@ -288,7 +335,7 @@ def _peak(device_kind: str, dtype: str, table) -> float | None:
     return None
 
 
-def _torch_runners(case, mode, dtype, batch, frameworks, channels_last) -> list:
+def torch_runners(case, mode, dtype, batch, frameworks, channels_last) -> list:
     """Torch runners for the frameworks asked; (framework, error) pairs where it can't run."""
     from benchmarks import torch_models
 
@@ -332,7 +379,7 @@ def bench_case(
         runners.append(jax_runner(setup, batch, scan_steps=scan_steps))
     torch_fw = [f for f in frameworks if f.startswith("torch")]
     if torch_fw:
-        runners += _torch_runners(case, mode, dtype, batch, torch_fw, channels_last)
+        runners += torch_runners(case, mode, dtype, batch, torch_fw, channels_last)
 
     multiple = max(scan_steps, 1)  # a jax-scan runner runs whole scans only
     warmup = -(-preset.warmup // multiple) * multiple
@@ -428,6 +475,7 @@ def _csv(text: str | None, allowed: Sequence[str], flag: str) -> tuple[str, ...]
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-quick")
+    p.add_argument("--smoke", action="store_true", help="= --preset smoke: tiny, one trial (CI)")
     p.add_argument("--models", help=f"comma list of {list(CASES)} (default: the preset's)")
     p.add_argument("--modes", help=f"comma list of {list(MODES)}")
     p.add_argument("--dtypes", help=f"comma list of {list(DTYPES)}")
@@ -470,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         stored = json.loads(args.render.read_text())
         _report.write_all(args.render, stored["env"], stored["results"])
         return stored["results"]
-    preset = PRESETS[args.preset]
+    preset = PRESETS["smoke" if args.smoke else args.preset]
     models = _csv(args.models, list(CASES), "--models") or preset.models
     modes = _csv(args.modes, MODES, "--modes") or preset.modes
     dtypes = _csv(args.dtypes, list(DTYPES), "--dtypes") or preset.dtypes
@@ -515,7 +563,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 )
     env["wall_s"] = time.perf_counter() - start
     env["load_avg_end"] = list(os.getloadavg())
-    env["preset"] = args.preset
+    env["preset"] = "smoke" if args.smoke else args.preset
     env["argv"] = list(sys.argv[1:] if argv is None else argv)
     if args.out:
         _report.write_all(args.out, env, results)

@@ -103,24 +103,21 @@ class ResBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(
-        self, image_shape, num_classes: int, depth="50", num_filters=None, small_inputs=False
-    ):
+    def __init__(self, image_shape, model_cfg: dict):
         super().__init__()
-        from jaxdl.models.resnet import _VARIANTS
+        from jaxdl.models.resnet import resnet_spec
 
-        stage_sizes, block_cls, default_filters = _VARIANTS[str(depth)]
-        bottleneck = block_cls.__name__ == "BottleneckBlock"
-        filters = num_filters or default_filters
-        cin = image_shape[-1]
-        self.small_inputs = small_inputs
-        if small_inputs:
-            self.stem_conv = nn.Conv2d(cin, filters, 3, 1, 1, bias=False)
+        spec = resnet_spec(model_cfg)
+        bottleneck = spec.block == "bottleneck"
+        filters, cin = spec.filters, image_shape[-1]
+        self.small_inputs = spec.small_inputs
+        if spec.small_inputs:
+            self.stem_conv = nn.Conv2d(cin, spec.stem_filters, 3, 1, 1, bias=False)
         else:
-            self.stem_conv = nn.Conv2d(cin, filters, 7, 2, 3, bias=False)
-        self.stem_bn = _bn(filters)
-        c, names = filters, []
-        for i, num_blocks in enumerate(stage_sizes):
+            self.stem_conv = nn.Conv2d(cin, spec.stem_filters, 7, 2, 3, bias=False)
+        self.stem_bn = _bn(spec.stem_filters)
+        c, names = spec.stem_filters, []
+        for i, num_blocks in enumerate(spec.stage_sizes):
             for j in range(num_blocks):
                 stride = 2 if i > 0 and j == 0 else 1
                 block = ResBlock(c, filters * 2**i, stride, bottleneck)
@@ -128,7 +125,7 @@ class ResNet(nn.Module):
                 names.append(f"layer{i + 1}_{j}")
                 c = filters * 2**i * (4 if bottleneck else 1)
         self.block_names = names
-        self.head = nn.Linear(c, num_classes)
+        self.head = nn.Linear(c, model_cfg["num_classes"])
 
     def forward(self, x):
         x = F.relu(self.stem_bn(self.stem_conv(x)))
@@ -243,7 +240,7 @@ def make_model(model_cfg: Mapping[str, Any], input_shape: Sequence[int]) -> nn.M
             cfg.get("hidden", 128),
         )
     if name == "resnet":
-        return ResNet(input_shape, cfg.pop("num_classes"), **cfg)
+        return ResNet(input_shape, cfg)
     if name == "vit":
         return ViT(input_shape, cfg.pop("num_classes"), **cfg)
     if name == "transformer":

@@ -161,7 +161,7 @@ def run(argv: Sequence[str]) -> int:
 
             summary = run_tasks(cfg, args.workdir, progress=not args.no_progress)
         elif cfg.federated.clients:
-            from jaxdl.training.federated import run_federated
+            from jaxdl.runs.federated import run_federated
 
             summary = run_federated(cfg, args.workdir)
         elif args.folds:
@@ -175,7 +175,7 @@ def run(argv: Sequence[str]) -> int:
         print(json.dumps(summary, indent=2))
     elif args.command == "sweep":
         from jaxdl import config as config_lib
-        from jaxdl.training.sweep import run_sweep
+        from jaxdl.runs.sweep import run_sweep
 
         run_sweep(
             config_lib.load_config(args.config, overrides),

@@ -124,7 +124,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.lora = None  # {"rank", "alpha", "targets"}
     c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
     c.tasks = None  # multi-task fine-tuning: list of {"name", overrides...}
-    # FedAvg (jaxdl.training.federated): clients 0 = off; alpha 0 = IID shards, > 0 Dirichlet
+    # FedAvg (jaxdl.runs.federated): clients 0 = off; alpha 0 = IID shards, > 0 Dirichlet
     c.federated = ml_collections.ConfigDict(
         {"clients": 0, "rounds": 10, "local_steps": 10, "alpha": 0.0, "clients_per_round": 0}
     )
@@ -367,6 +367,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise UserError(
             f"config.optimizer.learning_rate: expected > 0, found {cfg.optimizer.learning_rate}."
         )
+    alpha = cfg.federated.alpha
+    if not alpha >= 0:  # NaN too
+        raise UserError(
+            f"config.federated.alpha: expected 0 (IID client shards) or a Dirichlet "
+            f"concentration > 0 (smaller = more label skew), found {alpha}. Fix: set "
+            "--config.federated.alpha=0.1, or 0 for IID shards."
+        )
     if cfg.lora is not None:
         lora = dict(cfg.lora)
         missing = {"rank", "alpha", "targets"} - lora.keys()
@@ -390,6 +397,8 @@ _LOWER_BOUNDS = {
     "data.num_examples": 0,
     "data.seq_len": 1,
     "data.max_image_pixels": 1,
+    "federated.clients": 0,
+    "federated.clients_per_round": 0,
 }
 
 

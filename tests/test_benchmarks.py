@@ -1,6 +1,19 @@
-"""Smoke test of benchmarks/throughput.py: one micro case, the record schema, no recompiles."""
+"""The benchmarks: throughput.py's record schema on a micro case (in process), and every
+script of benchmarks/ run in its smoke mode (`--smoke`) in a subprocess, so a refactor that
+breaks a benchmark fails CI.
 
+Torch: the default suite is torch-free, and so are these runs. throughput.py and cpu_gaps.py
+time the jaxdl side alone without torch, and lora_vs_peft.py runs its jaxdl variants (peft's
+where torch, transformers and peft are installed: run this file in the interop venv,
+`pip install -e ".[interop]"`, to check the torch twins too); their tests assert the torch
+records exactly when torch is importable.
+"""
+
+import importlib.util
 import json
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +25,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks package
 
 from benchmarks import _flops, _report, _timing, throughput  # noqa: E402
-from jaxdl.models.transformer import flops_per_token  # noqa: E402
+from jaxdl.models.transformer import (  # noqa: E402
+    count_params,
+    flops_per_token,
+    transformer_spec,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 # 8 features -> 16 -> 4 classes: 8*16 + 16 + 16*4 + 4 = 212 parameters.
 MICRO = throughput.Case("micro", {"name": "mlp", "num_classes": 4, "hidden": (16,)}, (8,), 8)
@@ -161,3 +181,141 @@ def test_torch_twin_matches_jax(jax_record):
     # params + Adam's m and v (+ a 4-byte step count per tensor) over what trains
     assert full.info["state_bytes"]() == 4 * MICRO_PARAMS + 2 * 4 * MICRO_PARAMS + 4 * 4
     assert frozen.info["state_bytes"]() == 4 * MICRO_PARAMS + 2 * 4 * 68 + 2 * 4
+
+
+# ------------------------------------------------------------------ every script's smoke mode
+
+
+def _scripts() -> list[str]:
+    """benchmarks/*.py that run as a command (helpers, such as torch_models.py, do not)."""
+    return sorted(
+        p.name
+        for p in (REPO / "benchmarks").glob("*.py")
+        if 'if __name__ == "__main__":' in p.read_text()
+    )
+
+
+def _smoke(script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", "--smoke", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _check_throughput(tmp_path):
+    _smoke("throughput.py", "--out", str(tmp_path / "t.json"))
+    results = json.loads((tmp_path / "t.json").read_text())["results"]
+    jax_rows = {r["model"]: r for r in results if r["framework"] == "jax"}
+    assert list(jax_rows) == list(throughput.PRESETS["smoke"].models)
+    # smoke-mlp: 8 -> 8 -> 3: 8*8 + 8 + 8*3 + 3 parameters
+    assert jax_rows["smoke-mlp"]["params"] == 99
+    for r in jax_rows.values():
+        assert r["params"] == r["trainable_params"] > 0 and r["flops_per_step"] > 0
+        assert r["trials"] == 1 and r["steps_per_trial"] == 1
+    torch_rows = {r["model"]: r for r in results if r["framework"] == "torch-eager"}
+    if HAVE_TORCH:  # every twin has exactly the JAX model's parameter count
+        assert {m: r["params"] for m, r in torch_rows.items()} == {
+            m: r["params"] for m, r in jax_rows.items()
+        }
+    else:
+        assert torch_rows == {}
+    assert (tmp_path / "t.md").is_file() and (tmp_path / "t.png").is_file()
+
+
+def _check_checkpoint_verify(tmp_path):
+    _smoke("checkpoint_verify.py", "--out", str(tmp_path / "v.json"))
+    result = json.loads((tmp_path / "v.json").read_text())
+    spec = transformer_spec({"name": "transformer", "size": "tiny"})
+    assert (result["size"], result["trials"]) == ("tiny", 1)
+    assert result["params"] == count_params(spec)
+    assert 0 < result["verify_s"] < result["restore_s_with_verify"]
+
+
+def _check_cpu_gaps(tmp_path):
+    from benchmarks import cpu_gaps
+
+    out = _smoke("cpu_gaps.py").stdout
+    probes = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
+    assert sorted(set(probes)) == sorted(cpu_gaps.PROBES)
+    reference = "vs torch" if HAVE_TORCH else "vs jax"
+    assert all(reference in line for line in out.splitlines() if line.startswith("  "))
+
+
+def _check_data_throughput(tmp_path):
+    from benchmarks import data_throughput
+
+    _smoke("data_throughput.py", "--data-dir", str(tmp_path / "tfds"), "--out", str(tmp_path / "d"))
+    record = json.loads((tmp_path / "d").read_text())
+    assert [r["case"] for r in record["results"]] == list(data_throughput.CASES)
+    assert all(r["workers"] == 0 and r["examples_per_s"] > 0 for r in record["results"])
+    ratio = record["loader_step_ratio"]
+    assert (ratio["trials"], ratio["steps_per_trial"]) == (1, 2) and ratio["ratio"] > 0
+
+
+def _check_lora_cost(tmp_path):
+    _smoke("lora_cost.py", "--out", str(tmp_path / "l.json"))
+    variants = json.loads((tmp_path / "l.json").read_text())["models"]["smoke-gpt"]["variants"]
+    model = throughput.CASES["smoke-gpt"].model
+    assert variants["full"]["trainable_params"] == count_params(transformer_spec(model))
+    # rank 8 on query, key, value, out (32 -> 32) and fc1, fc2 (32 <-> 128), one block
+    lora = 4 * 8 * (32 + 32) + 2 * 8 * (32 + 128)
+    assert variants["LoRA merged"]["trainable_params"] == lora
+    assert variants["LoRA factored (default)"]["trainable_params"] == lora
+    assert all(len(v["trials_s"]) == 1 for v in variants.values())
+
+
+def _check_lora_vs_peft(tmp_path):
+    from safetensors.numpy import load_file
+
+    _smoke("lora_vs_peft.py", "--out", str(tmp_path / "p.json"))
+    variants = json.loads((tmp_path / "p.json").read_text())["variants"]
+    have_peft = all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft"))
+    jaxdl_side = ["jaxdl LoRA", "jaxdl LoRA merged", "jaxdl full"]
+    assert list(variants) == jaxdl_side + (["peft LoRA"] if have_peft else [])
+    weights = load_file(REPO / "tests" / "fixtures" / "hub" / "gpt2_tiny" / "model.safetensors")
+    assert variants["jaxdl full"]["trainable_params"] == sum(w.size for w in weights.values())
+    # rank 2 on query, key, value, out (32 -> 32) and fc1, fc2 (32 <-> 128), two blocks
+    assert variants["jaxdl LoRA"]["trainable_params"] == 2 * (4 * 2 * 64 + 2 * 2 * 160)
+
+
+def _check_memory_report(tmp_path):
+    _smoke("memory_report.py", "--out", str(tmp_path / "m.json"))
+    rows = {r["strategy"]: r for r in json.loads((tmp_path / "m.json").read_text())}
+    assert set(rows) == {"data parallel", "FSDP"}
+    params = count_params(transformer_spec({"name": "transformer", "size": "tiny"}))
+    dp, fsdp = rows["data parallel"], rows["FSDP"]
+    assert dp["params"] == fsdp["params"] == params
+    assert dp["param_bytes"] == 4 * params  # float32, replicated on each of the 2 devices
+    assert fsdp["param_bytes"] < dp["param_bytes"]  # sharded over the 2 devices
+
+
+def _check_sweep_throughput(tmp_path):
+    _smoke("sweep_throughput.py", "--out", str(tmp_path / "s.json"))
+    record = json.loads((tmp_path / "s.json").read_text())
+    assert (record["members"], record["steps"], list(record["sweep"])) == (2, 2, ["mlp"])
+    assert all(v > 0 for k, v in record["sweep"]["mlp"].items() if k.endswith("_s"))
+    assert sorted(record["steps_per_call"]) == ["gpt-small", "mlp"]
+    assert all(r["trials"] == 1 for r in record["steps_per_call"].values())
+
+
+SMOKE_CHECKS = {
+    re.sub(r"^_check_(.*)$", r"\1.py", name): check
+    for name, check in dict(globals()).items()
+    if name.startswith("_check_")
+}
+
+
+def test_every_benchmark_script_has_a_smoke_test():
+    assert sorted(SMOKE_CHECKS) == _scripts()
+
+
+@pytest.mark.parametrize("script", sorted(SMOKE_CHECKS))
+def test_smoke_mode(script, tmp_path):
+    SMOKE_CHECKS[script](tmp_path)

@@ -123,6 +123,11 @@ def test_a_broken_config_file_is_one_line_exit_2(tmp_path, source, words):
         ("--config.data.max_image_pixels=0", ["data.max_image_pixels: expected an int >= 1"]),
         ("--config.data.seq_len=0", ["config.data.seq_len: expected an int >= 1, found 0"]),
         ("--config.data.num_workers=-1", ["config.data.num_workers: expected an int >= 0"]),
+        (
+            "--config.federated.alpha=-1",
+            ["config.federated.alpha: expected 0 (IID", "found -1", "Fix: set"],
+        ),
+        ("--config.federated.clients=-2", ["config.federated.clients: expected an int >= 0"]),
     ],
 )
 def test_sizes_out_of_range_are_refused(tmp_path, override, words):

@@ -25,10 +25,10 @@ def _heavy_after(statement: str) -> set[str]:
 
 
 def test_serving_an_artifact_does_not_load_the_training_stack():
-    # predict decodes image files with jaxdl.data.sources / transforms
+    # predict decodes image files with jaxdl.data.records / transforms
     assert not _heavy_after(
         "import jaxdl.deploy.predict\n"
-        "from jaxdl.data.sources import convert_channels\n"
+        "from jaxdl.data.records import convert_channels\n"
         "from jaxdl.data.transforms import parse_transform, resize_image"
     )
 

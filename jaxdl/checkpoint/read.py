@@ -25,6 +25,7 @@ from etils import epath
 
 from jaxdl.checkpoint.integrity import verify_step
 from jaxdl.core import tree as tree_lib
+from jaxdl.core.adapters import merge as merge_adapters
 from jaxdl.errors import UserError
 
 STATE_PARTS = ("params", "frozen", "model_state")
@@ -230,9 +231,7 @@ def load_checkpoint(
                 f"checkpoint {step_dir}: holds LoRA adapters but its config has lora="
                 f"{lora_cfg!r}, expected lora.rank and lora.alpha. Fix: restore its config."
             )
-        from jaxdl.finetune import lora  # only LoRA checkpoints need it
-
-        merged = lora.apply(merged, adapters, rank=lora_cfg["rank"], alpha=lora_cfg["alpha"])
+        merged = merge_adapters(merged, adapters, rank=lora_cfg["rank"], alpha=lora_cfg["alpha"])
     variables = {**merged, **model_state}
     return jax.tree.map(np.asarray, variables), step_dir, step
 

@@ -15,7 +15,7 @@ order, so from 13 stacked digits-MLP members on the softmax and bias-gradient su
 an ulp off the standalone run's, which Adam grew to 2.3e-4 in val accuracy in 30 steps.
 Without dropout a member of 16 now computes the same bits as alone; with a mask between
 layers an ulp remains (XLA's own CPU fusions, YNNPACK off entirely or not), which stays
-under 1e-5 in the val metric over 30 steps (tests/training/test_sweep.py).
+under 1e-5 in the val metric over 30 steps (tests/runs/test_sweep.py).
 """
 
 from __future__ import annotations

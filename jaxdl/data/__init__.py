@@ -4,7 +4,7 @@ data = build_data(cfg.data, seed=cfg.seed, num_classes=cfg.model.num_classes)
 batches = prefetch_to_device(data.train_iter(32, seed=cfg.seed))
 for batch in data.eval_iter("val", 256): ...   # padded, with batch["mask"]
 
-Names load lazily: serving code that decodes an image file with `jaxdl.data.sources` or
+Names load lazily: serving code that decodes an image file with `jaxdl.data.records` or
 `jaxdl.data.transforms` does not import grain or TFDS.
 """
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxdl.data.sources import (
+from jaxdl.data.records import (
     ArrayImageDecode,
     InMemoryRecords,
     Source,

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from jaxdl.data.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, open_image
-from jaxdl.data.sources import Source, image_size, opt
+from jaxdl.data.records import Source, image_size, opt
 from jaxdl.errors import UserError
 
 SPLIT_SEED = 0

@@ -18,15 +18,8 @@ import numpy as np
 
 from jaxdl.data.batches import EvalBatches, TrainBatches, materialize
 from jaxdl.data.loader import TrainIterator, eval_batches
-from jaxdl.data.sources import (
-    Concat,
-    Source,
-    Subset,
-    cheap_labels,
-    load_source,
-    opt,
-    record_labels,
-)
+from jaxdl.data.records import Concat, Source, Subset, cheap_labels, opt, record_labels
+from jaxdl.data.sources import load_source
 from jaxdl.data.transforms import EvalChain, Op, TrainChain, parse_transforms
 from jaxdl.errors import UserError
 

@@ -1,27 +1,25 @@
-"""Data sources: `data.source` spec -> random-access records per split, and their decoder.
+"""Data sources: `data.source` spec -> a `Source` (records per split and their decoder).
 
-Every source yields a `Source`: for each split a random-access sequence of raw records
-(``len`` and ``[i]``, what grain calls a data source) plus one picklable callable that
-turns a record into a canonical example:
-
-    classification: {"image": float32 [H, W, C] in [0, 1], "label": int32 []}
-    lm:             {"inputs": int32 [T], "targets": int32 [T]}
-
-Raw classification records are dicts with an integer "label", so labels can be read
-without decoding images (for stratified folds). Split names are "train", "val", "test".
+`load_source` is the one dispatch: it imports each source module (digits, imagefolder, text,
+tabular, textfolder) on use; the synthetic and TFDS sources live here. What they all share
+(`Source`, record containers, decoders, `opt`) is `jaxdl.data.records`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
 
-from jaxdl.data.transforms import resize_image
+from jaxdl.data.records import (
+    ArrayImageDecode,
+    Identity,
+    Source,
+    image_size,
+    opt,
+    pixel_scale,
+    resolve_data_dir,
+)
 from jaxdl.errors import UserError
 
 VALID_SOURCES = (
@@ -29,210 +27,6 @@ VALID_SOURCES = (
     '"text:pydoc", "synthetic:images", "synthetic:tokens", "csv:PATH", "parquet:PATH", '
     '"sklearn:NAME", "textfolder:PATH"'
 )
-DEFAULT_DATA_DIR = "~/.cache/jaxdl/tfds"
-
-
-def opt(cfg: Mapping, key: str, default: Any = None) -> Any:
-    """`cfg[key]`, or `default` when missing or "unset" (None, "", 0, [])."""
-    value = cfg.get(key, None)
-    if value is None or (not isinstance(value, bool) and value in ("", 0, [], ())):
-        return default
-    return value
-
-
-def resolve_data_dir(cfg: Mapping) -> str:
-    """data.data_dir, else $JAXDL_DATA_DIR, else ~/.cache/jaxdl/tfds."""
-    path = opt(cfg, "data_dir") or os.environ.get("JAXDL_DATA_DIR") or DEFAULT_DATA_DIR
-    return str(Path(path).expanduser())
-
-
-def image_size(cfg: Mapping) -> tuple[int, int] | None:
-    """data.image_size (int = square, or [h, w]) as (h, w); None = the source's own size."""
-    size = opt(cfg, "image_size")
-    if size is None:
-        return None
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-@dataclasses.dataclass
-class Source:
-    """Raw records per split and the decoder shared by all splits."""
-
-    kind: str  # a task kind of jaxdl.core.heads.KINDS
-    splits: dict[str, Sequence]
-    decode: Callable[[Any], dict[str, np.ndarray]]
-    num_classes: int | None
-    class_names: list[str] | None
-    description: dict  # JSON: how a record becomes an example, for Data.preprocessing
-    split_names: dict[str, str] = dataclasses.field(default_factory=dict)
-    skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)  # {"path", "reason"}
-    # What the model and head take from the train split (tables): {"model": {...}, "head": {...}}
-    task_fields: dict = dataclasses.field(default_factory=dict)
-
-    def labels(self, split: str) -> np.ndarray:
-        """int64 [N] labels of a classification split: held in memory, or read from the raw
-        records (no image decoding)."""
-        return record_labels(self.splits[split])
-
-
-# ---- record containers ---------------------------------------------------------------------
-
-
-class Subset:
-    """records[indices] as a random-access source."""
-
-    def __init__(self, records: Sequence, indices: Sequence[int]):
-        self.records, self.indices = records, np.asarray(indices, np.int64)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        return self.records[int(self.indices[i])]
-
-    def cheap_labels(self, key: str = "label") -> np.ndarray | None:
-        base = cheap_labels(self.records, key)
-        return None if base is None else base[self.indices]
-
-
-class Concat:
-    """Several random-access sources end to end."""
-
-    def __init__(self, parts: Sequence[Sequence]):
-        self.parts = list(parts)
-        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
-
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
-
-    def __getitem__(self, i: int):
-        part = int(np.searchsorted(self.offsets, i, side="right")) - 1
-        return self.parts[part][i - int(self.offsets[part])]
-
-    def cheap_labels(self, key: str = "label") -> np.ndarray | None:
-        parts = [cheap_labels(p, key) for p in self.parts]
-        return None if any(p is None for p in parts) else np.concatenate(parts)
-
-
-class InMemoryRecords:
-    """All records of a small source held as stacked numpy arrays (one read at build)."""
-
-    def __init__(self, records: Sequence):
-        rows = list(records.__getitems__(list(range(len(records)))))
-        self.arrays = {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
-
-    def __len__(self) -> int:
-        return len(next(iter(self.arrays.values())))
-
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        return {k: v[i] for k, v in self.arrays.items()}
-
-    def cheap_labels(self, key: str = "label") -> np.ndarray | None:
-        return self.arrays.get(key)
-
-
-def cheap_labels(records: Sequence, key: str = "label") -> np.ndarray | None:
-    """int [N] labels of `records` when held in memory (no record read, no decode), else None.
-
-    Record containers that can answer cheaply define ``cheap_labels(key)``; TFDS sources
-    cannot (each record is deserialized whole), so their ClassLabel metadata stands in.
-    """
-    method = getattr(records, "cheap_labels", None)
-    return None if method is None else method(key)
-
-
-def record_labels(records: Sequence, key: str = "label") -> np.ndarray:
-    """int64 [N] labels of `records`: held in memory, or read from the raw records (no image
-    decoding)."""
-    held = cheap_labels(records, key)
-    if held is not None:
-        return np.asarray(held, np.int64)
-    return np.asarray([int(records[i][key]) for i in range(len(records))], np.int64)
-
-
-# ---- decoding arrays -----------------------------------------------------------------------
-
-
-def convert_channels(image: np.ndarray, channels: int | None) -> np.ndarray:
-    """[H, W, c] -> [H, W, channels]: gray<->RGB (ITU-R 601 luma, as Pillow), drop alpha."""
-    have = image.shape[-1]
-    if channels is None or have == channels:
-        return image
-    if have == 4:
-        image, have = image[..., :3], 3
-    if have == 1 and channels == 3:
-        return np.repeat(image, 3, axis=-1)
-    if have == 3 and channels == 1:
-        luma = np.asarray([0.299, 0.587, 0.114], np.float32)
-        return (image @ luma)[..., None].astype(np.float32)
-    if have == channels:
-        return image
-    raise UserError(
-        f"data.channels: cannot convert {have}-channel images to {channels}. "
-        "Fix: set data.channels to 1, 3 or 0 (native)."
-    )
-
-
-def quantize_levels(x: np.ndarray, levels: int) -> np.ndarray:
-    """float32 values in [0, 1] -> the nearest of `levels` evenly spaced values k / (levels - 1).
-
-    Digits are 17-level images stored as 8-bit (k -> round(255 k / 16)); this maps every
-    8-bit value back to the level the model trained on, exactly (k / 16 is a float32).
-    """
-    steps = np.float32(levels - 1)
-    return np.round(x * steps) / steps
-
-
-def pixel_scale(dtype: Any) -> float:
-    """The value of full intensity for images stored as `dtype`: the integer maximum (255 for
-    uint8, 65535 for uint16, so 16-bit images are scaled, not clipped), 1.0 for floats."""
-    dtype = np.dtype(dtype)
-    return float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else 1.0
-
-
-class ArrayImageDecode:
-    """Record with an image array -> {"image": float32 [0, 1] HWC, "label": int32}.
-
-    `scale` is the pixel maximum (255 for uint8, 1 for floats); `levels`, when set, snaps
-    the scaled values to that many evenly spaced levels (`quantize_levels`).
-    """
-
-    def __init__(
-        self,
-        *,
-        scale: float,
-        image_key: str = "image",
-        label_key: str = "label",
-        image_size: tuple[int, int] | None = None,
-        channels: int | None = None,
-        levels: int | None = None,
-    ):
-        self.scale, self.image_key, self.label_key = float(scale), image_key, label_key
-        self.image_size, self.channels, self.levels = image_size, channels, levels
-
-    def describe(self) -> dict[str, Any]:
-        size = list(self.image_size) if self.image_size else None
-        out = {"pixel_scale": self.scale, "channels": self.channels, "image_size": size}
-        return {**out, "levels": self.levels} if self.levels else out
-
-    def __call__(self, record: Mapping) -> dict[str, np.ndarray]:
-        image = np.asarray(record[self.image_key])
-        if image.ndim == 2:
-            image = image[..., None]
-        image = image.astype(np.float32) / np.float32(self.scale)
-        if self.levels:
-            image = quantize_levels(image, self.levels)
-        image = convert_channels(image, self.channels)
-        if self.image_size is not None:
-            image = resize_image(image, self.image_size)
-        return {"image": image, "label": np.asarray(record[self.label_key], np.int32)}
-
-
-class Identity:
-    """Records that are already examples (text windows, synthetic tokens)."""
-
-    def __call__(self, record):
-        return record
 
 
 # ---- synthetic -----------------------------------------------------------------------------

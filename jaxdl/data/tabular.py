@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxdl.data.sources import Identity, Source, opt
+from jaxdl.data.records import Identity, Source, opt, split_rows
 from jaxdl.errors import UserError
 
 MAX_CLASSES = 20
@@ -233,47 +233,6 @@ def encode_labels(
 
 
 # ---- split and preprocessing ---------------------------------------------------------------
-
-
-def split_rows(
-    n: int, labels: np.ndarray | None, *, val_fraction: float, test_fraction: float, seed: int
-) -> dict[str, np.ndarray]:
-    """Sorted row indices per split; stratified by ``labels`` [N] when given."""
-    from sklearn.model_selection import train_test_split
-
-    for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0 < value < 1:
-            raise UserError(f"data.{key}: expected a fraction in (0, 1), found {value}.")
-    if val_fraction + test_fraction >= 1:
-        raise UserError(
-            f"data.val_fraction + data.test_fraction: expected < 1, found "
-            f"{val_fraction + test_fraction}. Fix: lower them."
-        )
-    idx = np.arange(n)
-    if labels is not None:
-        values, counts = np.unique(labels, return_counts=True)
-        if counts.min() < 3:
-            few = {int(v): int(c) for v, c in zip(values, counts, strict=True) if c < 3}
-            raise UserError(
-                f"data.label_column: a stratified train/val/test split needs at least 3 rows "
-                f"per class, found {few} (class id: rows). Fix: add rows, merge the class, "
-                "or drop it."
-            )
-    try:
-        rest, test = train_test_split(
-            idx, test_size=test_fraction, random_state=seed, stratify=labels
-        )
-        strat = None if labels is None else labels[rest]
-        train, val = train_test_split(
-            rest, test_size=val_fraction / (1 - test_fraction), random_state=seed, stratify=strat
-        )
-    except ValueError as err:
-        raise UserError(
-            f"data: cannot split {n} rows into train/val/test "
-            f"({str(err).splitlines()[0]}). Fix: add rows or change data.val_fraction / "
-            "data.test_fraction."
-        ) from None
-    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
 def check_missing(columns: Mapping[str, Column], where: str) -> None:

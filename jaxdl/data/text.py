@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxdl.data.sources import Identity, Source, opt
+from jaxdl.data.records import Identity, Source, opt
 from jaxdl.errors import UserError
 from jaxdl.lm.tokenizer import BYTES, load_tokenizer
 

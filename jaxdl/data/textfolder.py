@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxdl.data.sources import Identity, Source, opt
-from jaxdl.data.tabular import split_rows
+from jaxdl.data.records import Identity, Source, opt, split_rows
 from jaxdl.errors import UserError
 from jaxdl.lm.tokenizer import BYTES, ByteTokenizer, JsonTokenizer, load_tokenizer
 

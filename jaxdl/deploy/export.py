@@ -83,7 +83,7 @@ def classifier_fn(
     """predict(x float32 [B, H, W, C] raw pixels) -> softmax probabilities [B, C].
 
     ``levels``: snap the scaled pixels to that many levels, as the source decodes
-    (`jaxdl.data.sources.quantize_levels`).
+    (`jaxdl.data.records.quantize_levels`).
     """
 
     def predict(x):
@@ -170,7 +170,7 @@ def _image_file_spec(cfg, data, input_shape: Sequence[int], host: Sequence[Mappi
     source's native size, whatever the file has).
     """
     from jaxdl.data.images import DEFAULT_MAX_PIXELS
-    from jaxdl.data.sources import image_size, opt
+    from jaxdl.data.records import image_size, opt
 
     prep = data.preprocessing
     scale = float(prep.get("pixel_scale", 1.0))

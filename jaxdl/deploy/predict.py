@@ -195,7 +195,7 @@ def load_image(
     from PIL import Image
 
     from jaxdl.data.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, open_image
-    from jaxdl.data.sources import convert_channels
+    from jaxdl.data.records import convert_channels
     from jaxdl.data.transforms import parse_transform, resize_image
 
     path = Path(path)

@@ -6,11 +6,16 @@
 torchvision so ported weights map by name: ``stem_conv``, ``stem_bn``, ``layer1_0`` ...
 ``layer4_2`` (each with ``conv1``/``bn1``... and ``downsample_conv``/``downsample_bn``),
 ``head``.
+
+`resnet_spec(model)` resolves a module or a model config to its `ResNetSpec` (blocks per
+stage, block type, base width, stem width), the shape benchmarks and FLOP counts need.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -83,7 +88,7 @@ def _shortcut(x: jax.Array, channels: int, strides: tuple[int, int], conv, norm)
 BLOCKS: dict[str, type[nn.Module]] = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
 
 # depth -> (blocks per stage, block type, default base filters)
-_VARIANTS: dict[str, tuple[tuple[int, ...], str, int]] = {
+DEPTHS: dict[str, tuple[tuple[int, ...], str, int]] = {
     "tiny": ((1, 1, 1, 1), "basic", 8),
     "18": ((2, 2, 2, 2), "basic", 64),
     "34": ((3, 4, 6, 3), "basic", 64),
@@ -91,6 +96,21 @@ _VARIANTS: dict[str, tuple[tuple[int, ...], str, int]] = {
     "101": ((3, 4, 23, 3), "bottleneck", 64),
     "152": ((3, 8, 36, 3), "bottleneck", 64),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetSpec:
+    """The resolved layout of a `ResNet`: depth preset with the module's overrides on top.
+
+    stage i (0-based) has `stage_sizes[i]` blocks of width `filters * 2**i` (x4 at the
+    output of a "bottleneck" block); its first block strides 2 for i > 0.
+    """
+
+    stage_sizes: tuple[int, ...]
+    block: str  # "basic" | "bottleneck"
+    filters: int
+    stem_filters: int
+    small_inputs: bool
 
 
 @register("resnet")
@@ -117,7 +137,7 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
 
     def __post_init__(self):
-        if str(self.depth) not in _VARIANTS:
+        if str(self.depth) not in DEPTHS:
             raise UserError(
                 f"model.depth: expected one of 18, 34, 50, 101, 152, 'tiny', found "
                 f"{self.depth!r}. Fix: set --config.model.depth=50."
@@ -129,17 +149,27 @@ class ResNet(nn.Module):
             )
         super().__post_init__()
 
+    @property
+    def spec(self) -> ResNetSpec:
+        stage_sizes, block, filters = DEPTHS[str(self.depth)]
+        filters = self.num_filters or filters
+        return ResNetSpec(
+            stage_sizes=tuple(self.stage_sizes or stage_sizes),
+            block=self.block or block,
+            filters=filters,
+            stem_filters=self.stem_filters or filters,
+            small_inputs=self.small_inputs,
+        )
+
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        stage_sizes, block, default_filters = _VARIANTS[str(self.depth)]
-        stage_sizes = tuple(self.stage_sizes or stage_sizes)
-        block_cls = BLOCKS[self.block or block]
-        filters = self.num_filters or default_filters
+        spec = self.spec
+        block_cls, filters = BLOCKS[spec.block], spec.filters
         x = x.astype(self.dtype)
         # 3x3 stride 1 for small images; 7x7 stride 2 (+ max-pool below) for ImageNet sizes.
         kernel, stride, pad = (3, 1, 1) if self.small_inputs else (7, 2, 3)
         x = nn.Conv(
-            self.stem_filters or filters,
+            spec.stem_filters,
             (kernel, kernel),
             (stride, stride),
             padding=pad,
@@ -151,7 +181,7 @@ class ResNet(nn.Module):
         x = nn.relu(_batch_norm(train=train, dtype=self.dtype, name="stem_bn")(x))
         if not self.small_inputs:
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        for i, num_blocks in enumerate(stage_sizes):
+        for i, num_blocks in enumerate(spec.stage_sizes):
             for j in range(num_blocks):
                 strides = 2 if i > 0 and j == 0 else 1
                 x = block_cls(
@@ -168,3 +198,10 @@ ResNet34 = functools.partial(ResNet, depth=34)
 ResNet50 = functools.partial(ResNet, depth=50)
 ResNet101 = functools.partial(ResNet, depth=101)
 ResNet152 = functools.partial(ResNet, depth=152)
+
+
+def resnet_spec(model: ResNet | Mapping[str, Any]) -> ResNetSpec:
+    """The resolved spec of a module or of a model config ({"name": "resnet", ...})."""
+    if isinstance(model, Mapping):
+        model = ResNet(**{k: v for k, v in model.items() if k != "name"})
+    return model.spec

@@ -26,10 +26,12 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on WORKDIR/.lock (which records pid and host).
+def workdir_lock(workdir: Path, command: str = "train") -> Iterator[None]:
+    """Hold an exclusive ``flock`` on WORKDIR/.lock (which records the `jaxdl` command, pid
+    and host).
 
-    A second run on the same workdir is refused in one line naming the holder. The kernel
+    A second run on the same workdir (`jaxdl train` or `jaxdl sweep`) is refused in one line
+    naming the holder. The kernel
     drops the lock when its process dies, so a killed run leaves no stale lock: the file
     stays, with a dead pid in it, and the next run simply takes it. A workdir this run
     created and left holding nothing but the lock (it failed before writing anything) is
@@ -45,13 +47,14 @@ def workdir_lock(workdir: Path) -> Iterator[None]:
         except OSError as err:
             if err.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "unknown"
+            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "run (unknown)"
             raise UserError(
-                f"--workdir: {workdir} is in use by another jaxdl train ({holder}). Fix: wait "
-                "for that run to finish or stop it, or use another --workdir."
+                f"--workdir: {workdir} is in use by another {holder}. Fix: wait for that run "
+                "to finish or stop it, or use another --workdir."
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        me = f"jaxdl {command} (pid {os.getpid()} on host {socket.gethostname()})\n"
+        os.pwrite(fd, me.encode(), 0)
         yield
     finally:
         os.close(fd)  # releases the flock

@@ -51,7 +51,7 @@ def test_a_member_of_sixteen_equals_itself_alone_bitwise():
     """16 digits-MLP members stack enough for XLA:CPU to hand the softmax and bias-gradient
     sums to YNNPACK, which sums in another order than for one member; the group step keeps
     reductions in XLA so the bits agree. (Without dropout: with it, an ulp remains, which
-    tests/training/test_sweep.py bounds by 1e-5 in the val metric.)"""
+    tests/runs/test_sweep.py bounds by 1e-5 in the val metric.)"""
     cfgs = [_cfg(i) for i in range(MEMBERS)]
     data = build_data(cfgs[0].data, seed=0, num_classes=10)
     setups = [

@@ -200,7 +200,7 @@ def test_a_decompression_bomb_is_refused_in_train_and_predict(tmp_path):
 
 
 def test_array_images_are_scaled_by_their_dtype():
-    from jaxdl.data.sources import ArrayImageDecode, pixel_scale
+    from jaxdl.data.records import ArrayImageDecode, pixel_scale
 
     assert [pixel_scale(t) for t in (np.uint8, np.uint16, np.float32)] == [255.0, 65535.0, 1.0]
     wide = np.array([[0, 32768, 65535]], np.uint16)[..., None]

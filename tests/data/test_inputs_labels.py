@@ -9,7 +9,7 @@ from jaxdl.config import default_config
 from jaxdl.core.heads import finalize
 from jaxdl.data import build_data
 from jaxdl.data.pipeline import _check_labels_fit
-from jaxdl.data.sources import ArrayImageDecode, Source
+from jaxdl.data.records import ArrayImageDecode, Source
 from jaxdl.errors import UserError
 from jaxdl.training.trainer import train
 

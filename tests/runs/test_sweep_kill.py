@@ -15,8 +15,8 @@ from collections import Counter
 import pytest
 
 from jaxdl import config as config_lib
+from jaxdl.runs.sweep import run_sweep
 from jaxdl.training.runlog import read_metrics
-from jaxdl.training.sweep import run_sweep
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 QUICK = [

@@ -95,6 +95,47 @@ def _literals(text: str, nodes: Sequence[ast.expr]) -> list:
         raise _bad(text, "a value that is not a literal (number, string, bool)") from None
 
 
+def check_keys(spaces: Sequence[Space]) -> None:
+    """Refuse a key given twice: its trials would repeat, or one space would hide another."""
+    seen: dict[str, str] = {}
+    for s in spaces:
+        if s.key in seen:
+            raise UserError(
+                f"--param {s.key}: expected each key once, found it twice ({s.key}={seen[s.key]} "
+                f"and {s.key}={s.text}). Fix: give all its values in one space, e.g. "
+                f"--param {s.key}=[v1,v2,...]."
+            )
+        seen[s.key] = s.text
+
+
+def grid_size(spaces: Sequence[Space]) -> int | None:
+    """Trials in the grid of `spaces` (None when a space is continuous: no grid)."""
+    if not all(s.discrete for s in spaces):
+        return None
+    return math.prod(len(s.values) for s in spaces)
+
+
+def count_trials(spaces: Sequence[Space], strategy: str, trials: int | None) -> int:
+    """How many trials a sweep runs: ``trials`` (--trials), else the whole grid for "grid"
+    and 16 otherwise. 0 or fewer, or more than a grid holds, is refused."""
+    size = grid_size(spaces) if strategy == "grid" else None
+    whole = "the whole grid" if size is not None else "16 trials"
+    if trials is not None and trials < 1:
+        raise UserError(
+            f"--trials: expected >= 1, found {trials}. Fix: drop --trials to run {whole}, or "
+            "pass a positive count."
+        )
+    if size is not None and trials is not None and trials > size:
+        raise UserError(
+            f"--trials: expected at most {size} (the grid of --param values holds {size} "
+            f"trials), found {trials}. Fix: drop --trials to run the whole grid, pass "
+            f"--trials {size} or fewer, or use --strategy random to draw {trials} trials."
+        )
+    if trials is not None:
+        return trials
+    return size if size is not None else 16
+
+
 def make_trials(
     spaces: Sequence[Space], strategy: str, trials: int | None, seed: int
 ) -> list[dict[str, Any]]:

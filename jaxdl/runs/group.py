@@ -1,18 +1,15 @@
-"""`jaxdl sweep`: many trials of one config, M at a time in one vmapped program.
+"""One vmapped group: M members of one config, trained as one jitted program.
 
-    trials (grid / random draws over --param spaces)
-      -> groups: trials equal in every key outside `jaxdl.core.vmapped.VMAPPED_KEYS`,
-         at most --parallel each
-      -> per group: each member built exactly as `train` builds it, states stacked, one
-         jitted vmapped step, each member fed its own batches (its own data-order seed)
-      -> per member: DIR/trials/NNN/ a workdir record (config.json, metrics.jsonl,
-         checkpoints/, checkpoints_best/, summary.json, trial.json)
-      -> DIR/sweep.json, DIR/table.txt, DIR/sweep.png
+    members (configs equal in every key outside `jaxdl.core.vmapped.VMAPPED_KEYS`)
+      -> each built exactly as `train` builds it, states stacked, one vmapped step,
+         each member fed its own batches (its own data-order seed)
+      -> per member: a workdir record (config.json, metrics.jsonl, checkpoints/,
+         checkpoints_best/, summary.json, trial.json)
 
 Early stopping and NaN are per member: a member whose loss turns non-finite is marked
 "diverged" at that step and its record ends there; vmap keeps its NaNs out of its
-neighbours. A rerun of the same command resumes: finished trials are kept, unfinished
-members continue from their latest common checkpoint with their data iterators' state.
+neighbours. The sweep strategies (`jaxdl.runs.sweep`: grid and random;
+`jaxdl.runs.optuna_search`: Optuna's samplers and pruners) both train through `run_group`.
 """
 
 from __future__ import annotations
@@ -21,7 +18,6 @@ import contextlib
 import copy
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from jaxdl import config as config_lib
+from jaxdl.checkpoint.manager import Checkpointer
 from jaxdl.core import heads, vmapped
 from jaxdl.core.optim import make_optimizer
 from jaxdl.data import build_data, validate_batch
@@ -39,7 +36,6 @@ from jaxdl.errors import UserError
 from jaxdl.fileio import write_json
 from jaxdl.finetune import partition
 from jaxdl.training import scores
-from jaxdl.training import spaces as spaces_lib
 from jaxdl.training.build import build
 from jaxdl.training.guards import stop_on_signals
 from jaxdl.training.runlog import MetricLogger, params_sha256, read_metrics
@@ -74,119 +70,6 @@ def group_key(params: dict[str, Any]) -> str:
     return json.dumps(fixed, sort_keys=True)
 
 
-def check_spaces(spaces: Sequence[spaces_lib.Space], parallel: int, strategy: str) -> None:
-    """Refuse a shape-changing key that would leave every member alone in its group."""
-    if parallel <= 1 or strategy == "grid":
-        return
-    for space in spaces:
-        if space.key not in vmapped.VMAPPED_KEYS and not space.discrete:
-            raise UserError(
-                f"--param {space.key}={space.text}: {space.key} is not one of the keys members "
-                f"of a vmapped group may differ in ({', '.join(vmapped.VMAPPED_KEYS)}), and a "
-                f"continuous space gives every trial its own value, so --parallel {parallel} "
-                "cannot group any. Fix: give a list of values [v1,v2,...] or choice(...), "
-                "or pass --parallel 1."
-            )
-
-
-def run_sweep(
-    cfg: ml_collections.ConfigDict,
-    workdir: str | Path,
-    param_texts: Sequence[str],
-    *,
-    trials: int | None = None,
-    parallel: int = 8,
-    strategy: str | None = None,
-    storage: str | None = None,
-    echo: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Run (or resume) a sweep in ``workdir``; return the sweep.json record.
-
-    ``strategy`` "tpe", or any strategy with a ``storage`` URL, runs through Optuna
-    (`jaxdl.training.optuna_search`); grid and random alone need no Optuna.
-    """
-    if cfg.tasks:
-        raise UserError("config.tasks: a sweep trains single-task runs; found a task list.")
-    if parallel < 1:
-        raise UserError(f"--parallel: expected >= 1, found {parallel}.")
-    spaces = [spaces_lib.parse_param(t) for t in param_texts]
-    if not spaces:
-        raise UserError("--param: expected at least one KEY=SPACE. Fix: add --param KEY=[...].")
-    strategy = strategy or ("grid" if all(s.discrete for s in spaces) else "random")
-    use_optuna = strategy == "tpe" or storage is not None
-    draw = spaces_lib.make_trials(spaces, "random", 1, seed=cfg.seed)[0]
-    for space in spaces:  # unknown keys and wrong types fail before any work
-        member_config(cfg, {space.key: draw[space.key]})
-    check_spaces(spaces, parallel, strategy)
-    trial_params = (
-        [] if use_optuna else spaces_lib.make_trials(spaces, strategy, trials, seed=cfg.seed)
-    )
-    metric = cfg.best_metric or "val_loss"
-    workdir = Path(workdir)
-    spec = {
-        "config": json.loads(config_lib.to_json(cfg)),
-        "params": {s.key: s.text for s in spaces},
-        "strategy": strategy,
-        "trials": trials if use_optuna else len(trial_params),
-    }
-    _check_spec(workdir, spec)
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_json(workdir / "sweep_spec.json", spec)
-    with stop_on_signals() as stop:  # one handler for every group of the sweep
-        if use_optuna:
-            from jaxdl.training import optuna_search
-
-            optuna_search.run(
-                cfg,
-                workdir,
-                spaces,
-                strategy=strategy,
-                storage=storage,
-                trials=trials or 16,
-                parallel=parallel,
-                metric=metric,
-                echo=echo,
-            )
-        else:
-            _run_trials(cfg, workdir, trial_params, parallel, metric, stop, echo)
-    return write_report(workdir, metric, echo=echo)
-
-
-def _run_trials(cfg, workdir: Path, trial_params, parallel: int, metric: str, stop, echo) -> None:
-    """Grid / random: train every trial without a trial.json, group by group."""
-    pending = []
-    for i, params in enumerate(trial_params):
-        member_dir = workdir / "trials" / f"{i:03d}"
-        if not (member_dir / "trial.json").exists():
-            pending.append((i, params, member_dir))
-    groups: dict[str, list] = {}
-    for item in pending:
-        groups.setdefault(group_key(item[1]), []).append(item)
-    for members in groups.values():
-        for start in range(0, len(members), parallel):
-            chunk = members[start : start + parallel]
-            stop.check(f"before trials {[i for i, _, _ in chunk]}. {RESUME}")
-            echo(f"sweep: training trials {[i for i, _, _ in chunk]} together")
-            run_group(
-                [member_config(cfg, p) for _, p, _ in chunk],
-                [d for _, _, d in chunk],
-                [p for _, p, _ in chunk],
-                metric=metric,
-            )
-
-
-def _check_spec(workdir: Path, spec: dict) -> None:
-    path = workdir / "sweep_spec.json"
-    if path.exists() and json.loads(path.read_text()) != json.loads(json.dumps(spec)):
-        raise UserError(
-            f"--workdir: {workdir} holds another sweep (config, --param, --strategy or "
-            "--trials differ). Fix: use a new --workdir, or the same command to resume."
-        )
-
-
-# ---- one vmapped group ----------------------------------------------------------------------
-
-
 def run_group(
     cfgs: Sequence[ml_collections.ConfigDict],
     workdirs: Sequence[Path],
@@ -200,8 +83,6 @@ def run_group(
 
     ``should_prune(member, step, value)`` is asked at every evaluation (an Optuna pruner).
     """
-    from jaxdl.checkpoint.manager import Checkpointer
-
     c0 = cfgs[0]
     num_members = len(cfgs)
     datas: dict[int, Any] = {}
@@ -490,77 +371,3 @@ def _evaluate(group_eval, state, datas, cfgs, split: str, batch_size: int) -> li
     assert sums is not None, "empty evaluation split"
     kind = next(iter(datas.values())).kind
     return scores.member_metrics(jax.device_get(sums), jax.device_get(per_example), kind, len(cfgs))
-
-
-# ---- the report -----------------------------------------------------------------------------
-
-
-def write_report(workdir: Path, metric: str, *, echo=print) -> dict[str, Any]:
-    """sweep.json (finished trials, in trial order), table.txt (ranked) and sweep.png."""
-    mode = "min" if minimized(metric) else "max"
-    trials = []
-    for path in sorted((workdir / "trials").glob("*/trial.json")):
-        record = json.loads(path.read_text())
-        trials.append({**record, "workdir": str(path.parent)})
-    report = {"metric": metric, "mode": mode, "trials": trials}
-    write_json(workdir / "sweep.json", report)
-    table = format_table(report)
-    (workdir / "table.txt").write_text(table + "\n")
-    echo(table)
-    plot_sweep(report, workdir / "sweep.png")
-    return report
-
-
-def _ranked(report: dict) -> list[dict]:
-    sign = 1.0 if report["mode"] == "min" else -1.0
-    usable = [t for t in report["trials"] if t["best"] is not None]
-    rest = [t for t in report["trials"] if t["best"] is None]
-    return sorted(usable, key=lambda t: sign * t["best"]) + rest
-
-
-def format_table(report: dict) -> str:
-    """The trials ranked by their best metric, one row each."""
-    keys = sorted({k for t in report["trials"] for k in t["params"]})
-    header = ["rank", *keys, report["metric"], "state", "workdir"]
-    rows = [
-        [
-            str(rank),
-            *(f"{t['params'].get(k)!s:.10}" for k in keys),
-            "-" if t["best"] is None else f"{t['best']:.5f}",
-            t["state"],
-            Path(t["workdir"]).name,
-        ]
-        for rank, t in enumerate(_ranked(report), 1)
-    ]
-    widths = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]
-    )
-
-
-def plot_sweep(report: dict, out_path: Path) -> None:
-    """The metric against each parameter, one panel per parameter (diverged trials as x)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = sorted({k for t in report["trials"] for k in t["params"]})
-    if not keys:
-        return
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=True):
-        points = [(t["params"][key], t["best"]) for t in report["trials"] if t["best"] is not None]
-        numeric = all(isinstance(x, int | float) for x, _ in points)
-        xs = [x if numeric else str(x) for x, _ in points]
-        ax.scatter(xs, [y for _, y in points])
-        if numeric and points and min(xs) > 0 and max(xs) / min(xs) >= 100:
-            ax.set_xscale("log")
-        ax.set_xlabel(key)
-        ax.set_ylabel(report["metric"])
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = Path(out_path).with_name(f".{Path(out_path).name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    shutil.move(tmp, out_path)

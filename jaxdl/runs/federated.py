@@ -35,7 +35,7 @@ import numpy as np
 from jaxdl.core import vmapped
 from jaxdl.core.optim import make_optimizer
 from jaxdl.data import build_data
-from jaxdl.data.sources import Subset
+from jaxdl.data.records import Subset
 from jaxdl.errors import UserError
 from jaxdl.fileio import write_json
 from jaxdl.finetune import partition

@@ -14,7 +14,7 @@ import pytest
 
 from jaxdl import config as config_lib
 from jaxdl.errors import UserError
-from jaxdl.training.federated import client_shards, run_federated
+from jaxdl.runs.federated import client_shards, run_federated
 from jaxdl.training.runlog import read_metrics
 from jaxdl.training.trainer import train
 

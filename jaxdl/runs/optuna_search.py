@@ -1,7 +1,7 @@
 """Optuna's samplers and pruners driving vmapped groups (ask-and-tell).
 
 Each round asks M trials from the study (TPE, random or grid sampler), trains them as
-vmapped groups (`jaxdl.training.sweep.run_group`), reports every evaluation to the trial
+vmapped groups (`jaxdl.runs.group.run_group`), reports every evaluation to the trial
 so the successive-halving pruner can stop it, and tells the study each outcome. With an
 RDB storage (``--storage sqlite:///DIR/sweep.db``, PostgreSQL on a cluster) several
 `jaxdl sweep` processes share one study: Optuna numbers trials in the storage, so no two
@@ -37,8 +37,9 @@ import ml_collections
 from jaxdl.checkpoint.read import list_steps
 from jaxdl.errors import Stopped, UserError, warn
 from jaxdl.fileio import pid_alive
+from jaxdl.runs.group import RESUME, group_key, member_config, run_group
+from jaxdl.runs.spaces import Space
 from jaxdl.training.guards import stop_on_signals
-from jaxdl.training.spaces import Space
 from jaxdl.training.trainer import minimized
 
 STUDY_NAME = "jaxdl-sweep"
@@ -316,7 +317,6 @@ def run(
 ) -> None:
     """Ask, train and tell until the study holds ``trials`` finished trials."""
     optuna = _import_optuna()
-    from jaxdl.training.sweep import RESUME, group_key
 
     if strategy == "grid":
         for s in spaces:
@@ -403,8 +403,6 @@ def _run_members(
     """Train one vmapped group of asked trials and tell the study each outcome. A member
     already finished (its process was killed before telling) is told from its trial.json;
     on a signal, unfinished members go back to the queue for the rerun to resume."""
-    from jaxdl.training.sweep import RESUME, member_config, run_group
-
     todo = []
     for trial, params, key in members:
         record = sweep.record(key)

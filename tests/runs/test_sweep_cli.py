@@ -12,9 +12,10 @@ import pytest
 
 from jaxdl import config as config_lib
 from jaxdl.errors import UserError
+from jaxdl.runs.spaces import make_trials, parse_param
+from jaxdl.runs.sweep import run_sweep
+from jaxdl.training.guards import workdir_lock
 from jaxdl.training.runlog import read_metrics
-from jaxdl.training.spaces import make_trials, parse_param
-from jaxdl.training.sweep import run_sweep
 from jaxdl.training.trainer import train
 
 QUICK = [
@@ -64,6 +65,23 @@ def test_cli_sweep_writes_the_contract(tmp_path):
         ("optimizer.learning_rate=[1e-3", [], ["--param", "does not parse"]),
         ("data.batch_size=int(16,64)", [], ["data.batch_size", "--parallel 8"]),
         ("data.batch_size=['a']", [], ["data.batch_size", "expected int"]),
+        ("federated.clients=[2,4]", [], ["--param federated.clients:", "centrally"]),
+        (
+            "optimizer.learning_rate=[1e-3]",
+            ["--config.federated.clients=2"],
+            ["config.federated.clients: a sweep trains each member centrally", "jaxdl train"],
+        ),
+        ("seed=[0,1]", ["--trials", "0"], ["--trials: expected >= 1, found 0"]),
+        (
+            "seed=[0,1]",
+            ["--trials", "5"],
+            ["--trials: expected at most 2 (the grid", "found 5", "--strategy random"],
+        ),
+        (
+            "seed=[0,1]",
+            ["--param=seed=[2]"],
+            ["--param seed: expected each key once", "seed=[0,1] and seed=[2]"],
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, param, extra, words):
@@ -74,6 +92,21 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, param, extra, words):
     for word in words:
         assert word in lines[0], lines[0]
     assert not (tmp_path / "w").exists()  # nothing half-written
+
+
+def test_a_second_sweep_on_a_busy_workdir_is_refused_naming_the_holder(tmp_path):
+    cfg = config_lib.load_config("experiments/digits_mlp.py", QUICK)
+    said = []
+    with workdir_lock(tmp_path, "sweep"):  # as a first `jaxdl sweep` holds it
+        with pytest.raises(UserError) as err:
+            run_sweep(cfg, tmp_path, ["seed=[0,1]"], trials=1, echo=said.append)
+    assert str(err.value) == (
+        f"--workdir: {tmp_path} is in use by another jaxdl sweep (pid {os.getpid()} on host "
+        f"{os.uname().nodename}). Fix: wait for that run to finish or stop it, or use another "
+        "--workdir."
+    )
+    assert said == ["sweep: the first 1 of the grid's 2 trials (--trials 1)"]
+    assert not (tmp_path / "trials").exists() and not (tmp_path / "sweep_spec.json").exists()
 
 
 def test_spaces_parse_and_sample():

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from jaxdl import config as config_lib
+from jaxdl.runs.sweep import run_sweep
 from jaxdl.training.runlog import read_metrics
-from jaxdl.training.sweep import run_sweep
 from jaxdl.training.trainer import train
 
 QUICK = [
