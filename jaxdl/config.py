@@ -44,7 +44,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.task = ""  # "classification" | "binary" | "multilabel" | "regression" | "lm"
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "digits"
+    c.data.source = "digits"  # "none": a model without data (an imported one)
     c.data.batch_size = 32
     c.data.eval_batch_size = 0  # 0: same as batch_size
     # Larger images are refused before decoding (decompression bombs): Pillow's default cap.
@@ -69,6 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.num_examples = 0  # synthetic sources: 0 = default size
     c.data.classes = []  # labels to keep, relabelled 0..k-1 in this order; [] = all
     c.data.examples_per_class = 0  # 0 = all; N = the first N train examples per class
+    c.data.class_names = []  # source "none": the names of the model's outputs
     # Tables (csv:, parquet:, sklearn:); statistics come from the train split only.
     c.data.label_column = ""  # "a,b,c": several 0/1 columns, a multilabel task
     c.data.feature_columns = []  # [] = every column but the label(s)

@@ -324,6 +324,7 @@ def build_data(
     num_classes: int | None = None,
     fold: tuple[int, int] | None = None,
     task: str | None = None,
+    need_examples: bool = True,
 ) -> Data:
     """The data config (`data.*` keys; a plain dict works) -> Data.
 
@@ -332,6 +333,8 @@ def build_data(
     `data.classes` keeps those labels in every split, relabelled 0..k-1 in the given order;
     `data.examples_per_class` then keeps the first N train records of each class.
     `task` (config.task) chooses a table's task; other sources must agree with it.
+    ``need_examples=False`` accepts data.source "none" (no splits: what export and predict
+    of an imported model need); the default refuses it.
     """
     source = load_source(data_cfg, seed=seed, num_classes=num_classes, task=task)
     if task and task != source.kind:
@@ -339,8 +342,14 @@ def build_data(
             f"task: data.source {opt(data_cfg, 'source', 'digits')!r} gives a {source.kind} "
             f"task, found task={task!r}. Fix: leave task unset or use a matching source."
         )
+    if not source.splits and need_examples:
+        raise UserError(
+            'data.source: expected a source of examples, found "none" (a model without '
+            "data, e.g. an imported one). Fix: train with a config that sets data.source "
+            "and init_from.checkpoint=THE_IMPORTED_WORKDIR."
+        )
     eval_key = str(opt(data_cfg, "eval_split", "val"))
-    if eval_key not in source.splits:
+    if source.splits and eval_key not in source.splits:
         raise UserError(
             f"data.eval_split: expected one of {sorted(source.splits)}, found {eval_key!r}."
         )
@@ -381,10 +390,11 @@ def build_data(
         )
 
     # One example through each chain fixes the spec; both chains must agree on it.
-    eval_example = EvalChain(eval_ops)(source.decode(source.splits[eval_key][0]))
-    spec = _spec_of(eval_example)
+    eval_record = source.splits[eval_key][0] if source.splits else source.sample
+    train_record = source.splits["train"][0] if source.splits else source.sample
+    spec = _spec_of(EvalChain(eval_ops)(source.decode(eval_record)))
     rng = np.random.Generator(np.random.Philox(0))
-    train_spec = _spec_of(TrainChain(train_ops)(source.decode(source.splits["train"][0]), rng))
+    train_spec = _spec_of(TrainChain(train_ops)(source.decode(train_record), rng))
     if train_spec != spec:
         raise UserError(
             f"data.train_transforms: train examples come out as {train_spec}, eval "

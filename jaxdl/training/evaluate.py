@@ -111,6 +111,7 @@ def restore_run(
         seed=cfg.seed,
         num_classes=cfg.model.get("num_classes"),
         task=cfg.get("task") or None,
+        need_examples=False,  # export needs only the input (an imported model has no data)
     )
     setup = build(
         with_pinned_base(cfg, workdir),  # a LoRA run's frozen base: the step it trained on
@@ -134,6 +135,12 @@ def restore_run(
 
 
 def evaluate_workdir(workdir: str | Path, split: str = "test") -> dict[str, float]:
+    if load_run_config(workdir).data.source == "none":
+        raise UserError(
+            f'--workdir: {workdir} has no data to evaluate (data.source "none": a model '
+            "imported without a dataset). Fix: fine-tune it with `jaxdl train` (a config "
+            "with data.source and init_from.checkpoint) and evaluate that run."
+        )
     cfg, setup, data = restore_run(workdir, sharded=True)
     if split not in data.split_sizes:
         raise UserError(f"--split: expected one of {sorted(data.split_sizes)}, found {split!r}.")
