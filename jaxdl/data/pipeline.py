@@ -20,6 +20,7 @@ from jaxdl.data.batches import EvalBatches, TrainBatches, materialize
 from jaxdl.data.loader import TrainIterator, eval_batches
 from jaxdl.data.sources import (
     Concat,
+    Identity,
     Source,
     Subset,
     cheap_labels,
@@ -111,7 +112,49 @@ class Data:
                 labels = cheap_labels(records, label_key)
                 entry["per_class"] = None if labels is None else self._per_class(labels)
             splits[name] = entry
-        return {"splits": splits, "skipped": [dict(s) for s in self.skipped]}
+        report = {"splits": splits, "skipped": [dict(s) for s in self.skipped]}
+        if "columns" in self.preprocessing:  # tables: what each column became and why
+            report["columns"] = self.preprocessing["columns"]
+        return {**report, "fit": self.fit} if self.fit is not None else report
+
+    @property
+    def fit(self) -> dict[str, Any] | None:
+        """What training fitted to this data (tables and text folders: statistics,
+        vocabularies, classes, the file's fingerprint), JSON; None when the source fits
+        nothing. data_report.json keeps it, so export needs no data (`from_fit`)."""
+        if not self.task_fields:
+            return None
+        return {
+            "kind": self.kind,
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "preprocessing": self.preprocessing,
+            "task_fields": self.task_fields,
+        }
+
+    @classmethod
+    def from_fit(cls, fit: Mapping[str, Any]) -> Data:
+        """A Data without examples that describes the inputs of `fit` (`Data.fit`), as
+        training saw them: what export needs, without reading the data again."""
+        spec = {
+            k: (tuple(v["shape"]), np.dtype(v["dtype"]))
+            for k, v in fit["preprocessing"]["example_spec"].items()
+        }
+        source = Source(fit["kind"], {}, Identity(), fit["num_classes"], fit["class_names"], {})
+        return cls(
+            kind=fit["kind"],
+            example_spec=spec,
+            num_classes=int(fit["num_classes"]),
+            class_names=fit["class_names"],
+            split_sizes={},
+            preprocessing=dict(fit["preprocessing"]),
+            split_names={},
+            skipped=[],
+            source=source,
+            train_ops=[],
+            eval_ops=[],
+            task_fields=dict(fit["task_fields"]),
+        )
 
     def _per_class(self, labels: np.ndarray) -> dict[str, int]:
         counts = np.bincount(labels, minlength=self.num_classes)
@@ -447,6 +490,9 @@ def format_report(report: Mapping[str, Any]) -> str:
             reasons[kind] = reasons.get(kind, 0) + 1
         why = ", ".join(f"{n} {reason}" for reason, n in reasons.items())
         lines.append(f"data: skipped {len(skipped)} files ({why}); see data_report.json")
+    for name, column in report.get("columns", {}).items():
+        if "flag" in column:
+            lines.append(f"data: column {name!r} became {column['became']}: {column['flag']}")
     return "\n".join(lines)
 
 

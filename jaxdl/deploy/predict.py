@@ -391,7 +391,7 @@ def predict_table_files(
                 f"INPUT: {path} lacks the feature columns {missing[:10]} the model was trained "
                 f"on. Fix: give a CSV with a header naming {needed[:10]}..."
             )
-        out = predictor.predict(encode_features(prep, columns))
+        out = predictor.predict(encode_features(prep, columns, str(path)))
         for i, row in enumerate(out):
             results.append(
                 {"input": str(path), "row": i, **_result(predictor.kind, row, names, top_k)}

@@ -36,7 +36,14 @@ from jaxdl.interop.vision import with_source_preprocessing
 from jaxdl.parallel import sharding
 from jaxdl.training import scores
 from jaxdl.training.build import Setup, build
-from jaxdl.training.evaluate import eval_batches, evaluate_split, scalars, with_pinned_base
+from jaxdl.training.evaluate import (
+    check_same_data,
+    eval_batches,
+    evaluate_split,
+    scalars,
+    stored_fit,
+    with_pinned_base,
+)
 from jaxdl.training.guards import StopRequest, stop_on_signals, workdir_lock
 from jaxdl.training.runlog import MetricLogger, params_sha256, plot_curves, read_metrics
 
@@ -203,6 +210,9 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
         fold=fold,
         task=cfg.get("task") or None,
     )
+    fit = stored_fit(workdir)
+    if fit is not None and (workdir / "config.json").exists():  # resuming: the same data
+        check_same_data(fit, data, workdir)
     if "task_reason" in data.preprocessing:
         echo(f"task: {data.kind} ({data.preprocessing['task_reason']})")
     mesh = sharding.make_mesh(cfg.mesh)
