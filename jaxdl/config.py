@@ -75,7 +75,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.feature_columns = []  # [] = every column but the label(s)
     c.data.categorical_columns = []  # besides columns with no numeric value
     c.data.missing = "mean"  # | "error"
-    c.data.test_fraction = 0.2  # tables: the held-out test rows (val: data.val_fraction)
+    # The held-out test part: 0 = the source's default (tables 0.2; text: none, said so)
+    c.data.test_fraction = 0.0
     c.data.text_column = ""  # tables: classify this column's text (bytes) instead
 
     c.loss = ml_collections.ConfigDict()

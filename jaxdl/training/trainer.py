@@ -383,13 +383,14 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
         stop.check(f"at step {step}; {saved}. Run the same command to resume.")
 
         # ---- test -------------------------------------------------------------------------
-        test_split = (
-            cfg.data.test_split
-            if cfg.data.test_split in data.split_sizes
-            else (cfg.data.eval_split)
-        )
-        same_as_val = data.split_names.get(test_split) == data.split_names.get(cfg.data.eval_split)
-        if same_as_val and val_metrics is not None:  # e.g. text sources: test is the val bytes
+        test_split = cfg.data.test_split
+        if test_split not in data.split_sizes:  # said, not silent: summary.json's test_split
+            test_split = cfg.data.eval_split
+            echo(
+                f"test: {cfg.data.source} has no {cfg.data.test_split!r} split, so the test "
+                f"figures are the {test_split!r} split's (data.test_fraction holds one out)"
+            )
+        if test_split == cfg.data.eval_split and val_metrics is not None:
             test_metrics = val_metrics
         else:
             # Every step is saved by now; a signal abandons the evaluation (it may be long)
