@@ -78,6 +78,8 @@ def default_config() -> ml_collections.ConfigDict:
     # The held-out test part: 0 = the source's default (tables 0.2; text: none, said so)
     c.data.test_fraction = 0.0
     c.data.text_column = ""  # tables: classify this column's text (bytes) instead
+    c.data.delimiter = ""  # CSV: "" sniffs one of , ; tab |
+    c.data.encoding = "utf-8"  # CSV (a UTF-8 byte order mark is skipped)
 
     c.loss = ml_collections.ConfigDict()
     # | "mse" | "sigmoid_cross_entropy"; binary/multilabel/regression: this default means

@@ -33,6 +33,7 @@ layout and output width for the model; class counts or target mean/std for the h
 
 from __future__ import annotations
 
+import codecs
 import csv
 import datetime
 import hashlib
@@ -59,20 +60,74 @@ Column = list  # raw values of one column: str, float or None (missing)
 # ---- reading -------------------------------------------------------------------------------
 
 
-def read_csv(path: Path, field: str = "data.source") -> dict[str, Column]:
+PARQUET_MAGIC = b"PAR1"
+DELIMITERS = ",;\t|"
+_BINARY = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image"}
+
+
+def _not_text(head: bytes) -> str | None:
+    """What a file that is no CSV text is, from its first bytes; None for text."""
+    if head.startswith(PARQUET_MAGIC):
+        return "a Parquet file"
+    for magic, kind in _BINARY.items():
+        if head.startswith(magic):
+            return kind
+    return "a binary file" if b"\0" in head else None
+
+
+def _delimiter(text: str) -> str:
+    """The delimiter of a CSV text, sniffed among DELIMITERS from its first lines (","
+    when the sniffer cannot tell)."""
+    sample = "\n".join(text.splitlines()[:50])
+    try:
+        return csv.Sniffer().sniff(sample, delimiters=DELIMITERS).delimiter
+    except csv.Error:
+        return ","
+
+
+def read_csv(
+    path: Path, field: str = "data.source", delimiter: str = "", encoding: str = "utf-8"
+) -> dict[str, Column]:
     """CSV with a header row -> {column: raw string values} (missing values -> None).
 
-    ``field`` names where the path came from in error messages.
+    ``field`` names where the path came from in error messages. A UTF-8 byte order mark is
+    skipped; ``delimiter`` "" sniffs one of DELIMITERS (data.delimiter sets it).
     """
     if not path.is_file():
         raise UserError(f"{field}: no CSV file at {path}. Fix: pass the path of a CSV file.")
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
+    raw = path.read_bytes()
+    other = _not_text(raw[:4096])
+    if other is not None:
+        fix = f"use parquet:{path}" if other == "a Parquet file" else "pass a CSV file"
+        if field == "INPUT":
+            fix = "pass a CSV (or .parquet) file of the rows to predict"
+        raise UserError(f"{field}: {path} is {other}, expected CSV text. Fix: {fix}.")
+    try:
+        codec = "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
+        text = raw.decode(codec)
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise UserError(
+            f"{field}: {path} is not {encoding} text (byte 0x{raw[err.start]:02x} on line "
+            f"{line}). Fix: save it as UTF-8, or set data.encoding (e.g. latin-1)."
+        ) from None
+    except LookupError:
+        raise UserError(
+            f"data.encoding: unknown encoding {encoding!r}. Fix: e.g. utf-8 or latin-1."
+        ) from None
+    sep = delimiter or _delimiter(text)
+    rows = list(csv.reader(text.splitlines(), delimiter=sep))
     if len(rows) < 2:
         raise UserError(
             f"{field}: {path} has {len(rows)} lines, expected a header and at least one row."
         )
     header = [h.strip() for h in rows[0]]
+    odd = [d for d in DELIMITERS if d != sep and d in rows[0][0]]
+    if len(header) == 1 and odd:
+        raise UserError(
+            f"{field}: {path} reads as one column {header[0][:60]!r} with delimiter {sep!r}; "
+            f"its header holds {odd[0]!r}. Fix: set data.delimiter={odd[0]!r}."
+        )
     if len(set(header)) != len(header):
         dupes = sorted({h for h in header if header.count(h) > 1})
         raise UserError(f"{field}: {path} repeats column names {dupes}. Fix: rename them.")
@@ -80,7 +135,8 @@ def read_csv(path: Path, field: str = "data.source") -> dict[str, Column]:
         if len(row) != len(header):
             raise UserError(
                 f"{field}: {path} line {line} has {len(row)} fields, the header has "
-                f"{len(header)}. Fix: quote fields that contain commas or repair the row."
+                f"{len(header)} (delimiter {sep!r}). Fix: quote fields that contain the "
+                "delimiter, repair the row, or set data.delimiter."
             )
     return {
         name: [None if v.strip().lower() in MISSING else v.strip() for v in col]
@@ -97,6 +153,13 @@ def read_parquet(path: Path, field: str = "data.source") -> dict[str, Column]:
         ) from None
     if not path.is_file():
         raise UserError(f"{field}: no Parquet file at {path}. Fix: pass the path of one.")
+    with path.open("rb") as f:
+        head = f.read(4096)
+    if not head.startswith(PARQUET_MAGIC):
+        other = _not_text(head)
+        kind = other or "text (a CSV?)"
+        fix = f"use csv:{path}" if other is None else "pass a Parquet file"
+        raise UserError(f"{field}: {path} is {kind}, expected a Parquet file. Fix: {fix}.")
     table = pq.read_table(path).to_pydict()
     return {name: [_missing_to_none(v) for v in col] for name, col in table.items()}
 
@@ -509,7 +572,11 @@ def table_source(spec: str, cfg: Mapping, *, seed: int, task: str | None = None)
         where = spec
     else:
         path = Path(rest).expanduser()
-        columns = read_csv(path) if prefix == "csv" else read_parquet(path)
+        if prefix == "csv":
+            text = {k: str(opt(cfg, k, d)) for k, d in (("delimiter", ""), ("encoding", "utf-8"))}
+            columns = read_csv(path, **text)
+        else:
+            columns = read_parquet(path)
         where = str(path)
     label_columns = _label_columns(cfg, default_label, columns)
     if task and task not in TASKS:
@@ -622,6 +689,8 @@ def table_source(spec: str, cfg: Mapping, *, seed: int, task: str | None = None)
     }
     if prefix != "sklearn":
         description["file"] = fingerprint(path)
+    if prefix == "csv":  # how predict reads new rows: the same encoding (and delimiter)
+        description["csv"] = text
     return Source(
         task,
         splits,

@@ -382,9 +382,12 @@ def predict_table_files(
     prep, names = source["preprocessing"], predictor.labels
     needed = prep["numeric"]["columns"] + prep["categorical"]["columns"]
     results = []
+    text = source.get("csv", {})  # the training CSV's encoding and delimiter ("" sniffs)
     for path in map(Path, inputs):
-        read = read_parquet if path.suffix == ".parquet" else read_csv
-        columns = read(path, field="INPUT")
+        if path.suffix == ".parquet":
+            columns = read_parquet(path, field="INPUT")
+        else:
+            columns = read_csv(path, field="INPUT", **text)
         missing = [c for c in needed if c not in columns]
         if missing:
             raise UserError(

@@ -253,3 +253,47 @@ def test_a_date_column_with_a_bad_value_names_it(tmp_path):
     message = "'when' is a date column but holds 'soon' at line 3 of .*new.csv. Fix: write"
     with pytest.raises(UserError, match=message):
         encode_features(data.preprocessing["preprocessing"], read_csv(bad), str(bad))
+
+
+def _columns(path, **cfg):
+    data = build_data({"source": f"csv:{path}", "label_column": "y", **cfg}, seed=0)
+    return data.report["columns"]
+
+
+def test_encodings_byte_order_marks_and_delimiters(tmp_path):
+    rows = [[f"{i}.5", ["café", "thé", "eau"][i % 3], str(i % 2)] for i in range(30)]
+    text = "x;drink;y\n" + "".join(";".join(r) + "\n" for r in rows)
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + text.encode())  # Excel's "CSV UTF-8", ; delimited
+    assert set(_columns(bom)) == {"x", "drink", "y"}
+
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(text.encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin.csv is not utf-8 text \(byte 0xe9 on line 2\)"):
+        _columns(latin)
+    data = build_data(
+        {"source": f"csv:{latin}", "label_column": "y", "encoding": "latin-1"}, seed=0
+    )
+    assert data.preprocessing["preprocessing"]["categorical"]["vocab"]["drink"] == [
+        "café",
+        "eau",
+        "thé",
+    ]
+    with pytest.raises(UserError, match=r"one column 'x;drink;y' .* Fix: set data.delimiter=';'"):
+        _columns(bom, delimiter=",")
+
+
+def test_csv_and_parquet_swapped_name_the_right_prefix(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"x": list(range(30)), "y": [i % 2 for i in range(30)]}), table)
+    with pytest.raises(
+        UserError, match=f"t.parquet is a Parquet file, .* Fix: use parquet:{table}"
+    ):
+        build_data({"source": f"csv:{table}", "label_column": "y"}, seed=0)
+    text = _write(tmp_path / "t.csv", ["x", "y"], [[str(i), str(i % 2)] for i in range(30)])
+    with pytest.raises(UserError, match=f"is text \\(a CSV\\?\\), .* Fix: use csv:{text}"):
+        build_data({"source": f"parquet:{text}", "label_column": "y"}, seed=0)
+    assert build_data({"source": f"parquet:{table}", "label_column": "y"}, seed=0).kind == "binary"

@@ -6,8 +6,12 @@ import csv
 import json
 import sys
 
+import pytest
+from PIL import Image
+
 from jaxdl.cli import main
 from jaxdl.deploy.predict import predict_files
+from jaxdl.errors import UserError
 
 SHORT = ["--config.num_epochs=0", "--config.num_steps=12", "--config.log_every=6"]
 
@@ -47,6 +51,10 @@ def test_export_uses_the_fit_and_evaluate_refuses_a_changed_file(tmp_path, capsy
     before = _export(workdir, tmp_path / "a.jaxexport")
     probs = [r["top_k"] for r in predict_files(tmp_path / "a.jaxexport", [new])]
     assert main(["evaluate", "--workdir", str(workdir)]) == 0
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (4, 4)).save(photo)
+    with pytest.raises(UserError, match="INPUT: .*photo.png is a PNG image, expected CSV text"):
+        predict_files(tmp_path / "a.jaxexport", [photo])
 
     # Rows appended after training, with other incomes: other statistics if refitted.
     extra = _rows(200, seed=9)
