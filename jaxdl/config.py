@@ -171,7 +171,9 @@ def resolve_config_path(path: str | Path) -> Path:
 
 def _line_in(path: Path, err: BaseException) -> int | None:
     """The innermost line of `path` in the traceback of `err` (None if it never ran there)."""
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename) == path]
+    # Frames name the file as Python opened it (absolute); `path` may be relative.
+    here = path.resolve()
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename) == here]
     return frames[-1].lineno if frames else None
 
 

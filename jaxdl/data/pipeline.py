@@ -237,6 +237,11 @@ def _apply_fold(source: Source, eval_key: str, fold: tuple[int, int]) -> None:
             "Fix: set data.train_split='train[:90%]', data.eval_split='train[90%:]'."
         )
     labels = np.concatenate([source.labels("train"), source.labels(eval_key)])
+    if k > len(labels):
+        raise UserError(
+            f"--folds: expected at most {len(labels)} (the train and {eval_key} examples that "
+            f"folds divide), found {k}. Fix: use fewer folds, e.g. --folds 5."
+        )
     combined = Concat([source.splits["train"], source.splits[eval_key]])
     folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=FOLD_SEED)
     train_idx, val_idx = list(folds.split(np.zeros(len(labels)), labels))[i]

@@ -112,9 +112,27 @@ def data_config(
     normalization (its pretrained_cfg when given, else `image_size` and the `normalize`
     transform), and its label_names when there is one per class."""
     pre = source.get("pretrained_cfg") or {}
-    if "mean" in pre and "std" in pre:
-        normalize = f"normalize(mean={tuple(pre['mean'])}, std={tuple(pre['std'])})"
+    if not isinstance(pre, Mapping):
+        raise UserError(
+            f"--from: config.json's pretrained_cfg: expected an object, found {pre!r}. Fix: "
+            "remove it or save the model again with timm."
+        )
+    given = [key for key in ("mean", "std") if key in pre]
+    if given:
+        stats = [pre.get(key) for key in ("mean", "std")]
+        if len(given) != 2 or not all(_numbers(v, (1, 3)) for v in stats):
+            raise UserError(
+                f"--from: config.json's pretrained_cfg: expected mean and std, 3 numbers each "
+                f"(or 1), found mean={pre.get('mean')!r}, std={pre.get('std')!r}. Fix: give "
+                "both, as the weights were trained with, or remove both (the family's default)."
+            )
+        normalize = f"normalize(mean={tuple(stats[0])}, std={tuple(stats[1])})"
     if "input_size" in pre:
+        if not _numbers(pre["input_size"], (3,)):
+            raise UserError(
+                f"--from: config.json's pretrained_cfg.input_size: expected [channels, height, "
+                f"width], found {pre['input_size']!r}. Fix: e.g. [3, 224, 224]."
+            )
         image_size = int(pre["input_size"][-1])
     names = source.get("label_names") or []
     if names and len(names) != num_classes:
@@ -129,6 +147,15 @@ def data_config(
         "transforms": [normalize],
         "class_names": [str(n) for n in names],
     }
+
+
+def _numbers(value: Any, lengths: tuple[int, ...]) -> bool:
+    """A JSON list of `lengths` numbers."""
+    return (
+        isinstance(value, list)
+        and len(value) in lengths
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    )
 
 
 def imported_workdir(checkpoint: str | Path) -> Path | None:

@@ -102,3 +102,28 @@ def test_class_names_come_from_the_source(tmp_path):
     (source / "config.json").write_text(json.dumps({**config, "label_names": names[:3]}))
     assert main(["import", "timm:resnet18", "--from", str(source), "--out", str(tmp_path / "v")])
     assert not (tmp_path / "v").exists()
+
+
+@pytest.mark.parametrize(
+    "pretrained, words",
+    [
+        ({"mean": [0.5, 0.5, 0.5]}, ["expected mean and std", "std=None"]),
+        ({"mean": [0.5], "std": "0.5"}, ["expected mean and std", "std='0.5'"]),
+        ({"input_size": 224}, ["pretrained_cfg.input_size: expected [channels, height, width]"]),
+        ([1, 2], ["pretrained_cfg: expected an object"]),
+    ],
+    ids=["mean-alone", "std-string", "input-size-int", "not-an-object"],
+)
+def test_a_source_config_with_missing_or_odd_fields_is_one_line(
+    tmp_path, capsys, pretrained, words
+):
+    source = tmp_path / "src"
+    shutil.copytree(FIXTURES / "resnet_basic_tiny", source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "pretrained_cfg": pretrained}))
+    out = tmp_path / "w"
+    assert main(["import", "timm:resnet18", "--from", str(source), "--out", str(out)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    for word in ["--from: config.json's pretrained_cfg", *words]:
+        assert word in line, line
+    assert not out.exists()
