@@ -297,3 +297,13 @@ def test_csv_and_parquet_swapped_name_the_right_prefix(tmp_path):
     with pytest.raises(UserError, match=f"is text \\(a CSV\\?\\), .* Fix: use csv:{text}"):
         build_data({"source": f"parquet:{text}", "label_column": "y"}, seed=0)
     assert build_data({"source": f"parquet:{table}", "label_column": "y"}, seed=0).kind == "binary"
+
+
+def test_a_bad_regression_target_is_not_told_to_become_a_categorical_feature(tmp_path):
+    rows = [[str(i), f"{i / 3:.3f}"] for i in range(30)] + [["1", "high"]]
+    path = _write(tmp_path / "t.csv", ["x", "y"], rows)
+    with pytest.raises(UserError) as err:
+        _data(path, task="regression")
+    assert "column 'y' is numeric but holds 'high' at line 32" in str(err.value)
+    assert "set task='classification'" in str(err.value)
+    assert "categorical_columns" not in str(err.value)
