@@ -303,7 +303,7 @@ def test_a_bad_regression_target_is_not_told_to_become_a_categorical_feature(tmp
     rows = [[str(i), f"{i / 3:.3f}"] for i in range(30)] + [["1", "high"]]
     path = _write(tmp_path / "t.csv", ["x", "y"], rows)
     with pytest.raises(UserError) as err:
-        _data(path, task="regression")
+        build_data({"source": f"csv:{path}", "label_column": "y"}, seed=0, task="regression")
     assert "column 'y' is numeric but holds 'high' at line 32" in str(err.value)
     assert "set task='classification'" in str(err.value)
     assert "categorical_columns" not in str(err.value)
