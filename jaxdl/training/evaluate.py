@@ -173,7 +173,12 @@ def evaluate_workdir(workdir: str | Path, split: str = "test") -> dict[str, floa
         )
     cfg, setup, data = restore_run(workdir, sharded=True)
     if split not in data.split_sizes:
-        raise UserError(f"--split: expected one of {sorted(data.split_sizes)}, found {split!r}.")
+        held_out = " (text sources hold out a test split with data.test_fraction)"
+        raise UserError(
+            f"--split: {cfg.data.source} has the splits {sorted(data.split_sizes)}, found "
+            f"{split!r}. Fix: pass --split {cfg.data.eval_split}"
+            f"{held_out if str(cfg.data.source).startswith('text:') else ''}."
+        )
     eval_step = steps.make_eval_step(
         setup.model, setup.head, lora_cfg=setup.lora_cfg, layout=setup.layout
     )

@@ -50,6 +50,16 @@ def test_lm_summary_and_logs(lm_run):
     assert summary["test_loss"] == last_val["loss"]
 
 
+def test_evaluate_of_a_run_without_test_split_names_the_fix(lm_run):
+    from jaxdl.errors import UserError
+    from jaxdl.training.evaluate import evaluate_workdir
+
+    workdir, summary = lm_run
+    with pytest.raises(UserError, match=r"has the splits \['train', 'val'\], found 'test'"):
+        evaluate_workdir(workdir)
+    assert evaluate_workdir(workdir, "val")["loss"] == pytest.approx(summary["test_loss"])
+
+
 def test_a_held_out_test_split_is_scored_apart_from_val(tmp_path):
     cfg = config_lib.load_config(
         "experiments/lm_stdlib_pretrain.py",
