@@ -142,9 +142,30 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return overrides, rest
 
 
+# Path arguments (attribute -> flag): an empty one would silently mean the current folder.
+_PATHS = {"workdir": "--workdir", "out": "--out", "config": "--config", "source": "--from"}
+
+
+def _empty_path(args: argparse.Namespace) -> str | None:
+    """The one-line refusal of an empty path argument, or None."""
+    for attr, flag in _PATHS.items():
+        value = getattr(args, attr, None)
+        if value is not None and not value.strip():
+            return (
+                f"{flag}: expected a path, found {value!r} (it would mean the current "
+                f"folder). Fix: name one, e.g. {flag} runs/NAME."
+            )
+    for value in [getattr(args, "model", None), *getattr(args, "inputs", [])]:
+        if value is not None and not value.strip():
+            return f"{args.command}: expected file paths, found {value!r}. Fix: name the files."
+    return None
+
+
 def run(argv: Sequence[str]) -> int:
     overrides, rest = _split_overrides(argv)
     args = _parser().parse_args(rest)
+    if (empty := _empty_path(args)) is not None:
+        return _fail(empty)
     if overrides and args.command not in ("train", "sweep"):
         return _fail(f"--config.KEY=VALUE overrides apply to `jaxdl train`, not {args.command}.")
     if args.command == "train":
@@ -283,6 +304,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _fail("interrupted", status=130)
     except Exception as err:  # a bug, not bad input: keep the whole traceback
+        from jaxdl.fileio import disk_error
+
+        disk = disk_error(err)  # unless the disk refused: full, read-only, no permission
+        if disk is not None and not debug:
+            return _fail(str(disk))
         traceback.print_exc()
         summary = str(err).splitlines()[0] if str(err) else ""
         print(

@@ -44,7 +44,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.task = ""  # "classification" | "binary" | "multilabel" | "regression" | "lm"
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "digits"
+    c.data.source = "digits"  # "none": a model without data (an imported one)
     c.data.batch_size = 32
     c.data.eval_batch_size = 0  # 0: same as batch_size
     # Larger images are refused before decoding (decompression bombs): Pillow's default cap.
@@ -69,13 +69,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.num_examples = 0  # synthetic sources: 0 = default size
     c.data.classes = []  # labels to keep, relabelled 0..k-1 in this order; [] = all
     c.data.examples_per_class = 0  # 0 = all; N = the first N train examples per class
+    c.data.class_names = []  # source "none": the names of the model's outputs
     # Tables (csv:, parquet:, sklearn:); statistics come from the train split only.
     c.data.label_column = ""  # "a,b,c": several 0/1 columns, a multilabel task
     c.data.feature_columns = []  # [] = every column but the label(s)
     c.data.categorical_columns = []  # besides columns with no numeric value
     c.data.missing = "mean"  # | "error"
-    c.data.test_fraction = 0.2  # tables: the held-out test rows (val: data.val_fraction)
+    # The held-out test part: 0 = the source's default (tables 0.2; text: none, said so)
+    c.data.test_fraction = 0.0
     c.data.text_column = ""  # tables: classify this column's text (bytes) instead
+    c.data.delimiter = ""  # CSV: "" sniffs one of , ; tab |
+    c.data.encoding = "utf-8"  # CSV (a UTF-8 byte order mark is skipped)
 
     c.loss = ml_collections.ConfigDict()
     # | "mse" | "sigmoid_cross_entropy"; binary/multilabel/regression: this default means
@@ -167,7 +171,9 @@ def resolve_config_path(path: str | Path) -> Path:
 
 def _line_in(path: Path, err: BaseException) -> int | None:
     """The innermost line of `path` in the traceback of `err` (None if it never ran there)."""
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename) == path]
+    # Frames name the file as Python opened it (absolute); `path` may be relative.
+    here = path.resolve()
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename) == here]
     return frames[-1].lineno if frames else None
 
 

@@ -8,9 +8,11 @@ writer (two writers never share one), are fsynced, and replace the target with o
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,9 +28,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside ``path`` for a writer that opens files by name; on success it
     is fsynced and renamed to ``path``, on any exception removed."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         yield Path(tmp)
         fd = os.open(tmp, os.O_RDONLY)
         try:
@@ -36,8 +39,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):  # name the file asked for, not the temporary one
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -113,3 +119,41 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+# The disk refused: full, over quota, read-only, no permission. The user's disk, not a bug.
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+# How TensorStore (Orbax's writer) reports an OS error: in its message, not as an OSError.
+_TENSORSTORE_ERROR = re.compile(r"os_error_code='?(\d+)")
+_TENSORSTORE_PATH = re.compile(r'local file "([^"]+)"')
+
+
+def _os_error(err: BaseException) -> tuple[int, str | None] | None:
+    """(errno, path) of an OSError, or of a TensorStore error that wraps one; else None."""
+    if isinstance(err, OSError):
+        return (err.errno, err.filename) if err.errno is not None else None
+    code = _TENSORSTORE_ERROR.search(str(err))
+    if code is None:
+        return None
+    path = _TENSORSTORE_PATH.search(str(err))
+    return int(code.group(1)), path.group(1) if path else None
+
+
+def disk_error(err: BaseException) -> UserError | None:
+    """The one-line UserError for an exception caused by a disk that refused (DISK_ERRORS),
+    naming the path; None for anything else. Follows the exception's chain: libraries that
+    write in threads (Orbax) re-raise the error inside their own exception."""
+    seen: BaseException | None = err
+    while seen is not None:
+        found = _os_error(seen)
+        if found is not None and found[0] in DISK_ERRORS:
+            code, path = found
+            return UserError(
+                f"{path or 'a file'}: {os.strerror(code)} ({errno.errorcode[code]}); nothing "
+                "half-written is kept. Fix: free space there or make it writable, or write "
+                "elsewhere (another --workdir or --out)."
+            )
+        seen = seen.__cause__ or seen.__context__
+    return None

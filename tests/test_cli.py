@@ -131,3 +131,42 @@ def test_a_bug_exits_1_with_its_traceback_and_bad_input_still_exits_2(tmp_path):
         env=env,
     )
     assert_user_error(bad_key, "config.nope")
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (
+            ["train", "--config", "jaxdl/configs/digits_mlp.py", "--workdir", ""],
+            ["--workdir", "''"],
+        ),
+        (["train", "--config", "jaxdl/configs/digits_mlp.py", "--workdir", " "], ["--workdir"]),
+        (["evaluate", "--workdir", ""], ["--workdir: expected a path"]),
+        (["export", "--workdir", "w", "--out", ""], ["--out: expected a path"]),
+        (["import", "timm:resnet18", "--from", "", "--out", "w"], ["--from: expected a path"]),
+        (["predict", "m.jaxexport", ""], ["predict: expected file paths"]),
+    ],
+)
+def test_an_empty_path_is_refused_not_the_current_folder(
+    tmp_path, capsys, monkeypatch, args, words
+):
+    from jaxdl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    for word in words:
+        assert word in line, line
+    assert list(tmp_path.iterdir()) == []  # nothing written where the command ran
+
+
+def test_a_workdir_that_is_a_file_is_refused(tmp_path, capsys):
+    from jaxdl.cli import main
+
+    (tmp_path / "notes.txt").write_text("mine")
+    for workdir in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "run"):
+        cmd = ["train", "--config", "jaxdl/configs/digits_mlp.py", "--workdir", str(workdir)]
+        assert main(cmd) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert f"--workdir: {workdir} (or a folder above it) is a file" in line
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -105,14 +105,21 @@ def test_json_round_trip(tmp_path):
             "def get_config():\n    return {'seed': undefined_name}\n",
             ["line 2 raised NameError", "undefined_name", "Fix: correct line 2"],
         ),
+        (
+            "def get_config():\n    raise KeyError('boom')\n",
+            ["line 2 raised KeyError", "'boom'", "Fix: correct line 2"],
+        ),
     ],
-    ids=["syntax", "import", "returns_none", "name_error"],
+    ids=["syntax", "import", "returns_none", "name_error", "raises"],
 )
 def test_a_broken_config_file_is_one_line_exit_2(tmp_path, source, words):
     path = tmp_path / "broken.py"
     path.write_text(source)
     done = jaxdl("train", "--config", str(path), "--workdir", str(tmp_path / "w"))
     assert_user_error(done, "--config: ", str(path), *words)
+    # A relative path: the lines are found all the same (not "line None").
+    done = jaxdl("train", "--config", "broken.py", "--workdir", "w", cwd=tmp_path)
+    assert_user_error(done, "--config: ", "broken.py", *words)
     assert not (tmp_path / "w").exists()
 
 

@@ -95,10 +95,7 @@ def verify_step(step_dir: str | os.PathLike, items: Iterable[str] | None = None)
     """Raise `CorruptCheckpointError` unless every recorded file of ``items`` (default: all)
     is present with its recorded size and hashes."""
     step_dir = Path(step_dir)
-    fix = (
-        f"Fix: use another step (available: {_finalized_steps(step_dir.parent)}) or delete "
-        "this step folder."
-    )
+    fix = corrupt_step_fix(step_dir)
     path = step_dir / DIGEST_FILE
     if not path.is_file():
         # Written before jaxdl recorded digests (every step it writes now has one): refusing
@@ -160,6 +157,18 @@ def _finalized_steps(ckpt_dir: Path) -> list[int]:
     if not ckpt_dir.is_dir():
         return []
     return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def corrupt_step_fix(step_dir: Path) -> str:
+    """The fix for a corrupt step, true of every command: evaluate, export and resume take
+    no step (they use the latest), so the advice is to delete it; a config's
+    init_from.step can name another."""
+    others = [s for s in _finalized_steps(step_dir.parent) if str(s) != step_dir.name]
+    then = f"the latest of {others}" if others else "none: train the run again"
+    return (
+        f"Fix: delete {step_dir} (evaluate, export and resume then use {then}); "
+        "init_from.step can name another step."
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import flags
 
-from jaxdl.checkpoint.integrity import CorruptCheckpointError, write_digest
+from jaxdl.checkpoint.integrity import CorruptCheckpointError, corrupt_step_fix, write_digest
 from jaxdl.checkpoint.read import check_step, orbax_errors, require_step, state_metadata
 from jaxdl.core.state import TrainState
 from jaxdl.core.tree import leaf_paths
@@ -307,8 +307,8 @@ class Checkpointer:
         if require_data and not (step_dir / "data").is_dir():
             raise CorruptCheckpointError(
                 f"checkpoint {step_dir}: has no data/ item (the data-iterator state), so "
-                "resuming from it would restart the data from batch 0. Fix: use another step "
-                "or delete this step folder."
+                "resuming from it would restart the data from batch 0. "
+                f"{corrupt_step_fix(step_dir)}"
             )
         saved = state_metadata(step_dir)
         has_frozen = bool(jax.tree_util.tree_leaves(saved.get("frozen")))

@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxdl.checkpoint.integrity import verify_step
+from jaxdl.checkpoint.integrity import corrupt_step_fix, verify_step
 from jaxdl.core import tree as tree_lib
 from jaxdl.core.adapters import merge as merge_adapters
 from jaxdl.errors import UserError
@@ -129,8 +129,7 @@ def orbax_errors(step_dir: Path) -> Iterator[None]:
         detail = " ".join(str(err).split())[:300]
         raise UserError(
             f"checkpoint {step_dir}: cannot be read, it is corrupt or incomplete "
-            f"({type(err).__name__}: {detail}). Fix: use another step (available: "
-            f"{list_steps(step_dir.parent)}) or delete this step folder."
+            f"({type(err).__name__}: {detail}). {corrupt_step_fix(step_dir)}"
         ) from err
 
 

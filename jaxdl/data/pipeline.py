@@ -18,7 +18,15 @@ import numpy as np
 
 from jaxdl.data.batches import EvalBatches, TrainBatches, materialize
 from jaxdl.data.loader import TrainIterator, eval_batches
-from jaxdl.data.records import Concat, Source, Subset, cheap_labels, opt, record_labels
+from jaxdl.data.records import (
+    Concat,
+    Identity,
+    Source,
+    Subset,
+    cheap_labels,
+    opt,
+    record_labels,
+)
 from jaxdl.data.sources import load_source
 from jaxdl.data.transforms import EvalChain, Op, TrainChain, parse_transforms
 from jaxdl.errors import UserError
@@ -104,7 +112,49 @@ class Data:
                 labels = cheap_labels(records, label_key)
                 entry["per_class"] = None if labels is None else self._per_class(labels)
             splits[name] = entry
-        return {"splits": splits, "skipped": [dict(s) for s in self.skipped]}
+        report = {"splits": splits, "skipped": [dict(s) for s in self.skipped]}
+        if "columns" in self.preprocessing:  # tables: what each column became and why
+            report["columns"] = self.preprocessing["columns"]
+        return {**report, "fit": self.fit} if self.fit is not None else report
+
+    @property
+    def fit(self) -> dict[str, Any] | None:
+        """What training fitted to this data (tables and text folders: statistics,
+        vocabularies, classes, the file's fingerprint), JSON; None when the source fits
+        nothing. data_report.json keeps it, so export needs no data (`from_fit`)."""
+        if not self.task_fields:
+            return None
+        return {
+            "kind": self.kind,
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "preprocessing": self.preprocessing,
+            "task_fields": self.task_fields,
+        }
+
+    @classmethod
+    def from_fit(cls, fit: Mapping[str, Any]) -> Data:
+        """A Data without examples that describes the inputs of `fit` (`Data.fit`), as
+        training saw them: what export needs, without reading the data again."""
+        spec = {
+            k: (tuple(v["shape"]), np.dtype(v["dtype"]))
+            for k, v in fit["preprocessing"]["example_spec"].items()
+        }
+        source = Source(fit["kind"], {}, Identity(), fit["num_classes"], fit["class_names"], {})
+        return cls(
+            kind=fit["kind"],
+            example_spec=spec,
+            num_classes=int(fit["num_classes"]),
+            class_names=fit["class_names"],
+            split_sizes={},
+            preprocessing=dict(fit["preprocessing"]),
+            split_names={},
+            skipped=[],
+            source=source,
+            train_ops=[],
+            eval_ops=[],
+            task_fields=dict(fit["task_fields"]),
+        )
 
     def _per_class(self, labels: np.ndarray) -> dict[str, int]:
         counts = np.bincount(labels, minlength=self.num_classes)
@@ -187,6 +237,11 @@ def _apply_fold(source: Source, eval_key: str, fold: tuple[int, int]) -> None:
             "Fix: set data.train_split='train[:90%]', data.eval_split='train[90%:]'."
         )
     labels = np.concatenate([source.labels("train"), source.labels(eval_key)])
+    if k > len(labels):
+        raise UserError(
+            f"--folds: expected at most {len(labels)} (the train and {eval_key} examples that "
+            f"folds divide), found {k}. Fix: use fewer folds, e.g. --folds 5."
+        )
     combined = Concat([source.splits["train"], source.splits[eval_key]])
     folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=FOLD_SEED)
     train_idx, val_idx = list(folds.split(np.zeros(len(labels)), labels))[i]
@@ -317,6 +372,7 @@ def build_data(
     num_classes: int | None = None,
     fold: tuple[int, int] | None = None,
     task: str | None = None,
+    need_examples: bool = True,
 ) -> Data:
     """The data config (`data.*` keys; a plain dict works) -> Data.
 
@@ -325,6 +381,8 @@ def build_data(
     `data.classes` keeps those labels in every split, relabelled 0..k-1 in the given order;
     `data.examples_per_class` then keeps the first N train records of each class.
     `task` (config.task) chooses a table's task; other sources must agree with it.
+    ``need_examples=False`` accepts data.source "none" (no splits: what export and predict
+    of an imported model need); the default refuses it.
     """
     source = load_source(data_cfg, seed=seed, num_classes=num_classes, task=task)
     if task and task != source.kind:
@@ -332,8 +390,14 @@ def build_data(
             f"task: data.source {opt(data_cfg, 'source', 'digits')!r} gives a {source.kind} "
             f"task, found task={task!r}. Fix: leave task unset or use a matching source."
         )
+    if not source.splits and need_examples:
+        raise UserError(
+            'data.source: expected a source of examples, found "none" (a model without '
+            "data, e.g. an imported one). Fix: train with a config that sets data.source "
+            "and init_from.checkpoint=THE_IMPORTED_WORKDIR."
+        )
     eval_key = str(opt(data_cfg, "eval_split", "val"))
-    if eval_key not in source.splits:
+    if source.splits and eval_key not in source.splits:
         raise UserError(
             f"data.eval_split: expected one of {sorted(source.splits)}, found {eval_key!r}."
         )
@@ -374,10 +438,11 @@ def build_data(
         )
 
     # One example through each chain fixes the spec; both chains must agree on it.
-    eval_example = EvalChain(eval_ops)(source.decode(source.splits[eval_key][0]))
-    spec = _spec_of(eval_example)
+    eval_record = source.splits[eval_key][0] if source.splits else source.sample
+    train_record = source.splits["train"][0] if source.splits else source.sample
+    spec = _spec_of(EvalChain(eval_ops)(source.decode(eval_record)))
     rng = np.random.Generator(np.random.Philox(0))
-    train_spec = _spec_of(TrainChain(train_ops)(source.decode(source.splits["train"][0]), rng))
+    train_spec = _spec_of(TrainChain(train_ops)(source.decode(train_record), rng))
     if train_spec != spec:
         raise UserError(
             f"data.train_transforms: train examples come out as {train_spec}, eval "
@@ -430,6 +495,9 @@ def format_report(report: Mapping[str, Any]) -> str:
             reasons[kind] = reasons.get(kind, 0) + 1
         why = ", ".join(f"{n} {reason}" for reason, n in reasons.items())
         lines.append(f"data: skipped {len(skipped)} files ({why}); see data_report.json")
+    for name, column in report.get("columns", {}).items():
+        if "flag" in column:
+            lines.append(f"data: column {name!r} became {column['became']}: {column['flag']}")
     return "\n".join(lines)
 
 

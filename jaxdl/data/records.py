@@ -66,6 +66,8 @@ class Source:
     skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)  # {"path", "reason"}
     # What the model and head take from the train split (tables): {"model": {...}, "head": {...}}
     task_fields: dict = dataclasses.field(default_factory=dict)
+    # A raw record that fixes the example spec when there are no splits (source "none").
+    sample: Any = None
 
     def labels(self, split: str) -> np.ndarray:
         """int64 [N] labels of a classification split: held in memory, or read from the raw

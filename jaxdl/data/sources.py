@@ -25,7 +25,7 @@ from jaxdl.errors import UserError
 VALID_SOURCES = (
     '"digits", "tfds:NAME[/CONFIG]", "imagefolder:PATH", "text:PATH_OR_GLOB", "text:stdlib", '
     '"text:pydoc", "synthetic:images", "synthetic:tokens", "csv:PATH", "parquet:PATH", '
-    '"sklearn:NAME", "textfolder:PATH"'
+    '"sklearn:NAME", "textfolder:PATH", "none"'
 )
 
 
@@ -95,6 +95,42 @@ def synthetic_source(kind: str, cfg: Mapping, *, seed: int, num_classes: int | N
             {"source": "synthetic:tokens", "tokenizer": None, "vocab_size": vocab},
         )
     raise UserError(f"data.source: expected one of {VALID_SOURCES}, found 'synthetic:{kind}'.")
+
+
+# ---- no data: a model's input alone -------------------------------------------------------
+
+
+def no_data_source(cfg: Mapping, *, num_classes: int | None) -> Source:
+    """ "none": a workdir that holds a model and no examples (an imported classifier).
+
+    The model's input is 8-bit RGB or gray pixels at data.image_size (files of another size
+    are resized to it), scaled to [0, 1], then data.transforms (the normalization its
+    weights expect); data.class_names names its outputs. `export` and `predict` need no
+    more; commands that need examples refuse it (`jaxdl.data.pipeline.build_data`).
+    """
+    size = image_size(cfg)
+    if size is None:
+        raise UserError(
+            'data.image_size: data.source "none" (a model without data) needs the input '
+            "size, found it unset. Fix: set data.image_size to the size the model takes."
+        )
+    channels = int(opt(cfg, "channels", 3))
+    names = [str(n) for n in opt(cfg, "class_names", [])] or None
+    if names is not None and num_classes is not None and len(names) != num_classes:
+        raise UserError(
+            f"data.class_names: expected {num_classes} names (model.num_classes), found "
+            f"{len(names)}. Fix: give one name per output or leave data.class_names empty."
+        )
+    decode = ArrayImageDecode(scale=255.0, image_size=size, channels=channels)
+    return Source(
+        "classification",
+        {},
+        decode,
+        num_classes,
+        names,
+        {"source": "none", "input": "image", **decode.describe()},
+        sample={"image": np.zeros((*size, channels), np.uint8), "label": 0},
+    )
 
 
 # ---- TFDS ----------------------------------------------------------------------------------
@@ -240,4 +276,6 @@ def load_source(
         return text_source(rest, cfg)
     if prefix == "synthetic" and rest:
         return synthetic_source(rest, cfg, seed=seed, num_classes=num_classes)
+    if spec == "none":
+        return no_data_source(cfg, num_classes=num_classes)
     raise UserError(f"data.source: expected one of {VALID_SOURCES}, found {spec!r}.")

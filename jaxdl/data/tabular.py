@@ -10,8 +10,14 @@ mean (data.missing="mean", i.e. 0 after standardizing) or is an error ("error").
 Categorical columns (data.categorical_columns, and any column with no numeric value) hold
 their index in a vocabulary of the train values, as a float: 0 is reserved for unknown and
 missing values, the train values are 1..V in sorted order. `tabular_mlp` embeds them.
+Numbers written with thousands separators ("1,234.5") are numbers; ISO 8601 dates and times
+("2024-03-01", "2024-03-01T12:30") are numeric days since 1970-01-01 (UTC); other date
+formats (day and month ambiguous) stay categorical and are flagged, as are categorical
+columns whose every train value is distinct (an identifier). data_report.json's "columns"
+says what each column became and why.
 
-The task comes from `task`, or from the label column when unset: two distinct values ->
+The task comes from `task`, or from the label column when unset (one distinct value is
+refused: there is nothing to learn): two distinct values ->
 binary, integers with at most MAX_CLASSES distinct values or strings -> classification,
 other numbers -> regression, several label columns -> multilabel. Labels: class index
 int32 [] (binary: 1 is the later of the two sorted values), float32 [K] targets in
@@ -27,8 +33,12 @@ layout and output width for the model; class counts or target mean/std for the h
 
 from __future__ import annotations
 
+import codecs
 import csv
+import datetime
+import hashlib
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,20 +60,74 @@ Column = list  # raw values of one column: str, float or None (missing)
 # ---- reading -------------------------------------------------------------------------------
 
 
-def read_csv(path: Path, field: str = "data.source") -> dict[str, Column]:
+PARQUET_MAGIC = b"PAR1"
+DELIMITERS = ",;\t|"
+_BINARY = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image"}
+
+
+def _not_text(head: bytes) -> str | None:
+    """What a file that is no CSV text is, from its first bytes; None for text."""
+    if head.startswith(PARQUET_MAGIC):
+        return "a Parquet file"
+    for magic, kind in _BINARY.items():
+        if head.startswith(magic):
+            return kind
+    return "a binary file" if b"\0" in head else None
+
+
+def _delimiter(text: str) -> str:
+    """The delimiter of a CSV text, sniffed among DELIMITERS from its first lines (","
+    when the sniffer cannot tell)."""
+    sample = "\n".join(text.splitlines()[:50])
+    try:
+        return csv.Sniffer().sniff(sample, delimiters=DELIMITERS).delimiter
+    except csv.Error:
+        return ","
+
+
+def read_csv(
+    path: Path, field: str = "data.source", delimiter: str = "", encoding: str = "utf-8"
+) -> dict[str, Column]:
     """CSV with a header row -> {column: raw string values} (missing values -> None).
 
-    ``field`` names where the path came from in error messages.
+    ``field`` names where the path came from in error messages. A UTF-8 byte order mark is
+    skipped; ``delimiter`` "" sniffs one of DELIMITERS (data.delimiter sets it).
     """
     if not path.is_file():
         raise UserError(f"{field}: no CSV file at {path}. Fix: pass the path of a CSV file.")
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
+    raw = path.read_bytes()
+    other = _not_text(raw[:4096])
+    if other is not None:
+        fix = f"use parquet:{path}" if other == "a Parquet file" else "pass a CSV file"
+        if field == "INPUT":
+            fix = "pass a CSV (or .parquet) file of the rows to predict"
+        raise UserError(f"{field}: {path} is {other}, expected CSV text. Fix: {fix}.")
+    try:
+        codec = "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
+        text = raw.decode(codec)
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise UserError(
+            f"{field}: {path} is not {encoding} text (byte 0x{raw[err.start]:02x} on line "
+            f"{line}). Fix: save it as UTF-8, or set data.encoding (e.g. latin-1)."
+        ) from None
+    except LookupError:
+        raise UserError(
+            f"data.encoding: unknown encoding {encoding!r}. Fix: e.g. utf-8 or latin-1."
+        ) from None
+    sep = delimiter or _delimiter(text)
+    rows = list(csv.reader(text.splitlines(), delimiter=sep))
     if len(rows) < 2:
         raise UserError(
             f"{field}: {path} has {len(rows)} lines, expected a header and at least one row."
         )
     header = [h.strip() for h in rows[0]]
+    odd = [d for d in DELIMITERS if d != sep and d in rows[0][0]]
+    if len(header) == 1 and odd:
+        raise UserError(
+            f"{field}: {path} reads as one column {header[0][:60]!r} with delimiter {sep!r}; "
+            f"its header holds {odd[0]!r}. Fix: set data.delimiter={odd[0]!r}."
+        )
     if len(set(header)) != len(header):
         dupes = sorted({h for h in header if header.count(h) > 1})
         raise UserError(f"{field}: {path} repeats column names {dupes}. Fix: rename them.")
@@ -71,7 +135,8 @@ def read_csv(path: Path, field: str = "data.source") -> dict[str, Column]:
         if len(row) != len(header):
             raise UserError(
                 f"{field}: {path} line {line} has {len(row)} fields, the header has "
-                f"{len(header)}. Fix: quote fields that contain commas or repair the row."
+                f"{len(header)} (delimiter {sep!r}). Fix: quote fields that contain the "
+                "delimiter, repair the row, or set data.delimiter."
             )
     return {
         name: [None if v.strip().lower() in MISSING else v.strip() for v in col]
@@ -88,6 +153,13 @@ def read_parquet(path: Path, field: str = "data.source") -> dict[str, Column]:
         ) from None
     if not path.is_file():
         raise UserError(f"{field}: no Parquet file at {path}. Fix: pass the path of one.")
+    with path.open("rb") as f:
+        head = f.read(4096)
+    if not head.startswith(PARQUET_MAGIC):
+        other = _not_text(head)
+        kind = other or "text (a CSV?)"
+        fix = f"use csv:{path}" if other is None else "pass a Parquet file"
+        raise UserError(f"{field}: {path} is {kind}, expected a Parquet file. Fix: {fix}.")
     table = pq.read_table(path).to_pydict()
     return {name: [_missing_to_none(v) for v in col] for name, col in table.items()}
 
@@ -121,6 +193,13 @@ def read_sklearn(name: str) -> tuple[dict[str, Column], str]:
     return columns, "target"
 
 
+def fingerprint(path: Path) -> dict[str, Any]:
+    """{"path", "bytes", "sha256"} of a table file: what its training run read."""
+    with path.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": digest}
+
+
 # ---- column typing -------------------------------------------------------------------------
 
 
@@ -136,31 +215,110 @@ def _as_float(value: Any) -> float | None:
         return None
 
 
+_THOUSANDS = re.compile(r"[+-]?\d{1,3}(,\d{3})+(\.\d*)?")
+_OTHER_DATE = re.compile(r"\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}")  # 01/02/2024: which is the month?
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+
+
+def _thousands(value: Any) -> float | None:
+    """ "1,234,567.5" -> 1234567.5; plain numbers as `_as_float`; else None."""
+    if isinstance(value, str) and _THOUSANDS.fullmatch(value):
+        return float(value.replace(",", ""))
+    return _as_float(value)
+
+
+def _iso_days(value: Any) -> float | None:
+    """An ISO 8601 date or date-time -> days since 1970-01-01 UTC (naive = UTC); else None."""
+    if not isinstance(value, str) or _as_float(value) is not None:
+        return None
+    try:
+        moment = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return (moment - _EPOCH).total_seconds() / 86400
+
+
+# How a numeric column's values are written: "plain", "thousands" or "iso_date".
+NUMBER_FORMATS = {"plain": _as_float, "thousands": _thousands, "iso_date": _iso_days}
+WRITTEN = {"plain": "numbers", "thousands": "numbers like 1,234.5", "iso_date": "YYYY-MM-DD dates"}
+
+
+def column_kind(values: Column, listed: bool) -> dict[str, str]:
+    """What a feature column becomes, and why: {"became": "numeric" | "categorical",
+    "why", "format" (numeric: a key of NUMBER_FORMATS), "flag" (a doubtful guess)}."""
+    if listed:
+        return {"became": "categorical", "why": "listed in data.categorical_columns"}
+    present = [v for v in values if v is not None]
+    if all(_as_float(v) is not None for v in present):
+        why = "numbers" if present else "no values (missing everywhere)"
+        return {"became": "numeric", "why": why, "format": "plain"}
+    if all(_thousands(v) is not None for v in present):
+        why = "numbers with thousands separators (1,234)"
+        return {"became": "numeric", "why": why, "format": "thousands"}
+    if any(_as_float(v) is not None for v in present):  # numeric_column names the odd value
+        return {"became": "numeric", "why": "numbers", "format": "plain"}
+    if all(_iso_days(v) is not None for v in present):
+        why = "ISO 8601 dates: days since 1970-01-01"
+        return {"became": "numeric", "why": why, "format": "iso_date"}
+    if all(isinstance(v, str) and _OTHER_DATE.fullmatch(v) for v in present):
+        return {
+            "became": "categorical",
+            "why": "no numeric values",
+            "flag": f"dates like {present[0]!r}, day and month ambiguous, kept as categories. "
+            "Fix: write them as YYYY-MM-DD to use them as dates",
+        }
+    return {"became": "categorical", "why": "no numeric values"}
+
+
+def columns_report(
+    kinds: Mapping[str, dict], vocab: Mapping[str, list], train_rows: int
+) -> dict[str, dict]:
+    """`column_kind` of each feature column, categorical ones with their train levels; a
+    column whose every train value is distinct is flagged (an identifier or free text)."""
+    out = {}
+    for name, kind in kinds.items():
+        entry = dict(kind)
+        if kind["became"] == "categorical":
+            entry["levels"] = levels = len(vocab[name])
+            if levels >= MAX_CLASSES and levels == train_rows and "flag" not in entry:
+                entry["flag"] = (
+                    f"every train value is distinct ({levels} levels): an identifier or free "
+                    "text, which an embedding cannot learn from. Fix: drop it with "
+                    "data.feature_columns, or classify it with data.text_column"
+                )
+        out[name] = entry
+    return out
+
+
 def _row_name(i: int, where: str) -> str:
     # CSV data rows start on line 2 (after the header).
     return f"line {i + 2} of {where}" if where.endswith(".csv") else f"row {i} of {where}"
 
 
-def numeric_column(name: str, values: Column, where: str) -> np.ndarray:
-    """float64 [N], NaN where missing; a non-numeric value is a one-line error."""
+def numeric_column(
+    name: str, values: Column, where: str, fmt: str = "plain", fix: str | None = None
+) -> np.ndarray:
+    """float64 [N], NaN where missing; `fmt` is how numbers are written (NUMBER_FORMATS); a
+    value that is not one is a one-line error ending in `fix` (default: for a feature
+    column of a training table)."""
+    if fix is None:
+        fix = f"correct the value, or list {name!r} in data.categorical_columns"
+    parse = NUMBER_FORMATS[fmt]
     out = np.full(len(values), np.nan)
     for i, v in enumerate(values):
         if v is None:
             continue
-        x = _as_float(v)
+        x = parse(v)
         if x is None or not math.isfinite(x):
+            kind = "a date column" if fmt == "iso_date" else "numeric"
             raise UserError(
-                f"data: column {name!r} is numeric but holds {v!r} at {_row_name(i, where)}. "
-                f"Fix: correct the value, or list {name!r} in data.categorical_columns."
+                f"data: column {name!r} is {kind} but holds {v!r} at {_row_name(i, where)}. "
+                f"Fix: {fix}."
             )
         out[i] = x
     return out
-
-
-def _is_text(values: Column) -> bool:
-    """A column with values, none of them numbers: categorical without being listed."""
-    present = [v for v in values if v is not None]
-    return bool(present) and all(_as_float(v) is None for v in present)
 
 
 # ---- the label and the task ----------------------------------------------------------------
@@ -207,11 +365,19 @@ def encode_labels(
     for name in label_columns:
         _check_label_present(name, columns[name], task, where)
     if task == "regression":
-        return np.stack([numeric_column(n, columns[n], where) for n in label_columns], 1).astype(
-            np.float32
-        ), None
+        fix = "correct the value, or set task='classification' if the labels are classes"
+        y = np.stack([numeric_column(n, columns[n], where, fix=fix) for n in label_columns], 1)
+        constant = [n for n, col in zip(label_columns, y.T, strict=True) if np.all(col == col[0])]
+        if constant:
+            raise UserError(
+                f"data.label_column: the regression target {constant[0]!r} holds one value "
+                f"({y[0, label_columns.index(constant[0])]:g}) in every row of {where}: "
+                "nothing to learn. Fix: pick the column to predict."
+            )
+        return y.astype(np.float32), None
     if task == "multilabel":
-        y = np.stack([numeric_column(n, columns[n], where) for n in label_columns], 1)
+        fix = "encode each label as 0/1"
+        y = np.stack([numeric_column(n, columns[n], where, fix=fix) for n in label_columns], 1)
         bad = sorted(set(np.unique(y).tolist()) - {0.0, 1.0})
         if bad:
             raise UserError(
@@ -222,6 +388,12 @@ def encode_labels(
     (name,) = label_columns
     keys = [str(v) if _as_float(v) is None else _as_float(v) for v in columns[name]]
     classes = _sort_values(set(keys))
+    if len(classes) < 2:
+        raise UserError(
+            f"data.label_column: {name!r} holds one value ({columns[name][0]!r}) in all "
+            f"{len(keys)} rows of {where}: a {task} model would have nothing to learn. Fix: "
+            "pick the column to predict, or add rows of the other classes."
+        )
     if task == "binary" and len(classes) != 2:
         raise UserError(
             f"task: 'binary' needs a label column with 2 values, {name!r} has {len(classes)}. "
@@ -252,8 +424,10 @@ def fit_preprocessing(
     train: np.ndarray,
     missing: str,
     where: str,
+    formats: Mapping[str, str],
 ) -> dict[str, Any]:
-    """Statistics of the TRAIN rows only: numeric mean/std, categorical vocabularies."""
+    """Statistics of the TRAIN rows only: numeric mean/std, categorical vocabularies;
+    `formats`: how each numeric column's numbers are written (`column_kind`)."""
     means, stds = [], []
     for name, values in numeric.items():
         x = values[train]
@@ -270,18 +444,30 @@ def fit_preprocessing(
     for name, values in categorical.items():
         vocabs[name] = sorted({str(values[i]) for i in train if values[i] is not None})
     return {
-        "numeric": {"columns": list(numeric), "mean": means, "std": stds},
+        "numeric": {
+            "columns": list(numeric),
+            "mean": means,
+            "std": stds,
+            "formats": [formats[name] for name in numeric],
+        },
         "categorical": {"columns": list(categorical), "vocab": vocabs},
         "missing": missing,
     }
 
 
-def encode_features(prep: Mapping[str, Any], columns: Mapping[str, Column]) -> np.ndarray:
-    """Raw columns -> float32 [N, F] with fitted preprocessing (`fit_preprocessing`)."""
+def encode_features(
+    prep: Mapping[str, Any], columns: Mapping[str, Column], where: str = "the input"
+) -> np.ndarray:
+    """Raw columns -> float32 [N, F] with fitted preprocessing (`fit_preprocessing`).
+
+    Training has checked its own rows already: a bad value here is in new rows (`where`),
+    which must be written as the training table was."""
     num, cat = prep["numeric"], prep["categorical"]
     parts = []
-    for name, mean, std in zip(num["columns"], num["mean"], num["std"], strict=True):
-        x = numeric_column(name, columns[name], "the input")
+    formats = num.get("formats") or ["plain"] * len(num["columns"])  # older sidecars: plain
+    for name, mean, std, fmt in zip(num["columns"], num["mean"], num["std"], formats, strict=True):
+        fix = f"write {name!r} as in the training table ({WRITTEN[fmt]}), or leave it empty"
+        x = numeric_column(name, columns[name], where, fmt, fix=fix)
         parts.append((np.where(np.isnan(x), mean, x) - mean) / std)
     for name in cat["columns"]:
         index = {v: i + 1 for i, v in enumerate(cat["vocab"][name])}  # 0: unknown / missing
@@ -345,7 +531,11 @@ def table_source(spec: str, cfg: Mapping, *, seed: int, task: str | None = None)
         where = spec
     else:
         path = Path(rest).expanduser()
-        columns = read_csv(path) if prefix == "csv" else read_parquet(path)
+        if prefix == "csv":
+            text = {k: str(opt(cfg, k, d)) for k, d in (("delimiter", ""), ("encoding", "utf-8"))}
+            columns = read_csv(path, **text)
+        else:
+            columns = read_parquet(path)
         where = str(path)
     label_columns = _label_columns(cfg, default_label, columns)
     if task and task not in TASKS:
@@ -372,14 +562,10 @@ def table_source(spec: str, cfg: Mapping, *, seed: int, task: str | None = None)
                 f"(not the label), found {name!r}. Fix: check data.feature_columns and "
                 "data.categorical_columns."
             )
-    categorical = (
-        [] if text_column else [c for c in features if c in listed or _is_text(columns[c])]
-    )
-    numeric = {
-        c: numeric_column(c, columns[c], where)
-        for c in features
-        if c not in categorical and not text_column
-    }
+    kinds = {} if text_column else {c: column_kind(columns[c], c in listed) for c in features}
+    categorical = [c for c, kind in kinds.items() if kind["became"] == "categorical"]
+    formats = {c: kind["format"] for c, kind in kinds.items() if kind["became"] == "numeric"}
+    numeric = {c: numeric_column(c, columns[c], where, fmt) for c, fmt in formats.items()}
     missing = opt(cfg, "missing", "mean")
     if missing not in MISSING_POLICIES:
         raise UserError(
@@ -418,10 +604,18 @@ def table_source(spec: str, cfg: Mapping, *, seed: int, task: str | None = None)
         prep["pad_id"] = pad_id(tokenizer)
     else:
         prep = fit_preprocessing(
-            numeric, {c: columns[c] for c in categorical}, rows["train"], missing, where
+            numeric, {c: columns[c] for c in categorical}, rows["train"], missing, where, formats
         )
         encoded = encode_features(prep, columns)
         splits = {k: TableRecords(encoded[idx], labels[idx]) for k, idx in rows.items()}
+    report = {c: {"became": "label", "why": why} for c in label_columns}
+    if text_column:
+        report[text_column] = {"became": "text", "why": "data.text_column"}
+    else:
+        vocab = prep["categorical"]["vocab"]
+        report.update(columns_report(kinds, vocab, len(rows["train"])))
+    for name in columns:
+        report.setdefault(name, {"became": "ignored", "why": "not in data.feature_columns"})
 
     train_labels = labels[rows["train"]]
     head: dict[str, Any] = {"input_key": "tokens" if text_column else "features"}
@@ -450,7 +644,12 @@ def table_source(spec: str, cfg: Mapping, *, seed: int, task: str | None = None)
         "class_names": class_names,
         "preprocessing": prep,
         "target": {k: head[k] for k in ("target_mean", "target_std") if k in head},
+        "columns": report,
     }
+    if prefix != "sklearn":
+        description["file"] = fingerprint(path)
+    if prefix == "csv":  # how predict reads new rows: the same encoding (and delimiter)
+        description["csv"] = text
     return Source(
         task,
         splits,

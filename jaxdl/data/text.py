@@ -7,8 +7,10 @@
 The corpus is capped at `data.max_bytes` (default: 8,000,000 for stdlib, none otherwise).
 `data.tokenizer` turns it into tokens: "bytes" (the default: UTF-8 bytes, vocabulary 256)
 or a tokenizer.json (`jaxdl.lm.tokenizer`; the text is encoded in newline-aligned chunks so
-the library's threads share the work). The last `data.val_fraction` (default 0.1) of the
-tokens is "val" ("test" is the same tokens). Each split is cut into non-overlapping windows
+the library's threads share the work). The corpus is cut in order into train | val | test:
+the last `data.test_fraction` of the tokens is "test" (default 0: no test split, and a run's
+summary says its test figures are val's), the `data.val_fraction` (default 0.1) before it
+"val". Each split is cut into non-overlapping windows
 of `data.seq_len` + 1 tokens with stride seq_len, so targets cover every token after the
 first once: inputs = w[:-1], targets = w[1:]. A tail shorter than a window is dropped.
 """
@@ -116,27 +118,40 @@ def tokenize(corpus: bytes, tokenizer) -> np.ndarray:
 
 
 def text_source(spec: str, cfg: Mapping) -> Source:
-    """ "text:..." -> Source of token windows; splits train, val and test (= val)."""
+    """ "text:..." -> Source of token windows; splits train, val and (with
+    data.test_fraction) test."""
     seq_len = int(opt(cfg, "seq_len", 128))
-    fraction = float(opt(cfg, "val_fraction", 0.1))
-    if not 0.0 < fraction < 1.0:
-        raise UserError(f"data.val_fraction: expected a number in (0, 1), found {fraction}.")
+    fractions = {"val": float(opt(cfg, "val_fraction", 0.1))}
+    if opt(cfg, "test_fraction", 0.0):
+        fractions["test"] = float(cfg["test_fraction"])
+    for name, fraction in fractions.items():
+        if not 0.0 < fraction < 1.0:
+            raise UserError(f"data.{name}_fraction: expected a number in (0, 1), found {fraction}.")
+    if sum(fractions.values()) >= 1.0:
+        raise UserError(
+            f"data.val_fraction + data.test_fraction: expected < 1, found "
+            f"{sum(fractions.values())}. Fix: lower them."
+        )
     tokenizer = load_tokenizer(opt(cfg, "tokenizer", BYTES))
     raw = read_corpus(spec, opt(cfg, "max_bytes"))
     corpus = tokenize(raw, tokenizer)
     unit = "bytes" if tokenizer.name == BYTES else "tokens"
-    n_val = int(len(corpus) * fraction)
-    train, val = corpus[: len(corpus) - n_val], corpus[len(corpus) - n_val :]
-    if min(len(train), len(val)) < seq_len + 1:
+    sizes = {name: int(len(corpus) * f) for name, f in fractions.items()}
+    bounds = {"train": (0, len(corpus) - sum(sizes.values()))}
+    for name in ("val", "test"):
+        if name in sizes:
+            start = max(end for _, end in bounds.values())
+            bounds[name] = (start, start + sizes[name])
+    parts = {name: corpus[a:b] for name, (a, b) in bounds.items()}
+    if min(map(len, parts.values())) < seq_len + 1:
+        counts = ", ".join(f"{len(p)} {name}" for name, p in parts.items())
         raise UserError(
-            f"data.seq_len: text:{spec} has {len(train)} train and {len(val)} val "
-            f"{unit}, each split needs at least seq_len + 1 = {seq_len + 1}. Fix: "
-            "lower data.seq_len or give more text."
+            f"data.seq_len: text:{spec} has {counts} {unit}, each split needs at least "
+            f"seq_len + 1 = {seq_len + 1}. Fix: lower data.seq_len or give more text."
         )
-    val_windows = ByteWindows(val, seq_len)
     return Source(
         "lm",
-        {"train": ByteWindows(train, seq_len), "val": val_windows, "test": val_windows},
+        {name: ByteWindows(part, seq_len) for name, part in parts.items()},
         Identity(),
         tokenizer.vocab_size,
         None,
@@ -148,13 +163,9 @@ def text_source(spec: str, cfg: Mapping) -> Source:
             "corpus_bytes": len(raw),
             "corpus_tokens": int(len(corpus)),
             "bytes_per_token": len(raw) / max(len(corpus), 1),
-            f"val_{unit}": n_val,
+            **{f"{name}_{unit}": n for name, n in sizes.items()},
         },
         # the head reports bits per byte of text, whatever the tokenizer
         task_fields={"head": {"bytes_per_token": len(raw) / max(len(corpus), 1)}},
-        split_names={
-            "train": f"{unit}[:{len(train)}]",
-            "val": f"{unit}[{len(train)}:]",
-            "test": f"{unit}[{len(train)}:] (same as val)",
-        },
+        split_names={name: f"{unit}[{a}:{b}]" for name, (a, b) in bounds.items()},
     )

@@ -372,8 +372,8 @@ def predict_table_files(
 
     Each row is encoded as in training, with the train split's statistics from the
     sidecar (standardization, imputation, vocabularies; a label column may be present and
-    is ignored). classification: {"class", "top_k"}; binary: {"class", "prob"} (prob of
-    class_names[1], class at 0.5); multilabel: {"labels" (prob >= 0.5), "probs"};
+    is ignored). classification and binary: {"class", "top_k"} (binary: the class at
+    P(class_names[1]) >= 0.5, both classes ranked); multilabel: {"labels" (prob >= 0.5), "probs"};
     regression: {"prediction"} (one value per label column, original units).
     """
     from jaxdl.data.tabular import encode_features, read_csv, read_parquet
@@ -382,16 +382,19 @@ def predict_table_files(
     prep, names = source["preprocessing"], predictor.labels
     needed = prep["numeric"]["columns"] + prep["categorical"]["columns"]
     results = []
+    text = source.get("csv", {})  # the training CSV's encoding and delimiter ("" sniffs)
     for path in map(Path, inputs):
-        read = read_parquet if path.suffix == ".parquet" else read_csv
-        columns = read(path, field="INPUT")
+        if path.suffix == ".parquet":
+            columns = read_parquet(path, field="INPUT")
+        else:
+            columns = read_csv(path, field="INPUT", **text)
         missing = [c for c in needed if c not in columns]
         if missing:
             raise UserError(
                 f"INPUT: {path} lacks the feature columns {missing[:10]} the model was trained "
                 f"on. Fix: give a CSV with a header naming {needed[:10]}..."
             )
-        out = predictor.predict(encode_features(prep, columns))
+        out = predictor.predict(encode_features(prep, columns, str(path)))
         for i, row in enumerate(out):
             results.append(
                 {"input": str(path), "row": i, **_result(predictor.kind, row, names, top_k)}
@@ -401,10 +404,11 @@ def predict_table_files(
 
 def _result(kind: str, row: np.ndarray, names: Sequence[str], top_k: int) -> dict[str, Any]:
     """One example's artifact output as JSON fields, by task kind (see predict_table_files)."""
+    if kind == "binary":  # P(class_names[1]) -> both classes' probabilities
+        row = np.asarray([1.0 - float(row[0]), float(row[0])])
+        kind = "classification"
     if kind == "classification":
         return {"class": names[int(np.argmax(row))], "top_k": _top_k(row, names, top_k)}
-    if kind == "binary":
-        return {"class": names[int(row[0] >= 0.5)], "prob": float(row[0])}
     if kind == "multilabel":
         pairs = list(zip(names, map(float, row), strict=True))
         return {"labels": [n for n, p in pairs if p >= 0.5], "probs": dict(pairs)}

@@ -3,8 +3,14 @@ its preprocessing; each family module brings only its mapping table (`convert_st
 
 A timm hub folder (what ``save_pretrained``/``push_to_hub`` write) holds ``config.json``
 beside the weights: ``model_args`` (`timm.create_model` keywords that change the preset) and
-``pretrained_cfg`` (``mean``, ``std``, ``input_size`` the weights were trained with). A bare
-state dict file has none, and the library's defaults hold.
+``pretrained_cfg`` (``mean``, ``std``, ``input_size`` the weights were trained with), and
+``label_names`` when the model has them. A bare state dict file has none, and the library's
+defaults hold.
+
+The workdir's data section is the model's own input and nothing else: data.source "none"
+(no examples: the weights came without a dataset), 3-channel 8-bit pixels at the input
+size, the normalization above and the class names. `jaxdl export` and `predict` use it;
+`evaluate` refuses, and fine-tuning configs name their own data.
 """
 
 from __future__ import annotations
@@ -36,8 +42,9 @@ def import_vision(
     """Import an image classifier's weights (a state dict file or a hub folder) as `kind`.
 
     The folder's config.json (when there is one) must name the same architecture; its
-    ``model_args`` go to `convert_state` and its ``pretrained_cfg`` sets the data section,
-    else `normalize` (the transform the family's weights were trained with) does.
+    ``model_args`` go to `convert_state` and its ``pretrained_cfg`` and ``label_names`` set
+    the data section, else `normalize` (the transform the family's weights were trained
+    with) does.
     """
     path = Path(path)
     source = source_config(path)
@@ -45,7 +52,9 @@ def import_vision(
     model_args = dict(source.get("model_args") or {})
     state, files = read_state_dict(path)
     model_cfg, image_size, variables, report = convert_state(kind, state, model_args)
-    data = data_config(source, image_size=image_size, normalize=normalize)
+    data = data_config(
+        source, image_size=image_size, normalize=normalize, num_classes=model_cfg["num_classes"]
+    )
     return Imported(
         config={"model": model_cfg, "data": data},
         variables=variables,
@@ -96,15 +105,57 @@ def check_source_architecture(kind: str, source: Mapping[str, Any]) -> None:
         )
 
 
-def data_config(source: Mapping[str, Any], *, image_size: int, normalize: str) -> dict[str, Any]:
-    """The workdir's data section: 3 channels, the source's input size and normalization
-    (its pretrained_cfg when given, else `image_size` and the `normalize` transform)."""
+def data_config(
+    source: Mapping[str, Any], *, image_size: int, normalize: str, num_classes: int
+) -> dict[str, Any]:
+    """The workdir's data section: no examples, 3 channels, the source's input size and
+    normalization (its pretrained_cfg when given, else `image_size` and the `normalize`
+    transform), and its label_names when there is one per class."""
     pre = source.get("pretrained_cfg") or {}
-    if "mean" in pre and "std" in pre:
-        normalize = f"normalize(mean={tuple(pre['mean'])}, std={tuple(pre['std'])})"
+    if not isinstance(pre, Mapping):
+        raise UserError(
+            f"--from: config.json's pretrained_cfg: expected an object, found {pre!r}. Fix: "
+            "remove it or save the model again with timm."
+        )
+    given = [key for key in ("mean", "std") if key in pre]
+    if given:
+        stats = [pre.get(key) for key in ("mean", "std")]
+        if len(given) != 2 or not all(_numbers(v, (1, 3)) for v in stats):
+            raise UserError(
+                f"--from: config.json's pretrained_cfg: expected mean and std, 3 numbers each "
+                f"(or 1), found mean={pre.get('mean')!r}, std={pre.get('std')!r}. Fix: give "
+                "both, as the weights were trained with, or remove both (the family's default)."
+            )
+        normalize = f"normalize(mean={tuple(stats[0])}, std={tuple(stats[1])})"
     if "input_size" in pre:
+        if not _numbers(pre["input_size"], (3,)):
+            raise UserError(
+                f"--from: config.json's pretrained_cfg.input_size: expected [channels, height, "
+                f"width], found {pre['input_size']!r}. Fix: e.g. [3, 224, 224]."
+            )
         image_size = int(pre["input_size"][-1])
-    return {"image_size": image_size, "channels": 3, "transforms": [normalize]}
+    names = source.get("label_names") or []
+    if names and len(names) != num_classes:
+        raise UserError(
+            f"--from: config.json's label_names has {len(names)} names, the weights' head "
+            f"has {num_classes} classes. Fix: correct label_names or remove it."
+        )
+    return {
+        "source": "none",
+        "image_size": image_size,
+        "channels": 3,
+        "transforms": [normalize],
+        "class_names": [str(n) for n in names],
+    }
+
+
+def _numbers(value: Any, lengths: tuple[int, ...]) -> bool:
+    """A JSON list of `lengths` numbers."""
+    return (
+        isinstance(value, list)
+        and len(value) in lengths
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    )
 
 
 def imported_workdir(checkpoint: str | Path) -> Path | None:

@@ -136,8 +136,8 @@ def check_out(out: Path) -> None:
     """Refuse an existing, non-empty --out (before any slow reading)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(
-            f"--out: {out} already exists and is not empty. Fix: pass a new folder (an import "
-            "never overwrites a workdir)."
+            f"--out: {out} already exists and is not empty. Fix: pass a new folder (jaxdl "
+            "never writes over an existing one)."
         )
 
 

@@ -17,6 +17,7 @@ from jaxdl.core import steps
 from jaxdl.core.heads import finalize
 from jaxdl.data import Data, build_data, validate_batch
 from jaxdl.errors import UserError
+from jaxdl.fileio import read_json
 from jaxdl.parallel import sharding
 from jaxdl.training import scores
 from jaxdl.training.build import Setup, build
@@ -94,24 +95,54 @@ def with_pinned_base(cfg: ml_collections.ConfigDict, workdir: Path):
     return cfg
 
 
+def stored_fit(workdir: Path) -> dict[str, Any] | None:
+    """What the run in `workdir` fitted to its data (`Data.fit`, kept in
+    data_report.json), or None (a source that fits nothing, or an older workdir)."""
+    report = workdir / "data_report.json"
+    return read_json(report).get("fit") if report.is_file() else None
+
+
+def check_same_data(fit: Mapping[str, Any], data: Data, workdir: Path) -> None:
+    """Refuse data whose file changed since the run in `workdir` fitted `fit` to it: its
+    rows, split and statistics would not be the ones the model trained on."""
+    old, new = fit["preprocessing"].get("file"), data.preprocessing.get("file")
+    if old and new and old["sha256"] != new["sha256"]:
+        raise UserError(
+            f"data.source: {new['path']} changed since {workdir} trained on it (sha256 "
+            f"{old['sha256'][:12]}..., {old['bytes']:,} bytes then; {new['sha256'][:12]}..., "
+            f"{new['bytes']:,} bytes now), so its rows, split and statistics are not the "
+            "ones the model learned. Fix: restore the file, or train a new run on it."
+        )
+
+
 def restore_run(
-    workdir: str | Path, step: int | None = None, *, sharded: bool = False
+    workdir: str | Path, step: int | None = None, *, sharded: bool = False, examples: bool = True
 ) -> tuple[Any, Setup, Data]:
     """(config, setup with the restored state, data) of a trained workdir.
 
     ``sharded``: restore onto the run's ``mesh`` over this machine's devices (whatever
     mesh saved it), with ``setup.layout`` set; else onto the default device.
+    ``examples=False`` (export): the data only as training fitted it (`Data.from_fit`),
+    never re-read; an imported model without data is accepted. Else the data is read again
+    and refused if its file changed since training.
     """
     from jaxdl.checkpoint.manager import Checkpointer
 
     workdir = Path(workdir)
     cfg = load_run_config(workdir)
-    data = build_data(
-        cfg.data,
-        seed=cfg.seed,
-        num_classes=cfg.model.get("num_classes"),
-        task=cfg.get("task") or None,
-    )
+    fit = stored_fit(workdir)
+    if fit is not None and not examples:
+        data = Data.from_fit(fit)
+    else:
+        data = build_data(
+            cfg.data,
+            seed=cfg.seed,
+            num_classes=cfg.model.get("num_classes"),
+            task=cfg.get("task") or None,
+            need_examples=examples,
+        )
+        if fit is not None:
+            check_same_data(fit, data, workdir)
     setup = build(
         with_pinned_base(cfg, workdir),  # a LoRA run's frozen base: the step it trained on
         kind=data.kind,
@@ -134,9 +165,20 @@ def restore_run(
 
 
 def evaluate_workdir(workdir: str | Path, split: str = "test") -> dict[str, float]:
+    if load_run_config(workdir).data.source == "none":
+        raise UserError(
+            f'--workdir: {workdir} has no data to evaluate (data.source "none": a model '
+            "imported without a dataset). Fix: fine-tune it with `jaxdl train` (a config "
+            "with data.source and init_from.checkpoint) and evaluate that run."
+        )
     cfg, setup, data = restore_run(workdir, sharded=True)
     if split not in data.split_sizes:
-        raise UserError(f"--split: expected one of {sorted(data.split_sizes)}, found {split!r}.")
+        held_out = " (text sources hold out a test split with data.test_fraction)"
+        raise UserError(
+            f"--split: {cfg.data.source} has the splits {sorted(data.split_sizes)}, found "
+            f"{split!r}. Fix: pass --split {cfg.data.eval_split}"
+            f"{held_out if str(cfg.data.source).startswith('text:') else ''}."
+        )
     eval_step = steps.make_eval_step(
         setup.model, setup.head, lora_cfg=setup.lora_cfg, layout=setup.layout
     )
@@ -162,7 +204,7 @@ def export_workdir(
     """
     from jaxdl.deploy.export import export_run
 
-    cfg, setup, data = restore_run(workdir)
+    cfg, setup, data = restore_run(workdir, examples=False)
     return export_run(
         cfg, setup, data, out_path, platforms=platforms, quantize=quantize, workdir=workdir
     )

@@ -38,9 +38,15 @@ def workdir_lock(workdir: Path, command: str = "train") -> Iterator[None]:
     removed, so a bad input leaves no trace.
     """
     created = not workdir.exists()
-    workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(
+            f"--workdir: {workdir} (or a folder above it) is a file, expected a folder. Fix: "
+            "pass a folder path that does not exist yet or is a workdir."
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -36,7 +36,14 @@ from jaxdl.interop.vision import with_source_preprocessing
 from jaxdl.parallel import sharding
 from jaxdl.training import scores
 from jaxdl.training.build import Setup, build
-from jaxdl.training.evaluate import eval_batches, evaluate_split, scalars, with_pinned_base
+from jaxdl.training.evaluate import (
+    check_same_data,
+    eval_batches,
+    evaluate_split,
+    scalars,
+    stored_fit,
+    with_pinned_base,
+)
 from jaxdl.training.guards import StopRequest, stop_on_signals, workdir_lock
 from jaxdl.training.runlog import MetricLogger, params_sha256, plot_curves, read_metrics
 
@@ -203,6 +210,9 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
         fold=fold,
         task=cfg.get("task") or None,
     )
+    fit = stored_fit(workdir)
+    if fit is not None and (workdir / "config.json").exists():  # resuming: the same data
+        check_same_data(fit, data, workdir)
     if "task_reason" in data.preprocessing:
         echo(f"task: {data.kind} ({data.preprocessing['task_reason']})")
     mesh = sharding.make_mesh(cfg.mesh)
@@ -380,13 +390,14 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
         stop.check(f"at step {step}; {saved}. Run the same command to resume.")
 
         # ---- test -------------------------------------------------------------------------
-        test_split = (
-            cfg.data.test_split
-            if cfg.data.test_split in data.split_sizes
-            else (cfg.data.eval_split)
-        )
-        same_as_val = data.split_names.get(test_split) == data.split_names.get(cfg.data.eval_split)
-        if same_as_val and val_metrics is not None:  # e.g. text sources: test is the val bytes
+        test_split = cfg.data.test_split
+        if test_split not in data.split_sizes:  # said, not silent: summary.json's test_split
+            test_split = cfg.data.eval_split
+            echo(
+                f"test: {cfg.data.source} has no {cfg.data.test_split!r} split, so the test "
+                f"figures are the {test_split!r} split's (data.test_fraction holds one out)"
+            )
+        if test_split == cfg.data.eval_split and val_metrics is not None:
             test_metrics = val_metrics
         else:
             # Every step is saved by now; a signal abandons the evaluation (it may be long)

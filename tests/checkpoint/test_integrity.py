@@ -32,8 +32,13 @@ def test_flipped_byte_is_refused_by_every_reader_and_resume_falls_back(tmp_path,
     step_dir = tmp_path / "checkpoints" / "2"
     victim = flip_a_byte(step_dir)
     name = str(victim.relative_to(step_dir))
-    with pytest.raises(CorruptCheckpointError, match=f"{step_dir}: file {name} hashes to"):
+    with pytest.raises(CorruptCheckpointError, match=f"{step_dir}: file {name} hashes to") as err:
         load_params(tmp_path)
+    # The advice holds for commands that take no step (evaluate, export use the latest).
+    assert str(err.value).endswith(
+        f"Fix: delete {step_dir} (evaluate, export and resume then use the latest of [1]); "
+        "init_from.step can name another step."
+    )
     with Checkpointer(tmp_path) as ckpt, pytest.raises(CorruptCheckpointError, match=name):
         ckpt.restore(zeros_like(make_state()), 2)
     capsys.readouterr()

@@ -1,12 +1,16 @@
-"""Table sources: splits, train-only statistics (leakage), task inference, one-line errors."""
+"""Table sources: splits, train-only statistics (leakage), task inference, one-line errors;
+column inference that does not guess wrong (one-valued labels refused, thousands separators
+and ISO dates parsed, ambiguous dates and identifiers flagged in data_report.json)."""
 
 import csv
+import datetime
 
 import numpy as np
 import pytest
 
 from jaxdl.data import build_data
-from jaxdl.data.tabular import encode_features
+from jaxdl.data.pipeline import format_report
+from jaxdl.data.tabular import encode_features, read_csv
 from jaxdl.errors import UserError
 
 
@@ -163,3 +167,143 @@ def test_parquet_reads_like_csv(tmp_path):
         task="regression",
     )
     np.testing.assert_array_equal(a.source.splits["val"].features, b.source.splits["val"].features)
+
+
+def _rows(n=60):
+    rng = np.random.default_rng(0)
+    start = datetime.date(2023, 1, 1)
+    rows = []
+    for i in range(n):
+        amount = float(rng.integers(500, 2_000_000)) + 0.25
+        day = start + datetime.timedelta(days=int(rng.integers(0, 700)))
+        rows.append(
+            [
+                f"{amount:,.2f}",  # "1,234,567.25"
+                day.isoformat(),
+                day.strftime("%d/%m/%Y"),
+                f"id-{i:05d}",
+                ["a", "b"][i % 2],
+                ["yes", "no"][int(amount > 1e6)],
+            ]
+        )
+    return ["amount", "opened", "opened_local", "customer", "group", "y"], rows
+
+
+def test_each_column_becomes_what_its_values_say(tmp_path):
+    header, rows = _rows()
+    path = _write(tmp_path / "t.csv", header, rows)
+    data = build_data({"source": f"csv:{path}", "label_column": "y"}, seed=0)
+    columns = data.report["columns"]
+    became = {name: c["became"] for name, c in columns.items()}
+    assert became == {
+        "amount": "numeric",
+        "opened": "numeric",
+        "opened_local": "categorical",
+        "customer": "categorical",
+        "group": "categorical",
+        "y": "label",
+    }
+    assert "thousands separators" in columns["amount"]["why"]
+    assert "days since 1970-01-01" in columns["opened"]["why"]
+    assert "YYYY-MM-DD" in columns["opened_local"]["flag"]
+    assert "every train value is distinct" in columns["customer"]["flag"]
+    assert "flag" not in columns["group"] and columns["group"]["levels"] == 2
+    assert "column 'customer' became categorical" in format_report(data.report)
+
+    prep = data.preprocessing["preprocessing"]
+    assert prep["numeric"]["columns"] == ["amount", "opened"]
+    assert prep["numeric"]["formats"] == ["thousands", "iso_date"]
+    amounts = [float(r[0].replace(",", "")) for r in rows]
+    days = [(datetime.date.fromisoformat(r[1]) - datetime.date(1970, 1, 1)).days for r in rows]
+    x = encode_features(prep, read_csv(path))  # as predict encodes new rows
+    mean, std = prep["numeric"]["mean"], prep["numeric"]["std"]
+    expected = (np.stack([amounts, days], 1) - mean) / std  # the float32 features, in float64
+    np.testing.assert_allclose(x[:, :2], expected, atol=1e-5)
+    assert np.ptp(expected, axis=0).min() > 3  # spread out, not all one category
+
+
+@pytest.mark.parametrize(
+    "label, task, words",
+    [
+        ("yes", "", ["'y' holds one value ('yes') in all 30 rows", "nothing to learn"]),
+        ("3", "", ["'y' holds one value ('3')"]),
+        ("3", "classification", ["'y' holds one value ('3')"]),
+        ("2.5", "regression", ["regression target 'y' holds one value (2.5)"]),
+    ],
+)
+def test_a_label_with_one_value_is_refused(tmp_path, label, task, words):
+    path = _write(tmp_path / "t.csv", ["x", "y"], [[str(i), label] for i in range(30)])
+    with pytest.raises(UserError) as err:
+        build_data({"source": f"csv:{path}", "label_column": "y"}, seed=0, task=task or None)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_a_date_column_with_a_bad_value_names_it(tmp_path):
+    rows = [[f"2024-01-{i % 28 + 1:02d}", str(i % 2)] for i in range(30)]
+    rows[7][0] = "2024-02-31"
+    path = _write(tmp_path / "t.csv", ["when", "y"], rows)
+    data = build_data({"source": f"csv:{path}", "label_column": "y"}, seed=0)
+    assert data.report["columns"]["when"]["became"] == "categorical"  # not all dates
+    rows[7][0] = ""  # a gap: a date column with a missing value
+    path = _write(tmp_path / "t.csv", ["when", "y"], rows)
+    data = build_data({"source": f"csv:{path}", "label_column": "y"}, seed=0)
+    assert data.report["columns"]["when"]["became"] == "numeric"
+    bad = _write(tmp_path / "new.csv", ["when"], [["2024-01-05"], ["soon"]])
+    message = "'when' is a date column but holds 'soon' at line 3 of .*new.csv. Fix: write"
+    with pytest.raises(UserError, match=message):
+        encode_features(data.preprocessing["preprocessing"], read_csv(bad), str(bad))
+
+
+def _columns(path, **cfg):
+    data = build_data({"source": f"csv:{path}", "label_column": "y", **cfg}, seed=0)
+    return data.report["columns"]
+
+
+def test_encodings_byte_order_marks_and_delimiters(tmp_path):
+    rows = [[f"{i}.5", ["café", "thé", "eau"][i % 3], str(i % 2)] for i in range(30)]
+    text = "x;drink;y\n" + "".join(";".join(r) + "\n" for r in rows)
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + text.encode())  # Excel's "CSV UTF-8", ; delimited
+    assert set(_columns(bom)) == {"x", "drink", "y"}
+
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(text.encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin.csv is not utf-8 text \(byte 0xe9 on line 2\)"):
+        _columns(latin)
+    data = build_data(
+        {"source": f"csv:{latin}", "label_column": "y", "encoding": "latin-1"}, seed=0
+    )
+    assert data.preprocessing["preprocessing"]["categorical"]["vocab"]["drink"] == [
+        "café",
+        "eau",
+        "thé",
+    ]
+    with pytest.raises(UserError, match=r"one column 'x;drink;y' .* Fix: set data.delimiter=';'"):
+        _columns(bom, delimiter=",")
+
+
+def test_csv_and_parquet_swapped_name_the_right_prefix(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"x": list(range(30)), "y": [i % 2 for i in range(30)]}), table)
+    with pytest.raises(
+        UserError, match=f"t.parquet is a Parquet file, .* Fix: use parquet:{table}"
+    ):
+        build_data({"source": f"csv:{table}", "label_column": "y"}, seed=0)
+    text = _write(tmp_path / "t.csv", ["x", "y"], [[str(i), str(i % 2)] for i in range(30)])
+    with pytest.raises(UserError, match=f"is text \\(a CSV\\?\\), .* Fix: use csv:{text}"):
+        build_data({"source": f"parquet:{text}", "label_column": "y"}, seed=0)
+    assert build_data({"source": f"parquet:{table}", "label_column": "y"}, seed=0).kind == "binary"
+
+
+def test_a_bad_regression_target_is_not_told_to_become_a_categorical_feature(tmp_path):
+    rows = [[str(i), f"{i / 3:.3f}"] for i in range(30)] + [["1", "high"]]
+    path = _write(tmp_path / "t.csv", ["x", "y"], rows)
+    with pytest.raises(UserError) as err:
+        build_data({"source": f"csv:{path}", "label_column": "y"}, seed=0, task="regression")
+    assert "column 'y' is numeric but holds 'high' at line 32" in str(err.value)
+    assert "set task='classification'" in str(err.value)
+    assert "categorical_columns" not in str(err.value)

@@ -26,11 +26,7 @@ def test_windows_decode_back_to_source_bytes(tmp_path):
     train, val = TEXT[:-n_val], TEXT[-n_val:]
     assert data.kind == "lm" and data.num_classes == 256
     assert data.example_spec == {"inputs": ((16,), np.int32), "targets": ((16,), np.int32)}
-    assert data.split_sizes == {
-        "train": (len(train) - 1) // 16,
-        "val": (n_val - 1) // 16,
-        "test": (n_val - 1) // 16,
-    }
+    assert data.split_sizes == {"train": (len(train) - 1) // 16, "val": (n_val - 1) // 16}
     batches = list(data.eval_iter("val", 5, shard=(0, 1)))
     assert sum(b["mask"].sum() for b in batches) == data.split_sizes["val"]
     covered = data.split_sizes["val"] * 16 + 1
@@ -42,6 +38,25 @@ def test_windows_decode_back_to_source_bytes(tmp_path):
     batch = next(data.train_iter(4, seed=0, shard=(0, 1)))
     np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
     validate_batch(batch, data.example_spec, data.num_classes, split="train")
+
+
+def test_test_fraction_holds_out_a_test_split_of_its_own(tmp_path):
+    (tmp_path / "a.txt").write_bytes(TEXT)
+    cfg = {"source": f"text:{tmp_path}/a.txt", "seq_len": 16, "val_fraction": 0.1}
+    data = build_data({**cfg, "test_fraction": 0.25}, seed=0)
+    n_val, n_test = int(len(TEXT) * 0.1), int(len(TEXT) * 0.25)
+    n_train = len(TEXT) - n_val - n_test
+    assert data.split_names == {
+        "train": f"bytes[0:{n_train}]",
+        "val": f"bytes[{n_train}:{n_train + n_val}]",
+        "test": f"bytes[{n_train + n_val}:{len(TEXT)}]",
+    }
+    test = list(data.eval_iter("test", 8, shard=(0, 1)))
+    assert _decode(test) == TEXT[n_train + n_val :][: data.split_sizes["test"] * 16 + 1]
+    val = list(data.eval_iter("val", 8, shard=(0, 1)))
+    assert _decode(val) == TEXT[n_train : n_train + n_val][: data.split_sizes["val"] * 16 + 1]
+    with pytest.raises(UserError, match="val_fraction \\+ data.test_fraction: expected < 1"):
+        build_data({**cfg, "test_fraction": 0.9}, seed=0)
 
 
 def test_pydoc_corpus():

@@ -65,8 +65,22 @@ def test_binary_csv_predict_cli_equals_the_model(tmp_path):
     logits, data = _model_outputs(workdir, new_csv)
     expected = 1 / (1 + np.exp(-logits[:, 0]))
     assert [r["row"] for r in results] == list(range(7))
-    np.testing.assert_allclose([r["prob"] for r in results], expected, atol=1e-6)
-    assert [r["class"] for r in results] == [data.class_names[int(p >= 0.5)] for p in expected]
+    no, yes = data.class_names
+    for r, p in zip(results, expected, strict=True):
+        ranked = {c["class"]: c["prob"] for c in r["top_k"]}
+        assert ranked == pytest.approx({yes: p, no: 1 - p}, abs=1e-6)
+        assert r["class"] == r["top_k"][0]["class"] == (yes if p >= 0.5 else no)
+    # The text form names each class beside its own probability, --top-k of them.
+    done = subprocess.run(
+        [*cli, "predict", str(artifact), str(new_csv), "--top-k", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    best = [max(p, 1 - p) for p in expected]
+    assert done.stdout.splitlines() == [
+        f"{new_csv}:{i}: {r['class']} ({best[i]:.4f})" for i, r in enumerate(results)
+    ]
     sidecar = json.loads((tmp_path / "loans.jaxexport.json").read_text())
     prep = sidecar["preprocessing"]["source"]["preprocessing"]
     assert prep == data.preprocessing["preprocessing"]  # train statistics travel with it

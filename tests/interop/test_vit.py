@@ -73,7 +73,13 @@ def test_library_default_normalization_and_model_args(tmp_path):
         model_args = json.loads((FIXTURES / name / "config.json").read_text())["model_args"]
         (folder / "config.json").write_text(json.dumps({"model_args": model_args}))
         data = vit.import_vit(CASES[name], folder).config["data"]
-        assert data == {"image_size": 32, "channels": 3, "transforms": [f"normalize({expected})"]}
+        assert data == {
+            "source": "none",
+            "image_size": 32,
+            "channels": 3,
+            "transforms": [f"normalize({expected})"],
+            "class_names": [],
+        }
 
 
 def test_unknown_kind_and_model_args_are_refused():

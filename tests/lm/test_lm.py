@@ -43,6 +43,35 @@ def test_lm_summary_and_logs(lm_run):
     train_logs = [r for r in records if r["split"] == "train"]
     assert all(r["tokens_per_s"] > 0 and r["model_flops_per_s"] > 0 for r in train_logs)
     assert {r["split"] for r in records} == {"train", "val", "test"}
+    # text:pydoc has no test split unless data.test_fraction holds one out: the summary
+    # says whose figures its test_* are.
+    assert summary["test_split"] == "val"
+    last_val = [r for r in records if r["split"] == "val"][-1]
+    assert summary["test_loss"] == last_val["loss"]
+
+
+def test_evaluate_of_a_run_without_test_split_names_the_fix(lm_run):
+    from jaxdl.errors import UserError
+    from jaxdl.training.evaluate import evaluate_workdir
+
+    workdir, summary = lm_run
+    with pytest.raises(UserError, match=r"has the splits \['train', 'val'\], found 'test'"):
+        evaluate_workdir(workdir)
+    assert evaluate_workdir(workdir, "val")["loss"] == pytest.approx(summary["test_loss"])
+
+
+def test_a_held_out_test_split_is_scored_apart_from_val(tmp_path):
+    cfg = config_lib.load_config(
+        "experiments/lm_stdlib_pretrain.py",
+        [*TINY, "--config.data.source=text:pydoc", "--config.data.test_fraction=0.1"],
+    )
+    lines = []
+    summary = train(cfg, tmp_path, progress=False, echo=lines.append)
+    val = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    last_val = [r for r in val if r["split"] == "val"][-1]
+    assert summary["test_split"] == "test"
+    assert abs(summary["test_loss"] - last_val["loss"]) > 1e-4
+    assert not any(line.startswith("test:") for line in lines)
 
 
 def _jaxdl(*args):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxdl import config as config_lib
+from jaxdl.errors import UserError
 from jaxdl.training.crossval import cross_validate
 
 
@@ -34,3 +35,10 @@ def test_folds_below_two_are_refused(tmp_path):
     cfg = config_lib.load_config("experiments/digits_mlp.py")
     with pytest.raises(ValueError, match="--folds: expected at least 2"):
         cross_validate(cfg, tmp_path, folds=1)
+
+
+def test_more_folds_than_examples_are_refused(tmp_path):
+    cfg = config_lib.load_config("experiments/digits_mlp.py")
+    with pytest.raises(UserError, match=r"--folds: expected at most 1437 \(the train and val"):
+        cross_validate(cfg, tmp_path, folds=5000, progress=False)
+    assert not (tmp_path / "fold_0").exists()
