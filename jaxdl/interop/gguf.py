@@ -347,11 +347,7 @@ def import_gguf(kind: str, path: Path, out: Path) -> Imported:
         sorted({name: t.tensor_type.name for name, t in f.tensors.items()}.items())
     )
     lm = tokenizer_files(f)
-    data = {
-        "source": "text:pydoc",
-        "seq_len": min(512, model_cfg["max_len"]),
-        **lm.data_fields(out),
-    }
+    data = lm.data_config(out, model_cfg["max_len"])
     meta = {k: f.get(k, arch=False) for k in ("general.name", "general.license")}
     return Imported(
         config={"model": model_cfg, "data": data, "best_metric": "val_loss"},

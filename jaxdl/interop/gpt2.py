@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
-from jaxdl.interop import readers
+from jaxdl.interop import lm_files, readers
 from jaxdl.interop.mapping import Rule, convert, split
 from jaxdl.interop.workdir import Imported
 from jaxdl.models.transformer import transformer_spec
@@ -246,25 +246,25 @@ def read_config(path: Path) -> dict[str, Any]:
 
 def import_gpt2(kind: str, path: Path, out: Path) -> Imported:
     """`jaxdl import hf:gpt2`: a save_pretrained folder (or weights file) -> Imported."""
-    from jaxdl.lm.tokenizer import hf_tokenizer_json
-
     hf = read_config(path)
     model_cfg = model_config(hf)
-    state, files = readers.read_state_dict(path)
+    state, files = readers.stream_state_dict(path)
     variables, report = convert_state(state, model_cfg)
     del state
     folder = path if path.is_dir() else path.parent
-    tokenizer = hf_tokenizer_json(folder)
-    data = {"source": "text:pydoc", "seq_len": min(128, model_cfg["max_len"])}
-    assets: dict[str, bytes] = {}
-    if tokenizer is not None:
-        assets["tokenizer.json"] = tokenizer
-        data["tokenizer"] = str(out / "tokenizer.json")
+    lm = lm_files.from_hf_folder(folder, hf)
     return Imported(
-        config={"model": model_cfg, "data": data, "best_metric": "val_loss"},
+        config={
+            "model": model_cfg,
+            "data": {
+                **lm.data_config(out, model_cfg["max_len"]),
+                "seq_len": min(128, model_cfg["max_len"]),
+            },
+            "best_metric": "val_loss",
+        },
         variables=variables,
         report=report,
         files=[folder / "config.json", *files],
-        assets=assets,
-        provenance={"hf_config": hf, "tokenizer": "tokenizer.json" if tokenizer else None},
+        assets=lm.assets(),
+        provenance={"hf_config": hf, **lm.provenance()},
     )

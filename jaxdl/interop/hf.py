@@ -33,8 +33,7 @@ def import_llama(kind: str, path: Path, out: Path) -> Imported:
     del state
     folder = path if path.is_dir() else path.parent
     lm = lm_files.from_hf_folder(folder, hf)
-    data = {"source": "text:pydoc", "seq_len": min(512, model_cfg["max_len"])}
-    data.update(lm.data_fields(out))
+    data = lm.data_config(out, model_cfg["max_len"])
     return Imported(
         config={"model": model_cfg, "data": data, "best_metric": "val_loss"},
         variables=variables,

@@ -45,9 +45,16 @@ class LmFiles:
             "generation_config.json": dump(self.generation_config),
         }
 
-    def data_fields(self, out: Path) -> dict[str, Any]:
-        """The config's data.tokenizer for the workdir `out`."""
-        return {"tokenizer": NONE if self.tokenizer is None else str(out / "tokenizer.json")}
+    def data_config(self, out: Path, max_len: int) -> dict[str, Any]:
+        """The imported workdir's data section: its tokenizer, and English text to measure
+        it on (`jaxdl evaluate`: pydoc's topics, val and test held out) until a
+        fine-tuning config names its own data."""
+        return {
+            "source": "text:pydoc",
+            "test_fraction": 0.1,
+            "seq_len": min(512, max_len),
+            "tokenizer": NONE if self.tokenizer is None else str(out / "tokenizer.json"),
+        }
 
     def provenance(self) -> dict[str, Any]:
         """What import_report.json says of the tokenizer (and what is missing)."""

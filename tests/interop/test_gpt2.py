@@ -141,8 +141,10 @@ def test_import_writes_a_workdir_that_reproduces_the_logits(tmp_path, ref):
     assert sorted(p.name for p in out.iterdir()) == [
         "checkpoints",
         "config.json",
+        "generation_config.json",
         "import_report.json",
         "tokenizer.json",
+        "tokenizer_config.json",
     ]
     saved = json.loads((out / "import_report.json").read_text())
     assert saved == json.loads(json.dumps(report))
@@ -382,7 +384,7 @@ def test_staging_renames_on_success_and_leaves_nothing_otherwise(tmp_path):
 
 def test_an_unknown_kind_lists_the_known_ones(tmp_path):
     with pytest.raises(
-        UserError, match=r"KIND: expected one of \[.*'hf:gpt2'.*\], found 'hf:llama'"
+        UserError, match=r"KIND: expected one of \[.*'hf:gpt2'.*\], found 'hf:falcon'"
     ):
-        import_checkpoint("hf:llama", str(TINY), tmp_path / "w")
+        import_checkpoint("hf:falcon", str(TINY), tmp_path / "w")
     assert not (tmp_path / "w").exists()
