@@ -34,7 +34,7 @@ Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 LOSSES = ("softmax_cross_entropy", "mse", "sigmoid_cross_entropy")
-KINDS = ("classification", "binary", "multilabel", "regression", "lm")
+KINDS = ("classification", "binary", "multilabel", "regression", "lm", "sft")
 # The config default loss.name; for binary, multilabel and regression it means the task's
 # own first loss below, so a task inferred from the data trains without a loss override.
 DEFAULT_LOSS = "softmax_cross_entropy"

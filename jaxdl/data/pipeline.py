@@ -102,6 +102,8 @@ class Data:
         {"splits": {"train": {"examples": 1257, "per_class": {"0": 125, ...}}, ...},
          "skipped": [{"path": "cats/._1.jpg", "reason": "hidden file"}]}.
         per_class is None where labels cannot be counted without reading every record (TFDS).
+        A source's own entries (`Source.report`: chat data's rows cut and dropped, loss tokens)
+        join them.
         """
         label_key = getattr(self.source.decode, "label_key", "label")
         splits: dict[str, dict[str, Any]] = {}
@@ -110,8 +112,9 @@ class Data:
             if self.kind == "classification":
                 labels = cheap_labels(records, label_key)
                 entry["per_class"] = None if labels is None else self._per_class(labels)
-            splits[name] = entry
-        return {"splits": splits, "skipped": [dict(s) for s in self.skipped]}
+            splits[name] = {**entry, **self.source.report.get("splits", {}).get(name, {})}
+        extra = {k: v for k, v in self.source.report.items() if k != "splits"}
+        return {**extra, "splits": splits, "skipped": [dict(s) for s in self.skipped]}
 
     def _per_class(self, labels: np.ndarray) -> dict[str, int]:
         counts = np.bincount(labels, minlength=self.num_classes)
@@ -374,7 +377,7 @@ def build_data(
         )
         + eval_ops
     )
-    if source.kind == "lm" and train_ops:
+    if source.kind in ("lm", "sft") and train_ops:
         raise UserError(
             f"data.transforms: a text source has no images to transform, found "
             f"{[op.name for op in train_ops]}. Fix: remove them."
@@ -392,7 +395,7 @@ def build_data(
             "random_resized_crop(S) with resize(S) in data.transforms."
         )
 
-    if source.kind == "lm" or source.task_fields:  # the data fixes the output width
+    if source.kind in ("lm", "sft") or source.task_fields:  # the data fixes the output width
         classes = source.num_classes
     else:
         classes = num_classes if num_classes is not None else source.num_classes
@@ -428,6 +431,8 @@ def format_report(report: Mapping[str, Any]) -> str:
         if split.get("per_class") is not None:
             counts = ", ".join(f"{c}: {n:,}" for c, n in split["per_class"].items())
             line += f" ({counts})"
+        if split.get("rows_cut") or split.get("rows_dropped"):
+            line += f"; {split['rows_cut']:,} rows cut, {split['rows_dropped']:,} dropped"
         lines.append(line)
     skipped = report["skipped"]
     if skipped:

@@ -27,7 +27,7 @@ from jaxdl.errors import UserError
 VALID_SOURCES = (
     '"digits", "tfds:NAME[/CONFIG]", "imagefolder:PATH", "text:PATH_OR_GLOB", "text:stdlib", '
     '"text:pydoc", "synthetic:images", "synthetic:tokens", "csv:PATH", "parquet:PATH", '
-    '"sklearn:NAME", "textfolder:PATH"'
+    '"sklearn:NAME", "textfolder:PATH", "jsonl:PATH"'
 )
 DEFAULT_DATA_DIR = "~/.cache/jaxdl/tfds"
 
@@ -68,6 +68,8 @@ class Source:
     skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)  # {"path", "reason"}
     # What the model and head take from the train split (tables): {"model": {...}, "head": {...}}
     task_fields: dict = dataclasses.field(default_factory=dict)
+    # Source-specific data_report.json entries; its "splits" add to each split's entry.
+    report: dict = dataclasses.field(default_factory=dict)
 
     def labels(self, split: str) -> np.ndarray:
         """int64 [N] labels of a classification split: held in memory, or read from the raw
@@ -422,6 +424,10 @@ def load_source(
     """
     spec = str(opt(cfg, "source", "digits"))
     prefix, _, rest = spec.partition(":")
+    if (prefix == "jsonl" or (prefix == "parquet" and task == "sft")) and rest:
+        from jaxdl.data.chat import chat_source
+
+        return chat_source(spec, cfg, seed=seed)
     if prefix in ("csv", "parquet", "sklearn") and rest:
         from jaxdl.data.tabular import table_source
 
