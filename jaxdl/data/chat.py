@@ -102,12 +102,17 @@ def read_rows(path: Path) -> list[tuple[str, Any]]:
             raise UserError(f"{path}: not a readable Parquet file ({err}).") from err
         return [(f"{path} row {i}", row) for i, row in enumerate(rows)]
     out = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                out.append((f"{path}:{number}", json.loads(line)))
+                out.append((f"{path}:{number}", json.loads(line.decode("utf-8"))))
+            except UnicodeDecodeError as err:
+                raise UserError(
+                    f"{path}:{number}: expected UTF-8 text, found the byte {line[err.start]:#04x} "
+                    f"at column {err.start + 1}. Fix: save the file as UTF-8."
+                ) from None
             except json.JSONDecodeError as err:
                 raise UserError(
                     f"{path}:{number}: expected one JSON object per line, found invalid JSON "
@@ -368,6 +373,12 @@ def chat_source(spec: str, cfg: Mapping, *, seed: int) -> Source:
         conversations = [to_messages(row, fmt, where) for where, row in rows]
         pairs = tokenize_conversations(tokenizer, conversations, wheres, train_on)
         tokens, masks, stats[name] = _examples(pairs, wheres, seq_len)
+        if rows and not tokens:
+            raise UserError(
+                f"data.seq_len: every one of the {len(rows)} {name} rows ({names[name]}) has no "
+                f"{train_on} token left to predict in its first {seq_len} tokens, found "
+                f"seq_len={seq_len}. Fix: raise data.seq_len."
+            )
         splits[name] = Rows(build_rows(tokens, masks, seq_len, packing=packing, seed=seed))
     options = {"format": fmt, "train_on": train_on, "packing": packing, "seq_len": seq_len}
     report = {

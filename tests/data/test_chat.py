@@ -220,6 +220,8 @@ def test_truncation_is_reported_never_silent(tmp_path):
     from jaxdl.data.pipeline import format_report
 
     assert "2 rows cut, 1 dropped" in format_report(data.report)
+    with pytest.raises(UserError, match="data.seq_len: every one of the 4 train rows"):
+        build_data({"source": f"jsonl:{folder}", "tokenizer": path, "seq_len": 8}, seed=0)
 
 
 def to_chat(row: dict) -> list[dict]:
@@ -257,6 +259,7 @@ def test_train_on_all_weights_every_target(tmp_path):
         ),
         ('{"messages": [{"role": "user"}]}', "train.jsonl:2: expected messages[0] to be an"),
         ("[1, 2]", "train.jsonl:2: a messages row needs the keys"),
+        ('{"messages": "caf\xe9"}', "train.jsonl:2: expected UTF-8 text, found the byte 0xe9"),
     ],
 )
 def test_a_malformed_row_is_one_line_naming_file_and_line(tmp_path, line, message):
@@ -264,7 +267,7 @@ def test_a_malformed_row_is_one_line_naming_file_and_line(tmp_path, line, messag
     folder = tmp_path / "d"
     write_jsonl(folder / "val.jsonl", [{"messages": TWO_TURNS}])
     good = json.dumps({"messages": TWO_TURNS})
-    (folder / "train.jsonl").write_text(f"{good}\n{line}\n")
+    (folder / "train.jsonl").write_bytes(f"{good}\n{line}\n".encode("latin-1"))
     with pytest.raises(UserError) as err:
         build_data({"source": f"jsonl:{folder}", "tokenizer": path}, seed=0)
     assert message in str(err.value) and "Fix:" in str(err.value)
