@@ -431,6 +431,8 @@ def format_report(report: Mapping[str, Any]) -> str:
         if split.get("per_class") is not None:
             counts = ", ".join(f"{c}: {n:,}" for c, n in split["per_class"].items())
             line += f" ({counts})"
+        if "loss_tokens" in split:  # chat data: rows read, and what the loss sees
+            line += f" from {split['rows']:,} rows, {split['loss_tokens']:,} loss tokens"
         if split.get("rows_cut") or split.get("rows_dropped"):
             line += f"; {split['rows_cut']:,} rows cut, {split['rows_dropped']:,} dropped"
         lines.append(line)

@@ -219,7 +219,10 @@ def test_truncation_is_reported_never_silent(tmp_path):
     assert data.report["format_from"] == f"the keys of {folder}/train.jsonl:1"
     from jaxdl.data.pipeline import format_report
 
-    assert "2 rows cut, 1 dropped" in format_report(data.report)
+    assert format_report(data.report).splitlines()[0] == (
+        f"data: train: 3 examples from 4 rows, {train['loss_tokens']} loss tokens; "
+        "2 rows cut, 1 dropped"
+    )
     with pytest.raises(UserError, match="data.seq_len: every one of the 4 train rows"):
         build_data({"source": f"jsonl:{folder}", "tokenizer": path, "seq_len": 8}, seed=0)
 
