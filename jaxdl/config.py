@@ -41,7 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 42
     c.model = ml_collections.ConfigDict({"name": "mlp", "num_classes": 10})
     # "" infers it: from the source (images: classification, text: lm) or a table's label.
-    c.task = ""  # "classification" | "binary" | "multilabel" | "regression" | "lm"
+    c.task = ""  # "classification" | "binary" | "multilabel" | "regression" | "lm" | "sft"
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "digits"  # "none": a model without data (an imported one)
@@ -80,6 +80,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.text_column = ""  # tables: classify this column's text (bytes) instead
     c.data.delimiter = ""  # CSV: "" sniffs one of , ; tab |
     c.data.encoding = "utf-8"  # CSV (a UTF-8 byte order mark is skipped)
+    # Chat data (jsonl:, parquet: with task "sft"), see jaxdl/data/chat.py.
+    c.data.format = ""  # "messages" | "prompt_completion" | "alpaca"; "": from the keys
+    c.data.train_on = "assistant"  # | "all": which tokens carry the loss
+    c.data.packing = False  # pack several examples into each row of seq_len
 
     c.loss = ml_collections.ConfigDict()
     # | "mse" | "sigmoid_cross_entropy"; binary/multilabel/regression: this default means
@@ -369,6 +373,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                 f"config.{key}: expected an int >= {low}, found {value}. Fix: set it to "
                 f"{_get(defaults, key)} (the default) or another value >= {low}."
             )
+    from jaxdl.data.chat import check_options
+
+    check_options(cfg.data)
     if cfg.optimizer.learning_rate <= 0:
         raise UserError(
             f"config.optimizer.learning_rate: expected > 0, found {cfg.optimizer.learning_rate}."

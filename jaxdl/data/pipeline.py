@@ -103,6 +103,8 @@ class Data:
         {"splits": {"train": {"examples": 1257, "per_class": {"0": 125, ...}}, ...},
          "skipped": [{"path": "cats/._1.jpg", "reason": "hidden file"}]}.
         per_class is None where labels cannot be counted without reading every record (TFDS).
+        A source's own entries (`Source.report`: chat data's rows cut and dropped, loss tokens)
+        join them.
         """
         label_key = getattr(self.source.decode, "label_key", "label")
         splits: dict[str, dict[str, Any]] = {}
@@ -111,8 +113,9 @@ class Data:
             if self.kind == "classification":
                 labels = cheap_labels(records, label_key)
                 entry["per_class"] = None if labels is None else self._per_class(labels)
-            splits[name] = entry
-        report = {"splits": splits, "skipped": [dict(s) for s in self.skipped]}
+            splits[name] = {**entry, **self.source.report.get("splits", {}).get(name, {})}
+        extra = {k: v for k, v in self.source.report.items() if k != "splits"}
+        report = {**extra, "splits": splits, "skipped": [dict(s) for s in self.skipped]}
         if "columns" in self.preprocessing:  # tables: what each column became and why
             report["columns"] = self.preprocessing["columns"]
         return {**report, "fit": self.fit} if self.fit is not None else report
@@ -431,7 +434,7 @@ def build_data(
         )
         + eval_ops
     )
-    if source.kind == "lm" and train_ops:
+    if source.kind in ("lm", "sft") and train_ops:
         raise UserError(
             f"data.transforms: a text source has no images to transform, found "
             f"{[op.name for op in train_ops]}. Fix: remove them."
@@ -450,7 +453,7 @@ def build_data(
             "random_resized_crop(S) with resize(S) in data.transforms."
         )
 
-    if source.kind == "lm" or source.task_fields:  # the data fixes the output width
+    if source.kind in ("lm", "sft") or source.task_fields:  # the data fixes the output width
         classes = source.num_classes
     else:
         classes = num_classes if num_classes is not None else source.num_classes
@@ -486,6 +489,10 @@ def format_report(report: Mapping[str, Any]) -> str:
         if split.get("per_class") is not None:
             counts = ", ".join(f"{c}: {n:,}" for c, n in split["per_class"].items())
             line += f" ({counts})"
+        if "loss_tokens" in split:  # chat data: rows read, and what the loss sees
+            line += f" from {split['rows']:,} rows, {split['loss_tokens']:,} loss tokens"
+        if split.get("rows_cut") or split.get("rows_dropped"):
+            line += f"; {split['rows_cut']:,} rows cut, {split['rows_dropped']:,} dropped"
         lines.append(line)
     skipped = report["skipped"]
     if skipped:

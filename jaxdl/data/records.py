@@ -68,6 +68,8 @@ class Source:
     task_fields: dict = dataclasses.field(default_factory=dict)
     # A raw record that fixes the example spec when there are no splits (source "none").
     sample: Any = None
+    # Source-specific data_report.json entries; its "splits" add to each split's entry.
+    report: dict = dataclasses.field(default_factory=dict)
 
     def labels(self, split: str) -> np.ndarray:
         """int64 [N] labels of a classification split: held in memory, or read from the raw

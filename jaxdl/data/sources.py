@@ -25,7 +25,7 @@ from jaxdl.errors import UserError
 VALID_SOURCES = (
     '"digits", "tfds:NAME[/CONFIG]", "imagefolder:PATH", "text:PATH_OR_GLOB", "text:stdlib", '
     '"text:pydoc", "synthetic:images", "synthetic:tokens", "csv:PATH", "parquet:PATH", '
-    '"sklearn:NAME", "textfolder:PATH", "none"'
+    '"sklearn:NAME", "textfolder:PATH", "jsonl:PATH", "none"'
 )
 
 
@@ -252,6 +252,10 @@ def load_source(
     """
     spec = str(opt(cfg, "source", "digits"))
     prefix, _, rest = spec.partition(":")
+    if (prefix == "jsonl" or (prefix == "parquet" and task == "sft")) and rest:
+        from jaxdl.data.chat import chat_source
+
+        return chat_source(spec, cfg, seed=seed)
     if prefix in ("csv", "parquet", "sklearn") and rest:
         from jaxdl.data.tabular import table_source
 

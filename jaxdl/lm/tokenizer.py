@@ -149,6 +149,15 @@ class JsonTokenizer:
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
 
+    def encode_offsets(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per text: ids int32 [P] and each token's character span in it, int64 [P, 2]
+        (start, end; the byte tokens of one character all carry that character's span)."""
+        batch = self._tok.encode_batch(texts, add_special_tokens=False)
+        return [
+            (np.asarray(e.ids, np.int32), np.asarray(e.offsets, np.int64).reshape(-1, 2))
+            for e in batch
+        ]
+
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """Many texts at once (the library's threads; for corpora)."""
         batch = self._tok.encode_batch(texts, add_special_tokens=False)
