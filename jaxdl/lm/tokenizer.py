@@ -177,10 +177,8 @@ def load_tokenizer(spec: str | Path | None) -> ByteTokenizer | JsonTokenizer:
     """``"bytes"`` (or empty) -> bytes; a tokenizer.json path -> that tokenizer; a workdir
     (a folder with config.json) -> the tokenizer its run uses (``jaxdl.load_tokenizer``)."""
     if spec is not None and Path(spec).is_dir() and (Path(spec) / "config.json").is_file():
-        from jaxdl import config as config_lib
-
-        cfg = config_lib.load_config(Path(spec) / "config.json")
-        return load_tokenizer(cfg.data.get("tokenizer", BYTES))
+        config = _read_json(Path(spec) / "config.json")  # the run's resolved config
+        return load_tokenizer(config.get("data", {}).get("tokenizer", BYTES))
     if not spec or spec == BYTES:
         return ByteTokenizer()
     if spec == NONE:
