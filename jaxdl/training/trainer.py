@@ -32,7 +32,7 @@ from jaxdl.data.pipeline import format_report as format_data_report
 from jaxdl.errors import UserError
 from jaxdl.fileio import read_json, write_json
 from jaxdl.finetune import partition
-from jaxdl.interop.vision import with_source_preprocessing
+from jaxdl.interop.base import with_base
 from jaxdl.parallel import sharding
 from jaxdl.training import scores
 from jaxdl.training.build import Setup, build
@@ -199,7 +199,7 @@ def _check_cadence(cfg: ml_collections.ConfigDict) -> None:
 def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str, Any]:
     start_time = time.time()
     is_writer = jax.process_index() == 0
-    cfg = with_source_preprocessing(cfg)  # an imported model's normalization, unless set
+    cfg = with_base(cfg)  # the base's model, tokenizer, normalization where cfg asks
     config_dict = check_workdir(workdir, cfg)
 
     # ---- data ---------------------------------------------------------------------------
@@ -345,8 +345,9 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
                     step_times.append(elapsed / (step - window_step))
                 rate = (step - window_step) * batch_size / max(elapsed, 1e-9)
                 window_step = step
-                unit = "tokens_per_s" if data.kind == "lm" else "examples_per_s"
-                if data.kind == "lm":
+                language = data.kind in ("lm", "sft")
+                unit = "tokens_per_s" if language else "examples_per_s"
+                if language:
                     rate *= data.example_spec["inputs"][0][0]
                     if flops_per_token:
                         means["model_flops_per_s"] = rate * flops_per_token
@@ -470,11 +471,12 @@ def _pinned_base(config_dict: dict, init_report: dict | None) -> dict:
 
 def _flops_per_token(cfg: ml_collections.ConfigDict, data) -> float | None:
     """Model FLOPs per trained token (6N + attention), for language models only."""
-    if data.kind != "lm" or cfg.model.name != "transformer":
+    if data.kind not in ("lm", "sft") or cfg.model.name not in ("transformer", "llama"):
         return None
-    from jaxdl.models.transformer import flops_per_token
+    from jaxdl.models import llama, transformer
 
-    return flops_per_token(dict(cfg.model), seq_len=data.example_spec["inputs"][0][0])
+    family = llama if cfg.model.name == "llama" else transformer
+    return family.flops_per_token(dict(cfg.model), seq_len=data.example_spec["inputs"][0][0])
 
 
 def _flush(pending: list[dict], first_step: int, last_step: int) -> dict[str, float]:
