@@ -1,0 +1,57 @@
+"""`jaxdl train --config sft` end to end on a tiny imported Llama and the pydoc QA set:
+the base's model and tokenizer are inherited, the step-0 baseline is logged, packed rows
+with accumulation train and lower the loss on the assistant's tokens, and the result
+chats."""
+
+import json
+import subprocess
+import sys
+
+from _llm import hf_folder
+
+from jaxdl.data.pydoc_qa import write_pydoc_qa
+from jaxdl.interop import import_checkpoint
+from jaxdl.testing import subprocess_env
+
+
+def test_sft_config_trains_an_imported_model_on_chat_data(tmp_path):
+    import_checkpoint("hf:auto", str(hf_folder(tmp_path)), tmp_path / "base")
+    write_pydoc_qa(tmp_path / "qa", seed=0)
+    overrides = [
+        f"--config.init_from.checkpoint={tmp_path / 'base'}",
+        f"--config.data.source=jsonl:{tmp_path / 'qa'}",
+        "--config.data.seq_len=64",
+        "--config.data.batch_size=4",
+        "--config.optimizer.accumulate_steps=2",
+        "--config.optimizer.learning_rate=0.01",
+        "--config.num_steps=8",
+        "--config.eval_every=8",
+        "--config.log_every=4",
+    ]
+    cmd = [sys.executable, "-m", "jaxdl.cli", "train", "--config", "sft", *overrides]
+    done = subprocess.run(
+        [*cmd, "--workdir", str(tmp_path / "run"), "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    cfg = json.loads((run / "config.json").read_text())
+    base = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert cfg["model"] == base["model"] and cfg["data"]["tokenizer"] == base["data"]["tokenizer"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if r["split"] == "val"]
+    assert [r["step"] for r in val] == [0, 8]  # the starting model's figure first
+    assert val[1]["loss"] < val[0]["loss"]
+    assert "tokens_per_s" in next(r for r in rows if r["split"] == "train")
+    report = json.loads((run / "data_report.json").read_text())
+    assert report["packing"] and report["splits"]["train"]["loss_tokens"] > 0
+    chat = subprocess.run(
+        [sys.executable, "-m", "jaxdl.cli", "chat", "--workdir", str(run), "--prompt", "hi"]
+        + ["--max-new-tokens", "4"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+    )
+    assert chat.returncode == 0, chat.stderr
