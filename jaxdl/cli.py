@@ -112,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     export_hf.add_argument("--workdir", required=True)
     export_hf.add_argument("--out", required=True, help="folder for from_pretrained")
+    export_hf.add_argument(
+        "--adapter", action="store_true", help="the LoRA adapters alone, as a PEFT folder"
+    )
     export_hf.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     export_gguf = sub.add_parser(
@@ -263,8 +266,9 @@ def run(argv: Sequence[str]) -> int:
         )
     elif args.command == "export-hf":
         from jaxdl.interop.hf_export import export_hf
+        from jaxdl.interop.peft import export_adapter
 
-        result = export_hf(args.workdir, args.out)
+        result = (export_adapter if args.adapter else export_hf)(args.workdir, args.out)
         print(f"wrote {args.out}: {', '.join(result['files'])} ({result['params']:,} params)")
     elif args.command == "export-gguf":
         from jaxdl.interop.gguf import export_gguf

@@ -127,6 +127,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.init_from.rename = []
     c.init_from.reinit = []
     c.init_from.strict = True
+    c.init_from.adapter = ""  # a PEFT LoRA folder: the run's adapters start from it
 
     c.partition = None  # list of (regex, {"trainable", "lr_mult", "wd_mult", "unfreeze_at"})
     c.lora = None  # {"rank", "alpha", "targets"}

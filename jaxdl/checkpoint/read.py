@@ -248,6 +248,24 @@ def load_variables(
     return load_checkpoint(path, step, config_key)[0]
 
 
+def load_adapters(
+    path: str | os.PathLike, step: int | None = None, *, config_key: str = "--workdir"
+) -> tuple[dict, dict]:
+    """``(adapters, lora config)`` of a LoRA run's checkpoint, unmerged, as numpy:
+    adapters ``{"params": {... kernel: {"a": [in, r], "b": [r, out]}}}``; a UserError when
+    the checkpoint holds none."""
+    step_dir, _ = resolve_step_dir(path, step, config_key=config_key)
+    check_step(step_dir)
+    adapters = _read_state_numpy(step_dir)["params"].get("lora")
+    lora_cfg = (read_json(step_dir, "config") or {}).get("lora") or {}
+    if not adapters or "rank" not in lora_cfg:
+        raise UserError(
+            f"{config_key}: {step_dir} holds no LoRA adapters (the run trained without lora). "
+            "Fix: export the whole model (without --adapter), or pass a LoRA run's workdir."
+        )
+    return jax.tree.map(np.asarray, adapters), lora_cfg
+
+
 def load_params(path: str | os.PathLike, step: int | None = None) -> dict:
     """``load_variables(path, step)["params"]``: the model params as numpy arrays."""
     return load_variables(path, step)["params"]

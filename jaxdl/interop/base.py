@@ -31,7 +31,7 @@ def _base_config(checkpoint: str) -> dict[str, Any]:
     path = Path(checkpoint).expanduser() / "config.json"
     if not path.is_file():
         raise UserError(
-            f"init_from.checkpoint: no config.json in {path.parent} (a \"base\" model or "
+            f'init_from.checkpoint: no config.json in {path.parent} (a "base" model or '
             "tokenizer is read from it). Fix: point it at a jaxdl workdir (a run or an import)."
         )
     return json.loads(path.read_text())

@@ -130,6 +130,17 @@ def build(
             rank=int(lora_cfg["rank"]),
             targets=lora_cfg["targets"],
         )
+        if cfg.init_from.get("adapter"):
+            from jaxdl.interop.peft import read_adapter
+
+            params["lora"] = read_adapter(
+                cfg.init_from.adapter, params["lora"], cfg.model.to_dict(), lora_cfg
+            )
+    elif cfg.init_from.get("adapter"):
+        raise UserError(
+            "init_from.adapter: a PEFT adapter needs a LoRA run, found lora=None. Fix: set "
+            "lora.rank, lora.alpha and lora.targets to the adapter's r, lora_alpha and modules."
+        )
 
     rules = (
         partition.default_rules(lora=lora_cfg is not None)

@@ -304,3 +304,43 @@ def test_smollm2_export_hf_and_gguf_read_back(smol, tmp_path):
             back_tok(text, add_special_tokens=False)["input_ids"]
             == tok(text, add_special_tokens=False)["input_ids"]
         )
+
+
+def test_peft_adapter_loads_with_the_merged_exports_logits(tmp_path):
+    """A LoRA SFT run's adapter (export-hf --adapter) on the base's export (PEFT) gives
+    the merged export's logits, and jaxdl's own merged model's."""
+    import peft
+    from _llm import hf_folder
+
+    from jaxdl import config as config_lib
+    from jaxdl.data.pydoc_qa import write_pydoc_qa
+    from jaxdl.interop.peft import export_adapter
+    from jaxdl.training.trainer import train
+
+    import_checkpoint("hf:auto", str(hf_folder(tmp_path)), tmp_path / "base")
+    write_pydoc_qa(tmp_path / "qa", seed=0)
+    cfg = config_lib.load_config(
+        "sft",
+        [
+            f"--config.init_from.checkpoint={tmp_path / 'base'}",
+            f"--config.data.source=jsonl:{tmp_path / 'qa'}",
+            "--config.data.seq_len=64",
+            "--config.data.batch_size=4",
+            "--config.num_steps=3",
+            "--config.eval_every=3",
+            "--config.lora.rank=4",
+            "--config.lora.alpha=8.0",
+        ],
+    )
+    train(cfg, tmp_path / "run", progress=False)
+    export_hf(tmp_path / "base", tmp_path / "base_hf")
+    export_hf(tmp_path / "run", tmp_path / "merged_hf")
+    export_adapter(tmp_path / "run", tmp_path / "adapter")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base_hf")
+    adapted = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    ids = np.random.default_rng(1).integers(0, 514, size=(2, 20))
+    with torch.no_grad():
+        theirs = adapted(torch.tensor(ids)).logits.numpy()
+    assert relative_error(theirs, reference_logits(tmp_path / "merged_hf", ids)) < TOL
+    model, variables = jaxdl.load_model(tmp_path / "run")
+    assert relative_error(model.apply(variables, ids), theirs) < TOL
