@@ -305,6 +305,15 @@ def _check_sweep_throughput(tmp_path):
     assert all(r["trials"] == 1 for r in record["steps_per_call"].values())
 
 
+def _check_llm_decode(tmp_path):
+    _smoke("llm_decode.py", "--out", str(tmp_path / "d.json"))
+    record = json.loads((tmp_path / "d.json").read_text())
+    assert record["model"] == "tiny-llama" and record["settings"]["new_tokens"] == 32
+    ours = record["decode"]["jaxdl"]
+    assert ours["prefill_tokens_per_s"] > 0 and ours["generate_s"] > 0
+    assert ("transformers" in record["decode"]) == HAVE_TORCH
+
+
 SMOKE_CHECKS = {
     re.sub(r"^_check_(.*)$", r"\1.py", name): check
     for name, check in dict(globals()).items()
