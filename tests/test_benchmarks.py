@@ -296,6 +296,26 @@ def _check_memory_report(tmp_path):
     assert fsdp["param_bytes"] < dp["param_bytes"]  # sharded over the 2 devices
 
 
+def _check_roofline(tmp_path):
+    _smoke("roofline.py", "--out", str(tmp_path / "r.json"))
+    records = {r["model"]: r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    assert list(records) == list(throughput.PRESETS["smoke"].models)
+    # smoke-mlp, batch 4, 8 -> 8 -> 3: forward x W1, h W2; backward dW2, dh, dW1 (no dx)
+    mlp = records["smoke-mlp"]
+    assert sorted((o["flops"], o["shapes"]) for o in mlp["ops"]) == [
+        (192.0, [[4, 3], [4, 8]]),  # dW2 = h^T g
+        (192.0, [[4, 3], [8, 3]]),  # dh = g W2^T
+        (192.0, [[4, 8], [8, 3]]),  # h W2
+        (512.0, [[4, 8], [4, 8]]),  # dW1 = x^T g1
+        (512.0, [[4, 8], [8, 8]]),  # x W1
+    ]
+    assert mlp["gemm_count"] == 5 and mlp["gemm_flops"] == 2 * (2 * 4 * 8 * 8 + 3 * 4 * 8 * 3)
+    for r in records.values():
+        assert r["gemm_count"] == sum(o["count"] for o in r["ops"])
+        assert r["roofline_s"] == pytest.approx(sum(o["alone_s"] * o["count"] for o in r["ops"]))
+        assert r["step_s"] > 0 and r["roofline_share"] == r["roofline_s"] / r["step_s"]
+
+
 def _check_sweep_throughput(tmp_path):
     _smoke("sweep_throughput.py", "--out", str(tmp_path / "s.json"))
     record = json.loads((tmp_path / "s.json").read_text())
