@@ -36,7 +36,6 @@ from __future__ import annotations
 import codecs
 import csv
 import datetime
-import hashlib
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -45,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxdl.data.sources import Identity, Source, opt
+from jaxdl.data.sources import Identity, Source, file_fingerprint, opt
 from jaxdl.errors import UserError
 
 MAX_CLASSES = 20
@@ -191,13 +190,6 @@ def read_sklearn(name: str) -> tuple[dict[str, Column], str]:
     target = bunch.target.tolist()
     columns["target"] = [str(names[t]) for t in target] if names is not None else target
     return columns, "target"
-
-
-def fingerprint(path: Path) -> dict[str, Any]:
-    """{"path", "bytes", "sha256"} of a table file: what its training run read."""
-    with path.open("rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    return {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": digest}
 
 
 # ---- column typing -------------------------------------------------------------------------
@@ -688,7 +680,7 @@ def table_source(spec: str, cfg: Mapping, *, seed: int, task: str | None = None)
         "columns": report,
     }
     if prefix != "sklearn":
-        description["file"] = fingerprint(path)
+        description["fingerprint"] = file_fingerprint(path)
     if prefix == "csv":  # how predict reads new rows: the same encoding (and delimiter)
         description["csv"] = text
     return Source(

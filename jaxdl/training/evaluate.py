@@ -105,13 +105,15 @@ def stored_fit(workdir: Path) -> dict[str, Any] | None:
 def check_same_data(fit: Mapping[str, Any], data: Data, workdir: Path) -> None:
     """Refuse data whose file changed since the run in `workdir` fitted `fit` to it: its
     rows, split and statistics would not be the ones the model trained on."""
-    old, new = fit["preprocessing"].get("file"), data.preprocessing.get("file")
+    old, new = fit["preprocessing"].get("fingerprint"), data.preprocessing.get("fingerprint")
     if old and new and old["sha256"] != new["sha256"]:
+        files = f"{old['files']:,} files, " if "files" in old else ""
+        now = f"{new['files']:,} files, " if "files" in new else ""
         raise UserError(
-            f"data.source: {new['path']} changed since {workdir} trained on it (sha256 "
-            f"{old['sha256'][:12]}..., {old['bytes']:,} bytes then; {new['sha256'][:12]}..., "
-            f"{new['bytes']:,} bytes now), so its rows, split and statistics are not the "
-            "ones the model learned. Fix: restore the file, or train a new run on it."
+            f"data.source: {new['path']} changed since {workdir} trained on it ({files}"
+            f"{old['bytes']:,} bytes then, {now}{new['bytes']:,} bytes now), so its "
+            "examples, split and statistics are not the ones the model learned. Fix: restore "
+            "it, or train a new run on it."
         )
 
 
