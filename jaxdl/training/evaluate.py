@@ -166,7 +166,9 @@ def restore_run(
     return cfg, setup, data
 
 
-def evaluate_workdir(workdir: str | Path, split: str = "test") -> dict[str, float]:
+def evaluate_workdir(workdir: str | Path, split: str | None = None) -> dict[str, Any]:
+    """Metrics of a workdir's latest checkpoint on `split`; None: the run's test split, or
+    its eval split when the source has no test split (the result's "split" says which)."""
     if load_run_config(workdir).data.source == "none":
         raise UserError(
             f'--workdir: {workdir} has no data to evaluate (data.source "none": a model '
@@ -174,6 +176,9 @@ def evaluate_workdir(workdir: str | Path, split: str = "test") -> dict[str, floa
             "with data.source and init_from.checkpoint) and evaluate that run."
         )
     cfg, setup, data = restore_run(workdir, sharded=True)
+    if split is None:
+        test = cfg.data.test_split
+        split = test if test in data.split_sizes else cfg.data.eval_split
     if split not in data.split_sizes:
         held_out = " (text sources hold out a test split with data.test_fraction)"
         raise UserError(
