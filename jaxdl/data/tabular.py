@@ -208,6 +208,7 @@ def _as_float(value: Any) -> float | None:
 
 
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(,\d{3})+(\.\d*)?")
+_DECIMAL_COMMA = re.compile(r"[+-]?\d+,\d+")  # 1,5 (not 1,500: thousands)
 _OTHER_DATE = re.compile(r"\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}")  # 01/02/2024: which is the month?
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
@@ -260,6 +261,13 @@ def column_kind(values: Column, listed: bool) -> dict[str, str]:
             "why": "no numeric values",
             "flag": f"dates like {present[0]!r}, day and month ambiguous, kept as categories. "
             "Fix: write them as YYYY-MM-DD to use them as dates",
+        }
+    if all(isinstance(v, str) and _DECIMAL_COMMA.fullmatch(v) for v in present):
+        return {
+            "became": "categorical",
+            "why": "no numeric values",
+            "flag": f"numbers with a decimal comma like {present[0]!r}, kept as categories. "
+            "Fix: write them with a decimal point to use them as numbers",
         }
     return {"became": "categorical", "why": "no numeric values"}
 
