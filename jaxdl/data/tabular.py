@@ -211,6 +211,19 @@ _THOUSANDS = re.compile(r"[+-]?\d{1,3}(,\d{3})+(\.\d*)?")
 _DECIMAL_COMMA = re.compile(r"[+-]?\d+,\d+")  # 1,5 (not 1,500: thousands)
 _OTHER_DATE = re.compile(r"\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}")  # 01/02/2024: which is the month?
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+# Text columns kept as categories that were likely meant otherwise: (pattern, flag).
+_DOUBTFUL = (
+    (
+        _OTHER_DATE,
+        "dates like {!r}, day and month ambiguous, kept as categories. Fix: write them as "
+        "YYYY-MM-DD to use them as dates",
+    ),
+    (
+        _DECIMAL_COMMA,
+        "numbers with a decimal comma like {!r}, kept as categories. Fix: write them with a "
+        "decimal point to use them as numbers",
+    ),
+)
 
 
 def _thousands(value: Any) -> float | None:
@@ -255,20 +268,10 @@ def column_kind(values: Column, listed: bool) -> dict[str, str]:
     if all(_iso_days(v) is not None for v in present):
         why = "ISO 8601 dates: days since 1970-01-01"
         return {"became": "numeric", "why": why, "format": "iso_date"}
-    if all(isinstance(v, str) and _OTHER_DATE.fullmatch(v) for v in present):
-        return {
-            "became": "categorical",
-            "why": "no numeric values",
-            "flag": f"dates like {present[0]!r}, day and month ambiguous, kept as categories. "
-            "Fix: write them as YYYY-MM-DD to use them as dates",
-        }
-    if all(isinstance(v, str) and _DECIMAL_COMMA.fullmatch(v) for v in present):
-        return {
-            "became": "categorical",
-            "why": "no numeric values",
-            "flag": f"numbers with a decimal comma like {present[0]!r}, kept as categories. "
-            "Fix: write them with a decimal point to use them as numbers",
-        }
+    for pattern, flag in _DOUBTFUL:
+        if all(isinstance(v, str) and pattern.fullmatch(v) for v in present):
+            flag = flag.format(present[0])
+            return {"became": "categorical", "why": "no numeric values", "flag": flag}
     return {"became": "categorical", "why": "no numeric values"}
 
 
