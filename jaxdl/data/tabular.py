@@ -94,6 +94,11 @@ def read_csv(
     """
     if not path.is_file():
         raise UserError(f"{field}: no CSV file at {path}. Fix: pass the path of a CSV file.")
+    if len(delimiter) > 1:
+        raise UserError(
+            f'data.delimiter: expected one character (or "" to sniff it), found '
+            f"{delimiter!r}. Fix: e.g. data.delimiter=';'."
+        )
     raw = path.read_bytes()
     other = _not_text(raw[:4096])
     if other is not None:

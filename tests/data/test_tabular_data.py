@@ -284,6 +284,8 @@ def test_encodings_byte_order_marks_and_delimiters(tmp_path):
     ]
     with pytest.raises(UserError, match=r"one column 'x;drink;y' .* Fix: set data.delimiter=';'"):
         _columns(bom, delimiter=",")
+    with pytest.raises(UserError, match=r"data.delimiter: expected one character .* ';;'"):
+        _columns(bom, delimiter=";;")
 
 
 def test_csv_and_parquet_swapped_name_the_right_prefix(tmp_path):
