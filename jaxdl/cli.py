@@ -62,7 +62,9 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="evaluate a trained workdir")
     evaluate.add_argument("--workdir", required=True)
-    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument(
+        "--split", default=None, help="default: test, or val when the source holds none out"
+    )
     evaluate.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     gen = sub.add_parser("generate", help="continue a prompt with a trained language model")

@@ -160,6 +160,18 @@ def test_an_empty_path_is_refused_not_the_current_folder(
     assert list(tmp_path.iterdir()) == []  # nothing written where the command ran
 
 
+def test_train_refuses_an_empty_workdir_from_python_too(tmp_path, monkeypatch):
+    from jaxdl import config as config_lib
+    from jaxdl.errors import UserError
+    from jaxdl.training.trainer import train
+
+    cfg = config_lib.load_config("jaxdl/configs/digits_mlp.py")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="workdir: expected a folder path, found ''"):
+        train(cfg, "")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_workdir_that_is_a_file_is_refused(tmp_path, capsys):
     from jaxdl.cli import main
 

@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from jaxdl.checkpoint.read import check_step, orbax_errors, require_step, state_
 from jaxdl.core.state import TrainState
 from jaxdl.core.tree import leaf_paths
 from jaxdl.errors import UserError, warn
+from jaxdl.fileio import disk_error
 
 __all__ = ["Checkpointer", "remove_tmp_dirs"]
 
@@ -124,6 +125,25 @@ def coordinator_barriers():
         flag.value, flag.present = before
 
 
+class _DiskRefusals(logging.Filter):
+    """Drops Orbax's log of a save that failed because the disk refused (full, read-only):
+    the same error reaches the caller, which reports it in one line naming the path."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else RuntimeError(record.getMessage())
+        return err is None or disk_error(err) is None
+
+
+@contextlib.contextmanager
+def _quiet_disk_refusals() -> Iterator[None]:
+    logger, refusals = logging.getLogger("absl"), _DiskRefusals()
+    logger.addFilter(refusals)
+    try:
+        yield
+    finally:
+        logger.removeFilter(refusals)
+
+
 class Checkpointer:
     """Async Orbax checkpointing of a TrainState plus data-iterator state and config."""
 
@@ -152,6 +172,7 @@ class Checkpointer:
         self.best_metric, self.best_mode, self.save_frozen = best_metric, best_mode, save_frozen
         self._saving: dict[Path, int] = {}  # manager directory -> step of its save in flight
         self._scope = contextlib.ExitStack()  # closed last by close()
+        self._scope.enter_context(_quiet_disk_refusals())
         if jax.process_count() > 1:
             self._scope.enter_context(coordinator_barriers())
         if read_only:

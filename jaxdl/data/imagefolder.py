@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from jaxdl.data.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, open_image
-from jaxdl.data.records import Source, image_size, opt
+from jaxdl.data.records import Source, folder_fingerprint, image_size, opt
 from jaxdl.errors import UserError
 
 SPLIT_SEED = 0
@@ -295,6 +295,9 @@ def imagefolder_source(path: str, cfg: Mapping) -> Source:
             "pixel_scale": 255.0,
             "channels": channels,
             "image_size": list(size),
+            "fingerprint": folder_fingerprint(
+                root, [p for records in splits.values() for p in records.paths]
+            ),
         },
         split_names=names,
         skipped=skipped,

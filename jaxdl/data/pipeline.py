@@ -122,10 +122,11 @@ class Data:
 
     @property
     def fit(self) -> dict[str, Any] | None:
-        """What training fitted to this data (tables and text folders: statistics,
-        vocabularies, classes, the file's fingerprint), JSON; None when the source fits
-        nothing. data_report.json keeps it, so export needs no data (`from_fit`)."""
-        if not self.task_fields:
+        """What training fitted to and read of this data (tables: statistics, vocabularies;
+        classes; the fingerprint of the file or folder), JSON; None for sources that fit
+        nothing and have no files of their own (digits, TFDS, text). data_report.json keeps
+        it, so export needs no data (`from_fit`) and evaluate sees a changed file."""
+        if not self.task_fields and "fingerprint" not in self.preprocessing:
             return None
         return {
             "kind": self.kind,

@@ -17,6 +17,7 @@ of `jaxdl.data.sources`, whose dispatch `load_source` imports them: no import ci
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -75,6 +76,34 @@ class Source:
         """int64 [N] labels of a classification split: held in memory, or read from the raw
         records (no image decoding)."""
         return record_labels(self.splits[split])
+
+
+# ---- fingerprints: what a run read ---------------------------------------------------------
+
+
+def file_fingerprint(path: Path) -> dict[str, Any]:
+    """{"path", "bytes", "sha256"} of a data file (its contents)."""
+    with path.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": digest}
+
+
+def folder_fingerprint(root: Path, files: Sequence[str | Path]) -> dict[str, Any]:
+    """{"path", "bytes", "sha256", "files"} of the files a folder source read: the digest
+    covers each file's path below `root` and size (no contents: folders can be large), so
+    added, removed, renamed or resized files change it."""
+    digest = hashlib.sha256()
+    total = 0
+    for file in sorted(map(Path, files)):
+        size = file.stat().st_size
+        total += size
+        digest.update(f"{file.relative_to(root).as_posix()}\t{size}\n".encode())
+    return {
+        "path": str(root.resolve()),
+        "bytes": total,
+        "sha256": digest.hexdigest(),
+        "files": len(files),
+    }
 
 
 # ---- record containers ---------------------------------------------------------------------

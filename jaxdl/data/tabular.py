@@ -36,7 +36,6 @@ from __future__ import annotations
 import codecs
 import csv
 import datetime
-import hashlib
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -45,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxdl.data.records import Identity, Source, opt, split_rows
+from jaxdl.data.records import Identity, Source, file_fingerprint, opt, split_rows
 from jaxdl.errors import UserError
 
 MAX_CLASSES = 20
@@ -95,6 +94,11 @@ def read_csv(
     """
     if not path.is_file():
         raise UserError(f"{field}: no CSV file at {path}. Fix: pass the path of a CSV file.")
+    if len(delimiter) > 1:
+        raise UserError(
+            f'data.delimiter: expected one character (or "" to sniff it), found '
+            f"{delimiter!r}. Fix: e.g. data.delimiter=';'."
+        )
     raw = path.read_bytes()
     other = _not_text(raw[:4096])
     if other is not None:
@@ -193,13 +197,6 @@ def read_sklearn(name: str) -> tuple[dict[str, Column], str]:
     return columns, "target"
 
 
-def fingerprint(path: Path) -> dict[str, Any]:
-    """{"path", "bytes", "sha256"} of a table file: what its training run read."""
-    with path.open("rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    return {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": digest}
-
-
 # ---- column typing -------------------------------------------------------------------------
 
 
@@ -216,8 +213,22 @@ def _as_float(value: Any) -> float | None:
 
 
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(,\d{3})+(\.\d*)?")
+_DECIMAL_COMMA = re.compile(r"[+-]?\d+,\d+")  # 1,5 (not 1,500: thousands)
 _OTHER_DATE = re.compile(r"\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}")  # 01/02/2024: which is the month?
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+# Text columns kept as categories that were likely meant otherwise: (pattern, flag).
+_DOUBTFUL = (
+    (
+        _OTHER_DATE,
+        "dates like {!r}, day and month ambiguous, kept as categories. Fix: write them as "
+        "YYYY-MM-DD to use them as dates",
+    ),
+    (
+        _DECIMAL_COMMA,
+        "numbers with a decimal comma like {!r}, kept as categories. Fix: write them with a "
+        "decimal point to use them as numbers",
+    ),
+)
 
 
 def _thousands(value: Any) -> float | None:
@@ -262,13 +273,10 @@ def column_kind(values: Column, listed: bool) -> dict[str, str]:
     if all(_iso_days(v) is not None for v in present):
         why = "ISO 8601 dates: days since 1970-01-01"
         return {"became": "numeric", "why": why, "format": "iso_date"}
-    if all(isinstance(v, str) and _OTHER_DATE.fullmatch(v) for v in present):
-        return {
-            "became": "categorical",
-            "why": "no numeric values",
-            "flag": f"dates like {present[0]!r}, day and month ambiguous, kept as categories. "
-            "Fix: write them as YYYY-MM-DD to use them as dates",
-        }
+    for pattern, flag in _DOUBTFUL:
+        if all(isinstance(v, str) and pattern.fullmatch(v) for v in present):
+            flag = flag.format(present[0])
+            return {"became": "categorical", "why": "no numeric values", "flag": flag}
     return {"became": "categorical", "why": "no numeric values"}
 
 
@@ -647,7 +655,7 @@ def table_source(spec: str, cfg: Mapping, *, seed: int, task: str | None = None)
         "columns": report,
     }
     if prefix != "sklearn":
-        description["file"] = fingerprint(path)
+        description["fingerprint"] = file_fingerprint(path)
     if prefix == "csv":  # how predict reads new rows: the same encoding (and delimiter)
         description["csv"] = text
     return Source(

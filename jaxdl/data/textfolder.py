@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxdl.data.records import Identity, Source, opt, split_rows
+from jaxdl.data.records import Identity, Source, folder_fingerprint, opt, split_rows
 from jaxdl.errors import UserError
 from jaxdl.lm.tokenizer import BYTES, ByteTokenizer, JsonTokenizer, load_tokenizer
 
@@ -89,9 +89,10 @@ def textfolder_source(path: str, cfg: Mapping, *, seed: int) -> Source:
         )
     seq_len = int(opt(cfg, "seq_len", 128))
     tokenizer = load_tokenizer(opt(cfg, "tokenizer", BYTES))
-    tokens, labels = [], []
+    tokens, labels, read = [], [], []
     for label, name in enumerate(classes):
         files = sorted((root / name).glob("*.txt"))
+        read += files
         if not files:
             raise UserError(
                 f"data.source: class folder {root / name} has no .txt files. Fix: add some or "
@@ -122,6 +123,7 @@ def textfolder_source(path: str, cfg: Mapping, *, seed: int) -> Source:
             "tokenizer": tokenizer.name,
             "seq_len": seq_len,
             "pad_id": pad_id(tokenizer),
+            "fingerprint": folder_fingerprint(root, read),
         },
         split_names={k: f"{k} files of {root} (seed {seed})" for k in rows},
         task_fields={

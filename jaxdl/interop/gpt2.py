@@ -85,6 +85,15 @@ def model_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     act = hf.get("activation_function", "gelu_new")
     if act not in GELU_TANH:
         raise _refuse("activation_function", act, "jaxdl's GPT-2 MLP is the tanh GELU, gelu_new")
+    sizes = ("vocab_size", "n_layer", "n_head", "n_embd", "n_positions")
+    bad = {k: hf.get(k) for k in sizes if type(hf.get(k)) is not int or hf[k] < 1}
+    if bad:
+        raise UserError(
+            f"config.json: expected positive integers {list(sizes)}, found {bad} "
+            "(None: missing). Fix: use the config.json saved with the weights."
+        )
+    if hf["n_embd"] % hf["n_head"]:
+        raise _refuse("n_head", hf["n_head"], f"n_embd={hf['n_embd']} is not a multiple of it")
     embed_dim, inner = int(hf["n_embd"]), hf.get("n_inner")
     if inner is not None and int(int(inner) / embed_dim * embed_dim) != int(inner):
         raise _refuse(

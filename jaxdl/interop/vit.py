@@ -135,10 +135,37 @@ def architecture(kind: str, model_args: Mapping[str, Any]) -> dict[str, Any]:
         )
     for theirs, value in model_args.items():
         arch[names[theirs]] = value
+    _check_sizes(kind, arch, names, model_args)
     if "mlp_dim" in arch:
         arch["mlp_ratio"] = arch.pop("mlp_dim") / arch["embed_dim"]
     arch.pop("num_classes", None)  # read from the head's weight
     return arch
+
+
+def _check_sizes(
+    kind: str, arch: Mapping[str, Any], names: Mapping[str, str], model_args: Mapping[str, Any]
+) -> None:
+    """Refuse sizes that are no positive integers, or heads that do not divide the width,
+    naming the source's own keyword (model_args or the KIND's preset)."""
+    theirs = {ours: key for key, ours in names.items()}
+
+    def where(field: str) -> str:
+        key = theirs[field]
+        origin = "config.json model_args" if key in model_args else f"{kind}'s preset"
+        return f"{key}={arch[field]!r} ({origin})"
+
+    for field in ("image_size", "patch_size", "embed_dim", "num_layers", "num_heads"):
+        if type(arch[field]) is not int or arch[field] < 1:
+            raise UserError(
+                f"--from: {where(field)}: expected a positive integer. Fix: use the "
+                "model_args the weights were saved with."
+            )
+    if arch["embed_dim"] % arch["num_heads"]:
+        raise UserError(
+            f"--from: {where('num_heads')} does not divide {where('embed_dim')}: each head "
+            "takes an equal share of the width. Fix: use the model_args the weights were "
+            "saved with (or the KIND that matches them)."
+        )
 
 
 # torchvision's released ViT weights predate its MLP rename (pytorch/vision#6053) and name

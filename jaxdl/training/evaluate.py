@@ -105,13 +105,15 @@ def stored_fit(workdir: Path) -> dict[str, Any] | None:
 def check_same_data(fit: Mapping[str, Any], data: Data, workdir: Path) -> None:
     """Refuse data whose file changed since the run in `workdir` fitted `fit` to it: its
     rows, split and statistics would not be the ones the model trained on."""
-    old, new = fit["preprocessing"].get("file"), data.preprocessing.get("file")
+    old, new = fit["preprocessing"].get("fingerprint"), data.preprocessing.get("fingerprint")
     if old and new and old["sha256"] != new["sha256"]:
+        files = f"{old['files']:,} files, " if "files" in old else ""
+        now = f"{new['files']:,} files, " if "files" in new else ""
         raise UserError(
-            f"data.source: {new['path']} changed since {workdir} trained on it (sha256 "
-            f"{old['sha256'][:12]}..., {old['bytes']:,} bytes then; {new['sha256'][:12]}..., "
-            f"{new['bytes']:,} bytes now), so its rows, split and statistics are not the "
-            "ones the model learned. Fix: restore the file, or train a new run on it."
+            f"data.source: {new['path']} changed since {workdir} trained on it ({files}"
+            f"{old['bytes']:,} bytes then, {now}{new['bytes']:,} bytes now), so its "
+            "examples, split and statistics are not the ones the model learned. Fix: restore "
+            "it, or train a new run on it."
         )
 
 
@@ -164,7 +166,9 @@ def restore_run(
     return cfg, setup, data
 
 
-def evaluate_workdir(workdir: str | Path, split: str = "test") -> dict[str, float]:
+def evaluate_workdir(workdir: str | Path, split: str | None = None) -> dict[str, Any]:
+    """Metrics of a workdir's latest checkpoint on `split`; None: the run's test split, or
+    its eval split when the source has no test split (the result's "split" says which)."""
     if load_run_config(workdir).data.source == "none":
         raise UserError(
             f'--workdir: {workdir} has no data to evaluate (data.source "none": a model '
@@ -172,6 +176,9 @@ def evaluate_workdir(workdir: str | Path, split: str = "test") -> dict[str, floa
             "with data.source and init_from.checkpoint) and evaluate that run."
         )
     cfg, setup, data = restore_run(workdir, sharded=True)
+    if split is None:
+        test = cfg.data.test_split
+        split = test if test in data.split_sizes else cfg.data.eval_split
     if split not in data.split_sizes:
         held_out = " (text sources hold out a test split with data.test_fraction)"
         raise UserError(

@@ -172,6 +172,10 @@ def train(
             "Fix: call jaxdl.training.multitask.run_tasks(cfg, workdir) (what `jaxdl train` does)."
         )
     _check_cadence(cfg)
+    if isinstance(workdir, str) and not workdir.strip():  # Path("") would be the cwd
+        raise UserError(
+            f"workdir: expected a folder path, found {workdir!r}. Fix: name one, e.g. runs/NAME."
+        )
     workdir = Path(workdir)
     # The lock before anything is written to the workdir; the signal handlers for as long
     # as there is a step to finish and a checkpoint to write.

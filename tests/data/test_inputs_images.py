@@ -169,6 +169,7 @@ def test_train_writes_the_data_report(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "data: train: 6 examples (0: 3, 1: 3)" in done.stdout
     report = json.loads((tmp_path / "w" / "data_report.json").read_text())
+    fit = report.pop("fit")  # what export uses and evaluate checks (tests/training/test_data_fit)
     assert report == {
         "splits": {
             "train": {"examples": 6, "per_class": {"0": 3, "1": 3}},
@@ -176,6 +177,7 @@ def test_train_writes_the_data_report(tmp_path):
         },
         "skipped": [{"path": str(tmp_path / "images/train/0/.DS_Store"), "reason": "hidden file"}],
     }
+    assert fit["class_names"] == ["0", "1"] and fit["preprocessing"]["fingerprint"]["files"] == 8
 
 
 def test_a_decompression_bomb_is_refused_in_train_and_predict(tmp_path):

@@ -266,6 +266,9 @@ def test_encodings_byte_order_marks_and_delimiters(tmp_path):
     bom = tmp_path / "bom.csv"
     bom.write_bytes(b"\xef\xbb\xbf" + text.encode())  # Excel's "CSV UTF-8", ; delimited
     assert set(_columns(bom)) == {"x", "drink", "y"}
+    comma = tmp_path / "comma.csv"  # Excel in a decimal-comma locale
+    comma.write_text(text.replace(".5;", ",5;"))
+    assert "decimal comma like '0,5'" in _columns(comma)["x"]["flag"]
 
     latin = tmp_path / "latin.csv"
     latin.write_bytes(text.encode("latin-1"))
@@ -281,6 +284,8 @@ def test_encodings_byte_order_marks_and_delimiters(tmp_path):
     ]
     with pytest.raises(UserError, match=r"one column 'x;drink;y' .* Fix: set data.delimiter=';'"):
         _columns(bom, delimiter=",")
+    with pytest.raises(UserError, match=r"data.delimiter: expected one character .* ';;'"):
+        _columns(bom, delimiter=";;")
 
 
 def test_csv_and_parquet_swapped_name_the_right_prefix(tmp_path):

@@ -135,6 +135,25 @@ def test_unsupported_config_is_refused_in_one_line(flag, value):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"n_head": None}, ["expected positive integers", "{'n_head': None}"]),
+        ({"n_layer": "2"}, ["{'n_layer': '2'}"]),
+        ({"n_head": 5}, ["n_head=5 is not supported", "n_embd=32 is not a multiple of it"]),
+    ],
+    ids=["missing-n_head", "string-n_layer", "n_head-not-dividing"],
+)
+def test_missing_or_bad_sizes_name_the_source_field(change, words):
+    hf = json.loads((TINY / "config.json").read_text())
+    hf.update(change)
+    hf = {k: v for k, v in hf.items() if v is not None}
+    with pytest.raises(UserError) as err:
+        gpt2.model_config(hf)
+    for word in ["config.json: ", *words]:
+        assert word in str(err.value)
+
+
 def test_import_writes_a_workdir_that_reproduces_the_logits(tmp_path, ref):
     out = tmp_path / "gpt2"
     report = import_checkpoint("hf:gpt2", str(TINY), out)
@@ -324,7 +343,8 @@ def test_import_evaluate_lora_finetune_export_hf_round_trip(tmp_path, ref):
 
     imported = tmp_path / "imported"
     import_checkpoint("hf:gpt2", str(TINY), imported)
-    metrics = evaluate_workdir(imported, "test")
+    metrics = evaluate_workdir(imported)  # text:pydoc holds no test split out: val
+    assert metrics["split"] == "val"
     assert metrics["step"] == 0 and 0 < metrics["loss"] < 20
     cfg = config_lib.load_config(imported / "config.json")
     cfg.init_from.checkpoint = str(imported)

@@ -8,6 +8,7 @@ tests/interop/live/test_vision_live.py.
 """
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -90,6 +91,30 @@ def test_unknown_kind_and_model_args_are_refused():
         vit.convert_state("timm:vit_tiny_patch16_224", state, {"qk_norm": True})
     with pytest.raises(UserError, match="'heads.head.weight'"):
         vit.convert_state("torchvision:vit_b_16", state)
+
+
+@pytest.mark.parametrize(
+    "kind, args, message",
+    [
+        (
+            "timm:vit_tiny_patch16_224",
+            {"embed_dim": 32, "num_heads": 3},
+            "num_heads=3 (config.json model_args) does not divide embed_dim=32",
+        ),
+        (
+            "timm:vit_tiny_patch16_224",
+            {"embed_dim": 32},
+            "num_heads=3 (timm:vit_tiny_patch16_224's preset) does not divide embed_dim=32",
+        ),
+        ("timm:vit_tiny_patch16_224", {"depth": "2"}, "depth='2' (config.json model_args)"),
+        ("torchvision:vit_b_16", {"hidden_dim": 30, "num_heads": 4}, "num_heads=4 (config"),
+    ],
+)
+def test_bad_sizes_name_the_sources_own_keyword(kind, args, message):
+    state, _ = read_state_dict(FIXTURES / "vit_timm_tiny" / "model.safetensors")
+    with pytest.raises(UserError, match=re.escape(message)) as err:
+        vit.convert_state(kind, state, args)
+    assert "model.num_heads" not in str(err.value)
 
 
 def test_resample_posemb_is_bilinear_on_the_grid_and_keeps_the_class_token():

@@ -56,8 +56,10 @@ def test_evaluate_of_a_run_without_test_split_names_the_fix(lm_run):
 
     workdir, summary = lm_run
     with pytest.raises(UserError, match=r"has the splits \['train', 'val'\], found 'test'"):
-        evaluate_workdir(workdir)
-    assert evaluate_workdir(workdir, "val")["loss"] == pytest.approx(summary["test_loss"])
+        evaluate_workdir(workdir, "test")
+    metrics = evaluate_workdir(workdir)  # by default the split the summary's test_* are
+    assert metrics["split"] == summary["test_split"] == "val"
+    assert metrics["loss"] == pytest.approx(summary["test_loss"])
 
 
 def test_a_held_out_test_split_is_scored_apart_from_val(tmp_path):
