@@ -116,12 +116,29 @@ def transformer_layers(model: Mapping[str, Any], input_shape: Sequence[int]) -> 
     return layers
 
 
+def llama_layers(model: Mapping[str, Any], input_shape: Sequence[int]) -> Layers:
+    """Per example = one sequence of T tokens: each layer's q/k/v/o and SwiGLU matmuls plus
+    attention (QK^T and AV over the full T, causal masking ignored), and the output head."""
+    from jaxdl.models.llama import llama_spec
+
+    spec = llama_spec(model)
+    (seq_len,) = input_shape
+    d, q = spec.embed_dim, spec.num_heads * spec.head_dim
+    kv = spec.num_kv_heads * spec.head_dim
+    matmuls = d * q + 2 * d * kv + q * d + 3 * d * spec.mlp_dim
+    per_token = 2.0 * matmuls + 4.0 * seq_len * q
+    layers = [(f"layer_{i}", seq_len * per_token) for i in range(spec.num_layers)]
+    layers.append(("lm_head", seq_len * 2.0 * spec.vocab_size * d))
+    return layers
+
+
 LAYERS: dict[str, Callable[[Mapping[str, Any], Sequence[int]], Layers]] = {
     "mlp": mlp_layers,
     "simple_cnn": simple_cnn_layers,
     "resnet": resnet_layers,
     "vit": vit_layers,
     "transformer": transformer_layers,
+    "llama": llama_layers,
 }
 
 

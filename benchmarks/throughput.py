@@ -38,6 +38,7 @@ import numpy as np
 from benchmarks import _flops, _report, _timing
 from jaxdl.config import default_config
 from jaxdl.core import steps, tree
+from jaxdl.models.llama import llama_spec
 from jaxdl.models.transformer import transformer_spec
 from jaxdl.training.build import build
 
@@ -71,6 +72,8 @@ class Case:
     def num_classes(self) -> int:
         """Classes of a classifier; an LM's vocabulary."""
         if self.kind == "lm":
+            if self.model["name"] == "llama":
+                return llama_spec(self.model).vocab_size
             return transformer_spec(self.model).vocab_size
         return self.model["num_classes"]
 
@@ -91,6 +94,17 @@ def _gpt(name: str, size: str, seq: int, batch: int, layers: int) -> Case:
         batch,
         kind="lm",
         frozen_trains=f"params/(block_{layers - 1}|ln_f)/.*",  # the last block and final LN
+    )
+
+
+def _llama(name: str, size: str, seq: int, batch: int, layers: int, **fields) -> Case:
+    return Case(
+        name,
+        {"name": "llama", "size": size, "max_len": seq, **fields},
+        (seq,),
+        batch,
+        kind="lm",
+        frozen_trains=f"params/(layer_{layers - 1}|norm)/.*",  # the last layer and final norm
     )
 
 
@@ -117,6 +131,10 @@ CASES: dict[str, Case] = {
         ),
         _gpt("gpt2-124m", "gpt2-124m", 1024, 16, layers=12),
         _gpt("gpt-1b", "1b", 2048, 4, layers=24),
+        # Llama 3.2 1B and Llama 3.1 8B shapes (random weights, GQA 32/8, vocab 128,256);
+        # the 8B keeps bf16 parameters (fp32 ones and Adam's moments would not fit 141 GB)
+        _llama("llama-1b", "llama3-1b", 2048, 4, layers=16, remat=True),
+        _llama("llama-8b", "llama3-8b", 2048, 2, layers=32, remat=True, param_dtype="bfloat16"),
         # --smoke: one tiny case per model family, so CI runs every family's code path
         Case("smoke-mlp", {"name": "mlp", "num_classes": 3, "hidden": (8,)}, (8,), 4),
         Case(
@@ -144,6 +162,7 @@ CASES: dict[str, Case] = {
             (8, 8, 3),
             2,
         ),
+        _llama("smoke-llama", "tiny", 16, 2, layers=2, num_layers=2),
         Case(
             "smoke-gpt",
             {"name": "transformer", "size": "tiny", "num_layers": 1, "max_len": 16},
@@ -179,7 +198,7 @@ PRESETS = {
         frameworks=("jax", "torch-eager"),
     ),
     "gpu": Preset(
-        models=("resnet50", "vit-b16", "gpt2-124m", "gpt-1b"),
+        models=("resnet50", "vit-b16", "gpt2-124m", "gpt-1b", "llama-1b", "llama-8b"),
         modes=("full", "frozen", "lora"),
         dtypes=("bfloat16",),
         warmup=10,
@@ -189,7 +208,7 @@ PRESETS = {
     ),
     # Seconds: it checks that every family builds, compiles, runs and reports, not speed.
     "smoke": Preset(
-        models=("smoke-mlp", "smoke-cnn", "smoke-resnet", "smoke-vit", "smoke-gpt"),
+        models=("smoke-mlp", "smoke-cnn", "smoke-resnet", "smoke-vit", "smoke-gpt", "smoke-llama"),
         modes=("full",),
         dtypes=("float32",),
         frameworks=("jax", "torch-eager"),
@@ -341,6 +360,8 @@ def torch_runners(case, mode, dtype, batch, frameworks, channels_last) -> list:
 
     if jax.devices()[0].platform != "cpu" and torch_models.device().type != "cuda":
         return [(f, "torch has no CUDA here (CPU wheel): not comparable") for f in frameworks]
+    if case.model["name"] == "llama":  # transformers is its reference: llm_decode, lora_vs_peft
+        return [(f, "no hand-written PyTorch twin of llama") for f in frameworks]
     return [
         torch_models.torch_runner(
             case.model,
