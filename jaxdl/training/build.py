@@ -42,6 +42,19 @@ class Setup:
     layout: Any = None  # jaxdl.parallel.sharding.Layout when built on a mesh
 
 
+def check_vocabulary(model, kind: str, vocab_size: int) -> None:
+    """A language model's embedding must cover its tokenizer's ids: larger ids index past
+    the table and come back as NaN logits that would blame the learning rate."""
+    model_vocab = getattr(getattr(model, "spec", None), "vocab_size", None)
+    if kind in ("lm", "sft") and model_vocab is not None and vocab_size > model_vocab:
+        raise UserError(
+            f"data.tokenizer: its vocabulary has {vocab_size} ids, model.vocab_size is "
+            f"{model_vocab}. Fix: use the tokenizer that came with the model (an imported "
+            "workdir's tokenizer.json: data.tokenizer='base' with init_from) or raise "
+            "model.vocab_size."
+        )
+
+
 def lora_config(cfg: ml_collections.ConfigDict) -> dict | None:
     return None if cfg.lora is None else dict(cfg.lora)
 
@@ -110,6 +123,7 @@ def build(
             f"data.source: a {kind} task needs batches with {head.input_key!r}, the data has "
             f"{sorted(example_spec)}. Fix: pair the model with a matching data source."
         )
+    check_vocabulary(model, kind, num_classes)
     variables = init_variables(model, sample_input(example_spec, head.input_key), cfg.seed)
 
     init_report = None

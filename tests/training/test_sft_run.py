@@ -55,3 +55,17 @@ def test_sft_config_trains_an_imported_model_on_chat_data(tmp_path):
         env=subprocess_env(),
     )
     assert chat.returncode == 0, chat.stderr
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
+    """Ids past the embedding table would give NaN logits blamed on the learning rate."""
+    import pytest
+
+    from jaxdl import config as config_lib
+    from jaxdl.errors import UserError
+    from jaxdl.training.trainer import train
+
+    cfg = config_lib.load_config("lm_stdlib_pretrain", ["--config.num_steps=1"])
+    cfg.model.vocab_size = 200  # bytes need 256
+    with pytest.raises(UserError, match=r"^data\.tokenizer: its vocabulary has 256 ids"):
+        train(cfg, tmp_path / "run", progress=False)
