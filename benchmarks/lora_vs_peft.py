@@ -1,7 +1,8 @@
-"""One LoRA fine-tuning step of GPT-2 124M: jaxdl against transformers + peft (CPU, float32).
+"""One LoRA fine-tuning step of GPT-2 124M or SmolLM2-135M: jaxdl against transformers + peft.
 
     pip install -e ".[interop]"
     nice -n 5 python benchmarks/lora_vs_peft.py                  # batch 4 x 256, rank 8
+    nice -n 5 python benchmarks/lora_vs_peft.py --family llama   # SmolLM2-135M's shape
     python benchmarks/lora_vs_peft.py --trials 3 --batch 2 --seq-len 128   # a quick look
     python benchmarks/lora_vs_peft.py --smoke     # tiny GPT-2 fixture, one trial (CI)
 
@@ -15,6 +16,10 @@ its own worker process, so each one's peak RSS is its own:
     jaxdl LoRA merged     the same with merged adapters (`factored_lora=False`)
     jaxdl full            full fine-tuning of the same model
     peft LoRA             GPT2LMHeadModel + peft LoRA (rank r on c_attn, c_proj, c_fc)
+
+`--family llama` does the same for a random model of SmolLM2-135M-Instruct's shape
+(LlamaConfig: 30 layers, width 576, 9 heads, 3 KV heads, vocab 49,152, tied), imported
+with ``hf:auto``, LoRA on q/k/v/o and gate/up/down on both sides.
 
 All use Adam (lr 1e-4, no weight decay), no dropout, the same token batch; the workers run
 with OMP_WAIT_POLICY=PASSIVE (`--omp-wait-policy`), without which torch's spinning OpenMP
@@ -50,6 +55,43 @@ from benchmarks._timing import environment, paired_ratio, step_stats  # noqa: E4
 RESULTS = ROOT / "benchmarks" / "results"
 TINY_GPT2 = ROOT / "tests" / "fixtures" / "hub" / "gpt2_tiny"  # --smoke's model
 WORKERS = ("jaxdl LoRA", "jaxdl LoRA merged", "jaxdl full", "peft LoRA")
+# per family: the import KIND, jaxdl's LoRA targets, peft's target modules and layout
+FAMILIES = {
+    "gpt2": {
+        "kind": "hf:gpt2",
+        "targets": r"params/.*/(query|key|value|out|fc1|fc2)/kernel",
+        "peft_targets": ["c_attn", "c_proj", "c_fc"],
+        "fan_in_fan_out": True,  # GPT-2's Conv1D stores [in, out]
+        "vocab": 50257,
+    },
+    "llama": {
+        "kind": "hf:auto",
+        "targets": r"params/.*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel",
+        "peft_targets": [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        "fan_in_fan_out": False,
+        "vocab": 49152,
+    },
+}
+SMOLLM2_SHAPE = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
 LEARNING_RATE = 1e-4
 
 
@@ -90,7 +132,7 @@ def _jaxdl_worker(name: str, args):
     cfg.model.dropout_rate = 0.0
     cfg.optimizer.name, cfg.optimizer.learning_rate = "adam", LEARNING_RATE
     if name != "jaxdl full":
-        targets = r"params/.*/(query|key|value|out|fc1|fc2)/kernel"
+        targets = FAMILIES[args.family]["targets"]
         cfg.lora = {"rank": args.rank, "alpha": 2.0 * args.rank, "targets": targets}
     spec = {k: ((args.seq_len,), np.int32) for k in ("inputs", "targets")}
     setup = build(cfg, kind="lm", example_spec=spec, num_classes=args.vocab, total_steps=1000)
@@ -119,15 +161,19 @@ def _peft_worker(args):
     torch, transformers = _import_torch_stack()
     import peft
 
-    model = transformers.GPT2LMHeadModel.from_pretrained(
-        args.model_dir, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
-    )
+    family = FAMILIES[args.family]
+    if args.family == "gpt2":
+        model = transformers.GPT2LMHeadModel.from_pretrained(
+            args.model_dir, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+        )
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.model_dir)
     config = peft.LoraConfig(
         r=args.rank,
         lora_alpha=2 * args.rank,
         lora_dropout=0.0,
-        target_modules=["c_attn", "c_proj", "c_fc"],
-        fan_in_fan_out=True,  # GPT-2's Conv1D stores [in, out]
+        target_modules=family["peft_targets"],
+        fan_in_fan_out=family["fan_in_fan_out"],
     )
     model = peft.get_peft_model(model, config).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -169,22 +215,25 @@ def worker(name: str, args) -> None:
 # ------------------------------------------------------------------ driver
 
 
-def _make_model(model_dir: Path) -> int:
+def _make_model(model_dir: Path, family: str) -> int:
     torch, transformers = _import_torch_stack()
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config())
+    if family == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config())
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMOLLM2_SHAPE))
     model.save_pretrained(model_dir)
     return sum(p.numel() for p in model.parameters())
 
 
-def _time_import(model_dir: Path, workdir: Path) -> dict:
-    """Wall time and peak RSS of `jaxdl import hf:gpt2` in a fresh process."""
+def _time_import(model_dir: Path, workdir: Path, kind: str) -> dict:
+    """Wall time and peak RSS of `jaxdl import KIND` in a fresh process."""
     code = (
         "import resource, sys, time; t = time.perf_counter(); "
         "from jaxdl.cli import main; rc = main(sys.argv[1:]); "
         "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     )
-    cmd = [sys.executable, "-c", code, "import", "hf:gpt2", "--from", str(model_dir)]
+    cmd = [sys.executable, "-c", code, "import", kind, "--from", str(model_dir)]
     done = subprocess.run(
         [*cmd, "--out", str(workdir)], capture_output=True, text=True, check=True, cwd=ROOT
     )
@@ -202,7 +251,7 @@ def _start(name: str, args, model_dir: Path, workdir: Path) -> subprocess.Popen:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name]
     cmd += ["--model-dir", str(model_dir), "--workdir", str(workdir)]
     cmd += ["--batch", str(args.batch), "--seq-len", str(args.seq_len), "--rank", str(args.rank)]
-    cmd += ["--vocab", str(args.vocab)]
+    cmd += ["--vocab", str(args.vocab), "--family", args.family]
     # torch's OpenMP threads spin-wait by default, which on a shared CPU stalls every
     # parallel region (see README: "Closing the CPU gaps", item 1); PASSIVE is the fair setting
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", args.omp_wait_policy)}
@@ -221,7 +270,7 @@ def markdown(record: dict) -> str:
     a = record["args"]
     base_name = next(iter(record["variants"]))
     rows = [
-        f"GPT-2 {a.get('model', '124M')}, batch {a['batch']} x {a['seq_len']} tokens, "
+        f"{a.get('model', 'GPT-2 124M')}, batch {a['batch']} x {a['seq_len']} tokens, "
         f"LoRA rank {a['rank']}, "
         f"float32, CPU ({record['env']['cpu']}, {record['env']['cpu_count']} cores), "
         f"{a['trials']} interleaved trials of {a['steps_per_trial']} steps, load average "
@@ -241,7 +290,8 @@ def markdown(record: dict) -> str:
         )
     imp = record["import"]
     rows.append(
-        f"\n`jaxdl import hf:gpt2` ({a.get('model', '124M')}): {imp['wall_s']:.1f} s, peak RSS "
+        f"\n`jaxdl import {FAMILIES[a.get('family', 'gpt2')]['kind']}` ({a.get('model')}): "
+        f"{imp['wall_s']:.1f} s, peak RSS "
         f"{imp['peak_rss_mb']:,.0f} MB = {imp['peak_rss_over_model_bytes']:.2f}x the "
         f"{imp['model_bytes_mb']:,.0f} MB of weights"
     )
@@ -267,7 +317,8 @@ def main(argv=None) -> None:
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
-    parser.add_argument("--vocab", type=int, default=50257, help=argparse.SUPPRESS)
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="gpt2")
+    parser.add_argument("--vocab", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args.worker, args)
@@ -276,25 +327,29 @@ def main(argv=None) -> None:
         Path(args.render).with_suffix(".md").write_text(markdown(record))
         return print(markdown(record))
 
-    args.model = "124M"
+    args.model = {"gpt2": "GPT-2 124M", "llama": "SmolLM2-135M-shaped Llama"}[args.family]
+    args.vocab = args.vocab or FAMILIES[args.family]["vocab"]
+    if args.smoke and args.family != "gpt2":
+        raise SystemExit("--smoke runs the tiny GPT-2 fixture: leave --family unset")
     if args.smoke:
         args.batch, args.seq_len, args.rank, args.trials, args.steps_per_trial = 1, 8, 2, 1, 1
-        args.model = "tiny (tests/fixtures/hub/gpt2_tiny)"
+        args.model = "GPT-2 tiny (tests/fixtures/hub/gpt2_tiny)"
         args.vocab = json.loads((TINY_GPT2 / "config.json").read_text())["vocab_size"]
         have_peft = all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft"))
         if not have_peft:
             args.variants = ",".join(w for w in args.variants.split(",") if w != "peft LoRA")
     elif args.out is None:
-        args.out = str(RESULTS / "lora_vs_peft.json")
+        suffix = "" if args.family == "gpt2" else f"_{args.family}"
+        args.out = str(RESULTS / f"lora_vs_peft{suffix}.json")
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, workdir = Path(tmp) / "gpt2", Path(tmp) / "imported"
         if args.smoke:
             model_dir = TINY_GPT2
         else:
-            params = _make_model(model_dir)
-            print(f"wrote a random GPT-2 ({params:,} params) to {model_dir}", flush=True)
-        imported = _time_import(model_dir, workdir)
+            params = _make_model(model_dir, args.family)
+            print(f"wrote a random {args.model} ({params:,} params) to {model_dir}", flush=True)
+        imported = _time_import(model_dir, workdir, FAMILIES[args.family]["kind"])
         print(f"import: {json.dumps(imported)}", flush=True)
         names = args.variants.split(",")
         procs = {}
