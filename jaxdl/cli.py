@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the README's main job, on bundled data")
     demo.add_argument("--workdir", default="runs/demo")
-    demo.add_argument("--task", choices=["lm", "digits"], default="lm")
+    demo.add_argument("--task", choices=["lm", "digits", "chat"], default="lm")
     demo.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     export = sub.add_parser("export", help="serialize a trained workdir with jax.export")

