@@ -325,10 +325,13 @@ def generate_text(
         greedy=greedy,
         eos_ids=getattr(tokenizer, "eos_ids", ()),
     )
-    return tokenizer.decode(until_end(np.asarray(tokens)[0], getattr(tokenizer, "eos_ids", ())))
+    row = np.asarray(tokens)[0]
+    length = len(row) - max_new_tokens
+    new = until_end(row[length:], getattr(tokenizer, "eos_ids", ()))
+    return tokenizer.decode(np.concatenate([row[:length], new]))
 
 
 def until_end(tokens: np.ndarray, eos_ids: Sequence[int]) -> np.ndarray:
-    """tokens [T] up to (not including) the first end id."""
+    """New tokens [N] up to (not including) the first end id."""
     ends = np.flatnonzero(np.isin(tokens, list(eos_ids))) if len(eos_ids) else []
     return tokens[: ends[0]] if len(ends) else tokens
