@@ -78,10 +78,13 @@ def main() -> None:
         ours_tok.encode(t).tolist() == tok(t, add_special_tokens=False)["input_ids"] for t in texts
     ]
     results["token_ids_equal"] = f"{sum(same)}/{len(same)} texts"
-    messages = [
-        [{"role": "user", "content": p}] for p in PROMPTS
-    ] + [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-          {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]]  # fmt: skip
+    turns = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"},
+    ]
+    messages = [[{"role": "user", "content": p}] for p in PROMPTS] + [turns]
     chat_same = 0
     for m in messages:
         theirs = tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True)
