@@ -36,6 +36,7 @@ from __future__ import annotations
 import codecs
 import csv
 import datetime
+import io
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -120,10 +121,11 @@ def read_csv(
             f"data.encoding: unknown encoding {encoding!r}. Fix: e.g. utf-8 or latin-1."
         ) from None
     sep = delimiter or _delimiter(text)
-    rows = list(csv.reader(text.splitlines(), delimiter=sep))
-    if len(rows) < 2:
+    rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=sep))  # quoted newlines
+    if len(rows) < 2 or not rows[0]:
         raise UserError(
-            f"{field}: {path} has {len(rows)} lines, expected a header and at least one row."
+            f"{field}: {path} has {len(rows)} lines, expected a header (on the first line) and "
+            "at least one row."
         )
     header = [h.strip() for h in rows[0]]
     odd = [d for d in DELIMITERS if d != sep and d in rows[0][0]]

@@ -286,6 +286,16 @@ def test_encodings_byte_order_marks_and_delimiters(tmp_path):
         _columns(bom, delimiter=",")
     with pytest.raises(UserError, match=r"data.delimiter: expected one character .* ';;'"):
         _columns(bom, delimiter=";;")
+    quoted = tmp_path / "quoted.csv"  # a quoted field that holds a line break
+    quoted.write_text(
+        "x,note,y\n" + "".join(f'{i},"line\nbreak {i % 3}",{i % 2}\n' for i in range(30))
+    )
+    vocab = build_data({"source": f"csv:{quoted}", "label_column": "y"}, seed=0).preprocessing
+    assert vocab["preprocessing"]["categorical"]["vocab"]["note"][0] == "line\nbreak 0"
+    blank = tmp_path / "blank.csv"
+    blank.write_text("\n" + text)
+    with pytest.raises(UserError, match="expected a header \\(on the first line\\)"):
+        _columns(blank)
 
 
 def test_csv_and_parquet_swapped_name_the_right_prefix(tmp_path):
