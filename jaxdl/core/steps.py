@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdl.core import adapters, losses, tree
+from jaxdl.core import adapters, losses, quant, tree
 from jaxdl.core.batch import BatchSpec, check_batch
 from jaxdl.core.heads import FLAGS, Batch, Head, Metrics
 from jaxdl.core.state import TrainState
@@ -31,9 +31,10 @@ StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
 
 
 def _base_tree(params: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict:
-    """{"params": ...} from trainable + frozen parts, LoRA adapters left out."""
+    """{"params": ...} from trainable + frozen parts, LoRA adapters left out; frozen kernels
+    stored quantized (QLoRA, `jaxdl.core.quant`) are dequantized here, inside the step."""
     plain = {k: v for k, v in params.items() if k != "lora"}
-    return tree.merge(plain, frozen) if frozen else dict(plain)
+    return tree.merge(plain, quant.dequantize_tree(frozen)) if frozen else dict(plain)
 
 
 def model_params(
@@ -45,7 +46,8 @@ def model_params(
 ) -> dict:
     """The model's full "params" collection from trainable + frozen (+ LoRA) parts.
 
-    LoRA adapters are merged into their kernels, except those in `unmerged`.
+    LoRA adapters are merged into their kernels, except those in `unmerged`; quantized
+    frozen kernels are dequantized (float32) first, so the adapters add to those.
     """
     full = _base_tree(params, frozen)
     if "lora" in params:
