@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxdl.errors import UserError
 
@@ -55,6 +56,8 @@ NF4_CODE = np.array(
     np.float32,
 )
 _NF4_MIDPOINTS = (NF4_CODE[1:] + NF4_CODE[:-1]) / 2  # code i covers (mid[i-1], mid[i]]
+
+DEQUANTIZED = "dequantized_kernel"  # the checkpoint name of a kernel `dequantize_tree` made
 
 _FIELDS = {"int8": frozenset({"qint8", "scale"}), "nf4": frozenset({"nf4", "absmax"})}
 
@@ -161,17 +164,35 @@ def quantize_kernels(tree: Tree, kind: str, prefix: str = "") -> dict:
     return out
 
 
+def has_quantized(tree: Tree) -> bool:
+    return any(
+        kind_of(v) is not None or (isinstance(v, Mapping) and has_quantized(v))
+        for v in tree.values()
+    )
+
+
 def dequantize_tree(tree: Tree, dtype: Any = jnp.float32) -> dict:
-    """``tree`` with each quantized kernel back to a float [in, out] array; jittable."""
+    """``tree`` with each quantized kernel back to a float [in, out] array; jittable.
+
+    Each dequantized kernel is named `DEQUANTIZED` (`jax.ad_checkpoint.checkpoint_name`), so
+    a step can recompute it for the backward pass (`remat_policy`) instead of keeping it.
+    """
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if kind_of(value) is not None:
-            out[key] = dequantize(value, dtype)
+            out[key] = checkpoint_name(dequantize(value, dtype), DEQUANTIZED)
         elif isinstance(value, Mapping):
             out[key] = dequantize_tree(value, dtype)
         else:
             out[key] = value
     return out
+
+
+def remat_policy():
+    """A `jax.checkpoint` policy that keeps every residual but the dequantized kernels: the
+    backward pass dequantizes again (elementwise, cheap) rather than holding float copies of
+    the whole base from the forward pass, so peak memory stays near the quantized size."""
+    return jax.checkpoint_policies.save_anything_except_these_names(DEQUANTIZED)
 
 
 def quantized_bytes(tree: Tree, prefix: str = "") -> dict[str, int]:

@@ -67,6 +67,21 @@ def _apply_lora(apply: Callable, params, frozen, lora_cfg: Mapping):
         return apply(model_params(params, frozen, lora_cfg, unmerged=dense))
 
 
+def _forward(apply: Callable, params, frozen, lora_cfg: Mapping | None, factored_lora: bool):
+    """`apply(model params)` of a train step: LoRA factored or merged; with a quantized frozen
+    base (QLoRA) under `jax.checkpoint`, so the backward pass dequantizes the kernels again
+    instead of keeping them (`quant.remat_policy`)."""
+
+    def run(params, frozen):
+        if "lora" in params and factored_lora:
+            return _apply_lora(apply, params, frozen, lora_cfg)
+        return apply(model_params(params, frozen, lora_cfg))
+
+    if quant.has_quantized(frozen):
+        run = jax.checkpoint(run, policy=quant.remat_policy())
+    return run(params, frozen)
+
+
 def _apply(model: nn.Module, variables, x, *, train: bool, rng=None, mutable=(), extra=None):
     rngs = {"dropout": rng} if rng is not None else None
     extra = extra or {}
@@ -147,10 +162,7 @@ def train_step(
                 extra=_model_inputs(head, batch),
             )
 
-        if "lora" in params and factored_lora:
-            outputs, new_model_state = _apply_lora(apply, params, frozen, lora_cfg)
-        else:
-            outputs, new_model_state = apply(model_params(params, frozen, lora_cfg))
+        outputs, new_model_state = _forward(apply, params, frozen, lora_cfg, factored_lora)
         loss, metrics = head.loss(outputs, batch)
         penalty = 0.0
         plain = {k: v for k, v in params.items() if k != "lora"}
@@ -204,10 +216,7 @@ def _accumulated_grads(state, micro, rng, model, head, lora_cfg, l1, l2, factore
                 extra=_model_inputs(head, batch),
             )
 
-        if "lora" in params and factored_lora:
-            outputs, new_model_state = _apply_lora(apply, params, state.frozen, lora_cfg)
-        else:
-            outputs, new_model_state = apply(model_params(params, state.frozen, lora_cfg))
+        outputs, new_model_state = _forward(apply, params, state.frozen, lora_cfg, factored_lora)
         total, weight, metrics = head.sums(outputs, batch)
         return total, (weight, metrics, new_model_state)
 
