@@ -6,6 +6,7 @@ dequantized base + adapters, exactly.
 """
 
 import math
+import re
 
 import chex
 import jax
@@ -14,13 +15,16 @@ import numpy as np
 import optax
 import pytest
 
+from jaxdl import config as config_lib
 from jaxdl.checkpoint.manager import Checkpointer
 from jaxdl.checkpoint.read import load_params, state_metadata
 from jaxdl.core import heads, quant, steps
 from jaxdl.core import tree as tree_lib
 from jaxdl.core.state import TrainState
+from jaxdl.errors import UserError
 from jaxdl.finetune import lora, partition
 from jaxdl.models import create_model
+from jaxdl.training.build import lora_config
 
 RANK, ALPHA = 4, 8.0
 TARGETS = ".*(q_proj|v_proj|gate_proj|down_proj)/kernel"
@@ -168,3 +172,29 @@ def test_checkpoint_merge_is_dequantized_base_plus_adapters(tmp_path):
         model.apply({"params": in_memory}, x),
         atol=1e-5,
     )
+
+
+@pytest.mark.parametrize(
+    "lora_value, message",
+    [
+        (
+            {"rank": 4, "alpha": 8.0, "targets": ".*", "quantize": "q4"},
+            "lora.quantize: expected None, 'int8' or 'nf4', found 'q4'",
+        ),
+        ({"quantize": "nf4"}, "config.lora.quantize: a quantized base needs LoRA adapters"),
+    ],
+)
+def test_config_refuses_a_bad_quantize_in_one_line(lora_value, message):
+    with pytest.raises(UserError, match=re.escape(message)) as err:
+        config_lib.load_config("experiments/digits_mlp.py", [f"--config.lora={lora_value}"])
+    assert "\n" not in str(err.value)
+
+
+def test_config_takes_lora_with_or_without_quantize():
+    plain = {"rank": 4, "alpha": 8.0, "targets": ".*kernel"}
+    cfg = config_lib.load_config("experiments/digits_mlp.py", [f"--config.lora={plain}"])
+    assert lora_config(cfg)["quantize"] is None
+    cfg = config_lib.load_config(
+        "experiments/digits_mlp.py", [f"--config.lora={ {**plain, 'quantize': 'int8'} }"]
+    )
+    assert lora_config(cfg)["quantize"] == "int8"
