@@ -70,17 +70,11 @@ def abstract_run(size: str, args: argparse.Namespace):
     import jax
     import jax.numpy as jnp
 
-    from jaxdl.config import default_config
-    from jaxdl.core import heads
-    from jaxdl.core.optim import make_optimizer
     from jaxdl.core.state import TrainState
     from jaxdl.models import create_model
 
-    cfg = default_config()
-    cfg.optimizer.name = args.optimizer
-    cfg.optimizer.weight_decay = 0.1 if args.optimizer == "adamw" else 0.0
+    task, tx = lm_task(args)
     model = create_model({"name": "transformer", "size": size})
-    tx = make_optimizer(cfg.optimizer, total_steps=1000)
     tokens = jnp.zeros((1, args.seq_len), jnp.int32)
 
     def init():
@@ -88,8 +82,29 @@ def abstract_run(size: str, args: argparse.Namespace):
         params = {"params": variables["params"]}
         return TrainState.create(params, tx, jax.random.PRNGKey(1))
 
-    task = heads.make_head("lm", cfg.loss, 0)
     return model, task, tx, jax.eval_shape(init)
+
+
+def lm_task(args: argparse.Namespace):
+    """(the "lm" head, the optimizer `--optimizer` names): what every measured step trains."""
+    from jaxdl.config import default_config
+    from jaxdl.core import heads
+    from jaxdl.core.optim import make_optimizer
+
+    cfg = default_config()
+    cfg.optimizer.name = args.optimizer
+    cfg.optimizer.weight_decay = 0.1 if args.optimizer == "adamw" else 0.0
+    return heads.make_head("lm", cfg.loss, 0), make_optimizer(cfg.optimizer, total_steps=1000)
+
+
+def peak_bytes(mem) -> int:
+    """arguments + temp + outputs not aliased to donated arguments (XLA's memory analysis)."""
+    return int(
+        mem.argument_size_in_bytes
+        + mem.temp_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+    )
 
 
 def shard_bytes(tree, shardings) -> int:
@@ -127,12 +142,7 @@ def measure(size: str, strategy: str, devices, args: argparse.Namespace) -> dict
         "param_bytes": shard_bytes(state.params, layout.state.params),
         "opt_bytes": shard_bytes(state.opt_state, layout.state.opt_state),
         "temp_bytes": int(mem.temp_size_in_bytes),
-        "peak_bytes": int(
-            mem.argument_size_in_bytes
-            + mem.temp_size_in_bytes
-            + mem.output_size_in_bytes
-            - mem.alias_size_in_bytes
-        ),
+        "peak_bytes": peak_bytes(mem),
     }
 
 
@@ -141,18 +151,13 @@ def finetune_run(size: str, mode: str, args: argparse.Namespace):
     import jax
     import jax.numpy as jnp
 
-    from jaxdl.config import default_config
-    from jaxdl.core import heads, quant
-    from jaxdl.core.optim import make_optimizer
+    from jaxdl.core import quant
     from jaxdl.core.state import TrainState
     from jaxdl.finetune import lora, partition
     from jaxdl.models import create_model
 
-    cfg = default_config()
-    cfg.optimizer.name = args.optimizer
-    cfg.optimizer.weight_decay = 0.1 if args.optimizer == "adamw" else 0.0
+    task, tx = lm_task(args)
     model = create_model({"name": "llama", "size": size})
-    tx = make_optimizer(cfg.optimizer, total_steps=1000)
     tokens = jnp.zeros((1, args.finetune_seq_len), jnp.int32)
     quantize = "nf4" if mode.startswith("QLoRA") else None
     lora_cfg = None
@@ -172,7 +177,6 @@ def finetune_run(size: str, mode: str, args: argparse.Namespace):
             frozen = quant.quantize_kernels(frozen, quantize)
         return TrainState.create(trainable, tx, jax.random.PRNGKey(2), frozen=frozen)
 
-    task = heads.make_head("lm", cfg.loss, 0)
     return model, task, tx, lora_cfg, jax.eval_shape(init)
 
 
@@ -206,12 +210,7 @@ def measure_finetune(size: str, mode: str, device, args: argparse.Namespace) -> 
         "weight_bytes": tree_bytes(state.params) + tree_bytes(state.frozen),
         "opt_bytes": tree_bytes(state.opt_state),
         "temp_bytes": int(mem.temp_size_in_bytes),
-        "peak_bytes": int(
-            mem.argument_size_in_bytes
-            + mem.temp_size_in_bytes
-            + mem.output_size_in_bytes
-            - mem.alias_size_in_bytes
-        ),
+        "peak_bytes": peak_bytes(mem),
     }
 
 
