@@ -19,14 +19,18 @@ everything else (embeddings, norms, trainable leaves) stays float.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Collection, Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxdl.core import tree as tree_lib
+from jaxdl.core.adapters import dense_kernel_path
 from jaxdl.errors import UserError
 
 KINDS = ("int8", "nf4")
@@ -193,6 +197,47 @@ def remat_policy():
     backward pass dequantizes again (elementwise, cheap) rather than holding float copies of
     the whole base from the forward pass, so peak memory stays near the quantized size."""
     return jax.checkpoint_policies.save_anything_except_these_names(DEQUANTIZED)
+
+
+def quantized_nodes(tree: Tree, prefix: str = "") -> dict[str, Mapping[str, jax.Array]]:
+    """{kernel path: its quantized dict} of the quantized kernels in ``tree``."""
+    found: dict[str, Mapping[str, jax.Array]] = {}
+    for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        if kind_of(value) is not None:
+            found[path] = value
+        elif isinstance(value, Mapping):
+            found.update(quantized_nodes(value, path))
+    return found
+
+
+@contextlib.contextmanager
+def dequantized_dense(frozen: Tree, *, exclude: Collection[str] = (), dtype: Any = jnp.float32):
+    """Within: an nn.Dense whose kernel ``frozen`` holds quantized dequantizes it where it is
+    used, ``x @ dequantize(q) (+ bias)``, with the quantized arrays tied to ``x`` by an
+    optimization barrier, so XLA cannot dequantize every layer up front and hold the float
+    base at once. The dequantized tree the model also gets is then dead code for those.
+    Kernels in ``exclude`` (LoRA adapters merged into them) are left to the module."""
+    quantized = {p: q for p, q in quantized_nodes(frozen).items() if p not in exclude}
+    flat = tree_lib.flatten(frozen)
+
+    def dense(next_fun, args, kwargs, context):
+        path = dense_kernel_path(context)
+        if path not in quantized:
+            return next_fun(*args, **kwargs)
+        module = context.module
+        x = args[0] if args else kwargs["inputs"]
+        x, q = jax.lax.optimization_barrier((x, quantized[path]))
+        w = checkpoint_name(dequantize(q, dtype), DEQUANTIZED)
+        bias = flat.get(path.rsplit("/", 1)[0] + "/bias") if module.use_bias else None
+        if module.use_bias and bias is None:  # a trainable bias: the module's own
+            bias = module.get_variable("params", "bias")
+        x, w, bias = nn.dtypes.promote_dtype(x, w, bias, dtype=module.dtype)
+        y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=module.precision)
+        return y if bias is None else y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+
+    with nn.intercept_methods(dense):
+        yield
 
 
 def quantized_bytes(tree: Tree, prefix: str = "") -> dict[str, int]:

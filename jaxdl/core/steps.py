@@ -68,18 +68,29 @@ def _apply_lora(apply: Callable, params, frozen, lora_cfg: Mapping):
 
 
 def _forward(apply: Callable, params, frozen, lora_cfg: Mapping | None, factored_lora: bool):
-    """`apply(model params)` of a train step: LoRA factored or merged; with a quantized frozen
-    base (QLoRA) under `jax.checkpoint`, so the backward pass dequantizes the kernels again
-    instead of keeping them (`quant.remat_policy`)."""
+    """`apply(model params)` of a train step: LoRA factored or merged. With a quantized frozen
+    base (QLoRA) each Dense dequantizes its kernel where it is used (`quant.dequantized_dense`),
+    under `jax.checkpoint`, so the backward pass dequantizes again instead of keeping float
+    copies (`quant.remat_policy`)."""
 
-    def run(params, frozen):
+    def run(params, frozen, apply):
         if "lora" in params and factored_lora:
             return _apply_lora(apply, params, frozen, lora_cfg)
         return apply(model_params(params, frozen, lora_cfg))
 
-    if quant.has_quantized(frozen):
-        run = jax.checkpoint(run, policy=quant.remat_policy())
-    return run(params, frozen)
+    if not quant.has_quantized(frozen):
+        return run(params, frozen, apply)
+
+    def late(params, frozen):
+        merged = () if factored_lora else adapters.pairs(params.get("lora", {}))
+
+        def late_apply(weights):
+            with quant.dequantized_dense(frozen, exclude=merged):
+                return apply(weights)
+
+        return run(params, frozen, late_apply)
+
+    return jax.checkpoint(late, policy=quant.remat_policy())(params, frozen)
 
 
 def _apply(model: nn.Module, variables, x, *, train: bool, rng=None, mutable=(), extra=None):

@@ -198,3 +198,17 @@ def test_config_takes_lora_with_or_without_quantize():
         "experiments/digits_mlp.py", [f"--config.lora={ {**plain, 'quantize': 'int8'} }"]
     )
     assert lora_config(cfg)["quantize"] == "int8"
+
+
+@pytest.mark.parametrize("factored", [True, False])
+def test_train_forward_equals_the_dequantized_model(factored):
+    """The step's forward (each Dense dequantizing its kernel where used, factored or merged
+    adapters) gives the loss of the plain model on the dequantized params."""
+    model, head, tx, state, _, lora_cfg = qlora_setup("nf4")
+    step = steps.make_train_step(model, head, tx, lora_cfg=lora_cfg, factored_lora=factored)
+    batch = fixed_batch()
+    state, _ = step(state, batch)  # B != 0 from here on: the adapters count
+    params = steps.model_params(state.params, state.frozen, lora_cfg)
+    want, _ = head.loss(model.apply({"params": params}, batch["inputs"]), batch)
+    _, metrics = step(state, batch)
+    np.testing.assert_allclose(float(metrics["loss"]), float(want), rtol=1e-6)
