@@ -69,9 +69,8 @@ def _apply_lora(apply: Callable, params, frozen, lora_cfg: Mapping):
 
 def _forward(apply: Callable, params, frozen, lora_cfg: Mapping | None, factored_lora: bool):
     """`apply(model params)` of a train step: LoRA factored or merged. With a quantized frozen
-    base (QLoRA) each Dense dequantizes its kernel where it is used (`quant.dequantized_dense`),
-    under `jax.checkpoint`, so the backward pass dequantizes again instead of keeping float
-    copies (`quant.remat_policy`)."""
+    base (QLoRA) each Dense dequantizes its kernel where it is used, in the forward and again
+    in the backward pass (`quant.dequantized_dense`), so no float copy of the base is kept."""
 
     def run(params, frozen, apply):
         if "lora" in params and factored_lora:
@@ -81,16 +80,13 @@ def _forward(apply: Callable, params, frozen, lora_cfg: Mapping | None, factored
     if not quant.has_quantized(frozen):
         return run(params, frozen, apply)
 
-    def late(params, frozen):
-        merged = () if factored_lora else adapters.pairs(params.get("lora", {}))
+    merged = () if factored_lora else adapters.pairs(params.get("lora", {}))
 
-        def late_apply(weights):
-            with quant.dequantized_dense(frozen, exclude=merged):
-                return apply(weights)
+    def late_apply(weights):
+        with quant.dequantized_dense(frozen, exclude=merged):
+            return apply(weights)
 
-        return run(params, frozen, late_apply)
-
-    return jax.checkpoint(late, policy=quant.remat_policy())(params, frozen)
+    return run(params, frozen, late_apply)
 
 
 def _apply(model: nn.Module, variables, x, *, train: bool, rng=None, mutable=(), extra=None):
