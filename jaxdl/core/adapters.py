@@ -88,7 +88,7 @@ def merge(
     return tree_lib.unflatten(flat)
 
 
-def dense_kernel_path(context: Any) -> str | None:
+def _dense_kernel_path(context: Any) -> str | None:
     """ "params/.../kernel" of the nn.Dense a Flax method interceptor sees, else None."""
     module = context.module
     if context.method_name != "__call__" or not isinstance(module, nn.Dense):
@@ -107,7 +107,7 @@ def factorable(run: Callable[[], Any], params_tree: Tree, adapters: Tree) -> fro
     found: set[str] = set()
 
     def record(next_fun, args, kwargs, context):
-        path = dense_kernel_path(context)
+        path = _dense_kernel_path(context)
         if path in adapted and len(flat[path].shape) == 2:
             found.add(path)
         return next_fun(*args, **kwargs)
@@ -162,7 +162,7 @@ def low_rank_dense(adapters: Tree, paths: Collection[str], *, rank: int, alpha: 
 
     def add_low_rank(next_fun, args, kwargs, context):
         y = next_fun(*args, **kwargs)
-        path = dense_kernel_path(context)
+        path = _dense_kernel_path(context)
         if path not in adapted:
             return y
         a, b = adapted[path]

@@ -19,18 +19,14 @@ everything else (embeddings, norms, trainable leaves) stays float.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
-from jaxdl.core import tree as tree_lib
-from jaxdl.core.adapters import dense_kernel_path
 from jaxdl.errors import UserError
 
 KINDS = ("int8", "nf4")
@@ -60,6 +56,8 @@ NF4_CODE = np.array(
     np.float32,
 )
 _NF4_MIDPOINTS = (NF4_CODE[1:] + NF4_CODE[:-1]) / 2  # code i covers (mid[i-1], mid[i]]
+
+DEQUANTIZED = "dequantized_kernel"  # the checkpoint name of a kernel `dequantize_tree` made
 
 _FIELDS = {"int8": frozenset({"qint8", "scale"}), "nf4": frozenset({"nf4", "absmax"})}
 
@@ -174,11 +172,15 @@ def has_quantized(tree: Tree) -> bool:
 
 
 def dequantize_tree(tree: Tree, dtype: Any = jnp.float32) -> dict:
-    """``tree`` with each quantized kernel back to a float [in, out] array; jittable."""
+    """``tree`` with each quantized kernel back to a float [in, out] array; jittable.
+
+    Each dequantized kernel is named `DEQUANTIZED` (`jax.ad_checkpoint.checkpoint_name`), so
+    a step can recompute it for the backward pass (`remat_policy`) instead of keeping it.
+    """
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if kind_of(value) is not None:
-            out[key] = dequantize(value, dtype)
+            out[key] = checkpoint_name(dequantize(value, dtype), DEQUANTIZED)
         elif isinstance(value, Mapping):
             out[key] = dequantize_tree(value, dtype)
         else:
@@ -186,75 +188,11 @@ def dequantize_tree(tree: Tree, dtype: Any = jnp.float32) -> dict:
     return out
 
 
-def quantized_nodes(tree: Tree, prefix: str = "") -> dict[str, Mapping[str, jax.Array]]:
-    """{kernel path: its quantized dict} of the quantized kernels in ``tree``."""
-    found: dict[str, Mapping[str, jax.Array]] = {}
-    for key, value in tree.items():
-        path = f"{prefix}/{key}" if prefix else str(key)
-        if kind_of(value) is not None:
-            found[path] = value
-        elif isinstance(value, Mapping):
-            found.update(quantized_nodes(value, path))
-    return found
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def quantized_matmul(x: jax.Array, q: Mapping[str, jax.Array], dtype: Any) -> jax.Array:
-    """``x @ dequantize(q)``: x [..., in] -> [..., out], differentiable in x only.
-
-    Its backward pass keeps the quantized ``q``, not the float kernel, and dequantizes again
-    for ``dx = g W^T``; an optimization barrier ties ``q`` to ``x`` (to ``g`` going back), so
-    XLA dequantizes each layer where it is used instead of every layer at once.
-    """
-    x, q = jax.lax.optimization_barrier((x, q))
-    return x @ dequantize(q, dtype)
-
-
-def _quantized_matmul_fwd(x, q, dtype):
-    return quantized_matmul(x, q, dtype), q
-
-
-def _quantized_matmul_bwd(dtype, q, g):
-    g, q = jax.lax.optimization_barrier((g, q))
-    dx = g @ dequantize(q, dtype).T
-
-    def no_grad(a):  # integer codes take float0 cotangents
-        if jnp.issubdtype(a.dtype, jnp.integer):
-            return np.zeros(a.shape, jax.dtypes.float0)
-        return jnp.zeros_like(a)
-
-    return dx, jax.tree.map(no_grad, q)
-
-
-quantized_matmul.defvjp(_quantized_matmul_fwd, _quantized_matmul_bwd)
-
-
-@contextlib.contextmanager
-def dequantized_dense(frozen: Tree, *, exclude: Collection[str] = ()):
-    """Within: an nn.Dense whose kernel ``frozen`` holds quantized computes
-    ``quantized_matmul(x, q) (+ bias)``: the float kernel exists only where it is used, in
-    the forward and again in the backward pass. The dequantized tree the model also gets is
-    dead code for those kernels. Kernels in ``exclude`` (LoRA merged into them) are left to
-    the module."""
-    quantized = {p: q for p, q in quantized_nodes(frozen).items() if p not in exclude}
-    flat = tree_lib.flatten(frozen)
-
-    def dense(next_fun, args, kwargs, context):
-        path = dense_kernel_path(context)
-        if path not in quantized:
-            return next_fun(*args, **kwargs)
-        module = context.module
-        x = args[0] if args else kwargs["inputs"]
-        bias = None
-        if module.use_bias:  # frozen with the kernel, or trainable: the module's own
-            bias = flat.get(path.rsplit("/", 1)[0] + "/bias")
-            bias = module.get_variable("params", "bias") if bias is None else bias
-        dtype = module.dtype or jnp.result_type(x, jnp.float32)
-        y = quantized_matmul(x.astype(dtype), quantized[path], dtype)
-        return y if bias is None else y + bias.astype(dtype)
-
-    with nn.intercept_methods(dense):
-        yield
+def remat_policy():
+    """A `jax.checkpoint` policy that keeps every residual but the dequantized kernels: the
+    backward pass dequantizes again (elementwise, cheap) rather than holding float copies of
+    the whole base from the forward pass, so peak memory stays near the quantized size."""
+    return jax.checkpoint_policies.save_anything_except_these_names(DEQUANTIZED)
 
 
 def quantized_bytes(tree: Tree, prefix: str = "") -> dict[str, int]:

@@ -68,25 +68,18 @@ def _apply_lora(apply: Callable, params, frozen, lora_cfg: Mapping):
 
 
 def _forward(apply: Callable, params, frozen, lora_cfg: Mapping | None, factored_lora: bool):
-    """`apply(model params)` of a train step: LoRA factored or merged. With a quantized frozen
-    base (QLoRA) each Dense dequantizes its kernel where it is used, in the forward and again
-    in the backward pass (`quant.dequantized_dense`), so no float copy of the base is kept."""
+    """`apply(model params)` of a train step: LoRA factored or merged; with a quantized frozen
+    base (QLoRA) under `jax.checkpoint`, so the backward pass dequantizes the kernels again
+    instead of keeping them (`quant.remat_policy`)."""
 
-    def run(params, frozen, apply):
+    def run(params, frozen):
         if "lora" in params and factored_lora:
             return _apply_lora(apply, params, frozen, lora_cfg)
         return apply(model_params(params, frozen, lora_cfg))
 
-    if not quant.has_quantized(frozen):
-        return run(params, frozen, apply)
-
-    merged = () if factored_lora else adapters.pairs(params.get("lora", {}))
-
-    def late_apply(weights):
-        with quant.dequantized_dense(frozen, exclude=merged):
-            return apply(weights)
-
-    return run(params, frozen, late_apply)
+    if quant.has_quantized(frozen):
+        run = jax.checkpoint(run, policy=quant.remat_policy())
+    return run(params, frozen)
 
 
 def _apply(model: nn.Module, variables, x, *, train: bool, rng=None, mutable=(), extra=None):
