@@ -130,7 +130,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.init_from.adapter = ""  # a PEFT LoRA folder: the run's adapters start from it
 
     c.partition = None  # list of (regex, {"trainable", "lr_mult", "wd_mult", "unfreeze_at"})
-    c.lora = None  # {"rank", "alpha", "targets"}
+    c.lora = None  # {"rank", "alpha", "targets", "quantize": None | "int8" | "nf4" (QLoRA)}
     c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
     c.tasks = None  # multi-task fine-tuning: list of {"name", overrides...}
     # FedAvg (jaxdl.runs.federated): clients 0 = off; alpha 0 = IID shards, > 0 Dirichlet
@@ -389,14 +389,23 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             "--config.federated.alpha=0.1, or 0 for IID shards."
         )
     if cfg.lora is not None:
+        from jaxdl.core.quant import check_kind
+
         lora = dict(cfg.lora)
         missing = {"rank", "alpha", "targets"} - lora.keys()
-        extra = lora.keys() - {"rank", "alpha", "targets"}
+        extra = lora.keys() - {"rank", "alpha", "targets", "quantize"}
+        if missing and "quantize" in lora:
+            raise UserError(
+                f"config.lora.quantize: a quantized base needs LoRA adapters to train, found "
+                f"lora={lora!r} without {sorted(missing)}. Fix: set lora.rank, lora.alpha and "
+                "lora.targets too (QLoRA), or lora=None."
+            )
         if missing or extra:
             raise UserError(
-                f"config.lora: expected keys rank, alpha, targets; missing {sorted(missing)}, "
-                f"unknown {sorted(extra)}."
+                f"config.lora: expected keys rank, alpha, targets (and optionally quantize); "
+                f"missing {sorted(missing)}, unknown {sorted(extra)}."
             )
+        check_kind(lora.get("quantize"))
 
 
 # Sizes and counts a negative value would turn into a confusing failure far from the config

@@ -287,13 +287,28 @@ def _check_lora_vs_peft(tmp_path):
 
 def _check_memory_report(tmp_path):
     _smoke("memory_report.py", "--out", str(tmp_path / "m.json"))
-    rows = {r["strategy"]: r for r in json.loads((tmp_path / "m.json").read_text())}
+    record = json.loads((tmp_path / "m.json").read_text())
+    rows = {r["strategy"]: r for r in record["parallel"]}
     assert set(rows) == {"data parallel", "FSDP"}
     params = count_params(transformer_spec({"name": "transformer", "size": "tiny"}))
     dp, fsdp = rows["data parallel"], rows["FSDP"]
     assert dp["params"] == fsdp["params"] == params
     assert dp["param_bytes"] == 4 * params  # float32, replicated on each of the 2 devices
     assert fsdp["param_bytes"] < dp["param_bytes"]  # sharded over the 2 devices
+    # the tiny Llama: full vs LoRA (rank 4 on its 7 projections) vs QLoRA (those NF4)
+    modes = {r["mode"]: r for r in record["finetune"]}
+    assert list(modes) == ["full", "LoRA", "QLoRA nf4"]
+    kernels = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128)  # q, o; k, v; gate, up, down
+    params, adapters = 90_432, 2 * 4 * (2 * 128 + 2 * 96 + 3 * 192)
+    assert all(r["params"] == params for r in modes.values())
+    assert modes["full"]["weight_bytes"] == 4 * params
+    assert modes["LoRA"]["trainable_params"] == modes["QLoRA nf4"]["trainable_params"] == adapters
+    assert modes["LoRA"]["weight_bytes"] == 4 * (params + adapters)
+    nf4 = kernels // 2 + 4 * kernels // 64  # packed codes + a float32 absmax per 64
+    assert modes["QLoRA nf4"]["weight_bytes"] == nf4 + 4 * (params - kernels + adapters)
+    assert (
+        modes["LoRA"]["opt_bytes"] == modes["QLoRA nf4"]["opt_bytes"] < modes["full"]["opt_bytes"]
+    )
 
 
 def _check_roofline(tmp_path):

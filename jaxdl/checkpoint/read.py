@@ -26,6 +26,7 @@ from etils import epath
 from jaxdl.checkpoint.integrity import corrupt_step_fix, verify_step
 from jaxdl.core import tree as tree_lib
 from jaxdl.core.adapters import merge as merge_adapters
+from jaxdl.core.quant import dequantize_tree
 from jaxdl.errors import UserError
 
 STATE_PARTS = ("params", "frozen", "model_state")
@@ -203,7 +204,9 @@ def load_checkpoint(
     parts = _read_state_numpy(step_dir)
     params = dict(parts["params"])
     adapters = params.pop("lora", None)
-    merged = tree_lib.merge(params, parts["frozen"])
+    # a QLoRA run's frozen kernels are stored quantized: the merged model is the dequantized
+    # base plus the adapters, as the run computed it
+    merged = tree_lib.merge(params, dequantize_tree(parts["frozen"]))
     model_state = parts["model_state"]
     if adapters is not None:
         cfg = read_json(step_dir, "config") or {}
@@ -241,7 +244,8 @@ def load_variables(
     """Model variables ``{"params": ..., "batch_stats"?: ...}`` of a checkpoint, as numpy.
 
     ``path``: a workdir, its checkpoints/ folder or a step folder; ``step`` None = latest.
-    Trainable and frozen params are merged; LoRA adapters are folded into their kernels
+    Trainable and frozen params are merged (quantized frozen kernels dequantized first);
+    LoRA adapters are folded into their kernels
     (loading the base checkpoint named by the run's init_from when frozen params were not
     saved). ``config_key`` is the config key that error messages name.
     """

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdl.core import adapters, losses, tree
+from jaxdl.core import adapters, losses, quant, tree
 from jaxdl.core.batch import BatchSpec, check_batch
 from jaxdl.core.heads import FLAGS, Batch, Head, Metrics
 from jaxdl.core.state import TrainState
@@ -31,9 +31,10 @@ StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
 
 
 def _base_tree(params: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict:
-    """{"params": ...} from trainable + frozen parts, LoRA adapters left out."""
+    """{"params": ...} from trainable + frozen parts, LoRA adapters left out; frozen kernels
+    stored quantized (QLoRA, `jaxdl.core.quant`) are dequantized here, inside the step."""
     plain = {k: v for k, v in params.items() if k != "lora"}
-    return tree.merge(plain, frozen) if frozen else dict(plain)
+    return tree.merge(plain, quant.dequantize_tree(frozen)) if frozen else dict(plain)
 
 
 def model_params(
@@ -45,7 +46,8 @@ def model_params(
 ) -> dict:
     """The model's full "params" collection from trainable + frozen (+ LoRA) parts.
 
-    LoRA adapters are merged into their kernels, except those in `unmerged`.
+    LoRA adapters are merged into their kernels, except those in `unmerged`; quantized
+    frozen kernels are dequantized (float32) first, so the adapters add to those.
     """
     full = _base_tree(params, frozen)
     if "lora" in params:
@@ -63,6 +65,21 @@ def _apply_lora(apply: Callable, params, frozen, lora_cfg: Mapping):
     rank, alpha = lora_cfg["rank"], lora_cfg["alpha"]
     with adapters.low_rank_dense(params["lora"], dense, rank=rank, alpha=alpha):
         return apply(model_params(params, frozen, lora_cfg, unmerged=dense))
+
+
+def _forward(apply: Callable, params, frozen, lora_cfg: Mapping | None, factored_lora: bool):
+    """`apply(model params)` of a train step: LoRA factored or merged; with a quantized frozen
+    base (QLoRA) under `jax.checkpoint`, so the backward pass dequantizes the kernels again
+    instead of keeping them (`quant.remat_policy`)."""
+
+    def run(params, frozen):
+        if "lora" in params and factored_lora:
+            return _apply_lora(apply, params, frozen, lora_cfg)
+        return apply(model_params(params, frozen, lora_cfg))
+
+    if quant.has_quantized(frozen):
+        run = jax.checkpoint(run, policy=quant.remat_policy())
+    return run(params, frozen)
 
 
 def _apply(model: nn.Module, variables, x, *, train: bool, rng=None, mutable=(), extra=None):
@@ -145,10 +162,7 @@ def train_step(
                 extra=_model_inputs(head, batch),
             )
 
-        if "lora" in params and factored_lora:
-            outputs, new_model_state = _apply_lora(apply, params, frozen, lora_cfg)
-        else:
-            outputs, new_model_state = apply(model_params(params, frozen, lora_cfg))
+        outputs, new_model_state = _forward(apply, params, frozen, lora_cfg, factored_lora)
         loss, metrics = head.loss(outputs, batch)
         penalty = 0.0
         plain = {k: v for k, v in params.items() if k != "lora"}
@@ -202,10 +216,7 @@ def _accumulated_grads(state, micro, rng, model, head, lora_cfg, l1, l2, factore
                 extra=_model_inputs(head, batch),
             )
 
-        if "lora" in params and factored_lora:
-            outputs, new_model_state = _apply_lora(apply, params, state.frozen, lora_cfg)
-        else:
-            outputs, new_model_state = apply(model_params(params, state.frozen, lora_cfg))
+        outputs, new_model_state = _forward(apply, params, state.frozen, lora_cfg, factored_lora)
         total, weight, metrics = head.sums(outputs, batch)
         return total, (weight, metrics, new_model_state)
 

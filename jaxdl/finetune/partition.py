@@ -216,14 +216,22 @@ def wd_mult_tree(plan: Mapping[str, LeafPlan], trainable_tree: Tree) -> Any:
 
 
 def plan_rows(
-    plan: Mapping[str, LeafPlan], tree: Tree, *, base_lr: float, opt_state_slots: int
+    plan: Mapping[str, LeafPlan],
+    tree: Tree,
+    *,
+    base_lr: float,
+    opt_state_slots: int,
+    stored_bytes: Mapping[str, int] | None = None,
 ) -> list[dict[str, Any]]:
     """One JSON-ready row per group (rule), in order of first leaf.
 
     ``opt_state_bytes`` = trainable scalars * ``opt_state_slots`` (e.g. 2 for Adam's moments,
     0 for SGD) * the leaf's itemsize (4 for float32); 0 for a frozen group. ``lr`` is
-    ``base_lr * lr_mult`` once unfrozen, 0 for a frozen group.
+    ``base_lr * lr_mult`` once unfrozen, 0 for a frozen group. ``param_bytes``: what the
+    group's leaves take in the state, ``stored_bytes[path]`` for a leaf stored otherwise
+    than as its array (a QLoRA base's quantized kernels, counted in ``quantized_leaves``).
     """
+    stored_bytes = stored_bytes or {}
     flat = tree_lib.flatten(tree)
     assert flat.keys() == plan.keys(), "plan was made for a different tree"
     rows: dict[str, dict[str, Any]] = {}
@@ -240,12 +248,16 @@ def plan_rows(
                 "lr_mult": lp.lr_mult,
                 "wd_mult": lp.wd_mult,
                 "unfreeze_at": lp.unfreeze_at,
+                "param_bytes": 0,
+                "quantized_leaves": 0,
                 "opt_state_bytes": 0,
             },
         )
         size = math.prod(leaf.shape)  # arrays or jax.ShapeDtypeStruct
         row["leaves"] += 1
         row["params"] += size
+        row["param_bytes"] += stored_bytes.get(path, size * np.dtype(leaf.dtype).itemsize)
+        row["quantized_leaves"] += path in stored_bytes
         if lp.trainable:
             row["opt_state_bytes"] += size * opt_state_slots * np.dtype(leaf.dtype).itemsize
     return list(rows.values())
@@ -259,6 +271,7 @@ _COLUMNS = (
     ("lr", "lr"),
     ("wd_mult", "wd_mult"),
     ("unfreeze_at", "unfreeze_at"),
+    ("param_bytes", "bytes"),
     ("opt_state_bytes", "opt_bytes"),
 )
 
@@ -283,6 +296,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
         "lr": "",
         "wd_mult": "",
         "unfreeze_at": "",
+        "param_bytes": sum(r.get("param_bytes", 0) for r in rows),
         "opt_state_bytes": sum(r["opt_state_bytes"] for r in rows),
     }
     header = [title for _, title in _COLUMNS]

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxdl.core import heads
+from jaxdl.core import heads, quant
 from jaxdl.core.optim import make_optimizer, opt_state_slots
 from jaxdl.core.state import TrainState
 from jaxdl.errors import UserError
@@ -56,7 +56,27 @@ def check_vocabulary(model, kind: str, vocab_size: int) -> None:
 
 
 def lora_config(cfg: ml_collections.ConfigDict) -> dict | None:
-    return None if cfg.lora is None else dict(cfg.lora)
+    """cfg.lora as a dict, ``quantize`` (None: a float base) filled in; None without LoRA."""
+    return None if cfg.lora is None else {"quantize": None, **dict(cfg.lora)}
+
+
+def saves_frozen(lora_cfg: Mapping | None) -> bool:
+    """Whether checkpoints hold the frozen params: a full run's, and a QLoRA run's quantized
+    base (it is what the adapters trained on; a LoRA run's float base lives in init_from)."""
+    return lora_cfg is None or lora_cfg.get("quantize") is not None
+
+
+def quantize_frozen(frozen: dict, kind: str | None) -> dict:
+    """The frozen tree with its 2-D kernels stored quantized (`jaxdl.core.quant`)."""
+    if kind is None:
+        return frozen
+    stored = quant.quantize_kernels(frozen, kind)
+    if not quant.quantized_bytes(stored):
+        raise UserError(
+            f"lora.quantize={kind!r}: no frozen 2-D kernel to quantize (the partition plan "
+            "trains every kernel). Fix: freeze the base (drop `partition`) or lora.quantize=None."
+        )
+    return stored
 
 
 def with_data_fields(model_cfg: Mapping, fields: Mapping) -> dict:
@@ -163,6 +183,7 @@ def build(
     )
     plan = partition.make_plan(params, rules)
     trainable, frozen = partition.split(params, plan)
+    frozen = quantize_frozen(frozen, None if lora_cfg is None else lora_cfg["quantize"])
 
     def lr_mults(step):
         return partition.lr_mult_tree(plan, trainable, step)
@@ -190,6 +211,7 @@ def build(
         params,
         base_lr=float(cfg.optimizer.learning_rate),
         opt_state_slots=opt_state_slots(cfg.optimizer),
+        stored_bytes=quant.quantized_bytes(frozen),
     )
     return Setup(
         model=model,

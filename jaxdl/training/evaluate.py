@@ -20,7 +20,7 @@ from jaxdl.errors import UserError
 from jaxdl.fileio import read_json
 from jaxdl.parallel import sharding
 from jaxdl.training import scores
-from jaxdl.training.build import Setup, build
+from jaxdl.training.build import Setup, build, saves_frozen
 
 
 def evaluate_split(
@@ -155,7 +155,7 @@ def restore_run(
         task_fields=data.task_fields,
     )
     # read-only: the run may still be training and saving into this workdir
-    ckpt = Checkpointer(workdir, save_frozen=setup.lora_cfg is None, read_only=True)
+    ckpt = Checkpointer(workdir, save_frozen=saves_frozen(setup.lora_cfg), read_only=True)
     step = step if step is not None else ckpt.latest_step()
     if step is None:
         raise UserError(

@@ -35,7 +35,7 @@ from jaxdl.finetune import partition
 from jaxdl.interop.base import with_base
 from jaxdl.parallel import sharding
 from jaxdl.training import scores
-from jaxdl.training.build import Setup, build
+from jaxdl.training.build import Setup, build, saves_frozen
 from jaxdl.training.evaluate import (
     check_same_data,
     eval_batches,
@@ -268,7 +268,7 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
                 max_to_keep=cfg.keep_checkpoints,
                 best_metric=cfg.best_metric or None,
                 best_mode="min" if minimized(cfg.best_metric) else "max",
-                save_frozen=setup.lora_cfg is None,
+                save_frozen=saves_frozen(setup.lora_cfg),
             )
         )
         train_iter = data.train_iter(local_batch, seed=cfg.seed, num_workers=cfg.data.num_workers)

@@ -154,6 +154,8 @@ def test_plan_rows_counts_exact():
         "lr_mult": 1.0,
         "wd_mult": 1.0,
         "unfreeze_at": 0,
+        "param_bytes": 16 * 4,
+        "quantized_leaves": 0,
         "opt_state_bytes": 0,
     }
     assert by_group[".*"]["params"] == 8
@@ -175,7 +177,19 @@ def test_plan_rows_counts_exact():
         "lr",
         "wd_mult",
         "unfreeze_at",
+        "bytes",
         "opt_bytes",
     ]
-    assert lines[-1].split() == ["total", "6", "32", "120"]
+    # bytes: 16 + 8 float32, 2 bfloat16, 6 float32 (LoRA)
+    assert lines[-1].split() == ["total", "6", "32", "124", "120"]
     assert len({len(line) for line in lines}) == 1
+
+
+def test_plan_rows_state_a_quantized_kernel_by_its_stored_bytes():
+    tree = _tree()
+    plan = partition.make_plan(tree, RULES)
+    stored = {"params/backbone/kernel": 12 + 4 * 4}  # int8 [3, 4] + a float32 scale [4]
+    rows = partition.plan_rows(plan, tree, base_lr=1e-3, opt_state_slots=2, stored_bytes=stored)
+    backbone = next(r for r in rows if r["group"] == "params/backbone/.*")
+    assert (backbone["params"], backbone["param_bytes"]) == (16, 28 + 4 * 4)
+    assert backbone["quantized_leaves"] == 1

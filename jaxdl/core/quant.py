@@ -1,0 +1,207 @@
+"""Frozen kernels stored quantized (QLoRA): int8 and NF4, pure and jittable.
+
+QLoRA (Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs", 2023) keeps the
+frozen base in 4 bits and trains LoRA adapters over its dequantized weights. Here a
+2-D kernel ``W: [in, out]`` becomes a small dict in ``TrainState.frozen``, so memory (and
+Orbax) hold only the quantized bytes; `dequantize_tree` turns it back into ``[in, out]``
+inside the jitted step:
+
+    int8   {"qint8": int8 [in, out], "scale": f32 [out]}     per output channel:
+           scale = max|W[:, o]| / 127, q = round(W / scale); |W - q scale| <= scale / 2
+    nf4    {"nf4": uint8 [in/2, out], "absmax": f32 [in/64, out]}    blocks of 64 inputs:
+           code = the NF4 value nearest W / absmax (16 of them, `NF4_CODE`), two codes a
+           byte (row 2i in the high nibble, 2i+1 in the low one, as bitsandbytes packs);
+           W ~ NF4_CODE[code] * absmax of its block
+
+Which kernels are quantized (the frozen 2-D "kernel" leaves) is `quantize_kernels`;
+everything else (embeddings, norms, trainable leaves) stays float.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxdl.errors import UserError
+
+KINDS = ("int8", "nf4")
+NF4_BLOCK = 64  # inputs per absmax block
+
+# The 16 NormalFloat4 values: quantiles of N(0, 1) scaled to [-1, 1], with an exact 0
+# (QLoRA's appendix; bitsandbytes' `create_normal_map(0.9677083)` in float32).
+NF4_CODE = np.array(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    np.float32,
+)
+_NF4_MIDPOINTS = (NF4_CODE[1:] + NF4_CODE[:-1]) / 2  # code i covers (mid[i-1], mid[i]]
+
+DEQUANTIZED = "dequantized_kernel"  # the checkpoint name of a kernel `dequantize_tree` made
+
+_FIELDS = {"int8": frozenset({"qint8", "scale"}), "nf4": frozenset({"nf4", "absmax"})}
+
+Tree = Mapping[str, Any]
+
+
+def _safe(scale: jax.Array) -> jax.Array:
+    """Divisor for a scale that may be 0 (an all-zero channel or block quantizes to 0)."""
+    return jnp.where(scale > 0, scale, 1.0)
+
+
+def quantize_int8(w: jax.Array) -> dict[str, jax.Array]:
+    """w [in, out] -> {"qint8": int8 [in, out], "scale": f32 [out]} (absmax per column)."""
+    w = jnp.asarray(w, jnp.float32)
+    scale = jnp.max(jnp.abs(w), axis=0) / 127.0
+    q = jnp.clip(jnp.round(w / _safe(scale)), -127, 127).astype(jnp.int8)
+    return {"qint8": q, "scale": scale}
+
+
+def dequantize_int8(q: Mapping[str, jax.Array], dtype: Any = jnp.float32) -> jax.Array:
+    """{"qint8", "scale"} -> [in, out] in ``dtype``."""
+    return (q["qint8"].astype(jnp.float32) * q["scale"]).astype(dtype)
+
+
+def quantize_nf4(w: jax.Array) -> dict[str, jax.Array]:
+    """w [in, out], in % 64 == 0 -> {"nf4": uint8 [in/2, out], "absmax": f32 [in/64, out]}."""
+    w = jnp.asarray(w, jnp.float32)
+    n_in, n_out = w.shape
+    assert n_in % NF4_BLOCK == 0, f"nf4 needs in % {NF4_BLOCK} == 0, found {w.shape}"
+    blocks = w.reshape(n_in // NF4_BLOCK, NF4_BLOCK, n_out)
+    absmax = jnp.max(jnp.abs(blocks), axis=1)
+    normed = (blocks / _safe(absmax)[:, None, :]).reshape(n_in, n_out)
+    codes = jnp.searchsorted(jnp.asarray(_NF4_MIDPOINTS), normed).astype(jnp.uint8)
+    return {"nf4": (codes[0::2] << 4) | codes[1::2], "absmax": absmax}
+
+
+def nf4_codes(packed: jax.Array) -> jax.Array:
+    """uint8 [in/2, out] -> the 4-bit codes, uint8 [in, out] (high nibble first)."""
+    pairs = jnp.stack([packed >> 4, packed & 0x0F], axis=1)  # [in/2, 2, out]
+    return pairs.reshape(-1, packed.shape[-1])
+
+
+def dequantize_nf4(q: Mapping[str, jax.Array], dtype: Any = jnp.float32) -> jax.Array:
+    """{"nf4", "absmax"} -> [in, out] in ``dtype``: NF4_CODE[code] * the block's absmax."""
+    values = jnp.asarray(NF4_CODE)[nf4_codes(q["nf4"])]
+    n_in, n_out = values.shape
+    blocks = values.reshape(n_in // NF4_BLOCK, NF4_BLOCK, n_out) * q["absmax"][:, None, :]
+    return blocks.reshape(n_in, n_out).astype(dtype)
+
+
+def kind_of(node: Any) -> str | None:
+    """ "int8" / "nf4" when ``node`` is a quantized kernel's dict, else None."""
+    if not isinstance(node, Mapping):
+        return None
+    keys = frozenset(node)
+    return next((kind for kind, fields in _FIELDS.items() if keys == fields), None)
+
+
+def quantize(w: jax.Array, kind: str) -> dict[str, jax.Array]:
+    return quantize_int8(w) if kind == "int8" else quantize_nf4(w)
+
+
+_jitted_quantize = jax.jit(quantize, static_argnums=1)  # one compile per kernel shape
+
+
+def dequantize(node: Mapping[str, jax.Array], dtype: Any = jnp.float32) -> jax.Array:
+    return dequantize_int8(node, dtype) if kind_of(node) == "int8" else dequantize_nf4(node, dtype)
+
+
+def _is_quantizable(path: str, leaf: Any) -> bool:
+    return path.rsplit("/", 1)[-1] == "kernel" and getattr(leaf, "ndim", 0) == 2
+
+
+def check_kind(kind: Any) -> None:
+    if kind is not None and kind not in KINDS:
+        raise UserError(
+            f"lora.quantize: expected None, 'int8' or 'nf4', found {kind!r}. "
+            "Fix: --config.lora.quantize=nf4 (4-bit QLoRA), int8, or None."
+        )
+
+
+def quantize_kernels(tree: Tree, kind: str, prefix: str = "") -> dict:
+    """``tree`` (e.g. the frozen params) with every 2-D leaf named "kernel" quantized.
+
+    Raises UserError naming lora.quantize and the layer when a kernel cannot be quantized
+    (nf4: its input axis is not a multiple of 64).
+    """
+    check_kind(kind)
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out[key] = quantize_kernels(value, kind, path)
+        elif _is_quantizable(path, value):
+            if kind == "nf4" and value.shape[0] % NF4_BLOCK:
+                raise UserError(
+                    f"lora.quantize='nf4': kernel {path} has shape {tuple(value.shape)}, whose "
+                    f"input axis is not a multiple of {NF4_BLOCK} (NF4 blocks); "
+                    "Fix: use lora.quantize='int8', or a partition rule that trains this layer."
+                )
+            out[key] = _jitted_quantize(value, kind)
+        else:
+            out[key] = value
+    return out
+
+
+def has_quantized(tree: Tree) -> bool:
+    return any(
+        kind_of(v) is not None or (isinstance(v, Mapping) and has_quantized(v))
+        for v in tree.values()
+    )
+
+
+def dequantize_tree(tree: Tree, dtype: Any = jnp.float32) -> dict:
+    """``tree`` with each quantized kernel back to a float [in, out] array; jittable.
+
+    Each dequantized kernel is named `DEQUANTIZED` (`jax.ad_checkpoint.checkpoint_name`), so
+    a step can recompute it for the backward pass (`remat_policy`) instead of keeping it.
+    """
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if kind_of(value) is not None:
+            out[key] = checkpoint_name(dequantize(value, dtype), DEQUANTIZED)
+        elif isinstance(value, Mapping):
+            out[key] = dequantize_tree(value, dtype)
+        else:
+            out[key] = value
+    return out
+
+
+def remat_policy():
+    """A `jax.checkpoint` policy that keeps every residual but the dequantized kernels: the
+    backward pass dequantizes again (elementwise, cheap) rather than holding float copies of
+    the whole base from the forward pass, so peak memory stays near the quantized size."""
+    return jax.checkpoint_policies.save_anything_except_these_names(DEQUANTIZED)
+
+
+def quantized_bytes(tree: Tree, prefix: str = "") -> dict[str, int]:
+    """{kernel path: bytes stored} of the quantized kernels in ``tree``."""
+    found: dict[str, int] = {}
+    for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        if kind_of(value) is not None:
+            found[path] = int(sum(x.size * np.dtype(x.dtype).itemsize for x in value.values()))
+        elif isinstance(value, Mapping):
+            found.update(quantized_bytes(value, path))
+    return found
