@@ -46,7 +46,7 @@ def check_vocabulary(model, kind: str, vocab_size: int) -> None:
     """A language model's embedding must cover its tokenizer's ids: larger ids index past
     the table and come back as NaN logits that would blame the learning rate."""
     model_vocab = getattr(getattr(model, "spec", None), "vocab_size", None)
-    if kind in ("lm", "sft") and model_vocab is not None and vocab_size > model_vocab:
+    if kind in ("lm", "sft") and None not in (model_vocab, vocab_size) and vocab_size > model_vocab:
         raise UserError(
             f"data.tokenizer: its vocabulary has {vocab_size} ids, model.vocab_size is "
             f"{model_vocab}. Fix: use the tokenizer that came with the model (an imported "
