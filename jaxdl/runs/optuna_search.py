@@ -134,9 +134,21 @@ def _open_study(optuna, storage: str | None, requeue: Callable, **kwargs):
                 study_name=STUDY_NAME, storage=rdb, load_if_exists=True, **kwargs
             )
             return study, rdb
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+        except (sqlalchemy.exc.NoSuchModuleError, sqlalchemy.exc.ArgumentError, ImportError) as err:
+            raise UserError(
+                f"--storage: {storage!r} is not a database URL this install can open "
+                f"({str(err).splitlines()[0]}). Fix: use sqlite:///DIR/sweep.db, or "
+                "postgresql://USER@HOST/DB with its driver installed (pip install psycopg2-binary)."
+            ) from err
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as err:
             if attempt == 4:
-                raise
+                if isinstance(err, sqlalchemy.exc.IntegrityError):
+                    raise
+                reason = str(err.orig).splitlines()[0] if err.orig else type(err).__name__
+                raise UserError(
+                    f"--storage: could not open {storage!r} ({reason}). Fix: check that the "
+                    "database server runs and the URL's host, port, user and database exist."
+                ) from err
             time.sleep(0.5 * (attempt + 1))
 
 

@@ -231,3 +231,19 @@ def test_two_processes_share_one_optuna_study(tmp_path):
     assert all(t.state.name == "FAIL" for t in study.trials if t not in trained)
     report = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert len(report["trials"]) == 6
+
+
+@pytest.mark.parametrize(
+    "url, words",
+    [
+        ("foo://bar", ["--storage: 'foo://bar' is not a database URL", "sqlite:///DIR/sweep.db"]),
+        ("sqlite:////nonexistent-dir/x.db", ["--storage: could not open", "unable to open"]),
+    ],
+)
+def test_a_bad_storage_url_is_one_line(tmp_path, url, words):
+    done = jaxdl(*sweep_args(tmp_path / "w", "seed=[0,1]"), "--storage", url)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jaxdl: error: "), done.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
