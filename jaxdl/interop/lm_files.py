@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxdl.errors import UserError
+from jaxdl.fileio import read_json
 from jaxdl.lm.tokenizer import NONE, SPECIAL_TOKENS, hf_tokenizer_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
@@ -65,12 +66,8 @@ class LmFiles:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise UserError(f"--from: {path} is not valid JSON ({err}). Fix: restore it.") from err
+    """A JSON object file of a model folder ({} when absent)."""
+    data = read_json(path) if path.is_file() else {}
     if not isinstance(data, dict):
         raise UserError(f"--from: {path}: expected a JSON object, found {type(data).__name__}.")
     return data

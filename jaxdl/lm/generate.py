@@ -182,6 +182,17 @@ def _generate(
     return jnp.where(ended & (index > first_end), jnp.take_along_axis(out, first_end, 1), out)
 
 
+def _begin(model, params, prompt, max_new_tokens, temperature, top_k, top_p, greedy):
+    """Checks, the decoding module and the prefill: -> (module, params, last logits, cache)."""
+    module = decoding_model(model, prompt.shape[-1] + max_new_tokens)
+    _check(module, prompt, max_new_tokens)
+    if not greedy:
+        check_sampling(temperature, top_k, top_p)
+    if isinstance(params, Mapping) and set(params) == {"params"}:
+        params = params["params"]
+    return (module, params, *prefill(module, params, prompt))
+
+
 def generate(
     model: nn.Module | Mapping[str, Any],
     params: Any,
@@ -202,13 +213,9 @@ def generate(
     when every row has stopped.
     """
     prompt = jnp.asarray(prompt_tokens, dtype=jnp.int32)
-    module = decoding_model(model, prompt.shape[-1] + max_new_tokens)
-    _check(module, prompt, max_new_tokens)
-    if not greedy:
-        check_sampling(temperature, top_k, top_p)
-    if isinstance(params, Mapping) and set(params) == {"params"}:
-        params = params["params"]
-    logits, cache = prefill(module, params, prompt)
+    module, params, logits, cache = _begin(
+        model, params, prompt, max_new_tokens, temperature, top_k, top_p, greedy
+    )
     new = _generate(
         module,
         params,
@@ -252,13 +259,9 @@ def stream(
     """Yield the new token ids of one prompt [P] (or [1, P]) as they are decoded; stops after
     an id of `eos_ids` (not yielded) or max_new_tokens."""
     prompt = jnp.asarray(prompt_tokens, dtype=jnp.int32).reshape(1, -1)
-    module = decoding_model(model, prompt.shape[-1] + max_new_tokens)
-    _check(module, prompt, max_new_tokens)
-    if not greedy:
-        check_sampling(temperature, top_k, top_p)
-    if isinstance(params, Mapping) and set(params) == {"params"}:
-        params = params["params"]
-    logits, cache = prefill(module, params, prompt)
+    module, params, logits, cache = _begin(
+        model, params, prompt, max_new_tokens, temperature, top_k, top_p, greedy
+    )
     token = sample_logits(
         logits,
         jax.random.fold_in(rng, 0),
