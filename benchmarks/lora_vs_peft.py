@@ -343,7 +343,7 @@ def main(argv=None) -> None:
         args.out = str(RESULTS / f"lora_vs_peft{suffix}.json")
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir, workdir = Path(tmp) / "gpt2", Path(tmp) / "imported"
+        model_dir, workdir = Path(tmp) / args.family, Path(tmp) / "imported"
         if args.smoke:
             model_dir = TINY_GPT2
         else:
