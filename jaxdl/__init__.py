@@ -39,6 +39,7 @@ _EXPORTS = {
     "make_train_step": "jaxdl.core.steps",
     "model_names": "jaxdl.models",
     "register": "jaxdl.models",
+    "register_model": "jaxdl.models",
     "restore_pretrained": "jaxdl.finetune.surgery",
     "train": "jaxdl.training.trainer",
 }
@@ -61,6 +62,7 @@ __all__ = [
     "make_train_step",
     "model_names",
     "register",
+    "register_model",
     "restore_pretrained",
     "train",
 ]
@@ -76,7 +78,7 @@ if TYPE_CHECKING:
     from jaxdl.errors import UserError
     from jaxdl.finetune.surgery import restore_pretrained
     from jaxdl.lm.tokenizer import load_tokenizer
-    from jaxdl.models import create_model, model_names, register
+    from jaxdl.models import create_model, model_names, register, register_model
     from jaxdl.training.build import Setup, build
     from jaxdl.training.trainer import train
 

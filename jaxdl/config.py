@@ -9,9 +9,7 @@ options belong to the model class and are checked by `jaxdl.models.create_model`
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
-import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import ml_collections
 
 from jaxdl.errors import UserError
 from jaxdl.fileio import read_json
+from jaxdl.userfile import run_user_file
 
 # Sections whose keys are free-form: each is validated by the component that reads it.
 _OPEN_SECTIONS = ("model",)
@@ -40,6 +39,9 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 42
     c.model = ml_collections.ConfigDict({"name": "mlp", "num_classes": 10})
+    # The Python file whose import registers model.name (@jaxdl.register_model), for a model
+    # defined outside jaxdl; "" for a built-in one. Filled in when the config registered it.
+    c.model_file = ""
     # "" infers it: from the source (images: classification, text: lm) or a table's label.
     c.task = ""  # "classification" | "binary" | "multilabel" | "regression" | "lm" | "sft"
 
@@ -151,7 +153,20 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collectio
     for item in overrides:
         apply_override(cfg, item)
     validate(cfg)
+    _register_model_file(cfg)
     return cfg
+
+
+def _register_model_file(cfg: ml_collections.ConfigDict) -> None:
+    """A config names the file of its user-registered model, so that a later process (a
+    resume, `jaxdl evaluate`, `load_model`) can import it again."""
+    from jaxdl.models.registry import import_model_file, model_source
+
+    name = cfg.model.get("name")
+    if cfg.model_file:
+        import_model_file(cfg.model_file, name)
+    else:
+        cfg.model_file = model_source(name)
 
 
 def shipped_configs() -> dict[str, Path]:
@@ -174,49 +189,17 @@ def resolve_config_path(path: str | Path) -> Path:
     )
 
 
-def _line_in(path: Path, err: BaseException) -> int | None:
-    """The innermost line of `path` in the traceback of `err` (None if it never ran there)."""
-    # Frames name the file as Python opened it (absolute); `path` may be relative.
-    here = path.resolve()
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename) == here]
-    return frames[-1].lineno if frames else None
-
-
 def _get_config_from_module(path: Path) -> Any:
-    """Run the config file and its get_config(). Mistakes in the file itself (its syntax, its
-    imports, an exception raised on one of its lines, a get_config that returns no dict) are
-    user errors naming the file and line; an exception raised deeper keeps its traceback."""
-    spec = importlib.util.spec_from_file_location(f"jaxdl_config_{path.stem}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
+    """Run the config file and its get_config() (errors as `run_user_file` reports them)."""
+
+    def get_config(module):
         if not hasattr(module, "get_config"):
             raise UserError(
                 f"--config: {path} defines no get_config(). Fix: add one returning a dict."
             )
-        config = module.get_config()
-    except UserError:
-        raise
-    except SyntaxError as err:
-        where = f"line {err.lineno} of {err.filename}" if err.filename else str(path)
-        raise UserError(
-            f"--config: {path} does not parse: {err.msg} at {where}. Fix: correct that line."
-        ) from None
-    except ImportError as err:
-        line = _line_in(path, err)
-        raise UserError(
-            f"--config: {path} line {line}: import failed ({type(err).__name__}: {err}). "
-            f"Fix: install the module or correct the import on line {line}."
-        ) from None
-    except Exception as err:
-        line = _line_in(path, err)
-        if line is None or traceback.extract_tb(err.__traceback__)[-1].lineno != line:
-            raise  # raised below the config file's own code: keep the traceback
-        raise UserError(
-            f"--config: {path} line {line} raised {type(err).__name__}: {err}. "
-            f"Fix: correct line {line}."
-        ) from None
+        return module.get_config()
+
+    config = run_user_file(path, f"jaxdl_config_{path.stem}", flag="--config", then=get_config)
     if not isinstance(config, Mapping | ml_collections.ConfigDict):
         raise UserError(
             f"--config: get_config() in {path} returned {type(config).__name__} "

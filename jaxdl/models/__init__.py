@@ -1,4 +1,5 @@
-"""Flax Linen models by name. Importing this package registers every model."""
+"""Models by name (Flax Linen, or NNX through the bridge). Importing this package registers
+every built-in model."""
 
 from jaxdl.models import (  # noqa: F401  (registers them)
     cnn,
@@ -10,6 +11,6 @@ from jaxdl.models import (  # noqa: F401  (registers them)
     transformer,
     vit,
 )
-from jaxdl.models.registry import create_model, model_names, register
+from jaxdl.models.registry import create_model, model_names, register, register_model
 
-__all__ = ["create_model", "model_names", "register"]
+__all__ = ["create_model", "model_names", "register", "register_model"]
