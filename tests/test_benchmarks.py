@@ -349,6 +349,15 @@ def _check_llm_decode(tmp_path):
     assert ("transformers" in record["decode"]) == HAVE_TORCH
 
 
+def _check_nnx_vs_linen(tmp_path):
+    _smoke("nnx_vs_linen.py", "--out", str(tmp_path / "n.json"))
+    record = json.loads((tmp_path / "n.json").read_text())
+    [case] = record["cases"].values()
+    assert case["max_abs_logit_diff"] < 1e-4  # the twins are the same function
+    assert case["nnx"]["xla_flops"] > 0 and case["linen"]["step_time_s"]["median"] > 0
+    assert case["nnx_over_linen"] > 0
+
+
 SMOKE_CHECKS = {
     re.sub(r"^_check_(.*)$", r"\1.py", name): check
     for name, check in dict(globals()).items()
