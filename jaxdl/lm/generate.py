@@ -100,8 +100,15 @@ def cache_len(module: nn.Module) -> int:
 
 def init_cache(module: nn.Module, batch_size: int) -> Any:
     """An empty KV cache (all zeros, index 0) for `module` (decode=True) and a batch size."""
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), _cache_shapes(module, batch_size))
+
+
+@functools.lru_cache(maxsize=32)
+def _cache_shapes(module: nn.Module, batch_size: int) -> Any:
+    """The cache's shapes, traced once per (module, batch size): tracing a 30-layer init
+    costs about as much as the prefill itself."""
     shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((batch_size, 1), jnp.int32))
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+    return shapes["cache"]
 
 
 def _check(module: nn.Module, prompt: jax.Array, max_new_tokens: int) -> None:
