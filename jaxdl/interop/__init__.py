@@ -18,6 +18,7 @@ from typing import Any
 
 from jaxdl.errors import UserError
 from jaxdl.interop import gguf, gpt2, hf, resnet, vit
+from jaxdl.interop.readers import return_freed_memory_promptly
 from jaxdl.interop.workdir import Imported, check_out, write_workdir
 
 Importer = Callable[[str, Path, Path], Imported]
@@ -66,5 +67,6 @@ def import_checkpoint(kind: str, source: str, out: str | os.PathLike) -> dict[st
         )
     out = Path(out).absolute()
     check_out(out)
+    return_freed_memory_promptly()  # before the first leaf is read
     imported = IMPORTERS[kind](kind, resolve_source(source), out)
     return write_workdir(out, kind, imported)

@@ -105,9 +105,15 @@ class GgufFile:
 
     def get(self, key: str, default: Any = None, arch: bool = True) -> Any:
         """The value of metadata `key` ("{arch}" filled), or `default`."""
+        assert self.reader.fields, "GgufFile.get after drop_metadata"
         key = key.format(arch=getattr(self, "arch", None)) if arch else key
         field = self.reader.fields.get(key)
         return default if field is None else field.contents()
+
+    def drop_metadata(self) -> None:
+        """Free the parsed metadata (gguf keeps a numpy array per token and merge: 150 MB of
+        a 49k vocabulary) once the config and tokenizer are read; tensors stay readable."""
+        self.reader.fields = {}
 
     def require(self, key: str) -> Any:
         value = self.get(key)
@@ -342,13 +348,14 @@ def import_gguf(kind: str, path: Path, out: Path) -> Imported:
         path = found[0]
     f = GgufFile(path)
     model_cfg = model_config(f)
+    lm = tokenizer_files(f)
+    meta = {k: f.get(k, arch=False) for k in ("general.name", "general.license")}
+    f.drop_metadata()  # before the weights, so the peak holds one of the two
     variables, report = llama.convert_state(HfView(f, model_cfg), model_cfg)
     report["source_types"] = dict(
         sorted({name: t.tensor_type.name for name, t in f.tensors.items()}.items())
     )
-    lm = tokenizer_files(f)
     data = lm.data_config(out, model_cfg["max_len"])
-    meta = {k: f.get(k, arch=False) for k in ("general.name", "general.license")}
     return Imported(
         config={"model": model_cfg, "data": data, "best_metric": "val_loss"},
         variables=variables,
