@@ -57,7 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--trials", type=int, default=None, help="default: the grid, or 16")
     sweep.add_argument("--parallel", type=int, default=8, help="members per vmapped group")
     sweep.add_argument("--strategy", choices=["grid", "random", "tpe"], default=None)
-    sweep.add_argument("--storage", default=None, help="Optuna RDB URL: sqlite:///DIR/sweep.db")
+    sweep.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna RDB URL: sqlite:///DIR/sweep.db, postgresql://USER@HOST:PORT/DB",
+    )
     sweep.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a trained workdir")

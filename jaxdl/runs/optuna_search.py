@@ -2,15 +2,20 @@
 
 Each round asks M trials from the study (TPE, random or grid sampler), trains them as
 vmapped groups (`jaxdl.runs.group.run_group`), reports every evaluation to the trial
-so the successive-halving pruner can stop it, and tells the study each outcome. With an
-RDB storage (``--storage sqlite:///DIR/sweep.db``, PostgreSQL on a cluster) several
-`jaxdl sweep` processes share one study: Optuna numbers trials in the storage, so no two
-processes train the same trial, and each member's record is DIR/trials/<number>.
+so the successive-halving pruner can stop it (TPE and random; a grid is never pruned), and
+tells the study each outcome. With an RDB storage (``--storage sqlite:///DIR/sweep.db``, or
+``postgresql://USER@HOST:PORT/DB`` across machines) several `jaxdl sweep` processes share
+one study: Optuna numbers trials in the storage, so no two processes train the same trial,
+and each member's record is DIR/trials/<number> in the DIR of the process that trains it.
+Processes may share DIR (one machine, a shared file system) or each have their own
+(machines without one): the study is the source of truth, it keeps each trial's outcome
+(RECORD), and the sweep's table is read from it, so every process reports the whole study.
 
 A process that dies leaves its trials RUNNING in the storage. Each running trial has a
 heartbeat (Optuna's RDB heartbeat) and its process's host and pid; a trial whose process
 is gone (same host) or whose heartbeat stopped (any host) is failed and requeued, and the
-next process to ask gets it and resumes its member from DIR/trials/<number>'s checkpoints.
+next process to ask gets it and resumes its member from DIR/trials/<number>'s checkpoints:
+where that DIR holds none (the trial ran on another machine), the member starts afresh.
 A rerun of the same command therefore finishes the study, and waits for trials of other
 live processes instead of leaving them behind. A signal (SIGTERM, Ctrl-C) requeues the
 unfinished members at once.
@@ -106,6 +111,72 @@ def _decode(spaces: Sequence[Space], params: dict) -> dict:
     return out
 
 
+def _engine_url(storage: str) -> str:
+    """The SQLAlchemy URL of ``--storage``: a PostgreSQL URL without a driver
+    (``postgresql://``, or libpq's ``postgres://``) is opened with psycopg 3, the driver of
+    ``jaxdl[postgres]``; a URL naming its driver (``postgresql+psycopg2://``) is kept."""
+    scheme, sep, rest = storage.partition("://")
+    if sep and scheme in ("postgresql", "postgres"):
+        return f"postgresql+psycopg://{rest}"
+    return storage
+
+
+# What a refused connection says (libpq's words) -> the fix.
+_CONNECT_FIXES = [
+    ("does not exist", "create what the message names (createdb DB, createuser USER)"),
+    ("password authentication failed", "put the password in ~/.pgpass or the URL"),
+    ("no password supplied", "put the password in ~/.pgpass or the URL"),
+    ("refused", "start the database server, or correct the URL's host and port"),
+    ("resolve host", "correct the URL's host"),
+    ("timeout", "start the database server, or correct the URL's host and port"),
+    ("unable to open database file", "create the file's directory, or correct the path"),
+]
+
+
+def _shown(storage: str) -> str:
+    """``storage`` for a message: its password, if any, as ***."""
+    import sqlalchemy.engine
+    import sqlalchemy.exc
+
+    try:
+        return repr(sqlalchemy.engine.make_url(storage).render_as_string(hide_password=True))
+    except sqlalchemy.exc.ArgumentError:
+        return repr(storage)
+
+
+def _check_storage(storage: str) -> str:
+    """Open ``--storage`` once before Optuna does, so that a URL this install cannot use or a
+    server that refuses is one line; returns the SQLAlchemy URL."""
+    import sqlalchemy
+    import sqlalchemy.exc
+
+    url = _engine_url(storage)
+    try:
+        engine = sqlalchemy.create_engine(url)
+    except (sqlalchemy.exc.NoSuchModuleError, sqlalchemy.exc.ArgumentError, ImportError) as err:
+        raise UserError(
+            f"--storage: {_shown(storage)} is not a database URL this install can open "
+            f"({str(err).splitlines()[0]}). Fix: use sqlite:///DIR/sweep.db, or "
+            'postgresql://USER@HOST:PORT/DB with pip install "jaxdl[postgres]" '
+            "(postgresql+psycopg2:// needs pip install psycopg2-binary)."
+        ) from err
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.OperationalError as err:
+        reason = " ".join(str(err.orig or err).split())
+        fix = next(
+            (f for words, f in _CONNECT_FIXES if words in reason.lower()),
+            "check that the database server runs and the URL's host, port, user and database exist",
+        )
+        raise UserError(
+            f"--storage: could not open {_shown(storage)} ({reason}). Fix: {fix}."
+        ) from err
+    finally:
+        engine.dispose()
+    return url
+
+
 def _open_study(optuna, storage: str | None, requeue: Callable, **kwargs):
     """Create or join the study; returns (study, its RDB storage or None for in-memory).
 
@@ -116,16 +187,17 @@ def _open_study(optuna, storage: str | None, requeue: Callable, **kwargs):
     """
     import sqlalchemy.exc
 
+    url = None if storage is None else _check_storage(storage)
     for attempt in range(5):
         try:
             rdb = None
-            if storage is not None:
+            if url is not None:
                 # The heartbeat arguments are marked experimental; they are what Optuna
                 # offers for trials of dead processes, and their warnings say nothing useful.
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     rdb = optuna.storages.RDBStorage(
-                        storage,
+                        url,
                         heartbeat_interval=HEARTBEAT_S,
                         grace_period=GRACE_S,
                         **{_stale_callback_arg(optuna): requeue},
@@ -134,19 +206,13 @@ def _open_study(optuna, storage: str | None, requeue: Callable, **kwargs):
                 study_name=STUDY_NAME, storage=rdb, load_if_exists=True, **kwargs
             )
             return study, rdb
-        except (sqlalchemy.exc.NoSuchModuleError, sqlalchemy.exc.ArgumentError, ImportError) as err:
-            raise UserError(
-                f"--storage: {storage!r} is not a database URL this install can open "
-                f"({str(err).splitlines()[0]}). Fix: use sqlite:///DIR/sweep.db, or "
-                "postgresql://USER@HOST/DB with its driver installed (pip install psycopg2-binary)."
-            ) from err
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as err:
             if attempt == 4:
                 if isinstance(err, sqlalchemy.exc.IntegrityError):
                     raise
                 reason = str(err.orig).splitlines()[0] if err.orig else type(err).__name__
                 raise UserError(
-                    f"--storage: could not open {storage!r} ({reason}). Fix: check that the "
+                    f"--storage: could not open {_shown(storage)} ({reason}). Fix: check that the "
                     "database server runs and the URL's host, port, user and database exist."
                 ) from err
             time.sleep(0.5 * (attempt + 1))
@@ -172,6 +238,7 @@ TRIAL_KEY = "jaxdl_trial"  # the workdir number a requeued trial continues
 RETRY_OF = "jaxdl_retry_of"  # the trial number it replaces
 OWNER = "jaxdl_owner"  # {"host", "pidns", "pid"} of the process training it
 SURPLUS = "jaxdl_surplus"  # asked past --trials in a race with another process; not trained
+RECORD = "jaxdl_record"  # the member's trial.json, its "workdir" and "host": the sweep's table
 
 
 def _key(trial) -> int:
@@ -298,7 +365,13 @@ class _Study:
     def tell(self, trial, record: dict) -> None:
         """Tell the study a member's outcome from its trial.json."""
         states = self.optuna.trial.TrialState
+        member = {
+            **record,
+            "workdir": str(self.member_dir(_key(trial))),
+            "host": _process()["host"],
+        }
         try:
+            trial.set_user_attr(RECORD, member)
             if record["state"] == "complete" and record["best"] is not None:
                 self.study.tell(trial, record["best"])
             elif record["state"] == "pruned":
@@ -314,6 +387,16 @@ class _Study:
                 f"{self.member_dir(_key(trial)) / 'trial.json'}."
             )
 
+    def records(self) -> list[dict]:
+        """Every recorded trial of the study, whichever process trained it, in workdir
+        order: the members' trial.json with their "workdir" and "host"."""
+        by_key = {
+            _key(t): t.user_attrs[RECORD]
+            for t in self.study.get_trials(deepcopy=False)
+            if RECORD in t.user_attrs and t.state.is_finished()
+        }
+        return [by_key[k] for k in sorted(by_key)]
+
 
 def run(
     cfg: ml_collections.ConfigDict,
@@ -326,8 +409,9 @@ def run(
     parallel: int,
     metric: str,
     echo: Callable[[str], None],
-) -> None:
-    """Ask, train and tell until the study holds ``trials`` finished trials."""
+) -> list[dict]:
+    """Ask, train and tell until the study holds ``trials`` finished trials; return the
+    study's records (`_Study.records`), those of other processes included."""
     optuna = _import_optuna()
 
     if strategy == "grid":
@@ -343,7 +427,13 @@ def run(
         storage,
         lambda _study, frozen: box[0].requeue(frozen),
         sampler=_sampler(optuna, strategy, spaces, cfg.seed),
-        pruner=optuna.pruners.SuccessiveHalvingPruner(),
+        # A grid trains every point to the end, as without Optuna: pruning would make its
+        # table depend on the order the trials report in (one process or several).
+        pruner=(
+            optuna.pruners.NopPruner()
+            if strategy == "grid"
+            else optuna.pruners.SuccessiveHalvingPruner()
+        ),
         direction="minimize" if minimized(metric) else "maximize",
     )
     sweep = _Study(optuna, study, rdb, workdir)
@@ -363,7 +453,7 @@ def run(
             if left <= 0 and not waiting:
                 running = sorted(_key(t) for t in every if t.state == states.RUNNING)
                 if not running:
-                    break
+                    return sweep.records()
                 # Other processes' trials: wait for them to finish, or to go silent and be
                 # requeued here (a rerun after a crash elsewhere finishes the study).
                 if not waited:

@@ -10,7 +10,9 @@
       -> DIR/sweep.json, DIR/table.txt, DIR/sweep.png
 
 A rerun of the same command resumes: finished trials are kept, unfinished members continue
-from their latest common checkpoint with their data iterators' state.
+from their latest common checkpoint with their data iterators' state. With Optuna the
+report lists the study's trials, so with a --storage shared by several processes (or
+machines, each with its own DIR) every one of them reports the whole sweep.
 """
 
 from __future__ import annotations
@@ -103,9 +105,10 @@ def run_sweep(
         _check_spec(workdir, spec)
         workdir.mkdir(parents=True, exist_ok=True)
         write_json(workdir / "sweep_spec.json", spec)
+        records = None  # grid / random: read from DIR/trials
         with stop_on_signals() as stop:  # one handler for every group of the sweep
             if use_optuna:
-                optuna_search.run(
+                records = optuna_search.run(
                     cfg,
                     workdir,
                     spaces,
@@ -118,7 +121,7 @@ def run_sweep(
                 )
             else:
                 _run_trials(cfg, workdir, trial_params, parallel, metric, stop, echo)
-        return write_report(workdir, metric, echo=echo)
+        return write_report(workdir, metric, records, echo=echo)
 
 
 def check_central(cfg: ml_collections.ConfigDict, key: str | None) -> None:
@@ -169,13 +172,19 @@ def _check_spec(workdir: Path, spec: dict) -> None:
 # ---- the report -----------------------------------------------------------------------------
 
 
-def write_report(workdir: Path, metric: str, *, echo=print) -> dict[str, Any]:
-    """sweep.json (finished trials, in trial order), table.txt (ranked) and sweep.png."""
+def write_report(
+    workdir: Path, metric: str, trials: list[dict] | None = None, *, echo=print
+) -> dict[str, Any]:
+    """sweep.json (finished trials, in trial order), table.txt (ranked) and sweep.png.
+
+    ``trials``: the finished trials' records (trial.json and its "workdir"), as an Optuna
+    study holds them; None reads them from DIR/trials/*/trial.json."""
     mode = "min" if minimized(metric) else "max"
-    trials = []
-    for path in sorted((workdir / "trials").glob("*/trial.json")):
-        record = json.loads(path.read_text())
-        trials.append({**record, "workdir": str(path.parent)})
+    if trials is None:
+        trials = [
+            {**json.loads(path.read_text()), "workdir": str(path.parent)}
+            for path in sorted((workdir / "trials").glob("*/trial.json"))
+        ]
     report = {"metric": metric, "mode": mode, "trials": trials}
     write_json(workdir / "sweep.json", report)
     table = format_table(report)
@@ -186,10 +195,15 @@ def write_report(workdir: Path, metric: str, *, echo=print) -> dict[str, Any]:
 
 
 def _ranked(report: dict) -> list[dict]:
+    """Best first; ties by their params, so the ranking does not depend on the trials'
+    numbering (which differs between one process and several sharing a study)."""
     sign = 1.0 if report["mode"] == "min" else -1.0
     usable = [t for t in report["trials"] if t["best"] is not None]
     rest = [t for t in report["trials"] if t["best"] is None]
-    return sorted(usable, key=lambda t: sign * t["best"]) + rest
+    by_params = lambda t: json.dumps(t["params"], sort_keys=True)
+    return sorted(usable, key=lambda t: (sign * t["best"], by_params(t))) + sorted(
+        rest, key=by_params
+    )
 
 
 def format_table(report: dict) -> str:
