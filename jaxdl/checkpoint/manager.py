@@ -156,10 +156,14 @@ class Checkpointer:
         best_mode: str = "max",
         save_frozen: bool = True,
         read_only: bool = False,
+        save_concurrent_bytes: int | None = None,
     ):
         """``read_only``: for readers of a workdir that a run may be writing (evaluate,
         export): nothing is saved, and the tmp dirs of the run's in-flight saves are not
-        treated as leftovers of a killed one."""
+        treated as leftovers of a killed one. ``save_concurrent_bytes``: how many bytes of
+        the state Orbax copies and writes at once, at least its largest leaf (None: all of
+        it, so a training step can go on while it writes; an import sets 64 MB or its
+        largest leaf, so its peak holds the model once)."""
         if not isinstance(max_to_keep, int) or max_to_keep < 1:
             raise UserError(
                 f"keep_checkpoints: expected an int >= 1, found {max_to_keep!r}. "
@@ -187,7 +191,15 @@ class Checkpointer:
                 create=True,
                 async_options=self._digest_hook(self.directory),
             )
-        self._manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
+        handlers = None
+        if save_concurrent_bytes is not None:  # Orbax needs every item's handler then
+            gb = math.ceil(save_concurrent_bytes / 1e6) / 1e3  # whole MB: no round-off below
+            state = ocp.StandardCheckpointHandler(save_concurrent_gb=gb)
+            json_items = {k: ocp.JsonCheckpointHandler() for k in ("config", "data")}
+            handlers = {"state": state, **json_items}
+        self._manager = ocp.CheckpointManager(
+            self.directory.absolute(), options=options, item_handlers=handlers
+        )
         self._best_manager = None
         self._best_value: float | None = None
         self._warned = False

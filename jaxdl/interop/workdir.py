@@ -58,6 +58,9 @@ class Imported:
 
 # Overrides every imported config gets: one step of plain SGD (see the module docstring).
 IMPORT_DEFAULTS = {"num_steps": 1, "optimizer": {"name": "sgd"}}
+# Orbax copies this much of the state at a time while writing the import's step 0 (by
+# default it copies the whole state first: a second model in memory).
+SAVE_CONCURRENT = 64 * 2**20
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -193,7 +196,9 @@ def write_workdir(out: str | os.PathLike, kind: str, imported: Imported) -> dict
     }
     with staging(out, "import") as tmp:
         state = initial_state(cfg, _to_jax_in_place(imported.variables))
-        with Checkpointer(tmp, max_to_keep=1) as ckpt:
+        largest = max(leaf.nbytes for leaf in jax.tree.leaves(state))
+        at_once = max(SAVE_CONCURRENT, largest)
+        with Checkpointer(tmp, max_to_keep=1, save_concurrent_bytes=at_once) as ckpt:
             ckpt.save(0, state, data_state=None, config=cfg.to_dict())
         for name, src in imported.assets.items():
             if isinstance(src, bytes):
