@@ -310,3 +310,24 @@ def test_default_config_logs_to_tensorboard_only(tmp_path):
     assert json.loads((tmp_path / "run" / "trackers.json").read_text()).keys() == {"tensorboard"}
     assert not (tmp_path / "run" / "wandb").exists() and not (tmp_path / "mlruns").exists()
     assert os.listdir(tmp_path) == ["run"]
+
+
+def test_each_sweep_trial_is_its_own_tracker_run(tmp_path):
+    db = tmp_path / "mlflow.db"
+    cmd = [sys.executable, "-m", "jaxdl.cli", "sweep", "--config", CONFIG]
+    cmd += ["--workdir", str(tmp_path / "sweep"), "--param", "optimizer.learning_rate=[1e-3,3e-3]"]
+    cmd += [*QUICK, "--config.num_steps=20", "--config.trackers=jsonl,mlflow"]
+    cmd += [f"--config.mlflow.tracking_uri=sqlite:///{db}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client, runs = _mlflow(db)
+    assert sorted(r.info.run_name for r in runs) == ["000", "001"]
+    for run in runs:
+        trial = tmp_path / "sweep" / "trials" / run.info.run_name
+        val = _jsonl_points(trial, "val")
+        assert sorted({s for _, s in val}) == [10, 20]
+        seen, values = _mlflow_points(client, run.info.run_id, {k for k, _ in val})
+        assert set(seen.values()) == {1} and values == pytest.approx(val, rel=1e-6)
+        lr = json.loads((trial / "config.json").read_text())["optimizer"]["learning_rate"]
+        assert run.data.params["optimizer.learning_rate"] == str(lr)
+        assert run.info.status == "FINISHED" and (trial / "events.jsonl").exists()
