@@ -139,6 +139,19 @@ def default_config() -> ml_collections.ConfigDict:
     c.federated = ml_collections.ConfigDict(
         {"clients": 0, "rounds": 10, "local_steps": 10, "alpha": 0.0, "clients_per_round": 0}
     )
+    # Experiment trackers (jaxdl.training.trackers): a comma list of tensorboard, wandb,
+    # mlflow, trackio, jsonl. "" leaves a setting to the tracker's own default (and env vars:
+    # WANDB_MODE, WANDB_DIR, MLFLOW_TRACKING_URI, TRACKIO_DIR); run names default to the
+    # workdir's name.
+    c.trackers = "tensorboard"
+    c.wandb = ml_collections.ConfigDict(
+        {"project": "jaxdl", "entity": "", "mode": "", "name": "", "tags": []}
+    )
+    c.mlflow = ml_collections.ConfigDict(
+        {"tracking_uri": "", "experiment": "jaxdl", "run_name": ""}
+    )
+    c.trackio = ml_collections.ConfigDict({"project": "jaxdl", "name": ""})
+    c.jsonl = ml_collections.ConfigDict({"path": ""})  # "": WORKDIR/events.jsonl
     return c
 
 
@@ -358,8 +371,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                 f"{_get(defaults, key)} (the default) or another value >= {low}."
             )
     from jaxdl.data.chat import check_options
+    from jaxdl.training.trackers import parse_names
 
     check_options(cfg.data)
+    parse_names(cfg.trackers)
+    if cfg.wandb.mode not in ("", "online", "offline", "disabled", "shared"):
+        raise UserError(
+            f"config.wandb.mode: expected online, offline or disabled (or empty: WANDB_MODE, "
+            f"else W&B's default), found {cfg.wandb.mode!r}. Fix: --config.wandb.mode=offline."
+        )
     if cfg.optimizer.learning_rate <= 0:
         raise UserError(
             f"config.optimizer.learning_rate: expected > 0, found {cfg.optimizer.learning_rate}."

@@ -188,7 +188,7 @@ def run_federated(
                 it.set_state(position)
             rng.bit_generator.state = data_state["sampler"]
             echo(f"resumed from round {start} in {workdir / 'checkpoints'}")
-        logger = stack.enter_context(MetricLogger(workdir, resume_step=start))
+        logger = stack.enter_context(MetricLogger(workdir, resume_step=start, config=config_dict))
         for r in range(start + 1, fed.rounds + 1):
             stop.check(f"before round {r}; rounds 1..{r - 1} are saved. {RESUME}")
             chosen = np.sort(rng.choice(fed.clients, per_round, replace=False))
@@ -243,6 +243,7 @@ def run_federated(
             "wall_s": time.time() - start_time,
         }
         write_json(workdir / "summary.json", summary)
+        logger.finish(summary, ("summary.json", "config.json"))
         stop.check(f"after the run finished ({workdir / 'summary.json'} written)")
         return summary
 

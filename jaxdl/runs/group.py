@@ -173,7 +173,10 @@ def run_group(
             d.mkdir(parents=True, exist_ok=True)
             write_json(d / "config.json", config_dict)
             write_json(d / "partition_plan.json", {"groups": setup.plan_rows})
-        loggers = [stack.enter_context(MetricLogger(d, resume_step=start_step)) for d in workdirs]
+        loggers = [
+            stack.enter_context(MetricLogger(d, resume_step=start_step, config=config_dict))
+            for d, config_dict in zip(workdirs, config_dicts, strict=True)
+        ]
         stoppers = [
             EarlyStopping(
                 c.early_stopping.patience,
@@ -307,6 +310,7 @@ def run_group(
                 loggers[i].log(record_step, "test", test[i])
             summary["wall_s"] = wall
             write_json(d / "summary.json", summary)
+            loggers[i].finish(summary, ("summary.json", "config.json"))
             _write_trial(d, params[i], metric, outcome[i] or "complete", diverged_at.get(i))
     names = [d.name for i, d in enumerate(workdirs) if i in unfinished]
     if names:

@@ -1,4 +1,4 @@
-"""Run outputs: metrics.jsonl, TensorBoard events, curves.png.
+"""Run outputs: metrics.jsonl, the configured trackers (jaxdl.training.trackers), curves.png.
 
 Everything here is a side effect at the edge of a run. Files a user reads are written with
 `jaxdl.fileio` (atomic), so a killed process never leaves one half-written; metrics.jsonl
@@ -10,8 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import numpy as np
 from jaxdl.core import tree
 from jaxdl.errors import UserError, warn
 from jaxdl.fileio import atomic_write_bytes, atomic_write_text
+from jaxdl.training.trackers import TrackerSet
 
 __all__ = ["MetricLogger", "params_sha256", "plot_curves", "read_metrics"]
 
@@ -35,20 +35,34 @@ def params_sha256(params: Mapping[str, Any]) -> str:
 
 
 class MetricLogger:
-    """Appends {"step", "split", ...} lines to metrics.jsonl and scalars to TensorBoard."""
+    """Appends {"step", "split", ...} lines to metrics.jsonl and fans them out to trackers.
 
-    def __init__(self, workdir: Path, *, enabled: bool = True, resume_step: int = 0):
+    ``config`` is the resolved config (a dict): its ``trackers`` names them (default
+    TensorBoard) and they get it as parameters. `finish` hands them the summary and the
+    final files; without it, closing marks their runs unfinished (a resume continues them).
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        enabled: bool = True,
+        resume_step: int = 0,
+        config: Mapping[str, Any] | None = None,
+    ):
         self.enabled = enabled
-        self.path = Path(workdir) / "metrics.jsonl"
-        self._writer = None
+        self.workdir = Path(workdir)
+        self.path = self.workdir / "metrics.jsonl"
         if not enabled:
             return
         if self.path.exists():
             # a killed run may have logged past the step this run starts from (and a run that
             # never checkpointed logged past step 0): those rows are this run's to write
             _drop_lines_after(self.path, resume_step)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        history = read_metrics(self.path)
+        self.trackers = TrackerSet(self.workdir, config or {}, resume_step, history)
         self._file = self.path.open("a")
-        self._writer = _summary_writer()(str(Path(workdir) / "tb"), flush_secs=10)
 
     def log(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -56,37 +70,23 @@ class MetricLogger:
         record = {"step": int(step), "split": split, **{k: float(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        for key, value in metrics.items():
-            self._writer.add_scalar(f"{split}/{key}", float(value), int(step))
+        self.trackers.log(int(step), split, metrics)
+
+    def finish(self, summary: Mapping[str, Any], files: Sequence[str] = ()) -> None:
+        """The run's summary and final files (names in the workdir) to every tracker."""
+        if self.enabled:
+            self.trackers.finish(summary, [self.workdir / name for name in files])
 
     def close(self) -> None:
         if self.enabled and not self._file.closed:
             self._file.close()
-            self._writer.close()
+            self.trackers.close()
 
     def __enter__(self) -> MetricLogger:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _summary_writer():
-    """tensorboardX's SummaryWriter, imported without importing PyTorch.
-
-    tensorboardX imports torch at import time when it is installed (seconds of start-up,
-    and jaxdl never uses PyTorch); a None entry in sys.modules makes that import fail
-    softly, as tensorboardX expects when torch is absent.
-    """
-    blocked = "torch" not in sys.modules
-    if blocked:
-        sys.modules["torch"] = None
-    try:
-        from tensorboardX import SummaryWriter
-    finally:
-        if blocked:
-            del sys.modules["torch"]
-    return SummaryWriter
 
 
 def _drop_lines_after(path: Path, step: int) -> None:

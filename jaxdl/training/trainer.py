@@ -49,9 +49,9 @@ from jaxdl.training.runlog import MetricLogger, params_sha256, plot_curves, read
 
 # Keys a resumed run may change: extending a run is the point of resuming it; the mesh is
 # where it runs, not what it computes (checkpoints restore onto any mesh); logging, eval and
-# checkpoint cadence change no number; and the optimizer's hyper-parameters are what a
-# diverged run's fix changes (a change that alters the optimizer state's structure, e.g.
-# turning clipping on, is refused by the restore, naming the leaves).
+# checkpoint cadence and the trackers reported to change no number; and the optimizer's
+# hyper-parameters are what a diverged run's fix changes (a change that alters the optimizer
+# state's structure, e.g. turning clipping on, is refused by the restore, naming the leaves).
 _RESUMABLE_CHANGES = {
     "num_steps",
     "num_epochs",
@@ -63,6 +63,13 @@ _RESUMABLE_CHANGES = {
     "mesh.data",
     "mesh.fsdp",
     "mesh.tensor",
+    "trackers",
+    *(
+        f"{block}.{k}"
+        for block, keys in config_lib.default_config().items()
+        if block in ("wandb", "mlflow", "trackio", "jsonl")
+        for k in keys
+    ),
     *(
         f"optimizer.{k}"
         for k in (
@@ -287,7 +294,7 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
             prefetch_to_device(train_iter, size=cfg.data.prefetch, sharding=setup.layout.batch)
         )
         logger = stack.enter_context(
-            MetricLogger(workdir, enabled=is_writer, resume_step=start_step)
+            MetricLogger(workdir, enabled=is_writer, resume_step=start_step, config=config_dict)
         )
 
         # ---- loop -------------------------------------------------------------------------
@@ -430,33 +437,35 @@ def _train(cfg, workdir: Path, stop, *, progress: bool, echo, fold) -> dict[str,
             )
         _check_finite_metrics(scalars(test_metrics), test_split, step)
         logger.log(step, "test", scalars(test_metrics))
-    final = full_params(state, setup)
-    summary = {
-        "test_split": test_split,
-        "test_loss": test_metrics["loss"],
-        "params": tree_lib.num_params(final),
-        "trainable_params": tree_lib.num_params(state.params),
-        "steps": int(step),
-        "epochs": step / steps_per_epoch,
-        "stopped_early": stopper.should_stop,
-        "wall_s": time.time() - start_time,
-        "step_ms": 1e3 * float(np.median(step_times)) if step_times else None,
-        "params_sha256": params_sha256(final),
-    }
-    summary.update({f"test_{k}": v for k, v in test_metrics.items()})
-    if val_metrics is not None and "best_threshold" in val_metrics:
-        # Binary: the decision threshold to deploy is chosen on val, never on test.
-        summary["val_best_threshold"] = val_metrics["best_threshold"]
-    if is_writer:
-        write_json(workdir / "summary.json", summary)
-        plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
-        if "confusion_matrix" in test_metrics:
-            names = data.class_names or [
-                str(c) for c in range(len(test_metrics["confusion_matrix"]))
-            ]
-            scores.plot_confusion(
-                test_metrics["confusion_matrix"], names, workdir / "confusion.png"
-            )
+        final = full_params(state, setup)
+        summary = {
+            "test_split": test_split,
+            "test_loss": test_metrics["loss"],
+            "params": tree_lib.num_params(final),
+            "trainable_params": tree_lib.num_params(state.params),
+            "steps": int(step),
+            "epochs": step / steps_per_epoch,
+            "stopped_early": stopper.should_stop,
+            "wall_s": time.time() - start_time,
+            "step_ms": 1e3 * float(np.median(step_times)) if step_times else None,
+            "params_sha256": params_sha256(final),
+        }
+        summary.update({f"test_{k}": v for k, v in test_metrics.items()})
+        if val_metrics is not None and "best_threshold" in val_metrics:
+            # Binary: the decision threshold to deploy is chosen on val, never on test.
+            summary["val_best_threshold"] = val_metrics["best_threshold"]
+        if is_writer:
+            write_json(workdir / "summary.json", summary)
+            plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
+            if "confusion_matrix" in test_metrics:
+                names = data.class_names or [
+                    str(c) for c in range(len(test_metrics["confusion_matrix"]))
+                ]
+                scores.plot_confusion(
+                    test_metrics["confusion_matrix"], names, workdir / "confusion.png"
+                )
+            files = ("curves.png", "confusion.png", "summary.json", "config.json")
+            logger.finish(summary, files)
     return summary
 
 
