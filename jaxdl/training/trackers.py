@@ -242,16 +242,15 @@ class _WandB:
 
 
 class _MLflow:
-    have_step = None
-
     def __init__(self, workdir: Path, cfg: Mapping[str, Any], state: dict):
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         uri = cfg.get("tracking_uri") or None
+        resumed = bool(state.get("run_id"))
         try:
             self.client = MlflowClient(tracking_uri=uri)
-            if state.get("run_id"):
+            if resumed:
                 self.run_id = state["run_id"]
                 self.client.update_run(self.run_id, status="RUNNING")
             else:
@@ -269,6 +268,19 @@ class _MLflow:
                 "in a writable folder, or a reachable http(s):// server."
             ) from None
         state["run_id"] = self.run_id
+        # what the store holds, not what trackers.json says: a run killed between a log
+        # and that file's update has sent one point more than it recorded
+        self.have_step = self._last_steps() if resumed else {}
+
+    def _last_steps(self) -> dict[str, int]:
+        """{split: the last step logged} of the run's "split/key" metrics."""
+        last: dict[str, int] = {}
+        for key in self.client.get_run(self.run_id).data.metrics:
+            split = key.split("/", 1)[0]
+            if "/" in key:
+                steps = [m.step for m in self.client.get_metric_history(self.run_id, key)]
+                last[split] = max(last.get(split, -1), *steps)
+        return last
 
     def log_params(self, params):
         from mlflow.entities import Param
