@@ -128,8 +128,10 @@ def _check(module: nn.Module, prompt: jax.Array, max_new_tokens: int) -> None:
         )
 
 
-def _apply(module, params, cache, tokens):
-    logits, updates = module.apply({"params": params, "cache": cache}, tokens, mutable=["cache"])
+def _apply(module, params, cache, tokens, **kwargs):
+    logits, updates = module.apply(
+        {"params": params, "cache": cache}, tokens, mutable=["cache"], **kwargs
+    )
     return logits, updates["cache"]
 
 
@@ -137,11 +139,17 @@ def _apply(module, params, cache, tokens):
 def _prefill(module, params, cache, padded, length):
     """Run the right-padded prompt [B, bucket]; -> (logits of its last real token [B, V],
     the cache with its index at `length`)."""
-    logits, cache = _apply(module, params, cache, padded)
+    if isinstance(module, Llama):  # the head on the last real token only
+        last = jnp.full((padded.shape[0],), length - 1)
+        logits, cache = _apply(module, params, cache, padded, logits_at=last)
+        logits = logits[:, 0]
+    else:
+        logits, cache = _apply(module, params, cache, padded)
+        logits = jax.lax.dynamic_index_in_dim(logits, length - 1, axis=1, keepdims=False)
     cache = jax.tree_util.tree_map_with_path(
         lambda path, x: jnp.full_like(x, length) if path[-1].key == "cache_index" else x, cache
     )
-    return jax.lax.dynamic_index_in_dim(logits, length - 1, axis=1, keepdims=False), cache
+    return logits, cache
 
 
 def prefill(module, params, prompt: jax.Array) -> tuple[jax.Array, Any]:

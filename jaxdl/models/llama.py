@@ -419,7 +419,11 @@ class Llama(nn.Module):
         train: bool = False,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        logits_at: jax.Array | None = None,
     ) -> jax.Array:
+        """logits_at [B]: the position of each row whose logits alone are computed ([B, 1,
+        V]; a prefill needs its last token's only, and the head is a fifth of a small
+        model's FLOPs)."""
         spec = self.spec
         dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
         batch, length = x.shape
@@ -462,6 +466,8 @@ class Llama(nn.Module):
             layer_cls = nn.remat(Layer, static_argnums=(4,)) if self.remat else Layer
             for i in range(spec.num_layers):
                 h = layer_cls(**layer_fields, name=f"layer_{i}")(h, positions, segment_ids, train)
+        if logits_at is not None:
+            h = jnp.take_along_axis(h, logits_at[:, None, None].astype(jnp.int32), axis=1)
         h = RMSNorm(spec.norm_eps, dtype=dtype, param_dtype=param_dtype, name="norm")(h)
         if spec.tie_embeddings:
             return embed.attend(h).astype(jnp.float32)
