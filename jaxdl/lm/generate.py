@@ -139,17 +139,12 @@ def _apply(module, params, cache, tokens, **kwargs):
 def _prefill(module, params, cache, padded, length):
     """Run the right-padded prompt [B, bucket]; -> (logits of its last real token [B, V],
     the cache with its index at `length`)."""
-    if isinstance(module, Llama):  # the head on the last real token only
-        last = jnp.full((padded.shape[0],), length - 1)
-        logits, cache = _apply(module, params, cache, padded, logits_at=last)
-        logits = logits[:, 0]
-    else:
-        logits, cache = _apply(module, params, cache, padded)
-        logits = jax.lax.dynamic_index_in_dim(logits, length - 1, axis=1, keepdims=False)
+    last = jnp.full((padded.shape[0],), length - 1)  # the head runs on this token only
+    logits, cache = _apply(module, params, cache, padded, logits_at=last)
     cache = jax.tree_util.tree_map_with_path(
         lambda path, x: jnp.full_like(x, length) if path[-1].key == "cache_index" else x, cache
     )
-    return logits, cache
+    return logits[:, 0], cache
 
 
 def prefill(module, params, prompt: jax.Array) -> tuple[jax.Array, Any]:

@@ -358,7 +358,11 @@ class Transformer(nn.Module):
         return TransformerSpec(**fields, positions=self.positions, mlp=self.mlp)
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, *, train: bool = False, logits_at: jax.Array | None = None
+    ) -> jax.Array:
+        """logits_at [B]: the position of each row whose LM logits alone are computed ([B, 1,
+        V]; a prefill needs its last token's only)."""
         spec = self.spec
         dtype = jnp.dtype(self.dtype)
         length = x.shape[1]
@@ -420,6 +424,8 @@ class Transformer(nn.Module):
         h = nn.LayerNorm(epsilon=self.layernorm_eps, dtype=dtype, name="ln_f")(h)
         if self.head == "classify":
             return self._classify(x, h)
+        if logits_at is not None:
+            h = jnp.take_along_axis(h, logits_at[:, None, None].astype(jnp.int32), axis=1)
         return embed.attend(h).astype(jnp.float32)
 
     def _classify(self, tokens: jax.Array, h: jax.Array) -> jax.Array:

@@ -113,3 +113,16 @@ def test_encode_decode_bytes():
     assert tok.encode("").shape == (0,)
     with pytest.raises(ValueError, match=r"^tokens: expected bytes in \[0, 255\]"):
         tok.decode([300])
+
+
+@pytest.mark.parametrize("name", ["transformer", "llama"])
+def test_logits_at_is_the_full_logits_at_those_positions(name):
+    from jaxdl.models import create_model
+
+    model = create_model({"name": name, "size": "tiny", "max_len": 32})
+    params = lively_params(model)
+    full = model.apply({"params": params}, PROMPT)
+    at = jnp.array([4, 2])
+    picked = model.apply({"params": params}, PROMPT, logits_at=at)
+    assert picked.shape == (2, 1, full.shape[-1])
+    np.testing.assert_allclose(picked[:, 0], full[jnp.arange(2), at], rtol=1e-6, atol=1e-6)
