@@ -124,6 +124,14 @@ def bar_chart(results: Sequence[Record], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def write_record(out: str | Path, record: Mapping[str, Any], table: str) -> None:
+    """A benchmark's record as OUT (JSON) and its markdown table as OUT with .md."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    out.with_suffix(".md").write_text(table)
+
+
 def write_all(path: Path, env: Mapping[str, Any], results: Sequence[Record]) -> None:
     """FILE (JSON: {"env", "results"}), FILE with .md, FILE with .png."""
     path = Path(path)

@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as a script: make `jaxdl` and `benchmarks` 
 
 import jax  # noqa: E402
 
-from benchmarks import _timing, throughput  # noqa: E402
+from benchmarks import _report, _timing, throughput  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODELS = {  # name: (case, steps per trial: about a second or more per trial)
@@ -142,10 +142,7 @@ def main(argv=None) -> None:
         case, steps = MODELS[name]
         record["models"][name] = measure(name, case, args.trials, args.steps or steps)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=2) + "\n")
-        out.with_suffix(".md").write_text(markdown(record))
+        _report.write_record(args.out, record, markdown(record))
     print(markdown(record))
 
 

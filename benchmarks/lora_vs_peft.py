@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a script: make `jaxdl` and `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
+from benchmarks._report import write_record  # noqa: E402
 from benchmarks._timing import environment, paired_ratio, step_stats  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -381,10 +382,7 @@ def main(argv=None) -> None:
         },
     }
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=2) + "\n")
-        out.with_suffix(".md").write_text(markdown(record))
+        write_record(args.out, record, markdown(record))
     print(markdown(record))
 
 

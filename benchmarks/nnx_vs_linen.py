@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import re
 import sys
@@ -43,7 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxdl  # noqa: E402
-from benchmarks import _timing  # noqa: E402
+from benchmarks import _report, _timing  # noqa: E402
 from jaxdl.core import steps, tree  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -200,10 +199,7 @@ def main(argv=None) -> None:
         assert result["max_abs_logit_diff"] < 1e-4, f"{name}: the twins differ: {result}"
     record["env"]["load_avg_end"] = list(os.getloadavg())
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=2) + "\n")
-        out.with_suffix(".md").write_text(markdown(record))
+        _report.write_record(args.out, record, markdown(record))
     print(markdown(record))
 
 

@@ -6,6 +6,7 @@ testing.assert_no_opt_state_for_frozen(state)
 testing.assert_lora_merge_equivalent(model, params, adapters, x, rank=4, alpha=8.0)
 step = testing.assert_no_retrace(step_fn)          # wrap before jax.jit
 testing.assert_resume_exact("experiments/x.py", tmp_path, steps=20)
+testing.kill_mid_run(testing.train_command(cfg, workdir), workdir, after_step=20)
 """
 
 from __future__ import annotations
@@ -94,6 +95,36 @@ def train_command(config: str, workdir: str | Path, overrides: Sequence[str] = (
 def subprocess_env() -> dict[str, str]:
     """This environment, with JAX on CPU unless the caller chose a platform."""
     return {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+
+
+def kill_mid_run(
+    cmd: Sequence[str],
+    workdir: str | Path,
+    after_step: int,
+    *,
+    env: dict[str, str] | None = None,
+    cwd: str | Path | None = None,
+    timeout: float = 300,
+) -> None:
+    """Start ``cmd`` (a `jaxdl train`), SIGKILL it once WORKDIR/checkpoints holds a step >=
+    ``after_step``, and check that the signal, not the end of the run, stopped it."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        cmd, env=env or subprocess_env(), cwd=cwd, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    ckpts, deadline = Path(workdir) / "checkpoints", time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        done = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
+        if done and max(done) >= after_step:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-3000:]
+    assert not (Path(workdir) / "summary.json").exists(), "the run ended before the kill"
 
 
 def _train(config: str, workdir: Path, overrides: Sequence[str]) -> dict:

@@ -55,12 +55,10 @@ class MetricLogger:
         self.path = self.workdir / "metrics.jsonl"
         if not enabled:
             return
-        if self.path.exists():
-            # a killed run may have logged past the step this run starts from (and a run that
-            # never checkpointed logged past step 0): those rows are this run's to write
-            _drop_lines_after(self.path, resume_step)
+        # a killed run may have logged past the step this run starts from (and a run that
+        # never checkpointed logged past step 0): those rows are this run's to write
+        history = _drop_lines_after(self.path, resume_step) if self.path.exists() else []
         self.workdir.mkdir(parents=True, exist_ok=True)
-        history = read_metrics(self.path)
         self.trackers = TrackerSet(self.workdir, config or {}, resume_step, history)
         self._file = self.path.open("a")
 
@@ -89,9 +87,11 @@ class MetricLogger:
         self.close()
 
 
-def _drop_lines_after(path: Path, step: int) -> None:
-    kept = [json.dumps(r) + "\n" for r in read_metrics(path) if r["step"] <= step]
-    atomic_write_text(path, "".join(kept))
+def _drop_lines_after(path: Path, step: int) -> list[dict]:
+    """Keep the records up to `step` (rewriting the file); -> those records."""
+    kept = [r for r in read_metrics(path) if r["step"] <= step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -60,8 +60,9 @@ class Tracker(Protocol):
     def log_artifact(self, path: Path) -> None: ...
     def close(self, finished: bool) -> None: ...
 
-    # The last step the tracker itself holds (all splits), or None: trackers.json's marks.
-    have_step: int | None
+    # What the tracker itself holds: the last step of every split (an int), per split
+    # ({split: step}), or None to trust trackers.json's marks.
+    have_step: int | Mapping[str, int] | None
 
 
 def parse_names(value: str) -> list[str]:

@@ -6,10 +6,8 @@ on its nnx.Linear kernels, and registration errors."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -23,6 +21,7 @@ from jaxdl.config import load_config
 from jaxdl.core import tree
 from jaxdl.errors import UserError
 from jaxdl.models import create_model
+from jaxdl.testing import kill_mid_run
 from jaxdl.training.runlog import read_metrics
 from jaxdl.training.trainer import train
 
@@ -110,17 +109,7 @@ def test_sigkill_mid_run_then_resume_is_bitwise_the_straight_run(tmp_path):
     straight = tmp_path / "straight"
     subprocess.run(_train_cmd(straight, 60), check=True, capture_output=True, env=ENV, cwd=ROOT)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(killed, 60), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT)  # fmt: skip
-    ckpts, deadline = killed / "checkpoints", time.time() + 300
-    while time.time() < deadline:  # kill once a few checkpoints exist, mid-run
-        done = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
-        if done and max(done) >= 20:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    assert not (killed / "summary.json").exists()
+    kill_mid_run(_train_cmd(killed, 60), killed, after_step=20, env=ENV, cwd=ROOT)
     subprocess.run(_train_cmd(killed, 60), check=True, capture_output=True, env=ENV, cwd=ROOT)
     a, b = (json.loads((w / "summary.json").read_text()) for w in (straight, killed))
     assert b["params_sha256"] == a["params_sha256"]

@@ -4,11 +4,10 @@ tests/test_testing.py."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
+from jaxdl.testing import kill_mid_run
 from jaxdl.training.runlog import read_metrics
 
 CONFIG = "experiments/digits_mlp.py"
@@ -44,20 +43,7 @@ def test_sigkill_mid_run_then_resume_matches_straight_run(tmp_path):
     subprocess.run(_cmd(straight, 120), check=True, capture_output=True, env=env)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _cmd(killed, 120), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
-    )
-    deadline = time.time() + 120
-    ckpts = killed / "checkpoints"
-    while time.time() < deadline:  # kill once a few checkpoints exist, mid-run
-        steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
-        if steps and max(steps) >= 20:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (killed / "summary.json").exists()
+    kill_mid_run(_cmd(killed, 120), killed, after_step=20, env=env, timeout=120)
 
     subprocess.run(_cmd(killed, 120), check=True, capture_output=True, env=env)
     a = json.loads((straight / "summary.json").read_text())

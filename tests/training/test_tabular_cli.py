@@ -4,10 +4,8 @@ bitwise; bad tables exit 2 with one line."""
 
 import csv
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -129,16 +127,7 @@ def test_csv_run_resumes_bitwise_after_sigkill(tmp_path):
     )
     killed = tmp_path / "killed"
     cmd = testing.train_command("experiments/tabular_csv.py", killed, args)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    ckpts, deadline = killed / "checkpoints", time.time() + 120
-    while time.time() < deadline:
-        done = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
-        if done and max(done) >= 15:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "summary.json").exists()
+    testing.kill_mid_run(cmd, killed, after_step=15, env=env, timeout=120)
     subprocess.run(cmd, check=True, capture_output=True, env=env)
     a, b = (json.loads((w / "summary.json").read_text()) for w in (straight, killed))
     assert a["params_sha256"] == b["params_sha256"]

@@ -6,19 +6,17 @@ SIGKILL mid-run and checks that every (key, step) reaches each tracker exactly o
 import importlib.util
 import json
 import os
-import signal
 import sqlite3
 import struct
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from jaxdl.errors import UserError
-from jaxdl.testing import subprocess_env, train_command
+from jaxdl.testing import kill_mid_run, subprocess_env, train_command
 from jaxdl.training.runlog import read_metrics
 from jaxdl.training.trackers import TrackerSet, flatten_config, parse_names
 
@@ -192,18 +190,7 @@ def test_sigkill_then_resume_continues_each_tracker_run_without_duplicates(tmp_p
         f"--config.mlflow.tracking_uri=sqlite:///{db}",
     ]
     cmd = train_command(CONFIG, workdir, [*QUICK, *args, "--config.num_steps=400"])
-    proc = subprocess.Popen(
-        cmd, env=_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    ckpts, deadline = workdir / "checkpoints", time.time() + 120
-    while time.time() < deadline and proc.poll() is None:  # kill mid-run, past a few checkpoints
-        steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
-        if steps and max(steps) >= 15:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
+    kill_mid_run(cmd, workdir, after_step=15, env=_env(tmp_path), cwd=tmp_path, timeout=120)
     first = json.loads((workdir / "trackers.json").read_text())
 
     done = _train(tmp_path, workdir, [*args, "--config.num_steps=40"])
