@@ -142,6 +142,22 @@ def _cpu_model() -> str | None:
     return platform.processor() or None
 
 
+# The CPU features a bf16 matmul's speed depends on: without them XLA and torch convert bf16
+# around float32 math; with AMX a bf16 x bf16 -> f32 product runs several times float32's rate.
+BF16_FEATURES = ("avx512_bf16", "amx_bf16")
+
+
+def _cpu_bf16_features() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in BF16_FEATURES if f in flags]
+    except OSError:
+        pass
+    return []
+
+
 def _gpu_driver() -> str | None:
     text = _run_text(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
     return text.splitlines()[0] if text else None
@@ -164,6 +180,7 @@ def environment(torch_threads: int | None = None) -> dict[str, Any]:
         "device": f"{device.platform}:{device.device_kind}",
         "device_count": jax.device_count(),
         "cpu": _cpu_model(),
+        "cpu_bf16_features": _cpu_bf16_features(),
         "cpu_count": os.cpu_count(),
         "driver": _gpu_driver(),
         "jax": jax.__version__,

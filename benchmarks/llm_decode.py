@@ -5,7 +5,10 @@
     python benchmarks/llm_decode.py --smoke          # a tiny random Llama, seconds
 
 Decode: greedy generation from one prompt of `--prompt-tokens` ids, `--new-tokens` new ones
-(no early stop), batch 1, float32. Prefill tokens/s is P over the time of generating one
+(no early stop), batch 1, in each of `--dtypes` (float32 by default; ``bfloat16`` runs jaxdl
+with ``model.dtype = "bfloat16"`` and its parameters cast to bf16, and transformers loaded
+with ``dtype=torch.bfloat16``, the way each is used for bf16 inference; runner names get a
+" bf16" suffix). Prefill tokens/s is P over the time of generating one
 token; decode tokens/s is (N - 1) over the time N tokens take beyond that one. jaxdl's
 `jaxdl.lm.generate.generate` (one jitted prefill, a `lax.while_loop` of cached steps) and
 transformers' `generate` (torch, its KV cache, `--torch-threads`) run in interleaved trials;
@@ -58,12 +61,17 @@ TINY = {
 }
 
 
-class JaxdlRunner:
-    framework = "jaxdl"
+SUFFIX = {"float32": "", "bfloat16": " bf16"}
 
-    def __init__(self, model_cfg, params, prompt, new_tokens):
+
+class JaxdlRunner:
+    def __init__(self, model_cfg, params, prompt, new_tokens, dtype="float32"):
+        if dtype != "float32":
+            model_cfg = {**model_cfg, "dtype": dtype}
+            params = jax.tree.map(lambda x: x.astype(dtype), params)
         self.args = (model_cfg, params, prompt)
         self.new_tokens = new_tokens
+        self.framework = "jaxdl" + SUFFIX[dtype]
 
     def run(self, steps: int, new_tokens: int | None = None) -> None:
         cfg, params, prompt = self.args
@@ -80,12 +88,11 @@ class JaxdlRunner:
 
 
 class TorchRunner:
-    framework = "transformers"
-
-    def __init__(self, model, prompt, new_tokens):
+    def __init__(self, model, prompt, new_tokens, dtype="float32"):
         import torch
 
         self.torch, self.model, self.new_tokens = torch, model, new_tokens
+        self.framework = "transformers" + SUFFIX[dtype]
         self.prompt = torch.tensor(np.asarray(prompt), dtype=torch.long)
 
     def run(self, steps: int, new_tokens: int | None = None) -> None:
@@ -111,7 +118,7 @@ class OneToken:
         self.runner.run(steps, new_tokens=1)
 
 
-def torch_model(args, workdir: Path | None, model_cfg):
+def torch_model(args, workdir: Path | None, model_cfg, dtype="float32"):
     """transformers' model of the same weights, or None without transformers."""
     if importlib.util.find_spec("transformers") is None:
         return None
@@ -127,7 +134,8 @@ def torch_model(args, workdir: Path | None, model_cfg):
 
     folder = Path(tempfile.mkdtemp()) / "hf"
     export_hf(workdir, folder)
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).eval()
 
 
 def tiny_workdir(tmp: Path) -> Path:
@@ -151,10 +159,12 @@ def bench_decode(args, workdir: Path) -> dict:
     params = load_params(workdir)
     vocab = int(cfg.get("vocab_size") or 49152)
     prompt = np.random.default_rng(0).integers(0, vocab, size=(1, args.prompt_tokens))
-    runners = [JaxdlRunner(cfg, params, prompt, args.new_tokens)]
-    hf = torch_model(args, workdir, cfg)
-    if hf is not None:
-        runners.append(TorchRunner(hf, prompt, args.new_tokens))
+    runners = []
+    for dtype in args.dtypes:
+        runners.append(JaxdlRunner(cfg, params, prompt, args.new_tokens, dtype))
+        hf = torch_model(args, workdir, cfg, dtype)
+        if hf is not None:
+            runners.append(TorchRunner(hf, prompt, args.new_tokens, dtype))
     for r in runners:  # compile / warm up both shapes
         r.run(1)
         r.run(1, new_tokens=1)
@@ -173,13 +183,12 @@ def bench_decode(args, workdir: Path) -> dict:
             "decode_tokens_per_s": (args.new_tokens - 1) / statistics.median(decode),
             "generate_s": statistics.median(full[name]),
         }
-    if "transformers" in out:
-        out["decode_speedup"] = (
-            out["jaxdl"]["decode_tokens_per_s"] / out["transformers"]["decode_tokens_per_s"]
-        )
-        out["prefill_speedup"] = (
-            out["jaxdl"]["prefill_tokens_per_s"] / out["transformers"]["prefill_tokens_per_s"]
-        )
+    for dtype in args.dtypes:  # jaxdl over transformers, same dtype: "decode_speedup[ bf16]"
+        ours, theirs = out["jaxdl" + SUFFIX[dtype]], out.get("transformers" + SUFFIX[dtype])
+        if theirs is not None:
+            for phase in ("decode", "prefill"):
+                key = f"{phase}_tokens_per_s"
+                out[f"{phase}_speedup{SUFFIX[dtype]}"] = ours[key] / theirs[key]
     return out
 
 
@@ -227,8 +236,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--dtypes", default="float32", help="comma-separated: float32, bfloat16 (see above)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    args.dtypes = args.dtypes.split(",")
+    if unknown := [d for d in args.dtypes if d not in SUFFIX]:
+        parser.error(f"--dtypes: expected float32 and/or bfloat16, found {unknown}")
     tmp = Path(tempfile.mkdtemp())
     result = {"env": _timing.environment(torch_threads=args.torch_threads)}
     result["load_before"] = os.getloadavg()
@@ -248,6 +263,7 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "trials": args.trials,
         "torch_threads": args.torch_threads,
+        "dtypes": args.dtypes,
     }
     text = json.dumps(result, indent=2, default=float)
     print(text)

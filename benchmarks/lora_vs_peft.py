@@ -16,6 +16,10 @@ its own worker process, so each one's peak RSS is its own:
     jaxdl LoRA merged     the same with merged adapters (`factored_lora=False`)
     jaxdl full            full fine-tuning of the same model
     peft LoRA             GPT2LMHeadModel + peft LoRA (rank r on c_attn, c_proj, c_fc)
+    jaxdl LoRA bf16       jaxdl LoRA with bf16 compute (``model.dtype = "bfloat16"``: bf16
+                          operands, float32 accumulation, float32 params and Adam state)
+    peft LoRA bf16        peft LoRA under ``torch.autocast("cpu", torch.bfloat16)``, the same
+                          policy (not in the default set; ``--variants`` names them)
 
 `--family llama` does the same for a random model of SmolLM2-135M-Instruct's shape
 (LlamaConfig: 30 layers, width 576, 9 heads, 3 KV heads, vocab 49,152, tied), imported
@@ -55,7 +59,15 @@ from benchmarks._timing import environment, paired_ratio, step_stats  # noqa: E4
 
 RESULTS = ROOT / "benchmarks" / "results"
 TINY_GPT2 = ROOT / "tests" / "fixtures" / "hub" / "gpt2_tiny"  # --smoke's model
-WORKERS = ("jaxdl LoRA", "jaxdl LoRA merged", "jaxdl full", "peft LoRA")
+WORKERS = (
+    "jaxdl LoRA",
+    "jaxdl LoRA merged",
+    "jaxdl full",
+    "peft LoRA",
+    "jaxdl LoRA bf16",
+    "peft LoRA bf16",
+)
+DEFAULT_WORKERS = WORKERS[:4]
 # per family: the import KIND, jaxdl's LoRA targets, peft's target modules and layout
 FAMILIES = {
     "gpt2": {
@@ -132,12 +144,14 @@ def _jaxdl_worker(name: str, args):
     cfg.init_from.checkpoint = str(args.workdir)
     cfg.model.dropout_rate = 0.0
     cfg.optimizer.name, cfg.optimizer.learning_rate = "adam", LEARNING_RATE
+    if name.endswith(" bf16"):
+        cfg.model.dtype = "bfloat16"
     if name != "jaxdl full":
         targets = FAMILIES[args.family]["targets"]
         cfg.lora = {"rank": args.rank, "alpha": 2.0 * args.rank, "targets": targets}
     spec = {k: ((args.seq_len,), np.int32) for k in ("inputs", "targets")}
     setup = build(cfg, kind="lm", example_spec=spec, num_classes=args.vocab, total_steps=1000)
-    factored = name != "jaxdl LoRA merged"
+    factored = not name.startswith("jaxdl LoRA merged")
     step = steps.make_train_step(
         setup.model, setup.head, setup.tx, lora_cfg=setup.lora_cfg, factored_lora=factored
     )
@@ -158,7 +172,7 @@ def _jaxdl_worker(name: str, args):
     return run, {"trainable_params": int(trainable), "params": int(total)}
 
 
-def _peft_worker(args):
+def _peft_worker(args, bf16: bool = False):
     torch, transformers = _import_torch_stack()
     import peft
 
@@ -180,10 +194,12 @@ def _peft_worker(args):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0)
     ids = torch.from_numpy(_batch(args)[:, :-1].astype("int64"))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
     def run(k: int):
         for _ in range(k):
-            loss = model(input_ids=ids, labels=ids).loss
+            with autocast:
+                loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -199,7 +215,10 @@ def _peft_worker(args):
 def worker(name: str, args) -> None:
     """Prepare (compile / first step), then answer "run K" lines with seconds until "quit"."""
     start = time.perf_counter()
-    run, info = _peft_worker(args) if name == "peft LoRA" else _jaxdl_worker(name, args)
+    if name.startswith("peft"):
+        run, info = _peft_worker(args, bf16=name.endswith(" bf16"))
+    else:
+        run, info = _jaxdl_worker(name, args)
     info["first_loss"] = run(1)  # compiles (jax) or warms the allocator (torch)
     info["prepare_s"] = time.perf_counter() - start
     print(json.dumps(info), flush=True)
@@ -273,7 +292,9 @@ def markdown(record: dict) -> str:
     rows = [
         f"{a.get('model', 'GPT-2 124M')}, batch {a['batch']} x {a['seq_len']} tokens, "
         f"LoRA rank {a['rank']}, "
-        f"float32, CPU ({record['env']['cpu']}, {record['env']['cpu_count']} cores), "
+        f"float32 unless named bf16, CPU ({record['env']['cpu']}, "
+        f"{record['env']['cpu_count']} cores, bf16 units: "
+        f"{', '.join(record['env'].get('cpu_bf16_features') or ['none'])}), "
         f"{a['trials']} interleaved trials of {a['steps_per_trial']} steps, load average "
         f"{record['env']['load_avg'][0]:.1f}; ratios are medians of per-trial ratios\n",
         f"| variant | trainable params | step s (median) | min | CV % | x {base_name} "
@@ -306,7 +327,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--steps-per-trial", type=int, default=2)
-    parser.add_argument("--variants", default=",".join(WORKERS))
+    parser.add_argument("--variants", default=",".join(DEFAULT_WORKERS), help=", ".join(WORKERS))
     parser.add_argument(
         "--omp-wait-policy",
         default="PASSIVE",
@@ -338,7 +359,8 @@ def main(argv=None) -> None:
         args.vocab = json.loads((TINY_GPT2 / "config.json").read_text())["vocab_size"]
         have_peft = all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft"))
         if not have_peft:
-            args.variants = ",".join(w for w in args.variants.split(",") if w != "peft LoRA")
+            kept = [w for w in args.variants.split(",") if not w.startswith("peft")]
+            args.variants = ",".join(kept)
     elif args.out is None:
         suffix = "" if args.family == "gpt2" else f"_{args.family}"
         args.out = str(RESULTS / f"lora_vs_peft{suffix}.json")

@@ -118,8 +118,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     export_hf.add_argument("--workdir", required=True)
     export_hf.add_argument("--out", required=True, help="folder for from_pretrained")
-    export_hf.add_argument(
+    parts = export_hf.add_mutually_exclusive_group()
+    parts.add_argument(
         "--adapter", action="store_true", help="the LoRA adapters alone, as a PEFT folder"
+    )
+    parts.add_argument(
+        "--base",
+        action="store_true",
+        help="a LoRA run's base without its adapters (a QLoRA run's: dequantized), the "
+        "model its --adapter export goes on",
     )
     export_hf.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
@@ -274,8 +281,12 @@ def run(argv: Sequence[str]) -> int:
         from jaxdl.interop.hf_export import export_hf
         from jaxdl.interop.peft import export_adapter
 
-        result = (export_adapter if args.adapter else export_hf)(args.workdir, args.out)
-        print(f"wrote {args.out}: {', '.join(result['files'])} ({result['params']:,} params)")
+        if args.adapter:
+            result = export_adapter(args.workdir, args.out)
+        else:
+            result = export_hf(args.workdir, args.out, base=args.base)
+        note = f"; {result['note']}" if result.get("note") else ""
+        print(f"wrote {args.out}: {', '.join(result['files'])} ({result['params']:,} params){note}")
     elif args.command == "export-gguf":
         from jaxdl.interop.gguf import export_gguf
 

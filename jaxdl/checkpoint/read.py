@@ -192,7 +192,12 @@ def _overlay(base: Mapping, top: Mapping) -> dict:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, step: int | None, config_key: str, seen: tuple[Path, ...] = ()
+    path: str | os.PathLike,
+    step: int | None,
+    config_key: str,
+    seen: tuple[Path, ...] = (),
+    *,
+    merge_lora: bool = True,
 ) -> tuple[dict, Path, int]:
     step_dir, step = resolve_step_dir(path, step, config_key=config_key)
     check_step(step_dir)
@@ -233,7 +238,10 @@ def load_checkpoint(
                 f"checkpoint {step_dir}: holds LoRA adapters but its config has lora="
                 f"{lora_cfg!r}, expected lora.rank and lora.alpha. Fix: restore its config."
             )
-        merged = merge_adapters(merged, adapters, rank=lora_cfg["rank"], alpha=lora_cfg["alpha"])
+        if merge_lora:
+            merged = merge_adapters(
+                merged, adapters, rank=lora_cfg["rank"], alpha=lora_cfg["alpha"]
+            )
     variables = {**merged, **model_state}
     return jax.tree.map(np.asarray, variables), step_dir, step
 
@@ -265,11 +273,18 @@ def load_adapters(
     if not adapters or "rank" not in lora_cfg:
         raise UserError(
             f"{config_key}: {step_dir} holds no LoRA adapters (the run trained without lora). "
-            "Fix: export the whole model (without --adapter), or pass a LoRA run's workdir."
+            "Fix: export the whole model (without --adapter or --base), or pass a LoRA run's "
+            "workdir."
         )
     return jax.tree.map(np.asarray, adapters), lora_cfg
 
 
-def load_params(path: str | os.PathLike, step: int | None = None) -> dict:
-    """``load_variables(path, step)["params"]``: the model params as numpy arrays."""
-    return load_variables(path, step)["params"]
+def load_params(
+    path: str | os.PathLike, step: int | None = None, *, merge_lora: bool = True
+) -> dict:
+    """``load_variables(path, step)["params"]``: the model params as numpy arrays.
+
+    ``merge_lora=False``: a LoRA run's base alone, the params its adapters were trained
+    over (a QLoRA run's dequantized base, which differs from the base it started from by
+    the quantization's rounding)."""
+    return load_checkpoint(path, step, "checkpoint", merge_lora=merge_lora)[0]["params"]

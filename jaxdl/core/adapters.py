@@ -25,6 +25,7 @@ import jax
 
 from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
+from jaxdl.models.matmul import contract
 
 Tree = Mapping[str, Any]
 
@@ -127,20 +128,22 @@ def low_rank(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Arra
     transpose with whatever produced g (a GELU's backward pass, say) and recomputes it in a
     strided loop, which cost more than the rank-r products themselves.
     """
-    return scale * ((x @ a) @ b)
+    return scale * contract(contract(x, a, -1, 0), b, -1, 0)
 
 
 def _low_rank_fwd(x, a, b, scale):
-    xa = x @ a
-    return scale * (xa @ b), (x, a, b, xa)
+    xa = contract(x, a, -1, 0)
+    return scale * contract(xa, b, -1, 0), (x, a, b, xa)
 
 
 def _low_rank_bwd(scale, residuals, g):
+    # Every product accumulates in float32 (`contract`): in bf16 compute a bf16 -> bf16
+    # product is upcast whole on XLA:CPU, and these are a LoRA step's most numerous dots.
     x, a, b, xa = residuals
     x2, xa2 = x.reshape(-1, x.shape[-1]), xa.reshape(-1, xa.shape[-1])
     g2 = scale * g.reshape(-1, g.shape[-1])  # [N, out]
-    gb = g2 @ b.T  # [N, r]: the cotangent of x a
-    return (gb @ a.T).reshape(x.shape), x2.T @ gb, xa2.T @ g2
+    gb = contract(g2, b, 1, 1)  # [N, r]: the cotangent of x a
+    return contract(gb, a, 1, 1).reshape(x.shape), contract(x2, gb, 0, 0), contract(xa2, g2, 0, 0)
 
 
 low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)

@@ -54,11 +54,18 @@ def write_safetensors(state: dict[str, np.ndarray], folder: Path, max_shard_byte
 
 
 def export_hf(
-    workdir: str | os.PathLike, out: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_BYTES
+    workdir: str | os.PathLike,
+    out: str | os.PathLike,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    *,
+    base: bool = False,
 ) -> dict[str, Any]:
-    """Write the latest checkpoint of `workdir` to `out`; returns {"files", "params"}."""
+    """Write the latest checkpoint of `workdir` to `out`; returns {"files", "params"}.
+
+    ``base``: a LoRA run's base without its adapters (`jaxdl export-hf --base`), the model
+    its PEFT adapter (`--adapter`) goes on; for a QLoRA run that is the dequantized base."""
     from jaxdl import config as config_lib
-    from jaxdl.checkpoint.read import load_params
+    from jaxdl.checkpoint.read import load_adapters, load_params
 
     workdir, out = Path(workdir), Path(out).absolute()
     config_path = workdir / "config.json"
@@ -68,6 +75,8 @@ def export_hf(
             "import)."
         )
     cfg = config_lib.load_config(config_path)
+    if base:
+        load_adapters(workdir, config_key="--base")  # one line when the run has none
     model_cfg = cfg.model.to_dict()
     tokenizer = cfg.data.tokenizer
     lm = lm_files.from_workdir(workdir, "none" if tokenizer == "bytes" else tokenizer)
@@ -76,11 +85,11 @@ def export_hf(
         special = {k: lm.generation_config.get(k) for k in lm_files.GENERATION_KEYS}
         hf_config = llama.hf_config(model_cfg, special, preferred=source.get("model_type"))
         check_out(out)
-        state = llama.to_state_dict(load_params(workdir), model_cfg)
+        state = llama.to_state_dict(load_params(workdir, merge_lora=not base), model_cfg)
     else:
         hf_config = gpt2.hf_config(model_cfg)
         check_out(out)
-        state = gpt2.to_state_dict(load_params(workdir), model_cfg)
+        state = gpt2.to_state_dict(load_params(workdir, merge_lora=not base), model_cfg)
     with staging(out, "export") as tmp:
         write_safetensors(state, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

@@ -8,8 +8,9 @@ jaxdl's adapter of a kernel W [in, out] is ``W + (alpha / r) A B`` with A [in, r
 [r, out]; torch's Linear holds W^T, so PEFT's ``W^T + (lora_alpha / r) lora_B lora_A`` is
 the same update with lora_A = A^T, lora_B = B^T. Module names come from the one weight
 table in `jaxdl.interop.llama`. `peft.PeftModel.from_pretrained(base, DIR)` on the
-base's export-hf folder gives the merged export's logits; `read_adapter` brings such a
-folder back as the starting adapters of a run (``init_from.adapter``).
+base's export-hf folder gives the merged export's logits (for a QLoRA run, on its
+dequantized base, ``export-hf --base``); `read_adapter` brings such a folder back as the
+starting adapters of a run (``init_from.adapter``).
 """
 
 from __future__ import annotations
@@ -103,10 +104,18 @@ def export_adapter(workdir: str | os.PathLike, out: str | os.PathLike) -> dict[s
     with staging(out, "adapter") as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    return {
+    result = {
         "files": sorted(p.name for p in out.iterdir()),
         "params": int(sum(v.size for v in tensors.values())),
     }
+    if lora_cfg.get("quantize"):
+        # The adapters learned over the quantized base; over the float base they started
+        # from, they would be off by the quantization's rounding.
+        result["note"] = (
+            f"trained over a {lora_cfg['quantize']} base: load it on `jaxdl export-hf --base "
+            f"--workdir {workdir}` (the dequantized base), not on the float base"
+        )
+    return result
 
 
 def read_adapter(

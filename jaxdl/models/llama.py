@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdl.errors import UserError
+from jaxdl.models import matmul
+from jaxdl.models.matmul import dense_dot_general, head_dot_general, tied_logits
 from jaxdl.models.registry import register
 
 INIT_STD = 0.02  # Hugging Face's initializer_range for these families
@@ -204,11 +206,11 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array)
     batch, length, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = matmul.einsum("btkgd,bskd->bkgts", q, k)
     logits = jnp.where(mask, logits * (1.0 / math.sqrt(head_dim)), jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", weights, v)
-    return out.reshape(batch, length, heads, head_dim)
+    out = matmul.einsum("bkgts,bskd->btkgd", weights, v)
+    return out.astype(v.dtype).reshape(batch, length, heads, head_dim)
 
 
 class RMSNorm(nn.Module):
@@ -245,6 +247,7 @@ class Attention(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             kernel_init=nn.initializers.normal(INIT_STD),
+            dot_general=dense_dot_general,
         )
         q = dense(s.num_heads * s.head_dim, use_bias=s.qkv_bias, name="q_proj")(x)
         k = dense(s.num_kv_heads * s.head_dim, use_bias=s.qkv_bias, name="k_proj")(x)
@@ -323,6 +326,7 @@ class Mlp(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             kernel_init=nn.initializers.normal(INIT_STD),
+            dot_general=dense_dot_general,
         )
         h = nn.silu(dense(self.mlp_dim, name="gate_proj")(x)) * dense(self.mlp_dim, name="up_proj")(
             x
@@ -470,13 +474,14 @@ class Llama(nn.Module):
             h = jnp.take_along_axis(h, logits_at[:, None, None].astype(jnp.int32), axis=1)
         h = RMSNorm(spec.norm_eps, dtype=dtype, param_dtype=param_dtype, name="norm")(h)
         if spec.tie_embeddings:
-            return embed.attend(h).astype(jnp.float32)
+            return tied_logits(h, embed.embedding.astype(dtype))
         head = nn.Dense(
             spec.vocab_size,
             use_bias=False,
             dtype=dtype,
             param_dtype=param_dtype,
             kernel_init=nn.initializers.normal(INIT_STD),
+            dot_general=head_dot_general,
             name="lm_head",
         )
         return head(h).astype(jnp.float32)

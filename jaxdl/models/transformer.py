@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdl.errors import UserError
+from jaxdl.models import matmul
 from jaxdl.models.registry import register
 
 # Named sizes; explicit fields on the module override them. "gpt2-124m" carries GPT-2's
@@ -128,7 +129,7 @@ def einsum_attention(
     the output in v's dtype) without its per-group vmap and mask plumbing, which on XLA:CPU
     cost 1.4-1.6x in forward+backward (`python benchmarks/cpu_gaps.py --probes attention`).
     """
-    logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+    logits = matmul.einsum("bthd,bshd->bhts", q, k)
     logits = logits * (1.0 / math.sqrt(q.shape[-1]))
     if is_causal:
         length = q.shape[1]
@@ -137,7 +138,7 @@ def einsum_attention(
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhts,bshd->bthd", weights, v)
+    return matmul.einsum("bhts,bshd->bthd", weights, v).astype(v.dtype)
 
 
 def attention(q, k, v, *, is_causal: bool = False, mask=None, impl: str | None = None):

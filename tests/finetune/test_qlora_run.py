@@ -103,3 +103,36 @@ def test_load_model_of_the_qlora_workdir_is_the_in_memory_merged_model(runs):
     # ... and not the float base: the adapters and the NF4 rounding both show
     base_logits = model.apply({"params": load_params(runs / "base")}, tokens)
     assert np.abs(np.asarray(got) - np.asarray(base_logits)).max() > 1e-3
+
+
+def test_export_hf_base_is_the_dequantized_base_the_adapter_export_names(runs, tmp_path, capsys):
+    from safetensors.numpy import load_file
+
+    from jaxdl.interop import llama
+
+    assert (
+        main(
+            ["export-hf", "--base", "--workdir", str(runs / "qlora"), "--out", str(tmp_path / "b")]
+        )
+        == 0
+    )
+    written = load_file(str(tmp_path / "b" / "model.safetensors"))
+    model_cfg = json.loads((runs / "qlora" / "config.json").read_text())["model"]
+    dequantized = llama.to_state_dict(load_params(runs / "qlora", merge_lora=False), model_cfg)
+    float_base = llama.to_state_dict(load_params(runs / "base"), model_cfg)
+    assert written.keys() == dequantized.keys()
+    for key, value in written.items():
+        np.testing.assert_array_equal(value, dequantized[key])
+    # the NF4 rounding shows on every projection, and nothing else changed
+    changed = {k for k in written if not np.array_equal(written[k], float_base[k])}
+    assert changed == {k for k in written if k.endswith("_proj.weight")}
+    capsys.readouterr()
+    out = ["--out", str(tmp_path / "a")]
+    assert main(["export-hf", "--adapter", "--workdir", str(runs / "qlora"), *out]) == 0
+    assert "jaxdl export-hf --base" in capsys.readouterr().out
+    # a run without adapters has no base of its own: one line, exit 2
+    out = ["--out", str(tmp_path / "c")]
+    assert main(["export-hf", "--base", "--workdir", str(runs / "base"), *out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds no LoRA adapters" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "c").exists()

@@ -306,18 +306,24 @@ def test_smollm2_export_hf_and_gguf_read_back(smol, tmp_path):
         )
 
 
-def test_peft_adapter_loads_with_the_merged_exports_logits(tmp_path):
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_peft_adapter_loads_with_the_merged_exports_logits(tmp_path, quantize):
     """A LoRA SFT run's adapter (export-hf --adapter) on the base's export (PEFT) gives
-    the merged export's logits, and jaxdl's own merged model's."""
+    the merged export's logits, and jaxdl's own merged model's. For QLoRA the base is the
+    run's dequantized one (export-hf --base), which the float base is not."""
     import peft
-    from _llm import hf_folder
+    from _llm import HF_CONFIG, hf_folder
 
     from jaxdl import config as config_lib
     from jaxdl.data.pydoc_qa import write_pydoc_qa
     from jaxdl.interop.peft import export_adapter
     from jaxdl.training.trainer import train
 
-    import_checkpoint("hf:auto", str(hf_folder(tmp_path)), tmp_path / "base")
+    # NF4 blocks the input axis by 64: for QLoRA, projections that all take multiples of 64
+    config = HF_CONFIG
+    if quantize:
+        config = {**HF_CONFIG, "hidden_size": 64, "intermediate_size": 128, "head_dim": 16}
+    import_checkpoint("hf:auto", str(hf_folder(tmp_path, config)), tmp_path / "base")
     write_pydoc_qa(tmp_path / "qa", seed=0)
     cfg = config_lib.load_config(
         "sft",
@@ -332,8 +338,14 @@ def test_peft_adapter_loads_with_the_merged_exports_logits(tmp_path):
             "--config.lora.alpha=8.0",
         ],
     )
+    if quantize:
+        cfg.lora = {**cfg.lora.to_dict(), "quantize": quantize}
     train(cfg, tmp_path / "run", progress=False)
-    export_hf(tmp_path / "base", tmp_path / "base_hf")
+    if quantize:
+        export_hf(tmp_path / "run", tmp_path / "base_hf", base=True)
+        export_hf(tmp_path / "base", tmp_path / "float_base_hf")
+    else:
+        export_hf(tmp_path / "base", tmp_path / "base_hf")
     export_hf(tmp_path / "run", tmp_path / "merged_hf")
     export_adapter(tmp_path / "run", tmp_path / "adapter")
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base_hf")
@@ -344,3 +356,9 @@ def test_peft_adapter_loads_with_the_merged_exports_logits(tmp_path):
     assert relative_error(theirs, reference_logits(tmp_path / "merged_hf", ids)) < TOL
     model, variables = jaxdl.load_model(tmp_path / "run")
     assert relative_error(model.apply(variables, ids), theirs) < TOL
+    if quantize:  # the float base is not the model the adapters trained over
+        float_base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "float_base_hf")
+        on_float = peft.PeftModel.from_pretrained(float_base, tmp_path / "adapter").eval()
+        with torch.no_grad():
+            off = on_float(torch.tensor(ids)).logits.numpy()
+        assert relative_error(off, theirs) > 10 * TOL

@@ -1,0 +1,139 @@
+"""Matrix products of Dense layers and heads under a low-precision compute dtype.
+
+A ``bfloat16`` x ``bfloat16`` product that returns ``bfloat16`` accumulates however the
+backend likes; asked for ``float32`` (``preferred_element_type``) it accumulates in float32,
+which is what mixed precision means, and on XLA:CPU it is also the only bf16 product that
+reaches the library kernels (YNNPACK, with AMX / AVX512-BF16 where the CPU has them): a
+bf16 -> bf16 product is upcast to float32 math. Autodiff's transpose of such a product
+keeps the float32 cotangent, so the backward products would be float32 ones;
+`low_precision_matmul` gives them bf16 operands and float32 accumulation too.
+
+Float32 operands take `jax.lax.dot_general` unchanged (nn.Dense's own HLO), so float32
+parity is untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _f32_accumulated(lhs, rhs, lhs_axis: int, rhs_axis: int, precision=None):
+    dims = (((lhs_axis,), (rhs_axis,)), ((), ()))
+    return jax.lax.dot_general(
+        lhs, rhs, dims, precision=precision, preferred_element_type=jnp.float32
+    )
+
+
+def contract(lhs: jax.Array, rhs: jax.Array, lhs_axis: int, rhs_axis: int) -> jax.Array:
+    """lhs and rhs contracted over one axis each, accumulated in float32, returned in lhs's
+    dtype: ``contract(x, w, -1, 0)`` is ``x @ w``, ``contract(g, w, -1, 1)`` is ``g @ w.T``,
+    ``contract(x, g, 0, 0)`` is ``x.T @ g``. For float32 operands it is the plain product."""
+    return _f32_accumulated(lhs, rhs, lhs_axis % lhs.ndim, rhs_axis % rhs.ndim).astype(lhs.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def low_precision_matmul(
+    x: jax.Array,
+    w: jax.Array,
+    w_transposed: bool = False,
+    out_dtype: Any = None,
+    precision: Any = None,
+) -> jax.Array:
+    """``x @ w`` (``x @ w.T`` when w_transposed) for x [..., K] and w [K, N] ([N, K]) in one
+    low-precision dtype: float32 accumulation, the result in out_dtype (default x's)."""
+    y = _f32_accumulated(x, w, x.ndim - 1, 1 if w_transposed else 0, precision)
+    return y.astype(out_dtype or x.dtype)
+
+
+def _matmul_fwd(x, w, w_transposed, out_dtype, precision):
+    return low_precision_matmul(x, w, w_transposed, out_dtype, precision), (x, w)
+
+
+def _matmul_bwd(w_transposed, out_dtype, precision, residuals, g):
+    x, w = residuals
+    g = g.astype(x.dtype)
+    # dx = g w^T contracts N; dw = x^T g (or g^T x) contracts every leading axis of x, and
+    # XLA drops it when w is frozen.
+    dx = _f32_accumulated(g, w, g.ndim - 1, 0 if w_transposed else 1, precision)
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    dw = (
+        _f32_accumulated(g2, x2, 0, 0, precision)
+        if w_transposed
+        else _f32_accumulated(x2, g2, 0, 0, precision)
+    )
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+low_precision_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _is_low_precision(*arrays: jax.Array) -> bool:
+    return len({a.dtype for a in arrays}) == 1 and arrays[0].dtype in LOW_PRECISION
+
+
+def dense_dot_general(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    dimension_numbers: Any,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    *,
+    out_dtype: Any = None,
+) -> jax.Array:
+    """A drop-in ``dot_general`` for ``nn.Dense``: `low_precision_matmul` when both operands
+    share a low-precision dtype and the product is a Dense one, else `jax.lax.dot_general`.
+    out_dtype (bind it with functools.partial): the low-precision product's result dtype,
+    float32 for a head whose logits should not be rounded."""
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+    dense = (
+        tuple(lhs_contract) == (lhs.ndim - 1,)
+        and tuple(rhs_contract) == (0,)
+        and not tuple(lhs_batch)
+        and not tuple(rhs_batch)
+        and rhs.ndim == 2
+    )
+    if dense and preferred_element_type is None and _is_low_precision(lhs, rhs):
+        return low_precision_matmul(lhs, rhs, False, out_dtype, precision)
+    return jax.lax.dot_general(
+        lhs,
+        rhs,
+        dimension_numbers,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+
+
+def tied_logits(h: jax.Array, embedding: jax.Array) -> jax.Array:
+    """float32 logits ``h @ embedding.T`` of a tied head, h and embedding in the compute
+    dtype: a low-precision pair accumulates in float32 and is never rounded to bf16."""
+    if _is_low_precision(h, embedding):
+        return low_precision_matmul(h, embedding, True, jnp.float32)
+    return jnp.dot(h, embedding.T).astype(jnp.float32)
+
+
+def head_dot_general(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    dimension_numbers: Any,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> jax.Array:
+    """`dense_dot_general` for an untied head: a low-precision product returns float32."""
+    return dense_dot_general(
+        lhs, rhs, dimension_numbers, precision, preferred_element_type, out_dtype=jnp.float32
+    )
+
+
+def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``jnp.einsum(spec, a, b)`` accumulated and returned in float32: for attention's q.k and
+    weights.v, whose bf16 -> bf16 form XLA:CPU would upcast whole. Its backward products are
+    autodiff's (float32): a custom bf16 backward made XLA:CPU 0.10 emit batched bf16 x bf16 ->
+    f32 dots that its fallback kernel cannot run ("Unsupported element type for
+    DotThunk::Execute") on small shapes."""
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
