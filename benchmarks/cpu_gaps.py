@@ -3,6 +3,7 @@
     python benchmarks/cpu_gaps.py                      # all probes
     python benchmarks/cpu_gaps.py --probes attention-step,attention-step-vit  # whole steps
     python benchmarks/cpu_gaps.py --probes lora-step,lora-step-mlp --steps 10
+    python benchmarks/cpu_gaps.py --probes matmul     # bf16 vs float32 (the CPU's bf16 units)
     XLA_FLAGS=--xla_cpu_use_onednn=true python benchmarks/cpu_gaps.py --probes conv
     python benchmarks/cpu_gaps.py --smoke     # every probe at tiny shapes, one trial (CI)
 
@@ -136,6 +137,42 @@ def attention_probe(small: bool = False) -> list[_timing.Runner]:
     ]
 
 
+def matmul_probe(small: bool = False) -> list[_timing.Runner]:
+    """A SmolLM2 MLP projection over a 4 x 256 batch: [1024, 576] x [576, 1536], forward +
+    input gradient (a frozen base's backward), in float32, in bf16 as `jnp.dot` computes it
+    (bf16 result), and in bf16 as jaxdl's Dense does (float32 accumulation,
+    `jaxdl.models.matmul`), against torch's float32 and bf16."""
+    from jaxdl.models.matmul import dense_dot_general
+
+    m, k, n = (16, 16, 32) if small else (1024, 576, 1536)
+    x = jax.random.normal(jax.random.PRNGKey(0), (m, k))
+    w = jax.random.normal(jax.random.PRNGKey(1), (k, n)) / np.sqrt(k)
+    dims = (((1,), (0,)), ((), ()))
+
+    def loss(dtype, dot):
+        def f(x, w):
+            y = dot(x.astype(dtype), w.astype(dtype), dims)
+            return jnp.sum(y.astype(jnp.float32) ** 2)
+
+        return jax.grad(f)  # d/dx only: w frozen
+
+    def twin(dtype):
+        def make():
+            xt = torch.randn(m, k, dtype=dtype, requires_grad=True)
+            wt = torch.randn(n, k, dtype=dtype)
+            return lambda: (F.linear(xt, wt).float() ** 2).sum()
+
+        return make
+
+    return [
+        _jax("jax float32", loss(jnp.float32, jax.lax.dot_general), x, w),
+        _jax("jax bf16 (bf16 result)", loss(jnp.bfloat16, jax.lax.dot_general), x, w),
+        _jax("jax bf16 (jaxdl, f32 acc.)", loss(jnp.bfloat16, dense_dot_general), x, w),
+        *_torch("torch bf16", twin(torch.bfloat16) if torch else None),
+        *_torch("torch float32", twin(torch.float32) if torch else None),
+    ]
+
+
 def _twin_step(case, mode: str, batch, label: str) -> list[_timing.Runner]:
     """[torch eager's train step of `case`], or [] without torch."""
     from benchmarks import throughput
@@ -187,6 +224,7 @@ PROBES: dict[str, Callable[[bool], list[_timing.Runner]]] = {
     "conv": conv_probe,
     "pool": pool_probe,
     "attention": attention_probe,
+    "matmul": matmul_probe,
     "attention-step": lambda small: attention_step_probe("smoke-gpt" if small else "gpt-small"),
     "attention-step-vit": lambda small: attention_step_probe("smoke-vit" if small else "vit-tiny"),
     "lora-step": lambda small: lora_step_probe("smoke-gpt" if small else "gpt-small"),

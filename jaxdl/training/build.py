@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from jaxdl.core import heads, quant
+from jaxdl.core import tree as tree_lib
 from jaxdl.core.optim import make_optimizer, opt_state_slots
 from jaxdl.core.state import TrainState
 from jaxdl.errors import UserError
@@ -103,6 +104,26 @@ def init_variables(model: nn.Module, sample: jax.Array, seed: int) -> dict:
     return jax.tree.map(np.asarray, dict(variables))
 
 
+def abstract_variables(model: nn.Module, sample: jax.Array) -> dict:
+    """The shapes and dtypes of `init_variables`' result (jax.ShapeDtypeStruct leaves),
+    computed without allocating them."""
+    rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
+    with jax.threefry_partitionable(False):
+        return dict(jax.eval_shape(_jitted_init(model), rngs, sample))
+
+
+def fill_fresh(variables: dict, model: nn.Module, sample: jax.Array, seed: int) -> dict:
+    """`variables` with every leaf still abstract (the checkpoint did not supply it: a new
+    head, a reinit rule) taken from the fresh init, which is computed only when one is."""
+    flat = tree_lib.flatten(variables)
+    missing = [p for p, v in flat.items() if isinstance(v, jax.ShapeDtypeStruct)]
+    if not missing:
+        return variables
+    fresh = tree_lib.flatten(init_variables(model, sample, seed))
+    flat.update({p: fresh[p] for p in missing})
+    return tree_lib.unflatten(flat)
+
+
 def _jitted_init(model: nn.Module):
     """One compiled init per distinct model: a sweep's members (or the runs of one process)
     that differ only in seed reuse it instead of compiling it again (6 s each, here)."""
@@ -144,15 +165,19 @@ def build(
             f"{sorted(example_spec)}. Fix: pair the model with a matching data source."
         )
     check_vocabulary(model, kind, num_classes)
-    variables = init_variables(model, sample_input(example_spec, head.input_key), cfg.seed)
-
+    sample = sample_input(example_spec, head.input_key)
     init_report = None
     if cfg.init_from.checkpoint:
         if restore_fn is None:
             from jaxdl.finetune.surgery import restore_pretrained as restore_fn
         init_from = cfg.init_from.to_dict()
         init_from["step"] = None if init_from["step"] < 0 else init_from["step"]
-        variables, init_report = restore_fn(init_from, variables)
+        # Restored over the model's shapes: a fresh init of the leaves the checkpoint
+        # supplies would double the peak memory of fine-tuning a large base.
+        variables, init_report = restore_fn(init_from, abstract_variables(model, sample))
+        variables = fill_fresh(variables, model, sample, cfg.seed)
+    else:
+        variables = init_variables(model, sample, cfg.seed)
 
     params = {"params": variables["params"]}
     model_state = {k: v for k, v in variables.items() if k != "params"}
@@ -183,6 +208,9 @@ def build(
     )
     plan = partition.make_plan(params, rules)
     trainable, frozen = partition.split(params, plan)
+    param_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    del params, variables  # held by trainable / frozen alone: a QLoRA base's float kernels
+    # go when `frozen` is replaced by its quantized tree
     frozen = quantize_frozen(frozen, None if lora_cfg is None else lora_cfg["quantize"])
 
     def lr_mults(step):
@@ -208,7 +236,7 @@ def build(
         state, layout = sharding.create_state(init_state, (trainable, frozen, model_state), mesh)
     rows = partition.plan_rows(
         plan,
-        params,
+        param_shapes,
         base_lr=float(cfg.optimizer.learning_rate),
         opt_state_slots=opt_state_slots(cfg.optimizer),
         stored_bytes=quant.quantized_bytes(frozen),
