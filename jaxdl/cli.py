@@ -190,9 +190,11 @@ def run(argv: Sequence[str]) -> int:
         # Before anything touches a device; a no-op without flags outside SLURM / Open MPI.
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         from jaxdl import config as config_lib
+
+        # A bad config is reported before the trainer's imports (sklearn and more: ~2 s).
+        cfg = config_lib.load_config(args.config, overrides)
         from jaxdl.training.trainer import train
 
-        cfg = config_lib.load_config(args.config, overrides)
         if cfg.tasks:
             from jaxdl.training.multitask import run_tasks
 
@@ -212,10 +214,12 @@ def run(argv: Sequence[str]) -> int:
         print(json.dumps(summary, indent=2))
     elif args.command == "sweep":
         from jaxdl import config as config_lib
+
+        cfg = config_lib.load_config(args.config, overrides)  # as for train: first
         from jaxdl.runs.sweep import run_sweep
 
         run_sweep(
-            config_lib.load_config(args.config, overrides),
+            cfg,
             args.workdir,
             args.param,
             trials=args.trials,

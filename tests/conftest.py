@@ -18,3 +18,35 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jaxdl-test-xla-cache")
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+
+
+def _marked_for_one_worker(path: str) -> bool:
+    """Whether the test module at ``path`` (relative to the rootdir) sets an xdist_group
+    pytestmark."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return "pytestmark = pytest.mark.xdist_group(" in f.read()
+    except OSError:
+        return False
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup` as xdist documents it: a module marked xdist_group runs on one
+    worker (its module-scoped fixtures, training runs, are made once, not once per worker),
+    every other test goes to whichever worker is free. xdist 3.8 marks a grouped test by
+    appending "@group" to its node id, which pytest 9's node ids no longer take, so the
+    grouping is done here, by module, from the same markers."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    marked: dict[str, bool] = {}
+
+    class ModuleGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            if path not in marked:
+                marked[path] = _marked_for_one_worker(os.path.join(str(config.rootpath), path))
+            return path if marked[path] else nodeid
+
+    return ModuleGroupScheduling(config, log)

@@ -232,8 +232,9 @@ def _stale_callback_arg(optuna) -> str:
 # from its checkpoints there, so the trial is neither lost nor trained twice. Dead is: its
 # process is gone (same host, seen at once), or its heartbeat is GRACE_S old (any host).
 
-HEARTBEAT_S = 5
-GRACE_S = 30
+# Environment overrides (whole seconds) for tests that wait out a dead process's grace.
+HEARTBEAT_S = int(os.environ.get("JAXDL_SWEEP_HEARTBEAT_S", "5"))
+GRACE_S = int(os.environ.get("JAXDL_SWEEP_GRACE_S", "30"))
 TRIAL_KEY = "jaxdl_trial"  # the workdir number a requeued trial continues
 RETRY_OF = "jaxdl_retry_of"  # the trial number it replaces
 OWNER = "jaxdl_owner"  # {"host", "pidns", "pid"} of the process training it

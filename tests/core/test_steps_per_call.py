@@ -12,6 +12,9 @@ from jaxdl.checkpoint.read import load_params
 from jaxdl.training.runlog import read_metrics
 from jaxdl.training.trainer import NonFiniteLossError, chunk_size, train
 
+# One xdist worker runs this module (--dist loadgroup): its module fixtures are made once.
+pytestmark = pytest.mark.xdist_group("test_steps_per_call")
+
 QUICK = [
     "--config.num_epochs=0",
     "--config.num_steps=40",

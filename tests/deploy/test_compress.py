@@ -15,6 +15,9 @@ from jaxdl.deploy import export, predict, prune
 from jaxdl.deploy.quantize import Int8Tensor, dequantize, quantize_kernel, quantize_params
 from jaxdl.models import create_model
 
+# One xdist worker runs this module (--dist loadgroup): its module fixtures are made once.
+pytestmark = pytest.mark.xdist_group("test_compress")
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

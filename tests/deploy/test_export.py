@@ -22,6 +22,9 @@ from jaxdl.deploy import artifact as artifact_format
 from jaxdl.deploy import export, predict
 from jaxdl.deploy.quantize import dequantize, quantize_params
 
+# One xdist worker runs this module (--dist loadgroup): its module fixtures are made once.
+pytestmark = pytest.mark.xdist_group("test_export")
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

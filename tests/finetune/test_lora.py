@@ -9,6 +9,9 @@ import pytest
 from jaxdl.core import tree as tree_lib
 from jaxdl.finetune import lora
 
+# One xdist worker runs this module (--dist loadgroup): its module fixtures are made once.
+pytestmark = pytest.mark.xdist_group("test_lora")
+
 RANK, ALPHA = 2, 3.0
 SCALE = ALPHA / RANK
 

@@ -21,6 +21,9 @@ from jaxdl.training.evaluate import restore_run
 from jaxdl.training.runlog import read_metrics
 from jaxdl.training.trainer import train
 
+# One xdist worker runs this module (--dist loadgroup): its module fixtures are made once.
+pytestmark = pytest.mark.xdist_group("test_lora_run")
+
 STEPS = 6
 RANK, ALPHA = 2, 4.0
 KERNELS = {"conv_0": (9, 64), "conv_1": (9 * 64, 128), "fc": (2 * 2 * 128, 128), "head": (128, 10)}

@@ -19,6 +19,9 @@ from jaxdl.core import quant, steps
 from jaxdl.core import tree as tree_lib
 from jaxdl.training.evaluate import restore_run
 
+# One xdist worker runs this module (--dist loadgroup): its module fixtures are made once.
+pytestmark = pytest.mark.xdist_group("test_qlora_run")
+
 STEPS = 4
 LORA = {"rank": 4, "alpha": 8.0, "targets": r"params/.*_proj/kernel", "quantize": "nf4"}
 # tiny Llama: per layer q, o [64, 64]; k, v [64, 32]; gate, up [64, 128]; down [128, 64]

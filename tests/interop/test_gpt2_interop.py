@@ -26,6 +26,9 @@ from jaxdl.interop.hf_export import export_hf
 from jaxdl.models import create_model
 from jaxdl.testing import subprocess_env
 
+# One xdist worker runs this module (--dist loadgroup): its module fixtures are made once.
+pytestmark = pytest.mark.xdist_group("test_gpt2_interop")
+
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "hub"
 TINY = FIXTURES / "gpt2_tiny"
 TOL = 1e-4

@@ -18,6 +18,9 @@ from jaxdl.deploy.predict import predict_files
 from jaxdl.interop import import_checkpoint
 from jaxdl.training.evaluate import export_workdir
 
+# One xdist worker runs this module (--dist loadgroup): its module fixtures are made once.
+pytestmark = pytest.mark.xdist_group("test_imported_vision")
+
 CASES = {
     "resnet_basic_tiny": "timm:resnet18",
     "vit_timm_tiny": "timm:vit_tiny_patch16_224",

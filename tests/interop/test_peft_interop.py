@@ -19,6 +19,9 @@ from jaxdl.interop import import_checkpoint
 from jaxdl.testing import subprocess_env
 from jaxdl.training.trainer import train
 
+# One xdist worker runs this module (--dist loadgroup): its module fixtures are made once.
+pytestmark = pytest.mark.xdist_group("test_peft_interop")
+
 TARGETS = r"params/.*/(q_proj|v_proj|down_proj)/kernel"
 
 

@@ -24,6 +24,9 @@ from jaxdl.interop import import_checkpoint, resnet
 from jaxdl.interop.readers import read_state_dict, sha256
 from jaxdl.testing import subprocess_env
 
+# One xdist worker runs this module (--dist loadgroup): its module fixtures are made once.
+pytestmark = pytest.mark.xdist_group("test_resnet_interop")
+
 CASES = {"resnet_basic_tiny": "timm:resnet18", "resnet_bottleneck_tiny": "timm:resnet50"}
 imported = imported_fixture(CASES)
 

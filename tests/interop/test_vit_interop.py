@@ -23,6 +23,9 @@ from jaxdl.interop.readers import read_state_dict
 from jaxdl.interop.vision import with_source_preprocessing
 from jaxdl.models.vit import resample_posemb
 
+# One xdist worker runs this module (--dist loadgroup): its module fixtures are made once.
+pytestmark = pytest.mark.xdist_group("test_vit_interop")
+
 CASES = {
     "vit_timm_tiny": "timm:vit_tiny_patch16_224",
     "vit_torchvision_tiny": "torchvision:vit_b_16",

@@ -13,6 +13,9 @@ from jaxdl import config as config_lib
 from jaxdl.training.build import build
 from jaxdl.training.trainer import train
 
+# One xdist worker runs this module (--dist loadgroup): its module fixtures are made once.
+pytestmark = pytest.mark.xdist_group("test_lm")
+
 TINY = [
     "--config.model={'name': 'transformer', 'size': 'tiny', 'vocab_size': 256}",
     "--config.data.seq_len=32",

@@ -17,6 +17,9 @@ from jaxdl.lm.generate import generate_text
 from jaxdl.lm.tokenizer import ByteTokenizer, hf_tokenizer_json, load_tokenizer, train_bpe
 from jaxdl.testing import subprocess_env
 
+# One xdist worker runs this module (--dist loadgroup): its module fixtures are made once.
+pytestmark = pytest.mark.xdist_group("test_tokenizer")
+
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "hub"
 BPE = FIXTURES / "bpe_stdlib.json"
 CODE = "import os\n\ndef main(argv=None):\n    return os.path.join('a', 'b')  # héllo ✓\n"

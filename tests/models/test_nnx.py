@@ -25,6 +25,9 @@ from jaxdl.testing import kill_mid_run
 from jaxdl.training.runlog import read_metrics
 from jaxdl.training.trainer import train
 
+# One xdist worker runs this module (--dist loadgroup): its module fixtures are made once.
+pytestmark = pytest.mark.xdist_group("test_nnx")
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "experiments" / "nnx_digits.py"
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}

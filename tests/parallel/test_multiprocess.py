@@ -27,6 +27,9 @@ from jaxdl.errors import UserError
 from jaxdl.parallel import sharding
 from jaxdl.training.runlog import read_metrics
 
+# One xdist worker runs this module (--dist loadgroup): its module fixtures are made once.
+pytestmark = pytest.mark.xdist_group("test_multiprocess")
+
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 40
 OVERRIDES = [

@@ -28,6 +28,9 @@ from jaxdl.models import create_model
 from jaxdl.parallel import sharding
 from jaxdl.training.runlog import read_metrics
 
+# One xdist worker runs this module (--dist loadgroup): its module fixtures are made once.
+pytestmark = pytest.mark.xdist_group("test_sharding")
+
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location(
     "_sharding_worker", ROOT / "tests/_sharding_worker.py"

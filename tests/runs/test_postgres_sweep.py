@@ -26,7 +26,13 @@ from test_sweep_kill import QUICK  # 40 steps, eval and checkpoint every 10
 from jaxdl import config as config_lib
 from jaxdl.runs.sweep import run_sweep
 
+# One xdist worker runs this module (--dist loadgroup): its module fixtures are made once.
+pytestmark = pytest.mark.xdist_group("test_postgres_sweep")
+
+# A dead worker's trial is requeued once its heartbeat is GRACE_S old: 12 s with beats every
+# 2 s (6 missed beats) instead of 30 s, so that B does not sit idle waiting for A's trial.
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+ENV |= {"JAXDL_SWEEP_HEARTBEAT_S": "2", "JAXDL_SWEEP_GRACE_S": "12"}
 GRID = ["optimizer.learning_rate=[1e-3,2e-3,3e-3]", "seed=[0,1]"]
 
 

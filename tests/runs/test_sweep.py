@@ -10,6 +10,9 @@ from jaxdl.runs.sweep import run_sweep
 from jaxdl.training.runlog import read_metrics
 from jaxdl.training.trainer import train
 
+# One xdist worker runs this module (--dist loadgroup): its module fixtures are made once.
+pytestmark = pytest.mark.xdist_group("test_sweep")
+
 QUICK = [
     "--config.num_epochs=0",
     "--config.num_steps=30",

@@ -14,6 +14,9 @@ from jaxdl.cli import main as cli_main
 from jaxdl.core import steps
 from jaxdl.training.evaluate import restore_run
 
+# One xdist worker runs this module (--dist loadgroup): its module fixtures are made once.
+pytestmark = pytest.mark.xdist_group("test_multilabel_experiment")
+
 
 @pytest.fixture(scope="module")
 def experiment():

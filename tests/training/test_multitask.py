@@ -28,6 +28,9 @@ from jaxdl.training.multitask import format_rows, run_tasks, task_configs
 from jaxdl.training.runlog import read_metrics
 from jaxdl.training.trainer import train
 
+# One xdist worker runs this module (--dist loadgroup): its module fixtures are made once.
+pytestmark = pytest.mark.xdist_group("test_multitask")
+
 STEPS = 8
 QUICK = [
     "--config.num_epochs=0",

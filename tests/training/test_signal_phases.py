@@ -14,6 +14,9 @@ import pytest
 
 from jaxdl.training.runlog import read_metrics
 
+# One xdist worker runs this module (--dist loadgroup): its module fixtures are made once.
+pytestmark = pytest.mark.xdist_group("test_signal_phases")
+
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 QUICK = [
     "--config.num_epochs=0",

@@ -24,6 +24,9 @@ from jaxdl.lm.tokenizer import load_tokenizer
 from jaxdl.models import create_model
 from jaxdl.training.evaluate import export_workdir, restore_run
 
+# One xdist worker runs this module (--dist loadgroup): its module fixtures are made once.
+pytestmark = pytest.mark.xdist_group("test_textclf")
+
 TINY = {"name": "transformer", "size": "tiny", "vocab_size": 256}
 GPT2_TINY = Path(__file__).parents[1] / "fixtures" / "hub" / "gpt2_tiny"
 

@@ -10,6 +10,9 @@ from jaxdl.training.evaluate import evaluate_workdir
 from jaxdl.training.runlog import read_metrics
 from jaxdl.training.trainer import NonFiniteLossError, train
 
+# One xdist worker runs this module (--dist loadgroup): its module fixtures are made once.
+pytestmark = pytest.mark.xdist_group("test_trainer")
+
 QUICK = [
     "--config.num_epochs=0",
     "--config.num_steps=40",
