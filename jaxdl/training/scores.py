@@ -17,11 +17,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from sklearn import metrics as skm
 
 from jaxdl.core.heads import finalize
 
 Arrays = Mapping[str, np.ndarray]
+
+
+def _skm():
+    """sklearn.metrics, imported on first use: the import takes about 0.9 s, which every
+    jaxdl process would otherwise pay at start, runs that never score with it included."""
+    from sklearn import metrics
+
+    return metrics
 
 
 def gather(batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -33,7 +40,7 @@ def gather(batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]
 
 def best_f1_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
     """(threshold, F1) maximizing F1 of ``scores >= threshold`` over the split's scores."""
-    precision, recall, thresholds = skm.precision_recall_curve(labels, scores)
+    precision, recall, thresholds = _skm().precision_recall_curve(labels, scores)
     # The curve's last point (recall 0) has no threshold.
     p, r = precision[:-1], recall[:-1]
     f1 = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-300), 0.0)
@@ -44,19 +51,19 @@ def best_f1_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, fl
 def _binary(labels: np.ndarray, scores: np.ndarray, threshold: float | None) -> dict[str, float]:
     pred = (scores >= 0.5).astype(np.int64)
     out = {
-        "precision": skm.precision_score(labels, pred, zero_division=0),
-        "recall": skm.recall_score(labels, pred, zero_division=0),
-        "f1": skm.f1_score(labels, pred, zero_division=0),
+        "precision": _skm().precision_score(labels, pred, zero_division=0),
+        "recall": _skm().recall_score(labels, pred, zero_division=0),
+        "f1": _skm().f1_score(labels, pred, zero_division=0),
     }
     if len(np.unique(labels)) == 2:  # AUCs are undefined on a one-class split
-        out["roc_auc"] = skm.roc_auc_score(labels, scores)
-        out["pr_auc"] = skm.average_precision_score(labels, scores)
+        out["roc_auc"] = _skm().roc_auc_score(labels, scores)
+        out["pr_auc"] = _skm().average_precision_score(labels, scores)
         if threshold is None:
             out["best_threshold"], out["f1_at_best_threshold"] = best_f1_threshold(labels, scores)
     if threshold is not None:
         chosen = (scores >= threshold).astype(np.int64)
-        out["f1_at_val_threshold"] = skm.f1_score(labels, chosen, zero_division=0)
-        out["accuracy_at_val_threshold"] = skm.accuracy_score(labels, chosen)
+        out["f1_at_val_threshold"] = _skm().f1_score(labels, chosen, zero_division=0)
+        out["accuracy_at_val_threshold"] = _skm().accuracy_score(labels, chosen)
     return {k: float(v) for k, v in out.items()}
 
 
@@ -78,7 +85,9 @@ def exact_metrics(kind: str, arrays: Arrays, threshold: float | None = None) -> 
     """
     if kind == "classification":
         y, pred = arrays["label"], arrays["pred"]
-        p, r, f1, _ = skm.precision_recall_fscore_support(y, pred, average="macro", zero_division=0)
+        p, r, f1, _ = _skm().precision_recall_fscore_support(
+            y, pred, average="macro", zero_division=0
+        )
         return {"macro_f1": float(f1), "macro_precision": float(p), "macro_recall": float(r)}
     if kind == "binary":
         labels, probs = arrays["label"].astype(np.int64), arrays["score"].astype(np.float64)
@@ -88,25 +97,25 @@ def exact_metrics(kind: str, arrays: Arrays, threshold: float | None = None) -> 
         scores = arrays["score"].astype(np.float64)
         pred = (scores >= 0.5).astype(np.int64)
         out = {
-            "micro_f1": skm.f1_score(y, pred, average="micro", zero_division=0),
-            "macro_f1": skm.f1_score(y, pred, average="macro", zero_division=0),
-            "subset_accuracy": skm.accuracy_score(y, pred),
+            "micro_f1": _skm().f1_score(y, pred, average="micro", zero_division=0),
+            "macro_f1": _skm().f1_score(y, pred, average="macro", zero_division=0),
+            "subset_accuracy": _skm().accuracy_score(y, pred),
         }
         defined = _defined_labels(y)
         if len(defined):
-            out["macro_roc_auc"] = skm.roc_auc_score(
+            out["macro_roc_auc"] = _skm().roc_auc_score(
                 y[:, defined], scores[:, defined], average="macro"
             )
         return {k: float(v) for k, v in out.items()}
     if kind == "regression":
         y = arrays["label"].astype(np.float64)
         pred = arrays["pred"].astype(np.float64)
-        mse = skm.mean_squared_error(y, pred)
+        mse = _skm().mean_squared_error(y, pred)
         return {
             "mse": float(mse),
             "rmse": float(np.sqrt(mse)),
-            "mae": float(skm.mean_absolute_error(y, pred)),
-            "r2": float(skm.r2_score(y, pred)),
+            "mae": float(_skm().mean_absolute_error(y, pred)),
+            "r2": float(_skm().r2_score(y, pred)),
         }
     raise AssertionError(f"no exact metrics for task kind {kind!r}")
 
@@ -122,28 +131,28 @@ def details(kind: str, arrays: Arrays, num_classes: int) -> dict[str, list]:
     if kind == "classification":
         y, pred = arrays["label"], arrays["pred"]
         classes = np.arange(max(num_classes, int(y.max()) + 1, int(pred.max()) + 1))
-        p, r, f1, _ = skm.precision_recall_fscore_support(
+        p, r, f1, _ = _skm().precision_recall_fscore_support(
             y, pred, labels=classes, average=None, zero_division=0
         )
         return {
             "per_class_precision": p.tolist(),
             "per_class_recall": r.tolist(),
             "per_class_f1": f1.tolist(),
-            "confusion_matrix": skm.confusion_matrix(y, pred, labels=classes).tolist(),
+            "confusion_matrix": _skm().confusion_matrix(y, pred, labels=classes).tolist(),
         }
     if kind == "binary":
         pred = (arrays["score"] >= 0.5).astype(np.int64)
-        cm = skm.confusion_matrix(arrays["label"], pred, labels=[0, 1])
+        cm = _skm().confusion_matrix(arrays["label"], pred, labels=[0, 1])
         return {"confusion_matrix": cm.tolist()}
     if kind == "multilabel":
         y = (arrays["label"] > 0.5).astype(np.int64)
         scores = arrays["score"].astype(np.float64)
         defined = set(_defined_labels(y).tolist())
         auc = [
-            float(skm.roc_auc_score(y[:, j], scores[:, j])) if j in defined else None
+            float(_skm().roc_auc_score(y[:, j], scores[:, j])) if j in defined else None
             for j in range(y.shape[1])
         ]
-        f1 = skm.f1_score(y, (scores >= 0.5).astype(np.int64), average=None, zero_division=0)
+        f1 = _skm().f1_score(y, (scores >= 0.5).astype(np.int64), average=None, zero_division=0)
         return {"per_label_roc_auc": auc, "per_label_f1": f1.tolist()}
     return {}
 
