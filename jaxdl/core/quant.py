@@ -139,18 +139,23 @@ def check_kind(kind: Any) -> None:
         )
 
 
-def quantize_kernels(tree: Tree, kind: str, prefix: str = "") -> dict:
+def quantize_kernels(tree: Tree, kind: str, prefix: str = "", *, consume: bool = False) -> dict:
     """``tree`` (e.g. the frozen params) with every 2-D leaf named "kernel" quantized.
+
+    ``consume``: pop each entry from ``tree`` (a dict) as it is done, so a float kernel
+    nothing else holds is freed before the next is quantized: the peak is one float base,
+    not a float base and a growing quantized one beside a float copy held to the end.
 
     Raises UserError naming lora.quantize and the layer when a kernel cannot be quantized
     (nf4: its input axis is not a multiple of 64).
     """
     check_kind(kind)
     out: dict[str, Any] = {}
-    for key, value in tree.items():
+    for key in list(tree):
+        value = tree.pop(key) if consume else tree[key]
         path = f"{prefix}/{key}" if prefix else str(key)
         if isinstance(value, Mapping):
-            out[key] = quantize_kernels(value, kind, path)
+            out[key] = quantize_kernels(value, kind, path, consume=consume)
         elif _is_quantizable(path, value):
             if kind == "nf4" and value.shape[0] % NF4_BLOCK:
                 raise UserError(

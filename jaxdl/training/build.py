@@ -68,10 +68,11 @@ def saves_frozen(lora_cfg: Mapping | None) -> bool:
 
 
 def quantize_frozen(frozen: dict, kind: str | None) -> dict:
-    """The frozen tree with its 2-D kernels stored quantized (`jaxdl.core.quant`)."""
+    """The frozen tree with its 2-D kernels stored quantized (`jaxdl.core.quant`); a
+    quantized run's ``frozen`` is emptied as its kernels are done (its float copies freed)."""
     if kind is None:
         return frozen
-    stored = quant.quantize_kernels(frozen, kind)
+    stored = quant.quantize_kernels(frozen, kind, consume=True)
     if not quant.quantized_bytes(stored):
         raise UserError(
             f"lora.quantize={kind!r}: no frozen 2-D kernel to quantize (the partition plan "
@@ -102,6 +103,24 @@ def init_variables(model: nn.Module, sample: jax.Array, seed: int) -> dict:
     with jax.threefry_partitionable(False):
         variables = _jitted_init(model)(rngs, sample)
     return jax.tree.map(np.asarray, dict(variables))
+
+
+def shapes_of(tree: Any) -> Any:
+    """``tree`` with jax.ShapeDtypeStruct leaves: its structure without holding its arrays."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+def to_device_consuming(tree: dict) -> dict:
+    """``jax.tree.map(jnp.asarray, tree)``, popping each host leaf from ``tree`` once it is
+    on the device, so a large base is not held twice (host numpy and device copy)."""
+    out = {}
+    for key in list(tree):
+        value = tree.pop(key)
+        if isinstance(value, dict):
+            out[key] = to_device_consuming(value)
+        else:
+            out[key] = None if value is None else jnp.asarray(value)
+    return out
 
 
 def abstract_variables(model: nn.Module, sample: jax.Array) -> dict:
@@ -208,28 +227,33 @@ def build(
     )
     plan = partition.make_plan(params, rules)
     trainable, frozen = partition.split(params, plan)
-    param_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    del params, variables  # held by trainable / frozen alone: a QLoRA base's float kernels
-    # go when `frozen` is replaced by its quantized tree
+    param_shapes = shapes_of(params)
+    trainable_shapes = shapes_of(trainable)  # for the optimizer's closures, which outlive it
+    # From here trainable / frozen alone hold the arrays, so a float kernel is freed as soon
+    # as it is quantized or on the device: a large base is held once, not two or three times.
+    del params, variables
     frozen = quantize_frozen(frozen, None if lora_cfg is None else lora_cfg["quantize"])
 
     def lr_mults(step):
-        return partition.lr_mult_tree(plan, trainable, step)
+        return partition.lr_mult_tree(plan, trainable_shapes, step)
 
     tx = make_optimizer(
         cfg.optimizer,
         total_steps,
         lr_mults=lr_mults,
-        wd_mults=partition.wd_mult_tree(plan, trainable),
+        wd_mults=partition.wd_mult_tree(plan, trainable_shapes),
     )
 
     def init_state(trainable, frozen, model_state):
         rng = jax.random.PRNGKey(cfg.seed + 3)
         return TrainState.create(trainable, tx, rng, frozen=frozen, model_state=model_state)
 
+    stored_bytes = quant.quantized_bytes(frozen)
     layout = None
     if mesh is None:
-        state = init_state(*jax.tree.map(jnp.asarray, (trainable, frozen, model_state)))
+        parts = (trainable, frozen, model_state)
+        del trainable, frozen, model_state
+        state = init_state(*(to_device_consuming(p) for p in parts))
     else:
         from jaxdl.parallel import sharding
 
@@ -239,7 +263,7 @@ def build(
         param_shapes,
         base_lr=float(cfg.optimizer.learning_rate),
         opt_state_slots=opt_state_slots(cfg.optimizer),
-        stored_bytes=quant.quantized_bytes(frozen),
+        stored_bytes=stored_bytes,
     )
     return Setup(
         model=model,
