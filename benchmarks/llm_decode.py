@@ -69,7 +69,7 @@ class JaxdlRunner:
         if dtype != "float32":
             model_cfg = {**model_cfg, "dtype": dtype}
             params = jax.tree.map(lambda x: x.astype(dtype), params)
-        self.args = (model_cfg, params, prompt)
+        self.args = (model_cfg, jax.device_put(params), prompt)  # loaded once, as chat does
         self.new_tokens = new_tokens
         self.framework = "jaxdl" + SUFFIX[dtype]
 

@@ -59,7 +59,7 @@ class Chat:
             )
         self.model_cfg = dict(cfg.model)
         self.tokenizer = tokenizer
-        self.params = load_params(workdir)
+        self.params = jax.device_put(load_params(workdir))  # once, not every turn
         self.sampling = dict(
             greedy=temperature == 0,
             temperature=temperature or 1.0,
