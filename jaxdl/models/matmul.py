@@ -88,8 +88,8 @@ def dense_dot_general(
 ) -> jax.Array:
     """A drop-in ``dot_general`` for ``nn.Dense``: `low_precision_matmul` when both operands
     share a low-precision dtype and the product is a Dense one, else `jax.lax.dot_general`.
-    out_dtype (bind it with functools.partial): the low-precision product's result dtype,
-    float32 for a head whose logits should not be rounded."""
+    out_dtype: the low-precision product's result dtype (`head_dot_general` asks for
+    float32, for logits that should not be rounded to bf16)."""
     (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
     dense = (
         tuple(lhs_contract) == (lhs.ndim - 1,)

@@ -1,0 +1,97 @@
+"""bf16 compute's products (`jaxdl.models.matmul`): float32 accumulation in forward and
+backward, float32 operands untouched, and a bf16 Llama that agrees with its float32 twin."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdl.models import create_model, matmul
+
+DIMS = (((2,), (0,)), ((), ()))
+
+
+def _dots(fn, *args):
+    """(operand dtypes, preferred dtype) of every dot_general in fn's jaxpr, backward included."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                found.append(
+                    (
+                        tuple(str(v.aval.dtype) for v in eqn.invars),
+                        str(eqn.params["preferred_element_type"]),
+                    )
+                )
+            for value in eqn.params.values():
+                inner = getattr(value, "jaxpr", None)
+                if inner is not None:
+                    walk(getattr(inner, "jaxpr", inner))
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_float32_dense_product_is_the_plain_dot_general():
+    x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+    w = jax.random.normal(jax.random.key(1), (8, 5))
+    np.testing.assert_array_equal(
+        matmul.dense_dot_general(x, w, DIMS), jax.lax.dot_general(x, w, DIMS)
+    )
+    assert _dots(lambda x, w: matmul.dense_dot_general(x, w, DIMS), x, w) == [
+        (("float32", "float32"), "None")
+    ]
+
+
+def test_bf16_product_accumulates_in_float32_forward_and_backward():
+    x = jax.random.normal(jax.random.key(0), (2, 3, 16))
+    w = jax.random.normal(jax.random.key(1), (16, 24)) / 4
+
+    def loss(x, w, dtype, dot):
+        y = dot(x.astype(dtype), w.astype(dtype), DIMS)
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    bf16 = lambda x, w: loss(x, w, jnp.bfloat16, matmul.dense_dot_general)  # noqa: E731
+    dots = _dots(jax.grad(bf16, argnums=(0, 1)), x, w)
+    assert len(dots) == 3  # forward, dx, dw
+    assert all(d == (("bfloat16", "bfloat16"), "float32") for d in dots), dots
+    ours = jax.jit(jax.grad(bf16, argnums=(0, 1)))(x, w)
+    ref = jax.grad(lambda x, w: loss(x, w, jnp.float32, jax.lax.dot_general), argnums=(0, 1))(x, w)
+    for a, b in zip(ours, ref, strict=True):
+        assert a.dtype == jnp.float32
+        np.testing.assert_allclose(a, b, rtol=5e-2, atol=5e-2 * float(jnp.abs(b).max()))
+
+
+def test_tied_logits_are_float32_in_bf16():
+    h = jax.random.normal(jax.random.key(0), (1, 4, 16), jnp.bfloat16)
+    e = jax.random.normal(jax.random.key(1), (32, 16), jnp.bfloat16)
+    out = matmul.tied_logits(h, e)
+    assert out.dtype == jnp.float32
+    ref = jnp.einsum("btd,vd->btv", h.astype(jnp.float32), e.astype(jnp.float32))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)  # exact products of bf16 values
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_bf16_llama_agrees_with_float32_and_trains(tie):
+    cfg = {"name": "llama", "size": "tiny", "tie_embeddings": tie}
+    tokens = jax.random.randint(jax.random.key(2), (2, 9), 0, 256)
+    f32, bf16 = create_model(cfg), create_model({**cfg, "dtype": "bfloat16"})
+    params = f32.init(jax.random.key(0), tokens)["params"]
+    want = f32.apply({"params": params}, tokens)
+    got = bf16.apply({"params": params}, tokens)
+    assert got.dtype == jnp.float32
+    assert float(jnp.abs(got - want).max() / jnp.abs(want).max()) < 5e-2
+
+    def loss(p, model):
+        return jnp.mean(jax.nn.logsumexp(model.apply({"params": p}, tokens), axis=-1))
+
+    g32 = jax.grad(loss)(params, f32)
+    g16 = jax.jit(jax.grad(loss), static_argnums=1)(params, bf16)
+    for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32), strict=True):
+        assert a.dtype == b.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(a)))
+    pairs = list(zip(jax.tree.leaves(g16), jax.tree.leaves(g32), strict=True))
+    cos = sum(float(jnp.vdot(a, b)) for a, b in pairs)
+    norm = np.sqrt(sum(float(jnp.vdot(a, a)) for a in jax.tree.leaves(g16)))
+    norm *= np.sqrt(sum(float(jnp.vdot(b, b)) for b in jax.tree.leaves(g32)))
+    assert cos / norm > 0.99  # the same gradient direction
