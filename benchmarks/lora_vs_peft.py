@@ -102,34 +102,10 @@ FAMILIES = {
             "down_proj",
         ],
         "fan_in_fan_out": False,
-        "vocab": 49152,
     },
 }
-FAMILIES["llama-1b"] = {**FAMILIES["llama"], "vocab": 128256}
-LLAMA_1B_SHAPE = dict(
-    vocab_size=128256,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=8192,
-    rope_theta=500000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-)
-SMOLLM2_SHAPE = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    max_position_embeddings=8192,
-    rope_theta=100000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-)
+FAMILIES["llama"]["preset"] = "smollm2-135m"  # the random model: jaxdl's preset's shape
+FAMILIES["llama-1b"] = {**FAMILIES["llama"], "preset": "llama3-1b"}
 LEARNING_RATE = 1e-4
 
 
@@ -262,14 +238,25 @@ def worker(name: str, args) -> None:
 # ------------------------------------------------------------------ driver
 
 
+def _vocab(family: dict) -> int:
+    if "preset" not in family:
+        return family["vocab"]
+    from jaxdl.models.llama import llama_spec
+
+    return llama_spec({"name": "llama", "size": family["preset"]}).vocab_size
+
+
 def _make_model(model_dir: Path, family: str) -> int:
     torch, transformers = _import_torch_stack()
     torch.manual_seed(0)
     if family == "gpt2":
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config())
     else:
-        shape = LLAMA_1B_SHAPE if family == "llama-1b" else SMOLLM2_SHAPE
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape))
+        from jaxdl.interop import llama
+
+        preset = {"name": "llama", "size": FAMILIES[family]["preset"]}
+        config = transformers.LlamaConfig(**llama.hf_config(preset, {}))
+        model = transformers.LlamaForCausalLM(config)
     model.save_pretrained(model_dir)
     return sum(p.numel() for p in model.parameters())
 
@@ -382,7 +369,7 @@ def main(argv=None) -> None:
         "llama": "SmolLM2-135M-shaped Llama",
         "llama-1b": "Llama-3.2-1B-shaped Llama",
     }[args.family]
-    args.vocab = args.vocab or FAMILIES[args.family]["vocab"]
+    args.vocab = args.vocab or _vocab(FAMILIES[args.family])
     if args.smoke and args.family != "gpt2":
         raise SystemExit("--smoke runs the tiny GPT-2 fixture: leave --family unset")
     if args.smoke:

@@ -65,7 +65,7 @@ def export_hf(
     ``base``: a LoRA run's base without its adapters (`jaxdl export-hf --base`), the model
     its PEFT adapter (`--adapter`) goes on; for a QLoRA run that is the dequantized base."""
     from jaxdl import config as config_lib
-    from jaxdl.checkpoint.read import load_adapters, load_params
+    from jaxdl.checkpoint.read import load_params
 
     workdir, out = Path(workdir), Path(out).absolute()
     config_path = workdir / "config.json"
@@ -75,8 +75,12 @@ def export_hf(
             "import)."
         )
     cfg = config_lib.load_config(config_path)
-    if base:
-        load_adapters(workdir, config_key="--base")  # one line when the run has none
+    if base and cfg.lora is None:
+        raise UserError(
+            f"--base: {workdir} holds no LoRA adapters (its config has lora=None), so its "
+            "base is the model itself. Fix: export it without --base, or pass a LoRA run's "
+            "workdir."
+        )
     model_cfg = cfg.model.to_dict()
     tokenizer = cfg.data.tokenizer
     lm = lm_files.from_workdir(workdir, "none" if tokenizer == "bytes" else tokenizer)

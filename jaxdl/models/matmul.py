@@ -117,17 +117,9 @@ def tied_logits(h: jax.Array, embedding: jax.Array) -> jax.Array:
     return jnp.dot(h, embedding.T).astype(jnp.float32)
 
 
-def head_dot_general(
-    lhs: jax.Array,
-    rhs: jax.Array,
-    dimension_numbers: Any,
-    precision: Any = None,
-    preferred_element_type: Any = None,
-) -> jax.Array:
-    """`dense_dot_general` for an untied head: a low-precision product returns float32."""
-    return dense_dot_general(
-        lhs, rhs, dimension_numbers, precision, preferred_element_type, out_dtype=jnp.float32
-    )
+# `dense_dot_general` for an untied head: a low-precision product returns float32 logits.
+# One module-level object, so Flax modules holding it compare and hash equal.
+head_dot_general = functools.partial(dense_dot_general, out_dtype=jnp.float32)
 
 
 def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
