@@ -35,7 +35,12 @@ import numpy as np
 
 from jaxdl.errors import UserError
 from jaxdl.models import matmul
-from jaxdl.models.matmul import dense_dot_general, head_dot_general, tied_logits
+from jaxdl.models.matmul import (
+    dense_dot_general,
+    embedding_lookup,
+    head_dot_general,
+    tied_logits,
+)
 from jaxdl.models.registry import register
 
 INIT_STD = 0.02  # Hugging Face's initializer_range for these families
@@ -444,7 +449,8 @@ class Llama(nn.Module):
             embedding_init=nn.initializers.normal(INIT_STD),
             name="embed",
         )
-        h = nn.Dropout(self.dropout_rate, deterministic=not train)(embed(x))
+        h = embedding_lookup(embed.embedding.astype(dtype), x)
+        h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
         layer_fields = dict(
             spec=spec,
             decode=self.decode,

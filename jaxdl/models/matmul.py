@@ -24,10 +24,30 @@ LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def _f32_accumulated(lhs, rhs, lhs_axis: int, rhs_axis: int, precision=None):
+    if lhs.size == lhs.shape[lhs_axis] and lhs.dtype in LOW_PRECISION:
+        return _vector_product(lhs, rhs, lhs_axis, rhs_axis, precision)
     dims = (((lhs_axis,), (rhs_axis,)), ((), ()))
     return jax.lax.dot_general(
         lhs, rhs, dims, precision=precision, preferred_element_type=jnp.float32
     )
+
+
+def _vector_product(vector, rhs, lhs_axis: int, rhs_axis: int, precision=None):
+    """A low-precision vector (one row: a decode step's batch of one) times a matrix, as a
+    two-row product. XLA:CPU's library kernels take no one-row bf16 product, so it would
+    upcast it to float32 math, and inside `generate`'s loop hoist a float32 copy of every
+    weight out of the loop (2x the bf16 weights' memory, and a conversion before the first
+    token); two rows run in the library kernel at bf16's memory traffic."""
+    rows = jnp.pad(vector.reshape(1, -1), ((0, 1), (0, 0)))
+    out = jax.lax.dot_general(
+        rows,
+        rhs,
+        (((1,), (rhs_axis,)), ((), ())),
+        precision=precision,
+        preferred_element_type=jnp.float32,
+    )[0]
+    free = [n for i, n in enumerate(vector.shape) if i != lhs_axis]
+    return out.reshape(*free, *out.shape)
 
 
 def contract(lhs: jax.Array, rhs: jax.Array, lhs_axis: int, rhs_axis: int) -> jax.Array:
@@ -129,3 +149,31 @@ def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     f32 dots that its fallback kernel cannot run ("Unsupported element type for
     DotThunk::Execute") on small shapes."""
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def embedding_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """``table[ids]``: rows of an embedding table [V, D] for integer ids [...] -> [..., D].
+
+    XLA:CPU runs a bf16 gather as a float32 one on the converted table. Alone the convert
+    fuses into the gather, but inside `generate`'s decode loop XLA hoists it out of the loop
+    as a float32 copy of the whole table (113 MB for SmolLM2's, 1 GB for Llama 3.2 1B's).
+    Gathering the rows' 16-bit patterns avoids the conversion; the loop then holds a 16-bit
+    copy at most. The gradient is the plain gather's (a scatter-add into the table)."""
+    if table.dtype not in LOW_PRECISION:
+        return jnp.take(table, ids, axis=0)
+    bits = jax.lax.bitcast_convert_type(table, jnp.uint16)
+    return jax.lax.bitcast_convert_type(jnp.take(bits, ids, axis=0), table.dtype)
+
+
+def _lookup_fwd(table, ids):
+    return embedding_lookup(table, ids), (table, ids)
+
+
+def _lookup_bwd(residuals, g):
+    table, ids = residuals
+    _, pullback = jax.vjp(lambda t: jnp.take(t, ids, axis=0), table)
+    return pullback(g)[0], None
+
+
+embedding_lookup.defvjp(_lookup_fwd, _lookup_bwd)

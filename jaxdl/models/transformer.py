@@ -380,9 +380,11 @@ class Transformer(nn.Module):
             check_pad_id(self.pad_id, spec.vocab_size)
             # padding may lie past the vocabulary; it sits after the text under a causal
             # mask and is pooled away, so whatever row it reads changes nothing
-            h = embed(jnp.where(x == self.pad_id, 0, x))
+            h = matmul.embedding_lookup(
+                embed.embedding.astype(dtype), jnp.where(x == self.pad_id, 0, x)
+            )
         else:
-            h = embed(x)
+            h = matmul.embedding_lookup(embed.embedding.astype(dtype), x)
         if spec.positions == "learned":
             table = self.param(
                 "pos_embed", nn.initializers.normal(INIT_STD), (spec.max_len, spec.embed_dim)
