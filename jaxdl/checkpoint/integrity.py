@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import mmap
 import os
 import sys
 from collections.abc import Iterable
@@ -37,6 +36,7 @@ from jaxdl.fileio import write_json
 DIGEST_FILE = "jaxdl_digest.json"
 _FORMAT = 1
 _CHUNK = 64 << 20
+_BLOCK = 1 << 20
 # Steps without a digest already warned about in this process: one line per step, however
 # many of its items a load reads.
 _UNVERIFIED_WARNED: set[Path] = set()
@@ -47,9 +47,17 @@ class CorruptCheckpointError(UserError):
 
 
 def _chunk_hash(path: Path, start: int) -> str:
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        with memoryview(m) as view:
-            return xxhash.xxh3_64_hexdigest(view[start : start + _CHUNK])
+    """xxh3 of the file's _CHUNK bytes from `start`, read _BLOCK at a time: a memory-mapped
+    chunk stays resident until unmapped (64 MB per worker on the peak of a save, beside the
+    state just saved: +108 MB on SmolLM2's import)."""
+    digest, buffer = xxhash.xxh3_64(), bytearray(_BLOCK)
+    with open(path, "rb", buffering=0) as f, memoryview(buffer) as view:
+        f.seek(start)
+        left = _CHUNK
+        while left and (n := f.readinto(view[: min(left, _BLOCK)])):
+            digest.update(view[:n])
+            left -= n
+    return digest.hexdigest()
 
 
 def _item_files(step_dir: Path) -> list[str]:

@@ -15,6 +15,7 @@ spelled here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -86,6 +87,24 @@ def unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
 # ------------------------------------------------------------------ reading
 
 
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+    """Where a tensor lies in the file and how it is stored: all an import needs of gguf's
+    ReaderTensor, which holds numpy views of the file and of its parsed header."""
+
+    name: str
+    tensor_type: Any  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # GGUF's order (the reverse of numpy's)
+    data_offset: int
+    stored_shape: tuple[int, ...]  # of the stored items (bytes for quantized types)
+    stored_dtype: np.dtype  # with the file's byte order
+
+    @classmethod
+    def of(cls, t: Any) -> StoredTensor:
+        shape = tuple(int(d) for d in t.shape)
+        return cls(t.name, t.tensor_type, shape, int(t.data_offset), t.data.shape, t.data.dtype)
+
+
 class GgufFile:
     """An open GGUF: metadata values by key, tensors by name (memory-mapped)."""
 
@@ -100,7 +119,7 @@ class GgufFile:
                 f"--from: {path} is not a readable GGUF file ({reason}). Fix: download or "
                 "convert it again."
             ) from err
-        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.tensors = {t.name: StoredTensor.of(t) for t in self.reader.tensors}
         self.dropped = False
         self.arch = self.get(gguf.Keys.General.ARCHITECTURE)
 
@@ -112,9 +131,10 @@ class GgufFile:
         return default if field is None else field.contents()
 
     def drop_metadata(self) -> None:
-        """Free the parsed metadata (gguf keeps a numpy array per token and merge: 90 MB for
-        a 49k vocabulary) once the config and tokenizer are read; tensors stay readable."""
-        self.reader.fields, self.dropped = {}, True
+        """Free the parsed file (gguf keeps a numpy array per token and merge: 90 MB for a
+        49k vocabulary, and its tensor records hold more) once the config and tokenizer are
+        read; tensors stay readable (`StoredTensor` says where)."""
+        self.reader, self.dropped = None, True
 
     def require(self, key: str) -> Any:
         value = self.get(key)
@@ -124,6 +144,22 @@ class GgufFile:
                 "convert the model again with llama.cpp's convert_hf_to_gguf.py."
             )
         return value
+
+    def _stored(self, tensor: StoredTensor) -> np.ndarray:
+        """The stored (quantized) data of `tensor`, read from the file rather than through
+        the reader's memory map: mapped pages stay resident once touched, so the whole file
+        (98 MB for SmolLM2) would sit on the import's peak; a read buffer goes with the
+        tensor."""
+        out = np.empty(tensor.stored_shape, tensor.stored_dtype)
+        with open(self.path, "rb") as f:
+            f.seek(tensor.data_offset)
+            got = f.readinto(memoryview(out).cast("B"))
+        if got != out.nbytes:
+            raise UserError(
+                f"--from: {self.path} ends inside tensor {tensor.name} (read {got} of "
+                f"{out.nbytes} bytes). Fix: the file is truncated; download or convert it again."
+            )
+        return out
 
     def array(self, name: str) -> np.ndarray:
         """Tensor `name` as float32 in numpy's (torch's) axis order, dequantized."""
@@ -138,7 +174,8 @@ class GgufFile:
                 "with llama.cpp's llama-quantize to one of them."
             )
         shape = tuple(int(d) for d in reversed(tensor.shape))
-        data = tensor.data.reshape(shape[0], -1) if len(shape) > 1 else tensor.data
+        data = self._stored(tensor)
+        data = data.reshape(shape[0], -1) if len(shape) > 1 else data
         out = np.empty(shape, np.float32)
         # row chunks: gguf's numpy dequantizers make several temporaries of their input's size
         for start in range(0, shape[0], ROW_CHUNK):

@@ -7,7 +7,7 @@ builds `mapping.Rule`s from it; export walks it backwards.
 
     llama.model_config(hf_config) -> the config's model section (or one UserError naming
                                      the field jaxdl cannot reproduce)
-    llama.convert_state(state, model_cfg) -> (variables, report)
+    llama.convert_state(state, model_cfg) -> (variables as jax arrays, report)
     llama.to_state_dict(params, model_cfg) -> {HF key: array}           (export-hf)
     llama.hf_config(model_cfg, special_ids) -> config.json for transformers   (export-hf)
 """
@@ -182,7 +182,10 @@ def convert_state(
             raise _refuse("tie_word_embeddings", True, "lm_head.weight differs from the embedding")
         ignore.append(r"lm_head\.weight")
     ignore.append(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # older files' buffer
-    return convert(state, target_shapes(model_cfg), rules(spec), ignore=ignore, stacked=STACKED)
+    # jax leaves, made one by one: the workdir is saved from jax arrays, and converting the
+    # whole numpy tree afterwards would hold the model plus its largest leaf (the embedding)
+    shapes = target_shapes(model_cfg)
+    return convert(state, shapes, rules(spec), ignore=ignore, stacked=STACKED, place=jnp.asarray)
 
 
 def per_layer(params: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -126,6 +126,7 @@ def convert(
     rules: Sequence[Rule],
     ignore: Sequence[str] = (),
     stacked: Mapping[str, str] | None = None,
+    place: Callable[[np.ndarray], Any] = np.ascontiguousarray,
 ) -> tuple[dict, dict]:
     """Fill `target`'s leaves from `source` by `rules`.
 
@@ -133,15 +134,18 @@ def convert(
     `jax.ShapeDtypeStruct` (``jax.eval_shape(model.init, ...)``), paths "params/...",
     "batch_stats/...". ignore: regexes of source keys deliberately left out (buffers such
     as GPT-2's ``attn.bias``). stacked: {stacked prefix: per-layer prefix template} for
-    scanned layers (see the module docstring).
+    scanned layers (see the module docstring). place: makes each finished leaf (e.g.
+    `jnp.asarray`: a jax array, made as the leaf is converted so its numpy copies go at
+    once, instead of the whole tree being copied afterwards).
 
-    Returns (variables: nested dict of numpy arrays in the target's dtypes, report: JSON-able
+    Returns (variables: nested dict of `place`d arrays in the target's dtypes, report: JSON-able
     with the init_report categories; "renamed" maps each target path to its source key,
     "dtype_cast" lists [path, source dtype, target dtype], "ignored" the ignored source keys).
     Raises one UserError naming every unfilled target leaf, missing or unused source key and
     shape mismatch.
     """
     flat, groups = _unstack(tree_lib.flatten(target), stacked or {})
+    layered = {p for layers in groups.values() for p in layers}  # placed once stacked
     compiled = [(re.compile(r.target), r) for r in rules]
     ignores = [re.compile(p) for p in ignore]
     report: dict[str, Any] = {k: [] for k in CATEGORIES}
@@ -168,7 +172,8 @@ def convert(
         dtype = np.dtype(leaf.dtype)
         if value.dtype != dtype:
             report["dtype_cast"].append([path, str(value.dtype), str(dtype)])
-        values[path] = np.ascontiguousarray(value.astype(dtype, copy=False))
+        value = value.astype(dtype, copy=False)
+        values[path] = np.ascontiguousarray(value) if path in layered else place(value)
         report["renamed"][path] = key
         report["loaded"].append(path)
     unused = sorted(k for k in source if k not in used and not any(i.fullmatch(k) for i in ignores))
@@ -195,7 +200,7 @@ def convert(
             "checkpoint is of the architecture named (and its config.json matches it)."
         )
     for stacked_path, layers in groups.items():
-        values[stacked_path] = np.stack([values.pop(p) for p in layers])
+        values[stacked_path] = place(np.stack([values.pop(p) for p in layers]))
         report["renamed"][stacked_path] = [report["renamed"].pop(p) for p in layers]
     report["loaded"] = sorted(report["renamed"])
     return tree_lib.unflatten(values), report

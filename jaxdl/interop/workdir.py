@@ -89,7 +89,8 @@ def resolved_config(partial: Mapping[str, Any]):
 def _to_jax_in_place(tree: dict) -> dict:
     """Replace every numpy leaf by a jax array, one at a time, dropping the numpy copy as it
     goes: Orbax saves jax arrays without the host copy it makes of numpy ones, and moving
-    leaf by leaf keeps the peak at the model plus its largest leaf."""
+    leaf by leaf keeps the peak at the model plus its largest leaf. Leaves already jax
+    (`llama.convert_state` makes them so as it converts) stay as they are."""
     for key, value in tree.items():
         if isinstance(value, dict):
             _to_jax_in_place(value)
