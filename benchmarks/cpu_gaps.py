@@ -4,6 +4,7 @@
     python benchmarks/cpu_gaps.py --probes attention-step,attention-step-vit  # whole steps
     python benchmarks/cpu_gaps.py --probes lora-step,lora-step-mlp --steps 10
     python benchmarks/cpu_gaps.py --probes matmul     # bf16 vs float32 (the CPU's bf16 units)
+    python benchmarks/cpu_gaps.py --probes matvec     # batch-1 decoding's products
     XLA_FLAGS=--xla_cpu_use_onednn=true python benchmarks/cpu_gaps.py --probes conv
     python benchmarks/cpu_gaps.py --smoke     # every probe at tiny shapes, one trial (CI)
 
@@ -219,12 +220,62 @@ def lora_step_probe(model: str = "gpt-small") -> list[_timing.Runner]:
     return [*runners, *_twin_step(case, "lora", batch, f"torch {model} lora")]
 
 
+def matvec_probe(small: bool = False) -> list[_timing.Runner]:
+    """Batch-1 decoding's products: one row times each of 90 [576, 1536] weights (SmolLM2's
+    MLP projections of 30 layers, 318 MB in float32, 159 MB in bf16), forward only, in
+    float32, in bf16 as a plain one-row product (XLA:CPU upcasts it to float32 math), in
+    bf16 as jaxdl computes it (two rows: the library kernels), and in torch. Bytes over time
+    is the memory bandwidth a decode step gets."""
+    from jaxdl.models.matmul import dense_dot_general
+
+    count, k, n = (4, 16, 32) if small else (90, 576, 1536)
+    ws = [jax.random.normal(jax.random.PRNGKey(i), (k, n)) / np.sqrt(k) for i in range(count)]
+    dims = (((1,), (0,)), ((), ()))
+
+    def products(dot):
+        return lambda x, ws: [dot(x, w, dims) for w in ws]
+
+    def plain(x, w, dims):
+        return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+
+    def twin(dtype):
+        def make():
+            xt = torch.randn(1, k, dtype=dtype)
+            wts = [torch.randn(n, k, dtype=dtype) for _ in range(count)]
+            return lambda: [F.linear(xt, w) for w in wts]
+
+        return make
+
+    def torch_forward(name, dtype):
+        if torch is None:
+            return []
+        fn = twin(dtype)()
+
+        def run(steps: int) -> None:
+            with torch.no_grad():
+                for _ in range(steps):
+                    fn()
+
+        return [_timing.Runner(name, lambda: {}, run)]
+
+    bf16 = [w.astype(jnp.bfloat16) for w in ws]
+    row = jnp.ones((1, k))
+    return [
+        _jax("jax float32", products(jax.lax.dot_general), row, ws),
+        _jax("jax bf16 (one row)", products(plain), row.astype(jnp.bfloat16), bf16),
+        _jax("jax bf16 (jaxdl)", products(dense_dot_general), row.astype(jnp.bfloat16), bf16),
+        *torch_forward("torch bf16", torch.bfloat16 if torch else None),
+        *torch_forward("torch float32", torch.float32 if torch else None),
+    ]
+
+
 # name -> probe(small): small = tiny shapes (--smoke)
 PROBES: dict[str, Callable[[bool], list[_timing.Runner]]] = {
     "conv": conv_probe,
     "pool": pool_probe,
     "attention": attention_probe,
     "matmul": matmul_probe,
+    "matvec": matvec_probe,
     "attention-step": lambda small: attention_step_probe("smoke-gpt" if small else "gpt-small"),
     "attention-step-vit": lambda small: attention_step_probe("smoke-vit" if small else "vit-tiny"),
     "lora-step": lambda small: lora_step_probe("smoke-gpt" if small else "gpt-small"),
