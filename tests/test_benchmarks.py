@@ -1,6 +1,7 @@
 """The benchmarks: throughput.py's record schema on a micro case (in process), and every
 script of benchmarks/ run in its smoke mode (`--smoke`) in a subprocess, so a refactor that
-breaks a benchmark fails CI.
+breaks a benchmark fails CI. The smoke runs are marked `benchmark_smoke`, which the default
+suite deselects (pyproject.toml): `pytest -n 2 -m benchmark_smoke` runs them, as CI does.
 
 Torch: the default suite is torch-free, and so are these runs. throughput.py and cpu_gaps.py
 time the jaxdl side alone without torch, and lora_vs_peft.py runs its jaxdl variants (peft's
@@ -369,6 +370,7 @@ def test_every_benchmark_script_has_a_smoke_test():
     assert sorted(SMOKE_CHECKS) == _scripts()
 
 
+@pytest.mark.benchmark_smoke  # CI's own step: `pytest -n 2 -m benchmark_smoke`
 @pytest.mark.parametrize("script", sorted(SMOKE_CHECKS))
 def test_smoke_mode(script, tmp_path):
     SMOKE_CHECKS[script](tmp_path)
