@@ -155,15 +155,16 @@ def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
 def embedding_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
     """``table[ids]``: rows of an embedding table [V, D] for integer ids [...] -> [..., D].
 
-    XLA:CPU runs a bf16 gather as a float32 one on the converted table. Alone the convert
-    fuses into the gather, but inside `generate`'s decode loop XLA hoists it out of the loop
-    as a float32 copy of the whole table (113 MB for SmolLM2's, 1 GB for Llama 3.2 1B's).
-    Gathering the rows' 16-bit patterns avoids the conversion; the loop then holds a 16-bit
-    copy at most. The gradient is the plain gather's (a scatter-add into the table)."""
-    if table.dtype not in LOW_PRECISION:
-        return jnp.take(table, ids, axis=0)
-    bits = jax.lax.bitcast_convert_type(table, jnp.uint16)
-    return jax.lax.bitcast_convert_type(jnp.take(bits, ids, axis=0), table.dtype)
+    XLA:CPU runs a bf16 gather as a float32 one on the converted table (so does a bf16
+    dynamic slice). Alone the convert fuses into the gather, which reads only the rows, but
+    inside `generate`'s decode loop XLA hoists it out of the loop as a float32 copy of the
+    whole table (113 MB for SmolLM2's, 1 GB for Llama 3.2 1B's); a gather of the 16-bit
+    patterns is hoisted the same way, as a 16-bit copy. An optimization barrier that ties
+    the table to the ids keeps the convert in the loop, fused into the gather. The gradient
+    is the plain gather's (a scatter-add into the table)."""
+    if table.dtype in LOW_PRECISION:
+        table, ids = jax.lax.optimization_barrier((table, ids))
+    return jnp.take(table, ids, axis=0)
 
 
 def _lookup_fwd(table, ids):

@@ -127,11 +127,12 @@ def test_embedding_lookup_is_take_with_takes_gradient(dtype):
 def test_bf16_generate_holds_no_float32_copy_of_the_weights():
     """XLA:CPU upcasts one-row bf16 products and bf16 gathers; inside the decode loop it
     hoisted the upcasts into float32 copies of every weight (2x the bf16 weights' memory
-    and a conversion before the first token). Compiled, the loop's scratch is now below a
-    quarter of the float32 weights."""
+    and a conversion before the first token), and the embedding table's into a copy of it.
+    Compiled, the loop's scratch is now below a quarter of the float32 weights and of the
+    bf16 embedding table (a vocabulary large enough for a copy of it to show)."""
     from jaxdl.lm import generate as G
 
-    cfg = {"name": "llama", "size": "tiny", "dtype": "bfloat16", "vocab_size": 64}
+    cfg = {"name": "llama", "size": "tiny", "dtype": "bfloat16", "vocab_size": 4096}
     model = create_model(cfg)
     params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
     f32_bytes = sum(x.size * 4 for x in jax.tree.leaves(params))
@@ -142,4 +143,6 @@ def test_bf16_generate_holds_no_float32_copy_of_the_weights():
         module, params, cache, logits, jax.random.key(0), 1.0, jnp.array([0]),
         max_new_tokens=4, top_k=None, top_p=None, greedy=True,
     ).compile()  # fmt: skip
-    assert compiled.memory_analysis().temp_size_in_bytes < f32_bytes / 4
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < f32_bytes / 4
+    assert temp < params["embed"]["embedding"].nbytes / 4
