@@ -4,7 +4,10 @@ ROC AUC, average precision, F1 and R^2 are not sums over batches: averaging them
 batch gives a different (wrong) number. The evaluator gathers each example's score,
 prediction and label (a head's ``"per_example"`` output, padding dropped) and scores the
 whole split here, on the host, with `sklearn.metrics` itself, so the figures are
-scikit-learn's by construction.
+scikit-learn's by construction, except the ones a confusion matrix gives (per-class and
+macro precision / recall / F1, the matrix itself): those follow sklearn's definitions in
+numpy, so that a classification run does not import sklearn (about 0.9 s a process);
+tests/training/test_scores.py checks them against sklearn on random and degenerate cases.
 
 `exact_metrics` returns scalars (logged to metrics.jsonl as val_*, summary.json as test_*)
 and `details` the per-class / per-label lists and the confusion matrix (summary.json only).
@@ -72,6 +75,35 @@ def _defined_labels(labels: np.ndarray) -> np.ndarray:
     return np.flatnonzero((labels.min(axis=0) == 0) & (labels.max(axis=0) == 1))
 
 
+def _confusion(y: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """[C, C] counts, row = true class, column = prediction (scikit-learn's layout)."""
+    index = y.astype(np.int64) * num_classes + pred.astype(np.int64)
+    return np.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def _per_class(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(precision, recall, f1) [C] as scikit-learn's precision_recall_fscore_support
+    defines them with zero_division=0: tp / predicted, tp / true, 2 tp / (true +
+    predicted), 0 where the denominator is 0."""
+    tp = np.diag(confusion).astype(np.float64)
+    true, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
+
+    def divide(a, b):
+        return np.where(b == 0, 0.0, a / np.where(b == 0, 1, b))
+
+    return divide(tp, predicted), divide(tp, true), divide(2 * tp, true + predicted)
+
+
+def _macro_prf(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """Macro precision / recall / F1 over the classes present in y or pred, as scikit-learn's
+    ``average="macro"`` (computed here from the confusion matrix: sklearn's import costs
+    about 0.9 s a process, which every classification run would pay at its first eval)."""
+    confusion = _confusion(y, pred, int(max(y.max(), pred.max())) + 1)
+    present = (confusion.sum(axis=0) + confusion.sum(axis=1)) > 0
+    p, r, f1 = (v[present].mean() for v in _per_class(confusion))
+    return {"macro_f1": float(f1), "macro_precision": float(p), "macro_recall": float(r)}
+
+
 def exact_metrics(kind: str, arrays: Arrays, threshold: float | None = None) -> dict[str, float]:
     """Scalar metrics of one split: ``arrays`` from `gather` of the head's per-example outputs.
 
@@ -84,11 +116,7 @@ def exact_metrics(kind: str, arrays: Arrays, threshold: float | None = None) -> 
     regression: pred [N, K], label [N, K] in original units -> mse, mae, r2, rmse.
     """
     if kind == "classification":
-        y, pred = arrays["label"], arrays["pred"]
-        p, r, f1, _ = _skm().precision_recall_fscore_support(
-            y, pred, average="macro", zero_division=0
-        )
-        return {"macro_f1": float(f1), "macro_precision": float(p), "macro_recall": float(r)}
+        return _macro_prf(arrays["label"], arrays["pred"])
     if kind == "binary":
         labels, probs = arrays["label"].astype(np.int64), arrays["score"].astype(np.float64)
         return _binary(labels, probs, threshold)
@@ -130,20 +158,17 @@ def details(kind: str, arrays: Arrays, num_classes: int) -> dict[str, list]:
     """
     if kind == "classification":
         y, pred = arrays["label"], arrays["pred"]
-        classes = np.arange(max(num_classes, int(y.max()) + 1, int(pred.max()) + 1))
-        p, r, f1, _ = _skm().precision_recall_fscore_support(
-            y, pred, labels=classes, average=None, zero_division=0
-        )
+        confusion = _confusion(y, pred, max(num_classes, int(y.max()) + 1, int(pred.max()) + 1))
+        p, r, f1 = _per_class(confusion)
         return {
             "per_class_precision": p.tolist(),
             "per_class_recall": r.tolist(),
             "per_class_f1": f1.tolist(),
-            "confusion_matrix": _skm().confusion_matrix(y, pred, labels=classes).tolist(),
+            "confusion_matrix": confusion.tolist(),
         }
     if kind == "binary":
         pred = (arrays["score"] >= 0.5).astype(np.int64)
-        cm = _skm().confusion_matrix(arrays["label"], pred, labels=[0, 1])
-        return {"confusion_matrix": cm.tolist()}
+        return {"confusion_matrix": _confusion(arrays["label"], pred, 2).tolist()}
     if kind == "multilabel":
         y = (arrays["label"] > 0.5).astype(np.int64)
         scores = arrays["score"].astype(np.float64)

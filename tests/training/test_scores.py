@@ -75,6 +75,38 @@ def test_classification_macro_f1_and_confusion_equal_sklearn():
     assert got["confusion_matrix"] == skm.confusion_matrix(y, pred).tolist()
 
 
+@pytest.mark.parametrize(
+    "y, pred, num_classes",
+    [
+        (*np.random.default_rng(4).integers(0, 5, (2, 300)), 5),
+        ([0, 0, 2, 2, 2], [0, 2, 2, 2, 0], 4),  # class 1 nowhere, class 3 only in num_classes
+        ([1, 1, 1], [3, 3, 3], 4),  # every prediction wrong: zero divisions
+        ([0, 1, 2, 3], [0, 1, 2, 3], 6),  # perfect, two classes never seen
+        ([2], [0], 3),
+    ],
+)  # fmt: skip
+def test_confusion_figures_are_sklearns(y, pred, num_classes):
+    """Computed in numpy from the confusion matrix: exactly sklearn's values, macro over the
+    classes present in y or pred, per class over every class, 0 where a ratio is 0 / 0."""
+    y, pred = np.asarray(y), np.asarray(pred)
+    got = scores.exact_metrics("classification", {"label": y, "pred": pred})
+    for name, fn in [
+        ("f1", skm.f1_score),
+        ("precision", skm.precision_score),
+        ("recall", skm.recall_score),
+    ]:
+        assert got[f"macro_{name}"] == pytest.approx(
+            fn(y, pred, average="macro", zero_division=0), abs=1e-12
+        )
+    detail = scores.details("classification", {"label": y, "pred": pred}, num_classes)
+    labels = list(range(num_classes))
+    assert detail["confusion_matrix"] == skm.confusion_matrix(y, pred, labels=labels).tolist()
+    p, r, f1, _ = skm.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    assert detail["per_class_precision"] == pytest.approx(p.tolist(), abs=1e-12)
+    assert detail["per_class_recall"] == pytest.approx(r.tolist(), abs=1e-12)
+    assert detail["per_class_f1"] == pytest.approx(f1.tolist(), abs=1e-12)
+
+
 def test_regression_metrics_in_original_units_equal_sklearn():
     rng = np.random.default_rng(3)
     y = (rng.normal(size=(90, 1)) * 50 + 150).astype(np.float32)
