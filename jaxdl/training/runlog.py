@@ -139,7 +139,14 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
     keys = sorted({k for r in records for k in r} - skip)
     if not keys:
         return
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False)
+    width, height = 4.5 * len(keys), 3.4
+    fig, axes = plt.subplots(1, len(keys), figsize=(width, height), squeeze=False)
+    # Fixed margins in inches (room for tick labels and titles) instead of tight_layout,
+    # which draws the figure once more: half the time of a run's plotting.
+    fig.subplots_adjust(
+        left=0.75 / width, right=1 - 0.2 / width, bottom=0.55 / height, top=1 - 0.35 / height,
+        wspace=0.95 / (4.5 - 0.95),
+    )  # fmt: skip
     for ax, key in zip(axes[0], keys, strict=True):
         for split in sorted({r["split"] for r in records}):
             points = [(r["step"], r[key]) for r in records if r["split"] == split and key in r]
@@ -150,7 +157,6 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
