@@ -78,3 +78,88 @@ def write_weights(folder: Path, state, shards: int = 1, dtype=np.float32) -> Non
         weight_map.update(dict.fromkeys(part, name))
     index = {"metadata": {}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+SPM_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}"
+    "{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+)  # Mistral's, shortened
+
+
+def sentencepiece_vocab(size: int = VOCAB) -> tuple[list[str], list[float], list[int]]:
+    """A SentencePiece-style vocabulary as Llama 2, Mistral and TinyLlama GGUFs store it
+    (tokens, scores, GGUF token types): <unk> <s> </s>, the 256 <0xXX> byte tokens, pieces
+    a BPE learned on the standard library's json package with spaces spelled U+2581 (scores
+    falling in merge order), then control [INST] [/INST] and user-defined <think>; `size`
+    tokens in all."""
+    import os
+
+    from tokenizers import models, pre_tokenizers, trainers
+
+    sources = sorted(Path(os.path.dirname(json.__file__)).glob("*.py"))
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=size, show_progress=False)
+    tok.train([str(p) for p in sources], trainer)
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256))]
+    types = [2, 3, 3, *[6] * 256]  # unknown, control, byte
+    extra = [("[INST]", 3), ("[/INST]", 3), ("<think>", 4)]
+    learned = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    pieces = [t for t, _ in learned][: size - len(tokens) - len(extra)]
+    scores = [0.0] * len(tokens) + [-float(i) for i in range(len(pieces))] + [0.0] * len(extra)
+    tokens += pieces + [t for t, _ in extra]
+    types += [1] * len(pieces) + [k for _, k in extra]
+    assert len(tokens) == size, len(tokens)
+    return tokens, scores, types
+
+
+def sentencepiece_gguf(path: Path, model_gguf: Path | None = None, size: int = VOCAB) -> Path:
+    """A GGUF whose tokenizer is `sentencepiece_vocab` (tokenizer.ggml.model 'llama', no
+    merges: readers derive them from the scores) with Mistral's chat template; with
+    `model_gguf`, that file's model metadata and tensors are copied in (its tokenizer keys
+    left out), else it holds no tensors (enough for tokenizer loaders)."""
+    import gguf
+
+    tokens, scores, types = sentencepiece_vocab(size)
+    arch = "llama"
+    reader = None if model_gguf is None else gguf.GGUFReader(str(model_gguf))
+    w = gguf.GGUFWriter(str(path), arch)
+    if reader is not None:
+        for name, field in reader.fields.items():
+            if name.startswith(("GGUF.", "tokenizer.")) or name == "general.architecture":
+                continue
+            vtype = field.types[0]
+            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(name, field.contents(), vtype, sub)
+        for tensor in reader.tensors:
+            w.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=tensor.tensor_type)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_chat_template(SPM_TEMPLATE)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def sentencepiece_workdir(tmp_path: Path) -> Path:
+    """A tiny Llama exported to GGUF (`tmp_path/w` imported from `hf_folder`), its tokenizer
+    swapped for `sentencepiece_gguf`'s, imported again: -> that workdir (`tmp_path/spm`)."""
+    from jaxdl.interop import gguf as gguf_io
+    from jaxdl.interop import import_checkpoint
+
+    config = {**HF_CONFIG, "model_type": "llama", "head_dim": 8, "hidden_size": 32}
+    import_checkpoint("hf:auto", str(hf_folder(tmp_path, config=config)), tmp_path / "w")
+    gguf_io.export_gguf(tmp_path / "w", tmp_path / "m.gguf", "f16")
+    sentencepiece_gguf(tmp_path / "spm.gguf", tmp_path / "m.gguf")
+    import_checkpoint("gguf", str(tmp_path / "spm.gguf"), tmp_path / "spm")
+    return tmp_path / "spm"

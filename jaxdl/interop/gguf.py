@@ -316,20 +316,56 @@ def pre_tokenizer(family: str):
 
 
 def tokenizer_files(f: GgufFile) -> lm_files.LmFiles:
-    """tokenizer.json + tokenizer_config.json + generation_config.json from the metadata."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
-
+    """tokenizer.json + tokenizer_config.json + generation_config.json from the metadata:
+    a byte-level BPE (``tokenizer.ggml.model`` 'gpt2': Llama 3, Qwen, SmolLM) or a
+    SentencePiece BPE ('llama': Llama 2, Mistral, TinyLlama), each built as transformers'
+    GGUF loader builds it."""
     keys = _gguf().Keys.Tokenizer
     tokens = f.get(keys.LIST, arch=False)
     if not tokens:
         return lm_files.LmFiles(None, {}, {})
     kind, pre = f.get(keys.MODEL, arch=False), f.get(keys.PRE, "default", arch=False)
-    if kind != "gpt2":
+    types = f.get(keys.TOKEN_TYPE, [], arch=False)
+    ids = {
+        "bos_token": f.get(keys.BOS_ID, arch=False),
+        "eos_token": f.get(keys.EOS_ID, arch=False),
+        "unk_token": f.get(keys.UNK_ID, arch=False),
+        "pad_token": f.get(keys.PAD_ID, arch=False),
+    }
+    specials = {k: None if i is None else tokens[i] for k, i in ids.items()}
+    merges = [tuple(m.split(" ", 1)) for m in f.get(keys.MERGES, [], arch=False)]
+    if kind == "gpt2":
+        tok = _byte_level_tokenizer(f, tokens, types, merges, pre)
+        add_bos = bool(f.get(keys.ADD_BOS, False, arch=False))
+    elif kind == "llama":
+        # llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise
+        add_bos = bool(f.get(keys.ADD_BOS, True, arch=False))
+        scores = f.get(keys.SCORES, [], arch=False)
+        tok = _sentencepiece_tokenizer(tokens, scores, types, merges, specials, add_bos)
+    else:
         raise UserError(
             f"--from: {f.path}: tokenizer model {kind!r}; jaxdl converts GGUF byte-level BPE "
-            "tokenizers ('gpt2': Llama 3, Qwen, SmolLM). Fix: import the model's Hugging Face "
-            "folder, whose tokenizer.json jaxdl reads as it is."
+            "('gpt2': Llama 3, Qwen, SmolLM) and SentencePiece BPE ('llama': Llama 2, Mistral, "
+            "TinyLlama) tokenizers. Fix: import the model's Hugging Face folder, whose "
+            "tokenizer.json jaxdl reads as it is."
         )
+    tokenizer_config = dict(specials)
+    tokenizer_config["chat_template"] = f.get(keys.CHAT_TEMPLATE, arch=False)
+    tokenizer_config["add_bos_token"] = add_bos
+    tokenizer_config["add_eos_token"] = bool(f.get(keys.ADD_EOS, False, arch=False))
+    tokenizer_config["gguf_pre"] = pre  # export-gguf writes it back
+    eos = [i for i in (ids["eos_token"], f.get(keys.EOT_ID, arch=False)) if i is not None]
+    generation = {"bos_token_id": ids["bos_token"], "eos_token_id": list(dict.fromkeys(eos))}
+    if ids["pad_token"] is not None:
+        generation["pad_token_id"] = ids["pad_token"]
+    generation = {k: v for k, v in generation.items() if v not in (None, [])}
+    return lm_files.LmFiles(tok.to_str().encode("utf-8"), tokenizer_config, generation)
+
+
+def _byte_level_tokenizer(f: GgufFile, tokens, types, merges, pre: str):
+    """GPT-2 style byte-level BPE, split by the pre-tokenizer family llama.cpp names."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+
     family = next((name for name, pres in PRE_FAMILIES.items() if pre in pres), None)
     if family is None:
         known = sorted(p for pres in PRE_FAMILIES.values() for p in pres)
@@ -344,34 +380,72 @@ def tokenizer_files(f: GgufFile) -> lm_files.LmFiles:
         tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8")): i
         for i, tok in enumerate(tokens)
     }
-    merges = [tuple(m.split(" ", 1)) for m in f.get(keys.MERGES, [], arch=False)]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizer(family)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    types = f.get(keys.TOKEN_TYPE, [], arch=False)
+    # control tokens spelled outside the byte alphabet are llama.cpp mislabels (transformers
+    # skips them too): adding them would grow the vocabulary past the model's
     control = [t for t, k in zip(tokens, types, strict=True) if k == 3 and set(t) <= alphabet]
     user = [t for t, k in zip(tokens, types, strict=True) if k == 4 and t in vocab]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+    return tok
 
-    ids = {
-        "bos_token": f.get(keys.BOS_ID, arch=False),
-        "eos_token": f.get(keys.EOS_ID, arch=False),
-        "unk_token": f.get(keys.UNK_ID, arch=False),
-        "pad_token": f.get(keys.PAD_ID, arch=False),
-    }
-    tokenizer_config = {k: None if i is None else tokens[i] for k, i in ids.items()}
-    tokenizer_config["chat_template"] = f.get(keys.CHAT_TEMPLATE, arch=False)
-    tokenizer_config["add_bos_token"] = bool(f.get(keys.ADD_BOS, False, arch=False))
-    tokenizer_config["add_eos_token"] = bool(f.get(keys.ADD_EOS, False, arch=False))
-    tokenizer_config["gguf_pre"] = pre  # export-gguf writes it back
-    eos = [i for i in (ids["eos_token"], f.get(keys.EOT_ID, arch=False)) if i is not None]
-    generation = {"bos_token_id": ids["bos_token"], "eos_token_id": list(dict.fromkeys(eos))}
-    if ids["pad_token"] is not None:
-        generation["pad_token_id"] = ids["pad_token"]
-    generation = {k: v for k, v in generation.items() if v not in (None, [])}
-    return lm_files.LmFiles(tok.to_str().encode("utf-8"), tokenizer_config, generation)
+
+def _sentencepiece_tokenizer(tokens, scores, types, merges, specials, add_bos: bool):
+    """A SentencePiece BPE vocabulary (pieces spelled with U+2581 for spaces, <0xXX> byte
+    tokens) as transformers' LlamaTokenizer builds it from a GGUF: byte-fallback BPE, a
+    Metaspace pre-tokenizer that prepends U+2581 to the first word (transformers does so
+    whatever ``tokenizer.ggml.add_space_prefix`` says), merges from the file or else
+    derived from the pieces' scores (`merges_from_scores`)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if not merges:
+        merges = merges_from_scores(vocab, dict(zip(tokens, scores, strict=True)))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme="first", split=False
+    )
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("\u2581", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(content=" ", left=1),
+        ]
+    )
+    bos = specials["bos_token"]
+    if add_bos and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, vocab[bos])]
+        )
+    named = [t for t in (specials[k] for k in ("unk_token", "bos_token", "eos_token")) if t]
+    control = [t for t, k in zip(tokens, types, strict=True) if k == 3]
+    user = [t for t, k in zip(tokens, types, strict=True) if k == 4]
+    added = list(dict.fromkeys([*named, *control]))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in added])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+    return tok
+
+
+def merges_from_scores(vocab: Mapping[str, int], scores: Mapping[str, float]) -> list:
+    """BPE merges implied by a SentencePiece vocabulary, as transformers'
+    ``generate_merges`` derives them: every split of a piece into two pieces of the
+    vocabulary, ordered by the merged piece's score (best first), then by the parts'
+    lengths; ties keep the vocabulary's order (both sorts are stable)."""
+    merges = []
+    for piece, score in scores.items():
+        local = [
+            (piece[:i], piece[i:], score)
+            for i in range(1, len(piece))
+            if piece[:i] in vocab and piece[i:] in vocab
+        ]
+        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        merges.extend(local)
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
 
 
 def import_gguf(kind: str, path: Path, out: Path) -> Imported:
@@ -414,11 +488,13 @@ def _vocab_lists(tokenizer_json: bytes) -> tuple[list[str], list[int], list[str]
 
     spec = json.loads(tokenizer_json)
     model = spec.get("model", {})
-    if model.get("type") != "BPE" or spec.get("decoder", {}).get("type") != "ByteLevel":
+    decoder = (spec.get("decoder") or {}).get("type")
+    if model.get("type") != "BPE" or decoder != "ByteLevel":
         raise UserError(
-            "--workdir: its tokenizer.json is not a byte-level BPE (found model "
-            f"{model.get('type')!r}); export-gguf writes those only. Fix: export with "
-            "`jaxdl export-hf` and convert with llama.cpp's convert_hf_to_gguf.py."
+            f"--workdir: its tokenizer.json is a {model.get('type')!r} model with a "
+            f"{decoder!r} decoder, not a byte-level BPE (a SentencePiece vocabulary, for one); "
+            "export-gguf writes byte-level ones only. Fix: export with `jaxdl export-hf` and "
+            "convert with llama.cpp's convert_hf_to_gguf.py."
         )
     tok = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
     size = tok.get_vocab_size(with_added_tokens=True)

@@ -12,7 +12,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from _llm import HF_CONFIG, IDS, hf_folder
+from _llm import HF_CONFIG, IDS, hf_folder, sentencepiece_workdir
 from safetensors.numpy import save_file
 
 import jaxdl
@@ -160,6 +160,33 @@ def test_gguf_export_imports_back(tmp_path, kind, tol):
         == original.apply_chat_template(messages).tolist()
     )
     assert rebuilt.eos_ids == original.eos_ids == (513,)
+
+
+def test_a_sentencepiece_gguf_imports_with_its_tokenizer(tmp_path):
+    """tokenizer.ggml.model 'llama' becomes a byte-fallback BPE tokenizer.json (the parity
+    with transformers' GGUF loader is in tests/interop/live): text round-trips, characters
+    outside the vocabulary fall back to their UTF-8 byte tokens, control tokens stay whole,
+    the chat template gets <s> and </s>, and the weights are the exported ones."""
+    workdir = sentencepiece_workdir(tmp_path)
+    tok = jaxdl.load_tokenizer(workdir)
+    text = Path(gguf_io.__file__).read_text()[:3000] + "\n\n  héllo 日本 🙂\t\r\n" + "x" * 2000
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.encode("🙂").tolist()[-4:] == [3 + b for b in "🙂".encode()]  # <0xF0>... at 3+
+    assert tok.encode("[INST]").tolist() == [tok.token_id("[INST]")]
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    ids = tok.apply_chat_template(messages).tolist()
+    assert (ids[0], ids[-1], tok.eos_ids) == (1, 2, (2,))
+    ours, back = logits(tmp_path / "w"), logits(workdir)
+    assert np.abs(ours - back).max() / np.abs(ours).max() < 2e-3  # f16 in the file
+    with pytest.raises(UserError, match=r"^--workdir: .*'Sequence' decoder, not a byte-level"):
+        gguf_io.export_gguf(workdir, tmp_path / "back.gguf")
+
+
+def test_merges_from_scores_orders_by_score_then_length():
+    vocab = {"a": 0, "b": 1, "c": 2, "ab": 3, "bc": 4, "abc": 5}
+    scores = {"a": 0.0, "b": 0.0, "c": 0.0, "ab": -1.0, "bc": -2.0, "abc": -3.0}
+    merges = gguf_io.merges_from_scores(vocab, scores)
+    assert merges == [("a", "b"), ("b", "c"), ("ab", "c"), ("a", "bc")]
 
 
 def test_chat_prints_the_greedy_reply_alone(tmp_path):

@@ -362,3 +362,28 @@ def test_peft_adapter_loads_with_the_merged_exports_logits(tmp_path, quantize):
         with torch.no_grad():
             off = on_float(torch.tensor(ids)).logits.numpy()
         assert relative_error(off, theirs) > 10 * TOL
+
+
+def test_sentencepiece_gguf_tokenizer_equals_transformers(tmp_path):
+    """A Llama 2 / Mistral style GGUF vocabulary (tokenizer.ggml.model 'llama', merges left
+    to the scores): jaxdl's tokenizer.json is the one transformers' GGUF loader builds, and
+    the ids and chat rendering are its ids on the corpus and conversations."""
+    from _llm import sentencepiece_vocab, sentencepiece_workdir
+    from transformers.tokenization_utils_base import generate_merges
+
+    from jaxdl.interop.gguf import merges_from_scores
+
+    workdir = sentencepiece_workdir(tmp_path)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
+    ours = jaxdl.load_tokenizer(workdir)
+    written = json.loads((workdir / "tokenizer.json").read_text())
+    assert written == json.loads(tok.backend_tokenizer.to_str())
+    vocab = tok.get_vocab()
+    tokens, scores, _ = sentencepiece_vocab()
+    scores = dict(zip(tokens, scores, strict=True))
+    assert merges_from_scores(vocab, scores) == generate_merges(vocab, scores)
+    for text in [*CORPUS, "  leading", "[INST] whole [/INST]<think>", "x" * 3000]:
+        assert ours.encode(text).tolist() == tok(text, add_special_tokens=False)["input_ids"]
+        assert ours.decode(ours.encode(text)) == tok.decode(ours.encode(text).tolist())
+    for messages in CONVERSATIONS:
+        assert ours.apply_chat_template(messages).tolist() == chat_ids(tok, messages)
