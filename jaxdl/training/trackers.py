@@ -17,7 +17,9 @@ points a killed run sent past its checkpoint are the same numbers. W&B's mark is
 loses it when the process is killed: an offline run's files are written at its end, so a
 killed offline run's points are sent again by the resumed one (W&B keeps the first of
 each step when syncing). trackio's marks are its local store's last steps, for the
-same reason. A run that starts from step 0 starts new tracker runs.
+same reason; MLflow's and the jsonl file's are what they hold (a kill between a point and
+trackers.json's update). TensorBoard trusts trackers.json. A run that starts from step 0
+starts new tracker runs.
 """
 
 from __future__ import annotations
@@ -159,13 +161,14 @@ class _TensorBoard:
 
 class _JsonLines:
     """Every tracker call as one JSON line, at `jsonl.path` (default WORKDIR/events.jsonl):
-    a dependency-free tracker for log shippers and scripts that tail a file."""
+    a dependency-free tracker for log shippers and scripts that tail a file. Resumed, its
+    marks are the file's own last steps: a run killed between writing a point and
+    trackers.json's update has written one point more than it recorded."""
 
-    have_step = None
-
-    def __init__(self, workdir: Path, path: str):
+    def __init__(self, workdir: Path, path: str, resumed: bool):
         self.path = Path(path) if path else workdir / "events.jsonl"
         try:
+            self.have_step = self._last_steps() if resumed else None
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a")
         except OSError as err:
@@ -173,6 +176,24 @@ class _JsonLines:
                 f"config.jsonl.path: cannot append to {self.path} ({err.strerror}). Fix: "
                 "name a writable file, or leave it empty for WORKDIR/events.jsonl."
             ) from None
+
+    def _last_steps(self) -> dict[str, int]:
+        """{split: the last step} of the file's scalars events; a last line the kill cut
+        short is cut off the file (the next line would be appended to it)."""
+        if not self.path.exists():
+            return {}
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            data = data[: data.rfind(b"\n") + 1]
+            with self.path.open("r+b") as f:
+                f.truncate(len(data))
+        last: dict[str, int] = {}
+        for line in data.splitlines():
+            record = json.loads(line)
+            if record.get("event") == "scalars":
+                for split in {key.split("/", 1)[0] for key in record["scalars"] if "/" in key}:
+                    last[split] = max(last.get(split, -1), int(record["step"]))
+        return last
 
     def _write(self, record: dict) -> None:
         self._file.write(json.dumps({"time": time.time(), **record}) + "\n")
@@ -389,7 +410,9 @@ class TrackerSet:
         self.finished = False
         try:
             for name in names:
-                self.trackers[name] = _open(name, self.workdir, settings, self.state[name], config)
+                self.trackers[name] = _open(
+                    name, self.workdir, settings, self.state[name], config, resume_step > 0
+                )
                 self.trackers[name].log_params(config)
                 have = self.trackers[name].have_step
                 if isinstance(have, int):
@@ -438,12 +461,14 @@ class TrackerSet:
         atomic_write_text(self.path, json.dumps(self.state, indent=1, sort_keys=True) + "\n")
 
 
-def _open(name: str, workdir: Path, settings, state: dict, config: Mapping) -> Tracker:
+def _open(
+    name: str, workdir: Path, settings, state: dict, config: Mapping, resumed: bool
+) -> Tracker:
     block = dict(settings.get(name) or {})
     if name == "tensorboard":
         return _TensorBoard(workdir)
     if name == "jsonl":
-        return _JsonLines(workdir, block.get("path", ""))
+        return _JsonLines(workdir, block.get("path", ""), resumed)
     if name == "wandb":
         return _WandB(workdir, block, state)
     if name == "mlflow":

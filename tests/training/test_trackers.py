@@ -249,6 +249,26 @@ def test_flatten_config_gives_dotted_keys_and_json_for_lists():
     assert flat == {"a.b": 1, "a.c.d": "x", "e": "[1, 2]", "f": "null", "g": "{}"}
 
 
+def test_jsonl_resumes_from_its_own_file_past_a_kill_window(tmp_path):
+    """The kill window, made by hand: a run wrote val at step 20 and half a line, then died
+    before trackers.json (marks at 15) was updated. The resumed run sends neither step 15
+    (history) nor 20 again, drops the cut line and appends whole lines after it."""
+    events = tmp_path / "events.jsonl"
+    lines = [{"event": "scalars", "step": s, "scalars": {"val/loss": 1 / s}} for s in (15, 20)]
+    events.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"event": "scal')
+    marks = {"jsonl": {"sent": {"val": 15}}}
+    (tmp_path / "trackers.json").write_text(json.dumps(marks))
+    history = [{"step": 15, "split": "val", "loss": 1 / 15}]
+    trackers = TrackerSet(tmp_path, {"trackers": "jsonl"}, 15, history)
+    for step in (20, 25):
+        trackers.log(step, "val", {"loss": 1 / step})
+    trackers.close()
+    records = [json.loads(line) for line in events.read_text().splitlines()]
+    steps = [r["step"] for r in records if r["event"] == "scalars"]
+    assert steps == [15, 20, 25]
+    assert json.loads((tmp_path / "trackers.json").read_text())["jsonl"]["sent"] == {"val": 25}
+
+
 def test_a_missing_package_is_one_line_naming_the_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # what find_spec reports for an absent one
     with pytest.raises(UserError) as err:
