@@ -325,7 +325,7 @@ def tokenizer_files(f: GgufFile) -> lm_files.LmFiles:
     if not tokens:
         return lm_files.LmFiles(None, {}, {})
     kind, pre = f.get(keys.MODEL, arch=False), f.get(keys.PRE, "default", arch=False)
-    types = f.get(keys.TOKEN_TYPE, [], arch=False)
+    types = _per_token(f, keys.TOKEN_TYPE, tokens) or [1] * len(tokens)  # absent: all normal
     ids = {
         "bos_token": f.get(keys.BOS_ID, arch=False),
         "eos_token": f.get(keys.EOS_ID, arch=False),
@@ -340,7 +340,13 @@ def tokenizer_files(f: GgufFile) -> lm_files.LmFiles:
     elif kind == "llama":
         # llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise
         add_bos = bool(f.get(keys.ADD_BOS, True, arch=False))
-        scores = f.get(keys.SCORES, [], arch=False)
+        scores = _per_token(f, keys.SCORES, tokens)
+        if not merges and not scores:
+            raise UserError(
+                f"--from: {f.path}: a SentencePiece vocabulary with neither "
+                f"{keys.MERGES} nor {keys.SCORES}, so its merge order is unknown. Fix: import "
+                "the model's Hugging Face folder, or convert it again with llama.cpp."
+            )
         tok = _sentencepiece_tokenizer(tokens, scores, types, merges, specials, add_bos)
     else:
         raise UserError(
@@ -360,6 +366,17 @@ def tokenizer_files(f: GgufFile) -> lm_files.LmFiles:
         generation["pad_token_id"] = ids["pad_token"]
     generation = {k: v for k, v in generation.items() if v not in (None, [])}
     return lm_files.LmFiles(tok.to_str().encode("utf-8"), tokenizer_config, generation)
+
+
+def _per_token(f: GgufFile, key: str, tokens: list) -> list:
+    """A per-token metadata list (token types, scores): [] when absent, else one a token."""
+    values = f.get(key, [], arch=False)
+    if values and len(values) != len(tokens):
+        raise UserError(
+            f"--from: {f.path}: {key} has {len(values)} entries for {len(tokens)} tokens. "
+            "Fix: the file's tokenizer is inconsistent; convert it again with llama.cpp."
+        )
+    return values
 
 
 def _byte_level_tokenizer(f: GgufFile, tokens, types, merges, pre: str):

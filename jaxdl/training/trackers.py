@@ -32,7 +32,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -65,6 +65,16 @@ class Tracker(Protocol):
     # What the tracker itself holds: the last step of every split (an int), per split
     # ({split: step}), or None to trust trackers.json's marks.
     have_step: int | Mapping[str, int] | None
+
+
+def _marks(points: Iterable[tuple[int, Iterable[str]]]) -> dict[str, int]:
+    """{split: the last step} of (step, scalar names) points, names "split/key" (resume
+    marks read back from what a tracker's own store holds)."""
+    last: dict[str, int] = {}
+    for step, names in points:
+        for split in {name.split("/", 1)[0] for name in names if "/" in name}:
+            last[split] = max(last.get(split, -1), int(step))
+    return last
 
 
 def parse_names(value: str) -> list[str]:
@@ -187,13 +197,17 @@ class _JsonLines:
             data = data[: data.rfind(b"\n") + 1]
             with self.path.open("r+b") as f:
                 f.truncate(len(data))
-        last: dict[str, int] = {}
-        for line in data.splitlines():
-            record = json.loads(line)
-            if record.get("event") == "scalars":
-                for split in {key.split("/", 1)[0] for key in record["scalars"] if "/" in key}:
-                    last[split] = max(last.get(split, -1), int(record["step"]))
-        return last
+        records = []
+        for number, line in enumerate(data.splitlines(), 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise UserError(
+                    f"config.jsonl.path: line {number} of {self.path} is not JSON, so the "
+                    "resumed run cannot tell what it already holds. Fix: remove that line, or "
+                    "point jsonl.path at a file only this run writes."
+                ) from None
+        return _marks((r["step"], r["scalars"]) for r in records if r.get("event") == "scalars")
 
     def _write(self, record: dict) -> None:
         self._file.write(json.dumps({"time": time.time(), **record}) + "\n")
@@ -296,13 +310,12 @@ class _MLflow:
 
     def _last_steps(self) -> dict[str, int]:
         """{split: the last step logged} of the run's "split/key" metrics."""
-        last: dict[str, int] = {}
-        for key in self.client.get_run(self.run_id).data.metrics:
-            split = key.split("/", 1)[0]
-            if "/" in key:
-                steps = [m.step for m in self.client.get_metric_history(self.run_id, key)]
-                last[split] = max(last.get(split, -1), *steps)
-        return last
+        return _marks(
+            (m.step, [key])
+            for key in self.client.get_run(self.run_id).data.metrics
+            if "/" in key
+            for m in self.client.get_metric_history(self.run_id, key)
+        )
 
     def log_params(self, params):
         from mlflow.entities import Param
@@ -357,10 +370,8 @@ class _Trackio:
         # killed run had given it may be lost)
         from trackio.sqlite_storage import SQLiteStorage
 
-        self.have_step: dict[str, int] = {}
-        for row in SQLiteStorage.get_logs(self.run.project, self.run.name, run_id=self.run.id):
-            for split in {key.split("/")[0] for key in row if "/" in key}:
-                self.have_step[split] = max(self.have_step.get(split, -1), int(row["step"]))
+        rows = SQLiteStorage.get_logs(self.run.project, self.run.name, run_id=self.run.id)
+        self.have_step = _marks((row["step"], row) for row in rows)
 
     def log_params(self, params):
         pass  # given to trackio.init as its config (it replaces the stored one on resume)

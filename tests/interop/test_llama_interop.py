@@ -182,6 +182,41 @@ def test_a_sentencepiece_gguf_imports_with_its_tokenizer(tmp_path):
         gguf_io.export_gguf(workdir, tmp_path / "back.gguf")
 
 
+def _tokenizer_gguf(path: Path, kind: str, tokens, **lists):
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model(kind)
+    w.add_token_list(tokens)
+    if "scores" in lists:
+        w.add_token_scores(lists["scores"])
+    if "types" in lists:
+        w.add_token_types(lists["types"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return gguf_io.GgufFile(path)
+
+
+def test_gguf_tokenizer_lists_missing_or_of_the_wrong_length(tmp_path):
+    """No token types: every token is a normal one. A SentencePiece vocabulary without
+    merges or scores, or a list of another length than the tokens: one line naming it."""
+    tokens = ["<unk>", "<s>", "</s>", "\u2581", "a", "b", "\u2581a", "\u2581ab"]
+    scores = [0.0] * 6 + [-1.0, -2.0]
+    f = _tokenizer_gguf(tmp_path / "a.gguf", "llama", tokens, scores=scores)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(gguf_io.tokenizer_files(f).tokenizer.decode())
+    assert tok.encode("ab", add_special_tokens=False).tokens == ["\u2581ab"]
+    f = _tokenizer_gguf(tmp_path / "b.gguf", "llama", tokens)
+    with pytest.raises(UserError, match=r"neither tokenizer\.ggml\.merges nor .*scores"):
+        gguf_io.tokenizer_files(f)
+    f = _tokenizer_gguf(tmp_path / "c.gguf", "llama", tokens, scores=scores, types=[1] * 5)
+    with pytest.raises(UserError, match=r"token_type has 5 entries for 8 tokens"):
+        gguf_io.tokenizer_files(f)
+
+
 def test_merges_from_scores_orders_by_score_then_length():
     vocab = {"a": 0, "b": 1, "c": 2, "ab": 3, "bc": 4, "abc": 5}
     scores = {"a": 0.0, "b": 0.0, "c": 0.0, "ab": -1.0, "bc": -2.0, "abc": -3.0}

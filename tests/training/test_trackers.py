@@ -269,6 +269,12 @@ def test_jsonl_resumes_from_its_own_file_past_a_kill_window(tmp_path):
     assert json.loads((tmp_path / "trackers.json").read_text())["jsonl"]["sent"] == {"val": 25}
 
 
+def test_jsonl_resume_refuses_a_file_with_a_line_that_is_not_json(tmp_path):
+    (tmp_path / "events.jsonl").write_text('{"event": "params"}\nnot json\n')
+    with pytest.raises(UserError, match=r"^config\.jsonl\.path: line 2 of .* is not JSON"):
+        TrackerSet(tmp_path, {"trackers": "jsonl"}, 15)
+
+
 def test_a_missing_package_is_one_line_naming_the_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # what find_spec reports for an absent one
     with pytest.raises(UserError) as err:
