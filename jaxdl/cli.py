@@ -329,10 +329,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _fail("interrupted", status=130)
     except Exception as err:  # a bug, not bad input: keep the whole traceback
-        from jaxdl.fileio import disk_error
+        from jaxdl.fileio import disk_error, quiet_disk_echoes
 
         disk = disk_error(err)  # unless the disk refused: full, read-only, no permission
         if disk is not None and not debug:
+            quiet_disk_echoes()
             return _fail(str(disk))
         traceback.print_exc()
         summary = str(err).splitlines()[0] if str(err) else ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -139,6 +140,22 @@ def _os_error(err: BaseException) -> tuple[int, str | None] | None:
         return None
     path = _TENSORSTORE_PATH.search(str(err))
     return int(code.group(1)), path.group(1) if path else None
+
+
+class _DiskEchoes(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" records of disk errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else None
+        return err is None or disk_error(err) is None
+
+
+def quiet_disk_echoes() -> None:
+    """After a disk error has been reported: the save's other write tasks (Orbax writes an
+    array's fragments in parallel asyncio tasks, and the first failure ends the save) fail
+    the same way, and asyncio logs each, with its traceback, when the task is collected at
+    exit: after the one line that already said it. Only disk errors are dropped."""
+    logging.getLogger("asyncio").addFilter(_DiskEchoes())
 
 
 def disk_error(err: BaseException) -> UserError | None:

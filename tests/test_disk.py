@@ -66,3 +66,25 @@ def test_a_read_only_disk(tmp_path):
         run = disk / "run"
         mlp = ["train", "--config", "jaxdl/configs/digits_mlp.py", "--workdir", str(run)]
         one_line(jaxdl(*mlp, *RUN), str(run), "Read-only file system")
+
+
+def test_asyncio_echoes_of_a_reported_disk_error_are_dropped_and_others_kept(caplog):
+    """After jaxdl's one line for a full disk, the save's other failed write tasks are
+    logged by asyncio at exit; those (disk errors, as TensorStore words them) are dropped,
+    anything else still shows."""
+    import logging
+
+    from jaxdl import fileio
+
+    logger = logging.getLogger("asyncio")
+    before = list(logger.filters)
+    full = ValueError("RESOURCE_EXHAUSTED: Failed to write: No space [os_error_code='28']")
+    bug = RuntimeError("a bug")
+    try:
+        fileio.quiet_disk_echoes()
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            for err in (full, bug):
+                logger.error("Task exception was never retrieved", exc_info=(type(err), err, None))
+    finally:
+        logger.filters[:] = before
+    assert [r.exc_info[1] for r in caplog.records] == [bug]
