@@ -35,6 +35,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import flags
 
+from jaxdl.checkpoint.deferred import type_handler_registry
 from jaxdl.checkpoint.integrity import CorruptCheckpointError, corrupt_step_fix, write_digest
 from jaxdl.checkpoint.read import check_step, orbax_errors, require_step, state_metadata
 from jaxdl.core.state import TrainState
@@ -156,14 +157,13 @@ class Checkpointer:
         best_mode: str = "max",
         save_frozen: bool = True,
         read_only: bool = False,
-        save_concurrent_bytes: int | None = None,
+        deferred: bool = False,
     ):
         """``read_only``: for readers of a workdir that a run may be writing (evaluate,
         export): nothing is saved, and the tmp dirs of the run's in-flight saves are not
-        treated as leftovers of a killed one. ``save_concurrent_bytes``: how many bytes of
-        the state Orbax copies and writes at once, at least its largest leaf (None: all of
-        it, so a training step can go on while it writes; an import sets 64 MB or its
-        largest leaf, so its peak holds the model once)."""
+        treated as leftovers of a killed one. ``deferred``: the saved
+        state may hold `jaxdl.checkpoint.deferred.Deferred` leaves, each made as it is written
+        (an import: the save holds one converted leaf at a time, never the model)."""
         if not isinstance(max_to_keep, int) or max_to_keep < 1:
             raise UserError(
                 f"keep_checkpoints: expected an int >= 1, found {max_to_keep!r}. "
@@ -192,9 +192,9 @@ class Checkpointer:
                 async_options=self._digest_hook(self.directory),
             )
         handlers = None
-        if save_concurrent_bytes is not None:  # Orbax needs every item's handler then
-            gb = math.ceil(save_concurrent_bytes / 1e6) / 1e3  # whole MB: no round-off below
-            state = ocp.StandardCheckpointHandler(save_concurrent_gb=gb)
+        self._deferred = deferred
+        if deferred:  # Orbax needs every item's handler then
+            state = ocp.PyTreeCheckpointHandler(type_handler_registry=type_handler_registry())
             json_items = {k: ocp.JsonCheckpointHandler() for k in ("config", "data")}
             handlers = {"state": state, **json_items}
         self._manager = ocp.CheckpointManager(
@@ -292,7 +292,7 @@ class Checkpointer:
         if not self.save_frozen:
             state = state.replace(frozen={})
         items = {
-            "state": ocp.args.StandardSave(state),
+            "state": (ocp.args.PyTreeSave if self._deferred else ocp.args.StandardSave)(state),
             "config": ocp.args.JsonSave(_json_checked(config, "config")),
         }
         if data_state is not None:

@@ -161,10 +161,9 @@ class GgufFile:
             )
         return out
 
-    def array(self, name: str) -> np.ndarray:
-        """Tensor `name` as float32 in numpy's (torch's) axis order, dequantized."""
-        from gguf.quants import dequantize
-
+    def stand_in(self, name: str) -> np.ndarray:
+        """What `array(name)` will be (float32 of its shape) as a zero-memory stand-in,
+        after the checks that reading it would fail: its type and that the file holds it."""
         tensor = self.tensors[name]
         kind = tensor.tensor_type.name
         if kind not in DEQUANTIZED:
@@ -173,7 +172,23 @@ class GgufFile:
                 f"dequantize (it reads {', '.join(DEQUANTIZED)}). Fix: requantize the file "
                 "with llama.cpp's llama-quantize to one of them."
             )
+        stored = int(np.prod(tensor.stored_shape)) * tensor.stored_dtype.itemsize
+        size = self.path.stat().st_size
+        if tensor.data_offset + stored > size:
+            raise UserError(
+                f"--from: {self.path} ends inside tensor {name} (it needs bytes up to "
+                f"{tensor.data_offset + stored}, the file has {size}). Fix: the file is "
+                "truncated; download or convert it again."
+            )
         shape = tuple(int(d) for d in reversed(tensor.shape))
+        return np.broadcast_to(np.zeros((), np.float32), shape)
+
+    def array(self, name: str) -> np.ndarray:
+        """Tensor `name` as float32 in numpy's (torch's) axis order, dequantized."""
+        from gguf.quants import dequantize
+
+        tensor = self.tensors[name]
+        shape = self.stand_in(name).shape
         data = self._stored(tensor)
         data = data.reshape(shape[0], -1) if len(shape) > 1 else data
         out = np.empty(shape, np.float32)
@@ -255,6 +270,11 @@ class HfView(Mapping):
             elif ".self_attn.k_proj." in key:
                 w = unpermute_rows(w, self.cfg["num_kv_heads"])
         return w
+
+    def stand_in(self, key: str) -> np.ndarray:
+        """`self[key]`'s shape and dtype without reading it (undoing the row permutation
+        keeps the shape), for `mapping.convert(defer=True)`."""
+        return self.f.stand_in(self.names[key])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names)

@@ -7,7 +7,9 @@ builds `mapping.Rule`s from it; export walks it backwards.
 
     llama.model_config(hf_config) -> the config's model section (or one UserError naming
                                      the field jaxdl cannot reproduce)
-    llama.convert_state(state, model_cfg) -> (variables as jax arrays, report)
+    llama.convert_state(state, model_cfg) -> (variables, report); leaves are Deferred
+                                     (converted as the checkpoint writes them)
+                                     where the source reads tensors on access
     llama.to_state_dict(params, model_cfg) -> {HF key: array}           (export-hf)
     llama.hf_config(model_cfg, special_ids) -> config.json for transformers   (export-hf)
 """
@@ -182,10 +184,10 @@ def convert_state(
             raise _refuse("tie_word_embeddings", True, "lm_head.weight differs from the embedding")
         ignore.append(r"lm_head\.weight")
     ignore.append(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # older files' buffer
-    # jax leaves, made one by one: the workdir is saved from jax arrays, and converting the
-    # whole numpy tree afterwards would hold the model plus its largest leaf (the embedding)
+    # deferred leaves where the source reads tensors on access: each is read and converted
+    # as the workdir's checkpoint writes it, so the import holds one leaf, not the model
     shapes = target_shapes(model_cfg)
-    return convert(state, shapes, rules(spec), ignore=ignore, stacked=STACKED, place=jnp.asarray)
+    return convert(state, shapes, rules(spec), ignore=ignore, stacked=STACKED, defer=True)
 
 
 def per_layer(params: Mapping[str, Any]) -> dict[str, np.ndarray]:

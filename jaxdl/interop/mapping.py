@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxdl.checkpoint.deferred import Deferred
 from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
 from jaxdl.finetune.surgery import CATEGORIES  # import_report.json reads like init_report.json
@@ -120,6 +121,33 @@ def _unstack(
     return out, groups
 
 
+def _deferred(
+    source: Mapping[str, np.ndarray],
+    key: str,
+    transform: Transform,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+) -> Deferred:
+    def make() -> np.ndarray:
+        value = np.asarray(transform(np.asarray(source[key]), shape))
+        return np.ascontiguousarray(value.astype(dtype, copy=False))
+
+    return Deferred(make, shape, dtype)
+
+
+def _stacked(layers: list[Deferred]) -> Deferred:
+    """The per-layer leaves of a scanned block as one [L, ...] leaf, made layer by layer."""
+    first = layers[0]
+
+    def make() -> np.ndarray:
+        out = np.empty((len(layers), *first.shape), first.dtype)
+        for i, layer in enumerate(layers):
+            out[i] = layer.make()
+        return out
+
+    return Deferred(make, (len(layers), *first.shape), first.dtype)
+
+
 def convert(
     source: Mapping[str, np.ndarray],
     target: Any,
@@ -127,6 +155,7 @@ def convert(
     ignore: Sequence[str] = (),
     stacked: Mapping[str, str] | None = None,
     place: Callable[[np.ndarray], Any] = np.ascontiguousarray,
+    defer: bool = False,
 ) -> tuple[dict, dict]:
     """Fill `target`'s leaves from `source` by `rules`.
 
@@ -136,7 +165,12 @@ def convert(
     as GPT-2's ``attn.bias``). stacked: {stacked prefix: per-layer prefix template} for
     scanned layers (see the module docstring). place: makes each finished leaf (e.g.
     `jnp.asarray`: a jax array, made as the leaf is converted so its numpy copies go at
-    once, instead of the whole tree being copied afterwards).
+    once, instead of the whole tree being copied afterwards). defer: when `source` can
+    stand in for its tensors without reading them (``source.stand_in(key)``: an array of
+    the tensor's shape and dtype that takes no memory; `SafetensorsView`, GGUF's `HfView`),
+    every leaf becomes a `jaxdl.checkpoint.deferred.Deferred` that reads and converts its
+    tensor when the checkpoint writes it, so an import never holds the model; the checks
+    below run on the stand-ins first.
 
     Returns (variables: nested dict of `place`d arrays in the target's dtypes, report: JSON-able
     with the init_report categories; "renamed" maps each target path to its source key,
@@ -165,15 +199,20 @@ def convert(
             absent.append(f"{key} (for {path})")
             continue
         used.add(key)
-        value = np.asarray(rule.transform(np.asarray(source[key]), _shape(leaf)))
+        lazy = defer and hasattr(source, "stand_in")
+        raw = source.stand_in(key) if lazy else np.asarray(source[key])
+        value = np.asarray(rule.transform(raw, _shape(leaf)))
         if _shape(value) != _shape(leaf):
             report["shape_mismatch"].append([path, list(_shape(value)), list(_shape(leaf))])
             continue
         dtype = np.dtype(leaf.dtype)
         if value.dtype != dtype:
             report["dtype_cast"].append([path, str(value.dtype), str(dtype)])
-        value = value.astype(dtype, copy=False)
-        values[path] = np.ascontiguousarray(value) if path in layered else place(value)
+        if lazy:
+            values[path] = _deferred(source, key, rule.transform, _shape(leaf), dtype)
+        else:
+            value = value.astype(dtype, copy=False)
+            values[path] = np.ascontiguousarray(value) if path in layered else place(value)
         report["renamed"][path] = key
         report["loaded"].append(path)
     unused = sorted(k for k in source if k not in used and not any(i.fullmatch(k) for i in ignores))
@@ -200,7 +239,11 @@ def convert(
             "checkpoint is of the architecture named (and its config.json matches it)."
         )
     for stacked_path, layers in groups.items():
-        values[stacked_path] = place(np.stack([values.pop(p) for p in layers]))
+        parts = [values.pop(p) for p in layers]
+        if parts and isinstance(parts[0], Deferred):
+            values[stacked_path] = _stacked(parts)
+        else:
+            values[stacked_path] = place(np.stack(parts))
         report["renamed"][stacked_path] = [report["renamed"].pop(p) for p in layers]
     report["loaded"] = sorted(report["renamed"])
     return tree_lib.unflatten(values), report

@@ -18,6 +18,7 @@ import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 from jaxdl.errors import UserError
@@ -148,6 +149,21 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, np.ndarray], list[Path]
     return read_file(weights), [weights]
 
 
+# safetensors' dtype names -> numpy's (what `safe_open(framework="np")` returns)
+SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
 class SafetensorsView(Mapping):
     """{key: array} over safetensors files, each tensor read when it is looked up (so an
     import holds the converted model and one source tensor, never the whole source)."""
@@ -172,6 +188,21 @@ class SafetensorsView(Mapping):
             return handle.get_tensor(key)
         except (SafetensorError, OSError, ValueError) as err:
             raise _corrupt(path, err) from err
+
+    def stand_in(self, key: str) -> np.ndarray:
+        """`self[key]`'s shape and dtype from the file's header, as an array that takes no
+        memory (for `mapping.convert(defer=True)`); a dtype numpy cannot name is read."""
+        from safetensors import SafetensorError
+
+        path, handle = self._handles[self._where[key]]
+        try:
+            info = handle.get_slice(key)
+            shape, kind = tuple(info.get_shape()), info.get_dtype()
+        except (SafetensorError, OSError, ValueError) as err:
+            raise _corrupt(path, err) from err
+        if kind not in SAFETENSORS_DTYPES:
+            return self[key]
+        return np.broadcast_to(np.zeros((), SAFETENSORS_DTYPES[kind]), shape)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)

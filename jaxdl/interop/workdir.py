@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 from jaxdl import config as config_lib
+from jaxdl.checkpoint.deferred import Deferred
 from jaxdl.core.optim import make_optimizer
 from jaxdl.core.state import TrainState
 from jaxdl.errors import UserError
@@ -58,9 +59,6 @@ class Imported:
 
 # Overrides every imported config gets: one step of plain SGD (see the module docstring).
 IMPORT_DEFAULTS = {"num_steps": 1, "optimizer": {"name": "sgd"}}
-# Orbax copies this much of the state at a time while writing the import's step 0 (by
-# default it copies the whole state first: a second model in memory).
-SAVE_CONCURRENT = 64 * 2**20
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -86,24 +84,28 @@ def resolved_config(partial: Mapping[str, Any]):
     return cfg
 
 
-def _to_jax_in_place(tree: dict) -> dict:
-    """Replace every numpy leaf by a jax array, one at a time, dropping the numpy copy as it
-    goes: Orbax saves jax arrays without the host copy it makes of numpy ones, and moving
-    leaf by leaf keeps the peak at the model plus its largest leaf. Leaves already jax
-    (`llama.convert_state` makes them so as it converts) stay as they are."""
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            _to_jax_in_place(value)
-        else:
-            tree[key] = None
-            tree[key] = jnp.asarray(value)
-            del value
-    return tree
+def deferred_leaves(tree: Any) -> Any:
+    """Every array leaf as a `Deferred` (those that are stay as they are): the import's
+    checkpoint writes the leaves one at a time, without the copy Orbax makes of numpy
+    leaves or of jax arrays' host buffers."""
+
+    def defer(leaf: Any) -> Any:
+        if isinstance(leaf, Deferred):
+            return leaf
+        return Deferred(lambda: np.asarray(leaf), tuple(leaf.shape), np.dtype(leaf.dtype))
+
+    return jax.tree.map(defer, tree)
+
+
+def _stand_ins(tree: Any) -> Any:
+    return jax.tree.map(lambda leaf: leaf.stand_in(), tree)
 
 
 def initial_state(cfg: Any, variables: Mapping[str, Any]) -> TrainState:
     """The step-0 TrainState `jaxdl.training.build.build` makes for `cfg`, with `variables`
-    in place of a fresh init (same partition, optimizer and rng, so restores fit)."""
+    in place of a fresh init (same partition, optimizer and rng, so restores fit). Its weights
+    are `Deferred` leaves, for a `Checkpointer(deferred=True)`."""
+    variables = deferred_leaves(variables)
     params = {"params": variables["params"]}
     model_state = {k: v for k, v in variables.items() if k != "params"}
     plan = partition.make_plan(params, partition.default_rules(lora=False))
@@ -115,7 +117,9 @@ def initial_state(cfg: Any, variables: Mapping[str, Any]) -> TrainState:
         wd_mults=partition.wd_mult_tree(plan, trainable),
     )
     rng = jax.random.PRNGKey(cfg.seed + 3)
-    return TrainState.create(trainable, tx, rng, frozen=frozen, model_state=model_state)
+    # the optimizer's init sees stand-ins of the (deferred) weights: it looks at shapes only
+    state = TrainState.create(_stand_ins(trainable), tx, rng, model_state=model_state)
+    return state.replace(params=trainable, frozen=frozen)
 
 
 def imported_config(workdir: str | os.PathLike) -> dict[str, Any]:
@@ -172,7 +176,8 @@ def staging(out: Path, tag: str) -> Iterator[Path]:
 def write_workdir(out: str | os.PathLike, kind: str, imported: Imported) -> dict[str, Any]:
     """Write `imported` as the workdir `out` (atomically); returns the import report.
 
-    `imported.variables` is consumed: its numpy leaves are replaced by jax arrays."""
+    The weights are converted as the checkpoint writes them, where the importer deferred
+    them (`mapping.convert(defer=True)`)."""
     from jaxdl.checkpoint.manager import Checkpointer
 
     out = Path(out).absolute()
@@ -196,10 +201,8 @@ def write_workdir(out: str | os.PathLike, kind: str, imported: Imported) -> dict
         **imported.report,
     }
     with staging(out, "import") as tmp:
-        state = initial_state(cfg, _to_jax_in_place(imported.variables))
-        largest = max(leaf.nbytes for leaf in jax.tree.leaves(state))
-        at_once = max(SAVE_CONCURRENT, largest)
-        with Checkpointer(tmp, max_to_keep=1, save_concurrent_bytes=at_once) as ckpt:
+        state = initial_state(cfg, imported.variables)
+        with Checkpointer(tmp, max_to_keep=1, deferred=True) as ckpt:
             ckpt.save(0, state, data_state=None, config=cfg.to_dict())
         for name, src in imported.assets.items():
             if isinstance(src, bytes):

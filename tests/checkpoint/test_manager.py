@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 
+from jaxdl.checkpoint.deferred import Deferred
 from jaxdl.checkpoint.manager import Checkpointer
 from jaxdl.checkpoint.read import load_params, load_variables, state_metadata
 from jaxdl.core.state import TrainState
@@ -92,6 +93,46 @@ def test_round_trip_is_bitwise_with_adam_state_and_data_state(tmp_path):
         "jaxdl_digest.json",
         "state",
     ]
+
+
+def test_deferred_leaves_are_made_as_they_are_written_and_restore_bitwise(tmp_path):
+    """An import's save: each Deferred leaf is made when its write starts and dropped after
+    it, so at most two of them (the one written, the next one being made) live at once;
+    what lands is an ordinary checkpoint that restores into jax arrays and reads as numpy."""
+    import gc
+    import weakref
+
+    made: list[weakref.ref] = []
+    most = []
+
+    def maker(i: int):
+        def make() -> np.ndarray:
+            gc.collect()
+            most.append(sum(ref() is not None for ref in made))
+            out = np.full((256, 128), float(i), np.float32)
+            made.append(weakref.ref(out))
+            return out
+
+        return make
+
+    leaves = {f"w{i}": Deferred(maker(i), (256, 128), np.dtype(np.float32)) for i in range(12)}
+    state = make_state(step=0).replace(params={"params": leaves}, frozen={})
+    with Checkpointer(tmp_path, deferred=True) as ckpt:
+        ckpt.save(0, state, data_state=None, config=CONFIG)
+    assert len(most) == 12 and max(most) <= 1  # at each make, at most one other made leaf lives
+    template = state.replace(
+        params={"params": {k: jnp.zeros(v.shape, v.dtype) for k, v in leaves.items()}}
+    )
+    with Checkpointer(tmp_path, read_only=True) as ckpt:
+        restored, _ = ckpt.restore(zeros_like(template))
+    for i in range(12):
+        got = restored.params["params"][f"w{i}"]
+        assert isinstance(got, jax.Array) and (np.asarray(got) == i).all()
+    assert_same(restored.opt_state, state.opt_state)
+    numpy_params = load_params(tmp_path / "checkpoints" / "0")
+    for name, value in numpy_params.items():
+        assert isinstance(value, np.ndarray) and (value == int(name[1:])).all()
+    assert sorted(numpy_params) == sorted(leaves)
 
 
 def test_keeps_last_k_and_ignores_a_second_save_of_a_step(tmp_path):
