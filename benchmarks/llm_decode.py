@@ -3,6 +3,7 @@
     python benchmarks/llm_decode.py [--workdir runs/smollm2] \
         [--out benchmarks/results/llm_decode.json]
     python benchmarks/llm_decode.py --smoke          # a tiny random Llama, seconds
+    python benchmarks/llm_decode.py --import-only    # SmolLM2's import alone
 
 Decode: greedy generation from one prompt of `--prompt-tokens` ids, `--new-tokens` new ones
 (no early stop), batch 1, in each of `--dtypes` (float32 by default; ``bfloat16`` runs jaxdl
@@ -232,6 +233,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a tiny random Llama, one trial")
     parser.add_argument("--workdir", type=Path, default=None, help="an imported LM workdir")
+    parser.add_argument("--import-only", action="store_true", help="SmolLM2's import, no decode")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--trials", type=int, default=5)
@@ -255,8 +257,8 @@ def main() -> None:
         gguf = smollm2_gguf()  # or one line saying how to install it
         result["model"] = "SmolLM2-135M-Instruct"
         result["import"] = bench_import(gguf, tmp)
-        workdir = args.workdir or tmp / "imported"
-        result["decode"] = bench_decode(args, workdir)
+        if not args.import_only:
+            result["decode"] = bench_decode(args, args.workdir or tmp / "imported")
     result["load_after"] = os.getloadavg()
     result["settings"] = {
         "prompt_tokens": args.prompt_tokens,

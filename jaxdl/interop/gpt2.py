@@ -27,7 +27,7 @@ import numpy as np
 from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
 from jaxdl.interop import lm_files, readers
-from jaxdl.interop.mapping import Rule, convert, split
+from jaxdl.interop.mapping import Renamed, Rule, convert, split
 from jaxdl.interop.workdir import Imported
 from jaxdl.models.transformer import transformer_spec
 
@@ -125,13 +125,14 @@ def target_shapes(model_cfg: Mapping[str, Any]) -> dict:
     return jax.eval_shape(lambda r, t: model.init(r, t), jax.random.PRNGKey(0), x)
 
 
-def _canonical(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Keys without GPT2LMHeadModel's "transformer." prefix. An lm_head.weight (older
-    pytorch_model.bin files hold the tied copy) must equal wte.weight; IGNORE lists it."""
-    out = {k.removeprefix("transformer."): v for k, v in state.items()}
-    head = out.get("lm_head.weight")
-    if head is not None and "wte.weight" in out and not np.array_equal(head, out["wte.weight"]):
-        raise _refuse("lm_head.weight", "untied", "jaxdl ties the output projection")
+def _canonical(state: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    """Keys without GPT2LMHeadModel's "transformer." prefix (a view: nothing is read). An
+    lm_head.weight (older pytorch_model.bin files hold the tied copy) must equal wte.weight;
+    IGNORE lists it."""
+    out = Renamed(state, lambda k: k.removeprefix("transformer."))
+    if "lm_head.weight" in out and "wte.weight" in out:
+        if not np.array_equal(out["lm_head.weight"], out["wte.weight"]):
+            raise _refuse("lm_head.weight", "untied", "jaxdl ties the output projection")
     return out
 
 
@@ -140,9 +141,8 @@ def convert_state(
 ) -> tuple[dict, dict]:
     """A GPT-2 state dict -> (variables, report) for the Transformer `model_cfg` describes
     (``scan_layers=True`` gives the stacked layout)."""
-    return convert(
-        _canonical(state), target_shapes(model_cfg), RULES, ignore=IGNORE, stacked=STACKED
-    )
+    shapes = target_shapes(model_cfg)
+    return convert(_canonical(state), shapes, RULES, ignore=IGNORE, stacked=STACKED, defer=True)
 
 
 def to_state_dict(params: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> dict[str, np.ndarray]:

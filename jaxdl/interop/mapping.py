@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -82,6 +82,26 @@ def chain(*transforms: Transform) -> Transform:
 
     run.__name__ = " then ".join(getattr(t, "__name__", "?") for t in transforms)
     return run
+
+
+class Renamed(Mapping):
+    """`source` under the keys `rename` gives its keys (a view: tensors are read, or stood
+    in for, by the source when they are looked up)."""
+
+    def __init__(self, source: Mapping[str, Any], rename: Callable[[str], str]):
+        self.source = source
+        self._keys = {rename(k): k for k in source}
+        if hasattr(source, "stand_in"):
+            self.stand_in = lambda key: source.stand_in(self._keys[key])
+
+    def __getitem__(self, key: str) -> Any:
+        return self.source[self._keys[key]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 @dataclasses.dataclass(frozen=True)

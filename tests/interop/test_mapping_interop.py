@@ -4,6 +4,8 @@ import jax
 import numpy as np
 import pytest
 
+from jaxdl.checkpoint.deferred import Deferred
+from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
 from jaxdl.interop.mapping import Rule, convert, oihw_to_hwio, split, transpose
 
@@ -117,3 +119,60 @@ def test_oihw_to_hwio():
     x = np.arange(2 * 3 * 5 * 7).reshape(2, 3, 5, 7)
     y = oihw_to_hwio(x, (5, 7, 3, 2))
     assert y.shape == (5, 7, 3, 2) and y[4, 6, 2, 1] == x[1, 2, 4, 6]
+
+
+class _CountingView(dict):
+    """A source that, like SafetensorsView and GGUF's HfView, can stand in for its tensors;
+    it counts the tensors read."""
+
+    reads = 0
+
+    def __getitem__(self, key):
+        type(self).reads += 1
+        return super().__getitem__(key)
+
+    def stand_in(self, key):
+        value = super().__getitem__(key)
+        return np.broadcast_to(np.zeros((), value.dtype), value.shape)
+
+
+def test_deferred_convert_reads_nothing_until_made_and_equals_the_eager_one():
+    src = _source(3)
+    targets = {
+        "per_layer": (_target(_layer_shapes("params/layer_0")), {}),
+        "stacked": (
+            _target(_layer_shapes("params/layers", (3,)), dtype=np.float16),
+            {"params/layers": "params/layer_{}"},
+        ),
+    }
+    for target, stacked in targets.values():
+        src_i = src if stacked else {k: v for k, v in src.items() if k.startswith("h.0.")}
+        view = _CountingView(src_i)
+        _CountingView.reads = 0
+        lazy, lazy_report = convert(
+            view, target, RULES, ignore=[r".*attn\.bias"], stacked=stacked, defer=True
+        )
+        assert _CountingView.reads == 0
+        eager, report = convert(src_i, target, RULES, ignore=[r".*attn\.bias"], stacked=stacked)
+        assert lazy_report == report
+        for (path, leaf), want in zip(
+            tree_lib.flatten(lazy).items(), tree_lib.flatten(eager).values(), strict=True
+        ):
+            assert isinstance(leaf, Deferred) and (leaf.shape, leaf.dtype) == (
+                want.shape,
+                want.dtype,
+            ), path
+            made = leaf.make()
+            assert made.dtype == want.dtype and made.flags.c_contiguous
+            np.testing.assert_array_equal(made, want)
+        assert _CountingView.reads > 0
+    # shapes are checked on the stand-ins, before anything is read
+    _CountingView.reads = 0
+    with pytest.raises(UserError, match=r"shape mismatch: params/w source \(2, 3\)"):
+        convert(
+            _CountingView({"w": np.zeros((2, 3))}),
+            _target({"params/w": (3, 2)}),
+            [Rule("params/w", "w")],
+            defer=True,
+        )
+    assert _CountingView.reads == 0
