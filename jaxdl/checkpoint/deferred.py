@@ -29,10 +29,6 @@ class Deferred:
     shape: tuple[int, ...]
     dtype: np.dtype
 
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
-
     def stand_in(self) -> np.ndarray:
         """A read-only array of the leaf's shape and dtype that takes no memory (one zero
         broadcast), for code that looks at shapes only (an optimizer's init)."""

@@ -163,7 +163,7 @@ class Checkpointer:
         export): nothing is saved, and the tmp dirs of the run's in-flight saves are not
         treated as leftovers of a killed one. ``deferred``: the saved
         state may hold `jaxdl.checkpoint.deferred.Deferred` leaves, each made as it is written
-        (an import: the save holds one converted leaf at a time, never the model)."""
+        (an import: the save holds two converted leaves at a time, never the model)."""
         if not isinstance(max_to_keep, int) or max_to_keep < 1:
             raise UserError(
                 f"keep_checkpoints: expected an int >= 1, found {max_to_keep!r}. "

@@ -174,7 +174,6 @@ def convert(
     rules: Sequence[Rule],
     ignore: Sequence[str] = (),
     stacked: Mapping[str, str] | None = None,
-    place: Callable[[np.ndarray], Any] = np.ascontiguousarray,
     defer: bool = False,
 ) -> tuple[dict, dict]:
     """Fill `target`'s leaves from `source` by `rules`.
@@ -183,23 +182,20 @@ def convert(
     `jax.ShapeDtypeStruct` (``jax.eval_shape(model.init, ...)``), paths "params/...",
     "batch_stats/...". ignore: regexes of source keys deliberately left out (buffers such
     as GPT-2's ``attn.bias``). stacked: {stacked prefix: per-layer prefix template} for
-    scanned layers (see the module docstring). place: makes each finished leaf (e.g.
-    `jnp.asarray`: a jax array, made as the leaf is converted so its numpy copies go at
-    once, instead of the whole tree being copied afterwards). defer: when `source` can
+    scanned layers (see the module docstring). defer: when `source` can
     stand in for its tensors without reading them (``source.stand_in(key)``: an array of
     the tensor's shape and dtype that takes no memory; `SafetensorsView`, GGUF's `HfView`),
     every leaf becomes a `jaxdl.checkpoint.deferred.Deferred` that reads and converts its
     tensor when the checkpoint writes it, so an import never holds the model; the checks
     below run on the stand-ins first.
 
-    Returns (variables: nested dict of `place`d arrays in the target's dtypes, report: JSON-able
-    with the init_report categories; "renamed" maps each target path to its source key,
+    Returns (variables: nested dict of contiguous arrays, or Deferred, in the target's dtypes;
+    report: JSON-able, with the init_report categories; "renamed" maps each target path to its source key,
     "dtype_cast" lists [path, source dtype, target dtype], "ignored" the ignored source keys).
     Raises one UserError naming every unfilled target leaf, missing or unused source key and
     shape mismatch.
     """
     flat, groups = _unstack(tree_lib.flatten(target), stacked or {})
-    layered = {p for layers in groups.values() for p in layers}  # placed once stacked
     compiled = [(re.compile(r.target), r) for r in rules]
     ignores = [re.compile(p) for p in ignore]
     report: dict[str, Any] = {k: [] for k in CATEGORIES}
@@ -232,7 +228,7 @@ def convert(
             values[path] = _deferred(source, key, rule.transform, _shape(leaf), dtype)
         else:
             value = value.astype(dtype, copy=False)
-            values[path] = np.ascontiguousarray(value) if path in layered else place(value)
+            values[path] = np.ascontiguousarray(value)
         report["renamed"][path] = key
         report["loaded"].append(path)
     unused = sorted(k for k in source if k not in used and not any(i.fullmatch(k) for i in ignores))
@@ -263,7 +259,7 @@ def convert(
         if parts and isinstance(parts[0], Deferred):
             values[stacked_path] = _stacked(parts)
         else:
-            values[stacked_path] = place(np.stack(parts))
+            values[stacked_path] = np.stack(parts)
         report["renamed"][stacked_path] = [report["renamed"].pop(p) for p in layers]
     report["loaded"] = sorted(report["renamed"])
     return tree_lib.unflatten(values), report
