@@ -190,8 +190,9 @@ def convert(
     below run on the stand-ins first.
 
     Returns (variables: nested dict of contiguous arrays, or Deferred, in the target's dtypes;
-    report: JSON-able, with the init_report categories; "renamed" maps each target path to its source key,
-    "dtype_cast" lists [path, source dtype, target dtype], "ignored" the ignored source keys).
+    report: JSON-able, with the init_report categories; "renamed" maps each target path to
+    its source key, "dtype_cast" lists [path, source dtype, target dtype], "ignored" the
+    ignored source keys).
     Raises one UserError naming every unfilled target leaf, missing or unused source key and
     shape mismatch.
     """
