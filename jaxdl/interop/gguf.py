@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -518,20 +519,36 @@ def import_gguf(kind: str, path: Path, out: Path) -> Imported:
 # ------------------------------------------------------------------ writing
 
 
-def _vocab_lists(tokenizer_json: bytes) -> tuple[list[str], list[int], list[str], str]:
-    """(tokens by id, their GGUF token types, merges, pre family) of a byte-level BPE
-    tokenizer.json; refuses other kinds in one line."""
+@dataclasses.dataclass(frozen=True)
+class GgufVocab:
+    """A tokenizer.json as GGUF's ``tokenizer.ggml.*`` lists: `model` 'gpt2' (byte-level BPE,
+    split by `pre`) or 'llama' (SentencePiece BPE, with `scores`)."""
+
+    model: str
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+    pre: str | None = None  # a PRE_FAMILIES family ('gpt2' vocabularies)
+    scores: list[float] | None = None  # ('llama' vocabularies)
+
+
+def gguf_vocab(tokenizer_json: bytes, tokenizer_config: Mapping[str, Any]) -> GgufVocab:
+    """The GGUF lists of a workdir's tokenizer.json: a byte-level BPE (Llama 3, Qwen, SmolLM)
+    or a SentencePiece-style byte-fallback BPE (Llama 2, Mistral, TinyLlama); refuses other
+    kinds in one line."""
     from tokenizers import Tokenizer
 
     spec = json.loads(tokenizer_json)
     model = spec.get("model", {})
     decoder = (spec.get("decoder") or {}).get("type")
-    if model.get("type") != "BPE" or decoder != "ByteLevel":
+    sentencepiece = _is_sentencepiece(spec)
+    if model.get("type") != "BPE" or not (decoder == "ByteLevel" or sentencepiece):
         raise UserError(
             f"--workdir: its tokenizer.json is a {model.get('type')!r} model with a "
-            f"{decoder!r} decoder, not a byte-level BPE (a SentencePiece vocabulary, for one); "
-            "export-gguf writes byte-level ones only. Fix: export with `jaxdl export-hf` and "
-            "convert with llama.cpp's convert_hf_to_gguf.py."
+            f"{decoder!r} decoder, neither a byte-level BPE nor a SentencePiece-style "
+            "byte-fallback BPE with U+2581 spaces, the two GGUF vocabularies export-gguf "
+            "writes. Fix: export with `jaxdl export-hf` and convert with llama.cpp's "
+            "convert_hf_to_gguf.py."
         )
     tok = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
     size = tok.get_vocab_size(with_added_tokens=True)
@@ -539,19 +556,67 @@ def _vocab_lists(tokenizer_json: bytes) -> tuple[list[str], list[int], list[str]
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(size)]
     added = {a["content"]: a.get("special", False) for a in spec.get("added_tokens", [])}
     types = [(3 if added[t] else 4) if t in added else 1 for t in tokens]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    pairs = [m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges", [])]
+    if sentencepiece:
+        if spaced := next((m for m in pairs if " " in m[0] or " " in m[1]), None):
+            raise UserError(
+                f"--workdir: its tokenizer merges {spaced} holds a literal space, which "
+                "GGUF's 'left right' merge strings cannot spell. Fix: export with `jaxdl "
+                "export-hf` and convert with llama.cpp's convert_hf_to_gguf.py."
+            )
+        ids = {t: i for i, t in enumerate(tokens)}
+        unk = tokenizer_config.get("unk_token") or model.get("unk_token")
+        for i, t in enumerate(tokens):
+            if t == unk:
+                types[i] = 2  # UNKNOWN
+            elif BYTE_TOKEN.fullmatch(t):
+                types[i] = 6  # BYTE
+        # llama.cpp merges SentencePiece pieces by their score, best first: a piece scores
+        # minus the rank of the first merge that makes it, so its order is the merges'
+        scores = [0.0] * size
+        made = set()
+        for rank, (left, right) in enumerate(pairs):
+            piece = left + right
+            if piece in ids and piece not in made:
+                made.add(piece)
+                scores[ids[piece]] = -float(rank + 1)
+        merges = [f"{left} {right}" for left, right in pairs]
+        return GgufVocab("llama", tokens, types, merges, scores=scores)
+    merges = [" ".join(m) for m in pairs]
     pre = json.dumps(spec.get("pre_tokenizer"), sort_keys=True)
-    family = next(
-        (name for name in PRE_FAMILIES if _pre_json(name) == pre),
-        None,
-    )
+    family = next((name for name in PRE_FAMILIES if _pre_json(name) == pre), None)
     if family is None:
         raise UserError(
             "--workdir: its tokenizer's pre-tokenizer matches none llama.cpp names "
             f"({', '.join(PRE_FAMILIES)}). Fix: export with `jaxdl export-hf` and convert with "
             "llama.cpp's convert_hf_to_gguf.py, which identifies it by hash."
         )
-    return tokens, types, merges, family
+    return GgufVocab("gpt2", tokens, types, merges, pre=family)
+
+
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _is_sentencepiece(spec: Mapping[str, Any]) -> bool:
+    """Whether a tokenizer.json is a SentencePiece BPE as GGUF's 'llama' vocabulary means
+    it: byte fallback, spaces spelled U+2581 with one prepended to the text, by a Metaspace
+    pre-tokenizer (transformers' current form) or a Prepend + Replace normalizer (the
+    legacy one, TinyLlama's). GGUF readers prepend by their own rule (transformers: at the
+    start of the text), so a 'legacy' prefix after each special token is not kept."""
+    model, pre, norm = spec.get("model", {}), spec.get("pre_tokenizer"), spec.get("normalizer")
+    decoders = [d.get("type") for d in (spec.get("decoder") or {}).get("decoders", [])]
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        return False
+    if "ByteFallback" not in decoders:
+        return False
+    if pre and pre.get("type") == "Metaspace":
+        prepends = pre.get("prepend_scheme") in ("first", "always")
+        return pre.get("replacement") == "\u2581" and prepends
+    steps = (norm or {}).get("normalizers", [norm] if norm else [])
+    return pre is None and steps == [
+        {"type": "Prepend", "prepend": "\u2581"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+    ]
 
 
 def _pre_json(family: str) -> str:
@@ -587,7 +652,7 @@ def export_gguf(workdir: str | os.PathLike, out: str | os.PathLike, kind: str = 
             f"--workdir: {workdir} has no tokenizer (imported weights-only), and a GGUF without "
             "one is of no use to llama.cpp. Fix: import the model again with its tokenizer."
         )
-    tokens, types, merges, family = _vocab_lists(lm.tokenizer)
+    vocab = gguf_vocab(lm.tokenizer, lm.tokenizer_config)
     arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}[
         llama.model_type_for(spec)
     ]
@@ -620,12 +685,16 @@ def export_gguf(workdir: str | os.PathLike, out: str | os.PathLike, kind: str = 
             )
         if spec.sliding_window is not None:
             w.add_sliding_window(spec.sliding_window)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(lm.tokenizer_config.get("gguf_pre") or PRE_FAMILIES[family][0])
-        w.add_token_list(tokens)
-        w.add_token_types(types)
-        w.add_token_merges(merges)
-        _add_special_ids(w, lm, tokens)
+        w.add_tokenizer_model(vocab.model)
+        if vocab.model == "gpt2":
+            w.add_tokenizer_pre(lm.tokenizer_config.get("gguf_pre") or PRE_FAMILIES[vocab.pre][0])
+        else:
+            w.add_add_space_prefix(True)
+            w.add_token_scores(vocab.scores)
+        w.add_token_list(vocab.tokens)
+        w.add_token_types(vocab.types)
+        w.add_token_merges(vocab.merges)
+        _add_special_ids(w, lm, vocab.tokens)
         if lm.tokenizer_config.get("chat_template"):
             w.add_chat_template(lm.tokenizer_config["chat_template"])
         for hf_key, tensor, suffix in hf_to_gguf():
@@ -665,6 +734,7 @@ def _add_special_ids(w: Any, lm: lm_files.LmFiles, tokens: list[str]) -> None:
     if pad is not None:
         w.add_pad_token_id(int(pad))
     w.add_add_bos_token(bool(config.get("add_bos_token", False)))
+    w.add_add_eos_token(bool(config.get("add_eos_token", False)))
 
 
 def _add_tensor(w: Any, name: str, value: np.ndarray, qtype: Any) -> None:

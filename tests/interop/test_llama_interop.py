@@ -178,8 +178,70 @@ def test_a_sentencepiece_gguf_imports_with_its_tokenizer(tmp_path):
     assert (ids[0], ids[-1], tok.eos_ids) == (1, 2, (2,))
     ours, back = logits(tmp_path / "w"), logits(workdir)
     assert np.abs(ours - back).max() / np.abs(ours).max() < 2e-3  # f16 in the file
-    with pytest.raises(UserError, match=r"^--workdir: .*'Sequence' decoder, not a byte-level"):
+
+
+def _gguf_lists(path: Path) -> dict:
+    f = gguf_io.GgufFile(path)
+    keys = ("model", "tokens", "token_type", "scores", "merges", "add_space_prefix")
+    return {key: f.get(f"tokenizer.ggml.{key}", arch=False) for key in keys}
+
+
+def test_a_sentencepiece_workdir_exports_to_gguf_and_back(tmp_path):
+    """export-gguf writes a SentencePiece BPE as GGUF's 'llama' vocabulary: the file's
+    token types are the source file's (unknown, control, byte, user-defined), importing it
+    gives back the same tokenizer files, and its scores alone (what llama.cpp merges by)
+    imply merges that split text as the merges do. TinyLlama's legacy tokenizer.json (the
+    U+2581 prefix from a normalizer, not a Metaspace pre-tokenizer) writes the same lists."""
+    from _llm import sentencepiece_vocab
+    from tokenizers import Tokenizer
+
+    workdir = sentencepiece_workdir(tmp_path)
+    gguf_io.export_gguf(workdir, tmp_path / "back.gguf")
+    lists = _gguf_lists(tmp_path / "back.gguf")
+    _, _, types = sentencepiece_vocab()
+    assert (lists["model"], lists["add_space_prefix"]) == ("llama", True)
+    assert lists["token_type"] == types
+    import_checkpoint("gguf", str(tmp_path / "back.gguf"), tmp_path / "back")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / "back" / name).read_text() == (workdir / name).read_text(), name
+    spec = json.loads((workdir / "tokenizer.json").read_text())
+    vocab = {t: i for i, t in enumerate(lists["tokens"])}
+    scores = dict(zip(lists["tokens"], lists["scores"], strict=True))
+    by_score = gguf_io.merges_from_scores(vocab, scores)
+    assert len(by_score) == len(lists["merges"])
+    text = Path(gguf_io.__file__).read_text()[:6000] + " héllo 日本 🙂  x"
+    ids = Tokenizer.from_str(json.dumps(spec)).encode(text).ids
+    spec["model"]["merges"] = [list(m) for m in by_score]
+    assert Tokenizer.from_str(json.dumps(spec)).encode(text).ids == ids
+
+    spec = json.loads((workdir / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = None
+    spec["normalizer"] = {
+        "type": "Sequence",
+        "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+        ],
+    }
+    (workdir / "tokenizer.json").write_text(json.dumps(spec))
+    gguf_io.export_gguf(workdir, tmp_path / "legacy.gguf")
+    assert _gguf_lists(tmp_path / "legacy.gguf") == lists
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"model": {"type": "Unigram", "vocab": [["<unk>", 0.0]], "unk_id": 0}}, "'Unigram' model"),
+        ({"pre_tokenizer": None}, "neither a byte-level BPE nor a SentencePiece"),  # Gemma's
+    ],
+)
+def test_export_gguf_refuses_a_tokenizer_gguf_cannot_spell(tmp_path, change, match):
+    workdir = sentencepiece_workdir(tmp_path)
+    spec = json.loads((workdir / "tokenizer.json").read_text())
+    (workdir / "tokenizer.json").write_text(json.dumps({**spec, **change}))
+    with pytest.raises(UserError, match=rf"^--workdir: .*{match}.*Fix: export with"):
         gguf_io.export_gguf(workdir, tmp_path / "back.gguf")
+    assert not (tmp_path / "back.gguf").exists()
 
 
 def _tokenizer_gguf(path: Path, kind: str, tokens, **lists):

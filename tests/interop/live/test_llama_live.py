@@ -387,3 +387,30 @@ def test_sentencepiece_gguf_tokenizer_equals_transformers(tmp_path):
         assert ours.decode(ours.encode(text)) == tok.decode(ours.encode(text).tolist())
     for messages in CONVERSATIONS:
         assert ours.apply_chat_template(messages).tolist() == chat_ids(tok, messages)
+
+
+def test_sentencepiece_export_gguf_reads_back_in_transformers(tmp_path):
+    """export-gguf of a SentencePiece-vocabulary workdir: transformers' GGUF loader builds
+    the workdir's own tokenizer.json from it (so the same ids and chat rendering), and the
+    model it loads agrees with jaxdl's next-token argmax."""
+    from _llm import sentencepiece_workdir
+
+    workdir = sentencepiece_workdir(tmp_path)
+    export_gguf(workdir, tmp_path / "back.gguf", "f16")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="back.gguf")
+    written = json.loads((workdir / "tokenizer.json").read_text())
+    assert json.loads(tok.backend_tokenizer.to_str()) == written
+    ours = jaxdl.load_tokenizer(workdir)
+    for text in [*CORPUS, "[INST] whole [/INST]<think>"]:
+        assert tok(text, add_special_tokens=False)["input_ids"] == ours.encode(text).tolist()
+    for messages in CONVERSATIONS:
+        assert chat_ids(tok, messages) == ours.apply_chat_template(messages).tolist()
+    ids = np.array([ours.encode(CORPUS[0]).tolist()[:48]])
+    model, variables = jaxdl.load_model(workdir)
+    back = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file="back.gguf", dtype=torch.float32
+    )
+    with torch.no_grad():
+        theirs = back(torch.tensor(ids)).logits.numpy()
+    agree = (theirs.argmax(-1) == np.asarray(model.apply(variables, ids)).argmax(-1)).mean()
+    assert agree >= 0.97, agree
