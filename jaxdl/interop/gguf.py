@@ -33,6 +33,7 @@ ARCHS = ("llama", "qwen2", "qwen3")  # Mistral's GGUFs say "llama"
 PERMUTED_ARCHS = ("llama",)  # llama.cpp permutes Q/K rows of these (its rope layout)
 DEQUANTIZED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 EXPORT_TYPES = ("f16", "q8_0")
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-dimension rope factors (Llama 3.1 and on)
 ROW_CHUNK = 4096
 
 
@@ -208,12 +209,6 @@ def model_config(f: GgufFile) -> dict[str, Any]:
             f"--from: {f.path} holds a {f.arch!r} model; jaxdl imports GGUF architectures "
             f"{list(ARCHS)}. Fix: import a Llama-family GGUF, or its Hugging Face folder."
         )
-    if "rope_freqs.weight" in f.tensors:
-        raise UserError(
-            f"--from: {f.path} carries per-dimension rope factors (rope_freqs.weight, Llama 3.1 "
-            "style), which jaxdl reads only from config.json. Fix: import the model's Hugging "
-            "Face folder with `jaxdl import hf:auto`."
-        )
     scaling = f.get(keys.Rope.SCALING_TYPE, "none")
     if scaling not in ("none", "linear"):
         raise UserError(
@@ -246,7 +241,95 @@ def model_config(f: GgufFile) -> dict[str, Any]:
         cfg.update(rope_scaling="linear", rope_factor=float(f.require(keys.Rope.SCALING_FACTOR)))
     if (window := f.get(keys.Attention.SLIDING_WINDOW)) is not None:
         cfg["sliding_window"] = int(window)
+    if ROPE_FREQS in f.tensors:
+        if scaling != "none":
+            raise UserError(
+                f"--from: {f.path} has both {ROPE_FREQS} and rope scaling {scaling!r}, which "
+                "jaxdl does not combine. Fix: import the model's Hugging Face folder instead."
+            )
+        cfg.update(llama3_rope(f.array(ROPE_FREQS), cfg, f"--from: {f.path}: {ROPE_FREQS}"))
     return cfg
+
+
+# Llama 3's own (low_freq_factor, high_freq_factor, original_max_position_embeddings)
+LLAMA3_ROPE = (1.0, 4.0, 8192)
+
+
+def rope_factors(model_cfg: Mapping[str, Any]) -> np.ndarray:
+    """llama.cpp's per-dimension rope factors [head_dim / 2] of a llama3-scaled model (its
+    converter's rope_freqs.weight: each frequency is divided by its factor)."""
+    from jaxdl.models.llama import llama_spec, rope_frequencies
+
+    spec = llama_spec(model_cfg)
+    plain = rope_frequencies(dataclasses.replace(spec, rope_scaling=None))
+    return (plain / rope_frequencies(spec)).astype(np.float32)
+
+
+def llama3_rope(factors: np.ndarray, model_cfg: Mapping[str, Any], where: str) -> dict:
+    """The llama3 rope parameters that give these per-dimension factors (rope_freqs.weight).
+
+    A GGUF keeps only the factors; the config fields that made them are recovered and
+    checked: the factor is the largest, and the wavelength band in which factors move
+    between 1 and it gives the band's edges (original_max_position_embeddings /
+    low_freq_factor and / high_freq_factor; one pair of many equivalent ones, with
+    low_freq_factor 1). Llama 3's own values are tried first. Factors none of them
+    reproduce within 1e-5 are refused in one line."""
+    from jaxdl.models.llama import llama_spec, rope_frequencies
+
+    factors = np.asarray(factors, np.float64).reshape(-1)
+    plain = rope_frequencies(dataclasses.replace(llama_spec(model_cfg), rope_scaling=None))
+    if factors.shape != plain.shape:
+        raise UserError(
+            f"{where}: expected {plain.size} factors (head_dim / 2), found {factors.size}. "
+            "Fix: convert the model again with llama.cpp's convert_hf_to_gguf.py."
+        )
+    if np.allclose(factors, 1.0, rtol=0, atol=1e-6):
+        return {}
+    factor = float(factors.max())
+    candidates = [LLAMA3_ROPE, *_band_edges(plain, factors, factor)]
+    for low, high, original in candidates:
+        rope = {
+            "rope_scaling": "llama3",
+            "rope_factor": factor,
+            "rope_low_freq_factor": low,
+            "rope_high_freq_factor": high,
+            "rope_original_max_len": original,
+        }
+        if np.allclose(rope_factors({**model_cfg, **rope}), factors, rtol=1e-5, atol=0):
+            return rope
+    raise UserError(
+        f"{where}: per-dimension rope factors that no llama3 rope setting reproduces (largest "
+        f"{factor:g}); jaxdl implements default, linear and llama3 rope. Fix: import the model's "
+        "Hugging Face folder with `jaxdl import hf:auto`."
+    )
+
+
+def _band_edges(plain: np.ndarray, factors: np.ndarray, factor: float) -> list[tuple]:
+    """(low_freq_factor 1, high_freq_factor, original_max_position_embeddings) candidates
+    whose band of wavelengths [original / high, original / low] fits the factors: fitted
+    through the factors inside it (two or more), else through the one inside it with
+    Llama 3's high / low ratio of 4, else spread over the gap between the unscaled and the
+    scaled dimensions."""
+    wavelen = 2 * np.pi / plain
+    s = (1 / factors - 1 / factor) / (1 - 1 / factor)  # 1: unscaled, 0: divided by `factor`
+    band = (s > 1e-6) & (s < 1 - 1e-6)
+    if band.sum() >= 2:  # s is linear in 1 / wavelength inside the band
+        slope, intercept = np.polyfit(1 / wavelen[band], s[band], 1)
+        inv_low, inv_high = -intercept / slope, -intercept / slope + 1 / slope  # 1 / edge
+    elif band.sum() == 1:
+        inv_low = 1 / (wavelen[band][0] * (1 + 3 * s[band][0]))
+        inv_high = 4 * inv_low
+    elif (s >= 1 - 1e-6).any() and (s <= 1e-6).any():  # short wavelengths unscaled, long scaled
+        below, above = wavelen[s >= 1 - 1e-6].max(), wavelen[s <= 1e-6].min()
+        gap = above / below
+        inv_low, inv_high = 1 / (below * gap ** (2 / 3)), 1 / (below * gap ** (1 / 3))
+    else:
+        return []
+    if not 0 < inv_low < inv_high:
+        return []
+    high, original = float(inv_high / inv_low), int(round(1 / inv_low))
+    # the factors are float32: the fit's round figure first, as configs write them
+    return [(1.0, round(high, digits), original) for digits in (3, 6)]
 
 
 class HfView(Mapping):
@@ -261,7 +344,8 @@ class HfView(Mapping):
             for i in range(model_cfg["num_layers"]) if "{i}" in hf_key else [None]:
                 known[gguf_name(tensor, suffix, i)] = hf_key.format(i=i)
         for name in f.tensors:
-            self.names[known.get(name, name)] = name
+            if name != ROPE_FREQS:  # read into the config (model_config)
+                self.names[known.get(name, name)] = name
 
     def __getitem__(self, key: str) -> np.ndarray:
         w = self.f.array(self.names[key])
@@ -678,11 +762,8 @@ def export_gguf(workdir: str | os.PathLike, out: str | os.PathLike, kind: str = 
         if spec.rope_scaling == "linear":
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(spec.rope_factor)
-        elif spec.rope_scaling is not None:
-            raise UserError(
-                f"--workdir: rope scaling {spec.rope_scaling!r} has no GGUF metadata form jaxdl "
-                "writes. Fix: export with `jaxdl export-hf` and convert with llama.cpp."
-            )
+        elif spec.rope_scaling == "llama3":  # as llama.cpp's converter writes it
+            w.add_tensor(ROPE_FREQS, rope_factors(model_cfg))
         if spec.sliding_window is not None:
             w.add_sliding_window(spec.sliding_window)
         w.add_tokenizer_model(vocab.model)

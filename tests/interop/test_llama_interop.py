@@ -162,6 +162,65 @@ def test_gguf_export_imports_back(tmp_path, kind, tol):
     assert rebuilt.eos_ids == original.eos_ids == (513,)
 
 
+@pytest.mark.parametrize(
+    "rope_theta, low, high, original",
+    [
+        (20000.0, 1.0, 8.0, 64),  # three factors between 1 and 8: the band is solved for
+        (500000.0, 1.0, 4.0, 8192),  # Llama 3's values, one factor inside the band
+    ],
+)
+def test_llama3_rope_travels_through_gguf_as_rope_freqs(tmp_path, rope_theta, low, high, original):
+    """export-gguf writes llama3 rope scaling as llama.cpp's converter does, per-dimension
+    factors in rope_freqs.weight (Llama 3.1 and later GGUFs); importing that file recovers
+    the config fields, so the model, export-hf and export-gguf are the source's again."""
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": rope_theta,
+        "factor": 8.0,
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": original,
+    }
+    config = {**HF_CONFIG, "model_type": "llama", "head_dim": 32, "rope_parameters": rope}
+    import_checkpoint("hf:auto", str(hf_folder(tmp_path, config=config)), tmp_path / "w")
+    gguf_io.export_gguf(tmp_path / "w", tmp_path / "m.gguf")
+    f = gguf_io.GgufFile(tmp_path / "m.gguf")
+    source = json.loads((tmp_path / "w" / "config.json").read_text())["model"]
+    np.testing.assert_allclose(f.array(gguf_io.ROPE_FREQS), gguf_io.rope_factors(source))
+    assert f.array(gguf_io.ROPE_FREQS).max() == 8.0
+    report = import_checkpoint("gguf", str(tmp_path / "m.gguf"), tmp_path / "back")
+    assert report["unexpected"] == [] and report["source_types"][gguf_io.ROPE_FREQS] == "F32"
+    back = json.loads((tmp_path / "back" / "config.json").read_text())["model"]
+    rope_keys = [k for k in source if k.startswith("rope_")]
+    assert {k: back[k] for k in rope_keys} == {k: source[k] for k in rope_keys}
+    ours, theirs = logits(tmp_path / "w"), logits(tmp_path / "back")
+    assert np.abs(ours - theirs).max() / np.abs(ours).max() < 2e-3  # f16 in the file
+
+
+def test_rope_factors_no_llama3_setting_gives_are_refused():
+    cfg = {"name": "llama", **{k: v for k, v in _tiny_llama().items()}}
+    half = cfg["head_dim"] // 2
+    factors = np.linspace(1.0, 3.0, half)[::-1]  # falling: no llama3 band does that
+    with pytest.raises(UserError, match=r"^W: per-dimension rope factors that no llama3 .*Fix:"):
+        gguf_io.llama3_rope(factors, cfg, "W")
+    with pytest.raises(UserError, match=rf"^W: expected {half} factors .*found {half + 1}"):
+        gguf_io.llama3_rope(np.ones(half + 1), cfg, "W")
+    assert gguf_io.llama3_rope(np.ones(half), cfg, "W") == {}
+
+
+def _tiny_llama() -> dict:
+    return {
+        "vocab_size": 16,
+        "num_layers": 1,
+        "embed_dim": 32,
+        "num_heads": 2,
+        "head_dim": 32,
+        "mlp_dim": 8,
+        "max_len": 64,
+        "rope_base": 10000.0,
+    }
+
+
 def test_a_sentencepiece_gguf_imports_with_its_tokenizer(tmp_path):
     """tokenizer.ggml.model 'llama' becomes a byte-fallback BPE tokenizer.json (the parity
     with transformers' GGUF loader is in tests/interop/live): text round-trips, characters

@@ -414,3 +414,38 @@ def test_sentencepiece_export_gguf_reads_back_in_transformers(tmp_path):
         theirs = back(torch.tensor(ids)).logits.numpy()
     agree = (theirs.argmax(-1) == np.asarray(model.apply(variables, ids)).argmax(-1)).mean()
     assert agree >= 0.97, agree
+
+
+def test_llama3_rope_through_gguf_keeps_transformers_logits(tmp_path):
+    """A Llama 3.1-style checkpoint (llama3 rope scaling) through export-gguf, whose
+    rope_freqs.weight carries the scaling as llama.cpp reads it, and back: the import
+    recovers the rope fields and gives the Hugging Face model's logits. The weights are
+    float16 values, so that the f16 file holds them exactly; 60 positions against an
+    original context of 16, so that most dimensions are scaled and a model without the
+    factors is off by far more than the tolerance."""
+    from _llm import HF_CONFIG, hf_folder
+
+    from jaxdl.models import create_model
+
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
+    config = {**HF_CONFIG, "model_type": "llama", "head_dim": 64, "rope_parameters": rope}
+    folder = hf_folder(tmp_path, config=config, dtype=np.float16)
+    import_checkpoint("hf:auto", str(folder), tmp_path / "w")
+    export_gguf(tmp_path / "w", tmp_path / "m.gguf", "f16")
+    import_checkpoint("gguf", str(tmp_path / "m.gguf"), tmp_path / "back")
+    back = json.loads((tmp_path / "back" / "config.json").read_text())["model"]
+    rope_fields = ("rope_scaling", "rope_factor", "rope_high_freq_factor", "rope_original_max_len")
+    assert [back[k] for k in rope_fields] == ["llama3", 8.0, 4.0, 16]
+    ids = np.random.default_rng(2).integers(0, 514, size=(2, 60))
+    ref = reference_logits(folder, ids)
+    model, variables = jaxdl.load_model(tmp_path / "back")
+    assert relative_error(model.apply(variables, ids), ref) < TOL
+    unscaled = create_model({**back, "rope_scaling": None})
+    assert relative_error(unscaled.apply(variables, ids), ref) > 100 * TOL
