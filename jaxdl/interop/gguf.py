@@ -394,12 +394,19 @@ QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+TEKKEN_SPLIT = (  # Mistral's tekken (Mistral Nemo, Small 3), as transformers' GGUF loader splits
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 PRE_FAMILIES = {
     "gpt2": ("gpt2", "default"),
     "digits+gpt2": ("smollm", "starcoder", "refact", "codeshell", "command-r"),
     "llama3": ("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "falcon3", "dbrx"),
     "qwen2": ("qwen2", "deepseek-r1-qwen"),
+    "tekken": ("tekken",),
 }
+SPLITS = {"llama3": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT, "tekken": TEKKEN_SPLIT}
 
 
 def pre_tokenizer(family: str):
@@ -411,7 +418,7 @@ def pre_tokenizer(family: str):
         return byte_level
     if family == "digits+gpt2":
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    split = {"llama3": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT}[family]
+    split = SPLITS[family]
     return pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),

@@ -449,3 +449,37 @@ def test_llama3_rope_through_gguf_keeps_transformers_logits(tmp_path):
     assert relative_error(model.apply(variables, ids), ref) < TOL
     unscaled = create_model({**back, "rope_scaling": None})
     assert relative_error(unscaled.apply(variables, ids), ref) > 100 * TOL
+
+
+@pytest.mark.parametrize("pre", ["gpt2", "llama-bpe", "qwen2", "tekken"])
+def test_byte_level_gguf_pre_tokenizers_equal_transformers(tmp_path, pre):
+    """A byte-level GGUF vocabulary (the test's BPE, with control and user-defined tokens)
+    under each `tokenizer.ggml.pre` split family: jaxdl's tokenizer gives the ids of
+    transformers' GGUF tokenizer, and export-gguf's lists read back the same."""
+    import gguf
+    from _llm import BPE
+    from tokenizers import Tokenizer
+
+    from jaxdl.interop.gguf import GgufFile, gguf_vocab, tokenizer_files
+
+    spec = json.loads(BPE.read_text())
+    by_id = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in by_id] + ["<|im_start|>", "<|im_end|>", "<think>"]
+    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([1] * len(by_id) + [3, 3, 4])
+    w.add_token_merges([" ".join(m) for m in spec["model"]["merges"]])
+    w.add_eos_token_id(len(by_id) + 1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="t.gguf")
+    files = tokenizer_files(GgufFile(tmp_path / "t.gguf"))
+    ours = Tokenizer.from_str(files.tokenizer.decode())
+    for text in [*CORPUS, "I'M GOING to the iPhone's HTTPServer 1234567 <think>"]:
+        assert ours.encode(text).ids == theirs(text, add_special_tokens=False)["input_ids"], text
+    vocab = gguf_vocab(files.tokenizer, files.tokenizer_config)
+    assert (vocab.tokens, vocab.types) == (tokens, [1] * len(by_id) + [3, 3, 4])
