@@ -153,15 +153,24 @@ class GgufFile:
         (98 MB for SmolLM2) would sit on the import's peak; a read buffer goes with the
         tensor."""
         out = np.empty(tensor.stored_shape, tensor.stored_dtype)
-        with open(self.path, "rb") as f:
-            f.seek(tensor.data_offset)
-            got = f.readinto(memoryview(out).cast("B"))
+        try:  # an import reads tensors long after it opened the file (as each is written)
+            with open(self.path, "rb") as f:
+                f.seek(tensor.data_offset)
+                got = f.readinto(memoryview(out).cast("B"))
+        except OSError as err:
+            raise self._unreadable(tensor.name, err) from err
         if got != out.nbytes:
             raise UserError(
                 f"--from: {self.path} ends inside tensor {tensor.name} (read {got} of "
                 f"{out.nbytes} bytes). Fix: the file is truncated; download or convert it again."
             )
         return out
+
+    def _unreadable(self, name: str, err: OSError) -> UserError:
+        return UserError(
+            f"--from: reading tensor {name} of {self.path} failed ({err.strerror or err}). Fix: "
+            "the file changed or went away during the import; check it and import again."
+        )
 
     def stand_in(self, name: str) -> np.ndarray:
         """What `array(name)` will be (float32 of its shape) as a zero-memory stand-in,
@@ -175,7 +184,10 @@ class GgufFile:
                 "with llama.cpp's llama-quantize to one of them."
             )
         stored = int(np.prod(tensor.stored_shape)) * tensor.stored_dtype.itemsize
-        size = self.path.stat().st_size
+        try:
+            size = self.path.stat().st_size
+        except OSError as err:
+            raise self._unreadable(name, err) from err
         if tensor.data_offset + stored > size:
             raise UserError(
                 f"--from: {self.path} ends inside tensor {name} (it needs bytes up to "

@@ -135,6 +135,23 @@ def test_deferred_leaves_are_made_as_they_are_written_and_restore_bitwise(tmp_pa
     assert sorted(numpy_params) == sorted(leaves)
 
 
+def test_a_deferred_leaf_that_cannot_be_made_fails_the_save_with_its_own_error(tmp_path):
+    """A source read that fails while the save runs (the file went away) reaches the caller
+    as the UserError its reader raised, from Orbax's writer thread, not as a wrapped one."""
+
+    def unreadable() -> np.ndarray:
+        raise UserError("--from: reading tensor w1 failed. Fix: import again.")
+
+    leaves = {
+        "w0": Deferred(lambda: np.zeros((4,), np.float32), (4,), np.dtype(np.float32)),
+        "w1": Deferred(unreadable, (4,), np.dtype(np.float32)),
+    }
+    state = make_state(step=0).replace(params={"params": leaves}, frozen={})
+    with pytest.raises(UserError, match=r"^--from: reading tensor w1 failed"):
+        with Checkpointer(tmp_path, deferred=True) as ckpt:
+            ckpt.save(0, state, data_state=None, config=CONFIG)
+
+
 def test_keeps_last_k_and_ignores_a_second_save_of_a_step(tmp_path):
     with Checkpointer(tmp_path, max_to_keep=2) as ckpt:
         for step in (1, 2, 3, 4):

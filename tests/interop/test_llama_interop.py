@@ -123,6 +123,27 @@ def test_extra_or_missing_weights_are_named(tmp_path):
         import_checkpoint("hf:auto", str(folder), tmp_path / "w")
 
 
+def test_a_gguf_that_goes_away_mid_import_is_named_in_one_line(tmp_path):
+    """Tensors are read as the checkpoint writes them, after the file was opened and
+    planned: a file removed (or replaced by a shorter one) by then is an input error that
+    names the tensor and the file, not a traceback."""
+    folder = hf_folder(
+        tmp_path, config={**HF_CONFIG, "model_type": "llama", "head_dim": 8, "hidden_size": 32}
+    )
+    import_checkpoint("hf:auto", str(folder), tmp_path / "w")
+    gguf_io.export_gguf(tmp_path / "w", tmp_path / "m.gguf")
+    f = gguf_io.GgufFile(tmp_path / "m.gguf")
+    name = "blk.1.ffn_up.weight"
+    assert f.array(name).shape == f.stand_in(name).shape
+    data = (tmp_path / "m.gguf").read_bytes()
+    (tmp_path / "m.gguf").write_bytes(data[: f.tensors[name].data_offset + 10])
+    with pytest.raises(UserError, match=rf"^--from: .*m\.gguf ends inside tensor {name}"):
+        f.array(name)
+    (tmp_path / "m.gguf").unlink()
+    with pytest.raises(UserError, match=rf"^--from: reading tensor {name} of .*m\.gguf failed"):
+        f.array(name)
+
+
 def test_llama_cpp_permutation_is_undone():
     """permute_rows is llama.cpp's LlamaModel.permute: per head, rows (i, i + d/2) -> (2i, 2i+1)."""
     w = np.arange(2 * 8 * 3).reshape(16, 3)  # 2 heads of head_dim 8
