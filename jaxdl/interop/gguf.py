@@ -31,7 +31,13 @@ from jaxdl.interop.workdir import Imported
 
 ARCHS = ("llama", "qwen2", "qwen3")  # Mistral's GGUFs say "llama"
 PERMUTED_ARCHS = ("llama",)  # llama.cpp permutes Q/K rows of these (its rope layout)
-DEQUANTIZED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+# what gguf-py dequantizes and transformers' GGUF loader reads too (the live tests compare
+# the two, bit for bit), Q5_0 and Q5_1 (gguf-py alone); other types are refused by name
+DEQUANTIZED = (
+    *("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"),
+    *("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"),
+    *("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS"),
+)
 EXPORT_TYPES = ("f16", "q8_0")
 ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-dimension rope factors (Llama 3.1 and on)
 ROW_CHUNK = 4096

@@ -144,6 +144,22 @@ def test_a_gguf_that_goes_away_mid_import_is_named_in_one_line(tmp_path):
         f.array(name)
 
 
+def test_a_gguf_type_jaxdl_does_not_dequantize_is_refused_by_name(tmp_path):
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType.TQ2_0  # ternary: no Llama-family checkpoint uses it
+    _, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    w.add_tensor("blk.0.ffn_up.weight", np.zeros((4, nbytes), np.uint8), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    f = gguf_io.GgufFile(tmp_path / "t.gguf")
+    with pytest.raises(UserError, match=r"^--from: .*ffn_up\.weight is stored as TQ2_0, which"):
+        f.stand_in("blk.0.ffn_up.weight")
+
+
 def test_llama_cpp_permutation_is_undone():
     """permute_rows is llama.cpp's LlamaModel.permute: per head, rows (i, i + d/2) -> (2i, 2i+1)."""
     w = np.arange(2 * 8 * 3).reshape(16, 3)  # 2 heads of head_dim 8

@@ -483,3 +483,41 @@ def test_byte_level_gguf_pre_tokenizers_equal_transformers(tmp_path, pre):
         assert ours.encode(text).ids == theirs(text, add_special_tokens=False)["input_ids"], text
     vocab = gguf_vocab(files.tokenizer, files.tokenizer_config)
     assert (vocab.tokens, vocab.types) == (tokens, [1] * len(by_id) + [3, 3, 4])
+
+
+def test_every_dequantized_type_equals_transformers_dequantization(tmp_path):
+    """Each quantized GGUF type jaxdl reads and transformers' GGUF loader reads too, as
+    random blocks (every bit pattern, so some scales are inf or NaN) in one file: jaxdl's
+    float32 values (gguf-py's dequantizers, in row chunks) equal transformers' own
+    implementation bit for bit, non-finite values at the same places."""
+    import warnings
+
+    import gguf
+    from transformers.integrations.gguf import dequant
+
+    from jaxdl.interop.gguf import DEQUANTIZED, ROW_CHUNK, GgufFile
+
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "llama")
+    cases = {}
+    for code, name in dequant.GGML_NAME.items():
+        assert name in DEQUANTIZED, name
+        qtype = gguf.GGMLQuantizationType[name]
+        block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+        rows = ROW_CHUNK + 3 if name == "Q4_K" else 8  # one across the row chunks
+        raw = rng.integers(0, 256, size=(rows, 2 * nbytes), dtype=np.uint8)
+        w.add_tensor(f"t.{name}", raw, raw_dtype=qtype)
+        cases[name] = (code, raw, (rows, 2 * block))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    f = GgufFile(tmp_path / "q.gguf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the inf/NaN scales' products
+        for name, (code, raw, shape) in cases.items():
+            ours = f.array(f"t.{name}")
+            theirs = dequant.dequantize(torch.from_numpy(raw.reshape(-1).copy()), code)
+            theirs = theirs.numpy().reshape(shape)
+            assert ours.shape == shape and ours.dtype == np.float32, name
+            np.testing.assert_array_equal(ours, theirs, err_msg=name)
