@@ -692,12 +692,13 @@ def gguf_vocab(tokenizer_json: bytes, tokenizer_config: Mapping[str, Any]) -> Gg
         merges = [f"{left} {right}" for left, right in pairs]
         return GgufVocab("llama", tokens, types, merges, scores=scores)
     merges = [" ".join(m) for m in pairs]
-    pre = json.dumps(spec.get("pre_tokenizer"), sort_keys=True)
+    pre = _split_key(spec.get("pre_tokenizer"))
     family = next((name for name in PRE_FAMILIES if _pre_json(name) == pre), None)
     if family is None:
+        names = ", ".join(pres[0] for pres in PRE_FAMILIES.values())
         raise UserError(
-            "--workdir: its tokenizer's pre-tokenizer matches none llama.cpp names "
-            f"({', '.join(PRE_FAMILIES)}). Fix: export with `jaxdl export-hf` and convert with "
+            "--workdir: its tokenizer's pre-tokenizer matches none of the llama.cpp ones "
+            f"jaxdl writes ({names}). Fix: export with `jaxdl export-hf` and convert with "
             "llama.cpp's convert_hf_to_gguf.py, which identifies it by hash."
         )
     return GgufVocab("gpt2", tokens, types, merges, pre=family)
@@ -729,12 +730,27 @@ def _is_sentencepiece(spec: Mapping[str, Any]) -> bool:
 
 
 def _pre_json(family: str) -> str:
-    """The pre-tokenizer of `family` as tokenizer.json spells it (sorted keys)."""
+    """The pre-tokenizer of `family` as `_split_key` spells it."""
     from tokenizers import Tokenizer, models
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizer(family)
-    return json.dumps(json.loads(tok.to_str())["pre_tokenizer"], sort_keys=True)
+    return _split_key(json.loads(tok.to_str())["pre_tokenizer"])
+
+
+def _split_key(pre: Any) -> str:
+    """A tokenizer.json pre-tokenizer as JSON with sorted keys, without ByteLevel's
+    trim_offsets: it changes the offsets, not the tokens (Llama 3's and SmolLM's are true,
+    Qwen2's false, and their GGUF families say nothing of it)."""
+
+    def tokens_only(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: tokens_only(v) for k, v in value.items() if k != "trim_offsets"}
+        if isinstance(value, list):
+            return [tokens_only(v) for v in value]
+        return value
+
+    return json.dumps(tokens_only(pre), sort_keys=True)
 
 
 def export_gguf(workdir: str | os.PathLike, out: str | os.PathLike, kind: str = "f16") -> dict:
@@ -839,8 +855,24 @@ def _add_special_ids(w: Any, lm: lm_files.LmFiles, tokens: list[str]) -> None:
     pad = generation.get("pad_token_id", ids.get(config.get("pad_token")))
     if pad is not None:
         w.add_pad_token_id(int(pad))
-    w.add_add_bos_token(bool(config.get("add_bos_token", False)))
-    w.add_add_eos_token(bool(config.get("add_eos_token", False)))
+    first, last = _template_ends(lm.tokenizer)
+    adds_bos = first is not None and first == config.get("bos_token")
+    adds_eos = last is not None and last == config.get("eos_token")
+    w.add_add_bos_token(bool(config.get("add_bos_token", adds_bos)))
+    w.add_add_eos_token(bool(config.get("add_eos_token", adds_eos)))
+
+
+def _template_ends(tokenizer_json: bytes) -> tuple[str | None, str | None]:
+    """The special tokens a tokenizer.json's post-processor puts before and after a single
+    text (Llama 3's adds <|begin_of_text|> so), which a tokenizer_config.json without
+    add_bos_token / add_eos_token leaves in charge, as transformers and llama.cpp's
+    converter read it."""
+    post = json.loads(tokenizer_json).get("post_processor") or {}
+    for step in post.get("processors", [post]):
+        if step.get("type") == "TemplateProcessing" and len(step.get("single", [])) > 1:
+            ends = [step["single"][i].get("SpecialToken", {}).get("id") for i in (0, -1)]
+            return ends[0], ends[1]
+    return None, None
 
 
 def _add_tensor(w: Any, name: str, value: np.ndarray, qtype: Any) -> None:

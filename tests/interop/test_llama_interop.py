@@ -258,6 +258,55 @@ def _tiny_llama() -> dict:
     }
 
 
+@pytest.mark.parametrize(
+    "split, trim_offsets, pre",
+    [(gguf_io.LLAMA3_SPLIT, True, "llama-bpe"), (gguf_io.QWEN2_SPLIT, False, "qwen2")],
+)
+def test_hub_byte_level_tokenizers_export_to_their_gguf_family(tmp_path, split, trim_offsets, pre):
+    """A Hugging Face tokenizer.json as Llama 3 and Qwen2 ship theirs (a Split regex, then
+    ByteLevel without its regex; trim_offsets true in one, false in the other, which moves
+    offsets only) exports with its llama.cpp pre-tokenizer name, and the GGUF's tokenizer
+    gives the same ids; a post-processor that puts BOS before a text sets add_bos_token."""
+    folder = hf_folder(tmp_path)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": split}, "behavior": "Isolated", "invert": False},
+            {
+                "type": "ByteLevel",
+                "add_prefix_space": False,
+                "trim_offsets": trim_offsets,
+                "use_regex": False,
+            },
+        ],
+    }
+    adds_bos = pre == "llama-bpe"  # Llama 3's post-processor puts its BOS before a text
+    if adds_bos:
+        spec["post_processor"] = {
+            "type": "TemplateProcessing",
+            "single": [
+                {"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+            ],
+            "pair": [],
+            "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [512], "tokens": []}},
+        }
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config["bos_token"] = "<|im_start|>"  # and no add_bos_token: the template decides
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    import_checkpoint("hf:auto", str(folder), tmp_path / "w")
+    gguf_io.export_gguf(tmp_path / "w", tmp_path / "m.gguf")
+    f = gguf_io.GgufFile(tmp_path / "m.gguf")
+    assert f.get("tokenizer.ggml.pre", arch=False) == pre
+    assert f.get("tokenizer.ggml.add_bos_token", arch=False) is adds_bos
+    import_checkpoint("gguf", str(tmp_path / "m.gguf"), tmp_path / "back")
+    original, back = jaxdl.load_tokenizer(tmp_path / "w"), jaxdl.load_tokenizer(tmp_path / "back")
+    text = Path(gguf_io.__file__).read_text()[:4000] + " 1234567 héllo\r\n\n  ✓ <|im_end|>"
+    assert back.encode(text).tolist() == original.encode(text).tolist()
+
+
 def test_a_sentencepiece_gguf_imports_with_its_tokenizer(tmp_path):
     """tokenizer.ggml.model 'llama' becomes a byte-fallback BPE tokenizer.json (the parity
     with transformers' GGUF loader is in tests/interop/live): text round-trips, characters
