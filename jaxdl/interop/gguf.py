@@ -641,10 +641,14 @@ class GgufVocab:
     scores: list[float] | None = None  # ('llama' vocabularies)
 
 
-def gguf_vocab(tokenizer_json: bytes, tokenizer_config: Mapping[str, Any]) -> GgufVocab:
+def gguf_vocab(
+    tokenizer_json: bytes, tokenizer_config: Mapping[str, Any], vocab_size: int | None = None
+) -> GgufVocab:
     """The GGUF lists of a workdir's tokenizer.json: a byte-level BPE (Llama 3, Qwen, SmolLM)
     or a SentencePiece-style byte-fallback BPE (Llama 2, Mistral, TinyLlama); refuses other
-    kinds in one line."""
+    kinds in one line. `vocab_size`: the model's embedding rows, which GGUF readers expect
+    one token for each of: ids the tokenizer lacks (Qwen2.5 pads its embedding to a multiple
+    of 128) become unused [PADn] tokens, as llama.cpp's converter writes them."""
     from tokenizers import Tokenizer
 
     spec = json.loads(tokenizer_json)
@@ -661,10 +665,18 @@ def gguf_vocab(tokenizer_json: bytes, tokenizer_config: Mapping[str, Any]) -> Gg
         )
     tok = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
     size = tok.get_vocab_size(with_added_tokens=True)
+    if vocab_size is not None and size > vocab_size:
+        raise UserError(
+            f"--workdir: its tokenizer has {size} tokens, more than the model's vocab_size "
+            f"{vocab_size}, so ids past {vocab_size - 1} have no embedding. Fix: export the "
+            "tokenizer the model was trained with."
+        )
     by_id = {i: t for t, i in tok.get_vocab(with_added_tokens=True).items()}
+    size = size if vocab_size is None else vocab_size
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(size)]
     added = {a["content"]: a.get("special", False) for a in spec.get("added_tokens", [])}
     types = [(3 if added[t] else 4) if t in added else 1 for t in tokens]
+    types = [5 if i not in by_id else k for i, k in enumerate(types)]  # UNUSED
     pairs = [m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges", [])]
     if sentencepiece:
         if spaced := next((m for m in pairs if " " in m[0] or " " in m[1]), None):
@@ -777,7 +789,7 @@ def export_gguf(workdir: str | os.PathLike, out: str | os.PathLike, kind: str = 
             f"--workdir: {workdir} has no tokenizer (imported weights-only), and a GGUF without "
             "one is of no use to llama.cpp. Fix: import the model again with its tokenizer."
         )
-    vocab = gguf_vocab(lm.tokenizer, lm.tokenizer_config)
+    vocab = gguf_vocab(lm.tokenizer, lm.tokenizer_config, spec.vocab_size)
     arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}[
         llama.model_type_for(spec)
     ]

@@ -307,6 +307,29 @@ def test_hub_byte_level_tokenizers_export_to_their_gguf_family(tmp_path, split, 
     assert back.encode(text).tolist() == original.encode(text).tolist()
 
 
+def test_an_embedding_wider_than_the_tokenizer_exports_padded_token_lists(tmp_path):
+    """Qwen2.5 pads its embedding past its tokenizer (151936 rows, 151665 tokens): GGUF
+    readers expect a token per row, so the rest are unused [PADn] tokens, as llama.cpp's
+    converter writes them, and the file imports back with the same ids and logits."""
+    config = {**HF_CONFIG, "model_type": "llama", "head_dim": 8, "vocab_size": 520}
+    import_checkpoint("hf:auto", str(hf_folder(tmp_path, config=config)), tmp_path / "w")
+    gguf_io.export_gguf(tmp_path / "w", tmp_path / "m.gguf")
+    lists = _gguf_lists(tmp_path / "m.gguf")
+    assert len(lists["tokens"]) == 520 and lists["tokens"][514:] == [
+        f"[PAD{i}]" for i in range(514, 520)
+    ]
+    assert lists["token_type"][512:] == [3, 3] + [5] * 6  # control, then unused
+    import_checkpoint("gguf", str(tmp_path / "m.gguf"), tmp_path / "back")
+    ours, back = logits(tmp_path / "w"), logits(tmp_path / "back")
+    assert ours.shape[-1] == 520 and np.abs(ours - back).max() / np.abs(ours).max() < 2e-3
+    text = Path(gguf_io.__file__).read_text()[:2000] + "<|im_end|>"
+    original, rebuilt = (
+        jaxdl.load_tokenizer(tmp_path / "w"),
+        jaxdl.load_tokenizer(tmp_path / "back"),
+    )
+    assert rebuilt.encode(text).tolist() == original.encode(text).tolist()
+
+
 def test_a_sentencepiece_gguf_imports_with_its_tokenizer(tmp_path):
     """tokenizer.ggml.model 'llama' becomes a byte-fallback BPE tokenizer.json (the parity
     with transformers' GGUF loader is in tests/interop/live): text round-trips, characters
