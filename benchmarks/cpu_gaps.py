@@ -269,6 +269,78 @@ def matvec_probe(small: bool = False) -> list[_timing.Runner]:
     ]
 
 
+def decode_chain_probe(small: bool = False) -> list[_timing.Runner]:
+    """A batch-1 float32 decode step's products alone, as one dependent chain through
+    SmolLM2's 30 layers and its tied head (538 MB): as jaxdl runs them (q, k, v, o, gate,
+    up, down: seven products a layer, the head against the [V, D] embedding), with q/k/v
+    and gate/up fused into one product each (four a layer), and with the head against a
+    [D, V] copy. What separates the step from streaming its bytes at full speed is the
+    count of products and the head's layout, not the rest of the step."""
+    layers, d, kv, f, v = (2, 16, 8, 32, 64) if small else (30, 576, 192, 1536, 49152)
+    keys = iter(jax.random.split(jax.random.PRNGKey(0), 8 * layers + 1))
+
+    def w(*shape):
+        return jax.random.normal(next(keys), shape) / np.sqrt(shape[0])
+
+    sep = [
+        dict(q=w(d, d), k=w(d, kv), v=w(d, kv), o=w(d, d), g=w(d, f), u=w(d, f), down=w(f, d))
+        for _ in range(layers)
+    ]
+    fused = [
+        dict(
+            qkv=jnp.concatenate([p["q"], p["k"], p["v"]], 1),
+            o=p["o"],
+            gu=jnp.concatenate([p["g"], p["u"]], 1),
+            down=p["down"],
+        )
+        for p in sep
+    ]
+    embedding = w(v, d)
+
+    def attend(q, k, v_):  # stands in for attention: mixes q with the new k and v
+        return q + jnp.pad(k + v_, ((0, 0), (0, d - kv)))
+
+    def seven(x, layers):
+        for p in layers:
+            x = x + attend(x @ p["q"], x @ p["k"], x @ p["v"]) @ p["o"]
+            x = x + (jax.nn.silu(x @ p["g"]) * (x @ p["u"])) @ p["down"]
+        return x
+
+    def four(x, layers):
+        for p in layers:
+            qkv = x @ p["qkv"]
+            x = x + attend(qkv[:, :d], qkv[:, d : d + kv], qkv[:, d + kv :]) @ p["o"]
+            gu = x @ p["gu"]
+            x = x + (jax.nn.silu(gu[:, :f]) * gu[:, f:]) @ p["down"]
+        return x
+
+    x = jnp.ones((1, d))
+    head_t = jnp.asarray(np.ascontiguousarray(np.asarray(embedding).T))  # [D, V]
+    runners = [
+        _jax("jax 7/layer, head [V,D]", lambda x, ls, e: seven(x, ls) @ e.T, x, sep, embedding),
+        _jax("jax 7/layer, head [D,V]", lambda x, ls, h: seven(x, ls) @ h, x, sep, head_t),
+        _jax("jax 4/layer, head [V,D]", lambda x, ls, e: four(x, ls) @ e.T, x, fused, embedding),
+        _jax("jax 4/layer, head [D,V]", lambda x, ls, h: four(x, ls) @ h, x, fused, head_t),
+    ]
+    if torch is None:
+        return runners
+    # transformers' layout: nn.Linear weights [out, in], the tied head the [V, D] embedding
+    tw = [{k: torch.from_numpy(np.asarray(a).T.copy()) for k, a in p.items()} for p in sep]
+    te, tx = torch.from_numpy(np.array(embedding)), torch.ones(1, d)
+
+    def torch_chain(steps: int) -> None:
+        with torch.no_grad():
+            for _ in range(steps):
+                h = tx
+                for p in tw:
+                    q, k_, v_ = F.linear(h, p["q"]), F.linear(h, p["k"]), F.linear(h, p["v"])
+                    h = h + F.linear(q + F.pad(k_ + v_, (0, d - kv)), p["o"])
+                    h = h + F.linear(F.silu(F.linear(h, p["g"])) * F.linear(h, p["u"]), p["down"])
+                F.linear(h, te)
+
+    return [*runners, _timing.Runner("torch 7/layer, head [V,D]", lambda: {}, torch_chain)]
+
+
 # name -> probe(small): small = tiny shapes (--smoke)
 PROBES: dict[str, Callable[[bool], list[_timing.Runner]]] = {
     "conv": conv_probe,
@@ -276,6 +348,7 @@ PROBES: dict[str, Callable[[bool], list[_timing.Runner]]] = {
     "attention": attention_probe,
     "matmul": matmul_probe,
     "matvec": matvec_probe,
+    "decode-chain": decode_chain_probe,
     "attention-step": lambda small: attention_step_probe("smoke-gpt" if small else "gpt-small"),
     "attention-step-vit": lambda small: attention_step_probe("smoke-vit" if small else "vit-tiny"),
     "lora-step": lambda small: lora_step_probe("smoke-gpt" if small else "gpt-small"),
