@@ -82,6 +82,23 @@ def interleaved_trials(
     return times
 
 
+def peak_rss_of(cmd: Sequence[str], cwd: Path | None = None) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of a command, run as the child of a small fresh
+    Python: Linux carries a process's peak RSS across fork and exec, so a command started
+    straight from a benchmark that holds a model would report at least that model's RSS."""
+    import sys
+
+    start = time.time()
+    code = (
+        "import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(p.returncode)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, *cmd], capture_output=True, text=True, check=True, cwd=cwd
+    )
+    return time.time() - start, int(done.stdout.split()[-1]) * 1024
+
+
 def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:
     """Median over trials of num[i] / den[i]: trial i of both ran in the same round."""
     assert len(num) == len(den), "trials are not paired"

@@ -31,10 +31,8 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import jax
@@ -193,27 +191,14 @@ def bench_decode(args, workdir: Path) -> dict:
     return out
 
 
-def peak_rss_of(cmd: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of a command in a fresh process."""
-    start = time.time()
-    code = (
-        "import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
-        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(p.returncode)"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code, *cmd], capture_output=True, text=True, check=True
-    )
-    return time.time() - start, int(done.stdout.split()[-1]) * 1024
-
-
 def bench_import(gguf: Path, tmp: Path) -> dict:
     from jaxdl.models.llama import count_params, llama_spec
 
-    wall, peak = peak_rss_of(
+    wall, peak = _timing.peak_rss_of(
         [sys.executable, "-m", "jaxdl.cli", "import", "gguf", "--from", str(gguf), "--out",
          str(tmp / "imported")]
     )  # fmt: skip
-    _, baseline = peak_rss_of(
+    _, baseline = _timing.peak_rss_of(
         [sys.executable, "-c", "import jax.numpy as jnp, jaxdl.interop, jaxdl.checkpoint.manager;"
          " jnp.zeros(1).block_until_ready()"]
     )  # fmt: skip

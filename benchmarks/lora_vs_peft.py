@@ -52,7 +52,6 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -64,7 +63,7 @@ if __package__ in (None, ""):  # run as a script: make `jaxdl` and `benchmarks` 
     sys.path.insert(0, str(ROOT))
 
 from benchmarks._report import write_record  # noqa: E402
-from benchmarks._timing import environment, paired_ratio, step_stats  # noqa: E402
+from benchmarks._timing import environment, paired_ratio, peak_rss_of, step_stats  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TINY_GPT2 = ROOT / "tests" / "fixtures" / "hub" / "gpt2_tiny"  # --smoke's model
@@ -109,8 +108,14 @@ FAMILIES["llama-1b"] = {**FAMILIES["llama"], "preset": "llama3-1b"}
 LEARNING_RATE = 1e-4
 
 
-def _peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
-    return resource.getrusage(who).ru_maxrss / 1024  # Linux: kB
+def _peak_rss_mb() -> float:
+    """This process's peak RSS since its exec (VmHWM: ru_maxrss would include the RSS of the
+    driver that started it, which holds a torch model, because Linux carries it over)."""
+    status = Path("/proc/self/status").read_text()
+    return (
+        int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
+        / 1024
+    )
 
 
 def _import_torch_stack():
@@ -263,22 +268,14 @@ def _make_model(model_dir: Path, family: str) -> int:
 
 def _time_import(model_dir: Path, workdir: Path, kind: str) -> dict:
     """Wall time and peak RSS of `jaxdl import KIND` in a fresh process."""
-    code = (
-        "import resource, sys, time; t = time.perf_counter(); "
-        "from jaxdl.cli import main; rc = main(sys.argv[1:]); "
-        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    )
-    cmd = [sys.executable, "-c", code, "import", kind, "--from", str(model_dir)]
-    done = subprocess.run(
-        [*cmd, "--out", str(workdir)], capture_output=True, text=True, check=True, cwd=ROOT
-    )
-    seconds, rss_kb = done.stdout.strip().splitlines()[-1].split()
+    cmd = [sys.executable, "-m", "jaxdl.cli", "import", kind, "--from", str(model_dir)]
+    seconds, peak = peak_rss_of([*cmd, "--out", str(workdir)], cwd=ROOT)
     weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     return {
-        "wall_s": float(seconds),  # in-process: interpreter start excluded, imports included
-        "peak_rss_mb": int(rss_kb) / 1024,
+        "wall_s": seconds,  # the whole process: interpreter start included
+        "peak_rss_mb": peak / 2**20,
         "model_bytes_mb": weights / 2**20,
-        "peak_rss_over_model_bytes": int(rss_kb) * 1024 / weights,
+        "peak_rss_over_model_bytes": peak / weights,
     }
 
 
@@ -356,6 +353,9 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--family", choices=sorted(FAMILIES), default="gpt2")
     parser.add_argument("--vocab", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--import-only", action="store_true", help="time the import 3 times, no LoRA steps"
+    )
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args.worker, args)
@@ -391,7 +391,15 @@ def main(argv=None) -> None:
         else:
             params = _make_model(model_dir, args.family)
             print(f"wrote a random {args.model} ({params:,} params) to {model_dir}", flush=True)
-        imported = _time_import(model_dir, workdir, FAMILIES[args.family]["kind"])
+        kind = FAMILIES[args.family]["kind"]
+        if args.import_only:  # each into a fresh workdir, the machine's load beside them
+            load = os.getloadavg()
+            runs = [_time_import(model_dir, Path(tmp) / f"w{i}", kind) for i in range(3)]
+            record = {"env": environment(), "load_before": load, "imports": runs}
+            if args.out:
+                Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+            return print(json.dumps(runs, indent=1))
+        imported = _time_import(model_dir, workdir, kind)
         print(f"import: {json.dumps(imported)}", flush=True)
         names = args.variants.split(",")
         procs = {}
