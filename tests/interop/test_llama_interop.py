@@ -19,7 +19,7 @@ import jaxdl
 from jaxdl.checkpoint.read import load_params
 from jaxdl.errors import UserError
 from jaxdl.interop import gguf as gguf_io
-from jaxdl.interop import import_checkpoint
+from jaxdl.interop import gguf_tokenizer, import_checkpoint
 from jaxdl.interop.hf_export import export_hf
 from jaxdl.lm.generate import generate
 from jaxdl.testing import subprocess_env
@@ -260,7 +260,10 @@ def _tiny_llama() -> dict:
 
 @pytest.mark.parametrize(
     "split, trim_offsets, pre",
-    [(gguf_io.LLAMA3_SPLIT, True, "llama-bpe"), (gguf_io.QWEN2_SPLIT, False, "qwen2")],
+    [
+        (gguf_tokenizer.LLAMA3_SPLIT, True, "llama-bpe"),
+        (gguf_tokenizer.QWEN2_SPLIT, False, "qwen2"),
+    ],
 )
 def test_hub_byte_level_tokenizers_export_to_their_gguf_family(tmp_path, split, trim_offsets, pre):
     """A Hugging Face tokenizer.json as Llama 3 and Qwen2 ship theirs (a Split regex, then
@@ -375,7 +378,7 @@ def test_a_sentencepiece_workdir_exports_to_gguf_and_back(tmp_path):
     spec = json.loads((workdir / "tokenizer.json").read_text())
     vocab = {t: i for i, t in enumerate(lists["tokens"])}
     scores = dict(zip(lists["tokens"], lists["scores"], strict=True))
-    by_score = gguf_io.merges_from_scores(vocab, scores)
+    by_score = gguf_tokenizer.merges_from_scores(vocab, scores)
     assert len(by_score) == len(lists["merges"])
     text = Path(gguf_io.__file__).read_text()[:6000] + " héllo 日本 🙂  x"
     ids = Tokenizer.from_str(json.dumps(spec)).encode(text).ids
@@ -437,20 +440,20 @@ def test_gguf_tokenizer_lists_missing_or_of_the_wrong_length(tmp_path):
     f = _tokenizer_gguf(tmp_path / "a.gguf", "llama", tokens, scores=scores)
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_str(gguf_io.tokenizer_files(f).tokenizer.decode())
+    tok = Tokenizer.from_str(gguf_tokenizer.tokenizer_files(f).tokenizer.decode())
     assert tok.encode("ab", add_special_tokens=False).tokens == ["\u2581ab"]
     f = _tokenizer_gguf(tmp_path / "b.gguf", "llama", tokens)
     with pytest.raises(UserError, match=r"neither tokenizer\.ggml\.merges nor .*scores"):
-        gguf_io.tokenizer_files(f)
+        gguf_tokenizer.tokenizer_files(f)
     f = _tokenizer_gguf(tmp_path / "c.gguf", "llama", tokens, scores=scores, types=[1] * 5)
     with pytest.raises(UserError, match=r"token_type has 5 entries for 8 tokens"):
-        gguf_io.tokenizer_files(f)
+        gguf_tokenizer.tokenizer_files(f)
 
 
 def test_merges_from_scores_orders_by_score_then_length():
     vocab = {"a": 0, "b": 1, "c": 2, "ab": 3, "bc": 4, "abc": 5}
     scores = {"a": 0.0, "b": 0.0, "c": 0.0, "ab": -1.0, "bc": -2.0, "abc": -3.0}
-    merges = gguf_io.merges_from_scores(vocab, scores)
+    merges = gguf_tokenizer.merges_from_scores(vocab, scores)
     assert merges == [("a", "b"), ("b", "c"), ("ab", "c"), ("a", "bc")]
 
 

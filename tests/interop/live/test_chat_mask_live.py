@@ -11,7 +11,8 @@ import transformers
 from tokenizers import Tokenizer
 
 from jaxdl.data.chat import tokenize_conversations
-from jaxdl.interop.gguf import GgufFile, tokenizer_files
+from jaxdl.interop.gguf import GgufFile
+from jaxdl.interop.gguf_tokenizer import tokenizer_files
 from jaxdl.lm.tokenizer import load_tokenizer
 
 BPE = Path(__file__).parents[2] / "fixtures" / "hub" / "bpe_stdlib.json"

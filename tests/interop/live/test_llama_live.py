@@ -371,7 +371,7 @@ def test_sentencepiece_gguf_tokenizer_equals_transformers(tmp_path):
     from _llm import sentencepiece_vocab, sentencepiece_workdir
     from transformers.tokenization_utils_base import generate_merges
 
-    from jaxdl.interop.gguf import merges_from_scores
+    from jaxdl.interop.gguf_tokenizer import merges_from_scores
 
     workdir = sentencepiece_workdir(tmp_path)
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
@@ -460,7 +460,8 @@ def test_byte_level_gguf_pre_tokenizers_equal_transformers(tmp_path, pre):
     from _llm import BPE
     from tokenizers import Tokenizer
 
-    from jaxdl.interop.gguf import GgufFile, gguf_vocab, tokenizer_files
+    from jaxdl.interop.gguf import GgufFile
+    from jaxdl.interop.gguf_tokenizer import gguf_vocab, tokenizer_files
 
     spec = json.loads(BPE.read_text())
     by_id = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
