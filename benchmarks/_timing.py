@@ -14,6 +14,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -86,8 +87,6 @@ def peak_rss_of(cmd: Sequence[str], cwd: Path | None = None) -> tuple[float, int
     """(wall seconds, peak RSS bytes) of a command, run as the child of a small fresh
     Python: Linux carries a process's peak RSS across fork and exec, so a command started
     straight from a benchmark that holds a model would report at least that model's RSS."""
-    import sys
-
     start = time.time()
     code = (
         "import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "

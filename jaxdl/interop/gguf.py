@@ -320,6 +320,8 @@ def _band_edges(plain: np.ndarray, factors: np.ndarray, factor: float) -> list[t
     through the factors inside it (two or more), else through the one inside it with
     Llama 3's high / low ratio of 4, else spread over the gap between the unscaled and the
     scaled dimensions."""
+    if factor <= 1:  # no dimension is scaled down: no band to fit
+        return []
     wavelen = 2 * np.pi / plain
     s = (1 / factors - 1 / factor) / (1 - 1 / factor)  # 1: unscaled, 0: divided by `factor`
     band = (s > 1e-6) & (s < 1 - 1e-6)

@@ -253,6 +253,8 @@ class GgufVocab:
     tokens: list[str]
     types: list[int]
     merges: list[str]
+    add_bos: bool
+    add_eos: bool
     pre: str | None = None  # a PRE_FAMILIES family ('gpt2' vocabularies)
     scores: list[float] | None = None  # ('llama' vocabularies)
 
@@ -294,6 +296,13 @@ def gguf_vocab(
     types = [(3 if added[t] else 4) if t in added else 1 for t in tokens]
     types = [5 if i not in by_id else k for i, k in enumerate(types)]  # UNUSED
     pairs = [m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges", [])]
+    # llama.cpp adds BOS / EOS to a raw prompt by these flags: tokenizer_config.json's, or
+    # else whether the post-processor puts those tokens around a text (Llama 3's BOS)
+    first, last = _template_ends(spec)
+    flags = {}
+    for end, token in (("bos", first), ("eos", last)):
+        around = token is not None and token == tokenizer_config.get(f"{end}_token")
+        flags[f"add_{end}"] = bool(tokenizer_config.get(f"add_{end}_token", around))
     if sentencepiece:
         if spaced := next((m for m in pairs if " " in m[0] or " " in m[1]), None):
             raise UserError(
@@ -318,7 +327,7 @@ def gguf_vocab(
                 made.add(piece)
                 scores[ids[piece]] = -float(rank + 1)
         merges = [f"{left} {right}" for left, right in pairs]
-        return GgufVocab("llama", tokens, types, merges, scores=scores)
+        return GgufVocab("llama", tokens, types, merges, **flags, scores=scores)
     merges = [" ".join(m) for m in pairs]
     pre = _split_key(spec.get("pre_tokenizer"))
     family = next((name for name in PRE_FAMILIES if _pre_json(name) == pre), None)
@@ -329,7 +338,7 @@ def gguf_vocab(
             f"jaxdl writes ({names}). Fix: export with `jaxdl export-hf` and convert with "
             "llama.cpp's convert_hf_to_gguf.py, which identifies it by hash."
         )
-    return GgufVocab("gpt2", tokens, types, merges, pre=family)
+    return GgufVocab("gpt2", tokens, types, merges, **flags, pre=family)
 
 
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -393,6 +402,8 @@ def add_tokenizer(w: Any, vocab: GgufVocab, lm: lm_files.LmFiles) -> None:
     w.add_token_types(vocab.types)
     w.add_token_merges(vocab.merges)
     _add_special_ids(w, lm, vocab.tokens)
+    w.add_add_bos_token(vocab.add_bos)
+    w.add_add_eos_token(vocab.add_eos)
     if lm.tokenizer_config.get("chat_template"):
         w.add_chat_template(lm.tokenizer_config["chat_template"])
 
@@ -414,19 +425,14 @@ def _add_special_ids(w: Any, lm: lm_files.LmFiles, tokens: list[str]) -> None:
     pad = generation.get("pad_token_id", ids.get(config.get("pad_token")))
     if pad is not None:
         w.add_pad_token_id(int(pad))
-    first, last = _template_ends(lm.tokenizer)
-    adds_bos = first is not None and first == config.get("bos_token")
-    adds_eos = last is not None and last == config.get("eos_token")
-    w.add_add_bos_token(bool(config.get("add_bos_token", adds_bos)))
-    w.add_add_eos_token(bool(config.get("add_eos_token", adds_eos)))
 
 
-def _template_ends(tokenizer_json: bytes) -> tuple[str | None, str | None]:
+def _template_ends(spec: Mapping[str, Any]) -> tuple[str | None, str | None]:
     """The special tokens a tokenizer.json's post-processor puts before and after a single
     text (Llama 3's adds <|begin_of_text|> so), which a tokenizer_config.json without
     add_bos_token / add_eos_token leaves in charge, as transformers and llama.cpp's
     converter read it."""
-    post = json.loads(tokenizer_json).get("post_processor") or {}
+    post = spec.get("post_processor") or {}
     for step in post.get("processors", [post]):
         if step.get("type") == "TemplateProcessing" and len(step.get("single", [])) > 1:
             ends = [step["single"][i].get("SpecialToken", {}).get("id") for i in (0, -1)]

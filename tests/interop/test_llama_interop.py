@@ -238,8 +238,9 @@ def test_rope_factors_no_llama3_setting_gives_are_refused():
     cfg = {"name": "llama", **{k: v for k, v in _tiny_llama().items()}}
     half = cfg["head_dim"] // 2
     factors = np.linspace(1.0, 3.0, half)[::-1]  # falling: no llama3 band does that
-    with pytest.raises(UserError, match=r"^W: per-dimension rope factors that no llama3 .*Fix:"):
-        gguf_io.llama3_rope(factors, cfg, "W")
+    for bad in (factors, np.full(half, 0.5)):  # falling; and every dimension sped up
+        with pytest.raises(UserError, match=r"^W: per-dimension rope factors that no llama3 "):
+            gguf_io.llama3_rope(bad, cfg, "W")
     with pytest.raises(UserError, match=rf"^W: expected {half} factors .*found {half + 1}"):
         gguf_io.llama3_rope(np.ones(half + 1), cfg, "W")
     assert gguf_io.llama3_rope(np.ones(half), cfg, "W") == {}
