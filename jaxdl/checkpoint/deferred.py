@@ -35,6 +35,11 @@ class Deferred:
         return np.broadcast_to(np.zeros((), self.dtype), self.shape)
 
 
+def made(leaf: Any) -> Any:
+    """``leaf.make()`` for a `Deferred` leaf, any other leaf as it is."""
+    return leaf.make() if isinstance(leaf, Deferred) else leaf
+
+
 class _DeferredHandler(ocp.type_handlers.NumpyHandler):
     """Orbax's numpy handler, made to write its values one after another, each made just
     before its write (Orbax hands a handler every leaf of its type at once and the numpy

@@ -13,6 +13,7 @@ surgery and lives in `jaxdl.finetune.surgery`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -23,10 +24,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxdl.checkpoint.deferred import Deferred
 from jaxdl.checkpoint.integrity import corrupt_step_fix, verify_step
 from jaxdl.core import tree as tree_lib
 from jaxdl.core.adapters import merge as merge_adapters
-from jaxdl.core.quant import dequantize_tree
+from jaxdl.core.quant import dequantize_tree, has_quantized
 from jaxdl.errors import UserError
 
 STATE_PARTS = ("params", "frozen", "model_state")
@@ -157,28 +159,95 @@ def read_json(step_dir: Path, item: str) -> Any:
             checkpointer.close()
 
 
-def _read_state_numpy(step_dir: Path) -> dict[str, dict]:
-    """params / frozen / model_state of the saved TrainState as numpy (opt_state not read)."""
-    meta = state_metadata(step_dir)
+def _check_parts(step_dir: Path, meta: Mapping) -> None:
     if not all(part in meta for part in STATE_PARTS):
         raise UserError(
             f"checkpoint {step_dir}: expected a jaxdl TrainState with {list(STATE_PARTS)}, "
             f"found items {sorted(meta)}. Fix: point at a checkpoint written by jaxdl."
         )
+
+
+def _read_state_numpy(step_dir: Path) -> dict[str, dict]:
+    """params / frozen / model_state of the saved TrainState as numpy (opt_state not read)."""
+    meta = state_metadata(step_dir)
+    _check_parts(step_dir, meta)
     parts = {k: meta[k] for k in STATE_PARTS if jax.tree_util.tree_leaves(meta[k])}
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), parts)
+    out = _restore_numpy(step_dir, parts)
+    return {k: dict(out.get(k) or {}) for k in STATE_PARTS}
+
+
+def _restore_numpy(step_dir: Path, item: Mapping) -> dict:
+    """The leaves of the saved state that ``item`` (a subtree of its metadata) names, as
+    numpy; the rest is not read."""
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     with orbax_errors(step_dir):
         checkpointer = ocp.PyTreeCheckpointer()
         try:
-            out = checkpointer.restore(
+            return checkpointer.restore(
                 epath.Path(step_dir.absolute() / "state"),
                 args=ocp.args.PyTreeRestore(
-                    item=parts, restore_args=restore_args, partial_restore=True
+                    item=item, restore_args=restore_args, partial_restore=True
                 ),
             )
         finally:
             checkpointer.close()
-    return {k: dict(out.get(k) or {}) for k in STATE_PARTS}
+
+
+GROUP_BYTES = 64 << 20  # streamed leaves read per Orbax call (each call has a fixed cost)
+
+
+class _GroupReader:
+    """Some leaves of a step's state, read together (one Orbax call) when the first is asked
+    for, each then handed out once: streaming a state leaf by leaf at a few calls' cost."""
+
+    def __init__(self, step_dir: Path, group: Mapping[str, Any]):
+        self.step_dir, self.group = step_dir, dict(group)
+        self.arrays: dict[str, np.ndarray] | None = None
+
+    def _read(self, paths: list[str]) -> dict[str, np.ndarray]:
+        item = tree_lib.unflatten({p: self.group[p] for p in paths})
+        out = _restore_numpy(self.step_dir, item)
+        return {p: np.asarray(v) for p, v in tree_lib.flatten(out).items()}
+
+    def take(self, path: str) -> np.ndarray:
+        if self.arrays is None:
+            self.arrays = self._read(list(self.group))
+        if path in self.arrays:
+            return self.arrays.pop(path)
+        return self._read([path])[path]  # asked for again: read it by itself
+
+
+def _deferred_parts(step_dir: Path) -> dict[str, dict] | None:
+    """`_read_state_numpy`'s parts with `Deferred` leaves, each read from the step when it
+    is made (leaves in flatten order, grouped to about `GROUP_BYTES`): a caller that turns
+    each leaf into something smaller (QLoRA's quantized kernels) never holds the float
+    state. None when the step holds adapters or quantized kernels, which are merged whole."""
+    meta = state_metadata(step_dir)
+    _check_parts(step_dir, meta)
+    if "lora" in (meta.get("params") or {}) or has_quantized(meta.get("frozen") or {}):
+        return None
+    flat = {
+        f"{part}/{path}": leaf
+        for part in STATE_PARTS
+        for path, leaf in tree_lib.flatten(meta.get(part) or {}).items()
+    }
+    groups: list[dict[str, Any]] = [{}]
+    size = 0
+    for path, leaf in flat.items():
+        if size >= GROUP_BYTES:
+            groups.append({})
+            size = 0
+        groups[-1][path] = leaf
+        size += int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+    out: dict[str, Any] = {}
+    for group in groups:
+        reader = _GroupReader(step_dir, group)
+        for path, leaf in group.items():
+            out[path] = Deferred(
+                functools.partial(reader.take, path), tuple(leaf.shape), np.dtype(leaf.dtype)
+            )
+    tree = tree_lib.unflatten(out)
+    return {k: dict(tree.get(k) or {}) for k in STATE_PARTS}
 
 
 # ---- whole model variables -----------------------------------------------------------------
@@ -198,7 +267,11 @@ def load_checkpoint(
     seen: tuple[Path, ...] = (),
     *,
     merge_lora: bool = True,
+    deferred: bool = False,
 ) -> tuple[dict, Path, int]:
+    """(variables, step_dir, step): see `load_variables`. ``deferred``: a plain step's leaves
+    as `Deferred`s, read as each is made (see `_deferred_parts`); a step with adapters or
+    quantized kernels is still read whole, as numpy."""
     step_dir, step = resolve_step_dir(path, step, config_key=config_key)
     check_step(step_dir)
     if step_dir.resolve() in seen:
@@ -206,6 +279,10 @@ def load_checkpoint(
             f"{config_key}: LoRA checkpoints name each other as base in a loop: "
             f"{[str(s) for s in seen]}. Fix: point init_from.checkpoint at a full checkpoint."
         )
+    lazy = _deferred_parts(step_dir) if deferred else None
+    if lazy is not None:
+        merged = tree_lib.merge(lazy["params"], lazy["frozen"])
+        return {**merged, **lazy["model_state"]}, step_dir, step
     parts = _read_state_numpy(step_dir)
     params = dict(parts["params"])
     adapters = params.pop("lora", None)

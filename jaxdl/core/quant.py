@@ -19,7 +19,7 @@ everything else (embeddings, norms, trainable leaves) stays float.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -128,7 +128,7 @@ def dequantize(node: Mapping[str, jax.Array], dtype: Any = jnp.float32) -> jax.A
 
 
 def _is_quantizable(path: str, leaf: Any) -> bool:
-    return path.rsplit("/", 1)[-1] == "kernel" and getattr(leaf, "ndim", 0) == 2
+    return path.rsplit("/", 1)[-1] == "kernel" and len(getattr(leaf, "shape", ())) == 2
 
 
 def check_kind(kind: Any) -> None:
@@ -139,12 +139,21 @@ def check_kind(kind: Any) -> None:
         )
 
 
-def quantize_kernels(tree: Tree, kind: str, prefix: str = "", *, consume: bool = False) -> dict:
+def quantize_kernels(
+    tree: Tree,
+    kind: str,
+    prefix: str = "",
+    *,
+    consume: bool = False,
+    made: Callable[[Any], Any] | None = None,
+) -> dict:
     """``tree`` (e.g. the frozen params) with every 2-D leaf named "kernel" quantized.
 
     ``consume``: pop each entry from ``tree`` (a dict) as it is done, so a float kernel
     nothing else holds is freed before the next is quantized: the peak is one float base,
     not a float base and a growing quantized one beside a float copy held to the end.
+    ``made``: turns a kernel leaf that is not yet an array (a checkpoint's lazily read
+    leaf) into one, just before it is quantized: then the float base is never held whole.
 
     Raises UserError naming lora.quantize and the layer when a kernel cannot be quantized
     (nf4: its input axis is not a multiple of 64).
@@ -155,8 +164,9 @@ def quantize_kernels(tree: Tree, kind: str, prefix: str = "", *, consume: bool =
         value = tree.pop(key) if consume else tree[key]
         path = f"{prefix}/{key}" if prefix else str(key)
         if isinstance(value, Mapping):
-            out[key] = quantize_kernels(value, kind, path, consume=consume)
+            out[key] = quantize_kernels(value, kind, path, consume=consume, made=made)
         elif _is_quantizable(path, value):
+            value = value if made is None else made(value)
             if kind == "nf4" and value.shape[0] % NF4_BLOCK:
                 raise UserError(
                     f"lora.quantize='nf4': kernel {path} has shape {tuple(value.shape)}, whose "

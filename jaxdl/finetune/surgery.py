@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxdl.checkpoint.deferred import Deferred
 from jaxdl.checkpoint.read import load_checkpoint
 from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
@@ -70,10 +71,21 @@ def _renamed(ckpt: dict[str, Any], rules: list[tuple[re.Pattern, str]]) -> tuple
 
 
 def _shape(x: Any) -> list[int]:
-    return [int(d) for d in np.shape(x)]
+    # a Deferred leaf has a shape but is no array (np.shape would see a scalar object)
+    return [int(d) for d in (x.shape if isinstance(x, Deferred) else np.shape(x))]
 
 
-def restore_pretrained(init_from: Mapping, variables: dict) -> tuple[dict, dict]:
+def _cast(value: Any, dtype: np.dtype) -> Any:
+    if not isinstance(value, Deferred):
+        return value.astype(dtype, copy=False)
+    if value.dtype == dtype:
+        return value
+    return Deferred(lambda: value.make().astype(dtype), value.shape, dtype)
+
+
+def restore_pretrained(
+    init_from: Mapping, variables: dict, *, deferred: bool = False
+) -> tuple[dict, dict]:
     """Load a checkpoint's weights into freshly initialised ``variables``.
 
     init_from: {"checkpoint": path, "step": int | None, "rename": [(regex, repl)],
@@ -85,6 +97,10 @@ def restore_pretrained(init_from: Mapping, variables: dict) -> tuple[dict, dict]
 
     Strict (default): any missing, unexpected or shape-mismatched leaf not covered by reinit
     raises one ValueError listing them all.
+
+    ``deferred``: loaded leaves are `jaxdl.checkpoint.deferred.Deferred`s, each read (and
+    cast) when made, for a caller that shrinks each as it comes (QLoRA's setup quantizes
+    the frozen kernels) and so never holds the float model; adapters' steps load whole.
     """
     source = init_from.get("checkpoint")
     if not source:
@@ -96,7 +112,7 @@ def restore_pretrained(init_from: Mapping, variables: dict) -> tuple[dict, dict]
     reinit = _compile(list(init_from.get("reinit") or []), "init_from.reinit")
     strict = bool(init_from.get("strict", True))
     loaded_vars, step_dir, step = load_checkpoint(
-        source, init_from.get("step"), "init_from.checkpoint"
+        source, init_from.get("step"), "init_from.checkpoint", deferred=deferred
     )
     ckpt, renamed = _renamed(tree_lib.flatten(loaded_vars), rules)
     model = tree_lib.flatten(variables)
@@ -126,7 +142,7 @@ def restore_pretrained(init_from: Mapping, variables: dict) -> tuple[dict, dict]
             value, dtype = ckpt[path], np.dtype(fresh.dtype)
             if value.dtype != dtype:
                 report["dtype_cast"].append([path, str(value.dtype), str(dtype)])
-            out[path] = value.astype(dtype, copy=False)
+            out[path] = _cast(value, dtype)
             report["loaded"].append(path)
     for path in sorted(ckpt.keys() - model.keys()):
         report["ignored" if covered(path) else "unexpected"].append(path)
@@ -149,12 +165,14 @@ def restore_pretrained(init_from: Mapping, variables: dict) -> tuple[dict, dict]
 def _resampled_posemb(path: str, value: Any, fresh: Any, model: Mapping[str, Any]):
     """A ViT position table [1, T, D] of another image size resampled to the model's grid
     (`jaxdl.models.vit.resample_posemb`), or None for any other leaf."""
-    if not path.endswith("/pos_embed") or np.ndim(value) != 3 or np.ndim(fresh) != 3:
+    if not path.endswith("/pos_embed") or len(_shape(value)) != 3 or len(_shape(fresh)) != 3:
         return None
     if _shape(value) == _shape(fresh):
         return None
     from jaxdl.models.vit import resample_posemb
 
+    if isinstance(value, Deferred):
+        value = value.make()
     num_prefix = int(path[: -len("pos_embed")] + "cls" in model)  # the class token's row
     return resample_posemb(np.asarray(value), tuple(_shape(fresh)), num_prefix)
 

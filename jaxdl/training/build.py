@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from jaxdl.checkpoint import deferred
 from jaxdl.core import heads, quant
 from jaxdl.core import tree as tree_lib
 from jaxdl.core.optim import make_optimizer, opt_state_slots
@@ -72,7 +73,7 @@ def quantize_frozen(frozen: dict, kind: str | None) -> dict:
     quantized run's ``frozen`` is emptied as its kernels are done (its float copies freed)."""
     if kind is None:
         return frozen
-    stored = quant.quantize_kernels(frozen, kind, consume=True)
+    stored = quant.quantize_kernels(frozen, kind, consume=True, made=deferred.made)
     if not quant.quantized_bytes(stored):
         raise UserError(
             f"lora.quantize={kind!r}: no frozen 2-D kernel to quantize (the partition plan "
@@ -107,7 +108,12 @@ def init_variables(model: nn.Module, sample: jax.Array, seed: int) -> dict:
 
 def shapes_of(tree: Any) -> Any:
     """``tree`` with jax.ShapeDtypeStruct leaves: its structure without holding its arrays."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(_shape(x), x.dtype), tree)
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    # a Deferred leaf has a shape but is no array (np.shape would see a scalar object)
+    return tuple(x.shape) if isinstance(x, deferred.Deferred) else np.shape(x)
 
 
 def to_device_consuming(tree: dict) -> dict:
@@ -119,7 +125,7 @@ def to_device_consuming(tree: dict) -> dict:
         if isinstance(value, dict):
             out[key] = to_device_consuming(value)
         else:
-            out[key] = None if value is None else jnp.asarray(value)
+            out[key] = None if value is None else jnp.asarray(deferred.made(value))
     return out
 
 
@@ -186,21 +192,27 @@ def build(
     check_vocabulary(model, kind, num_classes)
     sample = sample_input(example_spec, head.input_key)
     init_report = None
+    lora_cfg = lora_config(cfg)
+    quantizing = lora_cfg is not None and lora_cfg["quantize"] is not None
     if cfg.init_from.checkpoint:
-        if restore_fn is None:
+        default_restore = restore_fn is None
+        if default_restore:
             from jaxdl.finetune.surgery import restore_pretrained as restore_fn
         init_from = cfg.init_from.to_dict()
         init_from["step"] = None if init_from["step"] < 0 else init_from["step"]
         # Restored over the model's shapes: a fresh init of the leaves the checkpoint
         # supplies would double the peak memory of fine-tuning a large base.
-        variables, init_report = restore_fn(init_from, abstract_variables(model, sample))
+        # QLoRA: the checkpoint's leaves are read one group at a time as the frozen kernels
+        # are quantized, so the float base is never held whole (its size is what QLoRA
+        # is there to avoid)
+        lazily = {"deferred": True} if default_restore and quantizing else {}
+        variables, init_report = restore_fn(init_from, abstract_variables(model, sample), **lazily)
         variables = fill_fresh(variables, model, sample, cfg.seed)
     else:
         variables = init_variables(model, sample, cfg.seed)
 
     params = {"params": variables["params"]}
     model_state = {k: v for k, v in variables.items() if k != "params"}
-    lora_cfg = lora_config(cfg)
     if lora_cfg is not None:
         params["lora"] = lora.init_adapters(
             jax.random.PRNGKey(cfg.seed + 2),
@@ -257,7 +269,8 @@ def build(
     else:
         from jaxdl.parallel import sharding
 
-        state, layout = sharding.create_state(init_state, (trainable, frozen, model_state), mesh)
+        parts = jax.tree.map(deferred.made, (trainable, frozen, model_state))
+        state, layout = sharding.create_state(init_state, parts, mesh)
     rows = partition.plan_rows(
         plan,
         param_shapes,

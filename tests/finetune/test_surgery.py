@@ -2,6 +2,7 @@
 real checkpoints of a tiny model."""
 
 import json
+import shutil
 
 import flax.linen as nn
 import jax
@@ -10,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from jaxdl.checkpoint.deferred import Deferred
 from jaxdl.checkpoint.manager import Checkpointer
 from jaxdl.checkpoint.read import load_params, load_variables
 from jaxdl.core import tree as tree_lib
@@ -229,3 +231,35 @@ def test_lora_checkpoint_loads_base_and_merges_adapters(tmp_path):
     variables, report = restore_pretrained({"checkpoint": str(tmp_path / "lora")}, init(seed=9))
     np.testing.assert_allclose(variables["params"]["backbone"]["kernel"], expected, rtol=1e-6)
     assert len(report["loaded"]) == 8
+    # merging needs the whole base: a deferred restore of adapters loads it as arrays
+    lazily, _ = restore_pretrained(
+        {"checkpoint": str(tmp_path / "lora")}, init(seed=9), deferred=True
+    )
+    assert not any(isinstance(v, Deferred) for v in tree_lib.flatten(lazily).values())
+    assert_equal_trees(lazily, variables)
+
+
+def test_deferred_restore_reads_each_leaf_when_made_and_equals_the_eager_one(tmp_path):
+    pretrained = init(seed=1)
+    save_run(tmp_path / "run", pretrained, trainable=lambda path: "head" in path)
+    fresh = init(seed=2)
+    fresh["params"]["head"]["kernel"] = fresh["params"]["head"]["kernel"].astype(jnp.bfloat16)
+    init_from = {"checkpoint": str(tmp_path / "run")}
+    eager, eager_report = restore_pretrained(init_from, fresh)
+    lazily, report = restore_pretrained(init_from, fresh, deferred=True)
+    assert report == eager_report and report["dtype_cast"]
+    flat = tree_lib.flatten(lazily)
+    # every leaf (trainable, frozen, batch stats; the cast one too) is read when made
+    assert all(isinstance(v, Deferred) for v in flat.values()), flat
+    kernel = flat["params/head/kernel"]
+    assert (kernel.shape, kernel.dtype) == ((8, 3), np.dtype(jnp.bfloat16))
+    assert_equal_trees({p: v.make() for p, v in flat.items()}, eager)
+    # made again (each group hands a leaf out once): read again, the same values
+    np.testing.assert_array_equal(
+        flat["params/backbone/kernel"].make(), eager["params"]["backbone"]["kernel"]
+    )
+
+    again, _ = restore_pretrained(init_from, fresh, deferred=True)
+    shutil.rmtree(tmp_path / "run")
+    with pytest.raises(UserError, match="cannot be read, it is corrupt or incomplete"):
+        tree_lib.flatten(again)["params/bn/scale"].make()
