@@ -11,9 +11,11 @@ with ``model.dtype = "bfloat16"`` and its parameters cast to bf16, and transform
 with ``dtype=torch.bfloat16``, the way each is used for bf16 inference; runner names get a
 " bf16" suffix). Prefill tokens/s is P over the time of generating one
 token; decode tokens/s is (N - 1) over the time N tokens take beyond that one. jaxdl's
-`jaxdl.lm.generate.generate` (one jitted prefill, a `lax.while_loop` of cached steps) and
-transformers' `generate` (torch, its KV cache, `--torch-threads`) run in interleaved trials;
-the medians and their paired ratio are reported with the load average of the machine.
+`jaxdl.lm.generate.generate` (one jitted prefill, a `lax.while_loop` of cached steps; the
+parameters in `decoding_params`' layout, as `jaxdl chat` runs them, and with
+`--checkpoint-layout` also in the checkpoint's) and transformers' `generate` (torch, its KV
+cache, `--torch-threads`) run in interleaved trials; the medians and their paired ratio are
+reported with the load average of the machine.
 transformers is the reference when installed (the interop extra), else only jaxdl runs.
 
 Import (SmolLM2 only): wall time and peak RSS of `jaxdl import gguf` in a fresh process,
@@ -45,7 +47,7 @@ if str(ROOT) not in sys.path:
 from benchmarks import _timing  # noqa: E402
 from jaxdl.checkpoint.read import load_params  # noqa: E402
 from jaxdl.errors import UserError  # noqa: E402
-from jaxdl.lm.generate import generate  # noqa: E402
+from jaxdl.lm.generate import decoding_params, generate  # noqa: E402
 from jaxdl.training.demo import smollm2_gguf  # noqa: E402
 
 TINY = {
@@ -64,13 +66,19 @@ SUFFIX = {"float32": "", "bfloat16": " bf16"}
 
 
 class JaxdlRunner:
-    def __init__(self, model_cfg, params, prompt, new_tokens, dtype="float32"):
+    """`generate` on params placed once, as chat does: in `decoding_params`' layout (what
+    `jaxdl chat` and `jaxdl generate` decode with), or the checkpoint's (``checkpoint_layout``)."""
+
+    def __init__(self, model_cfg, params, prompt, new_tokens, dtype="float32", *,
+                 checkpoint_layout=False):  # fmt: skip
         if dtype != "float32":
             model_cfg = {**model_cfg, "dtype": dtype}
             params = jax.tree.map(lambda x: x.astype(dtype), params)
-        self.args = (model_cfg, jax.device_put(params), prompt)  # loaded once, as chat does
+        params = jax.device_put(params) if checkpoint_layout else decoding_params(model_cfg, params)
+        self.args = (model_cfg, params, prompt)
         self.new_tokens = new_tokens
-        self.framework = "jaxdl" + SUFFIX[dtype]
+        layout = " checkpoint layout" if checkpoint_layout else ""
+        self.framework = "jaxdl" + SUFFIX[dtype] + layout
 
     def run(self, steps: int, new_tokens: int | None = None) -> None:
         cfg, params, prompt = self.args
@@ -161,6 +169,10 @@ def bench_decode(args, workdir: Path) -> dict:
     runners = []
     for dtype in args.dtypes:
         runners.append(JaxdlRunner(cfg, params, prompt, args.new_tokens, dtype))
+        if args.checkpoint_layout or args.smoke:
+            runners.append(
+                JaxdlRunner(cfg, params, prompt, args.new_tokens, dtype, checkpoint_layout=True)
+            )
         hf = torch_model(args, workdir, cfg, dtype)
         if hf is not None:
             runners.append(TorchRunner(hf, prompt, args.new_tokens, dtype))
@@ -226,6 +238,11 @@ def main() -> None:
     parser.add_argument(
         "--dtypes", default="float32", help="comma-separated: float32, bfloat16 (see above)"
     )
+    parser.add_argument(
+        "--checkpoint-layout",
+        action="store_true",
+        help="also run jaxdl on the checkpoint's parameter layout (q/k/v, gate/up unfused)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     args.dtypes = args.dtypes.split(",")
@@ -251,6 +268,7 @@ def main() -> None:
         "trials": args.trials,
         "torch_threads": args.torch_threads,
         "dtypes": args.dtypes,
+        "checkpoint_layout": args.checkpoint_layout,
     }
     text = json.dumps(result, indent=2, default=float)
     print(text)

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 import jax
 
 from jaxdl.errors import UserError
-from jaxdl.lm.generate import stream
+from jaxdl.lm.generate import decoding_params, stream
 from jaxdl.lm.tokenizer import JsonTokenizer, load_tokenizer
 
 
@@ -59,7 +59,8 @@ class Chat:
             )
         self.model_cfg = dict(cfg.model)
         self.tokenizer = tokenizer
-        self.params = jax.device_put(load_params(workdir))  # once, not every turn
+        # once, not every turn; in the layout that decodes fastest
+        self.params = decoding_params(self.model_cfg, load_params(workdir))
         self.sampling = dict(
             greedy=temperature == 0,
             temperature=temperature or 1.0,

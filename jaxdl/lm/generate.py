@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxdl.errors import UserError
 from jaxdl.lm.tokenizer import load_tokenizer
+from jaxdl.models import llama
 from jaxdl.models.llama import Llama
 from jaxdl.models.registry import create_model
 from jaxdl.models.transformer import Transformer
@@ -78,9 +79,7 @@ def bucket(n: int, cap: int) -> int:
     return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), cap)
 
 
-def decoding_model(model: nn.Module | Mapping[str, Any], total: int) -> nn.Module:
-    """The model (a module or its config) switched to KV-cache decoding without dropout,
-    its cache long enough for `total` tokens."""
+def _decoder(model: nn.Module | Mapping[str, Any]) -> nn.Module:
     if isinstance(model, Mapping):
         model = create_model(model)
     if not isinstance(model, DECODERS):
@@ -88,10 +87,36 @@ def decoding_model(model: nn.Module | Mapping[str, Any], total: int) -> nn.Modul
             f"model.name: expected 'transformer' or 'llama' for generation, found "
             f"{type(model).__name__}. Fix: generate from a checkpoint of a decoder language model."
         )
+    return model
+
+
+def decoding_model(
+    model: nn.Module | Mapping[str, Any], total: int, params: Mapping[str, Any] | None = None
+) -> nn.Module:
+    """The model (a module or its config) switched to KV-cache decoding without dropout,
+    its cache long enough for `total` tokens; a Llama reads `params` in the layout they
+    are in (`decoding_params`'s, or the checkpoint's)."""
+    model = _decoder(model)
     if isinstance(model, Llama):  # rope: the cache may be shorter than max_len
         cache_len = bucket(total, model.spec.max_len)
-        return model.clone(decode=True, remat=False, dropout_rate=0.0, cache_len=cache_len)
+        layout = params is not None and llama.in_inference_layout(params)
+        return model.clone(
+            decode=True, remat=False, dropout_rate=0.0, cache_len=cache_len, inference_layout=layout
+        )
     return model.clone(decode=True, remat=False, dropout_rate=0.0)
+
+
+def decoding_params(model: nn.Module | Mapping[str, Any], params: Any) -> Any:
+    """`params` ("params" collection) in the layout that decodes fastest: a Llama's in
+    `jaxdl.models.llama.to_inference_layout`'s (q/k/v and gate/up fused, a tied head
+    transposed); others unchanged. `generate` and `stream` take either layout; converting
+    once and dropping the checkpoint's layout keeps one copy of the weights. Host (numpy)
+    params are converted on the host and then placed on the device."""
+    if isinstance(params, Mapping) and set(params) == {"params"}:
+        params = params["params"]
+    if isinstance(_decoder(model), Llama):
+        params = llama.to_inference_layout(params)
+    return jax.device_put(params)
 
 
 def cache_len(module: nn.Module) -> int:
@@ -194,12 +219,12 @@ def _generate(
 
 def _begin(model, params, prompt, max_new_tokens, temperature, top_k, top_p, greedy):
     """Checks, the decoding module and the prefill: -> (module, params, last logits, cache)."""
-    module = decoding_model(model, prompt.shape[-1] + max_new_tokens)
+    if isinstance(params, Mapping) and set(params) == {"params"}:
+        params = params["params"]
+    module = decoding_model(model, prompt.shape[-1] + max_new_tokens, params)
     _check(module, prompt, max_new_tokens)
     if not greedy:
         check_sampling(temperature, top_k, top_p)
-    if isinstance(params, Mapping) and set(params) == {"params"}:
-        params = params["params"]
     # Host (numpy) params would be copied to the device at every jitted call: a streamed
     # reply's every token (about 0.1 s for SmolLM2's 538 MB here). Arrays already on the
     # device pass through.
@@ -329,7 +354,7 @@ def generate_text(
     if not prompt:
         raise UserError("--prompt: expected at least 1 byte, found 0. Fix: pass a prompt.")
     tokenizer = load_tokenizer(cfg.data.get("tokenizer"))
-    params = jax.device_put(load_params(workdir))
+    params = decoding_params(dict(cfg.model), load_params(workdir))
     tokens = generate(
         dict(cfg.model),
         params,

@@ -37,6 +37,7 @@ from jaxdl.errors import UserError
 from jaxdl.models import matmul
 from jaxdl.models.matmul import (
     dense_dot_general,
+    embedding_columns,
     embedding_lookup,
     head_dot_general,
     tied_logits,
@@ -240,6 +241,7 @@ class Attention(nn.Module):
     decode: bool = False
     cache_len: int = 0
     attention_impl: str | None = None
+    fused: bool = False  # one qkv_proj instead of q_proj, k_proj, v_proj (`inference_layout`)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -254,9 +256,14 @@ class Attention(nn.Module):
             kernel_init=nn.initializers.normal(INIT_STD),
             dot_general=dense_dot_general,
         )
-        q = dense(s.num_heads * s.head_dim, use_bias=s.qkv_bias, name="q_proj")(x)
-        k = dense(s.num_kv_heads * s.head_dim, use_bias=s.qkv_bias, name="k_proj")(x)
-        v = dense(s.num_kv_heads * s.head_dim, use_bias=s.qkv_bias, name="v_proj")(x)
+        q_width, kv_width = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        if self.fused:
+            qkv = dense(q_width + 2 * kv_width, use_bias=s.qkv_bias, name="qkv_proj")(x)
+            q, k, v = jnp.split(qkv, [q_width, q_width + kv_width], axis=-1)
+        else:
+            q = dense(q_width, use_bias=s.qkv_bias, name="q_proj")(x)
+            k = dense(kv_width, use_bias=s.qkv_bias, name="k_proj")(x)
+            v = dense(kv_width, use_bias=s.qkv_bias, name="v_proj")(x)
         q = q.reshape(batch, length, s.num_heads, s.head_dim)
         k = k.reshape(batch, length, s.num_kv_heads, s.head_dim)
         v = v.reshape(batch, length, s.num_kv_heads, s.head_dim)
@@ -320,6 +327,7 @@ class Mlp(nn.Module):
     """SwiGLU: down(silu(gate x) * up x). x [..., D] -> [..., D]."""
 
     mlp_dim: int
+    fused: bool = False  # one gate_up_proj instead of gate_proj, up_proj (`inference_layout`)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -333,10 +341,12 @@ class Mlp(nn.Module):
             kernel_init=nn.initializers.normal(INIT_STD),
             dot_general=dense_dot_general,
         )
-        h = nn.silu(dense(self.mlp_dim, name="gate_proj")(x)) * dense(self.mlp_dim, name="up_proj")(
-            x
-        )
-        return dense(x.shape[-1], name="down_proj")(h)
+        if self.fused:
+            gate, up = jnp.split(dense(2 * self.mlp_dim, name="gate_up_proj")(x), 2, axis=-1)
+        else:
+            gate = dense(self.mlp_dim, name="gate_proj")(x)
+            up = dense(self.mlp_dim, name="up_proj")(x)
+        return dense(x.shape[-1], name="down_proj")(nn.silu(gate) * up)
 
 
 class Layer(nn.Module):
@@ -347,6 +357,7 @@ class Layer(nn.Module):
     cache_len: int = 0
     dropout_rate: float = 0.0
     attention_impl: str | None = None
+    fused: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -356,12 +367,13 @@ class Layer(nn.Module):
         kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         drop = nn.Dropout(self.dropout_rate, deterministic=not train)
         h = RMSNorm(s.norm_eps, **kinds, name="attn_norm")(x)
-        h = Attention(s, self.decode, self.cache_len, self.attention_impl, **kinds, name="attn")(
-            h, positions, segment_ids
+        attention = Attention(
+            s, self.decode, self.cache_len, self.attention_impl, self.fused, **kinds, name="attn"
         )
+        h = attention(h, positions, segment_ids)
         x = x + drop(h)
         h = RMSNorm(s.norm_eps, **kinds, name="mlp_norm")(x)
-        return x + drop(Mlp(s.mlp_dim, **kinds, name="mlp")(h))
+        return x + drop(Mlp(s.mlp_dim, self.fused, **kinds, name="mlp")(h))
 
 
 class _ScanLayer(Layer):
@@ -410,6 +422,7 @@ class Llama(nn.Module):
     scan_layers: bool = False
     decode: bool = False
     cache_len: int | None = None  # decode: KV-cache slots (default max_len)
+    inference_layout: bool = False  # parameters as `to_inference_layout` arranges them
 
     @property
     def spec(self) -> LlamaSpec:
@@ -441,15 +454,24 @@ class Llama(nn.Module):
             positions = jnp.broadcast_to(
                 self._start(length, cache_len) + jnp.arange(length), x.shape
             )
-        embed = nn.Embed(
-            spec.vocab_size,
-            spec.embed_dim,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            embedding_init=nn.initializers.normal(INIT_STD),
-            name="embed",
-        )
-        h = embedding_lookup(embed.embedding.astype(dtype), x)
+        if spec.tie_embeddings and self.inference_layout:
+            table_t = self.param(
+                "embedding_t",
+                nn.initializers.normal(INIT_STD),
+                (spec.embed_dim, spec.vocab_size),
+                param_dtype,
+            ).astype(dtype)
+            h = embedding_columns(table_t, x)
+        else:
+            embed = nn.Embed(
+                spec.vocab_size,
+                spec.embed_dim,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                embedding_init=nn.initializers.normal(INIT_STD),
+                name="embed",
+            )
+            h = embedding_lookup(embed.embedding.astype(dtype), x)
         h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
         layer_fields = dict(
             spec=spec,
@@ -457,6 +479,7 @@ class Llama(nn.Module):
             cache_len=cache_len,
             dropout_rate=self.dropout_rate,
             attention_impl=self.attention_impl,
+            fused=self.inference_layout,
             dtype=dtype,
             param_dtype=param_dtype,
         )
@@ -479,6 +502,10 @@ class Llama(nn.Module):
         if logits_at is not None:
             h = jnp.take_along_axis(h, logits_at[:, None, None].astype(jnp.int32), axis=1)
         h = RMSNorm(spec.norm_eps, dtype=dtype, param_dtype=param_dtype, name="norm")(h)
+        if spec.tie_embeddings and self.inference_layout:
+            return head_dot_general(h, table_t, (((h.ndim - 1,), (0,)), ((), ()))).astype(
+                jnp.float32
+            )
         if spec.tie_embeddings:
             return tied_logits(h, embed.embedding.astype(dtype))
         head = nn.Dense(
@@ -502,6 +529,53 @@ class Llama(nn.Module):
         if initialized:
             index.value = start + length
         return start
+
+
+# ------------------------------------------------------------------ inference layout
+
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def to_inference_layout(params: Mapping[str, Any]) -> dict:
+    """A Llama's "params" rearranged for `Llama(inference_layout=True)`: each layer's q/k/v
+    kernels (and biases) concatenated into one ``qkv_proj``, gate and up into one
+    ``gate_up_proj``, and a tied embedding [V, D] stored transposed as ``embedding_t``
+    [D, V]. The same function, with fewer and wider products: a batch-1 decode step is a
+    chain of matrix-vector products bound by memory traffic, and on XLA:CPU four products a
+    layer and a head read along its rows stream faster than seven and a transposed read
+    (benchmarks/README.md). Numpy leaves stay numpy (host memory, no device copy of both
+    layouts); a tree already in this layout comes back unchanged.
+    """
+    out = _fused_projections(params)
+    if "lm_head" not in out and set(out.get("embed", {})) == {"embedding"}:
+        table = out.pop("embed")["embedding"]
+        out["embedding_t"] = table.T if isinstance(table, np.ndarray) else jnp.transpose(table)
+    return out
+
+
+def _fused_projections(tree: Mapping[str, Any]) -> dict:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out[key] = _fused_projections(value) if isinstance(value, Mapping) else value
+    for fused, parts in FUSED.items():
+        if all(p in out for p in parts):
+            pieces = [out.pop(p) for p in parts]
+            out[fused] = {leaf: _concatenate([p[leaf] for p in pieces]) for leaf in pieces[0]}
+    return out
+
+
+def _concatenate(arrays: list) -> Any:
+    """Along the output (last) axis; in numpy when every piece is a host array."""
+    xp = np if all(isinstance(a, np.ndarray) for a in arrays) else jnp
+    return xp.concatenate(arrays, axis=-1)
+
+
+def in_inference_layout(params: Mapping[str, Any]) -> bool:
+    """Whether a Llama's "params" are in `to_inference_layout`'s arrangement."""
+    return "embedding_t" in params or any(
+        key in FUSED or (isinstance(value, Mapping) and in_inference_layout(value))
+        for key, value in params.items()
+    )
 
 
 # ------------------------------------------------------------------ counting

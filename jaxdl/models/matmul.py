@@ -167,6 +167,16 @@ def embedding_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
     return jnp.take(table, ids, axis=0)
 
 
+def embedding_columns(table_t: jax.Array, ids: jax.Array) -> jax.Array:
+    """`embedding_lookup` of a table stored transposed, [D, V] (a tied head's inference
+    layout, `jaxdl.models.llama.to_inference_layout`): columns for ids [...] -> [..., D].
+    Reading one column is D strided loads, nothing beside a decode step's products. The
+    same barrier keeps a low-precision table's convert inside `generate`'s loop."""
+    if table_t.dtype in LOW_PRECISION:
+        table_t, ids = jax.lax.optimization_barrier((table_t, ids))
+    return jnp.moveaxis(jnp.take(table_t, ids, axis=1), 0, -1)
+
+
 def _lookup_fwd(table, ids):
     return embedding_lookup(table, ids), (table, ids)
 

@@ -7,6 +7,8 @@ import pytest
 
 from jaxdl.lm import generate as gen
 from jaxdl.lm import tokenizer as tok
+from jaxdl.models import llama as L
+from jaxdl.models.llama import Llama
 from jaxdl.models.transformer import Transformer
 
 PROMPT = jnp.array([[72, 101, 108, 108, 111], [1, 2, 3, 250, 7]], jnp.int32)
@@ -52,6 +54,28 @@ def test_cached_greedy_equals_recomputation(fields):
     expected = greedy_by_recomputation(model, params, PROMPT, steps)
     np.testing.assert_array_equal(tokens, expected)
     assert len(set(np.asarray(tokens[:, 5:]).ravel().tolist())) > 4  # not a constant run
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_llama_greedy_equals_recomputation_in_both_layouts(tied):
+    """generate and stream on a Llama's checkpoint layout and on `decoding_params`' fused
+    one (host or device params in): the same tokens as recomputing the whole sequence."""
+    model = Llama(size="tiny", max_len=64, qkv_bias=True, tie_embeddings=tied)
+    params = lively_params(model)
+    steps = 12
+    expected = greedy_by_recomputation(model, params, PROMPT, steps)
+    fused = gen.decoding_params(model, jax.tree.map(np.asarray, params))
+    assert L.in_inference_layout(fused) and not L.in_inference_layout(params)
+    for weights in (params, {"params": params}, fused):
+        tokens = gen.generate(
+            model, weights, PROMPT, max_new_tokens=steps, rng=jax.random.key(1), greedy=True
+        )
+        np.testing.assert_array_equal(tokens, expected)
+        streamed = gen.stream(
+            model, weights, PROMPT[1], max_new_tokens=steps, rng=jax.random.key(1), greedy=True
+        )
+        assert list(streamed) == np.asarray(expected[1, 5:]).tolist()
+    assert len(set(np.asarray(expected[:, 5:]).ravel().tolist())) > 4  # not a constant run
 
 
 def test_sampling_reproducible_and_compiled_once():

@@ -1,5 +1,6 @@
 """The Llama-family decoder: parameter counts, grouped-query attention against repeated K/V,
-rope scaling, KV-cache decoding, scanned layers, packed rows, sliding window, errors."""
+rope scaling, KV-cache decoding, scanned layers, packed rows, sliding window, the inference
+layout, errors."""
 
 import math
 
@@ -124,6 +125,38 @@ def test_sliding_window_limits_attention():
     after = one_layer.apply({"params": params}, changed)
     np.testing.assert_allclose(before[:, 3:], after[:, 3:], atol=1e-6)  # token 0 out of reach
     assert np.abs(before[:, 1:3] - after[:, 1:3]).max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [FULL, dict(FULL, tie_embeddings=False), dict(FULL, scan_layers=True)],
+    ids=["tied", "untied", "scanned"],
+)
+def test_inference_layout_is_the_same_function(fields):
+    """to_inference_layout: q/k/v and gate/up fused, a tied table transposed; the tree a
+    module with inference_layout=True inits, and its logits, cached ones included."""
+    model, variables = init(fields)
+    fused_model = model.clone(inference_layout=True)
+    host = jax.tree.map(np.asarray, variables["params"])
+    for params in (variables["params"], host):
+        fused = L.to_inference_layout(params)
+        assert L.in_inference_layout(fused) and not L.in_inference_layout(params)
+        expected = fused_model.init(jax.random.key(0), X)["params"]
+        assert jax.tree.map(np.shape, fused) == jax.tree.map(np.shape, expected)
+        assert L.to_inference_layout(fused).keys() == fused.keys()  # idempotent
+        np.testing.assert_allclose(
+            fused_model.apply({"params": fused}, X), model.apply(variables, X), atol=1e-6
+        )
+    assert all(isinstance(a, np.ndarray) for a in jax.tree.leaves(L.to_inference_layout(host)))
+    assert ("embedding_t" in fused) == (fields.get("tie_embeddings", True))
+    decoder = fused_model.clone(decode=True, cache_len=16)
+    cache = decoder.init(jax.random.key(0), X[:, :1])["cache"]
+    outs = []
+    for chunk in (X[:, :5], *[X[:, t : t + 1] for t in range(5, 12)]):
+        logits, updates = decoder.apply({"params": fused, "cache": cache}, chunk, mutable=["cache"])
+        cache = updates["cache"]
+        outs.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), model.apply(variables, X), atol=2e-5)
 
 
 def test_bfloat16_compute_keeps_float32_params():
