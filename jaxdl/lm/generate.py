@@ -106,14 +106,20 @@ def decoding_model(
     return model.clone(decode=True, remat=False, dropout_rate=0.0)
 
 
+def _collection(params: Any) -> Any:
+    """The "params" collection, whether given alone or as {"params": ...}."""
+    if isinstance(params, Mapping) and set(params) == {"params"}:
+        return params["params"]
+    return params
+
+
 def decoding_params(model: nn.Module | Mapping[str, Any], params: Any) -> Any:
     """`params` ("params" collection) in the layout that decodes fastest: a Llama's in
     `jaxdl.models.llama.to_inference_layout`'s (q/k/v and gate/up fused, a tied head
     transposed); others unchanged. `generate` and `stream` take either layout; converting
     once and dropping the checkpoint's layout keeps one copy of the weights. Host (numpy)
     params are converted on the host and then placed on the device."""
-    if isinstance(params, Mapping) and set(params) == {"params"}:
-        params = params["params"]
+    params = _collection(params)
     if isinstance(_decoder(model), Llama):
         params = llama.to_inference_layout(params)
     return jax.device_put(params)
@@ -219,8 +225,7 @@ def _generate(
 
 def _begin(model, params, prompt, max_new_tokens, temperature, top_k, top_p, greedy):
     """Checks, the decoding module and the prefill: -> (module, params, last logits, cache)."""
-    if isinstance(params, Mapping) and set(params) == {"params"}:
-        params = params["params"]
+    params = _collection(params)
     module = decoding_model(model, prompt.shape[-1] + max_new_tokens, params)
     _check(module, prompt, max_new_tokens)
     if not greedy:
