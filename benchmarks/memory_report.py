@@ -5,6 +5,7 @@ Llama's full fine-tune vs LoRA vs QLoRA (NF4 base) on one device.
                                                               # smollm2-135m and llama3-1b
     python benchmarks/memory_report.py --models gpt2-124m --seq-len 512 --batch 16
     python benchmarks/memory_report.py --models= --finetune llama3-1b --finetune-batch 1
+    python benchmarks/memory_report.py --models= --finetune llama3-1b --finetune-dtype bfloat16
     python benchmarks/memory_report.py --smoke     # the tiny GPT and Llama, 16 tokens (CI)
 
 Nothing is allocated: the TrainState comes from `jax.eval_shape`, gets its shardings from
@@ -56,6 +57,12 @@ def _args(argv=None) -> argparse.Namespace:
     parser.add_argument("--finetune-batch", type=int, default=4, help="sequences, one device")
     parser.add_argument("--finetune-seq-len", type=int, default=512)
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    parser.add_argument(
+        "--finetune-dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="the Llama's compute dtype (its params stay float32)",
+    )
     parser.add_argument("--out", help="also write the rows as JSON here")
     parser.add_argument("--smoke", action="store_true", help="tiny GPT, 2 devices, 2 x 16 (CI)")
     args = parser.parse_args(argv)
@@ -157,7 +164,7 @@ def finetune_run(size: str, mode: str, args: argparse.Namespace):
     from jaxdl.models import create_model
 
     task, tx = lm_task(args)
-    model = create_model({"name": "llama", "size": size})
+    model = create_model({"name": "llama", "size": size, "dtype": args.finetune_dtype})
     tokens = jnp.zeros((1, args.finetune_seq_len), jnp.int32)
     quantize = "nf4" if mode.startswith("QLoRA") else None
     lora_cfg = None
@@ -204,6 +211,7 @@ def measure_finetune(size: str, mode: str, device, args: argparse.Namespace) -> 
     return {
         "model": size,
         "mode": mode,
+        "dtype": args.finetune_dtype,
         "platform": device.platform,
         "params": tree.num_params(jax.eval_shape(full_params, state.params, state.frozen)),
         "trainable_params": tree.num_params(state.params),
@@ -219,7 +227,7 @@ def finetune_table(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         f"GiB on one {rows[0]['platform']} device, batch {args.finetune_batch} x "
         f"{args.finetune_seq_len} tokens, {args.optimizer}, LoRA rank {args.rank} on every "
-        "projection, float32 compute:",
+        f"projection, {args.finetune_dtype} compute (float32 params):",
         "",
         "| model | params | mode | trainable | weights | optimizer state | temp | peak |",
         "|---|---:|---|---:|---:|---:|---:|---:|",

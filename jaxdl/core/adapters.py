@@ -89,7 +89,7 @@ def merge(
     return tree_lib.unflatten(flat)
 
 
-def _dense_kernel_path(context: Any) -> str | None:
+def dense_kernel_path(context: Any) -> str | None:
     """ "params/.../kernel" of the nn.Dense a Flax method interceptor sees, else None."""
     module = context.module
     if context.method_name != "__call__" or not isinstance(module, nn.Dense):
@@ -97,25 +97,37 @@ def _dense_kernel_path(context: Any) -> str | None:
     return "/".join(("params", *module.scope.path, "kernel"))
 
 
-def factorable(run: Callable[[], Any], params_tree: Tree, adapters: Tree) -> frozenset[str]:
-    """Adapted kernels that `run()` (a model apply) uses as a plain 2-D nn.Dense kernel.
+def dense_kernels(run: Callable[[], Any], paths: Collection[str]) -> frozenset[str]:
+    """The kernel ``paths`` that `run()` (a model apply) uses as a plain nn.Dense's kernel.
 
-    Found by tracing `run` abstractly (`jax.eval_shape`: no FLOPs, nothing compiled). Other
-    adapted kernels (convolutions, DenseGeneral, layers stacked by nn.scan) are merged.
+    Found by tracing `run` abstractly (`jax.eval_shape`: no FLOPs, nothing compiled), each
+    call afresh: eval_shape caches a trace by function, and a cached trace would call no
+    interceptor.
     """
-    flat = tree_lib.flatten(params_tree)
-    adapted = pairs(adapters)
-    found: set[str] = set()
+    wanted, found = frozenset(paths), set()
 
     def record(next_fun, args, kwargs, context):
-        path = _dense_kernel_path(context)
-        if path in adapted and len(flat[path].shape) == 2:
+        path = dense_kernel_path(context)
+        if path in wanted:
             found.add(path)
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(record):
-        jax.eval_shape(run)
+        jax.eval_shape(lambda: run())
     return frozenset(found)
+
+
+def factorable_candidates(params_tree: Tree, adapters: Tree) -> frozenset[str]:
+    """Adapted kernels that are 2-D in the params tree: those a plain nn.Dense may use as
+    they are (a layer stacked by nn.scan sees a slice of a 3-D one and is merged)."""
+    flat = tree_lib.flatten(params_tree)
+    return frozenset(p for p in pairs(adapters) if p in flat and len(flat[p].shape) == 2)
+
+
+def factorable(run: Callable[[], Any], params_tree: Tree, adapters: Tree) -> frozenset[str]:
+    """Adapted kernels that `run()` (a model apply) uses as a plain 2-D nn.Dense kernel.
+    Other adapted kernels (convolutions, DenseGeneral, layers stacked by nn.scan) are merged."""
+    return dense_kernels(run, factorable_candidates(params_tree, adapters))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -165,7 +177,7 @@ def low_rank_dense(adapters: Tree, paths: Collection[str], *, rank: int, alpha: 
 
     def add_low_rank(next_fun, args, kwargs, context):
         y = next_fun(*args, **kwargs)
-        path = _dense_kernel_path(context)
+        path = dense_kernel_path(context)
         if path not in adapted:
             return y
         a, b = adapted[path]

@@ -15,18 +15,26 @@ inside the jitted step:
 
 Which kernels are quantized (the frozen 2-D "kernel" leaves) is `quantize_kernels`;
 everything else (embeddings, norms, trainable leaves) stays float.
+
+Inside a step a plain nn.Dense multiplies by its quantized kernel where it is used
+(`quantized_dense`): the float kernel exists only for that product, and the backward pass
+makes it again from the quantized bytes, so no float copy of the base is held between the
+forward and the backward pass. (A `jax.checkpoint` policy cannot do this: values computed
+only from non-differentiated inputs, as the frozen base is, are always saved.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.ad_checkpoint import checkpoint_name
 
+from jaxdl.core import adapters
 from jaxdl.errors import UserError
 
 KINDS = ("int8", "nf4")
@@ -56,8 +64,6 @@ NF4_CODE = np.array(
     np.float32,
 )
 _NF4_MIDPOINTS = (NF4_CODE[1:] + NF4_CODE[:-1]) / 2  # code i covers (mid[i-1], mid[i]]
-
-DEQUANTIZED = "dequantized_kernel"  # the checkpoint name of a kernel `dequantize_tree` made
 
 _FIELDS = {"int8": frozenset({"qint8", "scale"}), "nf4": frozenset({"nf4", "absmax"})}
 
@@ -186,28 +192,133 @@ def has_quantized(tree: Tree) -> bool:
     )
 
 
-def dequantize_tree(tree: Tree, dtype: Any = jnp.float32) -> dict:
+def dequantize_tree(
+    tree: Tree, dtype: Any = jnp.float32, *, leave_out: Collection[str] = ()
+) -> dict:
     """``tree`` with each quantized kernel back to a float [in, out] array; jittable.
 
-    Each dequantized kernel is named `DEQUANTIZED` (`jax.ad_checkpoint.checkpoint_name`), so
-    a step can recompute it for the backward pass (`remat_policy`) instead of keeping it.
+    Kernels whose path ("params/.../kernel") is in ``leave_out`` are dropped instead (the
+    nn.Dense layers that use them multiply by them quantized, `quantized_dense`).
     """
+    return _dequantized(tree, dtype, frozenset(leave_out), "")
+
+
+def _dequantized(tree: Tree, dtype: Any, leave_out: frozenset[str], prefix: str) -> dict:
     out: dict[str, Any] = {}
     for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
         if kind_of(value) is not None:
-            out[key] = checkpoint_name(dequantize(value, dtype), DEQUANTIZED)
+            if path not in leave_out:
+                out[key] = dequantize(value, dtype)
         elif isinstance(value, Mapping):
-            out[key] = dequantize_tree(value, dtype)
+            out[key] = _dequantized(value, dtype, leave_out, path)
         else:
             out[key] = value
     return out
 
 
-def remat_policy():
-    """A `jax.checkpoint` policy that keeps every residual but the dequantized kernels: the
-    backward pass dequantizes again (elementwise, cheap) rather than holding float copies of
-    the whole base from the forward pass, so peak memory stays near the quantized size."""
-    return jax.checkpoint_policies.save_anything_except_these_names(DEQUANTIZED)
+def quantized_kernels(tree: Tree, prefix: str = "") -> dict[str, Mapping[str, jax.Array]]:
+    """{"params/.../kernel": its quantized dict} of every quantized kernel in ``tree``."""
+    found: dict[str, Mapping[str, jax.Array]] = {}
+    for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        if kind_of(value) is not None:
+            found[path] = value
+        elif isinstance(value, Mapping):
+            found.update(quantized_kernels(value, path))
+    return found
+
+
+def _zero_cotangent(x: jax.Array) -> Any:
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, jax.dtypes.float0)
+
+
+def _after(node: Mapping[str, jax.Array], value: jax.Array) -> dict[str, jax.Array]:
+    """``node``, made to wait for ``value`` (a layer's input, or its output's cotangent), so
+    that XLA dequantizes it just before its product, and the forward's and the backward's
+    dequantizations stay two (not one float kernel held between them, for every layer).
+
+    Off CPU an optimization barrier does it (as it keeps `jax.checkpoint`'s recomputations
+    apart; not measured here: no GPU was lent). XLA:CPU removes barriers before it schedules,
+    so there each field gets 0 * one element of value added, which XLA does not fold for
+    floats (NaN); the value is unchanged unless that element is not finite, when the step's
+    loss or gradients are not finite either. (Under data parallelism that element is one
+    scalar all-reduce per product, which is why it is the CPU path only.)
+    """
+
+    def barrier(node, value):
+        return jax.lax.optimization_barrier((node, value))[0]
+
+    def data_dependence(node, value):
+        zero = value.reshape(-1)[0].astype(jnp.float32) * 0.0
+        return {key: field + zero.astype(field.dtype) for key, field in node.items()}
+
+    return jax.lax.platform_dependent(node, value, cpu=data_dependence, default=barrier)
+
+
+def quantized_product(x: jax.Array, node: Mapping[str, jax.Array], product: Callable) -> jax.Array:
+    """``product(x, node)`` (a product by the kernel it dequantizes), differentiable in x.
+
+    The backward pass runs `product` again for x's cotangent: its residuals are x and the
+    quantized bytes, never the float kernel, and each dequantization runs just before its
+    product (`_after`). The kernel is frozen: it gets a zero cotangent.
+    """
+
+    @jax.custom_vjp
+    def run(x, node):
+        return product(x, _after(node, x))
+
+    def forward(x, node):
+        return run(x, node), (x, node)
+
+    def backward(residuals, g):
+        x, node = residuals
+        _, x_vjp = jax.vjp(lambda x: product(x, _after(node, g)), x)
+        return x_vjp(g)[0], jax.tree.map(_zero_cotangent, node)
+
+    run.defvjp(forward, backward)
+    return run(x, node)
+
+
+def _dense_call(module: nn.Dense, x: jax.Array, node: Mapping[str, jax.Array]) -> jax.Array:
+    """What ``module(x)`` (an nn.Dense, flax.linen.linear) computes, its kernel given
+    quantized: the same dtype promotion, dot_general, precision and bias."""
+    bias = module.get_variable("params", "bias") if module.use_bias else None
+    dtype = module.dtype or jnp.result_type(
+        x, module.param_dtype, *([] if bias is None else [bias])
+    )
+    if module.dot_general_cls is not None:
+        dot_general = module.dot_general_cls()
+    else:
+        dot_general = module.dot_general or jax.lax.dot_general
+
+    def product(x, node):
+        x, kernel = module.promote_dtype(x, dequantize(node, dtype), dtype=dtype)
+        dims = (((x.ndim - 1,), (0,)), ((), ()))
+        return dot_general(x, kernel, dims, precision=module.precision)
+
+    y = quantized_product(x, node, product)
+    if bias is not None:
+        y += jnp.reshape(bias.astype(dtype), (1,) * (y.ndim - 1) + (-1,))
+    return y
+
+
+@contextlib.contextmanager
+def quantized_dense(kernels: Mapping[str, Mapping[str, jax.Array]]):
+    """Within: each nn.Dense whose kernel path is in ``kernels`` ({path: quantized dict})
+    computes its output from the quantized kernel (`quantized_product`), reading no
+    "kernel" parameter; other modules run as they are."""
+
+    def multiply(next_fun, args, kwargs, context):
+        node = kernels.get(adapters.dense_kernel_path(context))
+        if node is None:
+            return next_fun(*args, **kwargs)
+        return _dense_call(context.module, args[0] if args else kwargs["inputs"], node)
+
+    with nn.intercept_methods(multiply):
+        yield
 
 
 def quantized_bytes(tree: Tree, prefix: str = "") -> dict[str, int]:

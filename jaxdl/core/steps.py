@@ -13,8 +13,9 @@ Research code uses these directly::
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -30,11 +31,16 @@ from jaxdl.core.state import TrainState
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
 
 
-def _base_tree(params: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict:
+def _base_tree(
+    params: Mapping[str, Any], frozen: Mapping[str, Any], leave_out: Collection[str] = ()
+) -> dict:
     """{"params": ...} from trainable + frozen parts, LoRA adapters left out; frozen kernels
-    stored quantized (QLoRA, `jaxdl.core.quant`) are dequantized here, inside the step."""
+    stored quantized (QLoRA, `jaxdl.core.quant`) are dequantized here, inside the step,
+    except those in ``leave_out`` (multiplied quantized where used, `quant.quantized_dense`)."""
     plain = {k: v for k, v in params.items() if k != "lora"}
-    return tree.merge(plain, quant.dequantize_tree(frozen)) if frozen else dict(plain)
+    if not frozen:
+        return dict(plain)
+    return tree.merge(plain, quant.dequantize_tree(frozen, leave_out=leave_out))
 
 
 def model_params(
@@ -43,13 +49,15 @@ def model_params(
     lora_cfg: Mapping | None,
     *,
     unmerged: frozenset[str] = frozenset(),
+    leave_out: frozenset[str] = frozenset(),
 ) -> dict:
     """The model's full "params" collection from trainable + frozen (+ LoRA) parts.
 
     LoRA adapters are merged into their kernels, except those in `unmerged`; quantized
-    frozen kernels are dequantized (float32) first, so the adapters add to those.
+    frozen kernels are dequantized (float32) first, so the adapters add to those; kernels
+    in `leave_out` are left out of the collection.
     """
-    full = _base_tree(params, frozen)
+    full = _base_tree(params, frozen, leave_out)
     if "lora" in params:
         assert lora_cfg is not None, "state holds LoRA adapters but no lora config was given"
         rank, alpha = lora_cfg["rank"], lora_cfg["alpha"]
@@ -57,29 +65,37 @@ def model_params(
     return full.get("params", {})
 
 
-def _apply_lora(apply: Callable, params, frozen, lora_cfg: Mapping):
-    """`apply(model params)` for training with LoRA: adapters of plain nn.Dense layers as
-    ``x W + s (x A) B`` (`adapters.low_rank_dense`, no full weight gradient), the rest merged."""
-    merged = lambda: apply(model_params(params, frozen, lora_cfg))
-    dense = adapters.factorable(merged, _base_tree(params, frozen), params["lora"])
-    rank, alpha = lora_cfg["rank"], lora_cfg["alpha"]
-    with adapters.low_rank_dense(params["lora"], dense, rank=rank, alpha=alpha):
-        return apply(model_params(params, frozen, lora_cfg, unmerged=dense))
-
-
 def _forward(apply: Callable, params, frozen, lora_cfg: Mapping | None, factored_lora: bool):
-    """`apply(model params)` of a train step: LoRA factored or merged; with a quantized frozen
-    base (QLoRA) under `jax.checkpoint`, so the backward pass dequantizes the kernels again
-    instead of keeping them (`quant.remat_policy`)."""
+    """`apply(model params)` inside a step.
 
-    def run(params, frozen):
-        if "lora" in params and factored_lora:
-            return _apply_lora(apply, params, frozen, lora_cfg)
-        return apply(model_params(params, frozen, lora_cfg))
-
-    if quant.has_quantized(frozen):
-        run = jax.checkpoint(run, policy=quant.remat_policy())
-    return run(params, frozen)
+    LoRA adapters of plain nn.Dense layers run as ``x W + s (x A) B``
+    (`adapters.low_rank_dense`, no full weight gradient) unless ``factored_lora`` is False;
+    the rest are merged into their kernels. Quantized frozen kernels (QLoRA) of plain
+    nn.Dense layers whose adapters are not merged are multiplied quantized where they are
+    used (`quant.quantized_dense`), so no float copy of the base outlives its product; the
+    other quantized kernels are dequantized up front.
+    """
+    lora = params.get("lora")
+    adapted = frozenset(adapters.pairs(lora)) if lora is not None else frozenset()
+    candidates = frozenset()
+    if lora is not None and factored_lora:
+        candidates = adapters.factorable_candidates(_base_tree(params, frozen), lora)
+    quantized = quant.quantized_kernels(frozen) if frozen else {}
+    dense = frozenset()
+    if candidates or quantized:  # one abstract trace finds both kinds
+        merged = lambda: apply(model_params(params, frozen, lora_cfg))
+        dense = adapters.dense_kernels(merged, candidates | frozenset(quantized))
+    factored = dense & candidates
+    # a kernel whose adapter is merged into it is needed whole: dequantized up front
+    quantized = {p: node for p, node in quantized.items() if p in dense - (adapted - factored)}
+    with contextlib.ExitStack() as stack:  # entered first, called first: low rank, then base
+        if factored:
+            rank, alpha = lora_cfg["rank"], lora_cfg["alpha"]
+            stack.enter_context(adapters.low_rank_dense(lora, factored, rank=rank, alpha=alpha))
+        if quantized:
+            stack.enter_context(quant.quantized_dense(quantized))
+        leave_out = frozenset(quantized)
+        return apply(model_params(params, frozen, lora_cfg, unmerged=factored, leave_out=leave_out))
 
 
 def _apply(model: nn.Module, variables, x, *, train: bool, rng=None, mutable=(), extra=None):
@@ -290,9 +306,13 @@ def eval_step(
     if gather is not None:  # as in train_step
         params = jax.lax.with_sharding_constraint(params, gather["params"])
         frozen = jax.lax.with_sharding_constraint(frozen, gather["frozen"])
-    variables = {"params": model_params(params, frozen, lora_cfg), **state.model_state}
     extra = _model_inputs(head, batch)
-    outputs, _ = _apply(model, variables, batch[head.input_key], train=False, extra=extra)
+
+    def apply(weights):
+        variables = {"params": weights, **state.model_state}
+        return _apply(model, variables, batch[head.input_key], train=False, extra=extra)
+
+    outputs, _ = _forward(apply, params, frozen, lora_cfg, factored_lora=True)
     return head.eval_sums(outputs, batch)
 
 
@@ -384,10 +404,9 @@ def make_predict(model: nn.Module, lora_cfg: Mapping | None = None):
     """predict(state, x) -> outputs (logits), eval mode."""
 
     def predict(state: TrainState, x: jax.Array) -> jax.Array:
-        variables = {
-            "params": model_params(state.params, state.frozen, lora_cfg),
-            **state.model_state,
-        }
-        return _apply(model, variables, x, train=False)[0]
+        def apply(weights):
+            return _apply(model, {"params": weights, **state.model_state}, x, train=False)
+
+        return _forward(apply, state.params, state.frozen, lora_cfg, factored_lora=True)[0]
 
     return jax.jit(predict)

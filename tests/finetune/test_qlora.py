@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 from jaxdl import config as config_lib
 from jaxdl.checkpoint.manager import Checkpointer
@@ -45,9 +46,9 @@ def _layer_paths(name):
     return [f"params/layer_{i}/{name}/kernel" for i in range(LAYERS)]
 
 
-def qlora_setup(kind: str):
+def qlora_setup(kind: str, dtype: str = "float32", **fields):
     """(model, head, tx, state, lora_cfg) of the tiny Llama with LoRA over a `kind` base."""
-    model = create_model({"name": "llama", "size": "tiny"})
+    model = create_model({"name": "llama", "size": "tiny", "dtype": dtype, **fields})
     tokens = jnp.zeros((1, 16), jnp.int32)
     variables = model.init(jax.random.PRNGKey(0), tokens, train=False)
     params = {"params": variables["params"]}
@@ -212,3 +213,73 @@ def test_train_forward_equals_the_dequantized_model(factored):
     want, _ = head.loss(model.apply({"params": params}, batch["inputs"]), batch)
     _, metrics = step(state, batch)
     np.testing.assert_allclose(float(metrics["loss"]), float(want), rtol=1e-6)
+
+
+@pytest.mark.parametrize("factored", [True, False], ids=["factored", "merged"])
+@pytest.mark.parametrize(
+    "dtype, fields",
+    [
+        ("float32", {}),
+        ("float32", {"qkv_bias": True, "o_bias": True}),  # Qwen2-style biases on the Dense
+        ("float32", {"remat": True}),
+        ("bfloat16", {}),
+    ],
+    ids=["plain", "biases", "remat", "bf16"],
+)
+def test_step_gradients_equal_the_dequantized_model(dtype, fields, factored):
+    """The step multiplies nn.Dense layers by their quantized kernels where used
+    (`quant.quantized_dense`, its own backward pass); its gradients equal autodiff's through
+    the plain model on the dequantized, merged params."""
+    model, head, _, state, _, lora_cfg = qlora_setup("nf4", dtype, **fields)
+    tx = optax.sgd(1.0)  # one step: new params = params - gradients
+    state = TrainState.create(state.params, tx, jax.random.PRNGKey(2), frozen=state.frozen)
+    batch = fixed_batch()
+
+    def reference_loss(trainable):
+        full = steps.model_params(trainable, state.frozen, lora_cfg)
+        return head.loss(model.apply({"params": full}, batch["inputs"]), batch)[0]
+
+    want = jax.grad(reference_loss)(state.params)
+    step = steps.make_train_step(model, head, tx, lora_cfg=lora_cfg, factored_lora=factored)
+    new_state, _ = step(jax.tree.map(jnp.copy, state), batch)
+    got = jax.tree.map(jnp.subtract, state.params, new_state.params)
+    tol = dict(rtol=1e-4, atol=1e-6) if dtype == "float32" else dict(rtol=5e-2, atol=1e-3)
+    chex.assert_trees_all_close(got, want, **tol)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(want)) > 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_no_float_kernel_is_kept_for_the_backward_pass(dtype, capsys):
+    """Autodiff's float residuals of the QLoRA forward hold no dequantized kernel (only the
+    quantized bytes): the backward pass dequantizes again."""
+    model, head, _, state, _, lora_cfg = qlora_setup("nf4", dtype)
+    batch = fixed_batch()
+
+    def loss(trainable):
+        def apply(weights):
+            return model.apply({"params": weights}, batch["inputs"], train=True)
+
+        return head.loss(steps._forward(apply, trainable, state.frozen, lora_cfg, True), batch)[0]
+
+    capsys.readouterr()
+    print_saved_residuals(loss, state.params)  # the public form of the list: one per line
+    lines = capsys.readouterr().out.splitlines()
+    found = [re.match(r"(\w+)\[([\d,]*)\]", line).groups() for line in lines]
+    saved = {tuple(int(n) for n in shape.split(",") if n) for kind, shape in found if "f" in kind}
+    assert saved, "no residuals at all: the check would pass vacuously"
+    assert not saved & set(KERNELS.values()), saved & set(KERNELS.values())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compiled_step_holds_the_float_kernels_of_about_one_layer(dtype):
+    """XLA's own buffer plan of the compiled QLoRA step: its scratch is a fraction of the
+    float32 kernels' bytes (measured 0.20 float32, 0.11 bf16; a step that dequantized
+    every kernel up front, held to the backward pass, needed 1.05 and 0.53)."""
+    fields = {"embed_dim": 256, "mlp_dim": 2048, "num_layers": 4}  # kernels dominate
+    model, head, tx, state, frozen, lora_cfg = qlora_setup("nf4", dtype, **fields)
+    flat = tree_lib.flatten(frozen)
+    kernel_bytes = sum(x.nbytes for p, x in flat.items() if p.endswith("/kernel") and x.ndim == 2)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    step = steps.make_train_step(model, head, tx, lora_cfg=lora_cfg)
+    plan = step.lower(state, {"inputs": tokens, "targets": tokens}).compile().memory_analysis()
+    assert plan.temp_size_in_bytes < 0.3 * kernel_bytes, (plan.temp_size_in_bytes, kernel_bytes)
