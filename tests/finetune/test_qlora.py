@@ -283,3 +283,39 @@ def test_compiled_step_holds_the_float_kernels_of_about_one_layer(dtype):
     step = steps.make_train_step(model, head, tx, lora_cfg=lora_cfg)
     plan = step.lower(state, {"inputs": tokens, "targets": tokens}).compile().memory_analysis()
     assert plan.temp_size_in_bytes < 0.3 * kernel_bytes, (plan.temp_size_in_bytes, kernel_bytes)
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_gpt_step_gradients_equal_the_dequantized_model(kind):
+    """The same on a tiny GPT: biased nn.Dense layers (their biases trained) beside a
+    quantized base, every Dense of it multiplied quantized."""
+    model = create_model(
+        {"name": "transformer", "size": "tiny", "vocab_size": 256, "embed_dim": 64}
+    )
+    tokens = jnp.zeros((1, 16), jnp.int32)
+    params = {"params": model.init(jax.random.PRNGKey(0), tokens, train=False)["params"]}
+    targets = ".*(query|value|fc1)/kernel"
+    params["lora"] = lora.init_adapters(jax.random.PRNGKey(1), params, rank=RANK, targets=targets)
+    rules = [(".*/bias", {"trainable": True}), *partition.default_rules(lora=True)]
+    trainable, frozen = partition.split(params, partition.make_plan(params, rules))
+    frozen = quant.quantize_kernels(frozen, kind)
+    tx = optax.sgd(1.0)
+    state = TrainState.create(trainable, tx, jax.random.PRNGKey(2), frozen=frozen)
+    lora_cfg = {"rank": RANK, "alpha": ALPHA, "targets": targets, "quantize": kind}
+    head, batch = heads.make_head("lm", {}, 0), fixed_batch()
+
+    def reference_loss(trainable):
+        full = steps.model_params(trainable, state.frozen, lora_cfg)
+        return head.loss(model.apply({"params": full}, batch["inputs"]), batch)[0]
+
+    want = jax.grad(reference_loss)(state.params)
+    calls = []
+    multiply = quant._dense_call
+    with pytest.MonkeyPatch.context() as patch:  # count the Dense layers that ran quantized
+        patch.setattr(quant, "_dense_call", lambda *a: (calls.append(1), multiply(*a))[1])
+        step = steps.make_train_step(model, head, tx, lora_cfg=lora_cfg)
+        new_state, _ = step(jax.tree.map(jnp.copy, state), batch)
+    assert len(calls) == len(quant.quantized_kernels(frozen)) > 0
+    got = jax.tree.map(jnp.subtract, state.params, new_state.params)
+    chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-6)
+    assert any(p.endswith("bias") for p in tree_lib.flatten(state.params))
