@@ -186,10 +186,7 @@ def quantize_kernels(
 
 
 def has_quantized(tree: Tree) -> bool:
-    return any(
-        kind_of(v) is not None or (isinstance(v, Mapping) and has_quantized(v))
-        for v in tree.values()
-    )
+    return bool(quantized_kernels(tree))
 
 
 def dequantize_tree(
@@ -271,7 +268,7 @@ def quantized_product(x: jax.Array, node: Mapping[str, jax.Array], product: Call
         return product(x, _after(node, x))
 
     def forward(x, node):
-        return run(x, node), (x, node)
+        return product(x, _after(node, x)), (x, node)
 
     def backward(residuals, g):
         x, node = residuals
@@ -321,13 +318,9 @@ def quantized_dense(kernels: Mapping[str, Mapping[str, jax.Array]]):
         yield
 
 
-def quantized_bytes(tree: Tree, prefix: str = "") -> dict[str, int]:
+def quantized_bytes(tree: Tree) -> dict[str, int]:
     """{kernel path: bytes stored} of the quantized kernels in ``tree``."""
-    found: dict[str, int] = {}
-    for key, value in tree.items():
-        path = f"{prefix}/{key}" if prefix else str(key)
-        if kind_of(value) is not None:
-            found[path] = int(sum(x.size * np.dtype(x.dtype).itemsize for x in value.values()))
-        elif isinstance(value, Mapping):
-            found.update(quantized_bytes(value, path))
-    return found
+    return {
+        path: int(sum(x.size * np.dtype(x.dtype).itemsize for x in node.values()))
+        for path, node in quantized_kernels(tree).items()
+    }

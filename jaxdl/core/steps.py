@@ -79,7 +79,8 @@ def _forward(apply: Callable, params, frozen, lora_cfg: Mapping | None, factored
     adapted = frozenset(adapters.pairs(lora)) if lora is not None else frozenset()
     candidates = frozenset()
     if lora is not None and factored_lora:
-        candidates = adapters.factorable_candidates(_base_tree(params, frozen), lora)
+        shapes = jax.eval_shape(lambda: _base_tree(params, frozen))  # stages no dequantizing
+        candidates = adapters.factorable_candidates(shapes, lora)
     quantized = quant.quantized_kernels(frozen) if frozen else {}
     dense = frozenset()
     if candidates or quantized:  # one abstract trace finds both kinds
