@@ -224,9 +224,11 @@ def matvec_probe(small: bool = False) -> list[_timing.Runner]:
     """Batch-1 decoding's products: one row times each of 90 [576, 1536] weights (SmolLM2's
     MLP projections of 30 layers, 318 MB in float32, 159 MB in bf16), forward only, in
     float32, in bf16 as a plain one-row product (XLA:CPU upcasts it to float32 math), in
-    bf16 as jaxdl computes it (two rows: the library kernels), and in torch. Bytes over time
-    is the memory bandwidth a decode step gets."""
-    from jaxdl.models.matmul import dense_dot_general
+    bf16 as jaxdl computes it for the checkpoint's [in, out] kernels (two rows: the library
+    kernels) and for the inference layout's [out, in] ones (matrix-first,
+    `matmul._weight_first_product`), and in torch. Bytes over time is the memory bandwidth
+    a decode step gets."""
+    from jaxdl.models.matmul import contract, dense_dot_general
 
     count, k, n = (4, 16, 32) if small else (90, 576, 1536)
     ws = [jax.random.normal(jax.random.PRNGKey(i), (k, n)) / np.sqrt(k) for i in range(count)]
@@ -259,11 +261,18 @@ def matvec_probe(small: bool = False) -> list[_timing.Runner]:
         return [_timing.Runner(name, lambda: {}, run)]
 
     bf16 = [w.astype(jnp.bfloat16) for w in ws]
+    bf16_t = [jnp.asarray(np.ascontiguousarray(np.asarray(w).T)) for w in bf16]  # [out, in]
     row = jnp.ones((1, k))
+    row16 = row.astype(jnp.bfloat16)
+
+    def transposed(x, ws):
+        return [contract(x, w, 1, 1) for w in ws]
+
     return [
         _jax("jax float32", products(jax.lax.dot_general), row, ws),
-        _jax("jax bf16 (one row)", products(plain), row.astype(jnp.bfloat16), bf16),
-        _jax("jax bf16 (jaxdl)", products(dense_dot_general), row.astype(jnp.bfloat16), bf16),
+        _jax("jax bf16 (one row)", products(plain), row16, bf16),
+        _jax("jax bf16 (jaxdl, [in,out])", products(dense_dot_general), row16, bf16),
+        _jax("jax bf16 (jaxdl, [out,in])", transposed, row16, bf16_t),
         *torch_forward("torch bf16", torch.bfloat16 if torch else None),
         *torch_forward("torch float32", torch.float32 if torch else None),
     ]

@@ -115,8 +115,8 @@ def _collection(params: Any) -> Any:
 
 def decoding_params(model: nn.Module | Mapping[str, Any], params: Any) -> Any:
     """`params` ("params" collection) in the layout that decodes fastest: a Llama's in
-    `jaxdl.models.llama.to_inference_layout`'s (q/k/v and gate/up fused, a tied head
-    transposed); others unchanged. `generate` and `stream` take either layout; converting
+    `jaxdl.models.llama.to_inference_layout`'s (q/k/v and gate/up fused, every kernel
+    stored [out, in]); others unchanged. `generate` and `stream` take either layout; converting
     once and dropping the checkpoint's layout keeps one copy of the weights. Host (numpy)
     params are converted on the host and then placed on the device."""
     params = _collection(params)

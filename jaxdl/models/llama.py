@@ -37,7 +37,6 @@ from jaxdl.errors import UserError
 from jaxdl.models import matmul
 from jaxdl.models.matmul import (
     dense_dot_general,
-    embedding_columns,
     embedding_lookup,
     head_dot_general,
     tied_logits,
@@ -234,6 +233,50 @@ class RMSNorm(nn.Module):
         return (y.astype(self.dtype) * scale.astype(self.dtype)).astype(self.dtype)
 
 
+class TransposedDense(nn.Module):
+    """`nn.Dense` with its kernel stored transposed: ``kernel_t`` [features, in], as Hugging
+    Face and torch store it (`to_inference_layout`). For decoding: a low-precision product
+    of a few rows reads such a kernel at bf16's memory traffic (`matmul.contract`), where
+    the [in, features] kernel's would be half as fast."""
+
+    features: int
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    out_dtype: Any = None  # default: the compute dtype (the head asks for float32)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel_t = self.param(
+            "kernel_t",
+            nn.initializers.normal(INIT_STD),
+            (self.features, x.shape[-1]),
+            self.param_dtype,
+        )
+        bias = (
+            self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        x, kernel_t, bias = nn.dtypes.promote_dtype(x, kernel_t, bias, dtype=self.dtype)
+        y = matmul.contract(x, kernel_t, -1, 1, out_dtype=self.out_dtype)
+        return y if bias is None else y + bias
+
+
+def _dense(inference_layout: bool, dtype: Any, param_dtype: Any) -> Any:
+    """The projection class of a layer: `TransposedDense` in the inference layout, else
+    `nn.Dense` (bf16 products accumulated in float32)."""
+    if inference_layout:
+        return functools.partial(TransposedDense, dtype=dtype, param_dtype=param_dtype)
+    return functools.partial(
+        nn.Dense,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.initializers.normal(INIT_STD),
+        dot_general=dense_dot_general,
+    )
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with rope. x [B, T, D] -> [B, T, D]."""
 
@@ -241,7 +284,8 @@ class Attention(nn.Module):
     decode: bool = False
     cache_len: int = 0
     attention_impl: str | None = None
-    fused: bool = False  # one qkv_proj instead of q_proj, k_proj, v_proj (`inference_layout`)
+    # one qkv_proj instead of q_proj, k_proj, v_proj, kernels transposed (`to_inference_layout`)
+    inference_layout: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -249,15 +293,9 @@ class Attention(nn.Module):
     def __call__(self, x, positions, segment_ids):
         s = self.spec
         batch, length, _ = x.shape
-        dense = functools.partial(
-            nn.Dense,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=nn.initializers.normal(INIT_STD),
-            dot_general=dense_dot_general,
-        )
+        dense = _dense(self.inference_layout, self.dtype, self.param_dtype)
         q_width, kv_width = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        if self.fused:
+        if self.inference_layout:
             qkv = dense(q_width + 2 * kv_width, use_bias=s.qkv_bias, name="qkv_proj")(x)
             q, k, v = jnp.split(qkv, [q_width, q_width + kv_width], axis=-1)
         else:
@@ -327,21 +365,17 @@ class Mlp(nn.Module):
     """SwiGLU: down(silu(gate x) * up x). x [..., D] -> [..., D]."""
 
     mlp_dim: int
-    fused: bool = False  # one gate_up_proj instead of gate_proj, up_proj (`inference_layout`)
+    # one gate_up_proj instead of gate_proj, up_proj, kernels transposed (`to_inference_layout`)
+    inference_layout: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         dense = functools.partial(
-            nn.Dense,
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=nn.initializers.normal(INIT_STD),
-            dot_general=dense_dot_general,
+            _dense(self.inference_layout, self.dtype, self.param_dtype), use_bias=False
         )
-        if self.fused:
+        if self.inference_layout:
             gate, up = jnp.split(dense(2 * self.mlp_dim, name="gate_up_proj")(x), 2, axis=-1)
         else:
             gate = dense(self.mlp_dim, name="gate_proj")(x)
@@ -357,7 +391,7 @@ class Layer(nn.Module):
     cache_len: int = 0
     dropout_rate: float = 0.0
     attention_impl: str | None = None
-    fused: bool = False
+    inference_layout: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -368,12 +402,18 @@ class Layer(nn.Module):
         drop = nn.Dropout(self.dropout_rate, deterministic=not train)
         h = RMSNorm(s.norm_eps, **kinds, name="attn_norm")(x)
         attention = Attention(
-            s, self.decode, self.cache_len, self.attention_impl, self.fused, **kinds, name="attn"
+            s,
+            self.decode,
+            self.cache_len,
+            self.attention_impl,
+            self.inference_layout,
+            **kinds,
+            name="attn",
         )
         h = attention(h, positions, segment_ids)
         x = x + drop(h)
         h = RMSNorm(s.norm_eps, **kinds, name="mlp_norm")(x)
-        return x + drop(Mlp(s.mlp_dim, self.fused, **kinds, name="mlp")(h))
+        return x + drop(Mlp(s.mlp_dim, self.inference_layout, **kinds, name="mlp")(h))
 
 
 class _ScanLayer(Layer):
@@ -454,24 +494,15 @@ class Llama(nn.Module):
             positions = jnp.broadcast_to(
                 self._start(length, cache_len) + jnp.arange(length), x.shape
             )
-        if spec.tie_embeddings and self.inference_layout:
-            table_t = self.param(
-                "embedding_t",
-                nn.initializers.normal(INIT_STD),
-                (spec.embed_dim, spec.vocab_size),
-                param_dtype,
-            ).astype(dtype)
-            h = embedding_columns(table_t, x)
-        else:
-            embed = nn.Embed(
-                spec.vocab_size,
-                spec.embed_dim,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                embedding_init=nn.initializers.normal(INIT_STD),
-                name="embed",
-            )
-            h = embedding_lookup(embed.embedding.astype(dtype), x)
+        embed = nn.Embed(
+            spec.vocab_size,
+            spec.embed_dim,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=nn.initializers.normal(INIT_STD),
+            name="embed",
+        )
+        h = embedding_lookup(embed.embedding.astype(dtype), x)
         h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
         layer_fields = dict(
             spec=spec,
@@ -479,7 +510,7 @@ class Llama(nn.Module):
             cache_len=cache_len,
             dropout_rate=self.dropout_rate,
             attention_impl=self.attention_impl,
-            fused=self.inference_layout,
+            inference_layout=self.inference_layout,
             dtype=dtype,
             param_dtype=param_dtype,
         )
@@ -502,12 +533,17 @@ class Llama(nn.Module):
         if logits_at is not None:
             h = jnp.take_along_axis(h, logits_at[:, None, None].astype(jnp.int32), axis=1)
         h = RMSNorm(spec.norm_eps, dtype=dtype, param_dtype=param_dtype, name="norm")(h)
-        if spec.tie_embeddings and self.inference_layout:
-            return head_dot_general(h, table_t, (((h.ndim - 1,), (0,)), ((), ()))).astype(
-                jnp.float32
-            )
         if spec.tie_embeddings:
             return tied_logits(h, embed.embedding.astype(dtype))
+        if self.inference_layout:  # float32 logits from a [V, D] kernel, as a tied table's
+            head_t = TransposedDense(
+                spec.vocab_size,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                out_dtype=jnp.float32,
+                name="lm_head",
+            )
+            return head_t(h)
         head = nn.Dense(
             spec.vocab_size,
             use_bias=False,
@@ -539,28 +575,40 @@ FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj
 def to_inference_layout(params: Mapping[str, Any]) -> dict:
     """A Llama's "params" rearranged for `Llama(inference_layout=True)`: each layer's q/k/v
     kernels (and biases) concatenated into one ``qkv_proj``, gate and up into one
-    ``gate_up_proj``, and a tied embedding [V, D] stored transposed as ``embedding_t``
-    [D, V]. The same function, with fewer and wider products: a batch-1 decode step is a
-    chain of matrix-vector products bound by memory traffic, and on XLA:CPU four products a
-    layer and a head read along its rows stream faster than seven and a transposed read
-    (benchmarks/README.md). Numpy leaves stay numpy (host memory, no device copy of both
-    layouts); a tree already in this layout comes back unchanged.
+    ``gate_up_proj``, and every kernel stored transposed, ``kernel_t`` [out, in] (the lm_head
+    included; a tied embedding is [V, D] already). The same function, with fewer and
+    wider products read the fast way: a batch-1 decode step is a chain of matrix-vector
+    products bound by memory traffic; on XLA:CPU four products a layer stream faster than
+    seven, and a bf16 one reads a [out, in] kernel at twice the speed of an [in, out] one
+    (`jaxdl.models.matmul`, benchmarks/README.md). Numpy leaves stay numpy (host memory,
+    no device copy of both layouts); a tree already in this layout comes back unchanged.
     """
-    out = _fused_projections(params)
-    if "lm_head" not in out and set(out.get("embed", {})) == {"embedding"}:
-        table = out.pop("embed")["embedding"]
-        out["embedding_t"] = table.T if isinstance(table, np.ndarray) else jnp.transpose(table)
-    return out
+    return _transposed_kernels(_fused_projections(params))
 
 
 def _fused_projections(tree: Mapping[str, Any]) -> dict:
     out: dict[str, Any] = {}
     for key, value in tree.items():
+        if key == "kernel" and isinstance(value, Mapping):  # a bug: decoding takes merged params
+            raise TypeError("to_inference_layout takes float kernels; dequantize them first")
         out[key] = _fused_projections(value) if isinstance(value, Mapping) else value
     for fused, parts in FUSED.items():
         if all(p in out for p in parts):
             pieces = [out.pop(p) for p in parts]
             out[fused] = {leaf: _concatenate([p[leaf] for p in pieces]) for leaf in pieces[0]}
+    return out
+
+
+def _transposed_kernels(tree: Mapping[str, Any]) -> dict:
+    """Each Dense's kernel [..., in, out] (a scanned one has a leading layer axis) as
+    ``kernel_t`` [..., out, in]."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if key == "kernel":
+            xp = np if isinstance(value, np.ndarray) else jnp
+            out["kernel_t"] = xp.swapaxes(value, -1, -2)
+        else:
+            out[key] = _transposed_kernels(value) if isinstance(value, Mapping) else value
     return out
 
 
@@ -572,7 +620,7 @@ def _concatenate(arrays: list) -> Any:
 
 def in_inference_layout(params: Mapping[str, Any]) -> bool:
     """Whether a Llama's "params" are in `to_inference_layout`'s arrangement."""
-    return "embedding_t" in params or any(
+    return any(
         key in FUSED or (isinstance(value, Mapping) and in_inference_layout(value))
         for key, value in params.items()
     )

@@ -23,9 +23,18 @@ import jax.numpy as jnp
 LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
+# A low-precision product of at most this many rows (a decode step's batch) times an
+# [out, in] matrix runs with the matrix as the left operand (`_weight_first_product`).
+FEW_ROWS = 16
+
+
 def _f32_accumulated(lhs, rhs, lhs_axis: int, rhs_axis: int, precision=None):
-    if lhs.size == lhs.shape[lhs_axis] and lhs.dtype in LOW_PRECISION:
-        return _vector_product(lhs, rhs, lhs_axis, rhs_axis, precision)
+    if lhs.dtype in LOW_PRECISION:
+        rows = lhs.size // lhs.shape[lhs_axis]
+        if rhs.ndim == 2 and rhs_axis == 1 and rows <= FEW_ROWS:
+            return _weight_first_product(lhs, rhs, lhs_axis, precision)
+        if rows == 1:
+            return _vector_product(lhs, rhs, lhs_axis, rhs_axis, precision)
     dims = (((lhs_axis,), (rhs_axis,)), ((), ()))
     return jax.lax.dot_general(
         lhs, rhs, dims, precision=precision, preferred_element_type=jnp.float32
@@ -50,11 +59,37 @@ def _vector_product(vector, rhs, lhs_axis: int, rhs_axis: int, precision=None):
     return out.reshape(*free, *out.shape)
 
 
-def contract(lhs: jax.Array, rhs: jax.Array, lhs_axis: int, rhs_axis: int) -> jax.Array:
-    """lhs and rhs contracted over one axis each, accumulated in float32, returned in lhs's
-    dtype: ``contract(x, w, -1, 0)`` is ``x @ w``, ``contract(g, w, -1, 1)`` is ``g @ w.T``,
-    ``contract(x, g, 0, 0)`` is ``x.T @ g``. For float32 operands it is the plain product."""
-    return _f32_accumulated(lhs, rhs, lhs_axis % lhs.ndim, rhs_axis % rhs.ndim).astype(lhs.dtype)
+def _weight_first_product(lhs, matrix, lhs_axis: int, precision=None):
+    """A few low-precision rows times an [out, in] matrix (contracting its axis 1), computed
+    as ``matrix @ columns``: the rows transposed into a fresh [in, m] array, zero-padded to
+    m > rows, a multiple of 8. Read this way the matrix streams through XLA:CPU's library
+    kernel (YNNPACK: AVX512-BF16 / AMX pair products along `in`, which the [out, in] rows
+    hold side by side) at bf16's memory traffic: ~2x the speed of ``rows @ matrix.T`` and of
+    a [in, out] matrix's product. The padding matters: without it XLA folds the transposes
+    back into ``rows @ matrix.T`` (`python benchmarks/cpu_gaps.py --probes matvec`)."""
+    x = jnp.moveaxis(lhs, lhs_axis, -1)
+    free, rows = x.shape[:-1], x.size // x.shape[-1]
+    width = (rows // 8 + 1) * 8
+    columns = jnp.pad(x.reshape(rows, -1).T, ((0, 0), (0, width - rows)))
+    out = jax.lax.dot_general(
+        matrix,
+        columns,
+        (((1,), (0,)), ((), ())),
+        precision=precision,
+        preferred_element_type=jnp.float32,
+    )
+    return out[:, :rows].T.reshape(*free, matrix.shape[0])
+
+
+def contract(
+    lhs: jax.Array, rhs: jax.Array, lhs_axis: int, rhs_axis: int, out_dtype: Any = None
+) -> jax.Array:
+    """lhs and rhs contracted over one axis each, accumulated in float32, returned in
+    out_dtype (default lhs's): ``contract(x, w, -1, 0)`` is ``x @ w``, ``contract(g, w, -1,
+    1)`` is ``g @ w.T``, ``contract(x, g, 0, 0)`` is ``x.T @ g``. For float32 operands it is
+    the plain product."""
+    out = _f32_accumulated(lhs, rhs, lhs_axis % lhs.ndim, rhs_axis % rhs.ndim)
+    return out.astype(out_dtype or lhs.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -165,16 +200,6 @@ def embedding_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
     if table.dtype in LOW_PRECISION:
         table, ids = jax.lax.optimization_barrier((table, ids))
     return jnp.take(table, ids, axis=0)
-
-
-def embedding_columns(table_t: jax.Array, ids: jax.Array) -> jax.Array:
-    """`embedding_lookup` of a table stored transposed, [D, V] (a tied head's inference
-    layout, `jaxdl.models.llama.to_inference_layout`): columns for ids [...] -> [..., D].
-    Reading one column is D strided loads, nothing beside a decode step's products. The
-    same barrier keeps a low-precision table's convert inside `generate`'s loop."""
-    if table_t.dtype in LOW_PRECISION:
-        table_t, ids = jax.lax.optimization_barrier((table_t, ids))
-    return jnp.moveaxis(jnp.take(table_t, ids, axis=1), 0, -1)
 
 
 def _lookup_fwd(table, ids):

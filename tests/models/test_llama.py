@@ -133,7 +133,7 @@ def test_sliding_window_limits_attention():
     ids=["tied", "untied", "scanned"],
 )
 def test_inference_layout_is_the_same_function(fields):
-    """to_inference_layout: q/k/v and gate/up fused, a tied table transposed; the tree a
+    """to_inference_layout: q/k/v and gate/up fused, every kernel transposed; the tree a
     module with inference_layout=True inits, and its logits, cached ones included."""
     model, variables = init(fields)
     fused_model = model.clone(inference_layout=True)
@@ -148,7 +148,8 @@ def test_inference_layout_is_the_same_function(fields):
             fused_model.apply({"params": fused}, X), model.apply(variables, X), atol=1e-6
         )
     assert all(isinstance(a, np.ndarray) for a in jax.tree.leaves(L.to_inference_layout(host)))
-    assert ("embedding_t" in fused) == (fields.get("tie_embeddings", True))
+    assert ("lm_head" in fused) != fields.get("tie_embeddings", True)
+    assert not any(p.endswith("/kernel") for p in tree.flatten(fused))  # all transposed
     decoder = fused_model.clone(decode=True, cache_len=16)
     cache = decoder.init(jax.random.key(0), X[:, :1])["cache"]
     outs = []

@@ -128,8 +128,9 @@ def test_bf16_generate_holds_no_float32_copy_of_the_weights():
     """XLA:CPU upcasts one-row bf16 products and bf16 gathers; inside the decode loop it
     hoisted the upcasts into float32 copies of every weight (2x the bf16 weights' memory
     and a conversion before the first token), and the embedding table's into a copy of it.
-    Compiled, the loop's scratch is now below a quarter of the float32 weights and of the
-    bf16 embedding table (a vocabulary large enough for a copy of it to show)."""
+    Compiled, the loop's scratch is now below a quarter of the float32 weights and half the
+    bf16 embedding table (a vocabulary large enough for a copy of it to show; the tied
+    head's float32 [V, 8] product is a quarter of the table at this width)."""
     from jaxdl.lm import generate as G
 
     cfg = {"name": "llama", "size": "tiny", "dtype": "bfloat16", "vocab_size": 4096}
@@ -145,4 +146,24 @@ def test_bf16_generate_holds_no_float32_copy_of_the_weights():
     ).compile()  # fmt: skip
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp < f32_bytes / 4
-    assert temp < params["embed"]["embedding"].nbytes / 4
+    assert temp < params["embed"]["embedding"].nbytes / 2
+
+
+@pytest.mark.parametrize(
+    "shape, axis",
+    [((1, 1, 64), 2), ((3, 64), 1), ((2, 4, 64), 2), ((16, 64), 1), ((64, 5), 0), ((17, 64), 1)],
+)
+def test_few_bf16_rows_times_an_out_in_matrix(shape, axis):
+    """x contracted with an [out, in] matrix (a transposed kernel, a tied head): at most
+    FEW_ROWS rows run matrix-first (`_weight_first_product`), 17 as the plain product; the
+    same values and shape either way, and compiled, no float32 copy of the matrix (which
+    XLA:CPU makes when the product falls off its library kernels)."""
+    x = jax.random.normal(jax.random.key(0), shape, jnp.bfloat16)
+    w_t = jax.random.normal(jax.random.key(1), (512, 64), jnp.bfloat16)
+    dims = (((axis,), (1,)), ((), ()))
+    expected = jax.lax.dot_general(x, w_t, dims, preferred_element_type=jnp.float32)
+    got = matmul.contract(x, w_t, axis, 1, out_dtype=jnp.float32)
+    assert got.shape == expected.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)  # summation order
+    compiled = jax.jit(lambda x, w: matmul.contract(x, w, axis, 1)).lower(x, w_t).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < w_t.nbytes
