@@ -167,10 +167,13 @@ def _apply(module, params, cache, tokens, **kwargs):
 
 
 @functools.partial(jax.jit, static_argnames=("module",))
-def _prefill(module, params, cache, padded, length):
-    """Run the right-padded prompt [B, bucket]; -> (logits of its last real token [B, V],
-    the cache with its index at `length`)."""
+def _prefill(module, params, padded, length):
+    """Run the right-padded prompt [B, bucket] from an empty cache; -> (logits of its last
+    real token [B, V], the cache with its index at `length`). The empty cache is made
+    here, inside the compiled function: made outside, its ~90 zero arrays (SmolLM2's) were
+    as many dispatched ops, 15 ms of a 76 ms bf16 prefill."""
     last = jnp.full((padded.shape[0],), length - 1)  # the head runs on this token only
+    cache = init_cache(module, padded.shape[0])
     logits, cache = _apply(module, params, cache, padded, logits_at=last)
     cache = jax.tree_util.tree_map_with_path(
         lambda path, x: jnp.full_like(x, length) if path[-1].key == "cache_index" else x, cache
@@ -180,10 +183,10 @@ def _prefill(module, params, cache, padded, length):
 
 def prefill(module, params, prompt: jax.Array) -> tuple[jax.Array, Any]:
     """The prompt [B, P] through the model; -> (last logits [B, V], the filled cache)."""
-    batch, length = prompt.shape
+    length = prompt.shape[1]
     padded = bucket(length, cache_len(module))
     tokens = jnp.pad(prompt, ((0, 0), (0, padded - length)))
-    return _prefill(module, params, init_cache(module, batch), tokens, jnp.int32(length))
+    return _prefill(module, params, tokens, jnp.int32(length))
 
 
 @functools.partial(

@@ -177,10 +177,16 @@ def rope_frequencies(spec: LlamaSpec) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate-half rotary embedding. x: [B, T, H, Dh], positions: [B, T] -> [B, T, H, Dh]."""
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, Dh/2]
-    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+def rope_angles(spec: LlamaSpec, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) [B, T, Dh/2] float32 of positions [B, T], computed once per call of the
+    model and shared by its layers, as Hugging Face's position_embeddings are."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_frequencies(spec))
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate-half rotary embedding. x: [B, T, H, Dh], rope: `rope_angles` -> [B, T, H, Dh]."""
+    cos, sin = rope[0][:, :, None, :], rope[1][:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -290,7 +296,7 @@ class Attention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids):
+    def __call__(self, x, rope, segment_ids):
         s = self.spec
         batch, length, _ = x.shape
         dense = _dense(self.inference_layout, self.dtype, self.param_dtype)
@@ -310,8 +316,7 @@ class Attention(nn.Module):
                 RMSNorm, s.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype
             )
             q, k = norm(name="q_norm")(q), norm(name="k_norm")(k)
-        inv_freq = rope_frequencies(s)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
 
         index = jnp.broadcast_to(jnp.arange(length), (batch, length))
         if self.decode and self.has_variable("cache", "cached_key"):
@@ -384,7 +389,7 @@ class Mlp(nn.Module):
 
 
 class Layer(nn.Module):
-    """One decoder layer. x [B, T, D], positions [B, T], segment_ids [B, T] | None."""
+    """One decoder layer. x [B, T, D], rope `rope_angles`, segment_ids [B, T] | None."""
 
     spec: LlamaSpec
     decode: bool = False
@@ -396,7 +401,7 @@ class Layer(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, train: bool = False):
+    def __call__(self, x, rope, segment_ids, train: bool = False):
         s = self.spec
         kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         drop = nn.Dropout(self.dropout_rate, deterministic=not train)
@@ -410,7 +415,7 @@ class Layer(nn.Module):
             **kinds,
             name="attn",
         )
-        h = attention(h, positions, segment_ids)
+        h = attention(h, rope, segment_ids)
         x = x + drop(h)
         h = RMSNorm(s.norm_eps, **kinds, name="mlp_norm")(x)
         return x + drop(Mlp(s.mlp_dim, self.inference_layout, **kinds, name="mlp")(h))
@@ -420,8 +425,8 @@ class _ScanLayer(Layer):
     """`Layer` with nn.scan's (carry, out) signature; same parameters."""
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, train: bool = False):
-        return super().__call__(x, positions, segment_ids, train), None
+    def __call__(self, x, rope, segment_ids, train: bool = False):
+        return super().__call__(x, rope, segment_ids, train), None
 
 
 @register("llama")
@@ -494,6 +499,7 @@ class Llama(nn.Module):
             positions = jnp.broadcast_to(
                 self._start(length, cache_len) + jnp.arange(length), x.shape
             )
+        rope = rope_angles(spec, positions)
         embed = nn.Embed(
             spec.vocab_size,
             spec.embed_dim,
@@ -525,11 +531,11 @@ class Llama(nn.Module):
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                 length=spec.num_layers,
             )
-            h, _ = layers(**layer_fields, name="layers")(h, positions, segment_ids, train)
+            h, _ = layers(**layer_fields, name="layers")(h, rope, segment_ids, train)
         else:
             layer_cls = nn.remat(Layer, static_argnums=(4,)) if self.remat else Layer
             for i in range(spec.num_layers):
-                h = layer_cls(**layer_fields, name=f"layer_{i}")(h, positions, segment_ids, train)
+                h = layer_cls(**layer_fields, name=f"layer_{i}")(h, rope, segment_ids, train)
         if logits_at is not None:
             h = jnp.take_along_axis(h, logits_at[:, None, None].astype(jnp.int32), axis=1)
         h = RMSNorm(spec.norm_eps, dtype=dtype, param_dtype=param_dtype, name="norm")(h)

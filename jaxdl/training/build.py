@@ -74,7 +74,7 @@ def quantize_frozen(frozen: dict, kind: str | None) -> dict:
     if kind is None:
         return frozen
     stored = quant.quantize_kernels(frozen, kind, consume=True, made=deferred.made)
-    if not quant.quantized_bytes(stored):
+    if not quant.has_quantized(stored):
         raise UserError(
             f"lora.quantize={kind!r}: no frozen 2-D kernel to quantize (the partition plan "
             "trains every kernel). Fix: freeze the base (drop `partition`) or lora.quantize=None."
