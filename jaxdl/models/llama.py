@@ -14,7 +14,9 @@ axis, one compiled layer).
 
 ``segment_ids`` [B, T] (packed rows: several examples per row) keep attention inside each
 example; ``positions`` [B, T] restart per example. ``decode=True`` keeps a KV cache
-("cache" collection) of ``cache_len`` slots; each call appends its tokens.
+("cache" collection) of ``cache_len`` slots; each call appends its tokens. ``prefill=True``
+(with ``decode``) says the cache passed in is empty: the call's tokens start at position
+0 and attend to each other only, as an ordinary forward pass does.
 
 `LlamaSpec` is the resolved architecture; `PRESETS` names a few (``size``), and every
 field set on the module overrides its preset.
@@ -184,6 +186,16 @@ def rope_angles(spec: LlamaSpec, positions: jax.Array) -> tuple[jax.Array, jax.A
     return jnp.cos(angles), jnp.sin(angles)
 
 
+def rope_table(spec: LlamaSpec, length: int) -> tuple[jax.Array, jax.Array]:
+    """`rope_angles` of positions 0..length-1 ([1, T, Dh/2]), computed on the host: the
+    positions of a call that starts at 0 are known when it is traced. As constants the
+    layers read them; computed in the graph, XLA fuses the cos and sin into each layer's
+    q and k rotation and evaluates them once per element of every head there (60 copies
+    in SmolLM2, a tenth of a 64-token bf16 prefill)."""
+    angles = np.arange(length, dtype=np.float32)[None, :, None] * rope_frequencies(spec)
+    return jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
+
+
 def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
     """Rotate-half rotary embedding. x: [B, T, H, Dh], rope: `rope_angles` -> [B, T, H, Dh]."""
     cos, sin = rope[0][:, :, None, :], rope[1][:, :, None, :]
@@ -292,6 +304,7 @@ class Attention(nn.Module):
     attention_impl: str | None = None
     # one qkv_proj instead of q_proj, k_proj, v_proj, kernels transposed (`to_inference_layout`)
     inference_layout: bool = False
+    prefill: bool = False  # decode from an empty cache: attend within this call's tokens
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -319,7 +332,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
 
         index = jnp.broadcast_to(jnp.arange(length), (batch, length))
-        if self.decode and self.has_variable("cache", "cached_key"):
+        if self.decode and self.prefill and self.has_variable("cache", "cached_key"):
+            self._extend_cache(k, v, start=0)  # the cache's other slots are empty
+            y = self._attend(q, k, v, index, None)
+        elif self.decode and self.has_variable("cache", "cached_key"):
             start, k, v = self._extend_cache(k, v)
             slots = jnp.broadcast_to(jnp.arange(self.cache_len), (batch, self.cache_len))
             mask = attention_mask(start + index, slots, s.sliding_window)
@@ -349,20 +365,21 @@ class Attention(nn.Module):
         impl = None if self.attention_impl == "cudnn" else self.attention_impl
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
-    def _extend_cache(self, k, v):
-        """Write k, v [B, T, KV, Dh] at the cache index -> (start, full k, full v)."""
+    def _extend_cache(self, k, v, start=None):
+        """Write k, v [B, T, KV, Dh] at `start` (default: the cache index) -> (start, full
+        k, full v)."""
         initialized = self.has_variable("cache", "cached_key")
         shape = (k.shape[0], self.cache_len, *k.shape[2:])
         cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
         cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-        start = cache_index.value
+        start = cache_index.value if start is None else start
         if initialized:
             cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k, (0, start, 0, 0))
             cached_value.value = jax.lax.dynamic_update_slice(
                 cached_value.value, v, (0, start, 0, 0)
             )
-            cache_index.value = start + k.shape[1]
+            cache_index.value = jnp.asarray(start + k.shape[1], jnp.int32)
         return start, cached_key.value, cached_value.value
 
 
@@ -397,6 +414,7 @@ class Layer(nn.Module):
     dropout_rate: float = 0.0
     attention_impl: str | None = None
     inference_layout: bool = False
+    prefill: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -412,6 +430,7 @@ class Layer(nn.Module):
             self.cache_len,
             self.attention_impl,
             self.inference_layout,
+            self.prefill,
             **kinds,
             name="attn",
         )
@@ -468,6 +487,7 @@ class Llama(nn.Module):
     decode: bool = False
     cache_len: int | None = None  # decode: KV-cache slots (default max_len)
     inference_layout: bool = False  # parameters as `to_inference_layout` arranges them
+    prefill: bool = False  # decode: the cache passed in is empty (`generate`'s prefill)
 
     @property
     def spec(self) -> LlamaSpec:
@@ -495,11 +515,12 @@ class Llama(nn.Module):
         dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
         batch, length = x.shape
         cache_len = self.cache_len or spec.max_len
-        if positions is None:
-            positions = jnp.broadcast_to(
-                self._start(length, cache_len) + jnp.arange(length), x.shape
-            )
-        rope = rope_angles(spec, positions)
+        if positions is not None:
+            rope = rope_angles(spec, positions)
+        elif isinstance(start := self._start(length), int):  # 0: known now
+            rope = rope_table(spec, length)
+        else:
+            rope = rope_angles(spec, start + jnp.arange(length)[None])
         embed = nn.Embed(
             spec.vocab_size,
             spec.embed_dim,
@@ -517,6 +538,7 @@ class Llama(nn.Module):
             dropout_rate=self.dropout_rate,
             attention_impl=self.attention_impl,
             inference_layout=self.inference_layout,
+            prefill=self.prefill,
             dtype=dtype,
             param_dtype=param_dtype,
         )
@@ -561,15 +583,17 @@ class Llama(nn.Module):
         )
         return head(h).astype(jnp.float32)
 
-    def _start(self, length: int, cache_len: int) -> jax.Array:
-        """Where this call's tokens start: 0, or the KV cache's fill when decoding."""
+    def _start(self, length: int) -> int | jax.Array:
+        """Where this call's tokens start: 0 (an int), or the KV cache's fill when
+        decoding (traced), which this call advances by `length`."""
         if not self.decode:
-            return jnp.array(0, jnp.int32)
+            return 0
         initialized = self.has_variable("cache", "cache_index")
         index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-        start = index.value
-        if initialized:
-            index.value = start + length
+        if not initialized:
+            return 0
+        start = 0 if self.prefill else index.value
+        index.value = jnp.asarray(start + length, jnp.int32)
         return start
 
 

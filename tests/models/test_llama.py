@@ -90,6 +90,36 @@ def test_cached_decoding_equals_full_sequence():
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=2e-5)
 
 
+def test_prefill_from_an_empty_cache_equals_appending_to_it():
+    """prefill=True (generate's prefill) attends within the call and starts at position 0;
+    the cache it leaves, and the tokens decoded after it, are those of the general path."""
+    model, variables = init(FULL)
+    decoder = model.clone(decode=True, cache_len=16)
+    empty = decoder.init(jax.random.key(0), X[:, :1])["cache"]
+    run = {}
+    for prefill in (False, True):
+        logits, updates = decoder.clone(prefill=prefill).apply(
+            {**variables, "cache": empty}, X[:, :5], mutable=["cache"]
+        )
+        step, _ = decoder.apply({**variables, **updates}, X[:, 5:6], mutable=["cache"])
+        run[prefill] = (logits, updates["cache"], step)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), run[False], run[True])
+    assert int(run[True][1]["cache_index"]) == 5
+    np.testing.assert_allclose(run[True][0], model.apply(variables, X[:, :5]), atol=2e-5)
+
+
+def test_rope_of_a_call_from_position_0_is_a_host_table():
+    """Positions known when traced give constant cos/sin: XLA evaluated the in-graph ones
+    inside every layer's q and k rotation, once per element of each head."""
+    spec = L.resolve_spec("tiny", {})
+    table = L.rope_table(spec, 12)
+    traced = L.rope_angles(spec, jnp.arange(12)[None])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), table, traced)
+    model, variables = init(FULL)
+    hlo = jax.jit(model.apply).lower(variables, X).compile().as_text()
+    assert "cosine(" not in hlo and "sine(" not in hlo
+
+
 def test_scanned_layers_equal_unrolled():
     model, variables = init(FULL)
     scanned = model.clone(scan_layers=True, remat=True)
