@@ -190,8 +190,8 @@ def rope_table(spec: LlamaSpec, length: int) -> tuple[jax.Array, jax.Array]:
     """`rope_angles` of positions 0..length-1 ([1, T, Dh/2]), computed on the host: the
     positions of a call that starts at 0 are known when it is traced. As constants the
     layers read them; computed in the graph, XLA fuses the cos and sin into each layer's
-    q and k rotation and evaluates them once per element of every head there (60 copies
-    in SmolLM2, a tenth of a 64-token bf16 prefill)."""
+    q and k rotation and evaluates them once per element of every head there
+    (benchmarks/README.md)."""
     angles = np.arange(length, dtype=np.float32)[None, :, None] * rope_frequencies(spec)
     return jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
 
