@@ -56,11 +56,13 @@ def test_cached_greedy_equals_recomputation(fields):
     assert len(set(np.asarray(tokens[:, 5:]).ravel().tolist())) > 4  # not a constant run
 
 
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_llama_greedy_equals_recomputation_in_both_layouts(tied):
+@pytest.mark.parametrize(
+    "tied, scan", [(True, False), (False, False), (True, True)], ids=["tied", "untied", "scan"]
+)
+def test_llama_greedy_equals_recomputation_in_both_layouts(tied, scan):
     """generate and stream on a Llama's checkpoint layout and on `decoding_params`' fused
     one (host or device params in): the same tokens as recomputing the whole sequence."""
-    model = Llama(size="tiny", max_len=64, qkv_bias=True, tie_embeddings=tied)
+    model = Llama(size="tiny", max_len=64, qkv_bias=True, tie_embeddings=tied, scan_layers=scan)
     params = lively_params(model)
     steps = 12
     expected = greedy_by_recomputation(model, params, PROMPT, steps)

@@ -90,11 +90,12 @@ def test_cached_decoding_equals_full_sequence():
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=2e-5)
 
 
-def test_prefill_from_an_empty_cache_equals_appending_to_it():
+@pytest.mark.parametrize("impl", [None, "xla"])  # the CPU einsum; dot_product_attention
+def test_prefill_from_an_empty_cache_equals_appending_to_it(impl):
     """prefill=True (generate's prefill) attends within the call and starts at position 0;
     the cache it leaves, and the tokens decoded after it, are those of the general path."""
     model, variables = init(FULL)
-    decoder = model.clone(decode=True, cache_len=16)
+    decoder = model.clone(decode=True, cache_len=16, attention_impl=impl)
     empty = decoder.init(jax.random.key(0), X[:, :1])["cache"]
     run = {}
     for prefill in (False, True):
