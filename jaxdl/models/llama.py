@@ -332,17 +332,14 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
 
         index = jnp.broadcast_to(jnp.arange(length), (batch, length))
-        if self.decode and self.prefill and self.has_variable("cache", "cached_key"):
-            self._extend_cache(k, v, start=0)  # the cache's other slots are empty
-            y = self._attend(q, k, v, index, None)
-        elif self.decode and self.has_variable("cache", "cached_key"):
+        if self.decode and not self.prefill and self.has_variable("cache", "cached_key"):
             start, k, v = self._extend_cache(k, v)
             slots = jnp.broadcast_to(jnp.arange(self.cache_len), (batch, self.cache_len))
             mask = attention_mask(start + index, slots, s.sliding_window)
             y = grouped_attention(q, k, v, mask)
-        else:
-            if self.decode:  # init: create the empty cache
-                self._extend_cache(k, v)
+        else:  # a forward pass; in decode, init (an empty cache) or a prefill (from slot 0)
+            if self.decode:
+                self._extend_cache(k, v, start=0)
             segments = None if segment_ids is None else (segment_ids, segment_ids)
             y = self._attend(q, k, v, index, segments)
         y = y.reshape(batch, length, s.num_heads * s.head_dim)
