@@ -5,6 +5,7 @@
     python benchmarks/cpu_gaps.py --probes lora-step,lora-step-mlp --steps 10
     python benchmarks/cpu_gaps.py --probes matmul     # bf16 vs float32 (the CPU's bf16 units)
     python benchmarks/cpu_gaps.py --probes matvec     # batch-1 decoding's products
+    python benchmarks/cpu_gaps.py --probes prefill-gemm   # a 64-token prefill's products
     XLA_FLAGS=--xla_cpu_use_onednn=true python benchmarks/cpu_gaps.py --probes conv
     python benchmarks/cpu_gaps.py --smoke     # every probe at tiny shapes, one trial (CI)
 
@@ -278,6 +279,54 @@ def matvec_probe(small: bool = False) -> list[_timing.Runner]:
     ]
 
 
+def prefill_gemm_probe(small: bool = False) -> list[_timing.Runner]:
+    """A 64-token prefill's projections: 64 rows times each of SmolLM2's 30 layers' [out, in]
+    kernels (fused q/k/v [960, 576], o [576, 576], fused gate/up [3072, 576], down [576,
+    1536]; 212 MB in bf16), forward only and independent of each other, as jaxdl runs them
+    (`matmul.contract`: bf16 x bf16 with float32 accumulation), matrix-first (the form
+    jaxdl uses for up to `FEW_ROWS` rows), in float32, and in torch (oneDNN's `F.linear`).
+    The gap to torch bf16 is the bound on jaxdl's prefill: its projections are ~70 % of it."""
+    from jaxdl.models.matmul import _weight_first_product, contract
+
+    rows, layers, d, kv, ff = (8, 2, 16, 4, 24) if small else (64, 30, 576, 192, 1536)
+    shapes = [(d + 2 * kv, d), (d, d), (2 * ff, d), (d, ff)] * layers
+    rng = np.random.default_rng(0)
+    ws = [(rng.standard_normal(s, dtype=np.float32) / np.sqrt(s[1])) for s in shapes]
+    bf16 = [jnp.asarray(w, jnp.bfloat16) for w in ws]
+    f32 = [jnp.asarray(w) for w in ws]
+    xs = {k: jnp.ones((rows, k), jnp.bfloat16) for k in {s[1] for s in shapes}}
+
+    def products(product, ws, dtype):
+        return lambda xs, ws: [product(xs[w.shape[1]].astype(dtype), w) for w in ws]
+
+    def torch_forward(name, dtype):
+        if torch is None:
+            return []
+        wts = [torch.from_numpy(w).to(dtype) for w in ws]
+        txs = {k: torch.ones(rows, k, dtype=dtype) for k in xs}
+
+        def run(steps: int) -> None:
+            with torch.no_grad():
+                for _ in range(steps):
+                    [F.linear(txs[w.shape[1]], w) for w in wts]
+
+        return [_timing.Runner(name, lambda: {}, run)]
+
+    def jaxdl(x, w):
+        return contract(x, w, -1, 1, out_dtype=jnp.float32)
+
+    def matrix_first(x, w):
+        return _weight_first_product(x, w, -1).astype(jnp.float32)
+
+    return [
+        _jax("jax bf16 (jaxdl, rows @ W.T)", products(jaxdl, bf16, jnp.bfloat16), xs, bf16),
+        _jax("jax bf16 (W @ rows.T)", products(matrix_first, bf16, jnp.bfloat16), xs, bf16),
+        _jax("jax float32", products(jaxdl, f32, jnp.float32), xs, f32),
+        *torch_forward("torch float32", torch.float32 if torch else None),
+        *torch_forward("torch bf16", torch.bfloat16 if torch else None),
+    ]
+
+
 def decode_chain_probe(small: bool = False) -> list[_timing.Runner]:
     """A batch-1 float32 decode step's products alone, as one dependent chain through
     SmolLM2's 30 layers and its tied head (538 MB): as jaxdl runs them (q, k, v, o, gate,
@@ -358,6 +407,7 @@ PROBES: dict[str, Callable[[bool], list[_timing.Runner]]] = {
     "matmul": matmul_probe,
     "matvec": matvec_probe,
     "decode-chain": decode_chain_probe,
+    "prefill-gemm": prefill_gemm_probe,
     "attention-step": lambda small: attention_step_probe("smoke-gpt" if small else "gpt-small"),
     "attention-step-vit": lambda small: attention_step_probe("smoke-vit" if small else "vit-tiny"),
     "lora-step": lambda small: lora_step_probe("smoke-gpt" if small else "gpt-small"),
