@@ -512,9 +512,10 @@ class Llama(nn.Module):
         dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
         batch, length = x.shape
         cache_len = self.cache_len or spec.max_len
+        start = self._start(length)  # advances a decoding cache's index, positions or not
         if positions is not None:
             rope = rope_angles(spec, positions)
-        elif isinstance(start := self._start(length), int):  # 0: known now
+        elif isinstance(start, int):  # 0: known now
             rope = rope_table(spec, length)
         else:
             rope = rope_angles(spec, start + jnp.arange(length)[None])

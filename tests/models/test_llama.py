@@ -90,6 +90,22 @@ def test_cached_decoding_equals_full_sequence():
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=2e-5)
 
 
+def test_a_decoding_call_with_explicit_positions_advances_the_cache_index():
+    """A chunk decoded with its positions given, then steps without: the steps start where
+    the chunk ended (the model's cache index advances either way)."""
+    model, variables = init(FULL)
+    decoder = model.clone(decode=True, cache_len=16)
+    cache = decoder.init(jax.random.key(0), X[:, :1])["cache"]
+    positions = jnp.broadcast_to(jnp.arange(5), (2, 5))
+    first, updates = decoder.apply(
+        {**variables, "cache": cache}, X[:, :5], positions=positions, mutable=["cache"]
+    )
+    assert int(updates["cache"]["cache_index"]) == 5
+    step, _ = decoder.apply({**variables, **updates}, X[:, 5:6], mutable=["cache"])
+    full = model.apply(variables, X[:, :6])
+    np.testing.assert_allclose(jnp.concatenate([first, step], 1), full, atol=2e-5)
+
+
 @pytest.mark.parametrize("impl", [None, "xla"])  # the CPU einsum; dot_product_attention
 def test_prefill_from_an_empty_cache_equals_appending_to_it(impl):
     """prefill=True (generate's prefill) attends within the call and starts at position 0;
