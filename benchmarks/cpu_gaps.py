@@ -283,10 +283,10 @@ def prefill_gemm_probe(small: bool = False) -> list[_timing.Runner]:
     """A 64-token prefill's projections: 64 rows times each of SmolLM2's 30 layers' [out, in]
     kernels (fused q/k/v [960, 576], o [576, 576], fused gate/up [3072, 576], down [576,
     1536]; 212 MB in bf16), forward only and independent of each other, as jaxdl runs them
-    (`matmul.contract`: bf16 x bf16 with float32 accumulation), matrix-first (the form
-    jaxdl uses for up to `FEW_ROWS` rows), in float32, and in torch (oneDNN's `F.linear`).
+    (`matmul.contract`: bf16 x bf16 with float32 accumulation), in float32, and in torch
+    (oneDNN's `F.linear`).
     The gap to torch bf16 is the bound on jaxdl's prefill: its projections are ~70 % of it."""
-    from jaxdl.models.matmul import _weight_first_product, contract
+    from jaxdl.models.matmul import contract
 
     rows, layers, d, kv, ff = (8, 2, 16, 4, 24) if small else (64, 30, 576, 192, 1536)
     shapes = [(d + 2 * kv, d), (d, d), (2 * ff, d), (d, ff)] * layers
@@ -315,12 +315,8 @@ def prefill_gemm_probe(small: bool = False) -> list[_timing.Runner]:
     def jaxdl(x, w):
         return contract(x, w, -1, 1, out_dtype=jnp.float32)
 
-    def matrix_first(x, w):
-        return _weight_first_product(x, w, -1).astype(jnp.float32)
-
     return [
         _jax("jax bf16 (jaxdl, rows @ W.T)", products(jaxdl, bf16, jnp.bfloat16), xs, bf16),
-        _jax("jax bf16 (W @ rows.T)", products(matrix_first, bf16, jnp.bfloat16), xs, bf16),
         _jax("jax float32", products(jaxdl, f32, jnp.float32), xs, f32),
         *torch_forward("torch float32", torch.float32 if torch else None),
         *torch_forward("torch bf16", torch.bfloat16 if torch else None),
