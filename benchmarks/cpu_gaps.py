@@ -66,6 +66,20 @@ def _torch(name: str, make: Callable[[], Callable]) -> list[_timing.Runner]:
     return [_timing.Runner(name, lambda: {}, run)]
 
 
+def _torch_forward(name: str, make: Callable[[], Callable]) -> list[_timing.Runner]:
+    """[the torch twin, forward only under no_grad], or [] without torch."""
+    if torch is None:
+        return []
+    fn = make()
+
+    def run(k: int) -> None:
+        with torch.no_grad():
+            for _ in range(k):
+                fn()
+
+    return [_timing.Runner(name, lambda: {}, run)]
+
+
 def conv_probe(small: bool = False) -> list[_timing.Runner]:
     """SimpleCNN's second conv: 3x3, 64 -> 128 channels at 16x16, batch 32."""
     b, h, cin, cout = (2, 4, 4, 8) if small else (32, 16, 64, 128)
@@ -249,18 +263,6 @@ def matvec_probe(small: bool = False) -> list[_timing.Runner]:
 
         return make
 
-    def torch_forward(name, dtype):
-        if torch is None:
-            return []
-        fn = twin(dtype)()
-
-        def run(steps: int) -> None:
-            with torch.no_grad():
-                for _ in range(steps):
-                    fn()
-
-        return [_timing.Runner(name, lambda: {}, run)]
-
     bf16 = [w.astype(jnp.bfloat16) for w in ws]
     bf16_t = [jnp.asarray(np.ascontiguousarray(np.asarray(w).T)) for w in bf16]  # [out, in]
     row = jnp.ones((1, k))
@@ -274,8 +276,8 @@ def matvec_probe(small: bool = False) -> list[_timing.Runner]:
         _jax("jax bf16 (one row)", products(plain), row16, bf16),
         _jax("jax bf16 (jaxdl, [in,out])", products(dense_dot_general), row16, bf16),
         _jax("jax bf16 (jaxdl, [out,in])", transposed, row16, bf16_t),
-        *torch_forward("torch bf16", torch.bfloat16 if torch else None),
-        *torch_forward("torch float32", torch.float32 if torch else None),
+        *_torch_forward("torch bf16", twin(torch.bfloat16) if torch else None),
+        *_torch_forward("torch float32", twin(torch.float32) if torch else None),
     ]
 
 
@@ -284,42 +286,38 @@ def prefill_gemm_probe(small: bool = False) -> list[_timing.Runner]:
     kernels (fused q/k/v [960, 576], o [576, 576], fused gate/up [3072, 576], down [576,
     1536]; 212 MB in bf16), forward only and independent of each other, as jaxdl runs them
     (`matmul.contract`: bf16 x bf16 with float32 accumulation), in float32, and in torch
-    (oneDNN's `F.linear`).
-    The gap to torch bf16 is the bound on jaxdl's prefill: its projections are ~70 % of it."""
+    (oneDNN's `F.linear`). These products are most of a prefill's time, so their time
+    bounds it (benchmarks/README)."""
     from jaxdl.models.matmul import contract
 
     rows, layers, d, kv, ff = (8, 2, 16, 4, 24) if small else (64, 30, 576, 192, 1536)
     shapes = [(d + 2 * kv, d), (d, d), (2 * ff, d), (d, ff)] * layers
     rng = np.random.default_rng(0)
     ws = [(rng.standard_normal(s, dtype=np.float32) / np.sqrt(s[1])) for s in shapes]
-    bf16 = [jnp.asarray(w, jnp.bfloat16) for w in ws]
-    f32 = [jnp.asarray(w) for w in ws]
-    xs = {k: jnp.ones((rows, k), jnp.bfloat16) for k in {s[1] for s in shapes}}
+    widths = sorted({s[1] for s in shapes})
 
-    def products(product, ws, dtype):
-        return lambda xs, ws: [product(xs[w.shape[1]].astype(dtype), w) for w in ws]
+    def jax_products(name, dtype):
+        kernels = [jnp.asarray(w, dtype) for w in ws]
+        xs = {k: jnp.ones((rows, k), dtype) for k in widths}
 
-    def torch_forward(name, dtype):
-        if torch is None:
-            return []
-        wts = [torch.from_numpy(w).to(dtype) for w in ws]
-        txs = {k: torch.ones(rows, k, dtype=dtype) for k in xs}
+        def products(xs, kernels):
+            return [contract(xs[w.shape[1]], w, -1, 1, out_dtype=jnp.float32) for w in kernels]
 
-        def run(steps: int) -> None:
-            with torch.no_grad():
-                for _ in range(steps):
-                    [F.linear(txs[w.shape[1]], w) for w in wts]
+        return _jax(name, products, xs, kernels)
 
-        return [_timing.Runner(name, lambda: {}, run)]
+    def twin(dtype):
+        def make():
+            kernels = [torch.from_numpy(w).to(dtype) for w in ws]
+            xs = {k: torch.ones(rows, k, dtype=dtype) for k in widths}
+            return lambda: [F.linear(xs[w.shape[1]], w) for w in kernels]
 
-    def jaxdl(x, w):
-        return contract(x, w, -1, 1, out_dtype=jnp.float32)
+        return make
 
     return [
-        _jax("jax bf16 (jaxdl, rows @ W.T)", products(jaxdl, bf16, jnp.bfloat16), xs, bf16),
-        _jax("jax float32", products(jaxdl, f32, jnp.float32), xs, f32),
-        *torch_forward("torch float32", torch.float32 if torch else None),
-        *torch_forward("torch bf16", torch.bfloat16 if torch else None),
+        jax_products("jax bf16 (jaxdl, rows @ W.T)", jnp.bfloat16),
+        jax_products("jax float32", jnp.float32),
+        *_torch_forward("torch float32", twin(torch.float32) if torch else None),
+        *_torch_forward("torch bf16", twin(torch.bfloat16) if torch else None),
     ]
 
 
