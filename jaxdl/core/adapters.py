@@ -2,10 +2,14 @@
 
 An adapted kernel ``W`` (viewed as a matrix ``[in, out]``: ``in`` = the product of all
 leading axes) has ``A: [in, rank]`` and ``B: [rank, out]``; the adapted function uses
-``W + (alpha / rank) * (A @ B)``. Two equal ways to compute it:
+``W + (alpha / rank) * (A @ B)``. A kernel stacked over layers by nn.scan (``[L, in, out]``,
+each layer's module reads one ``[in, out]`` slice: `layer_axes`) has one adapter per layer,
+``A: [L, in, rank]``, ``B: [L, rank, out]``, as PEFT keeps them. Two equal ways to compute it:
 
     merged     `merge`: the kernel becomes ``W + s A B`` before the model runs
-    factored   `low_rank_dense`: an nn.Dense returns ``x W + s (x A) B`` (kernel left as is)
+    factored   `low_rank_dense`: an nn.Dense returns ``x W + s (x A) B`` (kernel left as is),
+               its A and B read beside its kernel (`place_factors`), so nn.scan hands each
+               layer its own slice of them
 
 Adapters are a tree keyed by the kernel's path plus "a"/"b", e.g.
 ``{"params": {"block_0": {"query": {"kernel": {"a": A, "b": B}}}}}``.
@@ -41,6 +45,38 @@ def check_hparams(rank: Any, alpha: Any = 1.0) -> None:
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     """(in, out) of a kernel viewed as a matrix: leading axes flattened, last axis kept."""
     return math.prod(shape[:-1]), shape[-1]
+
+
+def layer_axes(run: Callable[[Any], Any], variables: Tree) -> dict[str, int]:
+    """{"params/.../kernel": leading axes its module does not see} for every kernel a model
+    stacks over layers (nn.scan): a scanned layer's module reads a ``[in, out]`` slice of a
+    ``[L, in, out]`` kernel, so 1 there. Kernels read whole are left out.
+
+    ``run(variables)`` applies the model; it is traced abstractly (`jax.eval_shape`: no
+    FLOPs), so ``variables`` may hold shapes only.
+    """
+    seen: dict[str, int] = {}
+
+    def record(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name == "__call__" and module.has_variable("params", "kernel"):
+            path = "/".join(("params", *module.scope.path, "kernel"))
+            seen[path] = len(jax.numpy.shape(module.get_variable("params", "kernel")))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(run, variables)
+    flat = tree_lib.flatten(variables)
+    return {p: len(flat[p].shape) - n for p, n in seen.items() if len(flat[p].shape) > n}
+
+
+def adapter_shapes(
+    kernel_shape: tuple[int, ...], rank: int, stacked: int = 0
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(A's shape, B's shape) for a kernel whose first ``stacked`` axes are layers."""
+    lead = tuple(kernel_shape[:stacked])
+    fan_in, fan_out = matrix_shape(tuple(kernel_shape[stacked:]))
+    return (*lead, fan_in, rank), (*lead, rank, fan_out)
 
 
 def pairs(adapters: Tree) -> dict[str, tuple[Any, Any]]:
@@ -79,12 +115,13 @@ def merge(
                 "were made for a different model: re-create them with lora.init_adapters"
             )
         kernel = flat[path]
-        if a.shape[1] != rank or (a.shape[0], b.shape[1]) != matrix_shape(kernel.shape):
+        stacked = len(a.shape) - 2  # leading layer axes (nn.scan), one adapter per layer
+        if (tuple(a.shape), tuple(b.shape)) != adapter_shapes(kernel.shape, rank, stacked):
             raise UserError(
                 f"lora: adapter {path!r} has A {a.shape}, B {b.shape}, which do not fit kernel "
                 f"{kernel.shape} at lora.rank={rank}; use the rank the adapters were made with"
             )
-        delta = (a @ b).reshape(kernel.shape)
+        delta = (a @ b).reshape(kernel.shape)  # batched over stacked layers
         flat[path] = kernel + (scale * delta).astype(kernel.dtype)
     return tree_lib.unflatten(flat)
 
@@ -118,15 +155,21 @@ def dense_kernels(run: Callable[[], Any], paths: Collection[str]) -> frozenset[s
 
 
 def factorable_candidates(params_tree: Tree, adapters: Tree) -> frozenset[str]:
-    """Adapted kernels that are 2-D in the params tree: those a plain nn.Dense may use as
-    they are (a layer stacked by nn.scan sees a slice of a 3-D one and is merged)."""
+    """Adapted kernels a plain nn.Dense may use as they are: those whose adapter has one
+    matrix per slice the module reads (2-D for a 2-D kernel, [L, in, r] for a kernel stacked
+    by nn.scan). A convolution's adapter views its kernel as one matrix: merged."""
     flat = tree_lib.flatten(params_tree)
-    return frozenset(p for p in pairs(adapters) if p in flat and len(flat[p].shape) == 2)
+    return frozenset(
+        p
+        for p, (a, _) in pairs(adapters).items()
+        if p in flat and len(a.shape) == len(flat[p].shape)
+    )
 
 
 def factorable(run: Callable[[], Any], params_tree: Tree, adapters: Tree) -> frozenset[str]:
-    """Adapted kernels that `run()` (a model apply) uses as a plain 2-D nn.Dense kernel.
-    Other adapted kernels (convolutions, DenseGeneral, layers stacked by nn.scan) are merged."""
+    """Adapted kernels that `run()` (a model apply) uses as a plain nn.Dense kernel (in a
+    layer stacked by nn.scan too). Other adapted kernels (convolutions, DenseGeneral) are
+    merged."""
     return dense_kernels(run, factorable_candidates(params_tree, adapters))
 
 
@@ -161,10 +204,26 @@ def _low_rank_bwd(scale, residuals, g):
 low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
+FACTORS = ("lora_a", "lora_b")  # a factored kernel's A and B, as its module's params
+
+
+def place_factors(params_tree: Tree, adapters: Tree, paths: Collection[str]) -> dict:
+    """``params_tree`` with the adapters of the kernels at ``paths`` placed beside them:
+    ``.../q_proj/kernel`` gets ``.../q_proj/lora_a`` (A) and ``.../q_proj/lora_b`` (B), which
+    `low_rank_dense` reads as the module's own parameters, so nn.scan slices a stacked
+    layer's adapters as it slices its kernel."""
+    flat = tree_lib.flatten(params_tree)
+    for path, (a, b) in pairs(adapters).items():
+        if path in paths:
+            module = path.rsplit("/", 1)[0]
+            flat[f"{module}/{FACTORS[0]}"], flat[f"{module}/{FACTORS[1]}"] = a, b
+    return tree_lib.unflatten(flat)
+
+
 @contextlib.contextmanager
-def low_rank_dense(adapters: Tree, paths: Collection[str], *, rank: int, alpha: float):
-    """Within: each nn.Dense at `paths` (kernels left unmerged) returns
-    ``dense(x) + (alpha/rank) * (x @ A) @ B``.
+def low_rank_dense(*, rank: int, alpha: float):
+    """Within: each nn.Dense whose params hold factors (`place_factors`: its kernel left
+    unmerged) returns ``dense(x) + (alpha/rank) * (x @ A) @ B``.
 
     Same function as the merged kernel, but the backward pass never forms the full
     ``[in, out]`` weight gradient ``x^T g`` that a merged kernel needs: A and B get theirs
@@ -172,15 +231,14 @@ def low_rank_dense(adapters: Tree, paths: Collection[str], *, rank: int, alpha: 
     dense layer's training FLOPs (XLA's counts: `python benchmarks/lora_cost.py`).
     """
     check_hparams(rank, alpha)
-    adapted = {p: ab for p, ab in pairs(adapters).items() if p in paths}
     scale = alpha / rank
 
     def add_low_rank(next_fun, args, kwargs, context):
         y = next_fun(*args, **kwargs)
-        path = dense_kernel_path(context)
-        if path not in adapted:
+        module = context.module
+        if dense_kernel_path(context) is None or not module.has_variable("params", FACTORS[0]):
             return y
-        a, b = adapted[path]
+        a, b = (module.get_variable("params", name) for name in FACTORS)
         x = args[0] if args else kwargs["inputs"]
         return y + low_rank(x.astype(y.dtype), a.astype(y.dtype), b.astype(y.dtype), scale)
 

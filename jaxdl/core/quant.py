@@ -2,7 +2,8 @@
 
 QLoRA (Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs", 2023) keeps the
 frozen base in 4 bits and trains LoRA adapters over its dequantized weights. Here a
-2-D kernel ``W: [in, out]`` becomes a small dict in ``TrainState.frozen``, so memory (and
+kernel ``W: [in, out]`` (or ``[L, in, out]`` stacked over layers by nn.scan, each layer
+quantized on its own) becomes a small dict in ``TrainState.frozen``, so memory (and
 Orbax) hold only the quantized bytes; `dequantize_tree` turns it back into ``[in, out]``
 inside the jitted step:
 
@@ -13,8 +14,8 @@ inside the jitted step:
            byte (row 2i in the high nibble, 2i+1 in the low one, as bitsandbytes packs);
            W ~ NF4_CODE[code] * absmax of its block
 
-Which kernels are quantized (the frozen 2-D "kernel" leaves) is `quantize_kernels`;
-everything else (embeddings, norms, trainable leaves) stays float.
+Which kernels are quantized (the frozen "kernel" leaves that are one matrix per layer) is
+`quantize_kernels`; everything else (embeddings, norms, trainable leaves) stays float.
 
 Inside a step a plain nn.Dense multiplies by its quantized kernel where it is used
 (`quantized_dense`): the float kernel exists only for that product, and the backward pass
@@ -76,42 +77,44 @@ def _safe(scale: jax.Array) -> jax.Array:
 
 
 def quantize_int8(w: jax.Array) -> dict[str, jax.Array]:
-    """w [in, out] -> {"qint8": int8 [in, out], "scale": f32 [out]} (absmax per column)."""
+    """w [..., in, out] -> {"qint8": int8 [..., in, out], "scale": f32 [..., out]} (absmax
+    per column; leading axes are layers stacked by nn.scan, each quantized on its own)."""
     w = jnp.asarray(w, jnp.float32)
-    scale = jnp.max(jnp.abs(w), axis=0) / 127.0
-    q = jnp.clip(jnp.round(w / _safe(scale)), -127, 127).astype(jnp.int8)
+    scale = jnp.max(jnp.abs(w), axis=-2) / 127.0
+    q = jnp.clip(jnp.round(w / _safe(scale)[..., None, :]), -127, 127).astype(jnp.int8)
     return {"qint8": q, "scale": scale}
 
 
 def dequantize_int8(q: Mapping[str, jax.Array], dtype: Any = jnp.float32) -> jax.Array:
-    """{"qint8", "scale"} -> [in, out] in ``dtype``."""
-    return (q["qint8"].astype(jnp.float32) * q["scale"]).astype(dtype)
+    """{"qint8", "scale"} -> [..., in, out] in ``dtype``."""
+    return (q["qint8"].astype(jnp.float32) * q["scale"][..., None, :]).astype(dtype)
 
 
 def quantize_nf4(w: jax.Array) -> dict[str, jax.Array]:
-    """w [in, out], in % 64 == 0 -> {"nf4": uint8 [in/2, out], "absmax": f32 [in/64, out]}."""
+    """w [..., in, out], in % 64 == 0 -> {"nf4": uint8 [..., in/2, out], "absmax": f32
+    [..., in/64, out]} (leading axes: stacked layers, each quantized on its own)."""
     w = jnp.asarray(w, jnp.float32)
-    n_in, n_out = w.shape
+    *lead, n_in, n_out = w.shape
     assert n_in % NF4_BLOCK == 0, f"nf4 needs in % {NF4_BLOCK} == 0, found {w.shape}"
-    blocks = w.reshape(n_in // NF4_BLOCK, NF4_BLOCK, n_out)
-    absmax = jnp.max(jnp.abs(blocks), axis=1)
-    normed = (blocks / _safe(absmax)[:, None, :]).reshape(n_in, n_out)
+    blocks = w.reshape(*lead, n_in // NF4_BLOCK, NF4_BLOCK, n_out)
+    absmax = jnp.max(jnp.abs(blocks), axis=-2)
+    normed = (blocks / _safe(absmax)[..., None, :]).reshape(w.shape)
     codes = jnp.searchsorted(jnp.asarray(_NF4_MIDPOINTS), normed).astype(jnp.uint8)
-    return {"nf4": (codes[0::2] << 4) | codes[1::2], "absmax": absmax}
+    return {"nf4": (codes[..., 0::2, :] << 4) | codes[..., 1::2, :], "absmax": absmax}
 
 
 def nf4_codes(packed: jax.Array) -> jax.Array:
-    """uint8 [in/2, out] -> the 4-bit codes, uint8 [in, out] (high nibble first)."""
-    pairs = jnp.stack([packed >> 4, packed & 0x0F], axis=1)  # [in/2, 2, out]
-    return pairs.reshape(-1, packed.shape[-1])
+    """uint8 [..., in/2, out] -> the 4-bit codes, uint8 [..., in, out] (high nibble first)."""
+    pairs = jnp.stack([packed >> 4, packed & 0x0F], axis=-2)  # [..., in/2, 2, out]
+    return pairs.reshape(*packed.shape[:-2], -1, packed.shape[-1])
 
 
 def dequantize_nf4(q: Mapping[str, jax.Array], dtype: Any = jnp.float32) -> jax.Array:
-    """{"nf4", "absmax"} -> [in, out] in ``dtype``: NF4_CODE[code] * the block's absmax."""
+    """{"nf4", "absmax"} -> [..., in, out] in ``dtype``: NF4_CODE[code] * the block's absmax."""
     values = jnp.asarray(NF4_CODE)[nf4_codes(q["nf4"])]
-    n_in, n_out = values.shape
-    blocks = values.reshape(n_in // NF4_BLOCK, NF4_BLOCK, n_out) * q["absmax"][:, None, :]
-    return blocks.reshape(n_in, n_out).astype(dtype)
+    *lead, n_in, n_out = values.shape
+    blocks = values.reshape(*lead, n_in // NF4_BLOCK, NF4_BLOCK, n_out)
+    return (blocks * q["absmax"][..., None, :]).reshape(values.shape).astype(dtype)
 
 
 def kind_of(node: Any) -> str | None:
@@ -133,8 +136,10 @@ def dequantize(node: Mapping[str, jax.Array], dtype: Any = jnp.float32) -> jax.A
     return dequantize_int8(node, dtype) if kind_of(node) == "int8" else dequantize_nf4(node, dtype)
 
 
-def _is_quantizable(path: str, leaf: Any) -> bool:
-    return path.rsplit("/", 1)[-1] == "kernel" and len(getattr(leaf, "shape", ())) == 2
+def _is_quantizable(path: str, leaf: Any, layer_axes: Mapping[str, int]) -> bool:
+    """A kernel that is one matrix per layer: 2-D, or [L, in, out] stacked by nn.scan."""
+    ndim = len(getattr(leaf, "shape", ())) - layer_axes.get(path, 0)
+    return path.rsplit("/", 1)[-1] == "kernel" and ndim == 2
 
 
 def check_kind(kind: Any) -> None:
@@ -152,8 +157,11 @@ def quantize_kernels(
     *,
     consume: bool = False,
     made: Callable[[Any], Any] | None = None,
+    layer_axes: Mapping[str, int] | None = None,
 ) -> dict:
-    """``tree`` (e.g. the frozen params) with every 2-D leaf named "kernel" quantized.
+    """``tree`` (e.g. the frozen params) with every 2-D leaf named "kernel" quantized, and
+    every kernel stacked over layers by nn.scan (``layer_axes``: {path: leading layer axes},
+    `jaxdl.core.adapters.layer_axes`), one layer at a time.
 
     ``consume``: pop each entry from ``tree`` (a dict) as it is done, so a float kernel
     nothing else holds is freed before the next is quantized: the peak is one float base,
@@ -165,15 +173,18 @@ def quantize_kernels(
     (nf4: its input axis is not a multiple of 64).
     """
     check_kind(kind)
+    layer_axes = layer_axes or {}
     out: dict[str, Any] = {}
     for key in list(tree):
         value = tree.pop(key) if consume else tree[key]
         path = f"{prefix}/{key}" if prefix else str(key)
         if isinstance(value, Mapping):
-            out[key] = quantize_kernels(value, kind, path, consume=consume, made=made)
-        elif _is_quantizable(path, value):
+            out[key] = quantize_kernels(
+                value, kind, path, consume=consume, made=made, layer_axes=layer_axes
+            )
+        elif _is_quantizable(path, value, layer_axes):
             value = value if made is None else made(value)
-            if kind == "nf4" and value.shape[0] % NF4_BLOCK:
+            if kind == "nf4" and value.shape[-2] % NF4_BLOCK:
                 raise UserError(
                     f"lora.quantize='nf4': kernel {path} has shape {tuple(value.shape)}, whose "
                     f"input axis is not a multiple of {NF4_BLOCK} (NF4 blocks); "
@@ -189,26 +200,23 @@ def has_quantized(tree: Tree) -> bool:
     return bool(quantized_kernels(tree))
 
 
-def dequantize_tree(
-    tree: Tree, dtype: Any = jnp.float32, *, leave_out: Collection[str] = ()
-) -> dict:
-    """``tree`` with each quantized kernel back to a float [in, out] array; jittable.
+def dequantize_tree(tree: Tree, dtype: Any = jnp.float32, *, keep: Collection[str] = ()) -> dict:
+    """``tree`` with each quantized kernel back to a float [..., in, out] array; jittable.
 
-    Kernels whose path ("params/.../kernel") is in ``leave_out`` are dropped instead (the
-    nn.Dense layers that use them multiply by them quantized, `quantized_dense`).
+    Kernels whose path ("params/.../kernel") is in ``keep`` stay quantized (the nn.Dense
+    layers that use them multiply by them quantized, `quantized_dense`).
     """
-    return _dequantized(tree, dtype, frozenset(leave_out), "")
+    return _dequantized(tree, dtype, frozenset(keep), "")
 
 
-def _dequantized(tree: Tree, dtype: Any, leave_out: frozenset[str], prefix: str) -> dict:
+def _dequantized(tree: Tree, dtype: Any, keep: frozenset[str], prefix: str) -> dict:
     out: dict[str, Any] = {}
     for key, value in tree.items():
         path = f"{prefix}/{key}" if prefix else str(key)
         if kind_of(value) is not None:
-            if path not in leave_out:
-                out[key] = dequantize(value, dtype)
+            out[key] = dict(value) if path in keep else dequantize(value, dtype)
         elif isinstance(value, Mapping):
-            out[key] = _dequantized(value, dtype, leave_out, path)
+            out[key] = _dequantized(value, dtype, keep, path)
         else:
             out[key] = value
     return out
@@ -303,16 +311,20 @@ def _dense_call(module: nn.Dense, x: jax.Array, node: Mapping[str, jax.Array]) -
 
 
 @contextlib.contextmanager
-def quantized_dense(kernels: Mapping[str, Mapping[str, jax.Array]]):
-    """Within: each nn.Dense whose kernel path is in ``kernels`` ({path: quantized dict})
-    computes its output from the quantized kernel (`quantized_product`), reading no
-    "kernel" parameter; other modules run as they are."""
+def quantized_dense():
+    """Within: each nn.Dense whose "kernel" parameter is a quantized dict (`dequantize_tree`'s
+    ``keep``) computes its output from it (`quantized_product`); other modules run as they
+    are. The kernel is read as the module's own parameter, so a layer stacked by nn.scan
+    gets its own slice of the quantized bytes."""
 
     def multiply(next_fun, args, kwargs, context):
-        node = kernels.get(adapters.dense_kernel_path(context))
-        if node is None:
+        module = context.module
+        if adapters.dense_kernel_path(context) is None:
             return next_fun(*args, **kwargs)
-        return _dense_call(context.module, args[0] if args else kwargs["inputs"], node)
+        node = module.get_variable("params", "kernel")
+        if kind_of(node) is None:
+            return next_fun(*args, **kwargs)
+        return _dense_call(module, args[0] if args else kwargs["inputs"], node)
 
     with nn.intercept_methods(multiply):
         yield

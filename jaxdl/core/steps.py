@@ -32,15 +32,15 @@ StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
 
 
 def _base_tree(
-    params: Mapping[str, Any], frozen: Mapping[str, Any], leave_out: Collection[str] = ()
+    params: Mapping[str, Any], frozen: Mapping[str, Any], keep: Collection[str] = ()
 ) -> dict:
     """{"params": ...} from trainable + frozen parts, LoRA adapters left out; frozen kernels
     stored quantized (QLoRA, `jaxdl.core.quant`) are dequantized here, inside the step,
-    except those in ``leave_out`` (multiplied quantized where used, `quant.quantized_dense`)."""
+    except those in ``keep`` (multiplied quantized where used, `quant.quantized_dense`)."""
     plain = {k: v for k, v in params.items() if k != "lora"}
     if not frozen:
         return dict(plain)
-    return tree.merge(plain, quant.dequantize_tree(frozen, leave_out=leave_out))
+    return tree.merge(plain, quant.dequantize_tree(frozen, keep=keep))
 
 
 def model_params(
@@ -49,31 +49,34 @@ def model_params(
     lora_cfg: Mapping | None,
     *,
     unmerged: frozenset[str] = frozenset(),
-    leave_out: frozenset[str] = frozenset(),
+    keep_quantized: frozenset[str] = frozenset(),
 ) -> dict:
     """The model's full "params" collection from trainable + frozen (+ LoRA) parts.
 
-    LoRA adapters are merged into their kernels, except those in `unmerged`; quantized
-    frozen kernels are dequantized (float32) first, so the adapters add to those; kernels
-    in `leave_out` are left out of the collection.
+    LoRA adapters are merged into their kernels, except those in ``unmerged``, whose A and
+    B are placed beside the kernel instead (`adapters.place_factors`, for
+    `adapters.low_rank_dense`); quantized frozen kernels are dequantized (float32) first,
+    so the adapters add to those, except those in ``keep_quantized``, which stay quantized
+    dicts (for `quant.quantized_dense`).
     """
-    full = _base_tree(params, frozen, leave_out)
+    full = _base_tree(params, frozen, keep_quantized)
     if "lora" in params:
         assert lora_cfg is not None, "state holds LoRA adapters but no lora config was given"
         rank, alpha = lora_cfg["rank"], lora_cfg["alpha"]
         full = adapters.merge(full, params["lora"], rank=rank, alpha=alpha, skip=unmerged)
+        full = adapters.place_factors(full, params["lora"], unmerged)
     return full.get("params", {})
 
 
 def _forward(apply: Callable, params, frozen, lora_cfg: Mapping | None, factored_lora: bool):
     """`apply(model params)` inside a step.
 
-    LoRA adapters of plain nn.Dense layers run as ``x W + s (x A) B``
-    (`adapters.low_rank_dense`, no full weight gradient) unless ``factored_lora`` is False;
-    the rest are merged into their kernels. Quantized frozen kernels (QLoRA) of plain
-    nn.Dense layers whose adapters are not merged are multiplied quantized where they are
-    used (`quant.quantized_dense`), so no float copy of the base outlives its product; the
-    other quantized kernels are dequantized up front.
+    LoRA adapters of plain nn.Dense layers (stacked by nn.scan too) run as
+    ``x W + s (x A) B`` (`adapters.low_rank_dense`, no full weight gradient) unless
+    ``factored_lora`` is False; the rest are merged into their kernels. Quantized frozen
+    kernels (QLoRA) of plain nn.Dense layers whose adapters are not merged are multiplied
+    quantized where they are used (`quant.quantized_dense`), so no float copy of the base
+    outlives its product; the other quantized kernels are dequantized up front.
     """
     lora = params.get("lora")
     adapted = frozenset(adapters.pairs(lora)) if lora is not None else frozenset()
@@ -81,22 +84,21 @@ def _forward(apply: Callable, params, frozen, lora_cfg: Mapping | None, factored
     if lora is not None and factored_lora:
         shapes = jax.eval_shape(lambda: _base_tree(params, frozen))  # stages no dequantizing
         candidates = adapters.factorable_candidates(shapes, lora)
-    quantized = quant.quantized_kernels(frozen) if frozen else {}
+    quantized = frozenset(quant.quantized_kernels(frozen)) if frozen else frozenset()
     dense = frozenset()
     if candidates or quantized:  # one abstract trace finds both kinds
         merged = lambda: apply(model_params(params, frozen, lora_cfg))
-        dense = adapters.dense_kernels(merged, candidates | frozenset(quantized))
+        dense = adapters.dense_kernels(merged, candidates | quantized)
     factored = dense & candidates
     # a kernel whose adapter is merged into it is needed whole: dequantized up front
-    quantized = {p: node for p, node in quantized.items() if p in dense - (adapted - factored)}
+    keep = (dense & quantized) - (adapted - factored)
     with contextlib.ExitStack() as stack:  # entered first, called first: low rank, then base
         if factored:
             rank, alpha = lora_cfg["rank"], lora_cfg["alpha"]
-            stack.enter_context(adapters.low_rank_dense(lora, factored, rank=rank, alpha=alpha))
-        if quantized:
-            stack.enter_context(quant.quantized_dense(quantized))
-        leave_out = frozenset(quantized)
-        return apply(model_params(params, frozen, lora_cfg, unmerged=factored, leave_out=leave_out))
+            stack.enter_context(adapters.low_rank_dense(rank=rank, alpha=alpha))
+        if keep:
+            stack.enter_context(quant.quantized_dense())
+        return apply(model_params(params, frozen, lora_cfg, unmerged=factored, keep_quantized=keep))
 
 
 def _apply(model: nn.Module, variables, x, *, train: bool, rng=None, mutable=(), extra=None):

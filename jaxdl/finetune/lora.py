@@ -76,23 +76,34 @@ def target_paths(params_tree: Tree, targets: str) -> list[str]:
     return matched
 
 
-def init_adapters(rng: jax.Array, params_tree: Tree, *, rank: int, targets: str) -> dict:
+def init_adapters(
+    rng: jax.Array,
+    params_tree: Tree,
+    *,
+    rank: int,
+    targets: str,
+    layer_axes: Mapping[str, int] | None = None,
+) -> dict:
     """Adapters ``{kernel_path: {"a": [in, rank], "b": [rank, out]}}`` as a nested tree.
 
     ``params_tree`` is the model variables' ``{"params": ...}``; adapters take the kernel's
     dtype. B is zero, so `apply` returns ``params_tree`` unchanged until B is trained.
+    ``layer_axes`` ({kernel path: leading layer axes}, `jaxdl.core.adapters.layer_axes`)
+    names the kernels nn.scan stacks over layers: each layer gets its own adapter,
+    ``A: [L, in, rank]``, ``B: [L, rank, out]``, as the same model unscanned would have.
     """
     adapters_lib.check_hparams(rank)
     flat = tree_lib.flatten(params_tree)
+    layer_axes = layer_axes or {}
     adapters = {}
     for i, path in enumerate(target_paths(params_tree, targets)):
         kernel = flat[path]
-        fan_in, fan_out = adapters_lib.matrix_shape(kernel.shape)
-        bound = 1.0 / math.sqrt(fan_in)
+        a_shape, b_shape = adapters_lib.adapter_shapes(kernel.shape, rank, layer_axes.get(path, 0))
+        bound = 1.0 / math.sqrt(a_shape[-2])
         adapters[f"{path}/a"] = jax.random.uniform(
-            jax.random.fold_in(rng, i), (fan_in, rank), kernel.dtype, -bound, bound
+            jax.random.fold_in(rng, i), a_shape, kernel.dtype, -bound, bound
         )
-        adapters[f"{path}/b"] = jnp.zeros((rank, fan_out), kernel.dtype)
+        adapters[f"{path}/b"] = jnp.zeros(b_shape, kernel.dtype)
     return tree_lib.unflatten(adapters)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from jaxdl.checkpoint import deferred
-from jaxdl.core import heads, quant
+from jaxdl.core import adapters, heads, quant
 from jaxdl.core import tree as tree_lib
 from jaxdl.core.optim import make_optimizer, opt_state_slots
 from jaxdl.core.state import TrainState
@@ -68,12 +68,17 @@ def saves_frozen(lora_cfg: Mapping | None) -> bool:
     return lora_cfg is None or lora_cfg.get("quantize") is not None
 
 
-def quantize_frozen(frozen: dict, kind: str | None) -> dict:
-    """The frozen tree with its 2-D kernels stored quantized (`jaxdl.core.quant`); a
-    quantized run's ``frozen`` is emptied as its kernels are done (its float copies freed)."""
+def quantize_frozen(
+    frozen: dict, kind: str | None, layer_axes: Mapping[str, int] | None = None
+) -> dict:
+    """The frozen tree with its kernels (2-D, or stacked over layers: ``layer_axes``) stored
+    quantized (`jaxdl.core.quant`); a quantized run's ``frozen`` is emptied as its kernels
+    are done (its float copies freed)."""
     if kind is None:
         return frozen
-    stored = quant.quantize_kernels(frozen, kind, consume=True, made=deferred.made)
+    stored = quant.quantize_kernels(
+        frozen, kind, consume=True, made=deferred.made, layer_axes=layer_axes
+    )
     if not quant.has_quantized(stored):
         raise UserError(
             f"lora.quantize={kind!r}: no frozen 2-D kernel to quantize (the partition plan "
@@ -213,12 +218,18 @@ def build(
 
     params = {"params": variables["params"]}
     model_state = {k: v for k, v in variables.items() if k != "params"}
+    layer_axes = None
     if lora_cfg is not None:
+        # layers stacked by nn.scan get one adapter (and one quantization) per layer
+        layer_axes = adapters.layer_axes(
+            lambda v: model.apply(v, sample, train=False), abstract_variables(model, sample)
+        )
         params["lora"] = lora.init_adapters(
             jax.random.PRNGKey(cfg.seed + 2),
             params,
             rank=int(lora_cfg["rank"]),
             targets=lora_cfg["targets"],
+            layer_axes=layer_axes,
         )
         if cfg.init_from.get("adapter"):
             from jaxdl.interop.peft import read_adapter
@@ -244,7 +255,7 @@ def build(
     # From here trainable / frozen alone hold the arrays, so a float kernel is freed as soon
     # as it is quantized or on the device: a large base is held once, not two or three times.
     del params, variables
-    frozen = quantize_frozen(frozen, None if lora_cfg is None else lora_cfg["quantize"])
+    frozen = quantize_frozen(frozen, None if lora_cfg is None else lora_cfg["quantize"], layer_axes)
 
     def lr_mults(step):
         return partition.lr_mult_tree(plan, trainable_shapes, step)
