@@ -64,6 +64,22 @@ def hf_folder(tmp_path: Path, config=HF_CONFIG, tokenizer=True, **write) -> Path
     return folder
 
 
+def sft_config(tmp_path: Path, *overrides: str):
+    """`--config sft` over the import at ``tmp_path/base`` and the pydoc QA set at
+    ``tmp_path/qa``, sized for a tiny model (rows of 64, batches of 4, rank-4 adapters);
+    ``overrides`` ("--config.KEY=VALUE") go on top."""
+    from jaxdl import config as config_lib
+
+    common = [
+        f"--config.init_from.checkpoint={tmp_path / 'base'}",
+        f"--config.data.source=jsonl:{tmp_path / 'qa'}",
+        "--config.data.seq_len=64",
+        "--config.data.batch_size=4",
+        "--config.lora.rank=4",
+    ]
+    return config_lib.load_config("sft", [*common, *overrides])
+
+
 def write_weights(folder: Path, state, shards: int = 1, dtype=np.float32) -> None:
     state = {k: v.astype(dtype) for k, v in state.items()}
     if shards == 1:

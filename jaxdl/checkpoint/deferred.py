@@ -40,6 +40,46 @@ def made(leaf: Any) -> Any:
     return leaf.make() if isinstance(leaf, Deferred) else leaf
 
 
+def stack_layers(layers: Sequence[Any]) -> Any:
+    """Per-layer leaves of one shape as one [L, ...] leaf (an nn.scan model's layout):
+    a `Deferred` made layer by layer when they are, else a numpy array."""
+    if not isinstance(layers[0], Deferred):
+        return np.stack([np.asarray(x) for x in layers])
+    first = layers[0]
+
+    def make() -> np.ndarray:
+        out = np.empty((len(layers), *first.shape), first.dtype)
+        for i, layer in enumerate(layers):
+            out[i] = made(layer)
+        return out
+
+    return Deferred(make, (len(layers), *first.shape), first.dtype)
+
+
+def unstack_layers(leaf: Any) -> list[Any]:
+    """A stacked [L, ...] leaf as L per-layer leaves. Deferred layers share one read of
+    the whole leaf, kept until the last of them is made (reading it once per layer
+    would read it L times)."""
+    if not isinstance(leaf, Deferred):
+        return list(np.asarray(leaf))
+    whole: dict[str, np.ndarray] = {}
+    left = [leaf.shape[0]]
+
+    def layer(i: int) -> Deferred:
+        def make() -> np.ndarray:
+            if "value" not in whole:
+                whole["value"] = leaf.make()
+            out = np.array(whole["value"][i])
+            left[0] -= 1
+            if left[0] <= 0:
+                whole.clear()
+            return out
+
+        return Deferred(make, tuple(leaf.shape[1:]), leaf.dtype)
+
+    return [layer(i) for i in range(leaf.shape[0])]
+
+
 class _DeferredHandler(ocp.type_handlers.NumpyHandler):
     """Orbax's numpy handler, made to write its values one after another, each made just
     before its write (Orbax hands a handler every leaf of its type at once and the numpy

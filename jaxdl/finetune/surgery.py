@@ -3,8 +3,10 @@
 `restore_pretrained` is the fine-tuning entry point: rename rules map checkpoint paths to
 model paths, re-initialised leaves (a new head) keep their fresh init, a ViT position table
 is resampled to another image size, and in strict mode any leaf that is neither loaded nor
-explicitly re-initialised is refused in one line. The report (`init_report.json`) says what
-happened to every leaf.
+explicitly re-initialised is refused in one line. A model built with ``scan_layers`` restores
+a checkpoint of per-layer leaves (an import's), and an unscanned one a scanned run's: the
+layers are stacked or split to the model's layout first. The report (`init_report.json`)
+says what happened to every leaf.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxdl.checkpoint.deferred import Deferred
+from jaxdl.checkpoint.deferred import Deferred, stack_layers, unstack_layers
 from jaxdl.checkpoint.read import load_checkpoint
 from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
@@ -83,8 +85,41 @@ def _cast(value: Any, dtype: np.dtype) -> Any:
     return Deferred(lambda: value.make().astype(dtype), value.shape, dtype)
 
 
+def _in_model_layout(
+    ckpt: dict[str, Any], model: Mapping[str, Any], stacked: Mapping[str, str]
+) -> list[list[str]]:
+    """Restack `ckpt`'s layers (in place) to `model`'s layout, for each {stacked prefix:
+    per-layer template} of `stacked` where the two differ. A leaf whose layers are not
+    all there, or differ in shape, is left as it is: the strict check then names it.
+    Returns [[from, to]] of the prefixes moved."""
+    moved = []
+    for prefix, template in stacked.items():
+        in_model = [p for p in model if p.startswith(prefix + "/")]
+        in_ckpt = [p for p in ckpt if p.startswith(prefix + "/")]
+        first_layer = template.format(0) + "/"
+        if in_model and not in_ckpt:  # a scanned model, a per-layer checkpoint
+            for path in in_model:
+                rest = path[len(prefix) :]
+                keys = [template.format(i) + rest for i in range(_shape(model[path])[0])]
+                if all(k in ckpt for k in keys) and len({str(_shape(ckpt[k])) for k in keys}) == 1:
+                    ckpt[path] = stack_layers([ckpt.pop(k) for k in keys])
+                    if [template.format("{i}"), prefix] not in moved:
+                        moved.append([template.format("{i}"), prefix])
+        elif in_ckpt and not in_model and any(p.startswith(first_layer) for p in model):
+            for path in in_ckpt:
+                rest = path[len(prefix) :]
+                for i, layer in enumerate(unstack_layers(ckpt.pop(path))):
+                    ckpt[template.format(i) + rest] = layer
+            moved.append([prefix, template.format("{i}")])
+    return moved
+
+
 def restore_pretrained(
-    init_from: Mapping, variables: dict, *, deferred: bool = False
+    init_from: Mapping,
+    variables: dict,
+    *,
+    deferred: bool = False,
+    stacked: Mapping[str, str] | None = None,
 ) -> tuple[dict, dict]:
     """Load a checkpoint's weights into freshly initialised ``variables``.
 
@@ -101,6 +136,10 @@ def restore_pretrained(
     ``deferred``: loaded leaves are `jaxdl.checkpoint.deferred.Deferred`s, each read (and
     cast) when made, for a caller that shrinks each as it comes (QLoRA's setup quantizes
     the frozen kernels) and so never holds the float model; adapters' steps load whole.
+
+    ``stacked``: the model's {stacked prefix: per-layer template} (``Llama.STACKED``); a
+    checkpoint in the other layout is stacked or split to the model's before matching
+    (the report's "restacked" says which).
     """
     source = init_from.get("checkpoint")
     if not source:
@@ -116,6 +155,7 @@ def restore_pretrained(
     )
     ckpt, renamed = _renamed(tree_lib.flatten(loaded_vars), rules)
     model = tree_lib.flatten(variables)
+    restacked = _in_model_layout(ckpt, model, stacked or {})
 
     def covered(path: str) -> bool:
         return any(rx.fullmatch(path) for rx in reinit)
@@ -124,6 +164,7 @@ def restore_pretrained(
     report.update({k: [] for k in CATEGORIES})
     report["renamed"] = renamed
     report["resampled"] = []  # ViT position tables fitted to another image size
+    report["restacked"] = restacked  # layers stacked for nn.scan, or split from it
     out: dict[str, Any] = {}
     for path, fresh in model.items():
         out[path] = fresh
@@ -200,6 +241,7 @@ def _problems(report: Mapping[str, Any]) -> list[str]:
 def format_report(report: Mapping[str, Any]) -> str:
     """The init report as a table: one row per category with its count and paths."""
     lines = [f"init_from {report['source']} (step {report['step']})"]
+    lines.extend(f"  restacked      {old} -> {new}" for old, new in report.get("restacked") or [])
     for name in CATEGORIES:
         entries = report.get(name) or []
         if name == "renamed":

@@ -29,7 +29,7 @@ from jaxdl.errors import UserError
 from jaxdl.interop import lm_files, readers
 from jaxdl.interop.mapping import Renamed, Rule, convert, split
 from jaxdl.interop.workdir import Imported
-from jaxdl.models.transformer import transformer_spec
+from jaxdl.models.transformer import Transformer, transformer_spec
 
 # Target paths are per layer; scanned models reach them through convert(stacked=...).
 RULES = [
@@ -57,7 +57,7 @@ RULES = [
 # HF names its LayerNorm and Conv1D parameters weight/bias; Flax says scale/bias, kernel/bias.
 _HF_NAME = {"scale": "weight", "kernel": "weight", "bias": "bias"}
 IGNORE = [r"h\.\d+\.attn\.(masked_)?bias", r"lm_head\.weight"]
-STACKED = {"params/blocks": "params/block_{}"}
+STACKED = Transformer.STACKED
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")  # the same function, two implementations
 
 

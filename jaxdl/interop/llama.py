@@ -27,7 +27,7 @@ import numpy as np
 from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
 from jaxdl.interop.mapping import Rule, convert, transpose
-from jaxdl.models.llama import LlamaSpec, llama_spec
+from jaxdl.models.llama import Llama, LlamaSpec, llama_spec
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ARCHITECTURES = {
@@ -59,7 +59,7 @@ TABLE = [
     ("layer_{i}/mlp/up_proj/kernel", "model.layers.{i}.mlp.up_proj.weight", "linear"),
     ("layer_{i}/mlp/down_proj/kernel", "model.layers.{i}.mlp.down_proj.weight", "linear"),
 ]
-STACKED = {"params/layers": "params/layer_{}"}
+STACKED = Llama.STACKED
 HOW = {"copy": lambda x, shape: x, "linear": transpose}
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxdl.checkpoint.deferred import Deferred
+from jaxdl.checkpoint.deferred import Deferred, stack_layers
 from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
 from jaxdl.finetune.surgery import CATEGORIES  # import_report.json reads like init_report.json
@@ -155,19 +155,6 @@ def _deferred(
     return Deferred(make, shape, dtype)
 
 
-def _stacked(layers: list[Deferred]) -> Deferred:
-    """The per-layer leaves of a scanned block as one [L, ...] leaf, made layer by layer."""
-    first = layers[0]
-
-    def make() -> np.ndarray:
-        out = np.empty((len(layers), *first.shape), first.dtype)
-        for i, layer in enumerate(layers):
-            out[i] = layer.make()
-        return out
-
-    return Deferred(make, (len(layers), *first.shape), first.dtype)
-
-
 def convert(
     source: Mapping[str, np.ndarray],
     target: Any,
@@ -256,11 +243,7 @@ def convert(
             "checkpoint is of the architecture named (and its config.json matches it)."
         )
     for stacked_path, layers in groups.items():
-        parts = [values.pop(p) for p in layers]
-        if parts and isinstance(parts[0], Deferred):
-            values[stacked_path] = _stacked(parts)
-        else:
-            values[stacked_path] = np.stack(parts)
+        values[stacked_path] = stack_layers([values.pop(p) for p in layers])
         report["renamed"][stacked_path] = [report["renamed"].pop(p) for p in layers]
     report["loaded"] = sorted(report["renamed"])
     return tree_lib.unflatten(values), report

@@ -28,7 +28,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -453,6 +453,10 @@ class Llama(nn.Module):
     architecture fields set here override it. dtype is the compute dtype; param_dtype that
     of the parameters (float32 unless memory demands bfloat16).
     """
+
+    # scan_layers' stacked parameters ("params/layers/...", a leading layer axis) and their
+    # per-layer names otherwise: a checkpoint of either layout restores into both
+    STACKED: ClassVar[dict[str, str]] = {"params/layers": "params/layer_{}"}
 
     size: str | None = None
     vocab_size: int | None = None

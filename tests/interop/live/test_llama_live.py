@@ -306,15 +306,16 @@ def test_smollm2_export_hf_and_gguf_read_back(smol, tmp_path):
         )
 
 
-@pytest.mark.parametrize("quantize", [None, "nf4"])
-def test_peft_adapter_loads_with_the_merged_exports_logits(tmp_path, quantize):
+@pytest.mark.parametrize(("quantize", "scan"), [(None, False), ("nf4", False), ("nf4", True)])
+def test_peft_adapter_loads_with_the_merged_exports_logits(tmp_path, quantize, scan):
     """A LoRA SFT run's adapter (export-hf --adapter) on the base's export (PEFT) gives
     the merged export's logits, and jaxdl's own merged model's. For QLoRA the base is the
-    run's dequantized one (export-hf --base), which the float base is not."""
+    run's dequantized one (export-hf --base), which the float base is not. With scan_layers
+    the import's per-layer weights are stacked, and each layer keeps its own adapter and
+    quantization through the exports."""
     import peft
-    from _llm import HF_CONFIG, hf_folder
+    from _llm import HF_CONFIG, hf_folder, sft_config
 
-    from jaxdl import config as config_lib
     from jaxdl.data.pydoc_qa import write_pydoc_qa
     from jaxdl.interop.peft import export_adapter
     from jaxdl.training.trainer import train
@@ -325,18 +326,12 @@ def test_peft_adapter_loads_with_the_merged_exports_logits(tmp_path, quantize):
         config = {**HF_CONFIG, "hidden_size": 64, "intermediate_size": 128, "head_dim": 16}
     import_checkpoint("hf:auto", str(hf_folder(tmp_path, config)), tmp_path / "base")
     write_pydoc_qa(tmp_path / "qa", seed=0)
-    cfg = config_lib.load_config(
-        "sft",
-        [
-            f"--config.init_from.checkpoint={tmp_path / 'base'}",
-            f"--config.data.source=jsonl:{tmp_path / 'qa'}",
-            "--config.data.seq_len=64",
-            "--config.data.batch_size=4",
-            "--config.num_steps=3",
-            "--config.eval_every=3",
-            "--config.lora.rank=4",
-            "--config.lora.alpha=8.0",
-        ],
+    cfg = sft_config(
+        tmp_path,
+        "--config.num_steps=3",
+        "--config.eval_every=3",
+        "--config.lora.alpha=8.0",
+        f"--config.model.scan_layers={scan}",
     )
     if quantize:
         cfg.lora = {**cfg.lora.to_dict(), "quantize": quantize}
