@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -78,6 +78,21 @@ def unstack_layers(leaf: Any) -> list[Any]:
         return Deferred(make, tuple(leaf.shape[1:]), leaf.dtype)
 
     return [layer(i) for i in range(leaf.shape[0])]
+
+
+def split_layers(flat: Mapping[str, Any], stacked: Mapping[str, str]) -> dict[str, Any]:
+    """Flat {path: leaf} with each leaf under a prefix of `stacked` ({stacked prefix:
+    per-layer template}, ``Llama.STACKED``) split into its layers' paths (`unstack_layers`);
+    the other leaves as they are."""
+    out: dict[str, Any] = {}
+    for path, leaf in flat.items():
+        prefix = next((p for p in stacked if path.startswith(p + "/")), None)
+        if prefix is None:
+            out[path] = leaf
+            continue
+        for i, layer in enumerate(unstack_layers(leaf)):
+            out[stacked[prefix].format(i) + path[len(prefix) :]] = layer
+    return out
 
 
 class _DeferredHandler(ocp.type_handlers.NumpyHandler):

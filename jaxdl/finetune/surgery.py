@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxdl.checkpoint.deferred import Deferred, stack_layers, unstack_layers
+from jaxdl.checkpoint.deferred import Deferred, split_layers, stack_layers
 from jaxdl.checkpoint.read import load_checkpoint
 from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
@@ -96,20 +96,19 @@ def _in_model_layout(
     for prefix, template in stacked.items():
         in_model = [p for p in model if p.startswith(prefix + "/")]
         in_ckpt = [p for p in ckpt if p.startswith(prefix + "/")]
-        first_layer = template.format(0) + "/"
+        per_layer_model = any(p.startswith(template.format(0) + "/") for p in model)
         if in_model and not in_ckpt:  # a scanned model, a per-layer checkpoint
+            stacked_any = False
             for path in in_model:
                 rest = path[len(prefix) :]
                 keys = [template.format(i) + rest for i in range(_shape(model[path])[0])]
                 if all(k in ckpt for k in keys) and len({str(_shape(ckpt[k])) for k in keys}) == 1:
                     ckpt[path] = stack_layers([ckpt.pop(k) for k in keys])
-                    if [template.format("{i}"), prefix] not in moved:
-                        moved.append([template.format("{i}"), prefix])
-        elif in_ckpt and not in_model and any(p.startswith(first_layer) for p in model):
-            for path in in_ckpt:
-                rest = path[len(prefix) :]
-                for i, layer in enumerate(unstack_layers(ckpt.pop(path))):
-                    ckpt[template.format(i) + rest] = layer
+                    stacked_any = True
+            if stacked_any:
+                moved.append([template.format("{i}"), prefix])
+        elif in_ckpt and not in_model and per_layer_model:
+            ckpt.update(split_layers({p: ckpt.pop(p) for p in in_ckpt}, {prefix: template}))
             moved.append([prefix, template.format("{i}")])
     return moved
 

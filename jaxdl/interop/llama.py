@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdl.checkpoint.deferred import split_layers
 from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
 from jaxdl.interop.mapping import Rule, convert, transpose
@@ -192,13 +193,7 @@ def convert_state(
 
 def per_layer(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Flat {"params/...": array} with scanned layers split into ``layer_{i}`` paths."""
-    flat = tree_lib.flatten({"params": params})
-    for stacked_prefix, layer in STACKED.items():
-        for path in [p for p in flat if p.startswith(stacked_prefix + "/")]:
-            rest = path[len(stacked_prefix) :]
-            for i, value in enumerate(np.asarray(flat.pop(path))):
-                flat[layer.format(i) + rest] = value
-    return flat
+    return split_layers(tree_lib.flatten({"params": params}), STACKED)
 
 
 def to_state_dict(

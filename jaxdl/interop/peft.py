@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxdl.checkpoint.deferred import split_layers
 from jaxdl.core import tree as tree_lib
 from jaxdl.errors import UserError
 from jaxdl.interop import llama
@@ -46,16 +47,6 @@ def module_names(model_cfg: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def _per_layer(adapters: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Flat {".../kernel/a": array} with scanned layers' stacked adapters split per layer."""
-    flat = tree_lib.flatten(adapters)
-    for stacked, layer in llama.STACKED.items():
-        for path in [p for p in flat if p.startswith(stacked + "/")]:
-            for i, value in enumerate(np.asarray(flat.pop(path))):
-                flat[layer.format(i) + path[len(stacked) :]] = value
-    return flat
-
-
 def export_adapter(workdir: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
     """Write the LoRA adapters of `workdir`'s latest checkpoint as a PEFT folder `out`."""
     from safetensors.numpy import save_file
@@ -72,7 +63,7 @@ def export_adapter(workdir: str | os.PathLike, out: str | os.PathLike) -> dict[s
         )
     adapters, lora_cfg = load_adapters(workdir)
     names = module_names(cfg.model.to_dict())
-    flat = _per_layer(adapters)
+    flat = split_layers(tree_lib.flatten(adapters), llama.STACKED)
     tensors, targets = {}, []
     for kernel, module in names.items():
         if f"{kernel}/a" not in flat:
@@ -168,13 +159,10 @@ def read_adapter(
     out = {}
     for path, value in tree_lib.flatten(template).items():
         kernel, part = path.rsplit("/", 1)
-        if kernel.startswith("params/layers/"):  # scanned: one stacked adapter per kernel
-            array = np.stack(
-                [
-                    fetch(kernel.replace("params/layers/", f"params/layer_{i}/"), part)
-                    for i in range(value.shape[0])
-                ]
-            )
+        prefix = next((p for p in llama.STACKED if kernel.startswith(p + "/")), None)
+        if prefix is not None:  # scanned: one stacked adapter per kernel
+            rest, layer = kernel[len(prefix) :], llama.STACKED[prefix]
+            array = np.stack([fetch(layer.format(i) + rest, part) for i in range(value.shape[0])])
         else:
             array = fetch(kernel, part)
         if array.shape != tuple(value.shape):
