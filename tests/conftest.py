@@ -17,7 +17,9 @@ os.environ.setdefault(
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jaxdl-test-xla-cache")
 )
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+# Every program, however quick to compile: the tests' eager ops (a tiny program per op and
+# shape) recur across the two workers and the subprocesses, and add up to minutes.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 def _marked_for_one_worker(path: str) -> bool:

@@ -119,17 +119,7 @@ def test_no_retrace_passes_for_one_shape_and_fails_for_a_second():
 QUICK_MLP = ["--config.model.hidden=(16,)", "--config.data.batch_size=16"]
 
 
-@pytest.fixture
-def compile_cache(tmp_path_factory, monkeypatch):
-    """Share compiled executables between the helper's `jaxdl train` subprocesses (a
-    half-written entry read by a concurrent process only costs a recompile)."""
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "xla"))
-    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-
-
-def test_resume_exact_passes_on_a_real_run_and_fails_when_the_schedule_changes(
-    tmp_path, compile_cache
-):
+def test_resume_exact_passes_on_a_real_run_and_fails_when_the_schedule_changes(tmp_path):
     """Good: 3 steps, a new process, 3 more == 6 straight. Bad: with a cosine schedule over
     the run's num_steps, "3 steps, then extend to 6" follows another learning rate than 6
     straight steps, so the resumed run is not exact and the helper must say so."""

@@ -5,6 +5,7 @@ step trains the adapters on the dequantized base; a checkpoint of the state read
 dequantized base + adapters, exactly.
 """
 
+import functools
 import math
 import re
 
@@ -50,7 +51,7 @@ def qlora_setup(kind: str, dtype: str = "float32", **fields):
     """(model, head, tx, state, lora_cfg) of the tiny Llama with LoRA over a `kind` base."""
     model = create_model({"name": "llama", "size": "tiny", "dtype": dtype, **fields})
     tokens = jnp.zeros((1, 16), jnp.int32)
-    variables = model.init(jax.random.PRNGKey(0), tokens, train=False)
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(0), tokens)
     params = {"params": variables["params"]}
     params["lora"] = lora.init_adapters(jax.random.PRNGKey(1), params, rank=RANK, targets=TARGETS)
     plan = partition.make_plan(params, partition.default_rules(lora=True))
@@ -168,10 +169,9 @@ def test_checkpoint_merge_is_dequantized_base_plus_adapters(tmp_path):
     # the merged params are the model the step trained: same logits
     in_memory = steps.model_params(state.params, state.frozen, lora_cfg)
     x = fixed_batch()["inputs"]
+    apply = jax.jit(model.apply)
     np.testing.assert_allclose(
-        model.apply({"params": tree_lib.unflatten(merged)}, x),
-        model.apply({"params": in_memory}, x),
-        atol=1e-5,
+        apply({"params": tree_lib.unflatten(merged)}, x), apply({"params": in_memory}, x), atol=1e-5
     )
 
 
@@ -210,7 +210,7 @@ def test_train_forward_equals_the_dequantized_model(factored):
     batch = fixed_batch()
     state, _ = step(state, batch)  # B != 0 from here on: the adapters count
     params = steps.model_params(state.params, state.frozen, lora_cfg)
-    want, _ = head.loss(model.apply({"params": params}, batch["inputs"]), batch)
+    want, _ = head.loss(jax.jit(model.apply)({"params": params}, batch["inputs"]), batch)
     _, metrics = step(state, batch)
     np.testing.assert_allclose(float(metrics["loss"]), float(want), rtol=1e-6)
 
@@ -239,7 +239,7 @@ def test_step_gradients_equal_the_dequantized_model(dtype, fields, factored):
         full = steps.model_params(trainable, state.frozen, lora_cfg)
         return head.loss(model.apply({"params": full}, batch["inputs"]), batch)[0]
 
-    want = jax.grad(reference_loss)(state.params)
+    want = jax.jit(jax.grad(reference_loss))(state.params)
     step = steps.make_train_step(model, head, tx, lora_cfg=lora_cfg, factored_lora=factored)
     new_state, _ = step(jax.tree.map(jnp.copy, state), batch)
     got = jax.tree.map(jnp.subtract, state.params, new_state.params)
@@ -293,7 +293,8 @@ def test_gpt_step_gradients_equal_the_dequantized_model(kind):
         {"name": "transformer", "size": "tiny", "vocab_size": 256, "embed_dim": 64}
     )
     tokens = jnp.zeros((1, 16), jnp.int32)
-    params = {"params": model.init(jax.random.PRNGKey(0), tokens, train=False)["params"]}
+    init = jax.jit(functools.partial(model.init, train=False))
+    params = {"params": init(jax.random.PRNGKey(0), tokens)["params"]}
     targets = ".*(query|value|fc1)/kernel"
     params["lora"] = lora.init_adapters(jax.random.PRNGKey(1), params, rank=RANK, targets=targets)
     rules = [(".*/bias", {"trainable": True}), *partition.default_rules(lora=True)]
@@ -308,7 +309,7 @@ def test_gpt_step_gradients_equal_the_dequantized_model(kind):
         full = steps.model_params(trainable, state.frozen, lora_cfg)
         return head.loss(model.apply({"params": full}, batch["inputs"]), batch)[0]
 
-    want = jax.grad(reference_loss)(state.params)
+    want = jax.jit(jax.grad(reference_loss))(state.params)
     calls = []
     multiply = quant._dense_call
     with pytest.MonkeyPatch.context() as patch:  # count the Dense layers that ran quantized

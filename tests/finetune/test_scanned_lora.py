@@ -5,6 +5,8 @@ adapter (``A: [L, in, r]``, ``B: [L, r, out]``, as PEFT stores them) and its own
 quantization, so the scanned model trains exactly as the same model unscanned would.
 """
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -44,7 +46,7 @@ def _unstack(flat_scanned: dict) -> dict:
 
 def _setup(scanned, kind):
     """(state, lora_cfg) of ``scanned`` with random adapters (B too, so they count)."""
-    variables = scanned.init(jax.random.PRNGKey(0), TOKENS, train=False)
+    variables = jax.jit(functools.partial(scanned.init, train=False))(jax.random.PRNGKey(0), TOKENS)
     params = {"params": variables["params"]}
     axes = adapters.layer_axes(lambda v: scanned.apply(v, TOKENS, train=False), params)
     params["lora"] = lora.init_adapters(
@@ -143,8 +145,8 @@ def test_scanned_merge_equals_the_unscanned_merge():
     want = tree_lib.flatten({"params": steps.model_params(other.params, other.frozen, lora_cfg)})
     chex.assert_trees_all_close(_unstack(merged), want, rtol=1e-6, atol=1e-6)
     # and the merged scanned model computes what the merged unscanned one does
-    out_s = scanned.apply({"params": tree_lib.unflatten(merged)["params"]}, TOKENS)
-    out_u = unscanned.apply({"params": tree_lib.unflatten(want)["params"]}, TOKENS)
+    out_s = jax.jit(scanned.apply)({"params": tree_lib.unflatten(merged)["params"]}, TOKENS)
+    out_u = jax.jit(unscanned.apply)({"params": tree_lib.unflatten(want)["params"]}, TOKENS)
     np.testing.assert_allclose(out_s, out_u, rtol=1e-4, atol=1e-5)
 
 

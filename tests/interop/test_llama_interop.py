@@ -27,7 +27,7 @@ from jaxdl.testing import subprocess_env
 
 def logits(workdir, ids=IDS):
     model, variables = jaxdl.load_model(workdir)
-    return np.asarray(model.apply(variables, ids))
+    return np.asarray(jax.jit(model.apply)(variables, ids))
 
 
 def test_import_export_round_trip_is_exact(tmp_path):

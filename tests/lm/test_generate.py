@@ -1,5 +1,7 @@
 """Generation: cached decoding equals full recomputation; sampling rules; errors; bytes."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +31,7 @@ def greedy_by_recomputation(model, params, prompt, steps):
     return tokens
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def lively_params(model):
     """Random params scaled up so greedy decoding wanders instead of repeating one byte."""
     params = model.init(jax.random.key(0), PROMPT)["params"]
@@ -82,7 +85,7 @@ def test_llama_greedy_equals_recomputation_in_both_layouts(tied, scan):
 
 def test_sampling_reproducible_and_compiled_once():
     cfg = {"name": "transformer", "size": "tiny"}
-    params = Transformer(size="tiny").init(jax.random.key(0), PROMPT)
+    params = jax.jit(Transformer(size="tiny").init)(jax.random.key(0), PROMPT)
     run = lambda prompt, seed: gen.generate(
         cfg, params, prompt, max_new_tokens=8, rng=jax.random.key(seed), top_k=20, top_p=0.9
     )
@@ -113,7 +116,7 @@ def test_sample_logits_greedy_top_k_top_p():
 
 def test_errors():
     model = Transformer(size="tiny")
-    params = model.init(jax.random.key(0), PROMPT)["params"]
+    params = jax.jit(model.init)(jax.random.key(0), PROMPT)["params"]
     with pytest.raises(ValueError, match=r"^prompt: expected at least 1 byte, found 0"):
         gen.generate(
             model, params, jnp.zeros((1, 0), jnp.int32), max_new_tokens=4, rng=jax.random.key(0)
@@ -147,8 +150,9 @@ def test_logits_at_is_the_full_logits_at_those_positions(name):
 
     model = create_model({"name": name, "size": "tiny", "max_len": 32})
     params = lively_params(model)
-    full = model.apply({"params": params}, PROMPT)
+    apply = jax.jit(model.apply)
+    full = apply({"params": params}, PROMPT)
     at = jnp.array([4, 2])
-    picked = model.apply({"params": params}, PROMPT, logits_at=at)
+    picked = apply({"params": params}, PROMPT, logits_at=at)
     assert picked.shape == (2, 1, full.shape[-1])
     np.testing.assert_allclose(picked[:, 0], full[jnp.arange(2), at], rtol=1e-6, atol=1e-6)

@@ -2,6 +2,7 @@
 rope scaling, KV-cache decoding, scanned layers, packed rows, sliding window, the inference
 layout, errors."""
 
+import functools
 import math
 
 import jax
@@ -20,7 +21,27 @@ FULL = dict(name="llama", size="tiny", qkv_bias=True, o_bias=True, qk_norm=True)
 
 def init(cfg, x=X):
     model = create_model(cfg)
-    return model, model.init(jax.random.key(0), x)
+    return model, jax.jit(model.init)(jax.random.key(0), x)
+
+
+def jitted(module, **static):
+    """module.apply compiled as one program: run eagerly, every op compiles on its own (most
+    of this file's time before)."""
+    return jax.jit(functools.partial(module.apply, **static))
+
+
+def empty_cache(decoder):
+    return jax.jit(decoder.init)(jax.random.key(0), X[:, :1])["cache"]
+
+
+def decode_in_chunks(decoder, variables):
+    """Logits of X decoded as a 5-token chunk, then one token at a time."""
+    step, cache, outs = jitted(decoder, mutable=["cache"]), empty_cache(decoder), []
+    for chunk in (X[:, :5], *[X[:, t : t + 1] for t in range(5, 12)]):
+        logits, updates = step({**variables, "cache": cache}, chunk)
+        cache = updates["cache"]
+        outs.append(logits)
+    return jnp.concatenate(outs, 1)
 
 
 def n_params(variables):
@@ -55,9 +76,9 @@ def test_grouped_attention_equals_repeated_kv_heads():
     v = jax.random.normal(jax.random.key(2), (2, 7, 2, 8))
     index = jnp.broadcast_to(jnp.arange(7), (2, 7))
     mask = L.attention_mask(index, index, None)
-    got = L.grouped_attention(q, k, v, mask)
+    got = jax.jit(L.grouped_attention)(q, k, v, mask)
     k_rep, v_rep = jnp.repeat(k, 3, axis=2), jnp.repeat(v, 3, axis=2)
-    ref = jax.nn.dot_product_attention(q, k_rep, v_rep, is_causal=True, implementation="xla")
+    ref = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True))(q, k_rep, v_rep)
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
@@ -79,15 +100,9 @@ def test_rope_frequencies():
 
 def test_cached_decoding_equals_full_sequence():
     model, variables = init(FULL)
-    full = model.apply(variables, X)
-    decoder = model.clone(decode=True, cache_len=16)
-    cache = decoder.init(jax.random.key(0), X[:, :1])["cache"]
-    outs = []
-    for chunk in (X[:, :5], *[X[:, t : t + 1] for t in range(5, 12)]):
-        logits, updates = decoder.apply({**variables, "cache": cache}, chunk, mutable=["cache"])
-        cache = updates["cache"]
-        outs.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=2e-5)
+    full = jitted(model)(variables, X)
+    decoded = decode_in_chunks(model.clone(decode=True, cache_len=16), variables)
+    np.testing.assert_allclose(decoded, full, atol=2e-5)
 
 
 def test_a_decoding_call_with_explicit_positions_advances_the_cache_index():
@@ -95,14 +110,14 @@ def test_a_decoding_call_with_explicit_positions_advances_the_cache_index():
     the chunk ended (the model's cache index advances either way)."""
     model, variables = init(FULL)
     decoder = model.clone(decode=True, cache_len=16)
-    cache = decoder.init(jax.random.key(0), X[:, :1])["cache"]
+    decode = jitted(decoder, mutable=["cache"])
     positions = jnp.broadcast_to(jnp.arange(5), (2, 5))
-    first, updates = decoder.apply(
-        {**variables, "cache": cache}, X[:, :5], positions=positions, mutable=["cache"]
+    first, updates = decode(
+        {**variables, "cache": empty_cache(decoder)}, X[:, :5], positions=positions
     )
     assert int(updates["cache"]["cache_index"]) == 5
-    step, _ = decoder.apply({**variables, **updates}, X[:, 5:6], mutable=["cache"])
-    full = model.apply(variables, X[:, :6])
+    step, _ = decode({**variables, **updates}, X[:, 5:6])
+    full = jitted(model)(variables, X[:, :6])
     np.testing.assert_allclose(jnp.concatenate([first, step], 1), full, atol=2e-5)
 
 
@@ -112,17 +127,15 @@ def test_prefill_from_an_empty_cache_equals_appending_to_it(impl):
     the cache it leaves, and the tokens decoded after it, are those of the general path."""
     model, variables = init(FULL)
     decoder = model.clone(decode=True, cache_len=16, attention_impl=impl)
-    empty = decoder.init(jax.random.key(0), X[:, :1])["cache"]
-    run = {}
+    empty, decode, run = empty_cache(decoder), jitted(decoder, mutable=["cache"]), {}
     for prefill in (False, True):
-        logits, updates = decoder.clone(prefill=prefill).apply(
-            {**variables, "cache": empty}, X[:, :5], mutable=["cache"]
-        )
-        step, _ = decoder.apply({**variables, **updates}, X[:, 5:6], mutable=["cache"])
+        first = jitted(decoder.clone(prefill=prefill), mutable=["cache"])
+        logits, updates = first({**variables, "cache": empty}, X[:, :5])
+        step, _ = decode({**variables, **updates}, X[:, 5:6])
         run[prefill] = (logits, updates["cache"], step)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), run[False], run[True])
     assert int(run[True][1]["cache_index"]) == 5
-    np.testing.assert_allclose(run[True][0], model.apply(variables, X[:, :5]), atol=2e-5)
+    np.testing.assert_allclose(run[True][0], jitted(model)(variables, X[:, :5]), atol=2e-5)
 
 
 def test_rope_of_a_call_from_position_0_is_a_host_table():
@@ -144,10 +157,10 @@ def test_scanned_layers_equal_unrolled():
     layers = [params.pop(f"layer_{i}") for i in range(2)]
     params["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
     assert jax.tree.structure(params) == jax.tree.structure(
-        scanned.init(jax.random.key(0), X)["params"]
+        jax.eval_shape(scanned.init, jax.random.key(0), X)["params"]
     )
     np.testing.assert_allclose(
-        scanned.apply({"params": params}, X), model.apply(variables, X), atol=2e-5
+        jitted(scanned)({"params": params}, X), jitted(model)(variables, X), atol=2e-5
     )
 
 
@@ -157,8 +170,9 @@ def test_packed_row_equals_separate_examples():
     row = jnp.concatenate([a, b])[None]
     segments = jnp.array([[1] * 5 + [2] * 7])
     positions = jnp.array([list(range(5)) + list(range(7))])
-    packed = model.apply(variables, row, positions=positions, segment_ids=segments)
-    separate = jnp.concatenate([model.apply(variables, t[None]) for t in (a, b)], axis=1)
+    apply = jitted(model)
+    packed = apply(variables, row, positions=positions, segment_ids=segments)
+    separate = jnp.concatenate([apply(variables, t[None]) for t in (a, b)], axis=1)
     np.testing.assert_allclose(packed, separate, atol=2e-5)
 
 
@@ -168,8 +182,9 @@ def test_sliding_window_limits_attention():
     changed = X.at[:, 0].set((X[:, 0] + 1) % 256)
     one_layer = model.clone(num_layers=1)
     params = {k: v for k, v in variables["params"].items() if k != "layer_1"}
-    before = one_layer.apply({"params": params}, X)
-    after = one_layer.apply({"params": params}, changed)
+    apply = jitted(one_layer)
+    before = apply({"params": params}, X)
+    after = apply({"params": params}, changed)
     np.testing.assert_allclose(before[:, 3:], after[:, 3:], atol=1e-6)  # token 0 out of reach
     assert np.abs(before[:, 1:3] - after[:, 1:3]).max() > 1e-4
 
@@ -185,32 +200,25 @@ def test_inference_layout_is_the_same_function(fields):
     model, variables = init(fields)
     fused_model = model.clone(inference_layout=True)
     host = jax.tree.map(np.asarray, variables["params"])
+    want = jitted(model)(variables, X)
+    expected = jax.eval_shape(fused_model.init, jax.random.key(0), X)["params"]
     for params in (variables["params"], host):
         fused = L.to_inference_layout(params)
         assert L.in_inference_layout(fused) and not L.in_inference_layout(params)
-        expected = fused_model.init(jax.random.key(0), X)["params"]
         assert jax.tree.map(np.shape, fused) == jax.tree.map(np.shape, expected)
         assert L.to_inference_layout(fused).keys() == fused.keys()  # idempotent
-        np.testing.assert_allclose(
-            fused_model.apply({"params": fused}, X), model.apply(variables, X), atol=1e-6
-        )
+        np.testing.assert_allclose(jitted(fused_model)({"params": fused}, X), want, atol=1e-6)
     assert all(isinstance(a, np.ndarray) for a in jax.tree.leaves(L.to_inference_layout(host)))
     assert ("lm_head" in fused) != fields.get("tie_embeddings", True)
     assert not any(p.endswith("/kernel") for p in tree.flatten(fused))  # all transposed
-    decoder = fused_model.clone(decode=True, cache_len=16)
-    cache = decoder.init(jax.random.key(0), X[:, :1])["cache"]
-    outs = []
-    for chunk in (X[:, :5], *[X[:, t : t + 1] for t in range(5, 12)]):
-        logits, updates = decoder.apply({"params": fused, "cache": cache}, chunk, mutable=["cache"])
-        cache = updates["cache"]
-        outs.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(outs, 1), model.apply(variables, X), atol=2e-5)
+    decoded = decode_in_chunks(fused_model.clone(decode=True, cache_len=16), {"params": fused})
+    np.testing.assert_allclose(decoded, want, atol=2e-5)
 
 
 def test_bfloat16_compute_keeps_float32_params():
     model, variables = init(dict(FULL, dtype="bfloat16"))
     assert {a.dtype for a in jax.tree.leaves(variables)} == {jnp.dtype("float32")}
-    logits = model.apply(variables, X)
+    logits = jitted(model)(variables, X)
     assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
 
 

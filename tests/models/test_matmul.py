@@ -57,7 +57,8 @@ def test_bf16_product_accumulates_in_float32_forward_and_backward():
     assert len(dots) == 3  # forward, dx, dw
     assert all(d == (("bfloat16", "bfloat16"), "float32") for d in dots), dots
     ours = jax.jit(jax.grad(bf16, argnums=(0, 1)))(x, w)
-    ref = jax.grad(lambda x, w: loss(x, w, jnp.float32, jax.lax.dot_general), argnums=(0, 1))(x, w)
+    f32 = lambda x, w: loss(x, w, jnp.float32, jax.lax.dot_general)  # noqa: E731
+    ref = jax.jit(jax.grad(f32, argnums=(0, 1)))(x, w)
     for a, b in zip(ours, ref, strict=True):
         assert a.dtype == jnp.float32
         np.testing.assert_allclose(a, b, rtol=5e-2, atol=5e-2 * float(jnp.abs(b).max()))
@@ -77,17 +78,17 @@ def test_bf16_llama_agrees_with_float32_and_trains(tie):
     cfg = {"name": "llama", "size": "tiny", "tie_embeddings": tie}
     tokens = jax.random.randint(jax.random.key(2), (2, 9), 0, 256)
     f32, bf16 = create_model(cfg), create_model({**cfg, "dtype": "bfloat16"})
-    params = f32.init(jax.random.key(0), tokens)["params"]
-    want = f32.apply({"params": params}, tokens)
-    got = bf16.apply({"params": params}, tokens)
+    params = jax.jit(f32.init)(jax.random.key(0), tokens)["params"]
+    want = jax.jit(f32.apply)({"params": params}, tokens)
+    got = jax.jit(bf16.apply)({"params": params}, tokens)
     assert got.dtype == jnp.float32
     assert float(jnp.abs(got - want).max() / jnp.abs(want).max()) < 5e-2
 
     def loss(p, model):
         return jnp.mean(jax.nn.logsumexp(model.apply({"params": p}, tokens), axis=-1))
 
-    g32 = jax.grad(loss)(params, f32)
-    g16 = jax.jit(jax.grad(loss), static_argnums=1)(params, bf16)
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    g32, g16 = grad(params, f32), grad(params, bf16)
     for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32), strict=True):
         assert a.dtype == b.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(a)))
     pairs = list(zip(jax.tree.leaves(g16), jax.tree.leaves(g32), strict=True))
@@ -135,7 +136,7 @@ def test_bf16_generate_holds_no_float32_copy_of_the_weights():
 
     cfg = {"name": "llama", "size": "tiny", "dtype": "bfloat16", "vocab_size": 4096}
     model = create_model(cfg)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
     f32_bytes = sum(x.size * 4 for x in jax.tree.leaves(params))
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     module = G.decoding_model(model, 32)

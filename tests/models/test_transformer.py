@@ -1,5 +1,7 @@
 """The GPT-style decoder: parameter counts, causality, KV cache, variants, FLOPs."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +23,12 @@ TOKENS = jax.random.randint(jax.random.key(1), (2, 12), 0, 256, dtype=jnp.int32)
 
 
 def init(model, x=TOKENS, seed=0):
-    return model.init(jax.random.key(seed), x)["params"]
+    return jax.jit(model.init)(jax.random.key(seed), x)["params"]
+
+
+def apply(model, params, x=TOKENS, **kwargs):
+    """model's logits, compiled as one program (eagerly, every op compiles on its own)."""
+    return jax.jit(functools.partial(model.apply, **kwargs))({"params": params}, x)
 
 
 def test_tiny_parameter_count_by_hand():
@@ -100,8 +107,7 @@ def test_causal(positions):
     params = init(model)
     t = 7
     changed = TOKENS.at[:, t].set((TOKENS[:, t] + 1) % 256)
-    a = model.apply({"params": params}, TOKENS)
-    b = model.apply({"params": params}, changed)
+    a, b = apply(model, params), apply(model, params, changed)
     np.testing.assert_array_equal(a[:, :t], b[:, :t])
     assert np.all(np.abs(a[:, t:] - b[:, t:]).max(axis=-1) > 1e-6)
 
@@ -116,10 +122,10 @@ def test_einsum_attention_matches_dot_product_attention(dtype, masking):
     def loss(fn, q, k, v):
         return jnp.sum(fn(q, k, v, **kwargs).astype(jnp.float32) ** 2)
 
-    ours = jax.value_and_grad(lambda *a: loss(einsum_attention, *a), argnums=(0, 1, 2))(q, k, v)
-    ref = jax.value_and_grad(lambda *a: loss(jax.nn.dot_product_attention, *a), argnums=(0, 1, 2))(
-        q, k, v
-    )
+    def value_and_grads(fn):
+        return jax.jit(jax.value_and_grad(functools.partial(loss, fn), argnums=(0, 1, 2)))(q, k, v)
+
+    ours, ref = value_and_grads(einsum_attention), value_and_grads(jax.nn.dot_product_attention)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
         assert a.dtype == b.dtype
@@ -130,7 +136,7 @@ def test_attention_impls_give_the_same_model():
     logits = {}
     for impl in ("einsum", "xla", None):
         model = create_model({"name": "transformer", "size": "tiny", "attention_impl": impl})
-        logits[impl] = model.apply({"params": init(model)}, TOKENS)
+        logits[impl] = apply(model, init(model))
     np.testing.assert_allclose(logits["einsum"], logits["xla"], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(logits[None], logits["einsum"])  # the CPU default
 
@@ -138,10 +144,10 @@ def test_attention_impls_give_the_same_model():
 def test_kv_cache_matches_full_forward():
     model = Transformer(size="tiny", positions="rope", mlp="swiglu")
     params = init(model)
-    full = model.apply({"params": params}, TOKENS)
+    full = apply(model, params)
 
     decoder = model.clone(decode=True)
-    cache = decoder.init(jax.random.key(0), TOKENS[:, :1])["cache"]
+    cache = jax.jit(decoder.init)(jax.random.key(0), TOKENS[:, :1])["cache"]
     assert cache["block_0"]["attn"]["cached_key"].shape == (2, 64, 2, 16)
     step = jax.jit(
         lambda cache, chunk: decoder.apply(
@@ -161,9 +167,9 @@ def test_bf16_keeps_float32_params():
     model = Transformer(size="tiny", dtype="bfloat16")
     params = init(model)
     assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype("float32")}
-    logits = model.apply({"params": params}, TOKENS)
+    logits = apply(model, params)
     assert logits.dtype == jnp.float32
-    reference = Transformer(size="tiny").apply({"params": params}, TOKENS)
+    reference = apply(Transformer(size="tiny"), params)
     assert float(jnp.abs(logits - reference).max()) < 0.05  # bf16 rounding, same function
     assert float(jnp.abs(logits - reference).max()) > 0  # but really computed in bf16
 
@@ -172,7 +178,7 @@ def test_rope_and_swiglu_variants_differ():
     outputs = {}
     for positions, mlp in [("learned", "gelu"), ("rope", "gelu"), ("learned", "swiglu")]:
         model = Transformer(size="tiny", positions=positions, mlp=mlp)
-        outputs[positions, mlp] = model.apply({"params": init(model)}, TOKENS)
+        outputs[positions, mlp] = apply(model, init(model))
         assert outputs[positions, mlp].shape == (2, 12, 256)
     base = outputs["learned", "gelu"]
     assert float(jnp.abs(outputs["rope", "gelu"] - base).max()) > 1e-3
@@ -200,12 +206,9 @@ def test_scan_layers_equals_unrolled_blocks():
     stacked = {k: v for k, v in params.items() if not k.startswith("block_")}
     stacked["blocks"] = jax.tree.map(lambda *leaves: jnp.stack(leaves), *blocks)
     scanned = Transformer(size="tiny", scan_layers=True)
-    assert jax.tree.structure(init(scanned)) == jax.tree.structure(stacked)
-    np.testing.assert_allclose(
-        scanned.apply({"params": stacked}, TOKENS),
-        unrolled.apply({"params": params}, TOKENS),
-        atol=1e-5,
-    )
+    shapes = jax.eval_shape(scanned.init, jax.random.key(0), TOKENS)["params"]
+    assert jax.tree.structure(shapes) == jax.tree.structure(stacked)
+    np.testing.assert_allclose(apply(scanned, stacked), apply(unrolled, params), atol=1e-5)
 
 
 def test_remat_same_loss_and_grads():
@@ -225,7 +228,7 @@ def test_remat_same_loss_and_grads():
 def test_dropout_only_in_training():
     model = Transformer(size="tiny", dropout_rate=0.5)
     params = init(model)
-    eval_a = model.apply({"params": params}, TOKENS)
-    np.testing.assert_array_equal(eval_a, model.apply({"params": params}, TOKENS))
-    train = model.apply({"params": params}, TOKENS, train=True, rngs={"dropout": jax.random.key(4)})
+    eval_a = apply(model, params)
+    np.testing.assert_array_equal(eval_a, apply(model, params))
+    train = apply(model, params, train=True, rngs={"dropout": jax.random.key(4)})
     assert float(jnp.abs(train - eval_a).max()) > 1e-3

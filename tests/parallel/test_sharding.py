@@ -7,7 +7,6 @@ the jax import; this process has 1 device) and compare with 1-device runs made h
 
 import importlib.util
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -311,16 +310,11 @@ def scaled(tmp_path_factory):
     ref, out = tmp_path_factory.mktemp("ref"), tmp_path_factory.mktemp("out")
     for model in ("mlp", "gpt"):
         train(worker.load(model), ref / model, progress=False, echo=lambda *a: None)
-    env = {
-        **os.environ,
-        # Runs of one model share their init and eval programs: compile them once.
-        "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache")),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    }
+    # The worker's runs of one model share their init and eval programs: the session's
+    # compilation cache (tests/conftest.py, inherited) compiles them once.
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests/_sharding_worker.py"), str(out), str(ref)],
         cwd=ROOT,
-        env=env,
         capture_output=True,
         text=True,
         timeout=900,
