@@ -271,11 +271,8 @@ def _llama(scan: bool):
 
     model = create_model({"name": "llama", "size": "tiny", "scan_layers": scan})
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(2, 7)), jnp.int32)
-    return (
-        model,
-        tokens,
-        jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(0), tokens),
-    )
+    init = jax.jit(functools.partial(model.init, train=False))
+    return model, tokens, init(jax.random.PRNGKey(0), tokens)
 
 
 @pytest.mark.parametrize("deferred", [False, True])
